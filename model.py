@@ -1,0 +1,363 @@
+"""A tiny BERT, written so that it can be read in one sitting.
+
+The architecture is BERT's exactly (Devlin et al. 2018; the same computation as
+`transformers`' BertModel): embeddings -> post-LN Transformer encoder layers -> pooler,
+with three heads on top:
+
+    MLM head         (B1, E4)  predicts the tokens hidden behind [MASK]
+    NSP head         (B2)      predicts whether segment B follows segment A
+    classifier head  (B4, E3)  the task head that fine-tuning puts in place of the above
+
+Equation numbers (E1-E4, B1-B4, C1-C8) refer to ../shared/seed/digest.md and to the
+equation index in README.md.
+
+Tensor shape legend used in comments:
+    B batch size, T sequence length, H hidden size, h heads, d = H / h per-head size,
+    V vocabulary size, I intermediate (feed-forward) size, N number of masked tokens.
+
+Run `python model.py` for a self-check.
+"""
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Label conventions, the same as BERT's original code and `transformers`:
+IGNORE_INDEX = -100  # MLM label at positions that were not selected for prediction
+IS_NEXT, NOT_NEXT = 0, 1  # NSP labels: 0 = B really follows A, 1 = B is from another document
+
+
+@dataclass
+class Config:
+    vocab_size: int = 8192
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 2
+    intermediate_size: int = 512
+    max_positions: int = 128  # size of the learned position table: the longest input
+    type_vocab_size: int = 2  # segment ids: 0 for "A" (and single sentences), 1 for "B"
+    dropout: float = 0.1  # on embeddings, attention output, feed-forward output, classifier input
+    attention_dropout: float = 0.1  # on the attention probabilities
+    layer_norm_eps: float = 1e-12  # BERT's value
+    initializer_range: float = 0.02  # std of the normal initialisation (BERT's value)
+    attention: str = "explicit"  # "explicit" = the formula written out; "sdpa" = torch's fused kernel
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads != 0:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+            )
+        if self.attention not in ("explicit", "sdpa"):
+            raise ValueError(f"attention must be 'explicit' or 'sdpa', not {self.attention!r}")
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                     "max_positions", "type_vocab_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    def to_dict(self):
+        return asdict(self)
+
+
+# Named sizes. "base" is BERT-base; "tiny" and "small" are the sizes that train on a CPU.
+PRESETS = {
+    "tiny": dict(num_layers=2, hidden_size=128, num_heads=2, intermediate_size=512),
+    "small": dict(num_layers=4, hidden_size=256, num_heads=4, intermediate_size=1024),
+    "base": dict(num_layers=12, hidden_size=768, num_heads=12, intermediate_size=3072),
+}
+
+
+def make_config(preset, **overrides):
+    if preset not in PRESETS:
+        raise ValueError(f"unknown config {preset!r}; expected one of {', '.join(PRESETS)}")
+    return replace(Config(**PRESETS[preset]), **overrides)
+
+
+# ----------------------------------------------------------------------------------------
+# The encoder
+# ----------------------------------------------------------------------------------------
+
+
+class Embeddings(nn.Module):
+    """token + learned position + segment embeddings -> LayerNorm -> dropout."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.token = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position = nn.Embedding(config.max_positions, config.hidden_size)
+        self.segment = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, input_ids, segment_ids):
+        # input_ids, segment_ids: (B, T) -> (B, T, H)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.token(input_ids) + self.position(positions) + self.segment(segment_ids)
+        return self.dropout(self.layer_norm(x))
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention: softmax(Q K^T / sqrt(d) + mask) V, per head, then W_o."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.head_size = config.hidden_size // config.num_heads
+        self.use_sdpa = config.attention == "sdpa"
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+        self.output = nn.Linear(config.hidden_size, config.hidden_size)
+        self.attention_dropout = nn.Dropout(config.attention_dropout)
+
+    def split_heads(self, x):
+        # (B, T, H) -> (B, h, T, d)
+        batch, length, _ = x.shape
+        return x.view(batch, length, self.num_heads, self.head_size).transpose(1, 2)
+
+    def forward(self, x, additive_mask):
+        # x: (B, T, H); additive_mask: (B, 1, 1, T), 0 where a key is a real token and a very
+        # negative number where it is padding, so that padding gets probability ~0 (exp(-big)).
+        q, k, v = self.split_heads(self.query(x)), self.split_heads(self.key(x)), self.split_heads(self.value(x))
+        if self.use_sdpa:
+            # The same formula in one fused kernel (tested equal to the explicit path).
+            dropout_p = self.attention_dropout.p if self.training else 0.0
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=additive_mask, dropout_p=dropout_p)
+        else:
+            # scores[b, head, i, j] = q_i . k_j / sqrt(d) + mask_j          (B, h, T, T)
+            scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_size) + additive_mask
+            # each query's weights over the keys sum to one                (B, h, T, T)
+            probabilities = self.attention_dropout(scores.softmax(dim=-1))
+            # weighted sum of the values                                   (B, h, T, d)
+            context = probabilities @ v
+        # concatenate the heads: (B, h, T, d) -> (B, T, H), then mix them with W_o
+        context = context.transpose(1, 2).reshape(x.shape)
+        return self.output(context)
+
+
+class Layer(nn.Module):
+    """One post-LN Transformer layer, as in BERT (the LayerNorm comes AFTER each residual add).
+
+        x = LayerNorm(x + Dropout(SelfAttention(x)))
+        x = LayerNorm(x + Dropout(W_2 GELU(W_1 x)))
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.attention = SelfAttention(config)
+        self.attention_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.feed_forward_in = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.feed_forward_out = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.output_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, additive_mask):
+        x = self.attention_norm(x + self.dropout(self.attention(x, additive_mask)))
+        # BERT's GELU is the exact one, x * Phi(x), not the tanh approximation.
+        feed_forward = self.feed_forward_out(F.gelu(self.feed_forward_in(x)))
+        return self.output_norm(x + self.dropout(feed_forward))
+
+
+class Encoder(nn.Module):
+    """BERT without heads: embeddings, L layers, and the pooler (dense + tanh on [CLS])."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embeddings = Embeddings(config)
+        self.layers = nn.ModuleList(Layer(config) for _ in range(config.num_layers))
+        self.pooler = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, input_ids, segment_ids=None, attention_mask=None):
+        """input_ids (B, T) -> (sequence output (B, T, H), pooled [CLS] output (B, H)).
+
+        attention_mask (B, T) is True/1 at real tokens and False/0 at padding.
+        """
+        if segment_ids is None:
+            segment_ids = torch.zeros_like(input_ids)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        x = self.embeddings(input_ids, segment_ids)
+        # (B, T) -> (B, 1, 1, T): broadcast over heads and queries. The most negative finite
+        # number of the dtype (not -inf) keeps an all-padding row from producing NaN.
+        additive_mask = torch.zeros(attention_mask.shape, dtype=x.dtype, device=x.device)
+        additive_mask = additive_mask.masked_fill(~attention_mask.bool(), torch.finfo(x.dtype).min)
+        additive_mask = additive_mask[:, None, None, :]
+        for layer in self.layers:
+            x = layer(x, additive_mask)
+        pooled = torch.tanh(self.pooler(x[:, 0]))  # [CLS] is always position 0
+        return x, pooled
+
+
+def init_weights(module, std):
+    """BERT's initialisation: N(0, std) for weights, zeros for biases, LayerNorm = identity."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+        if isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+# ----------------------------------------------------------------------------------------
+# E4: the masked-language-modelling loss, term by term
+# ----------------------------------------------------------------------------------------
+
+
+def mlm_loss(scores, targets, num_masked_total=None):
+    """E4, written out.
+
+        L_MLM(theta) = E_{x ~ U} [ sum_{t in M} log( exp(s(x_t | x~)) / sum_{x' in V} exp(s(x' | x~)) ) ]
+
+    scores:  (N, V) s_theta(x' | x~) for every vocabulary entry x', at the N masked positions
+             of the batch (only those: the set M of every sequence, concatenated).
+    targets: (N,)   the original token x_t at each masked position.
+    Returns the NEGATIVE of E4's quantity (a loss to minimise), normalised per masked token.
+
+    Normalisation: we divide the sum over all masked tokens of the batch by their number, i.e.
+    the mean of -log P(x_t | x~) over masked tokens (what BERT and `transformers` report). E4's
+    expectation over sequences of a per-sequence sum differs from this only by the constant
+    factor E|M| (~15% of the length); per-token keeps the loss on the ln|V| scale at any length.
+    With gradient accumulation pass `num_masked_total`, the number of masked tokens in ALL
+    micro-batches: summing the returned losses then equals the loss of one big batch exactly
+    (averaging per-micro-batch means would weight tokens unequally when counts differ).
+    """
+    if scores.dtype in (torch.float16, torch.bfloat16):
+        scores = scores.float()  # the softmax over V in float32 even under bf16 autocast
+    # log sum_{x' in V} exp(s(x' | x~)): the log of the softmax's denominator        (N,)
+    log_normaliser = torch.logsumexp(scores, dim=-1)
+    # s(x_t | x~): the score of the true token                                       (N,)
+    true_scores = scores.gather(-1, targets[:, None]).squeeze(-1)
+    # log P(x_t | x~) = s(x_t | x~) - log sum_{x'} exp(s(x' | x~))  (log of the softmax) (N,)
+    log_probabilities = true_scores - log_normaliser
+    # sum over t in M (over every sequence of the batch), then the mean over the corpus
+    if num_masked_total is None:
+        num_masked_total = targets.numel()
+    return -log_probabilities.sum() / max(num_masked_total, 1)
+
+
+# ----------------------------------------------------------------------------------------
+# Heads and the two complete models
+# ----------------------------------------------------------------------------------------
+
+
+class MLMHead(nn.Module):
+    """hidden -> dense -> GELU -> LayerNorm -> decoder (tied to the token embedding) + bias."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, hidden, token_embedding):
+        # hidden: (N, H) at the masked positions only -> scores s_theta: (N, V)
+        # The decoder's weight IS the input embedding matrix (weight tying, as in BERT): the
+        # score of token x' is the dot product of the transformed hidden state with x''s embedding.
+        transformed = self.layer_norm(F.gelu(self.dense(hidden)))
+        return transformed @ token_embedding.t() + self.bias
+
+
+class PreTrainingModel(nn.Module):
+    """Encoder + MLM head + NSP head. Its loss is B3: L = L_MLM + nsp_weight * L_NSP."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.mlm_head = MLMHead(config)
+        self.nsp_head = nn.Linear(config.hidden_size, 2)
+        init_weights(self, config.initializer_range)
+
+    def mlm_scores(self, sequence_output, mlm_labels, sparse=True):
+        """s_theta at the masked positions: (N, V) for the N positions with a label."""
+        masked_positions = mlm_labels != IGNORE_INDEX  # (B, T) bool: the set M of each sequence
+        if sparse:
+            # Gather first, then project to V: the (B, T, V) tensor is never built. Only ~15% of
+            # positions have a label, so this skips ~85% of the largest matmul of the model.
+            return self.mlm_head(sequence_output[masked_positions], self.encoder.embeddings.token.weight)
+        all_scores = self.mlm_head(sequence_output, self.encoder.embeddings.token.weight)  # (B, T, V)
+        return all_scores[masked_positions]
+
+    def forward(self, input_ids, segment_ids, attention_mask, mlm_labels, nsp_labels=None,
+                nsp_weight=1.0, num_masked_total=None, sparse=True):
+        """Returns (total loss, MLM loss, NSP loss or None). Losses only: see mlm_scores for logits."""
+        sequence_output, pooled = self.encoder(input_ids, segment_ids, attention_mask)
+        scores = self.mlm_scores(sequence_output, mlm_labels, sparse)
+        targets = mlm_labels[mlm_labels != IGNORE_INDEX]
+        loss_mlm = mlm_loss(scores, targets, num_masked_total)
+        if nsp_labels is None or nsp_weight == 0:
+            return loss_mlm, loss_mlm, None
+        # B2: NSP is a 2-way classification of the pooled [CLS] vector (0 = IsNext, 1 = NotNext)
+        loss_nsp = F.cross_entropy(self.nsp_head(pooled).float(), nsp_labels)
+        # B3: the pre-training loss is a weighted sum of the two
+        return loss_mlm + nsp_weight * loss_nsp, loss_mlm, loss_nsp
+
+
+class Classifier(nn.Module):
+    """B4 / section 3.2: the pre-trained encoder with its output layer replaced by a classifier.
+
+    The "head" that fine-tuning trains is the pooler (dense + tanh on [CLS]) plus the new
+    linear layer: the pooler maps [CLS] to a sentence vector and BERT's fine-tuning retrains it
+    (after NSP it was shaped for another task). The encoder is embeddings + layers.
+    """
+
+    def __init__(self, config, num_labels):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.dropout = nn.Dropout(config.dropout)
+        self.classifier = nn.Linear(config.hidden_size, num_labels)
+        init_weights(self, config.initializer_range)
+
+    def forward(self, input_ids, segment_ids=None, attention_mask=None):
+        _, pooled = self.encoder(input_ids, segment_ids, attention_mask)
+        return self.classifier(self.dropout(pooled))  # (B, num_labels): f_phi(x) of E3
+
+
+def count_parameters(module, trainable_only=False):
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+# ----------------------------------------------------------------------------------------
+# Self-check: python model.py
+# ----------------------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    config = make_config("tiny", vocab_size=1000, max_positions=64)
+    model = PreTrainingModel(config).eval()
+    batch, length = 4, 32
+    input_ids = torch.randint(5, config.vocab_size, (batch, length))
+    attention_mask = torch.ones(batch, length, dtype=torch.bool)
+    attention_mask[1, 20:] = False  # the second sequence is padded after 20 tokens
+    segment_ids = (torch.arange(length) >= length // 2).long().expand(batch, -1)
+    mlm_labels = torch.full((batch, length), IGNORE_INDEX)
+    mlm_labels[:, 3:8] = input_ids[:, 3:8]
+    nsp_labels = torch.tensor([IS_NEXT, NOT_NEXT, IS_NEXT, NOT_NEXT])
+    sequence_output, pooled = model.encoder(input_ids, segment_ids, attention_mask)
+    print(f"config: {config}")
+    print(f"parameters: {count_parameters(model):,} (encoder {count_parameters(model.encoder):,})")
+    print(f"input {tuple(input_ids.shape)} -> sequence output {tuple(sequence_output.shape)}, pooled {tuple(pooled.shape)}")
+    scores = model.mlm_scores(sequence_output, mlm_labels)
+    print(f"MLM scores at the {int((mlm_labels != IGNORE_INDEX).sum())} masked positions: {tuple(scores.shape)}")
+    with torch.no_grad():
+        total, loss_mlm, loss_nsp = model(input_ids, segment_ids, attention_mask, mlm_labels, nsp_labels)
+    print(f"MLM loss at init {loss_mlm.item():.3f}  vs  ln|V| = {math.log(config.vocab_size):.3f}  (uniform guess)")
+    print(f"NSP loss at init {loss_nsp.item():.3f}  vs  ln 2   = {math.log(2):.3f}")
+    assert abs(loss_mlm.item() - math.log(config.vocab_size)) < 0.5, "MLM loss at init should be ~ln|V|"
+    reference = F.cross_entropy(scores, mlm_labels[mlm_labels != IGNORE_INDEX])
+    assert torch.allclose(mlm_loss(scores, mlm_labels[mlm_labels != IGNORE_INDEX]), reference, atol=1e-6)
+    print("E4 written out == F.cross_entropy: ok")
+    sdpa_config = replace(config, attention="sdpa")
+    fused = PreTrainingModel(sdpa_config).eval()
+    fused.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        difference = (fused.encoder(input_ids, segment_ids, attention_mask)[0] - sequence_output).abs().max().item()
+    print(f"explicit vs fused attention: max difference {difference:.2e}")
+    assert difference < 1e-5
+    print("self-check passed")

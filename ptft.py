@@ -1,0 +1,237 @@
+"""ptft -- pre-training and fine-tuning, from scratch. The command line.
+
+    python ptft.py                 the main job: `demo` on the embedded toy world
+    python ptft.py demo            pre-train, then fine-tune 4 ways on k labels per class
+    python ptft.py pretrain ...    masked language modelling (+ next-sentence prediction)
+    python ptft.py finetune ...    a classifier from a pre-trained run (or from scratch)
+    python ptft.py evaluate ...    accuracy / macro-F1 / loss on a TSV, or MLM loss on text
+
+`python ptft.py COMMAND --help` explains each command's flags.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+import data
+import train
+from data import InputError
+
+
+# ----------------------------------------------------------------------------------------
+# demo: the whole paradigm in one command (C1)
+# ----------------------------------------------------------------------------------------
+
+DEMO_VARIANTS = ["scratch", "head", "top-2", "full"]  # -> --freeze: (scratch: none), head, top-2, none
+
+
+def demo(out="runs/demo", seeds=3, labels_per_class=16, pretrain_steps=1500, epochs=30,
+         resume=False, force=False, device="auto"):
+    """Pre-train on the toy world's unlabeled part, then fine-tune with k labels per class
+    four ways, on `seeds` different draws of the k examples and seeds, and print test accuracy."""
+    if seeds < 1 or labels_per_class < 1:
+        raise InputError("--seeds and --labels-per-class must be positive")
+    world = data.toy_world(seed=0)
+    train.prepare_out_folder(out, resume, force)
+    data_folder = os.path.join(out, "data")
+    os.makedirs(data_folder, exist_ok=True)
+    data.write_corpus(os.path.join(data_folder, "unlabeled.txt"), world["unlabeled"])
+    for split in ("train", "valid", "test"):
+        data.write_tsv(os.path.join(data_folder, f"{split}.tsv"), world[split])
+    print(f"toy world written to {data_folder}/ (unlabeled.txt, train/valid/test.tsv)")
+
+    pretrain_folder = os.path.join(out, "pretrain")
+    started = time.time()
+    finished = os.path.exists(os.path.join(pretrain_folder, "metrics.json"))
+    if finished and resume:
+        print(f"reusing the finished pre-training in {pretrain_folder}")
+    else:
+        train.pretrain(pretrain_folder, steps=pretrain_steps, resume=resume, device=device)
+    with open(os.path.join(pretrain_folder, "metrics.json")) as f:
+        pretrain_metrics = json.load(f)
+    pretrain_seconds = time.time() - started
+    checkpoint = train.load_checkpoint(pretrain_folder)
+    config = train.checkpoint_config(checkpoint)
+    tokenizer = data.Tokenizer(checkpoint["vocab"], checkpoint["lowercase"])
+    encoder_state = {k[len("encoder."):]: v for k, v in checkpoint["model"].items() if k.startswith("encoder.")}
+    device = train.pick_device(device)
+
+    label_names = sorted({label for _, label in world["train"]})
+    test_rows = data.classification_inputs(tokenizer, [t for t, _ in world["test"]], config.max_positions)
+    test_labels = train.encode_labels([y for _, y in world["test"]], label_names, "test")
+    results = []
+    for seed in range(seeds):
+        # k labeled examples per class, a different draw for every seed
+        rng = np.random.default_rng(1000 + seed)
+        chosen = []
+        for label in label_names:
+            pool = [i for i, (_, y) in enumerate(world["train"]) if y == label]
+            chosen += list(rng.choice(pool, size=min(labels_per_class, len(pool)), replace=False))
+        texts = [world["train"][i][0] for i in chosen]
+        labels = train.encode_labels([world["train"][i][1] for i in chosen], label_names, "train")
+        rows = data.classification_inputs(tokenizer, texts, config.max_positions)
+        for variant in DEMO_VARIANTS:
+            freeze = {"scratch": "none", "full": "none"}.get(variant, variant)
+            lr = train.DEFAULT_FINETUNE_LR[freeze.split("-")[0]]
+            model, info = train.fit_classifier(
+                rows, labels, len(label_names), config,
+                encoder_state=None if variant == "scratch" else encoder_state,
+                freeze=freeze, epochs=epochs, lr=lr, seed=seed, device=device, pad_id=tokenizer.pad_id)
+            metrics = train.classify(model, test_rows, test_labels, device, pad_id=tokenizer.pad_id)
+            results.append({"variant": variant, "labels_per_class": labels_per_class, "seed": seed,
+                            "accuracy": metrics["accuracy"], "seconds": info["seconds"],
+                            "trainable_parameters": info["trainable_parameters"], "lr": lr, "epochs": epochs})
+            print(f"seed {seed}  {variant:8s} test accuracy {metrics['accuracy']:.3f}  ({info['seconds']:.1f}s)")
+    train.write_json(os.path.join(out, "results.json"), results)
+
+    print(f"\nPre-training: {pretrain_metrics['step']} steps, held-out MLM loss "
+          f"{pretrain_metrics['held_out_mlm_loss']:.3f} (ln|V| = {pretrain_metrics['ln_vocab']:.3f} at init), "
+          f"held-out NSP accuracy {pretrain_metrics.get('held_out_nsp_accuracy', float('nan')):.3f}, "
+          f"{pretrain_seconds:.0f}s")
+    print(f"Fine-tuning on {labels_per_class} labels per class ({labels_per_class * len(label_names)} sentences, "
+          f"{len(label_names)} topics), tested on {len(test_rows)} unseen sentences, {seeds} seeds:\n")
+    print(f"| variant | trainable parameters | test accuracy (mean ± std) | seconds per run |")
+    print(f"|---|---|---|---|")
+    for variant in DEMO_VARIANTS:
+        rows_of_variant = [r for r in results if r["variant"] == variant]
+        accuracies = np.array([r["accuracy"] for r in rows_of_variant])
+        print(f"| {variant} | {rows_of_variant[0]['trainable_parameters']:,} | "
+              f"{100 * accuracies.mean():.1f} ± {100 * accuracies.std():.1f} | "
+              f"{np.mean([r['seconds'] for r in rows_of_variant]):.1f} |")
+    print(f"\nresults: {os.path.join(out, 'results.json')}")
+    return results
+
+
+# ----------------------------------------------------------------------------------------
+# The parser
+# ----------------------------------------------------------------------------------------
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="ptft.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+
+    p = commands.add_parser("demo", formatter_class=formatter, help="the main job: pre-train, then fine-tune 4 ways",
+                            description="Pre-train a tiny BERT on the embedded toy world's unlabeled text, then "
+                            "fine-tune it on k labeled sentences per topic four ways -- from scratch (random init, "
+                            "same architecture and vocabulary), head only, top-2 layers + head, everything -- and "
+                            "print test accuracy (mean ± std over seeds). Writes OUT/results.json.")
+    p.add_argument("--out", default="runs/demo", help="run folder")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds (draws of the labeled examples)")
+    p.add_argument("--labels-per-class", type=int, default=16, help="k labeled sentences per topic")
+    p.add_argument("--pretrain-steps", type=int, default=1500, help="pre-training steps")
+    p.add_argument("--epochs", type=int, default=30, help="fine-tuning epochs")
+    add_run_flags(p, seed=False)
+
+    p = commands.add_parser("pretrain", formatter_class=formatter, help="masked language modelling + next-sentence prediction",
+                            description="Pre-train an encoder with BERT's masked language modelling (15%% of tokens; "
+                            "80/10/10 [MASK]/random/unchanged) and next-sentence prediction. Without --corpus it uses "
+                            "the embedded toy world; --corpus stdlib uses the docstrings of Python's standard library; "
+                            "otherwise UTF-8 text files, one sentence per line, documents separated by blank lines. "
+                            "Writes OUT/checkpoint.pt, OUT/vocab.txt and OUT/metrics.json.")
+    p.add_argument("--corpus", nargs="+", metavar="FILE", help="text file(s), or 'stdlib' (default: the toy world)")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--config", default="tiny", help="model size: tiny, small or base")
+    p.add_argument("--steps", type=int, default=2000, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=64, help="sequences per step (per micro-batch with --accum)")
+    p.add_argument("--accum", type=int, default=1, help="micro-batches accumulated per step")
+    p.add_argument("--max-length", type=int, default=64, help="tokens per sequence, [CLS] and [SEP]s included")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (linear warmup, then cosine decay)")
+    p.add_argument("--warmup-steps", type=int, help="warmup steps (default: 5%% of --steps)")
+    p.add_argument("--vocab-size", type=int, help="WordPiece vocabulary size (default 2048 on the toy world, else 8192)")
+    p.add_argument("--mask-probability", type=float, default=0.15, help="fraction of tokens selected for MLM")
+    p.add_argument("--no-nsp", dest="nsp", action="store_false", help="MLM only, no next-sentence prediction")
+    p.add_argument("--nsp-weight", type=float, default=1.0, help="lambda in L = L_MLM + lambda * L_NSP (B3)")
+    p.add_argument("--precision", default="fp32", help="fp32 or bf16 (autocast)")
+    p.add_argument("--attention", default="sdpa", help="explicit (the formula, written out) or sdpa (fused kernel)")
+    p.add_argument("--save-every", type=int, default=500, help="write checkpoint.pt every N steps (0: only at the end)")
+    p.add_argument("--eval-every", type=int, default=250, help="held-out MLM loss every N steps")
+    add_run_flags(p)
+
+    p = commands.add_parser("finetune", formatter_class=formatter, help="train a classifier on a labeled TSV",
+                            description="Fine-tune a sequence classifier (pooled [CLS] -> linear) on a TSV of "
+                            "'text<TAB>label' lines, from a pre-training run folder or from scratch (a random "
+                            "initialisation; its vocabulary is built from the training file). --freeze chooses what "
+                            "trains: head (encoder frozen), top-K (the top K layers + head), none (everything). "
+                            "Writes OUT/checkpoint.pt, OUT/vocab.txt and OUT/metrics.json (validation metrics).")
+    p.add_argument("--init", required=True, help="a pre-training run folder, or 'scratch'")
+    p.add_argument("--train", required=True, help="training TSV: text<TAB>label")
+    p.add_argument("--valid", help="validation TSV (labels must appear in the training file)")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--freeze", default="none", help="head, top-K (e.g. top-2) or none")
+    p.add_argument("--epochs", type=int, default=20, help="passes over the training set")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: 1e-3 for head/top-K, 3e-4 for none)")
+    p.add_argument("--batch-size", type=int, default=16, help="examples per step")
+    p.add_argument("--config", default="tiny", help="model size with --init scratch: tiny, small or base")
+    p.add_argument("--max-length", type=int, default=128, help="position-table size with --init scratch")
+    add_run_flags(p, resume=False)
+
+    p = commands.add_parser("evaluate", formatter_class=formatter, help="score a run on a TSV or a text corpus",
+                            description="A classifier run on a TSV: accuracy, macro-F1, loss, n. A pre-training run "
+                            "on a text file (or 'stdlib'): MLM loss and NSP accuracy on fixed masked batches. "
+                            "Prints JSON; with --out also writes OUT/metrics.json.")
+    p.add_argument("--init", required=True, help="a run folder (or its checkpoint.pt)")
+    p.add_argument("--data", required=True, help="a TSV (classifier) or a text file / 'stdlib' (pre-training run)")
+    p.add_argument("--out", help="folder to write metrics.json in")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
+    return parser
+
+
+def add_run_flags(p, resume=True, seed=True):
+    if resume:
+        p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--force", action="store_true", help="delete an existing --out folder and start over")
+    if seed:
+        p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same numbers on CPU)")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    command = args.command or "demo"
+    if args.command is None:
+        args = build_parser().parse_args(["demo"])
+    if command == "demo":
+        demo(args.out, args.seeds, args.labels_per_class, args.pretrain_steps, args.epochs,
+             args.resume, args.force, args.device)
+    elif command == "pretrain":
+        metrics = train.pretrain(
+            args.out, args.corpus, args.config, args.steps, args.batch_size, args.max_length, args.lr,
+            args.warmup_steps, args.nsp, args.nsp_weight, args.mask_probability, args.vocab_size,
+            args.accum, args.precision, args.save_every, args.eval_every, args.resume, args.force,
+            args.seed, args.device, args.attention)
+        print(f"done: final training MLM loss {metrics['final_train_mlm_loss']:.3f}"
+              + (f", held-out {metrics['held_out_mlm_loss']:.3f}" if metrics.get("held_out_mlm_loss") else "")
+              + f" (ln|V| = {metrics['ln_vocab']:.3f}); {args.out}/checkpoint.pt")
+    elif command == "finetune":
+        metrics = train.finetune(args.out, args.init, args.train, args.valid, args.freeze, args.epochs,
+                                 args.lr, args.batch_size, args.config, args.max_length, seed=args.seed,
+                                 device=args.device, force=args.force)
+        summary = {k: metrics[k] for k in ("accuracy", "macro_f1", "loss", "n") if k in metrics}
+        print(f"done: {json.dumps(summary)}; {args.out}/checkpoint.pt")
+    elif command == "evaluate":
+        metrics = train.evaluate(args.init, args.data, args.device)
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            train.write_json(os.path.join(args.out, "metrics.json"), metrics)
+        print(json.dumps(metrics))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except train.TrainingDiverged as error:
+        print(f"error: training diverged at {error}", file=sys.stderr)
+        sys.exit(3)
+    except KeyboardInterrupt:
+        print("interrupted; the last checkpoint written is intact (use --resume to continue)", file=sys.stderr)
+        sys.exit(130)

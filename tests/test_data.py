@@ -1,0 +1,144 @@
+"""data.py as a specification: B1 masking, B2 next-sentence pairs, WordPiece, the toy world."""
+
+import numpy as np
+import pytest
+
+import data
+from data import IGNORE_INDEX, IS_NEXT, NOT_NEXT, SPECIAL_TOKENS, Tokenizer
+
+
+def letters_tokenizer():
+    return Tokenizer(SPECIAL_TOKENS + list("abcdefghijklmnopqrstuvwxyz"))
+
+
+def test_masking_80_10_10_over_100000_draws():
+    tokenizer = letters_tokenizer()
+    rng = np.random.default_rng(0)
+    # 2000 rows x 400 tokens = 800,000 tokens, 120,000 selected
+    input_ids = rng.integers(5, len(tokenizer), size=(2000, 400))
+    masked, labels = data.mask_tokens(input_ids, tokenizer, rng)
+    selected = labels != IGNORE_INDEX
+    n = selected.sum()
+    assert n >= 100_000
+    assert np.all(selected.sum(axis=1) == 60)  # exactly round(15%) of each sequence
+    became_mask = (masked == tokenizer.mask_id) & selected
+    unchanged = (masked == input_ids) & selected
+    # a random replacement can draw the original token (prob 1/|non-special|): it then counts as unchanged
+    replaced = selected & ~became_mask & ~unchanged
+    p_same = 1 / (len(tokenizer) - len(SPECIAL_TOKENS))
+    for observed, expected in [(became_mask.sum() / n, 0.8), (replaced.sum() / n, 0.1 * (1 - p_same)),
+                               (unchanged.sum() / n, 0.1 + 0.1 * p_same)]:
+        assert abs(observed - expected) < 4 * np.sqrt(expected * (1 - expected) / n)
+    # nothing changes outside the selected set, and labels are the originals exactly there
+    assert np.array_equal(masked[~selected], input_ids[~selected])
+    assert np.array_equal(labels[selected], input_ids[selected])
+
+
+def test_specials_and_padding_are_never_selected_and_random_tokens_are_never_special():
+    tokenizer = letters_tokenizer()
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        rows = [[tokenizer.cls_id, *rng.integers(5, len(tokenizer), size=rng.integers(1, 30)), tokenizer.sep_id,
+                 *rng.integers(5, len(tokenizer), size=rng.integers(0, 10)), tokenizer.sep_id] for _ in range(16)]
+        input_ids, real = data.pad(rows, tokenizer.pad_id)
+        masked, labels = data.mask_tokens(input_ids, tokenizer, rng, mask_token_fraction=0.0, random_token_fraction=1.0)
+        selected = labels != IGNORE_INDEX
+        special = np.isin(input_ids, tokenizer.special_ids)
+        assert not np.any(selected & special) and not np.any(selected & ~real)
+        assert not np.any(np.isin(masked[selected], tokenizer.special_ids))
+        assert np.all(selected.sum(1) == np.maximum(1, np.rint((~special).sum(1) * 0.15)))
+
+
+def unique_sentence_documents(num_documents=40, rng=None):
+    """Documents whose every sentence is distinguishable: sentence j of document d holds the
+    ids 5 + 1000*d + 10*j + (0..len-1), so a segment tells where it came from."""
+    rng = rng or np.random.default_rng(0)
+    return [[np.arange(5 + 1000 * d + 10 * j, 5 + 1000 * d + 10 * j + rng.integers(2, 9))
+             for j in range(rng.integers(1, 12))] for d in range(num_documents)]
+
+
+def test_nsp_labels_balanced_negatives_never_the_true_next_and_segment_ids_right():
+    rng = np.random.default_rng(0)
+    documents = unique_sentence_documents(rng=rng)
+    tokenizer = Tokenizer(SPECIAL_TOKENS + [f"w{i}" for i in range(60000)])
+    labels = []
+    for _ in range(200):
+        batch = data.pretraining_batch(documents, tokenizer, rng, 32, 40, mask_probability=0.0001)
+        for i in range(32):
+            row = batch["input_ids"][i][batch["attention_mask"][i]]
+            segments = batch["segment_ids"][i][batch["attention_mask"][i]]
+            # [CLS] A [SEP] B [SEP]: segment 0 up to and including the first [SEP], then 1
+            first_sep = int(np.flatnonzero(row == tokenizer.sep_id)[0])
+            assert row[0] == tokenizer.cls_id and row[-1] == tokenizer.sep_id
+            assert np.all(segments[: first_sep + 1] == 0) and np.all(segments[first_sep + 1:] == 1)
+            # recover A's last and B's first token from the unmasked batch
+            original = np.where(batch["mlm_labels"][i] != IGNORE_INDEX, batch["mlm_labels"][i], batch["input_ids"][i])
+            original = original[batch["attention_mask"][i]]
+            a_last, b_first = original[first_sep - 1] - 5, original[first_sep + 1] - 5
+            same_document = a_last // 1000 == b_first // 1000
+            true_next = same_document and (b_first % 1000) // 10 == (a_last % 1000) // 10 + 1 and b_first % 10 == 0
+            label = batch["nsp_labels"][i]
+            assert (label == IS_NEXT) == true_next
+            if label == NOT_NEXT:
+                assert not same_document  # a negative comes from another document
+            labels.append(label)
+    assert abs(np.mean(labels) - 0.5) < 4 * np.sqrt(0.25 / len(labels))
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("Hello, World!", ["hello", ",", "world", "!"]),
+    ("Café naïve résumé", ["cafe", "naive", "resume"]),
+    ("don't $5^2", ["don", "'", "t", "$", "5", "^", "2"]),
+    ("我爱ML模型", ["我", "爱", "ml", "模", "型"]),
+    ("a\tb\u00a0c\x00d\u200b", ["a", "b", "cd"]),  # tab/nbsp are spaces; NUL and the zero-width space (Cf) go
+    ("the [MASK] is here[SEP]", ["the", "[MASK]", "is", "here", "[SEP]"]),
+])
+def test_basic_tokenization_follows_bert(text, expected):
+    assert data.split_words(text) == expected
+
+
+def test_wordpiece_greedy_longest_match_with_continuations_and_unk():
+    tokenizer = Tokenizer(SPECIAL_TOKENS + ["un", "##aff", "##able", "aff", "##a", "a", "b", "##b", ",", "!"])
+    assert tokenizer.tokenize("unaffable") == ["un", "##aff", "##able"]
+    assert tokenizer.tokenize("affa, ab!") == ["aff", "##a", ",", "a", "##b", "!"]
+    assert tokenizer.tokenize("unx") == ["[UNK]"]  # one unmatchable piece: the whole word is [UNK]
+    assert tokenizer.tokenize("a" * 101) == ["[UNK]"]  # over-long word
+    assert tokenizer.tokenize("a [MASK] b") == ["a", "[MASK]", "b"]
+
+
+def test_trained_vocabulary_round_trips_through_vocab_txt(tmp_path):
+    texts = ["The quick brown fox jumps over the lazy dog.", "Pack my box with five dozen liquor jugs!",
+             "Voix ambiguë d'un cœur qui, au zéphyr, préfère les jattes de kiwis.", "机器学习 is fun"] * 5
+    tokenizer = data.train_tokenizer(texts, vocab_size=120)
+    assert tokenizer.vocab[:5] == SPECIAL_TOKENS and len(set(tokenizer.vocab)) == len(tokenizer.vocab)
+    tokenizer.save(tmp_path / "vocab.txt")
+    loaded = Tokenizer.load(str(tmp_path / "vocab.txt"))
+    assert loaded.vocab == tokenizer.vocab
+    for text in texts:
+        assert loaded.encode(text) == tokenizer.encode(text)
+        assert tokenizer.unk_id not in tokenizer.encode(text)  # every character was seen in training
+        assert tokenizer.decode(tokenizer.encode(text)).replace(" ", "") == "".join(data.split_words(text))
+
+
+def test_toy_world_is_deterministic_and_its_parts_are_disjoint():
+    first, second = data.toy_world(seed=3, num_documents=300), data.toy_world(seed=3, num_documents=300)
+    assert first == second
+    unlabeled = {s for d in first["unlabeled"] for s in d}
+    labeled = [set(t for t, _ in first[split]) for split in ("train", "valid", "test")]
+    assert not (labeled[0] & labeled[1]) and not (labeled[0] & labeled[2]) and not (labeled[1] & labeled[2])
+    assert not any(part & unlabeled for part in labeled)
+    assert sorted({y for _, y in first["test"]}) == sorted(data.TOPICS)
+
+
+def test_read_tsv_and_corpus_report_file_and_line(tmp_path):
+    path = tmp_path / "d.tsv"
+    path.write_text("good text\tyes\nno tab here\n", encoding="utf-8")
+    with pytest.raises(data.InputError, match=r"d\.tsv:2: expected 'text<TAB>label'"):
+        data.read_tsv(str(path))
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(" \n\n\t\n", encoding="utf-8")
+    with pytest.raises(data.InputError, match="empty corpus"):
+        data.read_corpus([str(corpus)])
+    corpus.write_bytes(b"fine\nbad \xff byte\n")
+    with pytest.raises(data.InputError, match=r"c\.txt:2: byte 9 is not valid UTF-8"):
+        data.read_corpus([str(corpus)])

@@ -1,0 +1,147 @@
+"""model.py as a specification: E4 written out, BERT's encoder, its heads."""
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import (IGNORE_INDEX, Classifier, Config, Encoder, PreTrainingModel, make_config,
+                   mlm_loss)
+
+
+def small_config(**overrides):
+    return replace(Config(vocab_size=97, hidden_size=24, num_layers=2, num_heads=3,
+                          intermediate_size=40, max_positions=32), **overrides)
+
+
+def random_batch(config, batch=5, length=17, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(5, config.vocab_size, (batch, length), generator=generator)
+    lengths = torch.randint(3, length + 1, (batch,), generator=generator)
+    lengths[0] = length
+    attention_mask = torch.arange(length)[None, :] < lengths[:, None]
+    input_ids = input_ids.masked_fill(~attention_mask, 0)
+    segment_ids = (torch.arange(length)[None, :] >= (lengths[:, None] // 2)).long() * attention_mask
+    selected = (torch.rand(batch, length, generator=generator) < 0.3) & attention_mask
+    selected[:, 1] = True  # at least one masked position per row
+    mlm_labels = torch.where(selected, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+    nsp_labels = torch.randint(0, 2, (batch,), generator=generator)
+    return input_ids, segment_ids, attention_mask, mlm_labels, nsp_labels
+
+
+@pytest.mark.parametrize("num_masked,vocab", [(1, 2), (7, 11), (64, 1000), (300, 8192)])
+def test_written_out_e4_equals_cross_entropy(num_masked, vocab):
+    for seed in range(5):
+        generator = torch.Generator().manual_seed(seed)
+        scores = torch.randn(num_masked, vocab, generator=generator, dtype=torch.float64) * 5
+        targets = torch.randint(0, vocab, (num_masked,), generator=generator)
+        assert torch.allclose(mlm_loss(scores, targets).double(), F.cross_entropy(scores, targets).double(), atol=1e-6)
+
+
+def test_e4_normalised_by_all_masked_tokens_sums_to_the_big_batch_loss():
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randn(50, 30, generator=generator, dtype=torch.float64)
+    targets = torch.randint(0, 30, (50,), generator=generator)
+    parts = [slice(0, 3), slice(3, 40), slice(40, 50)]  # very unequal masked counts
+    summed = sum(mlm_loss(scores[p], targets[p], num_masked_total=50) for p in parts)
+    assert torch.allclose(summed, F.cross_entropy(scores, targets), atol=1e-12)
+
+
+def test_loss_at_initialisation_is_about_ln_vocab():
+    torch.manual_seed(0)
+    config = make_config("tiny", vocab_size=2048, max_positions=64)
+    model = PreTrainingModel(config).eval()
+    input_ids, segment_ids, attention_mask, mlm_labels, nsp_labels = random_batch(config, 8, 40)
+    with torch.no_grad():
+        _, loss_mlm, loss_nsp = model(input_ids, segment_ids, attention_mask, mlm_labels, nsp_labels)
+    assert abs(loss_mlm.item() - math.log(2048)) < 0.3
+    assert abs(loss_nsp.item() - math.log(2)) < 0.1
+
+
+def test_padding_does_not_change_the_outputs_at_real_positions():
+    config = small_config(dropout=0.0, attention_dropout=0.0)
+    for attention in ("explicit", "sdpa"):
+        torch.manual_seed(1)
+        encoder = Encoder(replace(config, attention=attention)).double().eval()
+        for seed in range(10):
+            generator = torch.Generator().manual_seed(seed)
+            length = int(torch.randint(2, 12, (1,), generator=generator))
+            ids = torch.randint(5, config.vocab_size, (1, length), generator=generator)
+            segments = torch.randint(0, 2, (1, length), generator=generator)
+            alone, pooled_alone = encoder(ids, segments)
+            extra = int(torch.randint(1, 10, (1,), generator=generator))
+            padded_ids = torch.cat([ids, torch.randint(0, config.vocab_size, (1, extra), generator=generator)], 1)
+            padded_segments = torch.cat([segments, torch.ones(1, extra, dtype=torch.long)], 1)
+            mask = torch.arange(length + extra)[None] < length
+            padded, pooled_padded = encoder(padded_ids, padded_segments, mask)
+            assert torch.allclose(alone, padded[:, :length], atol=1e-10)
+            assert torch.allclose(pooled_alone, pooled_padded, atol=1e-10)
+
+
+def test_explicit_and_fused_attention_agree_in_outputs_and_gradients():
+    config = small_config(dropout=0.0, attention_dropout=0.0)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        explicit = PreTrainingModel(config)
+        fused = PreTrainingModel(replace(config, attention="sdpa"))
+        fused.load_state_dict(explicit.state_dict())
+        batch = random_batch(config, seed=seed)
+        losses = [model(*batch)[0] for model in (explicit, fused)]
+        assert torch.allclose(losses[0], losses[1], atol=1e-5)
+        for loss in losses:
+            loss.backward()
+        for (name, a), (_, b) in zip(explicit.named_parameters(), fused.named_parameters()):
+            assert torch.allclose(a.grad, b.grad, atol=1e-5), name
+
+
+def test_sparse_prediction_equals_dense_prediction():
+    config = small_config(dropout=0.0, attention_dropout=0.0)
+    torch.manual_seed(0)
+    model = PreTrainingModel(config).double()
+    for seed in range(5):
+        batch = random_batch(config, seed=seed)
+        sparse = model(*batch, sparse=True)[0]
+        dense = model(*batch, sparse=False)[0]
+        assert torch.allclose(sparse, dense, atol=1e-12)
+
+
+def test_post_layer_norm_every_layer_output_is_normalised():
+    # post-LN (BERT): each layer ends with a LayerNorm, so with the initial LayerNorm weights
+    # (1, 0) every position of the output has mean 0 and variance 1.
+    config = small_config(dropout=0.0, attention_dropout=0.0)
+    torch.manual_seed(0)
+    encoder = Encoder(config).eval()
+    ids, segments, mask, _, _ = random_batch(config)
+    output, _ = encoder(ids, segments, mask)
+    assert torch.allclose(output.mean(-1), torch.zeros(output.shape[:2]), atol=1e-5)
+    assert torch.allclose(output.var(-1, unbiased=False), torch.ones(output.shape[:2]), atol=1e-3)
+
+
+def test_mlm_decoder_is_tied_to_the_token_embedding():
+    config = small_config(dropout=0.0, attention_dropout=0.0)
+    model = PreTrainingModel(config)
+    names = [name for name, _ in model.named_parameters()]
+    assert not any("decoder" in name for name in names)  # one matrix, used twice
+    with torch.no_grad():
+        model.encoder.embeddings.token.weight[7].add_(1.0)
+    hidden = torch.randn(3, config.hidden_size)
+    scores = model.mlm_head(hidden, model.encoder.embeddings.token.weight)
+    transformed = model.mlm_head.layer_norm(F.gelu(model.mlm_head.dense(hidden)))
+    assert torch.allclose(scores[:, 7], transformed @ model.encoder.embeddings.token.weight[7] + model.mlm_head.bias[7], atol=1e-5)
+
+
+def test_configs_refuse_impossible_shapes():
+    with pytest.raises(ValueError, match="divisible"):
+        Config(hidden_size=100, num_heads=3)
+    with pytest.raises(ValueError, match="unknown config"):
+        make_config("huge")
+    assert make_config("small").num_layers == 4 and make_config("base").hidden_size == 768
+
+
+def test_classifier_outputs_one_score_per_label():
+    config = small_config()
+    model = Classifier(config, num_labels=5)
+    ids, segments, mask, _, _ = random_batch(config)
+    assert model(ids, segments, mask).shape == (ids.shape[0], 5)

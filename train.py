@@ -1,0 +1,536 @@
+"""Training: pre-training (E2/E4 + B2/B3), fine-tuning (E3, B4, section 3.2), evaluation.
+
+Each function is a straight loop. The command line (ptft.py) only parses flags and calls:
+
+    pretrain(...)       MLM (+ NSP) on unlabeled text -> a run folder with checkpoint.pt
+    finetune(...)       a classifier from a pre-trained checkpoint or from scratch
+    evaluate(...)       accuracy / macro-F1 / loss on a TSV, or held-out MLM loss on text
+    fit_classifier(...) the fine-tuning loop itself, on data in memory (used by the demo)
+
+A run folder holds checkpoint.pt, vocab.txt and metrics.json.
+"""
+
+import json
+import math
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+from data import InputError
+from model import Classifier, Config, PreTrainingModel, count_parameters, make_config
+
+
+# ----------------------------------------------------------------------------------------
+# Small shared pieces: device, seeds, schedule, optimizer, checkpoints
+# ----------------------------------------------------------------------------------------
+
+
+def pick_device(name="auto"):
+    """auto: the single GPU if there is one (CUDA, then Apple's MPS), else the CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA GPU is available here (use --device auto or cpu)")
+    if name not in ("cpu", "cuda", "mps"):
+        raise InputError(f"--device: expected auto, cpu, cuda or mps, got {name!r}")
+    return torch.device(name)
+
+
+def autocast(device, precision):
+    """bf16 autocast (matmuls in bfloat16, reductions and the loss in float32) or nothing."""
+    if precision not in ("fp32", "bf16"):
+        raise InputError(f"--precision: expected fp32 or bf16, got {precision!r}")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    torch.manual_seed(seed)
+    return np.random.default_rng(seed)
+
+
+def learning_rate(step, total_steps, peak, warmup_steps, schedule="cosine"):
+    """C4: linear warmup from 0 to `peak` over warmup_steps, then cosine annealing to 0
+    (or constant). `step` counts from 0; the rate is the one used for that step's update."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return peak
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(model, lr, weight_decay=0.01):
+    """AdamW over the TRAINABLE parameters only (frozen ones are never handed to it).
+    As in BERT, biases and LayerNorm weights (the 1-D parameters) get no weight decay."""
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for _, p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for _, p in trainable if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-6)
+
+
+def prepare_out_folder(out, resume=False, force=False):
+    """A new run never overwrites an existing run folder unless asked to."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise InputError(f"{out}: exists and is not a folder")
+    if os.path.isdir(out) and os.listdir(out) and not resume:
+        if not force:
+            raise InputError(f"{out}: folder exists and is not empty; pass --resume to continue that run or --force to start over")
+        shutil.rmtree(out)
+    os.makedirs(out, exist_ok=True)
+
+
+def save_checkpoint(path, payload):
+    """Atomic write: a temporary file in the same folder, flushed to disk, then renamed over
+    the old one -- a crash at any moment leaves either the old or the new checkpoint whole."""
+    temporary = f"{path}.tmp"
+    with open(temporary, "wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+
+
+def write_json(path, value):
+    temporary = f"{path}.tmp"
+    with open(temporary, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2)
+        f.write("\n")
+    os.replace(temporary, path)
+
+
+def load_checkpoint(path):
+    """A run folder or a checkpoint file -> the checkpoint dict, always on the CPU (a resume
+    never needs the GPU memory of the run that wrote it). weights_only=True: tensors and plain
+    values only -- a file carrying pickled code is refused, never executed."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "checkpoint.pt")
+    if not os.path.exists(path):
+        raise InputError(f"{path}: no checkpoint here (expected a run folder with checkpoint.pt, or 'scratch')")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # any unpickling failure means: not a checkpoint we can trust
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(f"{path}: not a ptft checkpoint ({reason[:120]})") from None
+    if not isinstance(checkpoint, dict) or not {"model", "config", "vocab"} <= set(checkpoint):
+        raise InputError(f"{path}: not a ptft checkpoint (expected a dict with model, config and vocab)")
+    return checkpoint
+
+
+def checkpoint_config(checkpoint):
+    try:
+        return Config(**checkpoint["config"])
+    except (TypeError, ValueError) as error:
+        raise InputError(f"checkpoint config is not valid: {error}") from None
+
+
+def to_tensors(batch, device):
+    return {key: torch.from_numpy(value).to(device) for key, value in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------
+# Pre-training
+# ----------------------------------------------------------------------------------------
+
+
+def load_pretraining_corpus(corpus):
+    """--corpus: None -> the toy world (embedded default), ["stdlib"] -> the standard
+    library's docstrings, else a list of plain-text files. Returns (name, documents)."""
+    if not corpus:
+        return "toy-world", data.toy_world(seed=0)["unlabeled"]
+    if corpus == ["stdlib"]:
+        return "stdlib", data.stdlib_corpus()
+    return ",".join(corpus), data.read_corpus(corpus)
+
+
+def split_held_out(documents, fraction=0.02, seed=1234):
+    """Documents -> (training, held-out). The held-out documents (2%, at most 500) measure
+    the MLM loss on text the model never trains on. None are held out below 20 documents."""
+    if len(documents) < 20:
+        return documents, []
+    order = np.random.default_rng(seed).permutation(len(documents))
+    held = min(500, max(1, int(len(documents) * fraction)))
+    return [documents[i] for i in order[held:]], [documents[i] for i in order[:held]]
+
+
+def held_out_batches(documents, tokenizer, max_length, use_nsp, batch_size=64, num_batches=8, seed=4321):
+    """A fixed set of masked held-out batches: the same masks at every evaluation, so the
+    numbers are comparable across steps and runs."""
+    if not documents:
+        return []
+    rng = np.random.default_rng(seed)
+    use_nsp = use_nsp and len(documents) >= 2
+    return [data.pretraining_batch(documents, tokenizer, rng, batch_size, max_length, use_nsp)
+            for _ in range(num_batches)]
+
+
+@torch.no_grad()
+def mlm_evaluation(model, batches, device, precision="fp32"):
+    """Held-out MLM loss (mean over all masked tokens, E4) and NSP accuracy."""
+    was_training = model.training
+    model.eval()
+    total_loss, total_masked, nsp_correct, nsp_total = 0.0, 0, 0, 0
+    for batch in batches:
+        batch = to_tensors(batch, device)
+        with autocast(device, precision):
+            sequence_output, pooled = model.encoder(batch["input_ids"], batch["segment_ids"], batch["attention_mask"])
+            scores = model.mlm_scores(sequence_output, batch["mlm_labels"])
+            nsp_predictions = model.nsp_head(pooled).argmax(-1)
+        targets = batch["mlm_labels"][batch["mlm_labels"] != -100]
+        total_loss += F.cross_entropy(scores.float(), targets, reduction="sum").item()
+        total_masked += targets.numel()
+        nsp_correct += (nsp_predictions == batch["nsp_labels"]).sum().item()
+        nsp_total += len(batch["nsp_labels"])
+    model.train(was_training)
+    return {"mlm_loss": total_loss / max(total_masked, 1), "nsp_accuracy": nsp_correct / max(nsp_total, 1)}
+
+
+def pretrain(out, corpus=None, config="tiny", steps=2000, batch_size=64, max_length=64, lr=1e-3,
+             warmup_steps=None, nsp=True, nsp_weight=1.0, mask_probability=0.15, vocab_size=None,
+             accumulation=1, precision="fp32", save_every=500, eval_every=250, resume=False,
+             force=False, seed=0, device="auto", attention="sdpa", dropout=0.1, lowercase=True,
+             log=print, progress=True):
+    """E2 via E4 (+ B2, weighted by B3): pre-train an encoder on unlabeled text.
+
+    Writes OUT/checkpoint.pt (also every save_every steps), OUT/vocab.txt, OUT/metrics.json.
+    Returns the metrics dict."""
+    if steps < 1 or batch_size < 1 or accumulation < 1 or max_length < 8:
+        raise InputError("--steps, --batch-size and --accum must be positive and --max-length at least 8")
+    device = pick_device(device)
+    prepare_out_folder(out, resume, force)
+    checkpoint_path = os.path.join(out, "checkpoint.pt")
+    resuming = resume and os.path.exists(checkpoint_path)
+    name, documents = load_pretraining_corpus(corpus)
+    training_documents, held_out_documents = split_held_out(documents)
+
+    if resuming:
+        checkpoint = load_checkpoint(checkpoint_path)
+        if checkpoint.get("kind") != "pretraining":
+            raise InputError(f"{checkpoint_path}: not a pre-training checkpoint, cannot --resume it")
+        model_config = checkpoint_config(checkpoint)
+        tokenizer = data.Tokenizer(checkpoint["vocab"], checkpoint.get("lowercase", True))
+        expected = dict(corpus=name, config=config, nsp=nsp, max_length=max_length, batch_size=batch_size)
+        found = {key: checkpoint["run"].get(key) for key in expected}
+        if found != expected:
+            differing = ", ".join(f"{k}: checkpoint {found[k]!r} vs now {expected[k]!r}" for k in expected if found[k] != expected[k])
+            raise InputError(f"{checkpoint_path}: --resume with different settings ({differing})")
+    else:
+        vocab_size = vocab_size or (2048 if name == "toy-world" else 8192)
+        log(f"building a {vocab_size}-token WordPiece vocabulary from {name} ...")
+        tokenizer = data.train_tokenizer((s for d in training_documents for s in d), vocab_size, lowercase)
+        try:
+            model_config = make_config(config, vocab_size=len(tokenizer), max_positions=max(128, max_length),
+                                       attention=attention, dropout=dropout, attention_dropout=dropout)
+        except ValueError as error:
+            raise InputError(f"--config: {error}") from None
+    if max_length > model_config.max_positions:
+        raise InputError(f"--max-length {max_length} exceeds the position table ({model_config.max_positions})")
+    tokenizer.save(os.path.join(out, "vocab.txt"))
+    encoded = data.encode_documents(tokenizer, training_documents)
+    if nsp and len(encoded) < 2:
+        raise InputError(f"{name}: next-sentence prediction needs at least 2 documents (separate them by a blank line) or --no-nsp")
+    held_out = held_out_batches(data.encode_documents(tokenizer, held_out_documents), tokenizer, max_length, nsp)
+
+    data_rng = seed_everything(seed)
+    model = PreTrainingModel(model_config).to(device)
+    optimizer = make_optimizer(model, lr)
+    warmup_steps = warmup_steps if warmup_steps is not None else max(1, steps // 20)
+    start_step, history = 0, []
+    if resuming:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        start_step, history = checkpoint["step"], checkpoint.get("history", [])
+        data_rng.bit_generator.state = checkpoint["rng"]["numpy"]
+        random.setstate(checkpoint["rng"]["python"])
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        log(f"resuming {out} at step {start_step}")
+    log(f"pre-training a {config} encoder ({count_parameters(model.encoder):,} parameters, vocab {len(tokenizer)}) "
+        f"on {name}: {len(encoded)} documents, {sum(len(s) for d in encoded for s in d):,} tokens; "
+        f"{held_out_documents and len(held_out_documents) or 'no'} held out; device {device}")
+
+    def save(step, final_metrics=None):
+        payload = {
+            "kind": "pretraining", "model": model.state_dict(), "config": model_config.to_dict(),
+            "vocab": tokenizer.vocab, "lowercase": tokenizer.lowercase, "step": step,
+            "optimizer": optimizer.state_dict(), "history": history,
+            "rng": {"numpy": data_rng.bit_generator.state, "python": random.getstate(), "torch": torch.get_rng_state()},
+            "run": dict(corpus=name, config=config, nsp=nsp, max_length=max_length, batch_size=batch_size,
+                        lr=lr, steps=steps, seed=seed, mask_probability=mask_probability),
+        }
+        save_checkpoint(checkpoint_path, payload)
+
+    model.train()
+    started, tokens_seen, last = time.time(), 0, {}
+    bar = tqdm(range(start_step, steps), initial=start_step, total=steps, desc="pre-train",
+               disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, steps, lr, warmup_steps)
+        micro_batches = [data.pretraining_batch(encoded, tokenizer, data_rng, batch_size, max_length, nsp,
+                                                mask_probability) for _ in range(accumulation)]
+        # gradient accumulation: every micro-batch's MLM loss is divided by the masked-token
+        # count of ALL micro-batches, so the summed gradient is the one big batch would give
+        num_masked_total = sum(int((b["mlm_labels"] != -100).sum()) for b in micro_batches)
+        loss_mlm_total, loss_nsp_total = 0.0, 0.0
+        for micro_batch in micro_batches:
+            micro_batch = to_tensors(micro_batch, device)
+            with autocast(device, precision):
+                loss, loss_mlm, loss_nsp = model(
+                    micro_batch["input_ids"], micro_batch["segment_ids"], micro_batch["attention_mask"],
+                    micro_batch["mlm_labels"], micro_batch["nsp_labels"] if nsp else None,
+                    nsp_weight=nsp_weight / accumulation, num_masked_total=num_masked_total)
+            loss.backward()
+            loss_mlm_total += loss_mlm.item()
+            loss_nsp_total += 0.0 if loss_nsp is None else loss_nsp.item() / accumulation
+            tokens_seen += int(micro_batch["attention_mask"].sum())
+        if not math.isfinite(loss_mlm_total) or not math.isfinite(loss_nsp_total):
+            raise TrainingDiverged(f"step {step + 1}: loss is {loss_mlm_total} (MLM) / {loss_nsp_total} (NSP); "
+                                   f"the last good checkpoint {checkpoint_path} is untouched -- try a lower --lr")
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        last = {"step": step + 1, "train_mlm_loss": loss_mlm_total, "train_nsp_loss": loss_nsp_total if nsp else None}
+        elapsed = time.time() - started
+        bar.set_postfix(mlm=f"{loss_mlm_total:.3f}", tok_s=f"{tokens_seen / max(elapsed, 1e-9):,.0f}")
+        if held_out and ((step + 1) % eval_every == 0 or step + 1 == steps):
+            evaluation = mlm_evaluation(model, held_out, device, precision)
+            last.update({"held_out_mlm_loss": evaluation["mlm_loss"], "held_out_nsp_accuracy": evaluation["nsp_accuracy"]})
+            history.append(last)
+            bar.write(f"step {step + 1}: train MLM {loss_mlm_total:.3f}, held-out MLM {evaluation['mlm_loss']:.3f}"
+                      + (f", held-out NSP accuracy {evaluation['nsp_accuracy']:.3f}" if nsp else ""))
+        if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
+            save(step + 1)
+    bar.close()
+    save(steps)
+    metrics = {**last, "final_train_mlm_loss": last.get("train_mlm_loss"),
+               "held_out_mlm_loss": last.get("held_out_mlm_loss"), "ln_vocab": math.log(len(tokenizer)),
+               "seconds": time.time() - started, "tokens_per_second": tokens_seen / max(time.time() - started, 1e-9),
+               "corpus": name, "history": history}
+    write_json(os.path.join(out, "metrics.json"), metrics)
+    return metrics
+
+
+class TrainingDiverged(Exception):
+    """The loss became NaN or infinite. ptft.py reports it and exits non-zero."""
+
+
+# ----------------------------------------------------------------------------------------
+# Fine-tuning
+# ----------------------------------------------------------------------------------------
+
+
+def parse_freeze(freeze, num_layers):
+    """--freeze head | top-K | none -> the number of encoder layers that train (from the top).
+
+    head:  the encoder (embeddings + all layers) is frozen; the head (pooler + classifier) trains
+    top-K: the top K layers and the head train; embeddings and lower layers are frozen
+    none:  everything trains (full fine-tuning)"""
+    if freeze == "head":
+        return 0
+    if freeze == "none":
+        return None
+    match = re.fullmatch(r"top-(\d+)", freeze or "")
+    if not match:
+        raise InputError(f"--freeze: expected head, top-K (e.g. top-2) or none, got {freeze!r}")
+    k = int(match.group(1))
+    if k > num_layers:
+        raise InputError(f"--freeze top-{k}: the model has only {num_layers} layers")
+    return k
+
+
+def freeze_below(model, trainable_layers):
+    """C3 / B4: keep the pre-trained values of everything below the top `trainable_layers`
+    layers. Frozen parameters get requires_grad=False (so they are never in the optimizer and
+    get no gradient). Returns the frozen modules: the training loop runs them in eval mode
+    (no dropout) -- they are fixed feature extractors, and dropout in them would only add noise
+    to the features the head learns from."""
+    if trainable_layers is None:
+        return []
+    layers = model.encoder.layers
+    frozen = [model.encoder.embeddings, *layers[: len(layers) - trainable_layers]]
+    for module in frozen:
+        module.requires_grad_(False)
+    return frozen
+
+
+@torch.no_grad()
+def classify(model, rows, labels, device, batch_size=128, pad_id=0):
+    """Accuracy, macro-F1, mean cross-entropy and n over (rows of ids, integer labels)."""
+    model.eval()
+    total_loss, predictions = 0.0, []
+    for start in range(0, len(rows), batch_size):
+        input_ids, mask = data.pad(rows[start:start + batch_size], pad_id)
+        logits = model(torch.from_numpy(input_ids).to(device), None, torch.from_numpy(mask).to(device)).float()
+        target = torch.tensor(labels[start:start + batch_size], device=device)
+        total_loss += F.cross_entropy(logits, target, reduction="sum").item()
+        predictions.extend(logits.argmax(-1).tolist())
+    predictions, labels = np.array(predictions), np.array(labels)
+    f1s = []
+    for label in np.unique(np.concatenate([labels, predictions])):
+        true_positive = np.sum((predictions == label) & (labels == label))
+        precision = true_positive / max(1, np.sum(predictions == label))
+        recall = true_positive / max(1, np.sum(labels == label))
+        f1s.append(0.0 if true_positive == 0 else 2 * precision * recall / (precision + recall))
+    return {"accuracy": float(np.mean(predictions == labels)), "macro_f1": float(np.mean(f1s)),
+            "loss": total_loss / len(labels), "n": int(len(labels))}
+
+
+def fit_classifier(train_rows, train_labels, num_labels, config, encoder_state=None, freeze="none",
+                   epochs=20, lr=1e-3, batch_size=16, warmup_fraction=0.1, seed=0, device="cpu",
+                   pad_id=0, progress=False):
+    """E3: minimise the mean cross-entropy of the classifier over the labeled set D.
+
+    phi starts from the pre-trained theta_0 (encoder_state) or, for the baseline, from a random
+    initialisation of the same architecture (encoder_state=None). Returns (model, info)."""
+    seed_everything(seed)
+    model = Classifier(config, num_labels)
+    if encoder_state is not None:
+        model.encoder.load_state_dict(encoder_state)  # strict: every encoder weight must be there
+    trainable_layers = parse_freeze(freeze, config.num_layers)
+    frozen = freeze_below(model, trainable_layers)
+    model.to(device)
+    optimizer = make_optimizer(model, lr)
+    rng = np.random.default_rng(seed)
+    steps_per_epoch = math.ceil(len(train_rows) / batch_size)
+    total_steps = epochs * steps_per_epoch
+    warmup_steps = max(1, int(warmup_fraction * total_steps))
+    step, started = 0, time.time()
+    bar = tqdm(total=total_steps, desc=f"fine-tune ({freeze})", disable=not progress, dynamic_ncols=True)
+    for epoch in range(epochs):
+        model.train()
+        for module in frozen:
+            module.eval()  # frozen layers: no dropout (see freeze_below)
+        order = rng.permutation(len(train_rows))
+        for start in range(0, len(order), batch_size):
+            index = order[start:start + batch_size]
+            input_ids, mask = data.pad([train_rows[i] for i in index], pad_id)
+            target = torch.tensor([train_labels[i] for i in index], device=device)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, total_steps, lr, warmup_steps)
+            logits = model(torch.from_numpy(input_ids).to(device), None, torch.from_numpy(mask).to(device))
+            # E3: l(f_phi(x), y) = cross-entropy, averaged over the batch
+            loss = F.cross_entropy(logits.float(), target)
+            if not math.isfinite(loss.item()):
+                raise TrainingDiverged(f"fine-tuning step {step + 1}: loss is {loss.item()} -- try a lower --lr")
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    info = {"steps": step, "seconds": time.time() - started, "train_loss": loss.item(),
+            "trainable_parameters": count_parameters(model, trainable_only=True),
+            "total_parameters": count_parameters(model)}
+    return model, info
+
+
+def encode_labels(labels, label_names, path):
+    index = {name: i for i, name in enumerate(label_names)}
+    unknown = [(number, label) for number, label in enumerate(labels, start=1) if label not in index]
+    if unknown:
+        number, label = unknown[0]
+        raise InputError(f"{path}: example {number}: label {label!r} never appears in the training file "
+                         f"(known: {', '.join(label_names[:10])}{' ...' if len(label_names) > 10 else ''})")
+    return [index[label] for label in labels]
+
+
+# Default learning rates (C4): a frozen encoder with only the head training tolerates (and
+# needs) a large rate; see README for what we measured for full fine-tuning at this scale.
+DEFAULT_FINETUNE_LR = {"head": 1e-3, "top": 1e-3, "none": 3e-4}
+
+
+def finetune(out, init, train, valid=None, freeze="none", epochs=20, lr=None, batch_size=16,
+             config="tiny", max_length=128, vocab_size=8192, seed=0, device="auto", force=False,
+             log=print, progress=True):
+    """Fine-tune a classifier on TRAIN (TSV) from INIT (a pre-training run folder) or 'scratch'.
+    Writes OUT/checkpoint.pt, OUT/vocab.txt, OUT/metrics.json (validation metrics)."""
+    if epochs < 1 or batch_size < 1:
+        raise InputError("--epochs and --batch-size must be positive")
+    device = pick_device(device)
+    train_texts, train_label_names = data.read_tsv(train)
+    label_names = sorted(set(train_label_names))
+    if len(label_names) < 2:
+        raise InputError(f"{train}: only one class ({label_names[0]!r}); a classifier needs at least two")
+    valid_texts, valid_labels = data.read_tsv(valid) if valid else ([], [])
+    valid_ids = encode_labels(valid_labels, label_names, valid) if valid else []
+    if init == "scratch":
+        tokenizer = data.train_tokenizer(train_texts, vocab_size)
+        try:
+            model_config = make_config(config, vocab_size=len(tokenizer), max_positions=max_length)
+        except ValueError as error:
+            raise InputError(f"--config: {error}") from None
+        encoder_state = None
+    else:
+        checkpoint = load_checkpoint(init)
+        model_config = checkpoint_config(checkpoint)
+        tokenizer = data.Tokenizer(checkpoint["vocab"], checkpoint.get("lowercase", True))
+        encoder_state = {key[len("encoder."):]: value for key, value in checkpoint["model"].items()
+                         if key.startswith("encoder.")}
+    parse_freeze(freeze, model_config.num_layers)  # refuse a bad value before any work
+    if lr is None:
+        lr = DEFAULT_FINETUNE_LR[freeze.split("-")[0]]
+    prepare_out_folder(out, resume=False, force=force)
+    train_rows = data.classification_inputs(tokenizer, train_texts, model_config.max_positions, log)
+    valid_rows = data.classification_inputs(tokenizer, valid_texts, model_config.max_positions, log)
+    log(f"fine-tuning from {init} with --freeze {freeze}: {len(train_rows)} examples, "
+        f"{len(label_names)} classes, {epochs} epochs, lr {lr:g}, device {device}")
+    model, info = fit_classifier(train_rows, encode_labels(train_label_names, label_names, train),
+                                 len(label_names), model_config, encoder_state, freeze, epochs, lr,
+                                 batch_size, seed=seed, device=device, pad_id=tokenizer.pad_id, progress=progress)
+    metrics = {**info, "init": init, "freeze": freeze, "lr": lr, "epochs": epochs, "labels": label_names}
+    if valid:
+        metrics.update(classify(model, valid_rows, valid_ids, device, pad_id=tokenizer.pad_id))
+    tokenizer.save(os.path.join(out, "vocab.txt"))
+    save_checkpoint(os.path.join(out, "checkpoint.pt"), {
+        "kind": "classifier", "model": model.state_dict(), "config": model_config.to_dict(),
+        "vocab": tokenizer.vocab, "lowercase": tokenizer.lowercase, "labels": label_names,
+        "step": info["steps"], "run": {"init": str(init), "freeze": freeze, "lr": lr, "epochs": epochs, "seed": seed}})
+    write_json(os.path.join(out, "metrics.json"), metrics)
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------
+
+
+def evaluate(init, data_path, device="auto", log=print):
+    """A classifier checkpoint on a TSV -> accuracy, macro-F1, loss, n.
+    A pre-training checkpoint on a text corpus -> held-out MLM loss (E4) and NSP accuracy."""
+    device = pick_device(device)
+    checkpoint = load_checkpoint(init)
+    model_config = checkpoint_config(checkpoint)
+    tokenizer = data.Tokenizer(checkpoint["vocab"], checkpoint.get("lowercase", True))
+    if checkpoint.get("kind") == "classifier":
+        texts, labels = data.read_tsv(data_path)
+        label_ids = encode_labels(labels, checkpoint["labels"], data_path)
+        model = Classifier(model_config, len(checkpoint["labels"]))
+        model.load_state_dict(checkpoint["model"])
+        rows = data.classification_inputs(tokenizer, texts, model_config.max_positions, log)
+        return classify(model.to(device), rows, label_ids, device, pad_id=tokenizer.pad_id)
+    model = PreTrainingModel(model_config)
+    model.load_state_dict(checkpoint["model"])
+    documents = data_path and (data.stdlib_corpus() if data_path == "stdlib" else data.read_corpus([data_path]))
+    encoded = data.encode_documents(tokenizer, documents)
+    max_length = min(model_config.max_positions, checkpoint.get("run", {}).get("max_length", 128))
+    batches = held_out_batches(encoded, tokenizer, max_length, use_nsp=len(encoded) >= 2)
+    result = mlm_evaluation(model.to(device), batches, device)
+    result["n"] = int(sum((b["mlm_labels"] != -100).sum() for b in batches))
+    return result
