@@ -10,6 +10,7 @@ Run `python data.py` to see a real masked example from the embedded default.
 """
 
 import ast
+import functools
 import os
 import re
 import sys
@@ -163,42 +164,53 @@ def is_cjk(ch):
             or 0xF900 <= code <= 0xFAFF or 0x2F800 <= code <= 0x2FA1F)
 
 
+ASCII_CONTROL = {code: None for code in [*range(0, 9), 11, 12, *range(14, 32), 127]}
+SPECIAL_PATTERN = re.compile("(" + "|".join(re.escape(token) for token in SPECIAL_TOKENS) + ")")
+
+
 def split_words(text, lowercase=True):
     """BERT's "basic tokenizer": text -> words, before WordPiece. Special tokens stay whole."""
     words = []
-    for piece in re.split(r"(\[PAD\]|\[UNK\]|\[CLS\]|\[SEP\]|\[MASK\])", text):
+    for piece in SPECIAL_PATTERN.split(text):
         if piece in SPECIAL_TOKENS:
             words.append(piece)
-            continue
-        # drop NUL, U+FFFD and control characters; every whitespace becomes a space;
-        # every CJK ideograph becomes its own word
-        cleaned = []
-        for ch in unicodedata.normalize("NFC", piece):
-            if ord(ch) == 0 or ord(ch) == 0xFFFD or is_control(ch):
-                continue
-            if is_whitespace(ch):
-                cleaned.append(" ")
-            elif is_cjk(ch):
-                cleaned.append(f" {ch} ")
-            else:
-                cleaned.append(ch)
-        for word in "".join(cleaned).split():
-            if lowercase:
-                # lower-case, then strip accents: NFD splits "é" into "e" + a combining mark (Mn)
-                word = "".join(c for c in unicodedata.normalize("NFD", word.lower()) if unicodedata.category(c) != "Mn")
-            # every punctuation character becomes its own word
-            current = []
-            for ch in word:
-                if is_punctuation(ch):
-                    if current:
-                        words.append("".join(current))
-                        current = []
-                    words.append(ch)
+        elif piece.isascii():  # fast path, same result: no accents, no CJK, no Unicode spaces
+            words.extend(w for raw in piece.translate(ASCII_CONTROL).split() for w in split_word(raw, lowercase))
+        else:
+            # drop NUL, U+FFFD and control characters; every whitespace becomes a space;
+            # every CJK ideograph becomes its own word
+            cleaned = []
+            for ch in unicodedata.normalize("NFC", piece):
+                if ord(ch) == 0 or ord(ch) == 0xFFFD or is_control(ch):
+                    continue
+                if is_whitespace(ch):
+                    cleaned.append(" ")
+                elif is_cjk(ch):
+                    cleaned.append(f" {ch} ")
                 else:
-                    current.append(ch)
-            if current:
-                words.append("".join(current))
+                    cleaned.append(ch)
+            words.extend(w for raw in "".join(cleaned).split() for w in split_word(raw, lowercase))
     return words
+
+
+@functools.lru_cache(maxsize=1 << 20)
+def split_word(word, lowercase):
+    """One whitespace-delimited word -> lower-cased, accent-stripped, split at punctuation."""
+    if lowercase:
+        # lower-case, then strip accents: NFD splits "é" into "e" + a combining mark (Mn)
+        word = "".join(c for c in unicodedata.normalize("NFD", word.lower()) if unicodedata.category(c) != "Mn")
+    pieces, current = [], []
+    for ch in word:
+        if is_punctuation(ch):  # every punctuation character becomes its own word
+            if current:
+                pieces.append("".join(current))
+                current = []
+            pieces.append(ch)
+        else:
+            current.append(ch)
+    if current:
+        pieces.append("".join(current))
+    return tuple(pieces)
 
 
 class Tokenizer:
@@ -343,15 +355,9 @@ def train_tokenizer(texts, vocab_size, lowercase=True, min_frequency=2):
 # {sg}/{pl}: a noun, singular/plural; {base}/{third}/{past}: a verb; {adj}: an adjective.
 TEMPLATES = [
     "the {adj} {sg} {third} the {sg} .",
-    "the {pl} {base} the {adj} {pl} .",
-    "a {sg} {past} a {sg} near the {sg} .",
     "yesterday we {past} the {pl} with a {adj} {sg} .",
-    "every {sg} {third} some {pl} .",
-    "they will {base} the {pl} after the {sg} .",
-    "is the {sg} {adj} ? no , the {sg} is very {adj} .",
     "many {pl} are {adj} because the {sg} {third} them .",
-    "she never {past} that {adj} {sg} , but he {past} it .",
-    "these {pl} can {base} a {sg} in the {sg} .",
+    "they will {base} the {adj} {pl} near the {sg} .",
 ]
 
 
@@ -430,12 +436,13 @@ def pretraining_example(documents, rng, max_length, use_nsp=True):
     Returns (segment_a, segment_b or None, nsp_label), token-id arrays without specials."""
     budget = max_length - 3 if use_nsp else max_length - 2
     index = rng.integers(len(documents))
-    document = documents[index]
-    if not use_nsp or len(document) < 2:
+    if not use_nsp:
+        document = documents[index]
         start = rng.integers(len(document))
-        text = np.concatenate(document[start:])[:budget]
-        if not use_nsp:
-            return text, None, None
+        return np.concatenate(document[start:])[:budget], None, None
+    while len(documents[index]) < 2:  # a true next needs two sentences (pretrain checks one exists)
+        index = rng.integers(len(documents))
+    document = documents[index]
     # take sentences from a random start until the budget is full (at least two sentences)
     start = rng.integers(len(document) - 1)
     chunk, length = [], 0
@@ -454,10 +461,11 @@ def pretraining_example(documents, rng, max_length, use_nsp=True):
         other_document = documents[other]
         other_start = rng.integers(len(other_document))
         label, segment_b = NOT_NEXT, np.concatenate(other_document[other_start:])
-    # trim the longer segment until the pair fits (from its end: A's end stays next to B)
+    # trim the longer segment until the pair fits: A from its front, B from its end, so that
+    # for IS_NEXT the last token of A and the first of B stay neighbours in the document
     while len(segment_a) + len(segment_b) > budget:
         if len(segment_a) > len(segment_b):
-            segment_a = segment_a[:-1]
+            segment_a = segment_a[1:]
         else:
             segment_b = segment_b[:-1]
     return segment_a, segment_b, label

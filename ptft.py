@@ -29,7 +29,7 @@ from data import InputError
 DEMO_VARIANTS = ["scratch", "head", "top-2", "full"]  # -> --freeze: (scratch: none), head, top-2, none
 
 
-def demo(out="runs/demo", seeds=3, labels_per_class=16, pretrain_steps=1500, epochs=30,
+def demo(out="runs/demo", seeds=3, labels_per_class=16, pretrain_steps=2500, epochs=30,
          resume=False, force=False, device="auto"):
     """Pre-train on the toy world's unlabeled part, then fine-tune with k labels per class
     four ways, on `seeds` different draws of the k examples and seeds, and print test accuracy."""
@@ -50,7 +50,9 @@ def demo(out="runs/demo", seeds=3, labels_per_class=16, pretrain_steps=1500, epo
     if finished and resume:
         print(f"reusing the finished pre-training in {pretrain_folder}")
     else:
-        train.pretrain(pretrain_folder, steps=pretrain_steps, resume=resume, device=device)
+        # no dropout: the generated corpus is practically infinite, and a tiny model that sees
+        # each sentence about once has nothing to over-fit -- dropout would only slow it down
+        train.pretrain(pretrain_folder, steps=pretrain_steps, dropout=0.0, resume=resume, device=device)
     with open(os.path.join(pretrain_folder, "metrics.json")) as f:
         pretrain_metrics = json.load(f)
     pretrain_seconds = time.time() - started
@@ -125,7 +127,7 @@ def build_parser():
     p.add_argument("--out", default="runs/demo", help="run folder")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (draws of the labeled examples)")
     p.add_argument("--labels-per-class", type=int, default=16, help="k labeled sentences per topic")
-    p.add_argument("--pretrain-steps", type=int, default=1500, help="pre-training steps")
+    p.add_argument("--pretrain-steps", type=int, default=2500, help="pre-training steps")
     p.add_argument("--epochs", type=int, default=30, help="fine-tuning epochs")
     add_run_flags(p, seed=False)
 
@@ -148,7 +150,8 @@ def build_parser():
     p.add_argument("--mask-probability", type=float, default=0.15, help="fraction of tokens selected for MLM")
     p.add_argument("--no-nsp", dest="nsp", action="store_false", help="MLM only, no next-sentence prediction")
     p.add_argument("--nsp-weight", type=float, default=1.0, help="lambda in L = L_MLM + lambda * L_NSP (B3)")
-    p.add_argument("--precision", default="fp32", help="fp32 or bf16 (autocast)")
+    p.add_argument("--precision", default="auto", help="auto (bf16 where the hardware has it, else fp32), fp32 or bf16")
+    p.add_argument("--dropout", type=float, default=0.1, help="dropout on embeddings, layers and attention (BERT: 0.1)")
     p.add_argument("--attention", default="sdpa", help="explicit (the formula, written out) or sdpa (fused kernel)")
     p.add_argument("--save-every", type=int, default=500, help="write checkpoint.pt every N steps (0: only at the end)")
     p.add_argument("--eval-every", type=int, default=250, help="held-out MLM loss every N steps")
@@ -205,7 +208,7 @@ def main(argv=None):
             args.out, args.corpus, args.config, args.steps, args.batch_size, args.max_length, args.lr,
             args.warmup_steps, args.nsp, args.nsp_weight, args.mask_probability, args.vocab_size,
             args.accum, args.precision, args.save_every, args.eval_every, args.resume, args.force,
-            args.seed, args.device, args.attention)
+            args.seed, args.device, args.attention, args.dropout)
         print(f"done: final training MLM loss {metrics['final_train_mlm_loss']:.3f}"
               + (f", held-out {metrics['held_out_mlm_loss']:.3f}" if metrics.get("held_out_mlm_loss") else "")
               + f" (ln|V| = {metrics['ln_vocab']:.3f}); {args.out}/checkpoint.pt")

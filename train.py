@@ -49,10 +49,22 @@ def pick_device(name="auto"):
     return torch.device(name)
 
 
+def pick_precision(name, device):
+    """auto: bf16 where the hardware computes it natively (a CUDA GPU with bf16; a CPU with
+    AVX512-BF16/AMX, where it is ~2x faster), else fp32."""
+    if name not in ("auto", "fp32", "bf16"):
+        raise InputError(f"--precision: expected auto, fp32 or bf16, got {name!r}")
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu" and getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
+        return "bf16"
+    return "fp32"
+
+
 def autocast(device, precision):
-    """bf16 autocast (matmuls in bfloat16, reductions and the loss in float32) or nothing."""
-    if precision not in ("fp32", "bf16"):
-        raise InputError(f"--precision: expected fp32 or bf16, got {precision!r}")
+    """bf16 autocast (matmuls in bfloat16; softmax, LayerNorm and the loss in float32) or nothing."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
@@ -202,7 +214,7 @@ def mlm_evaluation(model, batches, device, precision="fp32"):
 
 def pretrain(out, corpus=None, config="tiny", steps=2000, batch_size=64, max_length=64, lr=1e-3,
              warmup_steps=None, nsp=True, nsp_weight=1.0, mask_probability=0.15, vocab_size=None,
-             accumulation=1, precision="fp32", save_every=500, eval_every=250, resume=False,
+             accumulation=1, precision="auto", save_every=500, eval_every=250, resume=False,
              force=False, seed=0, device="auto", attention="sdpa", dropout=0.1, lowercase=True,
              log=print, progress=True):
     """E2 via E4 (+ B2, weighted by B3): pre-train an encoder on unlabeled text.
@@ -212,6 +224,7 @@ def pretrain(out, corpus=None, config="tiny", steps=2000, batch_size=64, max_len
     if steps < 1 or batch_size < 1 or accumulation < 1 or max_length < 8:
         raise InputError("--steps, --batch-size and --accum must be positive and --max-length at least 8")
     device = pick_device(device)
+    precision = pick_precision(precision, device)
     prepare_out_folder(out, resume, force)
     checkpoint_path = os.path.join(out, "checkpoint.pt")
     resuming = resume and os.path.exists(checkpoint_path)
@@ -242,8 +255,9 @@ def pretrain(out, corpus=None, config="tiny", steps=2000, batch_size=64, max_len
         raise InputError(f"--max-length {max_length} exceeds the position table ({model_config.max_positions})")
     tokenizer.save(os.path.join(out, "vocab.txt"))
     encoded = data.encode_documents(tokenizer, training_documents)
-    if nsp and len(encoded) < 2:
-        raise InputError(f"{name}: next-sentence prediction needs at least 2 documents (separate them by a blank line) or --no-nsp")
+    if nsp and (len(encoded) < 2 or not any(len(d) >= 2 for d in encoded)):
+        raise InputError(f"{name}: next-sentence prediction needs at least 2 documents (separated by a blank line), "
+                         "one of them with 2 or more lines; or pass --no-nsp")
     held_out = held_out_batches(data.encode_documents(tokenizer, held_out_documents), tokenizer, max_length, nsp)
 
     data_rng = seed_everything(seed)
@@ -261,7 +275,7 @@ def pretrain(out, corpus=None, config="tiny", steps=2000, batch_size=64, max_len
         log(f"resuming {out} at step {start_step}")
     log(f"pre-training a {config} encoder ({count_parameters(model.encoder):,} parameters, vocab {len(tokenizer)}) "
         f"on {name}: {len(encoded)} documents, {sum(len(s) for d in encoded for s in d):,} tokens; "
-        f"{held_out_documents and len(held_out_documents) or 'no'} held out; device {device}")
+        f"{held_out_documents and len(held_out_documents) or 'no'} held out; {device}, {precision}")
 
     def save(step, final_metrics=None):
         payload = {
