@@ -377,6 +377,13 @@ def toy_sentence(rng, topic, word_noise):
     return re.sub(r"\{(\w+)\}", lambda slot: fills[slot.group(1)](), template)
 
 
+def toy_word_topics():
+    """Every content word form of the toy world -> its topic."""
+    return {form: topic for topic, words in TOPICS.items()
+            for kind in ("nouns", "verbs", "adjectives") for entry in words[kind]
+            for form in ((entry,) if isinstance(entry, str) else entry)}
+
+
 def toy_world(seed=0, num_documents=20000, labeled_per_class=(64, 32, 100), sentence_noise=0.1,
               word_noise=0.05):
     """Generate the embedded default deterministically from `seed` (a few seconds).

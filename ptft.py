@@ -65,7 +65,8 @@ def demo(out="runs/demo", seeds=3, labels_per_class=16, pretrain_steps=2500, epo
     label_names = sorted({label for _, label in world["train"]})
     test_rows = data.classification_inputs(tokenizer, [t for t, _ in world["test"]], config.max_positions)
     test_labels = train.encode_labels([y for _, y in world["test"]], label_names, "test")
-    results = []
+    results, coverage, unseen_fraction = [], [], []
+    word_topics = data.toy_word_topics()
     for seed in range(seeds):
         # k labeled examples per class, a different draw for every seed
         rng = np.random.default_rng(1000 + seed)
@@ -76,6 +77,12 @@ def demo(out="runs/demo", seeds=3, labels_per_class=16, pretrain_steps=2500, epo
         texts = [world["train"][i][0] for i in chosen]
         labels = train.encode_labels([world["train"][i][1] for i in chosen], label_names, "train")
         rows = data.classification_inputs(tokenizer, texts, config.max_positions)
+        # C1's mechanism: how many content words do k labels per class show the classifier?
+        seen_words = {w for text in texts for w in text.split() if w in word_topics}
+        coverage.append(len(seen_words) / len(word_topics))
+        unseen_only = [i for i, (text, _) in enumerate(world["test"])
+                       if not any(w in seen_words for w in text.split())]  # no content word seen
+        unseen_fraction.append(len(unseen_only) / len(world["test"]))
         for variant in DEMO_VARIANTS:
             freeze = {"scratch": "none", "full": "none"}.get(variant, variant)
             lr = train.DEFAULT_FINETUNE_LR[freeze.split("-")[0]]
@@ -84,8 +91,11 @@ def demo(out="runs/demo", seeds=3, labels_per_class=16, pretrain_steps=2500, epo
                 encoder_state=None if variant == "scratch" else encoder_state,
                 freeze=freeze, epochs=epochs, lr=lr, seed=seed, device=device, pad_id=tokenizer.pad_id)
             metrics = train.classify(model, test_rows, test_labels, device, pad_id=tokenizer.pad_id)
+            unseen = train.classify(model, [test_rows[i] for i in unseen_only], [test_labels[i] for i in unseen_only],
+                                    device, pad_id=tokenizer.pad_id) if unseen_only else {"accuracy": float("nan")}
             results.append({"variant": variant, "labels_per_class": labels_per_class, "seed": seed,
-                            "accuracy": metrics["accuracy"], "seconds": info["seconds"],
+                            "accuracy": metrics["accuracy"], "accuracy_unseen_words": unseen["accuracy"],
+                            "seconds": info["seconds"],
                             "trainable_parameters": info["trainable_parameters"], "lr": lr, "epochs": epochs})
             print(f"seed {seed}  {variant:8s} test accuracy {metrics['accuracy']:.3f}  ({info['seconds']:.1f}s)")
     train.write_json(os.path.join(out, "results.json"), results)
@@ -95,14 +105,18 @@ def demo(out="runs/demo", seeds=3, labels_per_class=16, pretrain_steps=2500, epo
           f"held-out NSP accuracy {pretrain_metrics.get('held_out_nsp_accuracy', float('nan')):.3f}, "
           f"{pretrain_seconds:.0f}s")
     print(f"Fine-tuning on {labels_per_class} labels per class ({labels_per_class * len(label_names)} sentences, "
-          f"{len(label_names)} topics), tested on {len(test_rows)} unseen sentences, {seeds} seeds:\n")
-    print(f"| variant | trainable parameters | test accuracy (mean ± std) | seconds per run |")
-    print(f"|---|---|---|---|")
+          f"{len(label_names)} topics), tested on {len(test_rows)} other sentences, {seeds} seeds. The labeled "
+          f"sentences contain {100 * np.mean(coverage):.0f}% of the toy world's {len(word_topics)} content words; "
+          f"{100 * np.mean(unseen_fraction):.0f}% of the test sentences contain none of those.\n")
+    print("| variant | trainable parameters | test accuracy (mean ± std) | on test sentences of unseen words | seconds per run |")
+    print("|---|---|---|---|---|")
     for variant in DEMO_VARIANTS:
         rows_of_variant = [r for r in results if r["variant"] == variant]
         accuracies = np.array([r["accuracy"] for r in rows_of_variant])
+        unseen = np.array([r["accuracy_unseen_words"] for r in rows_of_variant])
         print(f"| {variant} | {rows_of_variant[0]['trainable_parameters']:,} | "
               f"{100 * accuracies.mean():.1f} ± {100 * accuracies.std():.1f} | "
+              f"{100 * np.nanmean(unseen):.1f} ± {100 * np.nanstd(unseen):.1f} | "
               f"{np.mean([r['seconds'] for r in rows_of_variant]):.1f} |")
     print(f"\nresults: {os.path.join(out, 'results.json')}")
     return results

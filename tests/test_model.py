@@ -145,3 +145,22 @@ def test_classifier_outputs_one_score_per_label():
     model = Classifier(config, num_labels=5)
     ids, segments, mask, _, _ = random_batch(config)
     assert model(ids, segments, mask).shape == (ids.shape[0], 5)
+
+
+def test_accumulated_gradients_equal_one_big_batch_when_masked_counts_differ():
+    config = small_config(dropout=0.0, attention_dropout=0.0)
+    torch.manual_seed(0)
+    model = PreTrainingModel(config).double()
+    input_ids, segment_ids, attention_mask, mlm_labels, nsp_labels = random_batch(config, batch=6, length=17)
+    mlm_labels[:2, 2:] = IGNORE_INDEX  # the first micro-batch has far fewer masked tokens
+    model(input_ids, segment_ids, attention_mask, mlm_labels, nsp_labels)[0].backward()
+    big_batch = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    num_masked_total = int((mlm_labels != IGNORE_INDEX).sum())
+    for part in (slice(0, 2), slice(2, 6)):  # unequal micro-batches; NSP weighted by its share of rows
+        loss_mlm = model(input_ids[part], segment_ids[part], attention_mask[part], mlm_labels[part],
+                         num_masked_total=num_masked_total)[1]
+        _, _, loss_nsp = model(input_ids[part], segment_ids[part], attention_mask[part], mlm_labels[part], nsp_labels[part])
+        (loss_mlm + loss_nsp * (part.stop - part.start) / 6).backward()
+    for accumulated, reference in zip((p.grad for p in model.parameters()), big_batch):
+        assert torch.allclose(accumulated, reference, atol=1e-10)
