@@ -474,7 +474,7 @@ def finetune(out, init, train, valid=None, freeze="none", epochs=20, lr=None, ba
              config="tiny", max_length=128, vocab_size=8192, seed=0, device="auto", force=False,
              log=print, progress=True):
     """Fine-tune a classifier on TRAIN (TSV) from INIT (a pre-training run folder) or 'scratch'.
-    Writes OUT/checkpoint.pt, OUT/vocab.txt, OUT/metrics.json (validation metrics)."""
+    Writes OUT/checkpoint.pt, OUT/vocab.txt, OUT/metrics.json (metrics on VALID, or on TRAIN without it)."""
     if epochs < 1 or batch_size < 1:
         raise InputError("--epochs and --batch-size must be positive")
     device = pick_device(device)
@@ -508,9 +508,13 @@ def finetune(out, init, train, valid=None, freeze="none", epochs=20, lr=None, ba
     model, info = fit_classifier(train_rows, encode_labels(train_label_names, label_names, train),
                                  len(label_names), model_config, encoder_state, freeze, epochs, lr,
                                  batch_size, seed=seed, device=device, pad_id=tokenizer.pad_id, progress=progress)
-    metrics = {**info, "init": init, "freeze": freeze, "lr": lr, "epochs": epochs, "labels": label_names}
+    metrics = {**info, "init": init, "freeze": freeze, "lr": lr, "epochs": epochs, "labels": label_names,
+               "scored_on": valid or f"{train} (training set: no --valid given)"}
     if valid:
         metrics.update(classify(model, valid_rows, valid_ids, device, pad_id=tokenizer.pad_id))
+    else:
+        metrics.update(classify(model, train_rows, encode_labels(train_label_names, label_names, train), device,
+                                pad_id=tokenizer.pad_id))
     tokenizer.save(os.path.join(out, "vocab.txt"))
     save_checkpoint(os.path.join(out, "checkpoint.pt"), {
         "kind": "classifier", "model": model.state_dict(), "config": model_config.to_dict(),

@@ -171,3 +171,29 @@ def test_evaluate_scores_a_classifier_run_and_a_pretraining_run(small_world, tmp
     result = run_cli("evaluate", "--init", small_world["pre"], "--data", corpus)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1])["mlm_loss"] < small_world["metrics"]["ln_vocab"]
+
+
+def test_a_run_killed_at_a_random_moment_resumes_bit_identical(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    data.write_corpus(str(corpus), data.toy_world(seed=2, num_documents=100)["unlabeled"])
+    common = ["pretrain", "--corpus", str(corpus), "--steps", "80", "--batch-size", "8", "--max-length", "32", "--vocab-size", "300",
+              "--save-every", "2", "--eval-every", "1000", "--device", "cpu", "--precision", "fp32", "--seed", "1"]
+    assert run_cli(*common, "--out", str(tmp_path / "reference")).returncode == 0
+    run = tmp_path / "killed"
+    victim = subprocess.Popen([sys.executable, os.path.join(ROOT, "ptft.py"), *common, "--out", str(run)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_after = int(np.random.default_rng().integers(4, 60))  # a random moment of the run
+    while victim.poll() is None:
+        path = run / "checkpoint.pt"
+        if path.exists() and torch.load(path, weights_only=True)["step"] >= kill_after:
+            victim.kill()  # SIGKILL: no chance to clean up
+            break
+    victim.wait()
+    assert victim.returncode == -9, "the run finished before it could be killed"
+    resumed = run_cli(*common, "--out", str(run), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    expected = torch.load(tmp_path / "reference" / "checkpoint.pt", weights_only=True)
+    found = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert found["step"] == expected["step"] == 80
+    for name, value in expected["model"].items():
+        assert torch.equal(found["model"][name], value), name
