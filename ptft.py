@@ -59,7 +59,7 @@ def demo(out="runs/demo", seeds=3, labels_per_class=16, pretrain_steps=2500, epo
     checkpoint = train.load_checkpoint(pretrain_folder)
     config = train.checkpoint_config(checkpoint)
     tokenizer = data.Tokenizer(checkpoint["vocab"], checkpoint["lowercase"])
-    encoder_state = {k[len("encoder."):]: v for k, v in checkpoint["model"].items() if k.startswith("encoder.")}
+    encoder_state = train.encoder_weights(checkpoint)
     device = train.pick_device(device)
 
     label_names = sorted({label for _, label in world["train"]})

@@ -151,6 +151,11 @@ def checkpoint_config(checkpoint):
         raise InputError(f"checkpoint config is not valid: {error}") from None
 
 
+def encoder_weights(checkpoint):
+    """The encoder's part of a checkpoint's state dict (what fine-tuning starts from: theta_0)."""
+    return {key[len("encoder."):]: value for key, value in checkpoint["model"].items() if key.startswith("encoder.")}
+
+
 def to_tensors(batch, device):
     return {key: torch.from_numpy(value).to(device) for key, value in batch.items()}
 
@@ -495,8 +500,7 @@ def finetune(out, init, train, valid=None, freeze="none", epochs=20, lr=None, ba
         checkpoint = load_checkpoint(init)
         model_config = checkpoint_config(checkpoint)
         tokenizer = data.Tokenizer(checkpoint["vocab"], checkpoint.get("lowercase", True))
-        encoder_state = {key[len("encoder."):]: value for key, value in checkpoint["model"].items()
-                         if key.startswith("encoder.")}
+        encoder_state = encoder_weights(checkpoint)
     parse_freeze(freeze, model_config.num_layers)  # refuse a bad value before any work
     if lr is None:
         lr = DEFAULT_FINETUNE_LR[freeze.split("-")[0]]

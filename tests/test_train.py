@@ -124,6 +124,12 @@ def test_cli_bad_inputs_get_one_line_naming_the_file(small_world, tmp_path):
     not_a_run.mkdir()
     fake = tmp_path / "fake.pt"
     fake.write_text("this is not a checkpoint")
+    one_class = tmp_path / "one_class.tsv"
+    one_class.write_text("a sentence\tsea\nanother one\tsea\n", encoding="utf-8")
+    new_label = tmp_path / "new_label.tsv"
+    new_label.write_text("the whale swims\tsea\nthe stars shine\tastrology\n", encoding="utf-8")
+    empty_label = tmp_path / "empty_label.tsv"
+    empty_label.write_text("a sentence\t  \n", encoding="utf-8")
     out = str(tmp_path / "out")
     cases = [
         (["pretrain", "--corpus", str(tmp_path / "missing.txt"), "--out", out], ["missing.txt", "no such file"]),
@@ -133,6 +139,10 @@ def test_cli_bad_inputs_get_one_line_naming_the_file(small_world, tmp_path):
         (["finetune", "--init", str(not_a_run), "--train", small_world["train"], "--out", out], ["not_a_run", "no checkpoint"]),
         (["evaluate", "--init", str(fake), "--data", small_world["valid"]], ["fake.pt", "not a ptft checkpoint"]),
         (["finetune", "--init", small_world["pre"], "--train", small_world["train"], "--out", out, "--freeze", "top"], ["--freeze"]),
+        (["finetune", "--init", "scratch", "--train", str(one_class), "--out", out], ["one_class.tsv", "only one class"]),
+        (["finetune", "--init", "scratch", "--train", small_world["train"], "--valid", str(new_label), "--out", out],
+         ["new_label.tsv", "example 2", "'astrology' never appears"]),
+        (["finetune", "--init", "scratch", "--train", str(empty_label), "--out", out], ["empty_label.tsv:1", "empty label"]),
         (["pretrain", "--out", out, "--steps", "-3"], ["--steps"]),
         (["pretrain", "--out", out, "--config", "huge"], ["unknown config 'huge'"]),
     ]
