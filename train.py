@@ -618,25 +618,22 @@ def bench(config="small", compare_hf=False, json_path=None, steps=10, device="au
         f"seq {length}, batch {batch_size}, {num_masked} masked; device {device}; matmul peak "
         + ", ".join(f"{k} {v / 1e12:.2f} TFLOP/s" for k, v in peaks.items()))
 
-    def measure(step_function, forward_function):
-        for _ in range(3):  # warm-up: allocator, kernels, autotuning
-            step_function()
+    def median_seconds(function):
         times = []
         for _ in range(steps):
             synchronize(device)
             started = time.perf_counter()
-            step_function()
+            function()
             synchronize(device)
             times.append(time.perf_counter() - started)
-        inference = []
+        return float(np.median(times))
+
+    def measure(step_function, forward_function):
+        for _ in range(3):  # warm-up: allocator, kernels, autotuning
+            step_function()
+        training = median_seconds(step_function)
         with torch.no_grad():
-            for _ in range(steps):
-                synchronize(device)
-                started = time.perf_counter()
-                forward_function()
-                synchronize(device)
-                inference.append(time.perf_counter() - started)
-        return float(np.median(times)), float(np.median(inference))
+            return training, median_seconds(forward_function)
 
     variants = [("explicit", "fp32", "explicit", False), ("fast", "fp32", "sdpa", True)]
     if bf16:
