@@ -13,7 +13,6 @@ import ast
 import functools
 import os
 import re
-import sys
 import sysconfig
 import unicodedata
 from collections import Counter

@@ -197,7 +197,7 @@ def build_parser():
     p.add_argument("--init", required=True, help="a run folder (or its checkpoint.pt)")
     p.add_argument("--data", required=True, help="a TSV (classifier) or a text file / 'stdlib' (pre-training run)")
     p.add_argument("--out", help="folder to write metrics.json in")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
+    add_device_flag(p)
 
     p = commands.add_parser("bench", formatter_class=formatter, help="tokens/s and MFU of MLM training",
                             description="Time one MLM training step (forward + backward + AdamW) and an inference "
@@ -209,7 +209,7 @@ def build_parser():
     p.add_argument("--compare-hf", action="store_true", help="also time transformers' BertForMaskedLM (sdpa, fp32)")
     p.add_argument("--json", help="write the rows to this JSON file")
     p.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
+    add_device_flag(p)
     return parser
 
 
@@ -219,14 +219,18 @@ def add_run_flags(p, resume=True, seed=True):
     p.add_argument("--force", action="store_true", help="delete an existing --out folder and start over")
     if seed:
         p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same numbers on CPU)")
+    add_device_flag(p)
+
+
+def add_device_flag(p):
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    command = args.command or "demo"
-    if args.command is None:
+    if args.command is None:  # plain `python ptft.py` is the main job
         args = build_parser().parse_args(["demo"])
+    command = args.command
     if command == "demo":
         demo(args.out, args.seeds, args.labels_per_class, args.pretrain_steps, args.epochs,
              args.resume, args.force, args.device)

@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 import data
 from data import InputError
-from model import Classifier, Config, PreTrainingModel, count_parameters, make_config
+from model import (IGNORE_INDEX, Classifier, Config, PreTrainingModel, count_parameters, make_config,
+                   mlm_loss)
 
 
 # ----------------------------------------------------------------------------------------
@@ -208,8 +209,8 @@ def mlm_evaluation(model, batches, device, precision="fp32"):
             sequence_output, pooled = model.encoder(batch["input_ids"], batch["segment_ids"], batch["attention_mask"])
             scores = model.mlm_scores(sequence_output, batch["mlm_labels"])
             nsp_predictions = model.nsp_head(pooled).argmax(-1)
-        targets = batch["mlm_labels"][batch["mlm_labels"] != -100]
-        total_loss += F.cross_entropy(scores.float(), targets, reduction="sum").item()
+        targets = batch["mlm_labels"][batch["mlm_labels"] != IGNORE_INDEX]
+        total_loss += mlm_loss(scores, targets, num_masked_total=1).item()  # E4's sum over M
         total_masked += targets.numel()
         nsp_correct += (nsp_predictions == batch["nsp_labels"]).sum().item()
         nsp_total += len(batch["nsp_labels"])
@@ -304,7 +305,7 @@ def pretrain(out, corpus=None, config="tiny", steps=2000, batch_size=64, max_len
                                                 mask_probability) for _ in range(accumulation)]
         # gradient accumulation: every micro-batch's MLM loss is divided by the masked-token
         # count of ALL micro-batches, so the summed gradient is the one big batch would give
-        num_masked_total = sum(int((b["mlm_labels"] != -100).sum()) for b in micro_batches)
+        num_masked_total = sum(int((b["mlm_labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
         loss_mlm_total, loss_nsp_total = 0.0, 0.0
         for micro_batch in micro_batches:
             micro_batch = to_tensors(micro_batch, device)
@@ -554,7 +555,7 @@ def evaluate(init, data_path, device="auto", log=print):
     max_length = min(model_config.max_positions, checkpoint.get("run", {}).get("max_length", 128))
     batches = held_out_batches(encoded, tokenizer, max_length, use_nsp=len(encoded) >= 2)
     result = mlm_evaluation(model.to(device), batches, device)
-    result["n"] = int(sum((b["mlm_labels"] != -100).sum() for b in batches))
+    result["n"] = int(sum((b["mlm_labels"] != IGNORE_INDEX).sum() for b in batches))
     return result
 
 
@@ -606,7 +607,7 @@ def bench(config="small", compare_hf=False, json_path=None, steps=10, device="au
     generator = np.random.default_rng(0)
     input_ids = torch.from_numpy(generator.integers(5, 8192, (batch_size, length))).to(device)
     selected = torch.from_numpy(generator.random((batch_size, length)) < 0.15).to(device)
-    mlm_labels = torch.where(selected, input_ids, torch.full_like(input_ids, -100))
+    mlm_labels = torch.where(selected, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
     segment_ids = torch.zeros_like(input_ids)
     attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
     num_masked = int(selected.sum())
