@@ -179,7 +179,7 @@ def split_words(text, lowercase=True):
             # drop NUL, U+FFFD and control characters; every whitespace becomes a space;
             # every CJK ideograph becomes its own word
             cleaned = []
-            for ch in unicodedata.normalize("NFC", piece):
+            for ch in piece:  # no Unicode normalisation here: BERT (and the Rust BertTokenizer) does none
                 if ord(ch) == 0 or ord(ch) == 0xFFFD or is_control(ch):
                     continue
                 if is_whitespace(ch):

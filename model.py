@@ -19,7 +19,6 @@ Run `python model.py` for a self-check.
 """
 
 import math
-import re
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -318,40 +317,6 @@ class Classifier(nn.Module):
     def forward(self, input_ids, segment_ids=None, attention_mask=None):
         _, pooled = self.encoder(input_ids, segment_ids, attention_mask)
         return self.classifier(self.dropout(pooled))  # (B, num_labels): f_phi(x) of E3
-
-
-# ----------------------------------------------------------------------------------------
-# Names: a `transformers` BERT state dict maps onto ours by this plain renaming table
-# ----------------------------------------------------------------------------------------
-
-# (our name, Hugging Face's name) as regular expressions; {i} is a layer index.
-HF_NAMES = [
-    (r"encoder\.embeddings\.token\.", "bert.embeddings.word_embeddings."),
-    (r"encoder\.embeddings\.position\.", "bert.embeddings.position_embeddings."),
-    (r"encoder\.embeddings\.segment\.", "bert.embeddings.token_type_embeddings."),
-    (r"encoder\.embeddings\.layer_norm\.", "bert.embeddings.LayerNorm."),
-    (r"encoder\.layers\.(\d+)\.attention\.(query|key|value)\.", r"bert.encoder.layer.\1.attention.self.\2."),
-    (r"encoder\.layers\.(\d+)\.attention\.output\.", r"bert.encoder.layer.\1.attention.output.dense."),
-    (r"encoder\.layers\.(\d+)\.attention_norm\.", r"bert.encoder.layer.\1.attention.output.LayerNorm."),
-    (r"encoder\.layers\.(\d+)\.feed_forward_in\.", r"bert.encoder.layer.\1.intermediate.dense."),
-    (r"encoder\.layers\.(\d+)\.feed_forward_out\.", r"bert.encoder.layer.\1.output.dense."),
-    (r"encoder\.layers\.(\d+)\.output_norm\.", r"bert.encoder.layer.\1.output.LayerNorm."),
-    (r"encoder\.pooler\.", "bert.pooler.dense."),
-    (r"mlm_head\.dense\.", "cls.predictions.transform.dense."),
-    (r"mlm_head\.layer_norm\.", "cls.predictions.transform.LayerNorm."),
-    (r"mlm_head\.bias$", "cls.predictions.bias"),
-    (r"nsp_head\.", "cls.seq_relationship."),
-    (r"classifier\.", "classifier."),
-]
-
-
-def to_hf_name(name):
-    """Our parameter name -> the `transformers` BertForPreTraining/-SequenceClassification name."""
-    for ours, theirs in HF_NAMES:
-        renamed, count = re.subn("^" + ours, theirs, name)
-        if count:
-            return renamed
-    raise KeyError(f"no Hugging Face name for {name}")
 
 
 def count_parameters(module, trainable_only=False):

@@ -5,7 +5,12 @@
     python ptft.py pretrain ...    masked language modelling (+ next-sentence prediction)
     python ptft.py finetune ...    a classifier from a pre-trained run (or from scratch)
     python ptft.py evaluate ...    accuracy / macro-F1 / loss on a TSV, or MLM loss on text
+    python ptft.py fill-mask ...   the MLM head's top candidates for each [MASK] in a text
+    python ptft.py export ...      a run as a Hugging Face BERT folder (from_pretrained opens it)
     python ptft.py bench ...       MLM training/inference tokens/s and MFU (vs transformers)
+
+Wherever a command takes --init, a Hugging Face BERT folder (config.json, model.safetensors or
+pytorch_model.bin, vocab.txt) works as well as a ptft run folder.
 
 `python ptft.py COMMAND --help` explains each command's flags.
 """
@@ -19,6 +24,7 @@ import time
 import numpy as np
 
 import data
+import hf
 import train
 from data import InputError
 
@@ -155,6 +161,7 @@ def build_parser():
     p.add_argument("--corpus", nargs="+", metavar="FILE", help="text file(s), or 'stdlib' (default: the toy world)")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--config", default="tiny", help="model size: tiny, small or base")
+    p.add_argument("--init", help="continue pre-training this run folder or Hugging Face BERT folder (its size and vocabulary)")
     p.add_argument("--steps", type=int, default=2000, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=64, help="sequences per step (per micro-batch with --accum)")
     p.add_argument("--accum", type=int, default=1, help="micro-batches accumulated per step")
@@ -178,7 +185,7 @@ def build_parser():
                             "initialisation; its vocabulary is built from the training file). --freeze chooses what "
                             "trains: head (encoder frozen), top-K (the top K layers + head), none (everything). "
                             "Writes OUT/checkpoint.pt, OUT/vocab.txt and OUT/metrics.json (validation metrics).")
-    p.add_argument("--init", required=True, help="a pre-training run folder, or 'scratch'")
+    p.add_argument("--init", required=True, help="a pre-training run folder, a Hugging Face BERT folder, or 'scratch'")
     p.add_argument("--train", required=True, help="training TSV: text<TAB>label")
     p.add_argument("--valid", help="validation TSV (labels must appear in the training file)")
     p.add_argument("--out", required=True, help="run folder")
@@ -194,10 +201,28 @@ def build_parser():
                             description="A classifier run on a TSV: accuracy, macro-F1, loss, n. A pre-training run "
                             "on a text file (or 'stdlib'): MLM loss and NSP accuracy on fixed masked batches. "
                             "Prints JSON; with --out also writes OUT/metrics.json.")
-    p.add_argument("--init", required=True, help="a run folder (or its checkpoint.pt)")
+    p.add_argument("--init", required=True, help="a run folder (or its checkpoint.pt), or a Hugging Face BERT folder")
     p.add_argument("--data", required=True, help="a TSV (classifier) or a text file / 'stdlib' (pre-training run)")
     p.add_argument("--out", help="folder to write metrics.json in")
     add_device_flag(p)
+
+    p = commands.add_parser("fill-mask", formatter_class=formatter, help="predict the tokens behind [MASK]",
+                            description="Run the MLM head on TEXT and print, for each [MASK], the top-k "
+                            "candidates, best first, one per line: token<TAB>probability. The probability is "
+                            "the softmax over the vocabulary of the MLM scores (E4's distribution). With "
+                            "several [MASK]s, a line '# [MASK] i' precedes each list.")
+    p.add_argument("--init", required=True, help="a pre-training run folder or a Hugging Face BERT folder with an MLM head")
+    p.add_argument("text", help='text containing [MASK], e.g. "the cat sat on the [MASK]."')
+    p.add_argument("--top-k", type=int, default=5, help="candidates per [MASK]")
+    add_device_flag(p)
+
+    p = commands.add_parser("export", formatter_class=formatter, help="write a run as a Hugging Face BERT folder",
+                            description="Write config.json, model.safetensors, vocab.txt and tokenizer_config.json: "
+                            "a pre-training run opens with transformers' BertForPreTraining.from_pretrained, a "
+                            "fine-tuned classifier with BertForSequenceClassification.from_pretrained.")
+    p.add_argument("--init", required=True, help="a run folder (pre-training or classifier), or a Hugging Face BERT folder")
+    p.add_argument("--out", required=True, help="the folder to write (must not exist or be empty, unless --force)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out folder")
 
     p = commands.add_parser("bench", formatter_class=formatter, help="tokens/s and MFU of MLM training",
                             description="Time one MLM training step (forward + backward + AdamW) and an inference "
@@ -236,7 +261,7 @@ def main(argv=None):
              args.resume, args.force, args.device)
     elif command == "pretrain":
         metrics = train.pretrain(
-            args.out, args.corpus, args.config, args.steps, args.batch_size, args.max_length, args.lr,
+            args.out, args.corpus, args.config, args.init, args.steps, args.batch_size, args.max_length, args.lr,
             args.warmup_steps, args.nsp, args.nsp_weight, args.mask_probability, args.vocab_size,
             args.accum, args.precision, args.save_every, args.eval_every, args.resume, args.force,
             args.seed, args.device, args.attention, args.dropout)
@@ -255,6 +280,20 @@ def main(argv=None):
             os.makedirs(args.out, exist_ok=True)
             train.write_json(os.path.join(args.out, "metrics.json"), metrics)
         print(json.dumps(metrics))
+    elif command == "fill-mask":
+        candidates = train.fill_mask(args.init, args.text, args.top_k, args.device,
+                                     log=lambda message: print(message, file=sys.stderr))
+        for number, best in enumerate(candidates, start=1):
+            if len(candidates) > 1:
+                print(f"# {data.MASK} {number}")
+            for token, probability in best:
+                print(f"{token}\t{probability:.6f}")
+    elif command == "export":
+        checkpoint = train.load_checkpoint(args.init)
+        train.prepare_out_folder(args.out, force=args.force)
+        hf.export(checkpoint, args.out)
+        print(f"wrote {args.out}/ (config.json, model.safetensors, vocab.txt, tokenizer_config.json): "
+              f"{'BertForSequenceClassification' if checkpoint.get('kind') == 'classifier' else 'BertForPreTraining'}")
     elif command == "bench":
         train.bench(args.config, args.compare_hf, args.json, args.steps, args.device)
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import hf
 from data import InputError
 from model import (IGNORE_INDEX, Classifier, Config, PreTrainingModel, count_parameters, make_config,
                    mlm_loss)
@@ -127,14 +128,21 @@ def write_json(path, value):
     os.replace(temporary, path)
 
 
-def load_checkpoint(path):
-    """A run folder or a checkpoint file -> the checkpoint dict, always on the CPU (a resume
-    never needs the GPU memory of the run that wrote it). weights_only=True: tensors and plain
-    values only -- a file carrying pickled code is refused, never executed."""
+def load_checkpoint(path, log=print):
+    """A run folder, a checkpoint file or a Hugging Face BERT folder -> the checkpoint dict,
+    always on the CPU (a resume never needs the GPU memory of the run that wrote it).
+    weights_only=True: tensors and plain values only -- a file carrying pickled code is
+    refused, never executed."""
+    if hf.is_hf_folder(path) and not os.path.exists(os.path.join(path, "checkpoint.pt")):
+        checkpoint = hf.load(path)
+        if checkpoint["fresh"]:
+            log(f"{path}: the file has no weights for {', '.join(checkpoint['fresh'])}: initialised fresh")
+        return checkpoint
     if os.path.isdir(path):
         path = os.path.join(path, "checkpoint.pt")
     if not os.path.exists(path):
-        raise InputError(f"{path}: no checkpoint here (expected a run folder with checkpoint.pt, or 'scratch')")
+        raise InputError(f"{path}: no checkpoint here (expected a run folder with checkpoint.pt, a Hugging Face "
+                         "BERT folder with config.json, or 'scratch')")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # any unpickling failure means: not a checkpoint we can trust
@@ -218,12 +226,14 @@ def mlm_evaluation(model, batches, device, precision="fp32"):
     return {"mlm_loss": total_loss / max(total_masked, 1), "nsp_accuracy": nsp_correct / max(nsp_total, 1)}
 
 
-def pretrain(out, corpus=None, config="tiny", steps=2000, batch_size=64, max_length=64, lr=1e-3,
+def pretrain(out, corpus=None, config="tiny", init=None, steps=2000, batch_size=64, max_length=64, lr=1e-3,
              warmup_steps=None, nsp=True, nsp_weight=1.0, mask_probability=0.15, vocab_size=None,
              accumulation=1, precision="auto", save_every=500, eval_every=250, resume=False,
              force=False, seed=0, device="auto", attention="sdpa", dropout=0.1, lowercase=True,
              log=print, progress=True):
-    """E2 via E4 (+ B2, weighted by B3): pre-train an encoder on unlabeled text.
+    """E2 via E4 (+ B2, weighted by B3): pre-train an encoder on unlabeled text -- from a random
+    initialisation, or (init: a run folder or a Hugging Face BERT folder) continue pre-training
+    an existing one with its vocabulary.
 
     Writes OUT/checkpoint.pt (also every save_every steps), OUT/vocab.txt, OUT/metrics.json.
     Returns the metrics dict."""
@@ -243,11 +253,17 @@ def pretrain(out, corpus=None, config="tiny", steps=2000, batch_size=64, max_len
             raise InputError(f"{checkpoint_path}: not a pre-training checkpoint, cannot --resume it")
         model_config = checkpoint_config(checkpoint)
         tokenizer = data.Tokenizer(checkpoint["vocab"], checkpoint.get("lowercase", True))
-        expected = dict(corpus=name, config=config, nsp=nsp, max_length=max_length, batch_size=batch_size)
+        expected = dict(corpus=name, config=config, init=init, nsp=nsp, max_length=max_length, batch_size=batch_size)
         found = {key: checkpoint["run"].get(key) for key in expected}
         if found != expected:
             differing = ", ".join(f"{k}: checkpoint {found[k]!r} vs now {expected[k]!r}" for k in expected if found[k] != expected[k])
             raise InputError(f"{checkpoint_path}: --resume with different settings ({differing})")
+    elif init:
+        initial = load_checkpoint(init, log)
+        if initial.get("kind") != "pretraining":
+            raise InputError(f"{init}: a classifier checkpoint; continued pre-training needs a pre-training run or a BERT folder")
+        model_config = replace(checkpoint_config(initial), attention=attention, dropout=dropout, attention_dropout=dropout)
+        tokenizer = data.Tokenizer(initial["vocab"], initial.get("lowercase", True))
     else:
         vocab_size = vocab_size or (2048 if name == "toy-world" else 8192)
         log(f"building a {vocab_size}-token WordPiece vocabulary from {name} ...")
@@ -271,6 +287,8 @@ def pretrain(out, corpus=None, config="tiny", steps=2000, batch_size=64, max_len
     optimizer = make_optimizer(model, lr)
     warmup_steps = warmup_steps if warmup_steps is not None else max(1, steps // 20)
     start_step, history = 0, []
+    if init and not resuming:
+        model.load_state_dict(initial["model"])
     if resuming:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -279,7 +297,7 @@ def pretrain(out, corpus=None, config="tiny", steps=2000, batch_size=64, max_len
         random.setstate(checkpoint["rng"]["python"])
         torch.set_rng_state(checkpoint["rng"]["torch"])
         log(f"resuming {out} at step {start_step}")
-    log(f"pre-training a {config} encoder ({count_parameters(model.encoder):,} parameters, vocab {len(tokenizer)}) "
+    log(f"pre-training {f'from {init}' if init else f'a {config} encoder'} ({count_parameters(model.encoder):,} parameters, vocab {len(tokenizer)}) "
         f"on {name}: {len(encoded)} documents, {sum(len(s) for d in encoded for s in d):,} tokens; "
         f"{held_out_documents and len(held_out_documents) or 'no'} held out; {device}, {precision}")
 
@@ -289,7 +307,7 @@ def pretrain(out, corpus=None, config="tiny", steps=2000, batch_size=64, max_len
             "vocab": tokenizer.vocab, "lowercase": tokenizer.lowercase, "step": step,
             "optimizer": optimizer.state_dict(), "history": history,
             "rng": {"numpy": data_rng.bit_generator.state, "python": random.getstate(), "torch": torch.get_rng_state()},
-            "run": dict(corpus=name, config=config, nsp=nsp, max_length=max_length, batch_size=batch_size,
+            "run": dict(corpus=name, config=config, init=init, nsp=nsp, max_length=max_length, batch_size=batch_size,
                         lr=lr, steps=steps, seed=seed, mask_probability=mask_probability),
         }
         save_checkpoint(checkpoint_path, payload)
@@ -557,6 +575,41 @@ def evaluate(init, data_path, device="auto", log=print):
     result = mlm_evaluation(model.to(device), batches, device)
     result["n"] = int(sum((b["mlm_labels"] != IGNORE_INDEX).sum() for b in batches))
     return result
+
+
+@torch.no_grad()
+def fill_mask(init, text, top_k=5, device="auto", log=print):
+    """The MLM head's prediction at every [MASK] of TEXT: a list with, per [MASK], the top_k
+    (token, probability) pairs, best first. The probability is E4's softmax over the vocabulary
+    -- the distribution whose log the MLM loss sums over the masked set M."""
+    device = pick_device(device)
+    checkpoint = load_checkpoint(init, log)
+    if checkpoint.get("kind") != "pretraining":
+        raise InputError(f"{init}: a classifier checkpoint has no MLM head; fill-mask needs a pre-trained one")
+    if "mlm_head" in checkpoint.get("fresh", []):
+        raise InputError(f"{init}: the file has no MLM head weights (a sentence-embedding model?); fill-mask needs them")
+    model_config = checkpoint_config(checkpoint)
+    tokenizer = data.Tokenizer(checkpoint["vocab"], checkpoint.get("lowercase", True))
+    if top_k < 1:
+        raise InputError(f"--top-k must be positive, got {top_k}")
+    input_ids = [tokenizer.cls_id, *tokenizer.encode(text), tokenizer.sep_id]
+    if tokenizer.mask_id not in input_ids:
+        raise InputError(f"no {data.MASK} in the text; write {data.MASK} where a token should be predicted")
+    if len(input_ids) > model_config.max_positions:
+        raise InputError(f"the text is {len(input_ids)} tokens long; the model takes at most {model_config.max_positions}")
+    model = PreTrainingModel(model_config)
+    model.load_state_dict(checkpoint["model"])
+    model.to(device).eval()
+    input_ids = torch.tensor([input_ids], device=device)
+    sequence_output, _ = model.encoder(input_ids)
+    # mlm_scores reads the masked set M off the labels: any value but IGNORE_INDEX marks a position
+    masked = torch.where(input_ids == tokenizer.mask_id, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+    scores = model.mlm_scores(sequence_output, masked).float()  # s_theta(x' | x~): (number of [MASK]s, V)
+    # E4: P(x' | x~) = exp(s_theta(x' | x~)) / sum_{x'' in V} exp(s_theta(x'' | x~))
+    probabilities = scores.softmax(dim=-1)
+    best = probabilities.topk(min(top_k, len(tokenizer)), dim=-1)
+    return [[(tokenizer.vocab[i], p) for i, p in zip(ids.tolist(), ps.tolist())]
+            for ids, ps in zip(best.indices, best.values)]
 
 
 # ----------------------------------------------------------------------------------------

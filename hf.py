@@ -1,0 +1,300 @@
+"""Hugging Face BERT folders in and out: start from a released BERT, hand a model back.
+
+A `transformers` BERT folder holds config.json, the weights (model.safetensors, or
+pytorch_model.bin from older releases), vocab.txt and usually tokenizer_config.json. Our
+encoder is BERT's computation exactly (tests/test_hf.py checks every output against
+`transformers`), so reading such a folder is only a matter of names:
+
+    load(folder)              -> a checkpoint dict shaped like ptft's own (model, config, vocab, ...)
+    export(checkpoint, out)   -> the same layout back, readable by `from_pretrained`
+
+Everything else stays BERT's: the tied MLM decoder (it IS the token-embedding matrix, so the
+file's copy is checked and dropped), the exact GELU, post-LN layers, absolute positions.
+A config this code cannot compute exactly (another activation, relative positions, a
+decoder, ...) is refused with one line -- never loaded silently wrong.
+
+Run `python hf.py FOLDER` to see what a folder holds and how it maps onto ours.
+"""
+
+import json
+import os
+import re
+import shutil
+import sys
+
+import torch
+
+import data
+from data import InputError
+from model import Classifier, Config, PreTrainingModel
+
+# ----------------------------------------------------------------------------------------
+# Names: a `transformers` BERT state dict maps onto ours by this plain renaming table
+# ----------------------------------------------------------------------------------------
+
+# (our name, Hugging Face's name) as regular expressions; \1 is a layer index.
+HF_NAMES = [
+    (r"encoder\.embeddings\.token\.", "bert.embeddings.word_embeddings."),
+    (r"encoder\.embeddings\.position\.", "bert.embeddings.position_embeddings."),
+    (r"encoder\.embeddings\.segment\.", "bert.embeddings.token_type_embeddings."),
+    (r"encoder\.embeddings\.layer_norm\.", "bert.embeddings.LayerNorm."),
+    (r"encoder\.layers\.(\d+)\.attention\.(query|key|value)\.", r"bert.encoder.layer.\1.attention.self.\2."),
+    (r"encoder\.layers\.(\d+)\.attention\.output\.", r"bert.encoder.layer.\1.attention.output.dense."),
+    (r"encoder\.layers\.(\d+)\.attention_norm\.", r"bert.encoder.layer.\1.attention.output.LayerNorm."),
+    (r"encoder\.layers\.(\d+)\.feed_forward_in\.", r"bert.encoder.layer.\1.intermediate.dense."),
+    (r"encoder\.layers\.(\d+)\.feed_forward_out\.", r"bert.encoder.layer.\1.output.dense."),
+    (r"encoder\.layers\.(\d+)\.output_norm\.", r"bert.encoder.layer.\1.output.LayerNorm."),
+    (r"encoder\.pooler\.", "bert.pooler.dense."),
+    (r"mlm_head\.dense\.", "cls.predictions.transform.dense."),
+    (r"mlm_head\.layer_norm\.", "cls.predictions.transform.LayerNorm."),
+    (r"mlm_head\.bias$", "cls.predictions.bias"),
+    (r"nsp_head\.", "cls.seq_relationship."),
+    (r"classifier\.", "classifier."),
+]
+
+
+def to_hf_name(name):
+    """Our parameter name -> the `transformers` BertForPreTraining/-SequenceClassification name."""
+    for ours, theirs in HF_NAMES:
+        renamed, count = re.subn("^" + ours, theirs, name)
+        if count:
+            return renamed
+    raise KeyError(f"no Hugging Face name for {name}")
+
+
+def normalise_hf_name(name):
+    """Any BERT layout -> BertForPreTraining's names. BertModel files have no "bert." prefix;
+    checkpoints converted from Google's TensorFlow release call LayerNorm's parameters gamma/beta."""
+    name = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", name)
+    name = re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", name)
+    if not name.startswith(("bert.", "cls.", "classifier.")):
+        name = "bert." + name
+    return name
+
+
+# ----------------------------------------------------------------------------------------
+# config.json <-> Config
+# ----------------------------------------------------------------------------------------
+
+# config.json entries that change the computation, and the only value we compute exactly.
+# (Entries not listed -- use_cache, pad_token_id, architectures, ... -- do not change it.)
+REQUIRED_VALUES = {
+    "model_type": "bert",
+    "hidden_act": "gelu",  # exact GELU; "gelu_new"/"gelu_pytorch_tanh" are the tanh approximation
+    "position_embedding_type": "absolute",  # learned absolute positions, not relative_key(_query)
+    "is_decoder": False,  # BERT is an encoder: no causal mask
+    "add_cross_attention": False,
+    "tie_word_embeddings": True,  # the MLM decoder is the token-embedding matrix
+}
+
+
+def config_from_hf(hf, path):
+    """A parsed config.json -> our Config, or a one-line refusal."""
+    for key, required in REQUIRED_VALUES.items():
+        if key in hf and hf[key] != required:
+            raise InputError(f"{path}: {key} = {hf[key]!r} is not supported (ptft computes BERT with {key} = {required!r})")
+    if hf.get("embedding_size", hf.get("hidden_size")) != hf.get("hidden_size"):
+        raise InputError(f"{path}: embedding_size {hf['embedding_size']} differs from hidden_size (an ALBERT-style "
+                         "factorised embedding); not supported")
+    missing = [key for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                               "intermediate_size", "max_position_embeddings") if key not in hf]
+    if missing:
+        raise InputError(f"{path}: missing {', '.join(missing)}; expected a BERT config.json")
+    try:
+        return Config(
+            vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
+            num_heads=hf["num_attention_heads"], intermediate_size=hf["intermediate_size"],
+            max_positions=hf["max_position_embeddings"], type_vocab_size=hf.get("type_vocab_size", 2),
+            dropout=hf.get("hidden_dropout_prob", 0.1), attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
+            layer_norm_eps=hf.get("layer_norm_eps", 1e-12), initializer_range=hf.get("initializer_range", 0.02),
+            attention="sdpa")
+    except (TypeError, ValueError) as error:
+        raise InputError(f"{path}: {error}") from None
+
+
+def config_to_hf(config, architecture, labels=None):
+    hf = {
+        "architectures": [architecture], "model_type": "bert", "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size, "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads, "intermediate_size": config.intermediate_size,
+        "max_position_embeddings": config.max_positions, "type_vocab_size": config.type_vocab_size,
+        "hidden_dropout_prob": config.dropout, "attention_probs_dropout_prob": config.attention_dropout,
+        "layer_norm_eps": config.layer_norm_eps, "initializer_range": config.initializer_range,
+        "pad_token_id": 0, **REQUIRED_VALUES,
+    }
+    if labels is not None:
+        hf["id2label"] = {str(i): label for i, label in enumerate(labels)}
+        hf["label2id"] = {label: i for i, label in enumerate(labels)}
+    return hf
+
+
+# ----------------------------------------------------------------------------------------
+# Reading a folder
+# ----------------------------------------------------------------------------------------
+
+
+def is_hf_folder(path):
+    return os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json"))
+
+
+def read_json(path):
+    try:
+        value = json.loads(data.read_text_file(path))
+    except json.JSONDecodeError as error:
+        raise InputError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{path}: expected a JSON object")
+    return value
+
+
+def read_weights(folder):
+    """The state dict in model.safetensors or pytorch_model.bin, on the CPU. A .bin file is a
+    pickle: weights_only=True reads tensors only and refuses anything that would run code."""
+    safetensors_path = os.path.join(folder, "model.safetensors")
+    bin_path = os.path.join(folder, "pytorch_model.bin")
+    if os.path.exists(safetensors_path):
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise InputError(f"{safetensors_path}: reading safetensors needs `pip install safetensors`") from None
+        try:
+            return load_file(safetensors_path, device="cpu")
+        except Exception as error:
+            raise InputError(f"{safetensors_path}: not a readable safetensors file ({str(error)[:120]})") from None
+    if os.path.exists(bin_path):
+        try:
+            return torch.load(bin_path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise InputError(f"{bin_path}: not a weights file we can trust ({reason[:120]})") from None
+    if any(name.endswith(".index.json") for name in os.listdir(folder)):
+        raise InputError(f"{folder}: sharded weights are not supported (a BERT-size model fits in one file)")
+    raise InputError(f"{folder}: no model.safetensors or pytorch_model.bin")
+
+
+def read_tokenizer(folder):
+    """vocab.txt + tokenizer_config.json -> our Tokenizer, which reproduces BertTokenizer's ids."""
+    vocab_path = os.path.join(folder, "vocab.txt")
+    if not os.path.exists(vocab_path):
+        raise InputError(f"{folder}: no vocab.txt (ptft reads WordPiece vocabularies only)")
+    settings_path = os.path.join(folder, "tokenizer_config.json")
+    settings = read_json(settings_path) if os.path.exists(settings_path) else {}
+    lowercase = settings.get("do_lower_case", True)
+    # BertTokenizer options we do not implement: refuse rather than tokenise differently
+    if settings.get("strip_accents") not in (None, lowercase):
+        raise InputError(f"{settings_path}: strip_accents = {settings['strip_accents']} with do_lower_case = "
+                         f"{lowercase} is not supported (ptft strips accents exactly when it lower-cases)")
+    for key in ("tokenize_chinese_chars", "do_basic_tokenize"):
+        if settings.get(key, True) is not True:
+            raise InputError(f"{settings_path}: {key} = {settings[key]} is not supported")
+    return data.Tokenizer.load(vocab_path, lowercase)
+
+
+def load(folder, seed=0):
+    """A Hugging Face BERT folder -> a checkpoint dict like the ones train.py writes:
+    kind ("pretraining" or "classifier"), model (our state dict), config, vocab, lowercase,
+    labels (classifier), and `fresh`: the parts the file had no weights for, initialised the way
+    BERT initialises them (seeded) -- e.g. the MLM and NSP heads of a sentence-embedding model."""
+    config_path = os.path.join(folder, "config.json")
+    hf_config = read_json(config_path)
+    config = config_from_hf(hf_config, config_path)
+    tokenizer = read_tokenizer(folder)
+    if len(tokenizer) != config.vocab_size:
+        raise InputError(f"{folder}: vocab.txt has {len(tokenizer)} tokens but config.json says vocab_size {config.vocab_size}")
+    weights_path = folder  # for messages
+    state = {}
+    for name, value in read_weights(folder).items():
+        if name.endswith("position_ids"):
+            continue  # a buffer holding 0..T-1, not a weight
+        state[normalise_hf_name(name)] = value
+    # The decoder of the MLM head is tied to the token embedding: the file may carry a copy.
+    decoder = state.pop("cls.predictions.decoder.weight", None)
+    embedding = state.get("bert.embeddings.word_embeddings.weight")
+    if decoder is not None and embedding is not None and not torch.equal(decoder, embedding):
+        raise InputError(f"{weights_path}: the MLM decoder is not tied to the word embeddings; not supported")
+    decoder_bias = state.pop("cls.predictions.decoder.bias", None)  # the same tensor as cls.predictions.bias
+    if decoder_bias is not None:
+        state.setdefault("cls.predictions.bias", decoder_bias)
+
+    classifier_weight = state.get("classifier.weight")
+    with torch.random.fork_rng():  # fresh parts are seeded without touching the caller's RNG
+        torch.manual_seed(seed)
+        if classifier_weight is not None:
+            labels = [hf_config.get("id2label", {}).get(str(i), f"LABEL_{i}") for i in range(classifier_weight.shape[0])]
+            model = Classifier(config, len(labels))
+        else:
+            labels, model = None, PreTrainingModel(config)
+    ours = model.state_dict()
+    hf_to_ours = {to_hf_name(name): name for name in ours}
+    unexpected = [name for name in state if name not in hf_to_ours]
+    if unexpected:
+        raise InputError(f"{weights_path}: unexpected weight {unexpected[0]!r}"
+                         f"{f' (and {len(unexpected) - 1} more)' if len(unexpected) > 1 else ''}; not a BERT layout ptft knows")
+    for hf_name, value in state.items():
+        name = hf_to_ours[hf_name]
+        if value.shape != ours[name].shape:
+            raise InputError(f"{weights_path}: {hf_name} has shape {tuple(value.shape)}, config.json implies {tuple(ours[name].shape)}")
+        ours[name] = value.float()
+    absent = [name for hf_name, name in hf_to_ours.items() if hf_name not in state]
+    fresh = sorted({"encoder.pooler" if name.startswith("encoder.pooler") else name.split(".")[0] for name in absent})
+    if any(part.startswith("encoder") and part != "encoder.pooler" for part in fresh):
+        first = next(name for name in absent if not name.startswith("encoder.pooler"))
+        raise InputError(f"{weights_path}: no weights for {to_hf_name(first)}; the encoder must be complete")
+    checkpoint = {"kind": "classifier" if labels else "pretraining", "model": ours, "config": config.to_dict(),
+                  "vocab": tokenizer.vocab, "lowercase": tokenizer.lowercase, "step": 0,
+                  "source": f"huggingface:{os.path.abspath(folder)}", "fresh": fresh}
+    if labels:
+        checkpoint["labels"] = labels
+    return checkpoint
+
+
+# ----------------------------------------------------------------------------------------
+# Writing a folder
+# ----------------------------------------------------------------------------------------
+
+
+def export(checkpoint, out):
+    """A ptft checkpoint -> a Hugging Face folder: config.json, model.safetensors, vocab.txt,
+    tokenizer_config.json. A pre-training checkpoint opens as BertForPreTraining, a classifier
+    as BertForSequenceClassification. The folder appears whole or not at all: it is written
+    under a temporary name and renamed at the end."""
+    config = Config(**checkpoint["config"])
+    classifier = checkpoint.get("kind") == "classifier"
+    architecture = "BertForSequenceClassification" if classifier else "BertForPreTraining"
+    state = {to_hf_name(name): value.detach().float().contiguous() for name, value in checkpoint["model"].items()}
+    if not classifier:
+        # the tied decoder: transformers re-ties it from the word embeddings; its bias is cls.predictions.bias
+        state.pop("cls.predictions.decoder.weight", None)
+    partial = f"{out.rstrip(os.sep)}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+    with open(os.path.join(partial, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(config_to_hf(config, architecture, checkpoint.get("labels") if classifier else None), f, indent=2)
+    try:
+        from safetensors.torch import save_file
+        save_file(state, os.path.join(partial, "model.safetensors"), metadata={"format": "pt"})
+    except ImportError:  # safetensors is in requirements.txt; without it, the older .bin layout
+        torch.save(state, os.path.join(partial, "pytorch_model.bin"))
+    data.Tokenizer(checkpoint["vocab"], checkpoint.get("lowercase", True)).save(os.path.join(partial, "vocab.txt"))
+    with open(os.path.join(partial, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump({"tokenizer_class": "BertTokenizer", "do_lower_case": checkpoint.get("lowercase", True),
+                   "model_max_length": config.max_positions, "unk_token": data.UNK, "sep_token": data.SEP,
+                   "pad_token": data.PAD, "cls_token": data.CLS, "mask_token": data.MASK}, f, indent=2)
+    if os.path.isdir(out):
+        os.rmdir(out)  # prepare_out_folder left it empty (or it did not exist)
+    os.replace(partial, out)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python hf.py HF_FOLDER   (shows how a Hugging Face BERT folder maps onto ptft)")
+    try:
+        loaded = load(sys.argv[1])
+    except InputError as error:
+        sys.exit(f"error: {error}")
+    print(f"kind: {loaded['kind']}  vocab: {len(loaded['vocab'])}  lowercase: {loaded['lowercase']}")
+    print(f"config: {Config(**loaded['config'])}")
+    print(f"initialised fresh (no weights in the file): {', '.join(loaded['fresh']) or 'nothing'}")
+    for name, value in list(loaded["model"].items())[:8]:
+        print(f"  {to_hf_name(name):55s} -> {name} {tuple(value.shape)}")
+    print(f"  ... {len(loaded['model'])} tensors in all")
