@@ -142,3 +142,30 @@ def test_read_tsv_and_corpus_report_file_and_line(tmp_path):
     corpus.write_bytes(b"fine\nbad \xff byte\n")
     with pytest.raises(data.InputError, match=r"c\.txt:2: byte 9 is not valid UTF-8"):
         data.read_corpus([str(corpus)])
+
+
+def test_token_cache_returns_exactly_what_encoding_gives_and_is_keyed_by_text_and_vocab(tmp_path):
+    world = data.toy_world(seed=1, num_documents=120)
+    documents = world["unlabeled"] + [["", "  "]]  # a document with no tokens is dropped either way
+    tokenizer = data.train_tokenizer((s for d in documents for s in d), vocab_size=300)
+    plain = data.encode_documents(tokenizer, documents)
+
+    def same(a, b):
+        return len(a) == len(b) and all(len(x) == len(y) and all(p.dtype == q.dtype and np.array_equal(p, q)
+                                                                for p, q in zip(x, y)) for x, y in zip(a, b))
+
+    written = data.encode_documents(tokenizer, documents, str(tmp_path))
+    (cache_file,) = tmp_path.glob("tokens-*.npz")
+    read_back = data.encode_documents(tokenizer, documents, str(tmp_path))
+    assert same(plain, written) and same(plain, read_back)
+    # another text or another vocabulary is another key, never a stale hit
+    changed = [list(d) for d in documents]
+    changed[0][0] = changed[0][0] + " extra"
+    assert same(data.encode_documents(tokenizer, changed, str(tmp_path)), data.encode_documents(tokenizer, changed))
+    other = data.train_tokenizer((s for d in documents for s in d), vocab_size=200)
+    assert same(data.encode_documents(other, documents, str(tmp_path)), data.encode_documents(other, documents))
+    assert len(list(tmp_path.glob("tokens-*.npz"))) == 3
+    # a damaged cache file is rebuilt, not trusted
+    cache_file.write_bytes(b"not a zip file")
+    assert same(plain, data.encode_documents(tokenizer, documents, str(tmp_path)))
+    assert same(plain, data.encode_documents(tokenizer, documents, str(tmp_path)))
