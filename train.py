@@ -375,6 +375,11 @@ def pretrain(out, corpus=None, config="tiny", init=None, steps=2000, batch_size=
         }
         save_checkpoint(checkpoint_path, payload)
 
+    def stop(step, what):
+        bar.close()  # the progress bar's line ends before the error's
+        kept = f"{checkpoint_path} (step {last_saved}) is untouched" if last_saved is not None else "no checkpoint was written"
+        raise TrainingDiverged(f"step {step}: {what}; {kept} -- try a lower --lr")
+
     model.train()
     started, tokens_seen, last = time.time(), 0, {}
     # The checkpoint of step k is written only once the weights after step k are known to be good:
@@ -412,9 +417,7 @@ def pretrain(out, corpus=None, config="tiny", init=None, steps=2000, batch_size=
         if not diverged and not math.isfinite(grad_norm):  # finite losses can still overflow in the backward pass
             diverged = [f"the gradient norm is {grad_norm} (MLM loss {loss_mlm_total:.3f})"]
         if diverged:
-            bar.close()
-            kept = f"{checkpoint_path} (step {last_saved}) is untouched" if last_saved is not None else "no checkpoint was written"
-            raise TrainingDiverged(f"step {step + 1}: {', '.join(diverged)}; {kept} -- try a lower --lr")
+            stop(step + 1, ", ".join(diverged))
         if save_pending:  # the weights after step `step` made finite losses and gradients: they are good
             save(step, rng_at_start)
             save_pending, last_saved = False, step
@@ -435,8 +438,7 @@ def pretrain(out, corpus=None, config="tiny", init=None, steps=2000, batch_size=
     # no next step vouches for the last update: look at the weights themselves
     not_finite = [name for name, value in model.named_parameters() if not torch.isfinite(value).all()]
     if not_finite:
-        kept = f"{checkpoint_path} (step {last_saved}) is untouched" if last_saved is not None else "no checkpoint was written"
-        raise TrainingDiverged(f"step {steps}: weight {not_finite[0]} is not finite after the last update; {kept} -- try a lower --lr")
+        stop(steps, f"weight {not_finite[0]} is not finite after the last update")
     save(steps, rng_states())
     metrics = {**last, "final_train_mlm_loss": last.get("train_mlm_loss"),
                "held_out_mlm_loss": last.get("held_out_mlm_loss"), "ln_vocab": math.log(len(tokenizer)),

@@ -146,6 +146,9 @@ def test_cli_bad_inputs_get_one_line_naming_the_file(small_world, tmp_path):
         (["finetune", "--init", "scratch", "--train", str(empty_label), "--out", out], ["empty_label.tsv:1", "empty label"]),
         (["pretrain", "--out", out, "--steps", "-3"], ["--steps"]),
         (["pretrain", "--out", out, "--config", "huge"], ["unknown config 'huge'"]),
+        (["pretrain", "--out", out, "--lr", "nan"], ["--lr must be a finite number > 0, got nan"]),
+        (["pretrain", "--out", out, "--hidden-size", "100", "--num-heads", "3"],
+         ["--config tiny: --hidden-size 100 is not divisible by --num-heads 3"]),
     ]
     for args, needles in cases:
         assert_clear_error(run_cli(*args), *needles)
@@ -228,6 +231,39 @@ def test_a_diverged_run_stops_with_status_3_and_leaves_the_last_good_checkpoint_
     assert diverged_at > 4 and ("MLM loss is nan" in errors[0] or "MLM loss is inf" in errors[0]), errors[0]
     assert "(step 4) is untouched" in errors[0]
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == good
+
+
+def test_an_injected_inf_stops_the_run_before_the_weights_it_touched_are_saved(small_world, tmp_path, monkeypatch):
+    corpus = [str(small_world["folder"] / "unlabeled.txt")]
+    flags = dict(steps=3, batch_size=4, max_length=16, vocab_size=300, save_every=1, device="cpu",
+                 log=lambda *a: None, progress=False)
+    # an infinite gradient norm at step 3 (its loss finite): step 2's weights are never saved either,
+    # since no finite step after them vouched for them
+    clip_grad_norm, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def infinite_at_step_3(parameters, max_norm):
+        calls.append(1)
+        norm = clip_grad_norm(parameters, max_norm)
+        return torch.tensor(float("inf")) if len(calls) == 3 else norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", infinite_at_step_3)
+    with pytest.raises(train.TrainingDiverged, match=r"^step 3: the gradient norm is inf .*\(step 1\) is untouched"):
+        train.pretrain(str(tmp_path / "a"), corpus, **flags)
+    assert torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["step"] == 1
+    monkeypatch.undo()
+    # the last update made the weights infinite: no next loss tells, so the weights themselves are looked at
+    adamw_step, calls = torch.optim.AdamW.step, []
+
+    def poisoned_at_step_3(self, *args, **kwargs):
+        adamw_step(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            self.param_groups[0]["params"][0].data.fill_(float("inf"))
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoned_at_step_3)
+    with pytest.raises(train.TrainingDiverged, match=r"^step 3: weight .* is not finite after the last update.*\(step 2\) is untouched"):
+        train.pretrain(str(tmp_path / "b"), corpus, **flags)
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["step"] == 2
 
 
 def test_a_diverged_fine_tuning_names_the_classification_loss_and_writes_nothing(small_world, tmp_path):
