@@ -153,19 +153,20 @@ def load_checkpoint(path, log=print):
     # What it holds must fit together, or a load_state_dict or an embedding lookup fails later
     # with a traceback far from the cause: the config builds a Config, the vocabulary has the
     # config's size, and the weights are exactly those a model of that config has.
-    if not isinstance(checkpoint["config"], dict) or not isinstance(checkpoint["model"], dict):
-        raise InputError(f"{path}: not a ptft checkpoint (config and model must be dicts)")
+    if not (isinstance(checkpoint["config"], dict) and isinstance(checkpoint["model"], dict)
+            and isinstance(checkpoint["vocab"], list)):
+        raise InputError(f"{path}: not a ptft checkpoint (config and model must be dicts, vocab a list)")
     try:
         config = Config(**checkpoint["config"])
-    except (TypeError, ValueError) as error:
+        with torch.device("meta"):  # shapes only: no memory, no time, and the RNG is not touched
+            if checkpoint.get("kind") == "classifier":
+                expected = Classifier(config, len(checkpoint.get("labels") or [])).state_dict()
+            else:
+                expected = PreTrainingModel(config).state_dict()
+    except (TypeError, ValueError) as error:  # e.g. an unknown field, a size that is not a whole number
         raise InputError(f"{path}: the config is not valid ({error})") from None
     if len(checkpoint["vocab"]) != config.vocab_size:
         raise InputError(f"{path}: the vocabulary has {len(checkpoint['vocab'])} tokens, config says vocab_size {config.vocab_size}")
-    with torch.device("meta"):  # shapes only: no memory, no time, and the RNG is not touched
-        if checkpoint.get("kind") == "classifier":
-            expected = Classifier(config, len(checkpoint.get("labels") or [])).state_dict()
-        else:
-            expected = PreTrainingModel(config).state_dict()
     for name, value in checkpoint["model"].items():
         if name not in expected:
             raise InputError(f"{path}: weight {name} is not part of a model with this config")
