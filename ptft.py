@@ -40,8 +40,8 @@ def demo(out="runs/demo", seeds=3, labels_per_class=16, pretrain_steps=2500, epo
          resume=False, force=False, device="auto"):
     """Pre-train on the toy world's unlabeled part, then fine-tune with k labels per class
     four ways, on `seeds` different draws of the k examples and seeds, and print test accuracy."""
-    if seeds < 1 or labels_per_class < 1 or epochs < 1:
-        raise InputError("--seeds, --labels-per-class and --epochs must be positive")
+    if seeds < 1 or labels_per_class < 1 or pretrain_steps < 1 or epochs < 1:
+        raise InputError("--seeds, --labels-per-class, --pretrain-steps and --epochs must be positive")
     world = data.toy_world(seed=0)
     train.prepare_out_folder(out, resume, force)
     data_folder = os.path.join(out, "data")

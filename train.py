@@ -745,6 +745,8 @@ def training_flops(config, batch_size, length, num_predicted):
 def bench(config="small", compare_hf=False, json_path=None, steps=10, device="auto", log=print):
     """Time the MLM training step and an inference forward at BERT-like shapes: vocab 8192,
     seq 128, batch 32, 15% masked, dropout 0.1. Returns the rows (and writes them as JSON)."""
+    if steps < 1:
+        raise InputError(f"--steps must be at least 1, got {steps}")
     device = pick_device(device)
     model_config = make_model_config(config, None, vocab_size=8192, max_positions=128)
     batch_size, length = 32, 128

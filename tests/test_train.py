@@ -147,6 +147,8 @@ def test_cli_bad_inputs_get_one_line_naming_the_file(small_world, tmp_path):
         (["pretrain", "--out", out, "--steps", "-3"], ["--steps"]),
         (["pretrain", "--out", out, "--config", "huge"], ["unknown config 'huge'"]),
         (["pretrain", "--out", out, "--lr", "nan"], ["--lr must be a finite number > 0, got nan"]),
+        (["demo", "--out", out, "--pretrain-steps", "0"], ["--pretrain-steps"]),
+        (["bench", "--steps", "0"], ["--steps must be at least 1, got 0"]),
         (["pretrain", "--out", out, "--hidden-size", "100", "--num-heads", "3"],
          ["--config tiny: --hidden-size 100 is not divisible by --num-heads 3"]),
     ]
