@@ -573,8 +573,9 @@ def mask_tokens(input_ids, tokenizer, rng, mask_probability=0.15, mask_token_fra
     return masked_ids, mlm_labels
 
 
-def classification_inputs(tokenizer, texts, max_length, warn=print):
-    """texts -> lists of ids `[CLS] text [SEP]`, truncated to max_length (said once)."""
+def classification_inputs(tokenizer, texts, max_length, warn=print, path="input"):
+    """texts (read from `path`) -> lists of ids `[CLS] text [SEP]`, truncated to max_length:
+    the position table has no row beyond it. Said once per file, naming it."""
     rows, truncated = [], 0
     for text in texts:
         ids = tokenizer.encode(text)
@@ -583,7 +584,8 @@ def classification_inputs(tokenizer, texts, max_length, warn=print):
             ids = ids[: max_length - 2]
         rows.append([tokenizer.cls_id, *ids, tokenizer.sep_id])
     if truncated:
-        warn(f"note: {truncated} of {len(texts)} texts were longer than {max_length} tokens and were truncated")
+        warn(f"{path}: note: {truncated} of {len(texts)} texts were longer than the position table "
+             f"({max_length} tokens) and were truncated")
     return rows
 
 

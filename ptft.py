@@ -40,8 +40,8 @@ def demo(out="runs/demo", seeds=3, labels_per_class=16, pretrain_steps=2500, epo
          resume=False, force=False, device="auto"):
     """Pre-train on the toy world's unlabeled part, then fine-tune with k labels per class
     four ways, on `seeds` different draws of the k examples and seeds, and print test accuracy."""
-    if seeds < 1 or labels_per_class < 1:
-        raise InputError("--seeds and --labels-per-class must be positive")
+    if seeds < 1 or labels_per_class < 1 or pretrain_steps < 1 or epochs < 1:
+        raise InputError("--seeds, --labels-per-class, --pretrain-steps and --epochs must be positive")
     world = data.toy_world(seed=0)
     train.prepare_out_folder(out, resume, force)
     data_folder = os.path.join(out, "data")
@@ -177,6 +177,7 @@ def build_parser():
     p.add_argument("--attention", default="sdpa", help="explicit (the formula, written out) or sdpa (fused kernel)")
     p.add_argument("--save-every", type=int, default=500, help="write checkpoint.pt every N steps (0: only at the end)")
     p.add_argument("--eval-every", type=int, default=250, help="held-out MLM loss every N steps")
+    add_size_flags(p)
     add_run_flags(p)
 
     p = commands.add_parser("finetune", formatter_class=formatter, help="train a classifier on a labeled TSV",
@@ -195,6 +196,7 @@ def build_parser():
     p.add_argument("--batch-size", type=int, default=16, help="examples per step")
     p.add_argument("--config", default="tiny", help="model size with --init scratch: tiny, small or base")
     p.add_argument("--max-length", type=int, default=128, help="position-table size with --init scratch")
+    add_size_flags(p)
     add_run_flags(p, resume=False)
 
     p = commands.add_parser("evaluate", formatter_class=formatter, help="score a run on a TSV or a text corpus",
@@ -238,6 +240,16 @@ def build_parser():
     return parser
 
 
+SIZE_FLAGS = ("hidden_size", "num_layers", "num_heads", "intermediate_size")  # model.Config fields
+
+
+def add_size_flags(p):
+    p.add_argument("--hidden-size", type=int, help="hidden size H, overriding the --config preset (not with a pre-trained --init)")
+    p.add_argument("--num-layers", type=int, help="encoder layers, overriding the --config preset")
+    p.add_argument("--num-heads", type=int, help="attention heads (must divide --hidden-size), overriding the --config preset")
+    p.add_argument("--intermediate-size", type=int, help="feed-forward size I, overriding the --config preset")
+
+
 def add_run_flags(p, resume=True, seed=True):
     if resume:
         p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
@@ -264,14 +276,15 @@ def main(argv=None):
             args.out, args.corpus, args.config, args.init, args.steps, args.batch_size, args.max_length, args.lr,
             args.warmup_steps, args.nsp, args.nsp_weight, args.mask_probability, args.vocab_size,
             args.accum, args.precision, args.save_every, args.eval_every, args.resume, args.force,
-            args.seed, args.device, args.attention, args.dropout)
+            args.seed, args.device, args.attention, args.dropout, {name: getattr(args, name) for name in SIZE_FLAGS})
         print(f"done: final training MLM loss {metrics['final_train_mlm_loss']:.3f}"
               + (f", held-out {metrics['held_out_mlm_loss']:.3f}" if metrics.get("held_out_mlm_loss") else "")
               + f" (ln|V| = {metrics['ln_vocab']:.3f}); {args.out}/checkpoint.pt")
     elif command == "finetune":
         metrics = train.finetune(args.out, args.init, args.train, args.valid, args.freeze, args.epochs,
                                  args.lr, args.batch_size, args.config, args.max_length, seed=args.seed,
-                                 device=args.device, force=args.force)
+                                 device=args.device, force=args.force,
+                                 sizes={name: getattr(args, name) for name in SIZE_FLAGS})
         summary = {k: metrics[k] for k in ("accuracy", "macro_f1", "loss", "n") if k in metrics}
         print(f"done: {json.dumps(summary)}; {args.out}/checkpoint.pt")
     elif command == "evaluate":

@@ -154,6 +154,33 @@ def load_checkpoint(path, log=print):
         raise InputError(f"{path}: not a ptft checkpoint ({reason[:120]})") from None
     if not isinstance(checkpoint, dict) or not {"model", "config", "vocab"} <= set(checkpoint):
         raise InputError(f"{path}: not a ptft checkpoint (expected a dict with model, config and vocab)")
+    # What it holds must fit together, or a load_state_dict or an embedding lookup fails later
+    # with a traceback far from the cause: the config builds a Config, the vocabulary has the
+    # config's size, and the weights are exactly those a model of that config has.
+    if not (isinstance(checkpoint["config"], dict) and isinstance(checkpoint["model"], dict)
+            and isinstance(checkpoint["vocab"], list)):
+        raise InputError(f"{path}: not a ptft checkpoint (config and model must be dicts, vocab a list)")
+    try:
+        config = Config(**checkpoint["config"])
+        with torch.device("meta"):  # shapes only: no memory, no time, and the RNG is not touched
+            if checkpoint.get("kind") == "classifier":
+                expected = Classifier(config, len(checkpoint.get("labels") or [])).state_dict()
+            else:
+                expected = PreTrainingModel(config).state_dict()
+    except (TypeError, ValueError) as error:  # e.g. an unknown field, a size that is not a whole number
+        raise InputError(f"{path}: the config is not valid ({error})") from None
+    if len(checkpoint["vocab"]) != config.vocab_size:
+        raise InputError(f"{path}: the vocabulary has {len(checkpoint['vocab'])} tokens, config says vocab_size {config.vocab_size}")
+    for name, value in checkpoint["model"].items():
+        if name not in expected:
+            raise InputError(f"{path}: weight {name} is not part of a model with this config")
+        if not isinstance(value, torch.Tensor) or value.shape != expected[name].shape:
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise InputError(f"{path}: weight {name} has shape {shape}, config says {tuple(expected[name].shape)}")
+    missing = [name for name in expected if name not in checkpoint["model"]]
+    if missing:
+        raise InputError(f"{path}: weight {missing[0]} is missing"
+                         f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}")
     return checkpoint
 
 
@@ -162,6 +189,21 @@ def checkpoint_config(checkpoint):
         return Config(**checkpoint["config"])
     except (TypeError, ValueError) as error:
         raise InputError(f"checkpoint config is not valid: {error}") from None
+
+
+def make_model_config(preset, sizes, **fixed):
+    """--config PRESET, with the size flags that were given (sizes: hidden_size, num_layers,
+    num_heads, intermediate_size -> a value or None) and the `fixed` fields -> a Config.
+    An impossible shape is an InputError naming the flags, e.g. "--config tiny: --hidden-size
+    100 is not divisible by --num-heads 3" (Config's own check, with the flags' names)."""
+    given = {name: value for name, value in (sizes or {}).items() if value is not None}
+    try:
+        return make_config(preset, **given, **fixed)
+    except ValueError as error:
+        message = str(error)
+        for name in given:  # hidden_size -> --hidden-size: the flag the user typed
+            message = message.replace(name, "--" + name.replace("_", "-"))
+        raise InputError(f"--config {preset}: {message}") from None
 
 
 def encoder_weights(checkpoint):
@@ -233,16 +275,35 @@ def mlm_evaluation(model, batches, device, precision="fp32"):
 def pretrain(out, corpus=None, config="tiny", init=None, steps=2000, batch_size=64, max_length=64, lr=1e-3,
              warmup_steps=None, nsp=True, nsp_weight=1.0, mask_probability=0.15, vocab_size=None,
              accumulation=1, precision="auto", save_every=500, eval_every=250, resume=False,
-             force=False, seed=0, device="auto", attention="sdpa", dropout=0.1, lowercase=True,
+             force=False, seed=0, device="auto", attention="sdpa", dropout=0.1, sizes=None, lowercase=True,
              log=print, progress=True):
     """E2 via E4 (+ B2, weighted by B3): pre-train an encoder on unlabeled text -- from a random
     initialisation, or (init: a run folder or a Hugging Face BERT folder) continue pre-training
     an existing one with its vocabulary.
 
+    sizes: the --hidden-size/--num-layers/--num-heads/--intermediate-size flags (None: the preset's).
     Writes OUT/checkpoint.pt (also every save_every steps), OUT/vocab.txt, OUT/metrics.json.
     Returns the metrics dict."""
-    if steps < 1 or batch_size < 1 or accumulation < 1 or max_length < 8:
-        raise InputError("--steps, --batch-size and --accum must be positive and --max-length at least 8")
+    # Every flag is checked before any work: a bad one is one line (exit status 2), not a crash later.
+    for flag, value, least in [("--steps", steps, 1), ("--batch-size", batch_size, 1), ("--accum", accumulation, 1),
+                               ("--max-length", max_length, 8), ("--warmup-steps", warmup_steps or 0, 0),
+                               ("--save-every", save_every, 0), ("--eval-every", eval_every, 1)]:
+        if value < least:
+            raise InputError(f"{flag} must be at least {least}, got {value}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise InputError(f"--lr must be a finite number > 0, got {lr}")
+    if not (math.isfinite(nsp_weight) and nsp_weight >= 0):
+        raise InputError(f"--nsp-weight (lambda in B3) must be a finite number >= 0, got {nsp_weight}")
+    if not 0 < mask_probability < 1:
+        raise InputError(f"--mask-probability must be between 0 and 1, got {mask_probability}")
+    if not 0 <= dropout < 1:
+        raise InputError(f"--dropout must be at least 0 and below 1, got {dropout}")
+    if init and any(value is not None for value in (sizes or {}).values()):
+        raise InputError("--hidden-size, --num-layers, --num-heads, --intermediate-size: not with --init "
+                         "(continued pre-training keeps the size of the model it starts from)")
+    vocab_size = vocab_size or (8192 if corpus else 2048)  # 2048 on the toy world
+    requested = make_model_config(config, sizes, vocab_size=vocab_size, max_positions=max(128, max_length),
+                                  attention=attention, dropout=dropout, attention_dropout=dropout)
     device = pick_device(device)
     precision = pick_precision(precision, device)
     prepare_out_folder(out, resume, force)
@@ -257,8 +318,14 @@ def pretrain(out, corpus=None, config="tiny", init=None, steps=2000, batch_size=
             raise InputError(f"{checkpoint_path}: not a pre-training checkpoint, cannot --resume it")
         model_config = checkpoint_config(checkpoint)
         tokenizer = data.Tokenizer(checkpoint["vocab"], checkpoint.get("lowercase", True))
-        expected = dict(corpus=name, config=config, init=init, nsp=nsp, max_length=max_length, batch_size=batch_size)
-        found = {key: checkpoint["run"].get(key) for key in expected}
+        expected = dict(corpus=name, config=config, init=init, nsp=nsp, max_length=max_length, batch_size=batch_size,
+                        vocab_size=vocab_size)
+        found = {key: checkpoint.get("run", {}).get(key) for key in expected}
+        # and the model itself: its sizes (with --init: the init's, compared through init above),
+        # dropout and attention -- a resumed run that silently kept other ones would not be the run asked for
+        fields = ["dropout", "attention"] + ([] if init else ["hidden_size", "num_layers", "num_heads", "intermediate_size"])
+        expected.update({field: getattr(requested, field) for field in fields})
+        found.update({field: getattr(model_config, field) for field in fields})
         if found != expected:
             differing = ", ".join(f"{k}: checkpoint {found[k]!r} vs now {expected[k]!r}" for k in expected if found[k] != expected[k])
             raise InputError(f"{checkpoint_path}: --resume with different settings ({differing})")
@@ -269,14 +336,9 @@ def pretrain(out, corpus=None, config="tiny", init=None, steps=2000, batch_size=
         model_config = replace(checkpoint_config(initial), attention=attention, dropout=dropout, attention_dropout=dropout)
         tokenizer = data.Tokenizer(initial["vocab"], initial.get("lowercase", True))
     else:
-        vocab_size = vocab_size or (2048 if name == "toy-world" else 8192)
         log(f"building a {vocab_size}-token WordPiece vocabulary from {name} ...")
         tokenizer = data.train_tokenizer((s for d in training_documents for s in d), vocab_size, lowercase)
-        try:
-            model_config = make_config(config, vocab_size=len(tokenizer), max_positions=max(128, max_length),
-                                       attention=attention, dropout=dropout, attention_dropout=dropout)
-        except ValueError as error:
-            raise InputError(f"--config: {error}") from None
+        model_config = replace(requested, vocab_size=len(tokenizer))  # a small corpus may give fewer tokens
     if max_length > model_config.max_positions:
         raise InputError(f"--max-length {max_length} exceeds the position table ({model_config.max_positions})")
     tokenizer.save(os.path.join(out, "vocab.txt"))
@@ -305,22 +367,36 @@ def pretrain(out, corpus=None, config="tiny", init=None, steps=2000, batch_size=
         f"on {name}: {len(encoded)} documents, {sum(len(s) for d in encoded for s in d):,} tokens; "
         f"{held_out_documents and len(held_out_documents) or 'no'} held out; {device}, {precision}")
 
-    def save(step, final_metrics=None):
+    def rng_states():
+        return {"numpy": data_rng.bit_generator.state, "python": random.getstate(), "torch": torch.get_rng_state()}
+
+    def save(step, rng):
         payload = {
             "kind": "pretraining", "model": model.state_dict(), "config": model_config.to_dict(),
             "vocab": tokenizer.vocab, "lowercase": tokenizer.lowercase, "step": step,
-            "optimizer": optimizer.state_dict(), "history": history,
-            "rng": {"numpy": data_rng.bit_generator.state, "python": random.getstate(), "torch": torch.get_rng_state()},
+            "optimizer": optimizer.state_dict(), "history": history, "rng": rng,
             "run": dict(corpus=name, config=config, init=init, nsp=nsp, max_length=max_length, batch_size=batch_size,
-                        lr=lr, steps=steps, seed=seed, mask_probability=mask_probability),
+                        vocab_size=vocab_size, lr=lr, steps=steps, seed=seed, mask_probability=mask_probability),
         }
         save_checkpoint(checkpoint_path, payload)
 
+    def stop(step, what):
+        bar.close()  # the progress bar's line ends before the error's
+        kept = f"{checkpoint_path} (step {last_saved}) is untouched" if last_saved is not None else "no checkpoint was written"
+        raise TrainingDiverged(f"step {step}: {what}; {kept} -- try a lower --lr")
+
     model.train()
     started, tokens_seen, last = time.time(), 0, {}
+    # The checkpoint of step k is written only once the weights after step k are known to be good:
+    # when step k+1's losses and gradient norm have come out finite (the last one: when every weight
+    # is finite). A diverging run therefore never replaces the last good checkpoint with bad weights.
+    save_pending, last_saved = False, start_step if resuming else None
     bar = tqdm(range(start_step, steps), initial=start_step, total=steps, desc="pre-train",
                disable=not progress, dynamic_ncols=True)
     for step in bar:
+        # nothing draws between the end of the previous update and here: these are the RNG states a
+        # resume from the previous step's checkpoint needs to draw the same batches, masks and dropout
+        rng_at_start = rng_states()
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, steps, lr, warmup_steps)
         micro_batches = [data.pretraining_batch(encoded, tokenizer, data_rng, batch_size, max_length, nsp,
@@ -340,10 +416,16 @@ def pretrain(out, corpus=None, config="tiny", init=None, steps=2000, batch_size=
             loss_mlm_total += loss_mlm.item()
             loss_nsp_total += 0.0 if loss_nsp is None else loss_nsp.item() / accumulation
             tokens_seen += int(micro_batch["attention_mask"].sum())
-        if not math.isfinite(loss_mlm_total) or not math.isfinite(loss_nsp_total):
-            raise TrainingDiverged(f"step {step + 1}: loss is {loss_mlm_total} (MLM) / {loss_nsp_total} (NSP); "
-                                   f"the last good checkpoint {checkpoint_path} is untouched -- try a lower --lr")
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()  # before clipping
+        diverged = [f"{loss_name} loss is {value}" for loss_name, value in (("MLM", loss_mlm_total), ("NSP", loss_nsp_total))
+                    if not math.isfinite(value)]
+        if not diverged and not math.isfinite(grad_norm):  # finite losses can still overflow in the backward pass
+            diverged = [f"the gradient norm is {grad_norm} (MLM loss {loss_mlm_total:.3f})"]
+        if diverged:
+            stop(step + 1, ", ".join(diverged))
+        if save_pending:  # the weights after step `step` made finite losses and gradients: they are good
+            save(step, rng_at_start)
+            save_pending, last_saved = False, step
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         last = {"step": step + 1, "train_mlm_loss": loss_mlm_total, "train_nsp_loss": loss_nsp_total if nsp else None}
@@ -356,9 +438,13 @@ def pretrain(out, corpus=None, config="tiny", init=None, steps=2000, batch_size=
             bar.write(f"step {step + 1}: train MLM {loss_mlm_total:.3f}, held-out MLM {evaluation['mlm_loss']:.3f}"
                       + (f", held-out NSP accuracy {evaluation['nsp_accuracy']:.3f}" if nsp else ""))
         if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
-            save(step + 1)
+            save_pending = True  # written during the next step, once its loss vouches for these weights
     bar.close()
-    save(steps)
+    # no next step vouches for the last update: look at the weights themselves
+    not_finite = [name for name, value in model.named_parameters() if not torch.isfinite(value).all()]
+    if not_finite:
+        stop(steps, f"weight {not_finite[0]} is not finite after the last update")
+    save(steps, rng_states())
     metrics = {**last, "final_train_mlm_loss": last.get("train_mlm_loss"),
                "held_out_mlm_loss": last.get("held_out_mlm_loss"), "ln_vocab": math.log(len(tokenizer)),
                "seconds": time.time() - started, "tokens_per_second": tokens_seen / max(time.time() - started, 1e-9),
@@ -368,7 +454,7 @@ def pretrain(out, corpus=None, config="tiny", init=None, steps=2000, batch_size=
 
 
 class TrainingDiverged(Exception):
-    """The loss became NaN or infinite. ptft.py reports it and exits non-zero."""
+    """A loss or the gradient norm became NaN or infinite. ptft.py reports it and exits with status 3."""
 
 
 # ----------------------------------------------------------------------------------------
@@ -467,10 +553,12 @@ def fit_classifier(train_rows, train_labels, num_labels, config, encoder_state=N
             logits = model(torch.from_numpy(input_ids).to(device), None, torch.from_numpy(mask).to(device))
             # E3: l(f_phi(x), y) = cross-entropy, averaged over the batch
             loss = F.cross_entropy(logits.float(), target)
-            if not math.isfinite(loss.item()):
-                raise TrainingDiverged(f"fine-tuning step {step + 1}: loss is {loss.item()} -- try a lower --lr")
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()  # before clipping
+            if not math.isfinite(loss.item()) or not math.isfinite(grad_norm):
+                bar.close()
+                raise TrainingDiverged(f"fine-tuning step {step + 1}: classification loss is {loss.item()}, gradient "
+                                       f"norm {grad_norm}; nothing was written -- try a lower --lr")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -500,11 +588,20 @@ DEFAULT_FINETUNE_LR = {"head": 1e-3, "top": 1e-3, "none": 3e-4}
 
 def finetune(out, init, train, valid=None, freeze="none", epochs=20, lr=None, batch_size=16,
              config="tiny", max_length=128, vocab_size=8192, seed=0, device="auto", force=False,
-             log=print, progress=True):
+             log=print, progress=True, sizes=None):
     """Fine-tune a classifier on TRAIN (TSV) from INIT (a pre-training run folder) or 'scratch'.
+    sizes (with 'scratch' only): the --hidden-size/--num-layers/--num-heads/--intermediate-size flags.
     Writes OUT/checkpoint.pt, OUT/vocab.txt, OUT/metrics.json (metrics on VALID, or on TRAIN without it)."""
-    if epochs < 1 or batch_size < 1:
-        raise InputError("--epochs and --batch-size must be positive")
+    for flag, value, least in [("--epochs", epochs, 1), ("--batch-size", batch_size, 1), ("--max-length", max_length, 8)]:
+        if value < least:
+            raise InputError(f"{flag} must be at least {least}, got {value}")
+    if lr is not None and not (math.isfinite(lr) and lr > 0):
+        raise InputError(f"--lr must be a finite number > 0, got {lr}")
+    if init != "scratch" and any(value is not None for value in (sizes or {}).values()):
+        raise InputError("--hidden-size, --num-layers, --num-heads, --intermediate-size: only with --init scratch "
+                         "(a pre-trained model keeps its size)")
+    if init == "scratch":  # an impossible shape is refused before any work
+        make_model_config(config, sizes, max_positions=max_length)
     device = pick_device(device)
     train_texts, train_label_names = data.read_tsv(train)
     label_names = sorted(set(train_label_names))
@@ -514,10 +611,7 @@ def finetune(out, init, train, valid=None, freeze="none", epochs=20, lr=None, ba
     valid_ids = encode_labels(valid_labels, label_names, valid) if valid else []
     if init == "scratch":
         tokenizer = data.train_tokenizer(train_texts, vocab_size)
-        try:
-            model_config = make_config(config, vocab_size=len(tokenizer), max_positions=max_length)
-        except ValueError as error:
-            raise InputError(f"--config: {error}") from None
+        model_config = make_model_config(config, sizes, vocab_size=len(tokenizer), max_positions=max_length)
         encoder_state = None
     else:
         checkpoint = load_checkpoint(init)
@@ -528,8 +622,8 @@ def finetune(out, init, train, valid=None, freeze="none", epochs=20, lr=None, ba
     if lr is None:
         lr = DEFAULT_FINETUNE_LR[freeze.split("-")[0]]
     prepare_out_folder(out, resume=False, force=force)
-    train_rows = data.classification_inputs(tokenizer, train_texts, model_config.max_positions, log)
-    valid_rows = data.classification_inputs(tokenizer, valid_texts, model_config.max_positions, log)
+    train_rows = data.classification_inputs(tokenizer, train_texts, model_config.max_positions, log, path=train)
+    valid_rows = data.classification_inputs(tokenizer, valid_texts, model_config.max_positions, log, path=valid)
     log(f"fine-tuning from {init} with --freeze {freeze}: {len(train_rows)} examples, "
         f"{len(label_names)} classes, {epochs} epochs, lr {lr:g}, device {device}")
     model, info = fit_classifier(train_rows, encode_labels(train_label_names, label_names, train),
@@ -568,7 +662,7 @@ def evaluate(init, data_path, device="auto", log=print):
         label_ids = encode_labels(labels, checkpoint["labels"], data_path)
         model = Classifier(model_config, len(checkpoint["labels"]))
         model.load_state_dict(checkpoint["model"])
-        rows = data.classification_inputs(tokenizer, texts, model_config.max_positions, log)
+        rows = data.classification_inputs(tokenizer, texts, model_config.max_positions, log, path=data_path)
         return classify(model.to(device), rows, label_ids, device, pad_id=tokenizer.pad_id)
     model = PreTrainingModel(model_config)
     model.load_state_dict(checkpoint["model"])
@@ -655,11 +749,10 @@ def training_flops(config, batch_size, length, num_predicted):
 def bench(config="small", compare_hf=False, json_path=None, steps=10, device="auto", log=print):
     """Time the MLM training step and an inference forward at BERT-like shapes: vocab 8192,
     seq 128, batch 32, 15% masked, dropout 0.1. Returns the rows (and writes them as JSON)."""
+    if steps < 1:
+        raise InputError(f"--steps must be at least 1, got {steps}")
     device = pick_device(device)
-    try:
-        model_config = make_config(config, vocab_size=8192, max_positions=128)
-    except ValueError as error:
-        raise InputError(f"--config: {error}") from None
+    model_config = make_model_config(config, None, vocab_size=8192, max_positions=128)
     batch_size, length = 32, 128
     generator = np.random.default_rng(0)
     input_ids = torch.from_numpy(generator.integers(5, 8192, (batch_size, length))).to(device)

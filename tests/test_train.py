@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -145,6 +146,11 @@ def test_cli_bad_inputs_get_one_line_naming_the_file(small_world, tmp_path):
         (["finetune", "--init", "scratch", "--train", str(empty_label), "--out", out], ["empty_label.tsv:1", "empty label"]),
         (["pretrain", "--out", out, "--steps", "-3"], ["--steps"]),
         (["pretrain", "--out", out, "--config", "huge"], ["unknown config 'huge'"]),
+        (["pretrain", "--out", out, "--lr", "nan"], ["--lr must be a finite number > 0, got nan"]),
+        (["demo", "--out", out, "--pretrain-steps", "0"], ["--pretrain-steps"]),
+        (["bench", "--steps", "0"], ["--steps must be at least 1, got 0"]),
+        (["pretrain", "--out", out, "--hidden-size", "100", "--num-heads", "3"],
+         ["--config tiny: --hidden-size 100 is not divisible by --num-heads 3"]),
     ]
     for args, needles in cases:
         assert_clear_error(run_cli(*args), *needles)
@@ -207,3 +213,184 @@ def test_a_run_killed_at_a_random_moment_resumes_bit_identical(tmp_path):
     assert found["step"] == expected["step"] == 80
     for name, value in expected["model"].items():
         assert torch.equal(found["model"][name], value), name
+
+
+def test_a_diverged_run_stops_with_status_3_and_leaves_the_last_good_checkpoint_byte_identical(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    data.write_corpus(str(corpus), data.toy_world(seed=2, num_documents=60)["unlabeled"])
+    common = ["pretrain", "--corpus", str(corpus), "--batch-size", "8", "--max-length", "32", "--vocab-size", "300",
+              "--eval-every", "1000", "--device", "cpu", "--precision", "fp32", "--out", str(tmp_path / "run")]
+    assert run_cli(*common, "--steps", "4", "--save-every", "2").returncode == 0
+    good = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    # an absurd rate: step 5 still starts from good weights (finite loss), its update ruins them,
+    # and step 6's loss is NaN -- a checkpoint of step 5, due with --save-every 1, must never be written
+    result = run_cli(*common, "--resume", "--steps", "10", "--save-every", "1", "--lr", "1e30")
+    assert result.returncode == 3, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.split("\n") if "error" in line]
+    assert len(errors) == 1 and result.stderr.strip().split("\n")[-1] == errors[0], result.stderr  # the progress bar aside
+    diverged_at = int(errors[0].split("training diverged at step ")[1].split(":")[0])
+    assert diverged_at > 4 and ("MLM loss is nan" in errors[0] or "MLM loss is inf" in errors[0]), errors[0]
+    assert "(step 4) is untouched" in errors[0]
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == good
+
+
+def test_an_injected_inf_stops_the_run_before_the_weights_it_touched_are_saved(small_world, tmp_path, monkeypatch):
+    corpus = [str(small_world["folder"] / "unlabeled.txt")]
+    flags = dict(steps=3, batch_size=4, max_length=16, vocab_size=300, save_every=1, device="cpu",
+                 log=lambda *a: None, progress=False)
+    # an infinite gradient norm at step 3 (its loss finite): step 2's weights are never saved either,
+    # since no finite step after them vouched for them
+    clip_grad_norm, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def infinite_at_step_3(parameters, max_norm):
+        calls.append(1)
+        norm = clip_grad_norm(parameters, max_norm)
+        return torch.tensor(float("inf")) if len(calls) == 3 else norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", infinite_at_step_3)
+    with pytest.raises(train.TrainingDiverged, match=r"^step 3: the gradient norm is inf .*\(step 1\) is untouched"):
+        train.pretrain(str(tmp_path / "a"), corpus, **flags)
+    assert torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["step"] == 1
+    monkeypatch.undo()
+    # the last update made the weights infinite: no next loss tells, so the weights themselves are looked at
+    adamw_step, calls = torch.optim.AdamW.step, []
+
+    def poisoned_at_step_3(self, *args, **kwargs):
+        adamw_step(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            self.param_groups[0]["params"][0].data.fill_(float("inf"))
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoned_at_step_3)
+    with pytest.raises(train.TrainingDiverged, match=r"^step 3: weight .* is not finite after the last update.*\(step 2\) is untouched"):
+        train.pretrain(str(tmp_path / "b"), corpus, **flags)
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["step"] == 2
+
+
+def test_a_diverged_fine_tuning_names_the_classification_loss_and_writes_nothing(small_world, tmp_path):
+    out = tmp_path / "ft"
+    result = run_cli("finetune", "--init", small_world["pre"], "--train", small_world["train"], "--out", str(out),
+                     "--lr", "1e30", "--epochs", "3", "--device", "cpu")
+    assert result.returncode == 3, result.stderr
+    errors = [line for line in result.stderr.split("\n") if "error" in line]
+    assert len(errors) == 1 and "fine-tuning step" in errors[0] and "classification loss is" in errors[0], result.stderr
+    assert not os.path.exists(out / "checkpoint.pt")
+
+
+def test_flags_that_cannot_train_are_refused_in_one_line_before_any_work(small_world, tmp_path):
+    out = str(tmp_path / "out")
+    pretraining = [
+        (dict(lr=float("nan")), "--lr must be a finite number > 0, got nan"),
+        (dict(lr=0.0), "--lr must be a finite number > 0, got 0.0"),
+        (dict(lr=float("inf")), "--lr must be a finite number > 0, got inf"),
+        (dict(nsp_weight=-1.0), "--nsp-weight (lambda in B3) must be a finite number >= 0, got -1.0"),
+        (dict(nsp_weight=float("nan")), "--nsp-weight (lambda in B3) must be a finite number >= 0, got nan"),
+        (dict(steps=0), "--steps must be at least 1, got 0"),
+        (dict(batch_size=-2), "--batch-size must be at least 1, got -2"),
+        (dict(accumulation=0), "--accum must be at least 1, got 0"),
+        (dict(eval_every=0), "--eval-every must be at least 1, got 0"),
+        (dict(save_every=-1), "--save-every must be at least 0, got -1"),
+        (dict(mask_probability=1.5), "--mask-probability must be between 0 and 1, got 1.5"),
+        (dict(dropout=-0.1), "--dropout must be at least 0 and below 1, got -0.1"),
+        (dict(sizes={"hidden_size": 100, "num_heads": 3}), "--config tiny: --hidden-size 100 is not divisible by --num-heads 3"),
+        (dict(sizes={"num_heads": 3}), "--config tiny: hidden_size 128 is not divisible by --num-heads 3"),
+        (dict(sizes={"num_layers": 0}), "--config tiny: --num-layers must be positive, got 0"),
+        (dict(init=small_world["pre"], sizes={"hidden_size": 64}), "--hidden-size, --num-layers, --num-heads, --intermediate-size: not with --init"),
+    ]
+    for flags, message in pretraining:
+        with pytest.raises(data.InputError) as error:
+            train.pretrain(out, **{"device": "cpu", "log": lambda *a: None, "progress": False, **flags})
+        assert str(error.value).startswith(message) and "\n" not in str(error.value), (flags, str(error.value))
+        assert not os.path.exists(out), flags  # refused before the run folder was made
+    fine_tuning = [
+        (dict(init="scratch", lr=-1.0), "--lr must be a finite number > 0, got -1.0"),
+        (dict(init="scratch", epochs=0), "--epochs must be at least 1, got 0"),
+        (dict(init="scratch", batch_size=0), "--batch-size must be at least 1, got 0"),
+        (dict(init="scratch", sizes={"hidden_size": 96, "num_heads": 5}), "--config tiny: --hidden-size 96 is not divisible by --num-heads 5"),
+        (dict(init=small_world["pre"], sizes={"num_layers": 4}), "--hidden-size, --num-layers, --num-heads, --intermediate-size: only with --init scratch"),
+    ]
+    for flags, message in fine_tuning:
+        with pytest.raises(data.InputError) as error:
+            train.finetune(out, train=small_world["train"], **{"device": "cpu", "log": lambda *a: None, "progress": False, **flags})
+        assert str(error.value).startswith(message) and "\n" not in str(error.value), (flags, str(error.value))
+        assert not os.path.exists(out), flags
+
+
+def test_size_flags_override_the_config_preset(small_world, tmp_path):
+    corpus = str(small_world["folder"] / "unlabeled.txt")
+    sizes = {"hidden_size": 48, "num_layers": 1, "num_heads": 3, "intermediate_size": 96}
+    result = run_cli("pretrain", "--corpus", corpus, "--out", str(tmp_path / "pre"), "--steps", "2", "--batch-size", "4",
+                     "--max-length", "16", "--vocab-size", "300", "--device", "cpu", "--hidden-size", "48",
+                     "--num-layers", "1", "--num-heads", "3", "--intermediate-size", "96")
+    assert result.returncode == 0, result.stderr
+    config = torch.load(tmp_path / "pre" / "checkpoint.pt", weights_only=True)["config"]
+    assert {key: config[key] for key in sizes} == sizes
+    train.finetune(str(tmp_path / "ft"), "scratch", small_world["train"], epochs=1, device="cpu", sizes=sizes,
+                   log=lambda *a: None, progress=False)
+    config = torch.load(tmp_path / "ft" / "checkpoint.pt", weights_only=True)["config"]
+    assert {key: config[key] for key in sizes} == sizes
+
+
+def test_resume_refuses_a_run_of_another_model_naming_each_difference(small_world, tmp_path):
+    run = tmp_path / "pre"
+    shutil.copytree(small_world["pre"], run)
+    before = (run / "checkpoint.pt").read_bytes()
+    corpus = str(small_world["folder"] / "unlabeled.txt")
+    same = dict(corpus=[corpus], batch_size=16, max_length=32, device="cpu", resume=True, log=lambda *a: None, progress=False)
+    with pytest.raises(data.InputError) as error:
+        train.pretrain(str(run), **same, steps=50, vocab_size=400, dropout=0.0, attention="explicit",
+                       sizes={"hidden_size": 64, "num_heads": 4})
+    message = str(error.value)
+    assert message.startswith(f"{run / 'checkpoint.pt'}: --resume with different settings") and "\n" not in message
+    for difference in ["vocab_size: checkpoint 8192 vs now 400", "dropout: checkpoint 0.1 vs now 0.0",
+                       "attention: checkpoint 'sdpa' vs now 'explicit'", "hidden_size: checkpoint 128 vs now 64",
+                       "num_heads: checkpoint 2 vs now 4"]:
+        assert difference in message, message
+    assert "num_layers" not in message and "intermediate_size" not in message  # only what differs
+    assert (run / "checkpoint.pt").read_bytes() == before
+
+
+def test_a_checkpoint_whose_parts_do_not_fit_is_refused_in_one_line(small_world, tmp_path):
+    good = torch.load(os.path.join(small_world["pre"], "checkpoint.pt"), weights_only=True)
+    vocab_size = good["config"]["vocab_size"]
+
+    def tampered(**changes):
+        checkpoint = {**good, **changes}
+        path = tmp_path / "checkpoint.pt"
+        torch.save(checkpoint, path)
+        return str(path)
+
+    cases = [
+        (dict(config={**good["config"], "hidden_size": 64}),
+         f"weight encoder.embeddings.token.weight has shape ({vocab_size}, 128), config says ({vocab_size}, 64)"),
+        (dict(config={**good["config"], "num_heads": 3}), "the config is not valid (hidden_size 128 is not divisible by num_heads 3)"),
+        (dict(config={**good["config"], "colour": "blue"}), "the config is not valid"),
+        (dict(config={**good["config"], "intermediate_size": 512.5}), "the config is not valid"),
+        (dict(vocab="not a list"), "not a ptft checkpoint"),
+        (dict(vocab=good["vocab"][:-1]), f"the vocabulary has {vocab_size - 1} tokens, config says vocab_size {vocab_size}"),
+        (dict(model={k: v for k, v in good["model"].items() if k != "nsp_head.weight"}), "weight nsp_head.weight is missing"),
+        (dict(model={**good["model"], "encoder.extra": torch.zeros(2)}), "weight encoder.extra is not part of a model"),
+        (dict(model={**good["model"], "nsp_head.weight": "not a tensor"}), "weight nsp_head.weight has shape str"),
+        (dict(kind="classifier", labels=["a", "b"]), "weight"),  # pre-training weights are not a classifier's
+    ]
+    for changes, message in cases:
+        path = tampered(**changes)
+        with pytest.raises(data.InputError) as error:
+            train.load_checkpoint(path)
+        assert str(error.value).startswith(f"{path}: ") and message in str(error.value), str(error.value)
+        assert "\n" not in str(error.value)
+    assert train.load_checkpoint(tampered())["step"] == good["step"]  # the untouched checkpoint loads
+    assert_clear_error(run_cli("evaluate", "--init", tampered(vocab=good["vocab"][:10]), "--data", small_world["valid"]),
+                       "checkpoint.pt", "the vocabulary has 10 tokens")
+
+
+def test_texts_longer_than_the_position_table_are_truncated_with_one_note_naming_the_file(small_world, tmp_path):
+    long_text = " ".join(["the whale swims in the deep blue sea"] * 10)
+    examples = [(long_text, "sea"), (long_text, "sky"), ("short one", "sea"), ("another short", "sky"), (long_text, "sky")]
+    path = write_labeled(tmp_path / "long.tsv", examples)
+    messages = []
+    train.finetune(str(tmp_path / "ft"), "scratch", path, epochs=1, max_length=16, device="cpu",
+                   log=messages.append, progress=False)
+    notes = [message for message in messages if "truncated" in message]
+    assert notes == [f"{path}: note: 3 of 5 texts were longer than the position table (16 tokens) and were truncated"]
