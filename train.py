@@ -74,6 +74,12 @@ def autocast(device, precision):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
+def check_learning_rate(lr):
+    """--lr: a positive number that float32 (the weights' type, where AdamW applies it) can hold."""
+    if not (math.isfinite(lr) and 0 < lr < 1e38):
+        raise InputError(f"--lr must be a number > 0 (and below 1e38), got {lr}")
+
+
 def seed_everything(seed):
     random.seed(seed)
     torch.manual_seed(seed)
@@ -290,8 +296,7 @@ def pretrain(out, corpus=None, config="tiny", init=None, steps=2000, batch_size=
                                ("--save-every", save_every, 0), ("--eval-every", eval_every, 1)]:
         if value < least:
             raise InputError(f"{flag} must be at least {least}, got {value}")
-    if not (math.isfinite(lr) and lr > 0):
-        raise InputError(f"--lr must be a finite number > 0, got {lr}")
+    check_learning_rate(lr)
     if not (math.isfinite(nsp_weight) and nsp_weight >= 0):
         raise InputError(f"--nsp-weight (lambda in B3) must be a finite number >= 0, got {nsp_weight}")
     if not 0 < mask_probability < 1:
@@ -595,8 +600,8 @@ def finetune(out, init, train, valid=None, freeze="none", epochs=20, lr=None, ba
     for flag, value, least in [("--epochs", epochs, 1), ("--batch-size", batch_size, 1), ("--max-length", max_length, 8)]:
         if value < least:
             raise InputError(f"{flag} must be at least {least}, got {value}")
-    if lr is not None and not (math.isfinite(lr) and lr > 0):
-        raise InputError(f"--lr must be a finite number > 0, got {lr}")
+    if lr is not None:
+        check_learning_rate(lr)
     if init != "scratch" and any(value is not None for value in (sizes or {}).values()):
         raise InputError("--hidden-size, --num-layers, --num-heads, --intermediate-size: only with --init scratch "
                          "(a pre-trained model keeps its size)")

@@ -146,7 +146,7 @@ def test_cli_bad_inputs_get_one_line_naming_the_file(small_world, tmp_path):
         (["finetune", "--init", "scratch", "--train", str(empty_label), "--out", out], ["empty_label.tsv:1", "empty label"]),
         (["pretrain", "--out", out, "--steps", "-3"], ["--steps"]),
         (["pretrain", "--out", out, "--config", "huge"], ["unknown config 'huge'"]),
-        (["pretrain", "--out", out, "--lr", "nan"], ["--lr must be a finite number > 0, got nan"]),
+        (["pretrain", "--out", out, "--lr", "nan"], ["--lr must be a number > 0 (and below 1e38), got nan"]),
         (["demo", "--out", out, "--pretrain-steps", "0"], ["--pretrain-steps"]),
         (["bench", "--steps", "0"], ["--steps must be at least 1, got 0"]),
         (["pretrain", "--out", out, "--hidden-size", "100", "--num-heads", "3"],
@@ -281,9 +281,10 @@ def test_a_diverged_fine_tuning_names_the_classification_loss_and_writes_nothing
 def test_flags_that_cannot_train_are_refused_in_one_line_before_any_work(small_world, tmp_path):
     out = str(tmp_path / "out")
     pretraining = [
-        (dict(lr=float("nan")), "--lr must be a finite number > 0, got nan"),
-        (dict(lr=0.0), "--lr must be a finite number > 0, got 0.0"),
-        (dict(lr=float("inf")), "--lr must be a finite number > 0, got inf"),
+        (dict(lr=float("nan")), "--lr must be a number > 0 (and below 1e38), got nan"),
+        (dict(lr=0.0), "--lr must be a number > 0 (and below 1e38), got 0.0"),
+        (dict(lr=float("inf")), "--lr must be a number > 0 (and below 1e38), got inf"),
+        (dict(lr=1e39), "--lr must be a number > 0 (and below 1e38), got 1e+39"),  # inf in float32
         (dict(nsp_weight=-1.0), "--nsp-weight (lambda in B3) must be a finite number >= 0, got -1.0"),
         (dict(nsp_weight=float("nan")), "--nsp-weight (lambda in B3) must be a finite number >= 0, got nan"),
         (dict(steps=0), "--steps must be at least 1, got 0"),
@@ -304,7 +305,7 @@ def test_flags_that_cannot_train_are_refused_in_one_line_before_any_work(small_w
         assert str(error.value).startswith(message) and "\n" not in str(error.value), (flags, str(error.value))
         assert not os.path.exists(out), flags  # refused before the run folder was made
     fine_tuning = [
-        (dict(init="scratch", lr=-1.0), "--lr must be a finite number > 0, got -1.0"),
+        (dict(init="scratch", lr=-1.0), "--lr must be a number > 0 (and below 1e38), got -1.0"),
         (dict(init="scratch", epochs=0), "--epochs must be at least 1, got 0"),
         (dict(init="scratch", batch_size=0), "--batch-size must be at least 1, got 0"),
         (dict(init="scratch", sizes={"hidden_size": 96, "num_heads": 5}), "--config tiny: --hidden-size 96 is not divisible by --num-heads 5"),
