@@ -131,6 +131,10 @@ def test_cli_bad_inputs_get_one_line_naming_the_file(small_world, tmp_path):
     new_label.write_text("the whale swims\tsea\nthe stars shine\tastrology\n", encoding="utf-8")
     empty_label = tmp_path / "empty_label.tsv"
     empty_label.write_text("a sentence\t  \n", encoding="utf-8")
+    empty_text = tmp_path / "empty_text.tsv"
+    empty_text.write_text("a sentence\tsea\n \tsea\n", encoding="utf-8")
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("one line\ncaf\xe9 au lait\n".encode("latin-1"))
     out = str(tmp_path / "out")
     cases = [
         (["pretrain", "--corpus", str(tmp_path / "missing.txt"), "--out", out], ["missing.txt", "no such file"]),
@@ -144,6 +148,8 @@ def test_cli_bad_inputs_get_one_line_naming_the_file(small_world, tmp_path):
         (["finetune", "--init", "scratch", "--train", small_world["train"], "--valid", str(new_label), "--out", out],
          ["new_label.tsv", "example 2", "'astrology' never appears"]),
         (["finetune", "--init", "scratch", "--train", str(empty_label), "--out", out], ["empty_label.tsv:1", "empty label"]),
+        (["finetune", "--init", "scratch", "--train", str(empty_text), "--out", out], ["empty_text.tsv:2", "empty text"]),
+        (["pretrain", "--corpus", str(latin1), "--out", out], ["latin1.txt:2", "byte 12 is not valid UTF-8"]),
         (["pretrain", "--out", out, "--steps", "-3"], ["--steps"]),
         (["pretrain", "--out", out, "--config", "huge"], ["unknown config 'huge'"]),
         (["pretrain", "--out", out, "--lr", "nan"], ["--lr must be a number > 0 (and below 1e38), got nan"]),
