@@ -153,7 +153,7 @@ def build_parser():
     add_run_flags(p, seed=False)
 
     p = commands.add_parser("pretrain", formatter_class=formatter, help="masked language modelling + next-sentence prediction",
-                            description="Pre-train an encoder with BERT's masked language modelling (15%% of tokens; "
+                            description="Pre-train an encoder with BERT's masked language modelling (15% of tokens; "
                             "80/10/10 [MASK]/random/unchanged) and next-sentence prediction. Without --corpus it uses "
                             "the embedded toy world; --corpus stdlib uses the docstrings of Python's standard library; "
                             "otherwise UTF-8 text files, one sentence per line, documents separated by blank lines. "
@@ -170,9 +170,11 @@ def build_parser():
     p.add_argument("--warmup-steps", type=int, help="warmup steps (default: 5%% of --steps)")
     p.add_argument("--vocab-size", type=int, help="WordPiece vocabulary size (default 2048 on the toy world, else 8192)")
     p.add_argument("--mask-probability", type=float, default=0.15, help="fraction of tokens selected for MLM")
-    p.add_argument("--no-nsp", dest="nsp", action="store_false", help="MLM only, no next-sentence prediction")
+    p.add_argument("--no-nsp", action="store_true", help="MLM only, no next-sentence prediction")
     p.add_argument("--nsp-weight", type=float, default=1.0, help="lambda in L = L_MLM + lambda * L_NSP (B3)")
-    p.add_argument("--precision", default="auto", help="auto (bf16 where the hardware has it, else fp32), fp32 or bf16")
+    p.add_argument("--precision", default="auto", help="auto (bf16 where the hardware has it, else fp32), fp32, bf16, "
+                   "or fp16 (with a GradScaler; for GPUs without bf16)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (slow first steps; helps on GPUs)")
     p.add_argument("--dropout", type=float, default=0.1, help="dropout on embeddings, layers and attention (BERT: 0.1)")
     p.add_argument("--attention", default="sdpa", help="explicit (the formula, written out) or sdpa (fused kernel)")
     p.add_argument("--save-every", type=int, default=500, help="write checkpoint.pt every N steps (0: only at the end)")
@@ -228,7 +230,7 @@ def build_parser():
 
     p = commands.add_parser("bench", formatter_class=formatter, help="tokens/s and MFU of MLM training",
                             description="Time one MLM training step (forward + backward + AdamW) and an inference "
-                            "forward at vocab 8192, seq 128, batch 32, 15%% masked, dropout 0.1: the median of "
+                            "forward at vocab 8192, seq 128, batch 32, 15% masked, dropout 0.1: the median of "
                             "--steps after 3 warm-up steps. MFU = model FLOPs / time / the matmul peak measured "
                             "here. Rows: ptft explicit (the reading path), ptft fast (fused attention + sparse "
                             "MLM), bf16 where native, and with --compare-hf transformers' BertForMaskedLM.")
@@ -236,6 +238,7 @@ def build_parser():
     p.add_argument("--compare-hf", action="store_true", help="also time transformers' BertForMaskedLM (sdpa, fp32)")
     p.add_argument("--json", help="write the rows to this JSON file")
     p.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
+    p.add_argument("--compile", action="store_true", help="also time the fast rows under torch.compile")
     add_device_flag(p)
     return parser
 
@@ -274,9 +277,10 @@ def main(argv=None):
     elif command == "pretrain":
         metrics = train.pretrain(
             args.out, args.corpus, args.config, args.init, args.steps, args.batch_size, args.max_length, args.lr,
-            args.warmup_steps, args.nsp, args.nsp_weight, args.mask_probability, args.vocab_size,
+            args.warmup_steps, not args.no_nsp, args.nsp_weight, args.mask_probability, args.vocab_size,
             args.accum, args.precision, args.save_every, args.eval_every, args.resume, args.force,
-            args.seed, args.device, args.attention, args.dropout, {name: getattr(args, name) for name in SIZE_FLAGS})
+            args.seed, args.device, args.attention, args.dropout, {name: getattr(args, name) for name in SIZE_FLAGS},
+            compile=args.compile)
         print(f"done: final training MLM loss {metrics['final_train_mlm_loss']:.3f}"
               + (f", held-out {metrics['held_out_mlm_loss']:.3f}" if metrics.get("held_out_mlm_loss") else "")
               + f" (ln|V| = {metrics['ln_vocab']:.3f}); {args.out}/checkpoint.pt")
@@ -308,7 +312,7 @@ def main(argv=None):
         print(f"wrote {args.out}/ (config.json, model.safetensors, vocab.txt, tokenizer_config.json): "
               f"{'BertForSequenceClassification' if checkpoint.get('kind') == 'classifier' else 'BertForPreTraining'}")
     elif command == "bench":
-        train.bench(args.config, args.compare_hf, args.json, args.steps, args.device)
+        train.bench(args.config, args.compare_hf, args.json, args.steps, args.device, compile=args.compile)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import data
+import model
 import train
 from model import Classifier, PreTrainingModel, make_config
 
@@ -401,3 +402,54 @@ def test_texts_longer_than_the_position_table_are_truncated_with_one_note_naming
                    log=messages.append, progress=False)
     notes = [message for message in messages if "truncated" in message]
     assert notes == [f"{path}: note: 3 of 5 texts were longer than the position table (16 tokens) and were truncated"]
+
+
+def test_device_and_precision_choice_without_the_hardware(monkeypatch):
+    # the CUDA/MPS branches, exercised on a CPU-only machine by pretending the hardware is there
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert train.pick_device("auto").type == "cuda"
+    assert train.pick_precision("auto", torch.device("cuda")) == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert train.pick_precision("auto", torch.device("cuda")) == "fp32"  # fp16 only when asked for
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert train.pick_device("auto").type == "mps"
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert train.pick_device("auto").type == "cpu"
+    with pytest.raises(data.InputError, match="no CUDA GPU"):
+        train.pick_device("cuda")
+    for name in ("fp32", "bf16", "fp16"):
+        assert train.pick_precision(name, torch.device("cpu")) == name
+    with pytest.raises(data.InputError, match="expected auto, fp32, bf16 or fp16"):
+        train.pick_precision("fp8", torch.device("cpu"))
+    # autocast: the matmul runs in the 16-bit type asked for, E4's softmax over V in float32
+    x, targets = torch.randn(4, 8), torch.tensor([0, 1, 2, 3])
+    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        with train.autocast(torch.device("cpu"), precision):
+            scores = x @ x.T
+            loss = model.mlm_loss(scores, targets)
+        assert scores.dtype == dtype and loss.dtype == torch.float32
+        assert torch.equal(loss, model.mlm_loss(scores.float(), targets))
+
+
+def test_fp16_skips_a_step_whose_gradients_overflowed_and_keeps_the_scaler_in_the_checkpoint(small_world, tmp_path, monkeypatch):
+    # fp16 + GradScaler: an overflowed gradient is not divergence -- the step is skipped and the
+    # scale halved -- while the same gradient in fp32 stops the run (previous tests)
+    unscale, calls = torch.amp.GradScaler.unscale_, []
+
+    def overflow_at_step_2(self, optimizer):
+        calls.append(1)
+        if len(calls) == 2:
+            optimizer.param_groups[0]["params"][0].grad.fill_(float("inf"))
+        return unscale(self, optimizer)
+
+    monkeypatch.setattr(torch.amp.GradScaler, "unscale_", overflow_at_step_2)
+    out = tmp_path / "fp16"
+    metrics = train.pretrain(str(out), [str(small_world["folder"] / "unlabeled.txt")], steps=3, batch_size=4,
+                             max_length=16, vocab_size=300, precision="fp16", device="cpu", log=lambda *a: None,
+                             progress=False)
+    assert len(calls) == 3 and math.isfinite(metrics["final_train_mlm_loss"])
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert checkpoint["scaler"]["scale"] <= 2.0 ** 15  # 2^16 at the start, halved by the skipped step
+    assert all(torch.isfinite(value).all() for value in checkpoint["model"].values())
