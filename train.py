@@ -10,7 +10,6 @@ Each function is a straight loop. The command line (ptft.py) only parses flags a
 A run folder holds checkpoint.pt, vocab.txt and metrics.json.
 """
 
-import itertools
 import json
 import math
 import os
@@ -591,6 +590,13 @@ def unlabeled_text(checkpoint, corpus=None):
     return split_held_out(load_pretraining_corpus(corpus)[1])
 
 
+def mlm_batch_stream(encoded_documents, tokenizer, batch_size, max_length, seed):
+    """--aux-mlm's batches: an endless stream of MLM-only batches (B1 masking), one per step."""
+    rng = np.random.default_rng(seed)
+    while True:
+        yield data.pretraining_batch(encoded_documents, tokenizer, rng, batch_size, max_length, use_nsp=False)
+
+
 def finetune(out, init, train, valid=None, freeze="none", epochs=20, lr=None, batch_size=16,
              config="tiny", max_length=128, vocab_size=8192, seed=0, device="auto", force=False,
              log=print, progress=True, schedule="cosine", warmup_fraction=0.1, l2_sp=0.0, aux_mlm=0.0,
@@ -643,10 +649,9 @@ def finetune(out, init, train, valid=None, freeze="none", epochs=20, lr=None, ba
         mlm_max_length = min(mlm_max_length, model_config.max_positions)
         pretrained_state = checkpoint["model"]
         held_out = held_out_batches(data.encode_documents(tokenizer, text[1]), tokenizer, mlm_max_length, use_nsp=False)
-        encoded = data.encode_documents(tokenizer, text[0])
-        aux_rng = np.random.default_rng(seed)
-        aux_batches = (data.pretraining_batch(encoded, tokenizer, aux_rng, batch_size, mlm_max_length, use_nsp=False)
-                       for _ in itertools.count())  # endless: one MLM batch per fine-tuning step
+        if aux_mlm:
+            aux_batches = mlm_batch_stream(data.encode_documents(tokenizer, text[0]), tokenizer, batch_size,
+                                           mlm_max_length, seed)
     elif has_mlm_head:
         log(f"{init}: its pre-training text is unknown; pass --unlabeled to measure forgetting")
     if lr is None:
