@@ -3,6 +3,8 @@ row with mean ± std; the remedies do what their formulas say; forgetting is rep
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ import train
 from data import InputError
 from model import Classifier, make_config
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLAIMS = ["C1", "C2", "C3", "C4", "C5", "C6"]
 
 # The quick plan shrunk to seconds: a small toy world, a few pre-training steps, 2 labels per class.
@@ -158,6 +161,10 @@ def test_aux_mlm_is_refused_with_a_frozen_encoder_or_without_an_mlm_head(labeled
     pre, train_tsv, valid_tsv = labeled
     with pytest.raises(InputError, match="--aux-mlm with --freeze head"):
         train.finetune(str(tmp_path / "a"), pre, train_tsv, valid_tsv, freeze="head", aux_mlm=1.0, log=lambda *a: None)
+    command = [sys.executable, os.path.join(ROOT, "ptft.py"), "finetune", "--init", pre, "--train", train_tsv,
+               "--out", str(tmp_path / "c"), "--freeze", "head", "--aux-mlm", "1"]
+    finished = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    assert finished.returncode == 2 and finished.stderr.count("\n") == 1 and "--aux-mlm" in finished.stderr
     classifier = str(tmp_path / "classifier")
     train.finetune(classifier, pre, train_tsv, valid_tsv, epochs=1, device="cpu", log=lambda *a: None, progress=False)
     with pytest.raises(InputError, match="no pre-trained MLM head"):
