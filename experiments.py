@@ -67,13 +67,14 @@ PLANS = {
         forgetting_batches=8,
     ),
 }
-# The quick plan: the same protocol, smaller (3 seeds, toy pre-training 2000 steps, ~120
-# fine-tuning steps per run), to fit 15 minutes on 2 CPU cores. Real text gets C1 and C6's
+# The quick plan: the same protocol, smaller (3 seeds, ~120 fine-tuning steps per run), to fit
+# 15 minutes on 2 CPU cores. Not less toy pre-training: at 2000 steps (held-out MLM loss 1.85)
+# the toy world's C1 gain is mostly not there yet, at 2500 (1.54) it is -- see C6's table. Real text gets C1 and C6's
 # budget sweep; C6's task choices (MLM only, 30% masking, 100% [MASK]) run only in the full plan.
 PLANS["quick"] = {
     **PLANS["full"],
     "seeds": 3,
-    "pretrain_steps": {"toy": 2000, "stdlib": 3000},
+    "pretrain_steps": {"toy": 2500, "stdlib": 3000},
     "snapshot_steps": {"toy": [500, 1000, 1500], "stdlib": [1000, 2000]},
     "task_choice_steps": {"toy": None, "stdlib": None},
     "tables": {"toy": ["C1", "C2", "C3", "C4", "C5", "C6"], "stdlib": ["C1", "C6"]},
