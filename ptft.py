@@ -8,6 +8,7 @@
     python ptft.py fill-mask ...   the MLM head's top candidates for each [MASK] in a text
     python ptft.py export ...      a run as a Hugging Face BERT folder (from_pretrained opens it)
     python ptft.py bench ...       MLM training/inference tokens/s and MFU (vs transformers)
+    python ptft.py experiments     every claim C1-C6 as a table with error bars (experiments.py)
 
 Wherever a command takes --init, a Hugging Face BERT folder (config.json, model.safetensors or
 pytorch_model.bin, vocab.txt) works as well as a ptft run folder.
@@ -170,6 +171,9 @@ def build_parser():
     p.add_argument("--warmup-steps", type=int, help="warmup steps (default: 5%% of --steps)")
     p.add_argument("--vocab-size", type=int, help="WordPiece vocabulary size (default 2048 on the toy world, else 8192)")
     p.add_argument("--mask-probability", type=float, default=0.15, help="fraction of tokens selected for MLM")
+    p.add_argument("--mask-token-fraction", type=float, default=0.8, help="of the selected tokens, the share set to [MASK]")
+    p.add_argument("--random-token-fraction", type=float, default=0.1, help="of the selected tokens, the share set to a random token")
+    p.add_argument("--snapshot-steps", type=int, nargs="*", default=[], help="also save OUT/snapshot-N.pt at these steps")
     p.add_argument("--no-nsp", action="store_true", help="MLM only, no next-sentence prediction")
     p.add_argument("--nsp-weight", type=float, default=1.0, help="lambda in L = L_MLM + lambda * L_NSP (B3)")
     p.add_argument("--precision", default="auto", help="auto (bf16 where the hardware has it, else fp32), fp32, bf16, "
@@ -198,8 +202,29 @@ def build_parser():
     p.add_argument("--batch-size", type=int, default=16, help="examples per step")
     p.add_argument("--config", default="tiny", help="model size with --init scratch: tiny, small or base")
     p.add_argument("--max-length", type=int, default=128, help="position-table size with --init scratch")
+    p.add_argument("--schedule", default="cosine", help="after warmup: cosine (to 0) or constant (C4, C5c)")
+    p.add_argument("--warmup-fraction", type=float, default=0.1, help="fraction of the steps spent warming up (0: none)")
+    p.add_argument("--l2-sp", type=float, default=0.0, metavar="LAMBDA",
+                   help="C5a: add LAMBDA/2 * sum ||theta - theta_0||^2, a pull toward the pre-trained weights")
+    p.add_argument("--aux-mlm", type=float, default=0.0, metavar="ALPHA",
+                   help="C5b: add ALPHA * MLM loss (E4) on unlabeled text, with the pre-trained MLM head")
+    p.add_argument("--layer-lr-decay", type=float, default=1.0, metavar="GAMMA",
+                   help="C5c: the layer d steps below the head trains at lr * GAMMA^d (embeddings lowest)")
+    p.add_argument("--unlabeled", nargs="+", metavar="FILE",
+                   help="unlabeled text for --aux-mlm and forgetting (default: the init's pre-training corpus)")
     add_size_flags(p)
     add_run_flags(p, resume=False)
+
+    p = commands.add_parser("experiments", formatter_class=formatter, help="test the document's claims C1-C6",
+                            description="Run the experiments of experiments.py on the toy world and on the "
+                            "standard library's docstrings: one table per claim (C1-C6), each cell mean ± std "
+                            "over seeds, with a TF-IDF + logistic-regression baseline. Writes OUT/results.json, "
+                            "OUT/results.md and OUT/runs.jsonl (one line per finished run).")
+    p.add_argument("--quick", action="store_true", help="the reduced plan (about 15 minutes on 2 CPU cores)")
+    p.add_argument("--seeds", type=int, help="seeds per cell (default: the plan's, 3)")
+    p.add_argument("--out", default="runs/experiments", help="output folder")
+    p.add_argument("--resume", action="store_true", help="skip the runs already in OUT/runs.jsonl")
+    p.add_argument("--force", action="store_true", help="delete an existing --out folder and start over")
 
     p = commands.add_parser("evaluate", formatter_class=formatter, help="score a run on a TSV or a text corpus",
                             description="A classifier run on a TSV: accuracy, macro-F1, loss, n. A pre-training run "
@@ -280,16 +305,19 @@ def main(argv=None):
             args.warmup_steps, not args.no_nsp, args.nsp_weight, args.mask_probability, args.vocab_size,
             args.accum, args.precision, args.save_every, args.eval_every, args.resume, args.force,
             args.seed, args.device, args.attention, args.dropout, {name: getattr(args, name) for name in SIZE_FLAGS},
-            compile=args.compile)
+            compile=args.compile, mask_token_fraction=args.mask_token_fraction,
+            random_token_fraction=args.random_token_fraction, snapshot_steps=args.snapshot_steps)
         print(f"done: final training MLM loss {metrics['final_train_mlm_loss']:.3f}"
               + (f", held-out {metrics['held_out_mlm_loss']:.3f}" if metrics.get("held_out_mlm_loss") else "")
               + f" (ln|V| = {metrics['ln_vocab']:.3f}); {args.out}/checkpoint.pt")
     elif command == "finetune":
         metrics = train.finetune(args.out, args.init, args.train, args.valid, args.freeze, args.epochs,
                                  args.lr, args.batch_size, args.config, args.max_length, seed=args.seed,
-                                 device=args.device, force=args.force,
+                                 device=args.device, force=args.force, schedule=args.schedule,
+                                 warmup_fraction=args.warmup_fraction, l2_sp=args.l2_sp, aux_mlm=args.aux_mlm,
+                                 layer_lr_decay=args.layer_lr_decay, unlabeled=args.unlabeled,
                                  sizes={name: getattr(args, name) for name in SIZE_FLAGS})
-        summary = {k: metrics[k] for k in ("accuracy", "macro_f1", "loss", "n") if k in metrics}
+        summary = {k: metrics[k] for k in ("accuracy", "macro_f1", "loss", "n", "forgetting") if k in metrics}
         print(f"done: {json.dumps(summary)}; {args.out}/checkpoint.pt")
     elif command == "evaluate":
         metrics = train.evaluate(args.init, args.data, args.device)
@@ -311,6 +339,9 @@ def main(argv=None):
         hf.export(checkpoint, args.out)
         print(f"wrote {args.out}/ (config.json, model.safetensors, vocab.txt, tokenizer_config.json): "
               f"{'BertForSequenceClassification' if checkpoint.get('kind') == 'classifier' else 'BertForPreTraining'}")
+    elif command == "experiments":
+        import experiments  # only this command needs it
+        experiments.run(args.out, "quick" if args.quick else "full", args.seeds, args.resume, args.force)
     elif command == "bench":
         train.bench(args.config, args.compare_hf, args.json, args.steps, args.device, compile=args.compile)
 

@@ -101,18 +101,42 @@ def learning_rate(step, total_steps, peak, warmup_steps, schedule="cosine"):
     return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def make_optimizer(model, lr, weight_decay=0.01):
+def make_optimizer(model, lr, weight_decay=0.01, lr_scales=None):
     """AdamW over the TRAINABLE parameters only (frozen ones are never handed to it).
-    As in BERT, biases and LayerNorm weights (the 1-D parameters) get no weight decay."""
+    As in BERT, biases and LayerNorm weights (the 1-D parameters) get no weight decay.
+    lr_scales (parameter name -> factor, see layer_lr_scales) gives each group the rate
+    lr * group["lr_scale"]; the training loops multiply their schedule by it."""
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for _, p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
-        {"params": [p for _, p in trainable if p.ndim < 2], "weight_decay": 0.0},
-    ]
+    lr_scales = lr_scales or {}
+    groups = {}
+    for name, p in trainable:
+        decay = weight_decay if p.ndim >= 2 else 0.0
+        scale = lr_scales.get(name, 1.0)
+        groups.setdefault((decay, scale), {"params": [], "weight_decay": decay, "lr_scale": scale, "lr": lr * scale})
+        groups[(decay, scale)]["params"].append(p)
     # fused: one kernel for the whole update instead of a dozen passes over every tensor -- on
     # this CPU 3.6 ms instead of 35 ms per step at `tiny` (a fifth of the training step)
     fused = all(p.device.type in ("cpu", "cuda") for _, p in trainable)
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-6, fused=fused)
+    return torch.optim.AdamW(list(groups.values()), lr=lr, betas=(0.9, 0.999), eps=1e-6, fused=fused)
+
+
+def layer_lr_scales(model, decay):
+    """C5c, layer-wise learning-rate decay: the layer `depth` steps below the top gets
+    lr * decay**depth. The head (pooler + classifier) has depth 0, the top encoder layer 1,
+    ..., the bottom layer L, the embeddings L + 1 -- the most general features, lowest rate.
+    Returns parameter name -> factor."""
+    num_layers = len(model.encoder.layers)
+    scales = {}
+    for name, _ in model.named_parameters():
+        match = re.match(r"encoder\.layers\.(\d+)\.", name)
+        if match:
+            depth = num_layers - int(match.group(1))
+        elif name.startswith("encoder.embeddings."):
+            depth = num_layers + 1
+        else:
+            depth = 0
+        scales[name] = decay ** depth
+    return scales
 
 
 def prepare_out_folder(out, resume=False, force=False):
@@ -289,14 +313,17 @@ def pretrain(out, corpus=None, config="tiny", init=None, steps=2000, batch_size=
              warmup_steps=None, nsp=True, nsp_weight=1.0, mask_probability=0.15, vocab_size=None,
              accumulation=1, precision="auto", save_every=500, eval_every=250, resume=False,
              force=False, seed=0, device="auto", attention="sdpa", dropout=0.1, sizes=None, lowercase=True,
-             compile=False, log=print, progress=True):
+             compile=False, log=print, progress=True, mask_token_fraction=0.8, random_token_fraction=0.1,
+             snapshot_steps=()):
     """E2 via E4 (+ B2, weighted by B3): pre-train an encoder on unlabeled text -- from a random
     initialisation, or (init: a run folder or a Hugging Face BERT folder) continue pre-training
     an existing one with its vocabulary.
 
     sizes: the --hidden-size/--num-layers/--num-heads/--intermediate-size flags (None: the preset's).
     compile: run the training forward through torch.compile (the weights are the same module's).
-    Writes OUT/checkpoint.pt (also every save_every steps), OUT/vocab.txt, OUT/metrics.json.
+    mask_token_fraction / random_token_fraction: B1's 80/10/10 rule (C6 compares 100% [MASK]).
+    Writes OUT/checkpoint.pt (also every save_every steps), OUT/vocab.txt, OUT/metrics.json, and
+    OUT/snapshot-N.pt at each step N of snapshot_steps (C6: one run serves a budget sweep).
     Returns the metrics dict."""
     # Every flag is checked before any work: a bad one is one line (exit status 2), not a crash later.
     for flag, value, least in [("--steps", steps, 1), ("--batch-size", batch_size, 1), ("--accum", accumulation, 1),
@@ -311,6 +338,9 @@ def pretrain(out, corpus=None, config="tiny", init=None, steps=2000, batch_size=
         raise InputError(f"--mask-probability must be between 0 and 1, got {mask_probability}")
     if not 0 <= dropout < 1:
         raise InputError(f"--dropout must be at least 0 and below 1, got {dropout}")
+    if not (mask_token_fraction >= 0 and random_token_fraction >= 0 and mask_token_fraction + random_token_fraction <= 1):
+        raise InputError(f"--mask-token-fraction {mask_token_fraction} and --random-token-fraction {random_token_fraction}: "
+                         "each at least 0, together at most 1 (the rest stay unchanged; B1: 0.8 and 0.1)")
     if init and any(value is not None for value in (sizes or {}).values()):
         raise InputError("--hidden-size, --num-layers, --num-heads, --intermediate-size: not with --init "
                          "(continued pre-training keeps the size of the model it starts from)")
@@ -392,7 +422,7 @@ def pretrain(out, corpus=None, config="tiny", init=None, steps=2000, batch_size=
     def rng_states():
         return {"numpy": data_rng.bit_generator.state, "python": random.getstate(), "torch": torch.get_rng_state()}
 
-    def save(step, rng):
+    def save(step, rng, path=checkpoint_path):
         payload = {
             "kind": "pretraining", "model": model.state_dict(), "config": model_config.to_dict(),
             "vocab": tokenizer.vocab, "lowercase": tokenizer.lowercase, "step": step,
@@ -400,7 +430,7 @@ def pretrain(out, corpus=None, config="tiny", init=None, steps=2000, batch_size=
             "run": dict(corpus=name, config=config, init=init, nsp=nsp, max_length=max_length, batch_size=batch_size,
                         vocab_size=vocab_size, lr=lr, steps=steps, seed=seed, mask_probability=mask_probability),
         }
-        save_checkpoint(checkpoint_path, payload)
+        save_checkpoint(path, payload)
 
     def stop(step, what):
         bar.close()  # the progress bar's line ends before the error's
@@ -422,7 +452,8 @@ def pretrain(out, corpus=None, config="tiny", init=None, steps=2000, batch_size=
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, steps, lr, warmup_steps)
         micro_batches = [data.pretraining_batch(encoded, tokenizer, data_rng, batch_size, max_length, nsp,
-                                                mask_probability) for _ in range(accumulation)]
+                                                mask_probability, mask_token_fraction, random_token_fraction)
+                         for _ in range(accumulation)]
         # gradient accumulation: every micro-batch's MLM loss is divided by the masked-token
         # count of ALL micro-batches, so the summed gradient is the one big batch would give
         num_masked_total = sum(int((b["mlm_labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
@@ -465,6 +496,8 @@ def pretrain(out, corpus=None, config="tiny", init=None, steps=2000, batch_size=
                       + (f", held-out NSP accuracy {evaluation['nsp_accuracy']:.3f}" if nsp else ""))
         if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
             save_pending = True  # written during the next step, once its loss vouches for these weights
+        if step + 1 in snapshot_steps:  # a snapshot for C6's budget sweep (not vouched for: it is not resumed from)
+            save(step + 1, rng_states(), os.path.join(out, f"snapshot-{step + 1}.pt"))
     bar.close()
     # no next step vouches for the last update: look at the weights themselves
     not_finite = [name for name, value in model.named_parameters() if not torch.isfinite(value).all()]
@@ -544,25 +577,63 @@ def classify(model, rows, labels, device, batch_size=128, pad_id=0):
             "loss": total_loss / len(labels), "n": int(len(labels))}
 
 
+def l2_sp_penalty(model, theta_0, strength):
+    """C5a, L2-SP: an L2 penalty toward the pre-trained weights theta_0, not toward zero.
+
+        Omega(phi) = strength / 2 * sum_j || phi_j - theta_0,j ||^2      (j: trainable encoder weights)
+
+    theta_0 maps encoder parameter names to their pre-trained values (the head is new and
+    has no theta_0). Its gradient is strength * (phi_j - theta_0,j): a spring back to theta_0."""
+    terms = [((p - theta_0[name]) ** 2).sum() for name, p in model.encoder.named_parameters() if name in theta_0]
+    return strength / 2 * torch.stack(terms).sum() if terms else torch.zeros(())
+
+
 def fit_classifier(train_rows, train_labels, num_labels, config, encoder_state=None, freeze="none",
                    epochs=20, lr=1e-3, batch_size=16, warmup_fraction=0.1, seed=0, device="cpu",
-                   pad_id=0, progress=False):
+                   pad_id=0, progress=False, schedule="cosine", l2_sp=0.0, layer_lr_decay=1.0,
+                   aux_mlm=0.0, pretrained_state=None, aux_batches=None, held_out=None):
     """E3: minimise the mean cross-entropy of the classifier over the labeled set D.
 
     phi starts from the pre-trained theta_0 (encoder_state) or, for the baseline, from a random
-    initialisation of the same architecture (encoder_state=None). Returns (model, info)."""
+    initialisation of the same architecture (encoder_state=None). Returns (model, info).
+
+    C4: warmup over warmup_fraction of the steps (0: none), then `schedule` (cosine or constant).
+    C5, the remedies against forgetting (composable; 0 / 1.0 switch them off):
+      l2_sp:          strength of the L2 penalty toward theta_0 (l2_sp_penalty)
+      layer_lr_decay: lower layers train with smaller rates (layer_lr_scales)
+      aux_mlm:        weight of E4's MLM loss on unlabeled batches (aux_batches, an iterator of
+                      data.pretraining_batch dicts), computed with the pre-trained MLM head
+    pretrained_state (a PreTrainingModel state dict: encoder + MLM head) is needed by aux_mlm
+    and, with held_out (held_out_batches), measures forgetting: the held-out MLM loss of the
+    encoder under the pre-trained MLM head, before and after fine-tuning."""
     seed_everything(seed)
     model = Classifier(config, num_labels)
     if encoder_state is not None:
         model.encoder.load_state_dict(encoder_state)  # strict: every encoder weight must be there
     trainable_layers = parse_freeze(freeze, config.num_layers)
+    if aux_mlm and (trainable_layers == 0 or pretrained_state is None):
+        raise InputError("--aux-mlm: needs a trainable encoder (not --freeze head) and an init with an MLM head")
     frozen = freeze_below(model, trainable_layers)
     model.to(device)
-    optimizer = make_optimizer(model, lr)
+    # The MLM model shares the classifier's encoder (the same modules, not a copy): its MLM loss
+    # is the loss of the encoder being fine-tuned. Its heads stay at their pre-trained values.
+    mlm_model = None
+    if pretrained_state is not None:
+        mlm_model = PreTrainingModel(config)
+        mlm_model.load_state_dict(pretrained_state)
+        mlm_model.encoder = model.encoder
+        mlm_model.mlm_head.requires_grad_(False)
+        mlm_model.nsp_head.requires_grad_(False)
+        mlm_model.to(device)
+    mlm_loss_before = mlm_evaluation(mlm_model, held_out, device)["mlm_loss"] if mlm_model and held_out else None
+    theta_0 = {name: p.detach().clone() for name, p in model.encoder.named_parameters()
+               if p.requires_grad and not name.startswith("pooler.")}  # the pooler is head (see Classifier)
+    lr_scales = layer_lr_scales(model, layer_lr_decay) if layer_lr_decay != 1.0 else None
+    optimizer = make_optimizer(model, lr, lr_scales=lr_scales)
     rng = np.random.default_rng(seed)
     steps_per_epoch = math.ceil(len(train_rows) / batch_size)
     total_steps = epochs * steps_per_epoch
-    warmup_steps = max(1, int(warmup_fraction * total_steps))
+    warmup_steps = max(1, int(warmup_fraction * total_steps)) if warmup_fraction > 0 else 0
     step, started = 0, time.time()
     bar = tqdm(total=total_steps, desc=f"fine-tune ({freeze})", disable=not progress, dynamic_ncols=True)
     for epoch in range(epochs):
@@ -575,10 +646,18 @@ def fit_classifier(train_rows, train_labels, num_labels, config, encoder_state=N
             input_ids, mask = data.pad([train_rows[i] for i in index], pad_id)
             target = torch.tensor([train_labels[i] for i in index], device=device)
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, total_steps, lr, warmup_steps)
+                group["lr"] = learning_rate(step, total_steps, lr, warmup_steps, schedule) * group["lr_scale"]
             logits = model(torch.from_numpy(input_ids).to(device), None, torch.from_numpy(mask).to(device))
             # E3: l(f_phi(x), y) = cross-entropy, averaged over the batch
             loss = F.cross_entropy(logits.float(), target)
+            # E3 with the C5 remedies added:
+            #   L(phi) = E3's loss + l2_sp / 2 * sum_j ||phi_j - theta_0,j||^2 + aux_mlm * L_MLM(phi)   (E4)
+            if l2_sp:
+                loss = loss + l2_sp_penalty(model, theta_0, l2_sp)
+            if aux_mlm:
+                batch = to_tensors(next(aux_batches), device)
+                loss = loss + aux_mlm * mlm_model(batch["input_ids"], batch["segment_ids"], batch["attention_mask"],
+                                                  batch["mlm_labels"])[1]
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()  # before clipping
             if not math.isfinite(loss.item()) or not math.isfinite(grad_norm):
@@ -594,6 +673,11 @@ def fit_classifier(train_rows, train_labels, num_labels, config, encoder_state=N
     info = {"steps": step, "seconds": time.time() - started, "train_loss": loss.item(),
             "trainable_parameters": count_parameters(model, trainable_only=True),
             "total_parameters": count_parameters(model)}
+    if mlm_loss_before is not None:
+        # C5: forgetting = how much worse the fine-tuned encoder does the pre-training task
+        mlm_loss_after = mlm_evaluation(mlm_model, held_out, device)["mlm_loss"]
+        info.update(mlm_loss_before=mlm_loss_before, mlm_loss_after=mlm_loss_after,
+                    forgetting=mlm_loss_after - mlm_loss_before)
     return model, info
 
 
@@ -612,12 +696,40 @@ def encode_labels(labels, label_names, path):
 DEFAULT_FINETUNE_LR = {"head": 1e-3, "top": 1e-3, "none": 3e-4}
 
 
+def unlabeled_text(checkpoint, corpus=None):
+    """The unlabeled text behind a pre-trained checkpoint, split as pre-training split it:
+    (training documents, held-out documents). corpus as pretrain's --corpus; by default the
+    corpus the checkpoint was pre-trained on, when that is known and still readable (a
+    Hugging Face folder's is not). None when there is no text."""
+    if not corpus:
+        name = checkpoint.get("run", {}).get("corpus")
+        if name == "stdlib":
+            corpus = ["stdlib"]
+        elif name and name != "toy-world" and all(os.path.exists(path) for path in name.split(",")):
+            corpus = name.split(",")
+        elif name != "toy-world":
+            return None
+    return split_held_out(load_pretraining_corpus(corpus)[1])
+
+
+def mlm_batch_stream(encoded_documents, tokenizer, batch_size, max_length, seed):
+    """--aux-mlm's batches: an endless stream of MLM-only batches (B1 masking), one per step."""
+    rng = np.random.default_rng(seed)
+    while True:
+        yield data.pretraining_batch(encoded_documents, tokenizer, rng, batch_size, max_length, use_nsp=False)
+
+
 def finetune(out, init, train, valid=None, freeze="none", epochs=20, lr=None, batch_size=16,
              config="tiny", max_length=128, vocab_size=8192, seed=0, device="auto", force=False,
-             log=print, progress=True, sizes=None):
+             log=print, progress=True, sizes=None, schedule="cosine", warmup_fraction=0.1, l2_sp=0.0, aux_mlm=0.0,
+             layer_lr_decay=1.0, unlabeled=None, mlm_max_length=64):
     """Fine-tune a classifier on TRAIN (TSV) from INIT (a pre-training run folder) or 'scratch'.
     sizes (with 'scratch' only): the --hidden-size/--num-layers/--num-heads/--intermediate-size flags.
-    Writes OUT/checkpoint.pt, OUT/vocab.txt, OUT/metrics.json (metrics on VALID, or on TRAIN without it)."""
+    Writes OUT/checkpoint.pt, OUT/vocab.txt, OUT/metrics.json (metrics on VALID, or on TRAIN without it).
+
+    The C4 schedule and C5 remedies are fit_classifier's. When INIT has an MLM head, metrics.json
+    also holds forgetting: the held-out MLM loss before and after (mlm_loss_before/after) on
+    unlabeled text (`unlabeled`, as --corpus; default: INIT's pre-training corpus, held-out part)."""
     for flag, value, least in [("--epochs", epochs, 1), ("--batch-size", batch_size, 1), ("--max-length", max_length, 8)]:
         if value < least:
             raise InputError(f"{flag} must be at least {least}, got {value}")
@@ -628,6 +740,14 @@ def finetune(out, init, train, valid=None, freeze="none", epochs=20, lr=None, ba
                          "(a pre-trained model keeps its size)")
     if init == "scratch":  # an impossible shape is refused before any work
         make_model_config(config, sizes, max_positions=max_length)
+    if schedule not in ("cosine", "constant"):
+        raise InputError(f"--schedule: expected cosine or constant, got {schedule!r}")
+    if l2_sp < 0 or aux_mlm < 0 or not 0 < layer_lr_decay <= 1 or not 0 <= warmup_fraction < 1:
+        raise InputError("--l2-sp and --aux-mlm must be >= 0, --layer-lr-decay in (0, 1], --warmup-fraction in [0, 1)")
+    if aux_mlm and freeze == "head":
+        raise InputError("--aux-mlm with --freeze head: the encoder is frozen, an MLM loss on it would change nothing")
+    if (l2_sp or aux_mlm) and init == "scratch":
+        raise InputError("--l2-sp and --aux-mlm pull toward a pre-trained model; --init scratch has none")
     device = pick_device(device)
     train_texts, train_label_names = data.read_tsv(train)
     label_names = sorted(set(train_label_names))
@@ -644,7 +764,24 @@ def finetune(out, init, train, valid=None, freeze="none", epochs=20, lr=None, ba
         model_config = checkpoint_config(checkpoint)
         tokenizer = data.Tokenizer(checkpoint["vocab"], checkpoint.get("lowercase", True))
         encoder_state = encoder_weights(checkpoint)
+    has_mlm_head = init != "scratch" and checkpoint.get("kind") == "pretraining" and "mlm_head" not in checkpoint.get("fresh", [])
+    if aux_mlm and not has_mlm_head:
+        raise InputError(f"--aux-mlm: {init} has no pre-trained MLM head (a classifier checkpoint or a headless BERT)")
     parse_freeze(freeze, model_config.num_layers)  # refuse a bad value before any work
+    # C5: forgetting is measured on held-out unlabeled text; --aux-mlm trains on the rest
+    text = unlabeled_text(checkpoint, unlabeled) if has_mlm_head else None
+    if aux_mlm and not (text and text[0]):
+        raise InputError(f"--aux-mlm: no unlabeled text for {init}; name it with --unlabeled FILE (or stdlib)")
+    pretrained_state, held_out, aux_batches = None, None, None
+    if text:
+        mlm_max_length = min(mlm_max_length, model_config.max_positions)
+        pretrained_state = checkpoint["model"]
+        held_out = held_out_batches(data.encode_documents(tokenizer, text[1]), tokenizer, mlm_max_length, use_nsp=False)
+        if aux_mlm:
+            aux_batches = mlm_batch_stream(data.encode_documents(tokenizer, text[0]), tokenizer, batch_size,
+                                           mlm_max_length, seed)
+    elif has_mlm_head:
+        log(f"{init}: its pre-training text is unknown; pass --unlabeled to measure forgetting")
     if lr is None:
         lr = DEFAULT_FINETUNE_LR[freeze.split("-")[0]]
     prepare_out_folder(out, resume=False, force=force)
@@ -654,8 +791,13 @@ def finetune(out, init, train, valid=None, freeze="none", epochs=20, lr=None, ba
         f"{len(label_names)} classes, {epochs} epochs, lr {lr:g}, device {device}")
     model, info = fit_classifier(train_rows, encode_labels(train_label_names, label_names, train),
                                  len(label_names), model_config, encoder_state, freeze, epochs, lr,
-                                 batch_size, seed=seed, device=device, pad_id=tokenizer.pad_id, progress=progress)
+                                 batch_size, seed=seed, device=device, pad_id=tokenizer.pad_id, progress=progress,
+                                 schedule=schedule, warmup_fraction=warmup_fraction, l2_sp=l2_sp,
+                                 layer_lr_decay=layer_lr_decay, aux_mlm=aux_mlm, pretrained_state=pretrained_state,
+                                 aux_batches=aux_batches, held_out=held_out)
     metrics = {**info, "init": init, "freeze": freeze, "lr": lr, "epochs": epochs, "labels": label_names,
+               "schedule": schedule, "warmup_fraction": warmup_fraction, "l2_sp": l2_sp, "aux_mlm": aux_mlm,
+               "layer_lr_decay": layer_lr_decay,
                "scored_on": valid or f"{train} (training set: no --valid given)"}
     if valid:
         metrics.update(classify(model, valid_rows, valid_ids, device, pad_id=tokenizer.pad_id))

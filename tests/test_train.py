@@ -301,6 +301,7 @@ def test_flags_that_cannot_train_are_refused_in_one_line_before_any_work(small_w
         (dict(save_every=-1), "--save-every must be at least 0, got -1"),
         (dict(mask_probability=1.5), "--mask-probability must be between 0 and 1, got 1.5"),
         (dict(dropout=-0.1), "--dropout must be at least 0 and below 1, got -0.1"),
+        (dict(mask_token_fraction=0.8, random_token_fraction=0.3), "--mask-token-fraction 0.8 and --random-token-fraction 0.3: each"),
         (dict(sizes={"hidden_size": 100, "num_heads": 3}), "--config tiny: --hidden-size 100 is not divisible by --num-heads 3"),
         (dict(sizes={"num_heads": 3}), "--config tiny: hidden_size 128 is not divisible by --num-heads 3"),
         (dict(sizes={"num_layers": 0}), "--config tiny: --num-layers must be positive, got 0"),

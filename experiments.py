@@ -1,0 +1,550 @@
+"""experiments.py -- every testable claim of the document (C1-C6) as a table with error bars.
+
+    python ptft.py experiments --quick        (or: python experiments.py --quick)
+
+Two corpora, the same protocol on each:
+  toy     the embedded toy world (data.toy_world): which of 8 topics a sentence is about.
+  stdlib  real text: the docstrings of Python's standard library. The task: which of 8 areas of
+          the library (GUI, concurrency, mail, web, imports, numbers, testing, files) a
+          docstring documents. Train and test are split BY SOURCE FILE (no file in both), and
+          the test files' docstrings are kept out of pre-training.
+
+For each corpus: one pre-training run (E2/E4), with snapshots along the way so that the same
+run serves C6's budget sweep; then many short fine-tuning runs (E3, train.fit_classifier) on
+k labeled examples per class. Seed s draws the k examples AND seeds the fine-tuning, so every
+row of a table sees the same draws (paired comparisons). A cell is the mean ± std over seeds.
+Every table carries a non-neural baseline, TF-IDF + logistic regression: does pre-training
+beat counting words?
+
+Outputs in OUT:
+  runs.jsonl    one line per finished run (fine-tuning or baseline); --resume skips them
+  results.json  the tables: per row, per metric, mean / std / n and the values per seed
+  results.md    the same as markdown, with the wall-clock
+
+PLANS below is the only knob: the sizes of the full and the quick run (tests shrink a copy).
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+import data
+import train
+from data import InputError
+
+# ----------------------------------------------------------------------------------------
+# The plans. Pre-training dominates the time: toy 2500 steps x 64 sequences is ~6 CPU
+# minutes, stdlib 3000 steps x 8 sequences ~2 (one core). Fine-tuning runs take seconds.
+# ----------------------------------------------------------------------------------------
+
+PLANS = {
+    "full": dict(
+        seeds=5,
+        corpora=["toy", "stdlib"],
+        toy_documents=20000,                     # the toy world's unlabeled documents (its default)
+        toy_labeled=(64, 32, 100),               # its labeled sentences per class: train, valid, test
+        stdlib_max_documents=None,               # None: every docstring
+        pretrain_steps={"toy": 5000, "stdlib": 20000},
+        pretrain_batch_size={"toy": 64, "stdlib": 8},
+        snapshot_steps={"toy": [500, 1000, 1500, 2500], "stdlib": [1000, 3000, 10000]},
+        eval_every={"toy": 250, "stdlib": 500},
+        task_choice_steps={"toy": 2500, "stdlib": 10000},  # C6's task variants: pre-trained this long
+        tables={"toy": ["C1", "C2", "C3", "C4", "C5", "C6"], "stdlib": ["C1", "C2", "C3", "C4", "C5", "C6"]},
+        labels_per_class=[4, 16, 64, "all"],
+        c1_variants={"toy": ["scratch", "head", "top-2", "full"], "stdlib": ["scratch", "head", "top-2", "full"]},
+        k=16,                                    # labels per class in the tables after C1
+        finetune_steps=240,                      # about this many steps per run (see epochs_for)
+        max_epochs=30,
+        epoch_grid=[1, 2, 5, 10, 30],
+        lr_grid=[2e-5, 5e-5, 1e-4, 3e-4, 1e-3],
+        l2_sp=0.01, aux_mlm=1.0, layer_lr_decay=0.5,    # C5's remedies, at one strength each
+        forgetting_batches=8,
+    ),
+}
+# The quick plan: the same protocol, smaller (3 seeds, ~120 fine-tuning steps per run), to fit
+# 15 minutes on 2 CPU cores. Not less toy pre-training: at 2000 steps (held-out MLM loss 1.85)
+# the toy world's C1 gain is mostly not there yet, at 2500 (1.54) it is -- see C6's table. Real text gets C1 and C6's
+# budget sweep; C6's task choices (MLM only, 30% masking, 100% [MASK]) run only in the full plan.
+PLANS["quick"] = {
+    **PLANS["full"],
+    "seeds": 3,
+    "pretrain_steps": {"toy": 2500, "stdlib": 3000},
+    "snapshot_steps": {"toy": [500, 1000, 1500], "stdlib": [1000, 2000]},
+    "task_choice_steps": {"toy": None, "stdlib": None},
+    "tables": {"toy": ["C1", "C2", "C3", "C4", "C5", "C6"], "stdlib": ["C1", "C6"]},
+    "c1_variants": {"toy": ["scratch", "head", "top-2", "full"], "stdlib": ["scratch", "head", "full"]},
+    "finetune_steps": 120,
+    "max_epochs": 15,
+    "epoch_grid": [1, 3, 10, 15],
+    "lr_grid": [2e-5, 5e-5, 3e-4, 1e-3],
+    "forgetting_batches": 4,
+}
+
+# Default learning rates of fine-tuning: train.DEFAULT_FINETUNE_LR (head 1e-3, full 3e-4).
+HEAD_LR, FULL_LR = train.DEFAULT_FINETUNE_LR["head"], train.DEFAULT_FINETUNE_LR["none"]
+CLASSIFIER_MAX_LENGTH = 64   # tokens per labeled text, [CLS] and [SEP] included
+MLM_MAX_LENGTH = 64          # tokens per pre-training / forgetting sequence
+AUX_BATCH_SIZE = 8           # unlabeled sequences per fine-tuning step with --aux-mlm
+DEVICE = train.pick_device("auto")
+
+# ----------------------------------------------------------------------------------------
+# The two tasks
+# ----------------------------------------------------------------------------------------
+
+# Area of the standard library -> path prefixes (relative to the stdlib folder).
+STDLIB_AREAS = {
+    "gui": ("tkinter/", "turtle.py"),
+    "concurrency": ("asyncio/", "multiprocessing/", "concurrent/", "threading.py", "queue.py", "sched.py"),
+    "mail": ("email/", "mailbox.py", "imaplib.py", "smtplib.py", "poplib.py", "nntplib.py", "mailcap.py"),
+    "web": ("http/", "urllib/", "wsgiref/", "xmlrpc/", "html/", "ftplib.py", "socketserver.py", "cgi.py"),
+    "imports": ("importlib/", "distutils/", "pkgutil.py", "zipimport.py", "modulefinder.py", "runpy.py"),
+    "numbers": ("_pydecimal.py", "fractions.py", "statistics.py", "numbers.py", "random.py", "datetime.py"),
+    "testing": ("unittest/", "doctest.py", "pdb.py", "bdb.py", "trace.py", "profile.py", "cProfile.py", "timeit.py"),
+    "files": ("tarfile.py", "zipfile", "pathlib.py", "shutil.py", "_pyio.py", "gzip.py", "bz2.py", "lzma.py",
+              "tempfile.py", "glob.py", "fnmatch.py", "filecmp.py"),
+}
+
+
+def stdlib_area(path):
+    return next((area for area, prefixes in STDLIB_AREAS.items() if path.startswith(prefixes)), None)
+
+
+def stdlib_task(max_documents=None, test_fraction=0.3):
+    """Docstrings -> {unlabeled, train, test}. A labeled text is a docstring's first 3 lines
+    (its summary). Per area, whole files go to the test split until it holds ~30% of the
+    area's docstrings; the pre-training text is every docstring NOT from a test file."""
+    docstrings = data.stdlib_docstrings()
+    if max_documents:
+        docstrings = docstrings[:: max(1, len(docstrings) // max_documents)]
+    rng = np.random.default_rng(0)
+    test_files = set()
+    for area in STDLIB_AREAS:
+        counts = {}
+        for path, _ in docstrings:
+            if stdlib_area(path) == area:
+                counts[path] = counts.get(path, 0) + 1
+        files, in_test = sorted(counts), 0
+        for i in rng.permutation(len(files)):
+            if in_test + counts[files[i]] <= test_fraction * sum(counts.values()):
+                test_files.add(files[i])
+                in_test += counts[files[i]]
+    labeled = {"train": [], "test": []}
+    for path, lines in docstrings:
+        area = stdlib_area(path)
+        if area:
+            labeled["test" if path in test_files else "train"].append((" ".join(lines[:3]), area))
+    train_texts = {text for text, _ in labeled["train"]}
+    test = [(text, area) for text, area in labeled["test"] if text not in train_texts]  # no text in both
+    unlabeled = [lines for path, lines in docstrings if path not in test_files]
+    return {"unlabeled": unlabeled, "train": labeled["train"], "test": test}
+
+
+def toy_task(num_documents, labeled_per_class):
+    """The toy world: pre-train on its unlabeled documents; its train + valid sentences are the
+    pool the k labeled examples are drawn from; its test sentences are the test set."""
+    world = data.toy_world(seed=0, num_documents=num_documents, labeled_per_class=labeled_per_class)
+    return {"unlabeled": world["unlabeled"], "train": world["train"] + world["valid"], "test": world["test"]}
+
+
+def draw_labeled(examples, k, seed):
+    """k examples per class ('all': every one), a different draw for every seed."""
+    if k == "all":
+        return examples
+    rng = np.random.default_rng(1000 + seed)
+    chosen = []
+    for label in sorted({y for _, y in examples}):
+        pool = [i for i, (_, y) in enumerate(examples) if y == label]
+        chosen += sorted(rng.choice(pool, size=min(k, len(pool)), replace=False))
+    return [examples[i] for i in chosen]
+
+
+# ----------------------------------------------------------------------------------------
+# The non-neural baseline: TF-IDF + logistic regression (numpy / torch, no sklearn)
+# ----------------------------------------------------------------------------------------
+
+
+def tfidf_logistic_regression(train_texts, train_labels, test_texts, num_classes, max_words=5000, steps=200,
+                              l2=1e-3):
+    """Counts of words, weighted by rarity, then a linear softmax classifier. Returns test predictions.
+
+        tfidf(w, x) = count(w in x) * (ln((1 + n) / (1 + df(w))) + 1),  each row scaled to length 1
+
+    n: training texts, df(w): training texts containing w. Words: the same basic tokenizer as
+    BERT's (data.split_words). The classifier: softmax(W x + b), cross-entropy + l2 * ||W||^2,
+    full-batch Adam -- a convex problem, so the optimizer matters little."""
+    train_words = [data.split_words(text) for text in train_texts]
+    document_frequency = {}
+    for words in train_words:
+        for word in set(words):
+            document_frequency[word] = document_frequency.get(word, 0) + 1
+    vocabulary = sorted(document_frequency, key=lambda w: (-document_frequency[w], w))[:max_words]
+    index = {word: i for i, word in enumerate(vocabulary)}
+    idf = np.array([math.log((1 + len(train_texts)) / (1 + document_frequency[w])) + 1 for w in vocabulary])
+
+    def features(word_lists):
+        x = np.zeros((len(word_lists), len(vocabulary)), dtype=np.float32)
+        for row, words in enumerate(word_lists):
+            for word in words:
+                if word in index:
+                    x[row, index[word]] += 1
+        x *= idf
+        return torch.from_numpy(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12))
+
+    x_train, y_train = features(train_words), torch.tensor(train_labels)
+    weight = torch.zeros(len(vocabulary), num_classes, requires_grad=True)
+    bias = torch.zeros(num_classes, requires_grad=True)
+    optimizer = torch.optim.Adam([weight, bias], lr=0.1)
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(x_train @ weight + bias, y_train) + l2 * (weight ** 2).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        return (features([data.split_words(text) for text in test_texts]) @ weight + bias).argmax(-1).numpy()
+
+
+# ----------------------------------------------------------------------------------------
+# Pre-training runs (one per corpus, plus C6's task-choice variants)
+# ----------------------------------------------------------------------------------------
+
+# C6's task choices: pretrain() keyword arguments that differ from the standard recipe
+# (MLM + NSP, 15% of tokens selected, 80/10/10 [MASK]/random/unchanged).
+TASK_CHOICES = {
+    "mlm-only": dict(nsp=False),
+    "mask-30": dict(mask_probability=0.30),
+    "all-mask": dict(mask_token_fraction=1.0, random_token_fraction=0.0),
+}
+
+
+def pretrain_encoders(out, corpus, task, plan, resume, log):
+    """Pre-train on the task's unlabeled text -> {encoder name: (checkpoint path, held-out MLM
+    loss at the end, seconds)}. Names: 'final', 'snapshot-N', and C6's task choices."""
+    folder = os.path.join(out, corpus)
+    os.makedirs(folder, exist_ok=True)
+    unlabeled_path = os.path.join(folder, "unlabeled.txt")
+    data.write_corpus(unlabeled_path, task["unlabeled"])
+    steps, snapshots = plan["pretrain_steps"][corpus], plan["snapshot_steps"][corpus]
+    runs = {"final": ("pretrain", steps, {})}
+    if plan["task_choice_steps"][corpus] and "C6" in plan["tables"][corpus]:
+        for name, choice in TASK_CHOICES.items():
+            runs[name] = (f"pretrain-{name}", plan["task_choice_steps"][corpus], choice)
+    encoders = {}
+    for name, (run_folder, run_steps, choice) in runs.items():
+        path = os.path.join(folder, run_folder)
+        if not (resume and os.path.exists(os.path.join(path, "metrics.json"))):
+            log(f"[{corpus}] pre-training '{name}' for {run_steps} steps {choice or ''}")
+            # no dropout: at these budgets the model under-fits; dropout would only slow it down
+            train.pretrain(path, [unlabeled_path], steps=run_steps, batch_size=plan["pretrain_batch_size"][corpus],
+                           max_length=MLM_MAX_LENGTH, lr=1e-3, dropout=0.0, save_every=0,
+                           vocab_size=2048 if corpus == "toy" else 8192, eval_every=plan["eval_every"][corpus],
+                           snapshot_steps=snapshots if name == "final" else (), force=True, log=log, progress=False,
+                           **choice)
+        with open(os.path.join(path, "metrics.json")) as f:
+            metrics = json.load(f)
+        encoders[name] = (os.path.join(path, "checkpoint.pt"), metrics["held_out_mlm_loss"], metrics["seconds"])
+        if name == "final":
+            for step in snapshots:
+                if step < steps:
+                    encoders[f"snapshot-{step}"] = (os.path.join(path, f"snapshot-{step}.pt"), None, None)
+    return encoders
+
+
+# ----------------------------------------------------------------------------------------
+# One run: fine-tuning (or the baseline) on k labels per class, one seed
+# ----------------------------------------------------------------------------------------
+
+
+def epochs_for(num_examples, plan, batch_size=16):
+    """About plan['finetune_steps'] steps: many epochs on a few labels, few on many."""
+    steps_per_epoch = math.ceil(num_examples / batch_size)
+    return int(min(plan["max_epochs"], max(1, round(plan["finetune_steps"] / steps_per_epoch))))
+
+
+class Loaded:
+    """A pre-trained checkpoint, opened once: config, tokenizer, weights, and its unlabeled text
+    (train.unlabeled_text): held-out batches measure forgetting, the rest feeds --aux-mlm."""
+
+    def __init__(self, path, plan):
+        checkpoint = train.load_checkpoint(path)
+        self.config = train.checkpoint_config(checkpoint)
+        self.tokenizer = data.Tokenizer(checkpoint["vocab"], checkpoint.get("lowercase", True))
+        self.encoder_state = train.encoder_weights(checkpoint)
+        self.pretrained_state = checkpoint["model"]
+        self.training_documents, held_out_documents = train.unlabeled_text(checkpoint)
+        self.held_out = train.held_out_batches(data.encode_documents(self.tokenizer, held_out_documents), self.tokenizer,
+                                               MLM_MAX_LENGTH, use_nsp=False, batch_size=32,
+                                               num_batches=plan["forgetting_batches"])
+        self.encoded_training_documents = None  # encoded when --aux-mlm first needs them
+        self.rows = {}  # tokenized labeled texts -> their token ids
+
+    def aux_batches(self, seed):
+        if self.encoded_training_documents is None:
+            self.encoded_training_documents = data.encode_documents(self.tokenizer, self.training_documents)
+        return train.mlm_batch_stream(self.encoded_training_documents, self.tokenizer, AUX_BATCH_SIZE, MLM_MAX_LENGTH, seed)
+
+    def inputs(self, texts):
+        key = tuple(texts)
+        if key not in self.rows:
+            self.rows[key] = data.classification_inputs(self.tokenizer, texts, CLASSIFIER_MAX_LENGTH, warn=lambda *a: None)
+        return self.rows[key]
+
+
+def finetune_run(spec, task, loaded, scratch_source):
+    """One line of runs.jsonl: fine-tune per spec, score on the task's test set."""
+    label_names = sorted({y for _, y in task["train"]})
+    labeled = draw_labeled(task["train"], spec["k"], spec["seed"])
+    train_texts = [text for text, _ in labeled]
+    train_labels = train.encode_labels([y for _, y in labeled], label_names, "train")
+    test_texts = [text for text, _ in task["test"]]
+    test_labels = train.encode_labels([y for _, y in task["test"]], label_names, "test")
+    if spec["method"] == "tfidf":
+        started = time.time()
+        predictions = tfidf_logistic_regression(train_texts, train_labels, test_texts, len(label_names))
+        return {"accuracy": float(np.mean(predictions == np.array(test_labels))), "seconds": time.time() - started}
+    # scratch: the same architecture and vocabulary, a random initialisation (C1's baseline)
+    source = scratch_source if spec["encoder"] == "scratch" else loaded
+    pretrained = spec["encoder"] != "scratch"
+    model, info = train.fit_classifier(
+        source.inputs(train_texts), train_labels, len(label_names), source.config,
+        encoder_state=source.encoder_state if pretrained else None, freeze=spec["freeze"], epochs=spec["epochs"],
+        lr=spec["lr"], warmup_fraction=spec["warmup"], schedule=spec["schedule"], seed=spec["seed"],
+        device=DEVICE, pad_id=source.tokenizer.pad_id, l2_sp=spec["l2_sp"], aux_mlm=spec["aux_mlm"],
+        layer_lr_decay=spec["layer_lr_decay"], pretrained_state=source.pretrained_state if pretrained else None,
+        aux_batches=source.aux_batches(spec["seed"]) if spec["aux_mlm"] else None,
+        held_out=source.held_out if pretrained else None)
+    metrics = train.classify(model, source.inputs(test_texts), test_labels, DEVICE, pad_id=source.tokenizer.pad_id)
+    result = {"accuracy": metrics["accuracy"], "seconds": info["seconds"],
+              "trainable_parameters": info["trainable_parameters"]}
+    for key in ("mlm_loss_before", "mlm_loss_after", "forgetting"):
+        if key in info:
+            result[key] = info[key]
+    return result
+
+
+# ----------------------------------------------------------------------------------------
+# The tables: each row is (claim, setting, the run it repeats over seeds)
+# ----------------------------------------------------------------------------------------
+
+
+def tables_for(corpus, plan, task, encoders, num_layers):
+    k = plan["k"]
+    epochs = epochs_for(k * len({y for _, y in task["train"]}), plan)
+
+    def finetune_spec(**changes):
+        spec = dict(method="finetune", corpus=corpus, encoder="final", k=k, freeze="none", lr=FULL_LR,
+                    epochs=epochs, schedule="cosine", warmup=0.1, l2_sp=0.0, aux_mlm=0.0, layer_lr_decay=1.0)
+        spec.update(changes)
+        if spec["k"] != k and "epochs" not in changes:
+            size = len(task["train"]) if spec["k"] == "all" else spec["k"] * len({y for _, y in task["train"]})
+            spec["epochs"] = epochs_for(size, plan)
+        return spec
+
+    def baseline(k_value=k):
+        return dict(method="tfidf", corpus=corpus, k=k_value)
+
+    scratch, head, full = finetune_spec(encoder="scratch"), finetune_spec(freeze="head", lr=HEAD_LR), finetune_spec()
+    tables = []
+    if "C1" in plan["tables"][corpus]:
+        rows = []
+        variants = {"scratch": ("from scratch", dict(encoder="scratch")),
+                    "head": ("pre-trained, head only", dict(freeze="head", lr=HEAD_LR)),
+                    "top-2": ("pre-trained, top-2 + head", dict(freeze="top-2", lr=HEAD_LR)),
+                    "full": ("pre-trained, full", {})}
+        for k_value in plan["labels_per_class"]:
+            rows += [(f"k={k_value}: {variants[v][0]}", finetune_spec(k=k_value, **variants[v][1]))
+                     for v in plan["c1_variants"][corpus]]
+            rows.append((f"k={k_value}: TF-IDF + logistic regression", baseline(k_value)))
+        tables.append(("C1", "labels per class: pre-trained vs from scratch", rows))
+    if "C2" in plan["tables"][corpus]:
+        rows = []
+        for name, spec in (("pre-trained, full", full), ("pre-trained, head only", head), ("from scratch", scratch)):
+            rows += [(f"{name}, {e} epochs", {**spec, "epochs": e}) for e in plan["epoch_grid"]]
+        tables.append(("C2", f"accuracy vs fine-tuning epochs (k={k})", rows + [("TF-IDF + logistic regression", baseline())]))
+    if "C3" in plan["tables"][corpus]:
+        rows = []
+        for frozen in range(num_layers + 1):
+            freeze = "none" if frozen == 0 else "head" if frozen == num_layers else f"top-{num_layers - frozen}"
+            rows.append((f"{frozen} of {num_layers} layers frozen (--freeze {freeze})",
+                         finetune_spec(freeze=freeze, lr=HEAD_LR if frozen else FULL_LR)))
+        rows.insert(1, (f"embeddings frozen (--freeze top-{num_layers})", finetune_spec(freeze=f"top-{num_layers}", lr=HEAD_LR)))
+        tables.append(("C3", f"freezing depth (k={k})", rows + [("TF-IDF + logistic regression", baseline())]))
+    if "C4" in plan["tables"][corpus]:
+        rows = [(f"head only, lr {lr:g}", {**head, "lr": lr}) for lr in plan["lr_grid"]]
+        rows += [(f"full, lr {lr:g}", {**full, "lr": lr}) for lr in plan["lr_grid"]]
+        rows += [(f"full, lr {FULL_LR:g}, no warmup", {**full, "warmup": 0.0}),
+                 (f"full, lr {FULL_LR:g}, constant (no cosine)", {**full, "schedule": "constant"})]
+        tables.append(("C4", f"learning rate, warmup, schedule (k={k})", rows + [("TF-IDF + logistic regression", baseline())]))
+    if "C5" in plan["tables"][corpus]:
+        remedies = dict(l2_sp=plan["l2_sp"], aux_mlm=plan["aux_mlm"], layer_lr_decay=plan["layer_lr_decay"])
+        rows = [(f"full fine-tuning, lr {FULL_LR:g}, cosine (no remedy)", full),
+                (f"(a) --l2-sp {plan['l2_sp']:g}", {**full, "l2_sp": plan["l2_sp"]}),
+                (f"(b) --aux-mlm {plan['aux_mlm']:g}", {**full, "aux_mlm": plan["aux_mlm"]}),
+                (f"(c) --layer-lr-decay {plan['layer_lr_decay']:g}", {**full, "layer_lr_decay": plan["layer_lr_decay"]}),
+                ("(c) the other way: constant lr, no late lowering", {**full, "schedule": "constant"}),
+                (f"(d) --freeze top-1 (lr {FULL_LR:g})", {**full, "freeze": "top-1"}),
+                ("(a) + (b) + (c) combined", {**full, **remedies})]
+        tables.append(("C5", f"forgetting: remedies for full fine-tuning (k={k})", rows + [("TF-IDF + logistic regression", baseline())]))
+    if "C6" in plan["tables"][corpus]:
+        rows = [("0 steps (from scratch)", scratch)]
+        rows += [(f"{name.split('-')[1]} steps", {**full, "encoder": name}) for name in encoders if name.startswith("snapshot-")]
+        rows.append((f"{plan['pretrain_steps'][corpus]} steps", full))
+        choice_steps = plan["task_choice_steps"][corpus]
+        if choice_steps and any(name in encoders for name in TASK_CHOICES):
+            reference = "final" if choice_steps == plan["pretrain_steps"][corpus] else f"snapshot-{choice_steps}"
+            rows += [(f"{choice_steps} steps, MLM + NSP, 15%, 80/10/10 (reference)", {**full, "encoder": reference}),
+                     (f"{choice_steps} steps, MLM only (no NSP)", {**full, "encoder": "mlm-only"}),
+                     (f"{choice_steps} steps, 30% masked", {**full, "encoder": "mask-30"}),
+                     (f"{choice_steps} steps, 100% [MASK] (no 80/10/10)", {**full, "encoder": "all-mask"})]
+        tables.append(("C6", f"pre-training budget and task choices, full fine-tuning (k={k})",
+                       rows + [("TF-IDF + logistic regression", baseline())]))
+    return tables
+
+
+# ----------------------------------------------------------------------------------------
+# Running everything, with runs.jsonl as the memory (--resume)
+# ----------------------------------------------------------------------------------------
+
+
+def summarize(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "n": len(values), "values": values}
+
+
+# The columns of each claim's table (keys of a run's result; the markdown shows those present)
+COLUMNS = {"C1": ["accuracy", "seconds"], "C2": ["accuracy", "seconds"],
+           "C3": ["accuracy", "trainable_parameters", "seconds", "forgetting"],
+           "C4": ["accuracy", "forgetting", "seconds"], "C5": ["accuracy", "forgetting", "seconds"],
+           "C6": ["mlm_loss_before", "accuracy", "seconds"]}
+METRICS = [  # (key in a run's result, markdown header, format of mean ± std)
+    ("accuracy", "test accuracy %", lambda c: f"{100 * c['mean']:.1f} ± {100 * c['std']:.1f}"),
+    ("mlm_loss_before", "held-out MLM loss of the pre-trained encoder", lambda c: f"{c['mean']:.3f}"),
+    ("forgetting", "forgetting: Δ held-out MLM loss", lambda c: f"{c['mean']:+.3f} ± {c['std']:.3f}"),
+    ("trainable_parameters", "trainable parameters", lambda c: f"{c['mean']:,.0f}"),
+    ("seconds", "seconds per run", lambda c: f"{c['mean']:.1f} ± {c['std']:.1f}"),
+]
+
+
+def run(out="runs/experiments", plan_name="quick", seeds=None, resume=False, force=False, plan=None, log=print):
+    """Run the plan (PLANS[plan_name], or `plan` itself) and write runs.jsonl, results.json, results.md."""
+    plan = dict(plan or PLANS[plan_name])
+    if seeds is not None:
+        if seeds < 1:
+            raise InputError(f"--seeds must be positive, got {seeds}")
+        plan["seeds"] = seeds
+    train.prepare_out_folder(out, resume, force)
+    started = time.time()
+    runs_path = os.path.join(out, "runs.jsonl")
+    finished = {}
+    if resume and os.path.exists(runs_path):
+        with open(runs_path) as f:
+            for line in f:
+                if line.strip():
+                    record = json.loads(line)
+                    finished[record["key"]] = record["result"]
+        log(f"resuming: {len(finished)} runs already in {runs_path}")
+    results = {"plan": plan_name, "settings": plan, "device": str(DEVICE), "pretraining": {}, "tables": []}
+    for corpus in plan["corpora"]:
+        corpus_started = time.time()
+        task = toy_task(plan["toy_documents"], plan["toy_labeled"]) if corpus == "toy" else stdlib_task(plan["stdlib_max_documents"])
+        log(f"[{corpus}] {len(task['unlabeled'])} unlabeled documents, {len(task['train'])} labeled for training, "
+            f"{len(task['test'])} for testing, {len({y for _, y in task['train']})} classes")
+        encoders = pretrain_encoders(out, corpus, task, plan, resume, log)
+        results["pretraining"][corpus] = {name: {"held_out_mlm_loss": loss, "seconds": seconds}
+                                          for name, (_, loss, seconds) in encoders.items() if seconds is not None}
+        loaded = {name: Loaded(path, plan) for name, (path, _, _) in encoders.items()}
+        num_layers = loaded["final"].config.num_layers
+        for claim, title, rows in tables_for(corpus, plan, task, encoders, num_layers):
+            table = {"claim": claim, "title": title, "corpus": corpus, "rows": []}
+            for setting, spec in rows:
+                outcomes = []
+                for seed in range(plan["seeds"]):
+                    spec_seed = {**spec, "seed": seed}
+                    key = json.dumps(spec_seed, sort_keys=True)
+                    if key not in finished:
+                        finished[key] = finetune_run(spec_seed, task, loaded.get(spec.get("encoder", "final")),
+                                                     loaded["final"])
+                        with open(runs_path, "a") as f:
+                            f.write(json.dumps({"key": key, "spec": spec_seed, "result": finished[key]}) + "\n")
+                    outcomes.append(finished[key])
+                cells = {metric: summarize([o.get(metric) for o in outcomes]) for metric, _, _ in METRICS}
+                table["rows"].append({"claim": claim, "setting": setting,
+                                      "cells": {m: c for m, c in cells.items() if c is not None}})
+                log(f"[{corpus}] {claim} {setting}: accuracy {100 * cells['accuracy']['mean']:.1f} "
+                    f"± {100 * cells['accuracy']['std']:.1f}")
+            results["tables"].append(table)
+        results["pretraining"][corpus]["wall_clock_seconds"] = time.time() - corpus_started
+    results["wall_clock_seconds"] = time.time() - started
+    train.write_json(os.path.join(out, "results.json"), results)
+    with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as f:
+        f.write(markdown(results))
+    plot_labels_per_class(results, os.path.join(out, "labels_per_class.png"))
+    log(f"done in {results['wall_clock_seconds'] / 60:.1f} minutes: {out}/results.md, results.json, runs.jsonl")
+    return results
+
+
+def markdown(results):
+    corpus_names = {"toy": "toy world", "stdlib": "real text: stdlib docstrings"}
+    lines = [f"Plan `{results['plan']}`, {results['settings']['seeds']} seeds, device {results['device']}; "
+             f"wall-clock {results['wall_clock_seconds'] / 60:.1f} minutes. Each cell: mean ± std over seeds.", ""]
+    for corpus, runs in results["pretraining"].items():
+        lines.append(f"Pre-training on the {corpus_names[corpus]}: " + "; ".join(
+            f"{name}: held-out MLM loss {run['held_out_mlm_loss']:.3f}, {run['seconds']:.0f} s"
+            for name, run in runs.items() if isinstance(run, dict))
+            + f"; everything on this corpus: {runs['wall_clock_seconds'] / 60:.1f} minutes.")
+    for table in results["tables"]:
+        present = [(m, header, show) for m, header, show in METRICS
+                   if m in COLUMNS[table["claim"]] and any(m in r["cells"] for r in table["rows"])]
+        lines += ["", f"### {table['claim']} — {table['title']} ({corpus_names[table['corpus']]})", "",
+                  "| claim | setting | " + " | ".join(header for _, header, _ in present) + " |",
+                  "|---|---|" + "---|" * len(present)]
+        for row in table["rows"]:
+            cells = [show(row["cells"][m]) if m in row["cells"] else "—" for m, _, show in present]
+            lines.append(f"| {row['claim']} | {row['setting']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_labels_per_class(results, path):
+    """C1's learning curve as a picture, if matplotlib is installed (optional)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    tables = [t for t in results["tables"] if t["claim"] == "C1"]
+    figure, axes = plt.subplots(1, len(tables), figsize=(6 * len(tables), 4), squeeze=False)
+    for axis, table in zip(axes[0], tables):
+        for variant in sorted({r["setting"].split(": ", 1)[1] for r in table["rows"]}):
+            rows = [r for r in table["rows"] if r["setting"].endswith(": " + variant)]
+            means = [100 * r["cells"]["accuracy"]["mean"] for r in rows]
+            stds = [100 * r["cells"]["accuracy"]["std"] for r in rows]
+            axis.errorbar([r["setting"].split(":")[0] for r in rows], means, yerr=stds, label=variant, capsize=3)
+        axis.set_title(table["corpus"])
+        axis.set_xlabel("labels per class")
+        axis.set_ylabel("test accuracy %")
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--seeds", type=int)
+    parser.add_argument("--out", default="runs/experiments")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--force", action="store_true")
+    args = parser.parse_args()
+    try:
+        run(args.out, "quick" if args.quick else "full", args.seeds, args.resume, args.force)
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

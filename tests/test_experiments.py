@@ -1,0 +1,184 @@
+"""experiments.py and the C5 remedies of train.py as a specification: every claim gets a table
+row with mean ± std; the remedies do what their formulas say; forgetting is reported."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import experiments
+import train
+from data import InputError
+from model import Classifier, make_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLAIMS = ["C1", "C2", "C3", "C4", "C5", "C6"]
+
+# The quick plan shrunk to seconds: a small toy world, a few pre-training steps, 2 labels per class.
+TINY_PLAN = {**experiments.PLANS["quick"], "seeds": 3, "toy_documents": 300, "toy_labeled": (4, 2, 8),
+             "stdlib_max_documents": 300, "pretrain_steps": {"toy": 30, "stdlib": 20},
+             "pretrain_batch_size": {"toy": 8, "stdlib": 8}, "snapshot_steps": {"toy": [10, 20], "stdlib": [10]},
+             "eval_every": {"toy": 10, "stdlib": 10}, "task_choice_steps": {"toy": 20, "stdlib": None},
+             "tables": {"toy": CLAIMS, "stdlib": ["C1"]}, "labels_per_class": [2], "k": 2,
+             "finetune_steps": 2, "max_epochs": 2, "epoch_grid": [1, 2], "lr_grid": [1e-3], "forgetting_batches": 1}
+
+
+@pytest.fixture(scope="module")
+def stdlib_once():
+    """Parsing the standard library takes seconds: do it once for the whole file."""
+    docstrings = data.stdlib_docstrings()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(data, "stdlib_docstrings", lambda: docstrings)
+        yield
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, stdlib_once):
+    out = str(tmp_path_factory.mktemp("experiments"))
+    results = experiments.run(out, plan=TINY_PLAN, log=lambda *a: None)
+    return out, results
+
+
+def test_every_claim_has_a_row_with_mean_and_std_over_seeds(tiny_run):
+    out, results = tiny_run
+    assert json.load(open(os.path.join(out, "results.json")))["tables"] == results["tables"]
+    for claim in CLAIMS:
+        rows = [row for table in results["tables"] if table["claim"] == claim for row in table["rows"]]
+        assert rows, f"{claim} has no row"
+        for row in rows:
+            accuracy = row["cells"]["accuracy"]
+            assert accuracy["n"] == 3 and len(accuracy["values"]) == 3
+            assert accuracy["mean"] == pytest.approx(np.mean(accuracy["values"]))
+            assert accuracy["std"] == pytest.approx(np.std(accuracy["values"]))
+            assert 0.0 <= accuracy["mean"] <= 1.0
+
+
+def test_every_table_carries_the_tfidf_baseline_and_real_text_has_its_own_table(tiny_run):
+    _, results = tiny_run
+    for table in results["tables"]:
+        assert any(row["setting"].endswith("TF-IDF + logistic regression") for row in table["rows"]), table["title"]
+    assert [t["claim"] for t in results["tables"] if t["corpus"] == "stdlib"] == ["C1"]
+
+
+def test_markdown_runs_and_snapshots_are_written(tiny_run):
+    out, results = tiny_run
+    markdown = open(os.path.join(out, "results.md"), encoding="utf-8").read()
+    assert "wall-clock" in markdown and "±" in markdown
+    for claim in CLAIMS:
+        assert f"### {claim} —" in markdown and f"| {claim} |" in markdown
+    runs = [json.loads(line) for line in open(os.path.join(out, "runs.jsonl"))]
+    assert len(runs) == len({run["key"] for run in runs})  # each distinct run once (shared rows are reused)
+    assert all({"spec", "result"} <= set(run) for run in runs)
+    # C6's budget sweep reads the snapshots of the single pre-training run
+    assert os.path.exists(os.path.join(out, "toy", "pretrain", "snapshot-10.pt"))
+    budget = [row["setting"] for t in results["tables"] if t["claim"] == "C6" for row in t["rows"]]
+    assert {"10 steps", "20 steps", "30 steps", "20 steps, MLM only (no NSP)", "20 steps, 100% [MASK] (no 80/10/10)"} <= set(budget)
+
+
+def test_resume_skips_the_finished_runs(tiny_run, stdlib_once):
+    out, results = tiny_run
+    lines_before = open(os.path.join(out, "runs.jsonl")).read()
+    resumed = experiments.run(out, plan=TINY_PLAN, resume=True, log=lambda *a: None)
+    assert open(os.path.join(out, "runs.jsonl")).read() == lines_before  # nothing ran again
+    assert resumed["tables"] == results["tables"]
+    with pytest.raises(InputError, match="not empty"):
+        experiments.run(out, plan=TINY_PLAN, log=lambda *a: None)  # never overwrites without --resume / --force
+
+
+def test_stdlib_task_splits_by_file_and_keeps_test_text_out_of_pretraining(stdlib_once):
+    task = experiments.stdlib_task(max_documents=1000)
+    assert len({label for _, label in task["train"]}) == len(experiments.STDLIB_AREAS)
+    pretraining_text = {" ".join(lines[:3]) for lines in task["unlabeled"]}
+    assert task["test"] and not any(text in pretraining_text for text, _ in task["test"])
+    assert not {text for text, _ in task["test"]} & {text for text, _ in task["train"]}
+
+
+def test_tfidf_baseline_beats_chance_on_a_separable_set():
+    rng = np.random.default_rng(0)
+    topics = [["apple", "banana", "cherry", "grape"], ["car", "truck", "bus", "train"], ["red", "blue", "green", "pink"]]
+
+    def sentences(n):
+        labels = rng.integers(0, 3, n)
+        return [" ".join(rng.choice(topics[y], 3)) + " and the of" for y in labels], labels.tolist()
+
+    train_texts, train_labels = sentences(30)
+    test_texts, test_labels = sentences(60)
+    predictions = experiments.tfidf_logistic_regression(train_texts, train_labels, test_texts, 3)
+    assert np.mean(predictions == np.array(test_labels)) > 0.9  # chance: 1/3
+
+
+# ----------------------------------------------------------------------------------------
+# C5's remedies
+# ----------------------------------------------------------------------------------------
+
+
+def test_l2_sp_penalty_is_zero_at_theta_0_and_its_gradient_is_lambda_times_the_displacement():
+    torch.manual_seed(0)
+    model = Classifier(make_config("tiny", vocab_size=50, max_positions=16), num_labels=2)
+    theta_0 = {name: p.detach().clone() for name, p in model.encoder.named_parameters() if not name.startswith("pooler.")}
+    assert train.l2_sp_penalty(model, theta_0, 0.3).item() == 0.0
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    train.l2_sp_penalty(model, theta_0, 0.3).backward()
+    for name, p in model.encoder.named_parameters():
+        if name in theta_0:
+            assert torch.allclose(p.grad, 0.3 * (p.detach() - theta_0[name]), atol=1e-7), name
+        else:
+            assert p.grad is None  # the pooler is head: no pull toward a pre-trained value
+    assert model.classifier.weight.grad is None
+
+
+def test_layer_lr_decay_gives_lower_layers_smaller_rates():
+    model = Classifier(make_config("tiny", vocab_size=50, max_positions=16), num_labels=2)  # 2 layers
+    optimizer = train.make_optimizer(model, 1e-3, lr_scales=train.layer_lr_scales(model, 0.5))
+    rate = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    expected = {"classifier.": 1e-3, "encoder.pooler.": 1e-3, "encoder.layers.1.": 5e-4,
+                "encoder.layers.0.": 2.5e-4, "encoder.embeddings.": 1.25e-4}
+    for name, p in model.named_parameters():
+        prefix = next(prefix for prefix in expected if name.startswith(prefix))
+        assert rate[id(p)] == pytest.approx(expected[prefix]), name
+    # without decay: one rate for all
+    optimizer = train.make_optimizer(model, 1e-3)
+    assert {group["lr"] for group in optimizer.param_groups} == {1e-3}
+
+
+@pytest.fixture(scope="module")
+def labeled(tiny_run, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("labeled")
+    world = data.toy_world(seed=3, num_documents=50, labeled_per_class=(2, 1, 1))
+    data.write_tsv(str(folder / "train.tsv"), world["train"])
+    data.write_tsv(str(folder / "valid.tsv"), world["valid"])
+    return os.path.join(tiny_run[0], "toy", "pretrain"), str(folder / "train.tsv"), str(folder / "valid.tsv")
+
+
+def test_aux_mlm_is_refused_with_a_frozen_encoder_or_without_an_mlm_head(labeled, tmp_path):
+    pre, train_tsv, valid_tsv = labeled
+    with pytest.raises(InputError, match="--aux-mlm with --freeze head"):
+        train.finetune(str(tmp_path / "a"), pre, train_tsv, valid_tsv, freeze="head", aux_mlm=1.0, log=lambda *a: None)
+    command = [sys.executable, os.path.join(ROOT, "ptft.py"), "finetune", "--init", pre, "--train", train_tsv,
+               "--out", str(tmp_path / "c"), "--freeze", "head", "--aux-mlm", "1"]
+    finished = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    assert finished.returncode == 2 and finished.stderr.count("\n") == 1 and "--aux-mlm" in finished.stderr
+    classifier = str(tmp_path / "classifier")
+    train.finetune(classifier, pre, train_tsv, valid_tsv, epochs=1, device="cpu", log=lambda *a: None, progress=False)
+    with pytest.raises(InputError, match="no pre-trained MLM head"):
+        train.finetune(str(tmp_path / "b"), classifier, train_tsv, valid_tsv, aux_mlm=1.0, log=lambda *a: None)
+
+
+def test_finetune_reports_forgetting_when_the_init_has_an_mlm_head(labeled, tmp_path):
+    pre, train_tsv, valid_tsv = labeled
+    out = str(tmp_path / "ft")
+    train.finetune(out, pre, train_tsv, valid_tsv, epochs=2, lr=1e-3, l2_sp=0.01, aux_mlm=1.0, layer_lr_decay=0.5,
+                   schedule="constant", warmup_fraction=0.0, device="cpu", log=lambda *a: None, progress=False)
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    assert metrics["forgetting"] == pytest.approx(metrics["mlm_loss_after"] - metrics["mlm_loss_before"])
+    assert metrics["mlm_loss_after"] != metrics["mlm_loss_before"]  # the encoder did train
+    scratch = str(tmp_path / "scratch")
+    train.finetune(scratch, "scratch", train_tsv, valid_tsv, epochs=1, device="cpu", log=lambda *a: None, progress=False)
+    assert "forgetting" not in json.load(open(os.path.join(scratch, "metrics.json")))  # no MLM head, nothing to forget
