@@ -414,13 +414,16 @@ def pretrain(out, corpus=None, config="tiny", init=None, steps=2000, batch_size=
         data_rng.bit_generator.state = checkpoint["rng"]["numpy"]
         random.setstate(checkpoint["rng"]["python"])
         torch.set_rng_state(checkpoint["rng"]["torch"])
+        if device.type == "cuda" and checkpoint["rng"].get("cuda"):
+            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])  # dropout masks drawn on the GPU
         log(f"resuming {out} at step {start_step}")
     log(f"pre-training {f'from {init}' if init else f'a {config} encoder'} ({count_parameters(model.encoder):,} parameters, vocab {len(tokenizer)}) "
         f"on {name}: {len(encoded)} documents, {sum(len(s) for d in encoded for s in d):,} tokens; "
         f"{held_out_documents and len(held_out_documents) or 'no'} held out; {device}, {precision}")
 
     def rng_states():
-        return {"numpy": data_rng.bit_generator.state, "python": random.getstate(), "torch": torch.get_rng_state()}
+        return {"numpy": data_rng.bit_generator.state, "python": random.getstate(), "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}
 
     def save(step, rng, path=checkpoint_path):
         payload = {
