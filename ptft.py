@@ -222,6 +222,9 @@ def build_parser():
                             "OUT/results.md and OUT/runs.jsonl (one line per finished run).")
     p.add_argument("--quick", action="store_true", help="the reduced plan (about 15 minutes on 2 CPU cores)")
     p.add_argument("--seeds", type=int, help="seeds per cell (default: the plan's, 3)")
+    p.add_argument("--plan", default="full", choices=["full", "quick", "task-choices"],
+                   help="full (every table, both corpora), quick (= --quick), task-choices (C6's pre-training "
+                   "task variants on the toy world, which quick leaves out)")
     p.add_argument("--out", default="runs/experiments", help="output folder")
     p.add_argument("--resume", action="store_true", help="skip the runs already in OUT/runs.jsonl")
     p.add_argument("--force", action="store_true", help="delete an existing --out folder and start over")
@@ -341,7 +344,7 @@ def main(argv=None):
               f"{'BertForSequenceClassification' if checkpoint.get('kind') == 'classifier' else 'BertForPreTraining'}")
     elif command == "experiments":
         import experiments  # only this command needs it
-        experiments.run(args.out, "quick" if args.quick else "full", args.seeds, args.resume, args.force)
+        experiments.run(args.out, "quick" if args.quick else args.plan, args.seeds, args.resume, args.force)
     elif command == "bench":
         train.bench(args.config, args.compare_hf, args.json, args.steps, args.device, compile=args.compile)
 

@@ -182,3 +182,13 @@ def test_finetune_reports_forgetting_when_the_init_has_an_mlm_head(labeled, tmp_
     scratch = str(tmp_path / "scratch")
     train.finetune(scratch, "scratch", train_tsv, valid_tsv, epochs=1, device="cpu", log=lambda *a: None, progress=False)
     assert "forgetting" not in json.load(open(os.path.join(scratch, "metrics.json")))  # no MLM head, nothing to forget
+
+
+def test_every_plan_has_a_reference_encoder_for_its_task_choices():
+    # C6's task variants are compared with the standard recipe pre-trained exactly as long: the
+    # final run or one of its snapshots must be that reference
+    for name, plan in experiments.PLANS.items():
+        for corpus in plan["corpora"]:
+            steps = plan["task_choice_steps"][corpus]
+            if steps and "C6" in plan["tables"][corpus]:
+                assert steps == plan["pretrain_steps"][corpus] or steps in plan["snapshot_steps"][corpus], (name, corpus)
