@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import model
 from model import (IGNORE_INDEX, Classifier, Config, Encoder, PreTrainingModel, make_config,
                    mlm_loss)
 
@@ -164,3 +165,25 @@ def test_accumulated_gradients_equal_one_big_batch_when_masked_counts_differ():
         (loss_mlm + loss_nsp * (part.stop - part.start) / 6).backward()
     for accumulated, reference in zip((p.grad for p in model.parameters()), big_batch):
         assert torch.allclose(accumulated, reference, atol=1e-10)
+
+
+def test_dropout_keeps_one_minus_p_scales_the_rest_and_is_the_identity_in_eval():
+    torch.manual_seed(0)
+    for p in (0.1, 0.5, 0.9):
+        dropout = model.Dropout(p)
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.ones(1001, 999, dtype=dtype, requires_grad=True)  # an odd count: the last 64-bit draw is partial
+            y = dropout(x)
+            kept = y != 0
+            count = x.numel()
+            # the kept fraction is 1 - p within 5 standard deviations of a binomial
+            assert abs(kept.float().mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / count)
+            assert torch.allclose(y[kept].float(), torch.tensor(1 / (1 - p)), rtol=1e-2)
+            y.sum().backward()  # the gradient flows through the kept entries only, scaled alike
+            assert torch.equal(x.grad != 0, kept)
+            # masks of neighbouring entries are independent: pairs (i, i+1) both kept ~ (1-p)^2
+            flat = kept.flatten().float()
+            assert abs((flat[:-1] * flat[1:]).mean().item() - (1 - p) ** 2) < 5 * math.sqrt((1 - p) ** 2 / count)
+        dropout.eval()
+        x = torch.randn(7, 5)
+        assert dropout(x) is x
