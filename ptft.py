@@ -25,6 +25,7 @@ import time
 import numpy as np
 
 import data
+import experiments
 import hf
 import train
 from data import InputError
@@ -222,7 +223,7 @@ def build_parser():
                             "OUT/results.md and OUT/runs.jsonl (one line per finished run).")
     p.add_argument("--quick", action="store_true", help="the reduced plan (about 15 minutes on 2 CPU cores)")
     p.add_argument("--seeds", type=int, help="seeds per cell (default: the plan's, 3)")
-    p.add_argument("--plan", default="full", choices=["full", "quick", "task-choices"],
+    p.add_argument("--plan", default="full", choices=sorted(experiments.PLANS),
                    help="full (every table, both corpora), quick (= --quick), task-choices (C6's pre-training "
                    "task variants on the toy world, which quick leaves out)")
     p.add_argument("--out", default="runs/experiments", help="output folder")
@@ -343,7 +344,6 @@ def main(argv=None):
         print(f"wrote {args.out}/ (config.json, model.safetensors, vocab.txt, tokenizer_config.json): "
               f"{'BertForSequenceClassification' if checkpoint.get('kind') == 'classifier' else 'BertForPreTraining'}")
     elif command == "experiments":
-        import experiments  # only this command needs it
         experiments.run(args.out, "quick" if args.quick else args.plan, args.seeds, args.resume, args.force)
     elif command == "bench":
         train.bench(args.config, args.compare_hf, args.json, args.steps, args.device, compile=args.compile)

@@ -39,7 +39,6 @@ from model import (IGNORE_INDEX, Classifier, Config, PreTrainingModel, count_par
 TOKEN_CACHE = os.environ.get("PTFT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "ptft"))
 
 
-
 def pick_device(name="auto"):
     """auto: the single GPU if there is one (CUDA, then Apple's MPS), else the CPU."""
     if name == "auto":
@@ -76,6 +75,13 @@ def autocast(device, precision):
     (model.mlm_loss casts the scores)."""
     dtype = torch.float16 if precision == "fp16" else torch.bfloat16
     return torch.autocast(device.type, dtype=dtype, enabled=precision in ("bf16", "fp16"))
+
+
+def check_at_least(*flags):
+    """(flag, value, least) triples: a value below its least is a one-line error naming the flag."""
+    for flag, value, least in flags:
+        if value < least:
+            raise InputError(f"{flag} must be at least {least}, got {value}")
 
 
 def check_learning_rate(lr):
@@ -326,11 +332,9 @@ def pretrain(out, corpus=None, config="tiny", init=None, steps=2000, batch_size=
     OUT/snapshot-N.pt at each step N of snapshot_steps (C6: one run serves a budget sweep).
     Returns the metrics dict."""
     # Every flag is checked before any work: a bad one is one line (exit status 2), not a crash later.
-    for flag, value, least in [("--steps", steps, 1), ("--batch-size", batch_size, 1), ("--accum", accumulation, 1),
-                               ("--max-length", max_length, 8), ("--warmup-steps", warmup_steps or 0, 0),
-                               ("--save-every", save_every, 0), ("--eval-every", eval_every, 1)]:
-        if value < least:
-            raise InputError(f"{flag} must be at least {least}, got {value}")
+    check_at_least(("--steps", steps, 1), ("--batch-size", batch_size, 1), ("--accum", accumulation, 1),
+                   ("--max-length", max_length, 8), ("--warmup-steps", warmup_steps or 0, 0),
+                   ("--save-every", save_every, 0), ("--eval-every", eval_every, 1))
     check_learning_rate(lr)
     if not (math.isfinite(nsp_weight) and nsp_weight >= 0):
         raise InputError(f"--nsp-weight (lambda in B3) must be a finite number >= 0, got {nsp_weight}")
@@ -630,7 +634,7 @@ def fit_classifier(train_rows, train_labels, num_labels, config, encoder_state=N
         mlm_model.to(device)
     mlm_loss_before = mlm_evaluation(mlm_model, held_out, device)["mlm_loss"] if mlm_model and held_out else None
     theta_0 = {name: p.detach().clone() for name, p in model.encoder.named_parameters()
-               if p.requires_grad and not name.startswith("pooler.")}  # the pooler is head (see Classifier)
+               if p.requires_grad and not name.startswith("pooler.")} if l2_sp else None  # the pooler is head
     lr_scales = layer_lr_scales(model, layer_lr_decay) if layer_lr_decay != 1.0 else None
     optimizer = make_optimizer(model, lr, lr_scales=lr_scales)
     rng = np.random.default_rng(seed)
@@ -733,9 +737,7 @@ def finetune(out, init, train, valid=None, freeze="none", epochs=20, lr=None, ba
     The C4 schedule and C5 remedies are fit_classifier's. When INIT has an MLM head, metrics.json
     also holds forgetting: the held-out MLM loss before and after (mlm_loss_before/after) on
     unlabeled text (`unlabeled`, as --corpus; default: INIT's pre-training corpus, held-out part)."""
-    for flag, value, least in [("--epochs", epochs, 1), ("--batch-size", batch_size, 1), ("--max-length", max_length, 8)]:
-        if value < least:
-            raise InputError(f"{flag} must be at least {least}, got {value}")
+    check_at_least(("--epochs", epochs, 1), ("--batch-size", batch_size, 1), ("--max-length", max_length, 8))
     if lr is not None:
         check_learning_rate(lr)
     if init != "scratch" and any(value is not None for value in (sizes or {}).values()):
@@ -921,8 +923,7 @@ def bench(config="small", compare_hf=False, json_path=None, steps=10, device="au
     """Time the MLM training step and an inference forward at BERT-like shapes: vocab 8192,
     seq 128, batch 32, 15% masked, dropout 0.1. Returns the rows (and writes them as JSON).
     compile: also the fast rows with the model under torch.compile (compile time not counted)."""
-    if steps < 1:
-        raise InputError(f"--steps must be at least 1, got {steps}")
+    check_at_least(("--steps", steps, 1))
     device = pick_device(device)
     model_config = make_model_config(config, None, vocab_size=8192, max_positions=128)
     batch_size, length = 32, 128
