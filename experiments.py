@@ -473,7 +473,8 @@ def run(out="runs/experiments", plan_name="quick", seeds=None, resume=False, for
         loaded = {name: Loaded(path, plan) for name, (path, _, _) in encoders.items()}
         num_layers = loaded["final"].config.num_layers
         for claim, title, rows in tables_for(corpus, plan, task, encoders, num_layers):
-            table = {"claim": claim, "title": title, "corpus": corpus, "rows": []}
+            table = {"claim": claim, "title": title, "corpus": corpus, "classes": len({y for _, y in task["train"]}),
+                     "rows": []}
             for setting, spec in rows:
                 outcomes = []
                 for seed in range(plan["seeds"]):
@@ -501,19 +502,21 @@ def run(out="runs/experiments", plan_name="quick", seeds=None, resume=False, for
     return results
 
 
+CORPUS_NAMES = {"toy": "toy world", "stdlib": "real text: stdlib docstrings"}
+
+
 def markdown(results):
-    corpus_names = {"toy": "toy world", "stdlib": "real text: stdlib docstrings"}
     lines = [f"Plan `{results['plan']}`, {results['settings']['seeds']} seeds, device {results['device']}; "
              f"wall-clock {results['wall_clock_seconds'] / 60:.1f} minutes. Each cell: mean ± std over seeds.", ""]
     for corpus, runs in results["pretraining"].items():
-        lines.append(f"Pre-training on the {corpus_names[corpus]}: " + "; ".join(
+        lines.append(f"Pre-training on the {CORPUS_NAMES[corpus]}: " + "; ".join(
             f"{name}: held-out MLM loss {run['held_out_mlm_loss']:.3f}, {run['seconds']:.0f} s"
             for name, run in runs.items() if isinstance(run, dict))
             + f"; everything on this corpus: {runs['wall_clock_seconds'] / 60:.1f} minutes.")
     for table in results["tables"]:
         present = [(m, header, show) for m, header, show in METRICS
                    if m in COLUMNS[table["claim"]] and any(m in r["cells"] for r in table["rows"])]
-        lines += ["", f"### {table['claim']} — {table['title']} ({corpus_names[table['corpus']]})", "",
+        lines += ["", f"### {table['claim']} — {table['title']} ({CORPUS_NAMES[table['corpus']]})", "",
                   "| claim | setting | " + " | ".join(header for _, header, _ in present) + " |",
                   "|---|---|" + "---|" * len(present)]
         for row in table["rows"]:
@@ -538,7 +541,8 @@ def plot_labels_per_class(results, path):
             means = [100 * r["cells"]["accuracy"]["mean"] for r in rows]
             stds = [100 * r["cells"]["accuracy"]["std"] for r in rows]
             axis.errorbar([r["setting"].split(":")[0] for r in rows], means, yerr=stds, label=variant, capsize=3)
-        axis.set_title(table["corpus"])
+        axis.axhline(100 / table["classes"], color="grey", linestyle=":", linewidth=1, label="chance")
+        axis.set_title(CORPUS_NAMES[table["corpus"]])
         axis.set_xlabel("labels per class")
         axis.set_ylabel("test accuracy %")
         axis.legend(fontsize=7)

@@ -65,6 +65,13 @@ def test_every_table_carries_the_tfidf_baseline_and_real_text_has_its_own_table(
     assert [t["claim"] for t in results["tables"] if t["corpus"] == "stdlib"] == ["C1"]
 
 
+def test_labels_per_class_picture_is_drawn_when_matplotlib_is_installed(tiny_run):
+    pytest.importorskip("matplotlib")  # optional dependency: without it only the tables are written
+    out, _ = tiny_run
+    with open(os.path.join(out, "labels_per_class.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
 def test_markdown_runs_and_snapshots_are_written(tiny_run):
     out, results = tiny_run
     markdown = open(os.path.join(out, "results.md"), encoding="utf-8").read()
