@@ -97,6 +97,19 @@ PLANS["task-choices"] = {
     "task_choice_steps": {"toy": 1500, "stdlib": None},
 }
 
+# Real text only, pre-trained twice as long as the full plan (40000 steps, ~20 CPU minutes):
+# where on the budget curve, if anywhere, pre-training starts to beat scratch and counting words.
+PLANS["real-text"] = {
+    **PLANS["full"],
+    "seeds": 3,
+    "corpora": ["stdlib"],
+    "pretrain_steps": {"toy": None, "stdlib": 40000},
+    "snapshot_steps": {"toy": [], "stdlib": [5000, 10000, 20000, 30000]},
+    "task_choice_steps": {"toy": None, "stdlib": None},
+    "tables": {"toy": [], "stdlib": ["C1", "C4", "C6"]},
+    "c1_variants": {"toy": [], "stdlib": ["scratch", "head", "full"]},
+}
+
 # Default learning rates of fine-tuning: train.DEFAULT_FINETUNE_LR (head 1e-3, full 3e-4).
 HEAD_LR, FULL_LR = train.DEFAULT_FINETUNE_LR["head"], train.DEFAULT_FINETUNE_LR["none"]
 CLASSIFIER_MAX_LENGTH = 64   # tokens per labeled text, [CLS] and [SEP] included
