@@ -39,8 +39,9 @@ import train
 from data import InputError
 
 # ----------------------------------------------------------------------------------------
-# The plans. Pre-training dominates the time: toy 2500 steps x 64 sequences is ~6 CPU
-# minutes, stdlib 3000 steps x 8 sequences ~2 (one core). Fine-tuning runs take seconds.
+# The plans. Pre-training dominates the time: on one core, toy 2500 steps x 64 sequences take
+# ~4 minutes, stdlib 10000 steps x 8 sequences ~4-5. Fine-tuning runs take seconds. Measured
+# wall-clock (README): quick 10 minutes, task-choices 8, real-text 22, full 75.
 # ----------------------------------------------------------------------------------------
 
 PLANS = {
@@ -71,8 +72,10 @@ PLANS = {
 }
 # The quick plan: the same protocol, smaller (3 seeds, ~120 fine-tuning steps per run), to fit
 # 15 minutes on 2 CPU cores. Not less toy pre-training: at 2000 steps (held-out MLM loss 1.85)
-# the toy world's C1 gain is mostly not there yet, at 2500 (1.54) it is -- see C6's table. Real text gets C1 and C6's
-# budget sweep; C6's task choices (MLM only, 30% masking, 100% [MASK]) run only in the full plan.
+# the toy world's C1 gain is mostly not there yet, at 2500 (1.54) it is -- see C6's table. Real
+# text gets C1 and C6's budget sweep, at a budget too small for a gain (that is the real-text
+# plan's job); C6's task choices (MLM only, 30% masking, 100% [MASK]) run in the full and
+# task-choices plans.
 PLANS["quick"] = {
     **PLANS["full"],
     "seeds": 3,
@@ -97,7 +100,7 @@ PLANS["task-choices"] = {
     "task_choice_steps": {"toy": 1500, "stdlib": None},
 }
 
-# Real text only, pre-trained twice as long as the full plan (40000 steps, ~20 CPU minutes):
+# Real text only, pre-trained twice as long as the full plan (40000 steps, 15 CPU minutes):
 # where on the budget curve, if anywhere, pre-training starts to beat scratch and counting words.
 PLANS["real-text"] = {
     **PLANS["full"],

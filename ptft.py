@@ -221,10 +221,10 @@ def build_parser():
                             "standard library's docstrings: one table per claim (C1-C6), each cell mean ± std "
                             "over seeds, with a TF-IDF + logistic-regression baseline. Writes OUT/results.json, "
                             "OUT/results.md and OUT/runs.jsonl (one line per finished run).")
-    p.add_argument("--quick", action="store_true", help="the reduced plan (about 15 minutes on 2 CPU cores)")
+    p.add_argument("--quick", action="store_true", help="the reduced plan (about 10 minutes on 2 CPU cores; at most 15)")
     p.add_argument("--seeds", type=int, help="seeds per cell (default: the plan's: 5 for full, 3 for the others)")
     p.add_argument("--plan", default="full", choices=sorted(experiments.PLANS),
-                   help="full (every table, both corpora, 5 seeds; about FULLTIME on 2 CPU cores), quick (= --quick), "
+                   help="full (every table, both corpora, 5 seeds; about 75 minutes on 2 CPU cores), quick (= --quick), "
                    "real-text (the stdlib docstrings pre-trained 40000 steps: where real text's gain appears; "
                    "about 22 minutes), task-choices (C6's pre-training task variants on the toy world, which quick "
                    "leaves out; about 8 minutes)")
