@@ -91,7 +91,7 @@ PLANS["quick"] = {
     "forgetting_batches": 4,
 }
 
-# C6's task choices alone, on the toy world (about 10 minutes on 2 CPU cores): what the quick plan
+# C6's task choices alone, on the toy world (about 8 minutes on 2 CPU cores): what the quick plan
 # leaves out, pre-trained 1500 steps each as in the full plan.
 PLANS["task-choices"] = {
     **PLANS["quick"],
@@ -481,16 +481,16 @@ def run(out="runs/experiments", plan_name="quick", seeds=None, resume=False, for
     for corpus in plan["corpora"]:
         corpus_started = time.time()
         task = toy_task(plan["toy_documents"], plan["toy_labeled"]) if corpus == "toy" else stdlib_task(plan["stdlib_max_documents"])
+        num_classes = len({y for _, y in task["train"]})
         log(f"[{corpus}] {len(task['unlabeled'])} unlabeled documents, {len(task['train'])} labeled for training, "
-            f"{len(task['test'])} for testing, {len({y for _, y in task['train']})} classes")
+            f"{len(task['test'])} for testing, {num_classes} classes")
         encoders = pretrain_encoders(out, corpus, task, plan, resume, log)
         results["pretraining"][corpus] = {name: {"held_out_mlm_loss": loss, "seconds": seconds}
                                           for name, (_, loss, seconds) in encoders.items() if seconds is not None}
         loaded = {name: Loaded(path, plan) for name, (path, _, _) in encoders.items()}
         num_layers = loaded["final"].config.num_layers
         for claim, title, rows in tables_for(corpus, plan, task, encoders, num_layers):
-            table = {"claim": claim, "title": title, "corpus": corpus, "classes": len({y for _, y in task["train"]}),
-                     "rows": []}
+            table = {"claim": claim, "title": title, "corpus": corpus, "classes": num_classes, "rows": []}
             for setting, spec in rows:
                 outcomes = []
                 for seed in range(plan["seeds"]):

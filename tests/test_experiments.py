@@ -65,6 +65,21 @@ def test_every_table_carries_the_tfidf_baseline_and_real_text_has_its_own_table(
     assert [t["claim"] for t in results["tables"] if t["corpus"] == "stdlib"] == ["C1"]
 
 
+@pytest.mark.parametrize("name", sorted(experiments.PLANS))
+def test_every_plan_can_run_to_its_end(name):
+    """What would otherwise fail only after the pre-training: C6's reference encoder for the task
+    choices must be a snapshot (or the end) of the main run; snapshots lie inside it."""
+    plan = experiments.PLANS[name]
+    assert plan["seeds"] >= 3  # mean ± std over at least 3 seeds
+    for corpus in plan["corpora"]:
+        steps, snapshots = plan["pretrain_steps"][corpus], plan["snapshot_steps"][corpus]
+        assert all(0 < step < steps for step in snapshots)
+        choice_steps = plan["task_choice_steps"][corpus]
+        assert choice_steps is None or choice_steps == steps or choice_steps in snapshots
+        assert plan["tables"][corpus] and set(plan["tables"][corpus]) <= set(CLAIMS)
+        assert set(plan["c1_variants"][corpus]) <= {"scratch", "head", "top-2", "full"}
+
+
 def test_labels_per_class_picture_is_drawn_when_matplotlib_is_installed(tiny_run):
     pytest.importorskip("matplotlib")  # optional dependency: without it only the tables are written
     out, _ = tiny_run
