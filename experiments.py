@@ -359,16 +359,16 @@ def finetune_run(spec, task, loaded, scratch_source):
 # ----------------------------------------------------------------------------------------
 
 
-def tables_for(corpus, plan, task, encoders, num_layers):
+def tables_for(corpus, plan, task, encoders, num_layers, num_classes):
     k = plan["k"]
-    epochs = epochs_for(k * len({y for _, y in task["train"]}), plan)
+    epochs = epochs_for(k * num_classes, plan)
 
     def finetune_spec(**changes):
         spec = dict(method="finetune", corpus=corpus, encoder="final", k=k, freeze="none", lr=FULL_LR,
                     epochs=epochs, schedule="cosine", warmup=0.1, l2_sp=0.0, aux_mlm=0.0, layer_lr_decay=1.0)
         spec.update(changes)
         if spec["k"] != k and "epochs" not in changes:
-            size = len(task["train"]) if spec["k"] == "all" else spec["k"] * len({y for _, y in task["train"]})
+            size = len(task["train"]) if spec["k"] == "all" else spec["k"] * num_classes
             spec["epochs"] = epochs_for(size, plan)
         return spec
 
@@ -489,7 +489,7 @@ def run(out="runs/experiments", plan_name="quick", seeds=None, resume=False, for
                                           for name, (_, loss, seconds) in encoders.items() if seconds is not None}
         loaded = {name: Loaded(path, plan) for name, (path, _, _) in encoders.items()}
         num_layers = loaded["final"].config.num_layers
-        for claim, title, rows in tables_for(corpus, plan, task, encoders, num_layers):
+        for claim, title, rows in tables_for(corpus, plan, task, encoders, num_layers, num_classes):
             table = {"claim": claim, "title": title, "corpus": corpus, "classes": num_classes, "rows": []}
             for setting, spec in rows:
                 outcomes = []
