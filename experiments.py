@@ -3,7 +3,7 @@
     python ptft.py experiments --quick        (or: python experiments.py --quick)
 
 Two corpora, the same protocol on each:
-  toy     the embedded toy world (data.toy_world): which of 8 topics a sentence is about.
+  toy     the embedded toy world (toyworld.toy_world): which of 8 topics a sentence is about.
   stdlib  real text: the docstrings of Python's standard library. The task: which of 8 areas of
           the library (GUI, concurrency, mail, web, imports, numbers, testing, files) a
           docstring documents. Train and test are split BY SOURCE FILE (no file in both), and
@@ -24,24 +24,25 @@ Outputs in OUT:
 PLANS below is the only knob: the sizes of the full and the quick run (tests shrink a copy).
 """
 
-import argparse
 import json
 import math
 import os
-import sys
 import time
 
 import numpy as np
 import torch
 
 import data
+import options
+import toyworld
 import train
-from data import InputError
+from checkpoint import open_model, prepare_out_folder, write_json
+from options import FinetuneOptions, PretrainOptions, Remedies
+from tokenizer import InputError, split_words
 
 # ----------------------------------------------------------------------------------------
-# The plans. Pre-training dominates the time: on one core, toy 2500 steps x 64 sequences take
-# ~4 minutes, stdlib 10000 steps x 8 sequences ~4-5. Fine-tuning runs take seconds. Measured
-# wall-clock (README): quick 10 minutes, task-choices 8, real-text 22, full 75.
+# The plans. Pre-training dominates the time; fine-tuning runs take seconds. Each plan's
+# wall-clock, measured and with its machine, is in docs/claims.md.
 # ----------------------------------------------------------------------------------------
 
 PLANS = {
@@ -70,9 +71,9 @@ PLANS = {
         forgetting_batches=8,
     ),
 }
-# The quick plan: the same protocol, smaller (3 seeds, ~120 fine-tuning steps per run), to fit
-# 15 minutes on 2 CPU cores. Not less toy pre-training: at 2000 steps (held-out MLM loss 1.85)
-# the toy world's C1 gain is mostly not there yet, at 2500 (1.54) it is -- see C6's table. Real
+# The quick plan: the same protocol, smaller (3 seeds, ~120 fine-tuning steps per run), sized
+# for a quarter of an hour on 2 CPU cores. Not less toy pre-training: before ~2500 steps the toy
+# world's C1 gain is mostly not there yet (C6's budget table shows the knee). Real
 # text gets C1 and C6's budget sweep, at a budget too small for a gain (that is the real-text
 # plan's job); C6's task choices (MLM only, 30% masking, 100% [MASK]) run in the full and
 # task-choices plans.
@@ -91,7 +92,7 @@ PLANS["quick"] = {
     "forgetting_batches": 4,
 }
 
-# C6's task choices alone, on the toy world (about 8 minutes on 2 CPU cores): what the quick plan
+# C6's task choices alone, on the toy world: what the quick plan
 # leaves out, pre-trained 1500 steps each as in the full plan.
 PLANS["task-choices"] = {
     **PLANS["quick"],
@@ -100,7 +101,7 @@ PLANS["task-choices"] = {
     "task_choice_steps": {"toy": 1500, "stdlib": None},
 }
 
-# Real text only, pre-trained twice as long as the full plan (40000 steps, 15 CPU minutes):
+# Real text only, pre-trained twice as long as the full plan (40000 steps):
 # where on the budget curve, if anywhere, pre-training starts to beat scratch and counting words.
 PLANS["real-text"] = {
     **PLANS["full"],
@@ -113,12 +114,11 @@ PLANS["real-text"] = {
     "c1_variants": {"toy": [], "stdlib": ["scratch", "head", "full"]},
 }
 
-# Default learning rates of fine-tuning: train.DEFAULT_FINETUNE_LR (head 1e-3, full 3e-4).
-HEAD_LR, FULL_LR = train.DEFAULT_FINETUNE_LR["head"], train.DEFAULT_FINETUNE_LR["none"]
+# Default learning rates of fine-tuning: options.DEFAULT_FINETUNE_LR (head 1e-3, full 3e-4).
+HEAD_LR, FULL_LR = options.DEFAULT_FINETUNE_LR["head"], options.DEFAULT_FINETUNE_LR["none"]
 CLASSIFIER_MAX_LENGTH = 64   # tokens per labeled text, [CLS] and [SEP] included
 MLM_MAX_LENGTH = 64          # tokens per pre-training / forgetting sequence
 AUX_BATCH_SIZE = 8           # unlabeled sequences per fine-tuning step with --aux-mlm
-DEVICE = train.pick_device("auto")
 
 # ----------------------------------------------------------------------------------------
 # The two tasks
@@ -175,7 +175,7 @@ def stdlib_task(max_documents=None, test_fraction=0.3):
 def toy_task(num_documents, labeled_per_class):
     """The toy world: pre-train on its unlabeled documents; its train + valid sentences are the
     pool the k labeled examples are drawn from; its test sentences are the test set."""
-    world = data.toy_world(seed=0, num_documents=num_documents, labeled_per_class=labeled_per_class)
+    world = toyworld.toy_world(seed=0, num_documents=num_documents, labeled_per_class=labeled_per_class)
     return {"unlabeled": world["unlabeled"], "train": world["train"] + world["valid"], "test": world["test"]}
 
 
@@ -203,9 +203,9 @@ def tfidf_logistic_regression(train_texts, train_labels, test_texts, num_classes
         tfidf(w, x) = count(w in x) * (ln((1 + n) / (1 + df(w))) + 1),  each row scaled to length 1
 
     n: training texts, df(w): training texts containing w. Words: the same basic tokenizer as
-    BERT's (data.split_words). The classifier: softmax(W x + b), cross-entropy + l2 * ||W||^2,
+    BERT's (tokenizer.split_words). The classifier: softmax(W x + b), cross-entropy + l2 * ||W||^2,
     full-batch Adam -- a convex problem, so the optimizer matters little."""
-    train_words = [data.split_words(text) for text in train_texts]
+    train_words = [split_words(text) for text in train_texts]
     document_frequency = {}
     for words in train_words:
         for word in set(words):
@@ -233,14 +233,14 @@ def tfidf_logistic_regression(train_texts, train_labels, test_texts, num_classes
         loss.backward()
         optimizer.step()
     with torch.no_grad():
-        return (features([data.split_words(text) for text in test_texts]) @ weight + bias).argmax(-1).numpy()
+        return (features([split_words(text) for text in test_texts]) @ weight + bias).argmax(-1).numpy()
 
 
 # ----------------------------------------------------------------------------------------
 # Pre-training runs (one per corpus, plus C6's task-choice variants)
 # ----------------------------------------------------------------------------------------
 
-# C6's task choices: pretrain() keyword arguments that differ from the standard recipe
+# C6's task choices: PretrainOptions fields that differ from the standard recipe
 # (MLM + NSP, 15% of tokens selected, 80/10/10 [MASK]/random/unchanged).
 TASK_CHOICES = {
     "mlm-only": dict(nsp=False),
@@ -267,11 +267,11 @@ def pretrain_encoders(out, corpus, task, plan, resume, log):
         if not (resume and os.path.exists(os.path.join(path, "metrics.json"))):
             log(f"[{corpus}] pre-training '{name}' for {run_steps} steps {choice or ''}")
             # no dropout: at these budgets the model under-fits; dropout would only slow it down
-            train.pretrain(path, [unlabeled_path], steps=run_steps, batch_size=plan["pretrain_batch_size"][corpus],
-                           max_length=MLM_MAX_LENGTH, lr=1e-3, dropout=0.0, save_every=0,
-                           vocab_size=2048 if corpus == "toy" else 8192, eval_every=plan["eval_every"][corpus],
-                           snapshot_steps=snapshots if name == "final" else (), force=True, log=log, progress=False,
-                           **choice)
+            recipe = PretrainOptions(corpus=[unlabeled_path], steps=run_steps, batch_size=plan["pretrain_batch_size"][corpus],
+                                     max_length=MLM_MAX_LENGTH, lr=1e-3, dropout=0.0, save_every=0,
+                                     vocab_size=2048 if corpus == "toy" else 8192, eval_every=plan["eval_every"][corpus],
+                                     snapshot_steps=tuple(snapshots) if name == "final" else (), **choice)
+            train.pretrain(path, recipe, force=True, log=log, progress=False)
         with open(os.path.join(path, "metrics.json")) as f:
             metrics = json.load(f)
         encoders[name] = (os.path.join(path, "checkpoint.pt"), metrics["held_out_mlm_loss"], metrics["seconds"])
@@ -294,26 +294,32 @@ def epochs_for(num_examples, plan, batch_size=16):
 
 
 class Loaded:
-    """A pre-trained checkpoint, opened once: config, tokenizer, weights, and its unlabeled text
-    (train.unlabeled_text): held-out batches measure forgetting, the rest feeds --aux-mlm."""
+    """A pre-trained checkpoint, opened once: config, tokenizer, weights and, with
+    forgetting_batches > 0, its unlabeled text (data.pretraining_text): held-out batches
+    measure forgetting, the rest feeds --aux-mlm."""
 
-    def __init__(self, path, plan):
-        checkpoint = train.load_checkpoint(path)
-        self.config = train.checkpoint_config(checkpoint)
-        self.tokenizer = data.Tokenizer(checkpoint["vocab"], checkpoint.get("lowercase", True))
-        self.encoder_state = train.encoder_weights(checkpoint)
-        self.pretrained_state = checkpoint["model"]
-        self.training_documents, held_out_documents = train.unlabeled_text(checkpoint)
-        self.held_out = train.held_out_batches(data.encode_documents(self.tokenizer, held_out_documents), self.tokenizer,
-                                               MLM_MAX_LENGTH, use_nsp=False, batch_size=32,
-                                               num_batches=plan["forgetting_batches"])
+    def __init__(self, path, forgetting_batches=0):
+        model, self.tokenizer, checkpoint = open_model(path)
+        self.config = model.config
+        self.encoder_state = model.encoder.state_dict()
+        self.pretrained_state = model.state_dict()
+        self.training_documents, self.held_out = None, None
+        if forgetting_batches:
+            self.training_documents, held_out_documents = data.pretraining_text(checkpoint.get("run", {}).get("corpus"))
+            self.held_out = data.held_out_batches(data.encode_documents(self.tokenizer, held_out_documents), self.tokenizer,
+                                                  MLM_MAX_LENGTH, use_nsp=False, batch_size=32, num_batches=forgetting_batches)
         self.encoded_training_documents = None  # encoded when --aux-mlm first needs them
         self.rows = {}  # tokenized labeled texts -> their token ids
 
-    def aux_batches(self, seed):
-        if self.encoded_training_documents is None:
-            self.encoded_training_documents = data.encode_documents(self.tokenizer, self.training_documents)
-        return train.mlm_batch_stream(self.encoded_training_documents, self.tokenizer, AUX_BATCH_SIZE, MLM_MAX_LENGTH, seed)
+    def starting_point(self, finetune_options):
+        """train.StartingPoint: the pre-trained encoder, and the MLM parts C5 needs."""
+        aux_batches = None
+        if finetune_options.remedies.aux_mlm:
+            if self.encoded_training_documents is None:
+                self.encoded_training_documents = data.encode_documents(self.tokenizer, self.training_documents)
+            aux_batches = data.mlm_batch_stream(self.encoded_training_documents, self.tokenizer, AUX_BATCH_SIZE,
+                                                MLM_MAX_LENGTH, finetune_options.seed)
+        return train.StartingPoint(self.encoder_state, self.pretrained_state, self.held_out, aux_batches)
 
     def inputs(self, texts):
         key = tuple(texts)
@@ -322,31 +328,42 @@ class Loaded:
         return self.rows[key]
 
 
+def fine_tune_and_score(source, labeled, label_names, test_sets, finetune_options, pretrained=True):
+    """E3 on `labeled` ((text, label) pairs): from source's pre-trained encoder or, pretrained=False,
+    from a random initialisation of the same architecture and vocabulary (C1's baseline); then
+    scored on each test set (name -> (text, label) pairs). Returns (info, {name: metrics}).
+    The demo (ptft.py) and every table here fit and score their variants with this."""
+    labels = train.encode_labels([y for _, y in labeled], label_names, "train")
+    start = source.starting_point(finetune_options) if pretrained else None
+    model, info = train.fit_classifier(source.inputs([text for text, _ in labeled]), labels, len(label_names),
+                                       source.config, finetune_options, start, source.tokenizer.pad_id)
+    device = options.pick_device(finetune_options.device)
+    scores = {name: train.classify(model, source.inputs([text for text, _ in examples]),
+                                   train.encode_labels([y for _, y in examples], label_names, name), device,
+                                   pad_id=source.tokenizer.pad_id)
+              for name, examples in test_sets.items() if examples}
+    return info, scores
+
+
 def finetune_run(spec, task, loaded, scratch_source):
     """One line of runs.jsonl: fine-tune per spec, score on the task's test set."""
     label_names = sorted({y for _, y in task["train"]})
     labeled = draw_labeled(task["train"], spec["k"], spec["seed"])
-    train_texts = [text for text, _ in labeled]
-    train_labels = train.encode_labels([y for _, y in labeled], label_names, "train")
-    test_texts = [text for text, _ in task["test"]]
-    test_labels = train.encode_labels([y for _, y in task["test"]], label_names, "test")
     if spec["method"] == "tfidf":
         started = time.time()
-        predictions = tfidf_logistic_regression(train_texts, train_labels, test_texts, len(label_names))
+        train_labels = train.encode_labels([y for _, y in labeled], label_names, "train")
+        test_labels = train.encode_labels([y for _, y in task["test"]], label_names, "test")
+        predictions = tfidf_logistic_regression([text for text, _ in labeled], train_labels,
+                                                [text for text, _ in task["test"]], len(label_names))
         return {"accuracy": float(np.mean(predictions == np.array(test_labels))), "seconds": time.time() - started}
+    recipe = FinetuneOptions(freeze=spec["freeze"], epochs=spec["epochs"], lr=spec["lr"], warmup_fraction=spec["warmup"],
+                             schedule=spec["schedule"], seed=spec["seed"],
+                             remedies=Remedies(spec["l2_sp"], spec["aux_mlm"], spec["layer_lr_decay"]))
     # scratch: the same architecture and vocabulary, a random initialisation (C1's baseline)
-    source = scratch_source if spec["encoder"] == "scratch" else loaded
     pretrained = spec["encoder"] != "scratch"
-    model, info = train.fit_classifier(
-        source.inputs(train_texts), train_labels, len(label_names), source.config,
-        encoder_state=source.encoder_state if pretrained else None, freeze=spec["freeze"], epochs=spec["epochs"],
-        lr=spec["lr"], warmup_fraction=spec["warmup"], schedule=spec["schedule"], seed=spec["seed"],
-        device=DEVICE, pad_id=source.tokenizer.pad_id, l2_sp=spec["l2_sp"], aux_mlm=spec["aux_mlm"],
-        layer_lr_decay=spec["layer_lr_decay"], pretrained_state=source.pretrained_state if pretrained else None,
-        aux_batches=source.aux_batches(spec["seed"]) if spec["aux_mlm"] else None,
-        held_out=source.held_out if pretrained else None)
-    metrics = train.classify(model, source.inputs(test_texts), test_labels, DEVICE, pad_id=source.tokenizer.pad_id)
-    result = {"accuracy": metrics["accuracy"], "seconds": info["seconds"],
+    info, scores = fine_tune_and_score(loaded if pretrained else scratch_source, labeled, label_names,
+                                       {"test": task["test"]}, recipe, pretrained)
+    result = {"accuracy": scores["test"]["accuracy"], "seconds": info["seconds"],
               "trainable_parameters": info["trainable_parameters"]}
     for key in ("mlm_loss_before", "mlm_loss_after", "forgetting"):
         if key in info:
@@ -466,7 +483,7 @@ def run(out="runs/experiments", plan_name="quick", seeds=None, resume=False, for
         if seeds < 1:
             raise InputError(f"--seeds must be positive, got {seeds}")
         plan["seeds"] = seeds
-    train.prepare_out_folder(out, resume, force)
+    prepare_out_folder(out, resume, force)
     started = time.time()
     runs_path = os.path.join(out, "runs.jsonl")
     finished = {}
@@ -477,7 +494,8 @@ def run(out="runs/experiments", plan_name="quick", seeds=None, resume=False, for
                     record = json.loads(line)
                     finished[record["key"]] = record["result"]
         log(f"resuming: {len(finished)} runs already in {runs_path}")
-    results = {"plan": plan_name, "settings": plan, "device": str(DEVICE), "pretraining": {}, "tables": []}
+    results = {"plan": plan_name, "settings": plan, "device": str(options.pick_device("auto")), "pretraining": {},
+               "tables": []}
     for corpus in plan["corpora"]:
         corpus_started = time.time()
         task = toy_task(plan["toy_documents"], plan["toy_labeled"]) if corpus == "toy" else stdlib_task(plan["stdlib_max_documents"])
@@ -487,7 +505,7 @@ def run(out="runs/experiments", plan_name="quick", seeds=None, resume=False, for
         encoders = pretrain_encoders(out, corpus, task, plan, resume, log)
         results["pretraining"][corpus] = {name: {"held_out_mlm_loss": loss, "seconds": seconds}
                                           for name, (_, loss, seconds) in encoders.items() if seconds is not None}
-        loaded = {name: Loaded(path, plan) for name, (path, _, _) in encoders.items()}
+        loaded = {name: Loaded(path, plan["forgetting_batches"]) for name, (path, _, _) in encoders.items()}
         num_layers = loaded["final"].config.num_layers
         for claim, title, rows in tables_for(corpus, plan, task, encoders, num_layers, num_classes):
             table = {"claim": claim, "title": title, "corpus": corpus, "classes": num_classes, "rows": []}
@@ -510,7 +528,7 @@ def run(out="runs/experiments", plan_name="quick", seeds=None, resume=False, for
             results["tables"].append(table)
         results["pretraining"][corpus]["wall_clock_seconds"] = time.time() - corpus_started
     results["wall_clock_seconds"] = time.time() - started
-    train.write_json(os.path.join(out, "results.json"), results)
+    write_json(os.path.join(out, "results.json"), results)
     with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as f:
         f.write(markdown(results))
     plot_labels_per_class(results, os.path.join(out, "labels_per_class.png"))
@@ -567,16 +585,16 @@ def plot_labels_per_class(results, path):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="= --plan quick")
-    parser.add_argument("--plan", choices=sorted(PLANS), default="full")
-    parser.add_argument("--seeds", type=int)
-    parser.add_argument("--out", default="runs/experiments")
-    parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--force", action="store_true")
-    args = parser.parse_args()
-    try:
-        run(args.out, "quick" if args.quick else args.plan, args.seeds, args.resume, args.force)
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    # `python experiments.py`: a tiny plan end to end in a temporary folder (about a minute on a
+    # CPU) -- every table, with numbers too small to mean anything. The real plans:
+    # python ptft.py experiments --plan quick|real-text|task-choices|full
+    import tempfile
+
+    tiny = {**PLANS["quick"], "corpora": ["toy"], "toy_documents": 400, "toy_labeled": (4, 2, 8),
+            "pretrain_steps": {"toy": 40, "stdlib": None}, "pretrain_batch_size": {"toy": 8, "stdlib": 8},
+            "snapshot_steps": {"toy": [20], "stdlib": []}, "eval_every": {"toy": 20, "stdlib": 20},
+            "task_choice_steps": {"toy": 20, "stdlib": None}, "labels_per_class": [2], "k": 2,
+            "finetune_steps": 2, "max_epochs": 2, "epoch_grid": [1, 2], "lr_grid": [1e-3], "forgetting_batches": 1}
+    with tempfile.TemporaryDirectory() as folder:
+        results = run(folder, "tiny", plan=tiny, force=True, log=lambda *a: None)
+        print(markdown(results))

@@ -5,7 +5,7 @@ pytorch_model.bin from older releases), vocab.txt and usually tokenizer_config.j
 encoder is BERT's computation exactly (tests/test_hf.py checks every output against
 `transformers`), so reading such a folder is only a matter of names:
 
-    load(folder)              -> a checkpoint dict shaped like ptft's own (model, config, vocab, ...)
+    read_folder(folder)       -> the parts of a checkpoint (checkpoint.load_checkpoint makes the dict)
     export(checkpoint, out)   -> the same layout back, readable by `from_pretrained`
 
 Everything else stays BERT's: the tied MLM decoder (it IS the token-embedding matrix, so the
@@ -24,9 +24,8 @@ import sys
 
 import torch
 
-import data
-from data import InputError
 from model import Classifier, Config, PreTrainingModel
+from tokenizer import CLS, MASK, PAD, SEP, UNK, InputError, Tokenizer, read_text_file
 
 # ----------------------------------------------------------------------------------------
 # Names: a `transformers` BERT state dict maps onto ours by this plain renaming table
@@ -139,7 +138,7 @@ def is_hf_folder(path):
 
 def read_json(path):
     try:
-        value = json.loads(data.read_text_file(path))
+        value = json.loads(read_text_file(path))
     except json.JSONDecodeError as error:
         raise InputError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
     if not isinstance(value, dict):
@@ -187,14 +186,14 @@ def read_tokenizer(folder):
     for key in ("tokenize_chinese_chars", "do_basic_tokenize"):
         if settings.get(key, True) is not True:
             raise InputError(f"{settings_path}: {key} = {settings[key]} is not supported")
-    return data.Tokenizer.load(vocab_path, lowercase)
+    return Tokenizer.load(vocab_path, lowercase)
 
 
-def load(folder, seed=0):
-    """A Hugging Face BERT folder -> a checkpoint dict like the ones train.py writes:
-    kind ("pretraining" or "classifier"), model (our state dict), config, vocab, lowercase,
-    labels (classifier), and `fresh`: the parts the file had no weights for, initialised the way
-    BERT initialises them (seeded) -- e.g. the MLM and NSP heads of a sentence-embedding model."""
+def read_folder(folder, seed=0):
+    """A Hugging Face BERT folder -> (kind, state dict in our names, Config, Tokenizer, extra):
+    kind is "pretraining" or "classifier"; extra holds labels (a classifier's), source, and
+    `fresh`: the parts the file had no weights for, initialised the way BERT initialises them
+    (seeded) -- e.g. the MLM and NSP heads of a sentence-embedding model."""
     config_path = os.path.join(folder, "config.json")
     hf_config = read_json(config_path)
     config = config_from_hf(hf_config, config_path)
@@ -240,12 +239,8 @@ def load(folder, seed=0):
     if any(part.startswith("encoder") and part != "encoder.pooler" for part in fresh):
         first = next(name for name in absent if not name.startswith("encoder.pooler"))
         raise InputError(f"{weights_path}: no weights for {to_hf_name(first)}; the encoder must be complete")
-    checkpoint = {"kind": "classifier" if labels else "pretraining", "model": ours, "config": config.to_dict(),
-                  "vocab": tokenizer.vocab, "lowercase": tokenizer.lowercase, "step": 0,
-                  "source": f"huggingface:{os.path.abspath(folder)}", "fresh": fresh}
-    if labels:
-        checkpoint["labels"] = labels
-    return checkpoint
+    extra = {"source": f"huggingface:{os.path.abspath(folder)}", "fresh": fresh, **({"labels": labels} if labels else {})}
+    return ("classifier" if labels else "pretraining"), ours, config, tokenizer, extra
 
 
 # ----------------------------------------------------------------------------------------
@@ -275,11 +270,11 @@ def export(checkpoint, out):
         save_file(state, os.path.join(partial, "model.safetensors"), metadata={"format": "pt"})
     except ImportError:  # safetensors is in requirements.txt; without it, the older .bin layout
         torch.save(state, os.path.join(partial, "pytorch_model.bin"))
-    data.Tokenizer(checkpoint["vocab"], checkpoint.get("lowercase", True)).save(os.path.join(partial, "vocab.txt"))
+    Tokenizer.from_checkpoint(checkpoint).save(os.path.join(partial, "vocab.txt"))
     with open(os.path.join(partial, "tokenizer_config.json"), "w", encoding="utf-8") as f:
         json.dump({"tokenizer_class": "BertTokenizer", "do_lower_case": checkpoint.get("lowercase", True),
-                   "model_max_length": config.max_positions, "unk_token": data.UNK, "sep_token": data.SEP,
-                   "pad_token": data.PAD, "cls_token": data.CLS, "mask_token": data.MASK}, f, indent=2)
+                   "model_max_length": config.max_positions, "unk_token": UNK, "sep_token": SEP,
+                   "pad_token": PAD, "cls_token": CLS, "mask_token": MASK}, f, indent=2)
     if os.path.isdir(out):
         os.rmdir(out)  # prepare_out_folder left it empty (or it did not exist)
     os.replace(partial, out)
@@ -289,12 +284,12 @@ if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: python hf.py HF_FOLDER   (shows how a Hugging Face BERT folder maps onto ptft)")
     try:
-        loaded = load(sys.argv[1])
+        kind, state, config, tokenizer, extra = read_folder(sys.argv[1])
     except InputError as error:
         sys.exit(f"error: {error}")
-    print(f"kind: {loaded['kind']}  vocab: {len(loaded['vocab'])}  lowercase: {loaded['lowercase']}")
-    print(f"config: {Config(**loaded['config'])}")
-    print(f"initialised fresh (no weights in the file): {', '.join(loaded['fresh']) or 'nothing'}")
-    for name, value in list(loaded["model"].items())[:8]:
+    print(f"kind: {kind}  vocab: {len(tokenizer)}  lowercase: {tokenizer.lowercase}")
+    print(f"config: {config}")
+    print(f"initialised fresh (no weights in the file): {', '.join(extra['fresh']) or 'nothing'}")
+    for name, value in list(state.items())[:8]:
         print(f"  {to_hf_name(name):55s} -> {name} {tuple(value.shape)}")
-    print(f"  ... {len(loaded['model'])} tensors in all")
+    print(f"  ... {len(state)} tensors in all")

@@ -8,12 +8,14 @@ with three heads on top:
     NSP head         (B2)      predicts whether segment B follows segment A
     classifier head  (B4, E3)  the task head that fine-tuning puts in place of the above
 
-Equation numbers (E1-E4, B1-B4, C1-C8) refer to ../shared/seed/digest.md and to the
-equation index in README.md.
+Equation numbers (E1-E4, B1-B4) refer to docs/equations.md, which writes each one out.
 
 Tensor shape legend used in comments:
     B batch size, T sequence length, H hidden size, h heads, d = H / h per-head size,
     V vocabulary size, I intermediate (feed-forward) size, N number of masked tokens.
+
+The reading path comes first; the two speed devices (a faster dropout mask on the CPU, and
+when the fused attention kernel is used) are set apart at the end of the file.
 
 Run `python model.py` for a self-check.
 """
@@ -80,30 +82,6 @@ def make_config(preset, **overrides):
 # ----------------------------------------------------------------------------------------
 
 
-class Dropout(nn.Module):
-    """Dropout: in training, zero each entry with probability p and scale the others by 1/(1-p)
-    (so the expected value is unchanged); in eval, the identity. nn.Dropout's result, with the
-    random mask drawn faster on the CPU: bernoulli_ makes one random number per entry and took
-    30% of a training step at `small`; here one 64-bit random number gives four 16-bit uniforms
-    (2-3x faster). p is rounded to a multiple of 1/65536 (0.1 -> 0.100006). Elsewhere
-    (CUDA, MPS: fast generators) it is F.dropout itself."""
-
-    def __init__(self, p):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x):
-        if not self.training or self.p == 0:
-            return x
-        if x.device.type != "cpu":
-            return F.dropout(x, self.p, training=True)
-        count = x.numel()
-        random_bits = torch.randint(-2 ** 63, 2 ** 63 - 1, ((count + 3) // 4,), dtype=torch.int64)
-        uniform = random_bits.view(torch.int16)[:count].view(x.shape)  # each in [-32768, 32768)
-        keep = uniform >= round(self.p * 65536) - 32768                  # P(keep) = 1 - p
-        return x * keep / (1 - self.p)
-
-
 class Embeddings(nn.Module):
     """token + learned position + segment embeddings -> LayerNorm -> dropout."""
 
@@ -145,20 +123,17 @@ class SelfAttention(nn.Module):
         # x: (B, T, H); additive_mask: (B, 1, 1, T), 0 where a key is a real token and a very
         # negative number where it is padding, so that padding gets probability ~0 (exp(-big)).
         q, k, v = self.split_heads(self.query(x)), self.split_heads(self.key(x)), self.split_heads(self.value(x))
-        # On the CPU, SDPA has no fused kernel with dropout (it falls back to these same lines,
-        # with a slower dropout): training with attention dropout there takes the explicit path.
-        fused_kernel_exists = not (self.training and self.attention_dropout.p > 0 and x.device.type == "cpu")
-        if self.use_sdpa and fused_kernel_exists:
-            # The same formula in one fused kernel (tested equal to the explicit path).
-            dropout_p = self.attention_dropout.p if self.training else 0.0
-            context = F.scaled_dot_product_attention(q, k, v, attn_mask=additive_mask, dropout_p=dropout_p)
-        else:
+        if not (self.use_sdpa and fused_attention_applies(self, x)):
             # scores[b, head, i, j] = q_i . k_j / sqrt(d) + mask_j          (B, h, T, T)
             scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_size) + additive_mask
             # each query's weights over the keys sum to one                (B, h, T, T)
             probabilities = self.attention_dropout(scores.softmax(dim=-1))
             # weighted sum of the values                                   (B, h, T, d)
             context = probabilities @ v
+        else:
+            # the same formula in one fused kernel (tests/test_model.py checks it equals the lines above)
+            dropout_p = self.attention_dropout.p if self.training else 0.0
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=additive_mask, dropout_p=dropout_p)
         # concatenate the heads: (B, h, T, d) -> (B, T, H), then mix them with W_o
         context = context.transpose(1, 2).reshape(x.shape)
         return self.output(context)
@@ -348,6 +323,44 @@ class Classifier(nn.Module):
 
 def count_parameters(module, trainable_only=False):
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+# ----------------------------------------------------------------------------------------
+# Speed devices, set apart: each gives the reading path's result, faster (tested equal)
+# ----------------------------------------------------------------------------------------
+
+
+class Dropout(nn.Module):
+    """Dropout: in training, zero each entry with probability p and scale the others by 1/(1-p)
+    (so the expected value is unchanged); in eval, the identity -- nn.Dropout's result.
+
+    Speed device: on the CPU, torch's bernoulli_ draws one random number per entry, a large
+    share of a small model's training step (docs/performance.md). Here one 64-bit random number
+    gives four 16-bit uniforms; p is rounded to a multiple of 1/65536 (0.1 -> 0.100006).
+    Elsewhere (CUDA, MPS: fast generators) it is F.dropout itself. tests/test_model.py checks
+    the kept fraction, the scaling, the gradient and the independence of neighbouring entries."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, training=True)
+        count = x.numel()
+        random_bits = torch.randint(-2 ** 63, 2 ** 63 - 1, ((count + 3) // 4,), dtype=torch.int64)
+        uniform = random_bits.view(torch.int16)[:count].view(x.shape)  # each in [-32768, 32768)
+        keep = uniform >= round(self.p * 65536) - 32768                  # P(keep) = 1 - p
+        return x * keep / (1 - self.p)
+
+
+def fused_attention_applies(attention, x):
+    """With config.attention == "sdpa", SelfAttention uses torch's fused kernel -- except when
+    training with attention dropout on the CPU: there SDPA has no fused kernel with dropout and
+    falls back to the written-out lines with torch's slower dropout, so ours are used instead."""
+    return not (attention.training and attention.attention_dropout.p > 0 and x.device.type == "cpu")
 
 
 # ----------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ pytorch_model.bin, vocab.txt) works as well as a ptft run folder.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -24,11 +25,15 @@ import time
 
 import numpy as np
 
+import bench
 import data
 import experiments
 import hf
+import toyworld
 import train
-from data import InputError
+from checkpoint import load_checkpoint, prepare_out_folder, write_json
+from options import FinetuneOptions, PretrainOptions
+from tokenizer import MASK, InputError
 
 
 # ----------------------------------------------------------------------------------------
@@ -41,11 +46,12 @@ DEMO_VARIANTS = ["scratch", "head", "top-2", "full"]  # -> --freeze: (scratch: n
 def demo(out="runs/demo", seeds=3, labels_per_class=16, pretrain_steps=2500, epochs=30,
          resume=False, force=False, device="auto"):
     """Pre-train on the toy world's unlabeled part, then fine-tune with k labels per class
-    four ways, on `seeds` different draws of the k examples and seeds, and print test accuracy."""
+    four ways, on `seeds` different draws of the k examples and seeds, and print test accuracy.
+    Fitting and scoring are the experiments' own (experiments.fine_tune_and_score)."""
     if seeds < 1 or labels_per_class < 1 or pretrain_steps < 1 or epochs < 1:
         raise InputError("--seeds, --labels-per-class, --pretrain-steps and --epochs must be positive")
-    world = data.toy_world(seed=0)
-    train.prepare_out_folder(out, resume, force)
+    world = toyworld.toy_world(seed=0)
+    prepare_out_folder(out, resume, force)
     data_folder = os.path.join(out, "data")
     os.makedirs(data_folder, exist_ok=True)
     data.write_corpus(os.path.join(data_folder, "unlabeled.txt"), world["unlabeled"])
@@ -55,68 +61,51 @@ def demo(out="runs/demo", seeds=3, labels_per_class=16, pretrain_steps=2500, epo
 
     pretrain_folder = os.path.join(out, "pretrain")
     started = time.time()
-    finished = os.path.exists(os.path.join(pretrain_folder, "metrics.json"))
-    if finished and resume:
+    # no dropout: the generated corpus is practically infinite, and a tiny model that sees
+    # each sentence about once has nothing to over-fit -- dropout would only slow it down
+    pretrain_metrics = train.pretrain(pretrain_folder, PretrainOptions(steps=pretrain_steps, dropout=0.0, device=device),
+                                      resume=resume)
+    if pretrain_metrics.get("already_finished"):
         print(f"reusing the finished pre-training in {pretrain_folder}")
-    else:
-        # no dropout: the generated corpus is practically infinite, and a tiny model that sees
-        # each sentence about once has nothing to over-fit -- dropout would only slow it down
-        train.pretrain(pretrain_folder, steps=pretrain_steps, dropout=0.0, resume=resume, device=device)
-    with open(os.path.join(pretrain_folder, "metrics.json")) as f:
-        pretrain_metrics = json.load(f)
     pretrain_seconds = time.time() - started
-    checkpoint = train.load_checkpoint(pretrain_folder)
-    config = train.checkpoint_config(checkpoint)
-    tokenizer = data.Tokenizer(checkpoint["vocab"], checkpoint["lowercase"])
-    encoder_state = train.encoder_weights(checkpoint)
-    device = train.pick_device(device)
+    source = experiments.Loaded(pretrain_folder)
 
     label_names = sorted({label for _, label in world["train"]})
-    test_rows = data.classification_inputs(tokenizer, [t for t, _ in world["test"]], config.max_positions)
-    test_labels = train.encode_labels([y for _, y in world["test"]], label_names, "test")
     results, coverage, unseen_fraction = [], [], []
-    word_topics = data.toy_word_topics()
+    word_topics = toyworld.toy_word_topics()
     for seed in range(seeds):
-        # k labeled examples per class, a different draw for every seed
-        rng = np.random.default_rng(1000 + seed)
-        chosen = []
-        for label in label_names:
-            pool = [i for i, (_, y) in enumerate(world["train"]) if y == label]
-            chosen += list(rng.choice(pool, size=min(labels_per_class, len(pool)), replace=False))
-        texts = [world["train"][i][0] for i in chosen]
-        labels = train.encode_labels([world["train"][i][1] for i in chosen], label_names, "train")
-        rows = data.classification_inputs(tokenizer, texts, config.max_positions)
+        labeled = experiments.draw_labeled(world["train"], labels_per_class, seed)  # a different draw per seed
         # C1's mechanism: how many content words do k labels per class show the classifier?
-        seen_words = {w for text in texts for w in text.split() if w in word_topics}
+        seen_words = {w for text, _ in labeled for w in text.split() if w in word_topics}
         coverage.append(len(seen_words) / len(word_topics))
-        unseen_only = [i for i, (text, _) in enumerate(world["test"])
-                       if not any(w in seen_words for w in text.split())]  # no content word seen
-        unseen_fraction.append(len(unseen_only) / len(world["test"]))
+        unseen = [(text, y) for text, y in world["test"] if not any(w in seen_words for w in text.split())]
+        unseen_fraction.append(len(unseen) / len(world["test"]))
         for variant in DEMO_VARIANTS:
-            freeze = {"scratch": "none", "full": "none"}.get(variant, variant)
-            lr = train.DEFAULT_FINETUNE_LR[freeze.split("-")[0]]
-            model, info = train.fit_classifier(
-                rows, labels, len(label_names), config,
-                encoder_state=None if variant == "scratch" else encoder_state,
-                freeze=freeze, epochs=epochs, lr=lr, seed=seed, device=device, pad_id=tokenizer.pad_id)
-            metrics = train.classify(model, test_rows, test_labels, device, pad_id=tokenizer.pad_id)
-            unseen = train.classify(model, [test_rows[i] for i in unseen_only], [test_labels[i] for i in unseen_only],
-                                    device, pad_id=tokenizer.pad_id) if unseen_only else {"accuracy": float("nan")}
+            recipe = FinetuneOptions(freeze={"scratch": "none", "full": "none"}.get(variant, variant), epochs=epochs,
+                                     seed=seed, device=device)
+            info, scores = experiments.fine_tune_and_score(source, labeled, label_names, {"test": world["test"], "unseen": unseen},
+                                                           recipe, pretrained=variant != "scratch")
             results.append({"variant": variant, "labels_per_class": labels_per_class, "seed": seed,
-                            "accuracy": metrics["accuracy"], "accuracy_unseen_words": unseen["accuracy"],
-                            "seconds": info["seconds"],
-                            "trainable_parameters": info["trainable_parameters"], "lr": lr, "epochs": epochs})
-            print(f"seed {seed}  {variant:8s} test accuracy {metrics['accuracy']:.3f}  ({info['seconds']:.1f}s)")
-    train.write_json(os.path.join(out, "results.json"), results)
-
+                            "accuracy": scores["test"]["accuracy"],
+                            "accuracy_unseen_words": scores.get("unseen", {"accuracy": float("nan")})["accuracy"],
+                            "seconds": info["seconds"], "trainable_parameters": info["trainable_parameters"],
+                            "lr": recipe.peak_lr(), "epochs": epochs})
+            print(f"seed {seed}  {variant:8s} test accuracy {scores['test']['accuracy']:.3f}  ({info['seconds']:.1f}s)")
+    write_json(os.path.join(out, "results.json"), results)
     print(f"\nPre-training: {pretrain_metrics['step']} steps, held-out MLM loss "
           f"{pretrain_metrics['held_out_mlm_loss']:.3f} (ln|V| = {pretrain_metrics['ln_vocab']:.3f} at init), "
           f"held-out NSP accuracy {pretrain_metrics.get('held_out_nsp_accuracy', float('nan')):.3f}, "
           f"{pretrain_seconds:.0f}s")
     print(f"Fine-tuning on {labels_per_class} labels per class ({labels_per_class * len(label_names)} sentences, "
-          f"{len(label_names)} topics), tested on {len(test_rows)} other sentences, {seeds} seeds. The labeled "
+          f"{len(label_names)} topics), tested on {len(world['test'])} other sentences, {seeds} seeds. The labeled "
           f"sentences contain {100 * np.mean(coverage):.0f}% of the toy world's {len(word_topics)} content words; "
           f"{100 * np.mean(unseen_fraction):.0f}% of the test sentences contain none of those.\n")
+    print_demo_table(results)
+    print(f"\nresults: {os.path.join(out, 'results.json')}")
+    return results
+
+
+def print_demo_table(results):
     print("| variant | trainable parameters | test accuracy (mean ± std) | on test sentences of unseen words | seconds per run |")
     print("|---|---|---|---|---|")
     for variant in DEMO_VARIANTS:
@@ -127,8 +116,6 @@ def demo(out="runs/demo", seeds=3, labels_per_class=16, pretrain_steps=2500, epo
               f"{100 * accuracies.mean():.1f} ± {100 * accuracies.std():.1f} | "
               f"{100 * np.nanmean(unseen):.1f} ± {100 * np.nanstd(unseen):.1f} | "
               f"{np.mean([r['seconds'] for r in rows_of_variant]):.1f} |")
-    print(f"\nresults: {os.path.join(out, 'results.json')}")
-    return results
 
 
 # ----------------------------------------------------------------------------------------
@@ -166,7 +153,7 @@ def build_parser():
     p.add_argument("--init", help="continue pre-training this run folder or Hugging Face BERT folder (its size and vocabulary)")
     p.add_argument("--steps", type=int, default=2000, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=64, help="sequences per step (per micro-batch with --accum)")
-    p.add_argument("--accum", type=int, default=1, help="micro-batches accumulated per step")
+    p.add_argument("--accum", dest="accumulation", type=int, default=1, help="micro-batches accumulated per step")
     p.add_argument("--max-length", type=int, default=64, help="tokens per sequence, [CLS] and [SEP]s included")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (linear warmup, then cosine decay)")
     p.add_argument("--warmup-steps", type=int, help="warmup steps (default: 5%% of --steps)")
@@ -175,7 +162,7 @@ def build_parser():
     p.add_argument("--mask-token-fraction", type=float, default=0.8, help="of the selected tokens, the share set to [MASK]")
     p.add_argument("--random-token-fraction", type=float, default=0.1, help="of the selected tokens, the share set to a random token")
     p.add_argument("--snapshot-steps", type=int, nargs="*", default=[], help="also save OUT/snapshot-N.pt at these steps")
-    p.add_argument("--no-nsp", action="store_true", help="MLM only, no next-sentence prediction")
+    p.add_argument("--no-nsp", dest="nsp", action="store_false", help="MLM only, no next-sentence prediction")
     p.add_argument("--nsp-weight", type=float, default=1.0, help="lambda in L = L_MLM + lambda * L_NSP (B3)")
     p.add_argument("--precision", default="auto", help="auto (bf16 where the hardware has it, else fp32), fp32, bf16, "
                    "or fp16 (with a GradScaler; for GPUs without bf16)")
@@ -205,7 +192,7 @@ def build_parser():
     p.add_argument("--max-length", type=int, default=128, help="position-table size with --init scratch")
     p.add_argument("--schedule", default="cosine", help="after warmup: cosine (to 0) or constant (C4, C5c)")
     p.add_argument("--warmup-fraction", type=float, default=0.1, help="fraction of the steps spent warming up (0: none)")
-    p.add_argument("--l2-sp", type=float, default=0.0, metavar="LAMBDA",
+    p.add_argument("--l2-sp", dest="l2_sp", type=float, default=0.0, metavar="LAMBDA",
                    help="C5a: add LAMBDA/2 * sum ||theta - theta_0||^2, a pull toward the pre-trained weights")
     p.add_argument("--aux-mlm", type=float, default=0.0, metavar="ALPHA",
                    help="C5b: add ALPHA * MLM loss (E4) on unlabeled text, with the pre-trained MLM head")
@@ -221,13 +208,13 @@ def build_parser():
                             "standard library's docstrings: one table per claim (C1-C6), each cell mean ± std "
                             "over seeds, with a TF-IDF + logistic-regression baseline. Writes OUT/results.json, "
                             "OUT/results.md and OUT/runs.jsonl (one line per finished run).")
-    p.add_argument("--quick", action="store_true", help="the reduced plan (about 10 minutes on 2 CPU cores; at most 15)")
+    p.add_argument("--quick", action="store_true", help="= --plan quick")
     p.add_argument("--seeds", type=int, help="seeds per cell (default: the plan's: 5 for full, 3 for the others)")
     p.add_argument("--plan", default="full", choices=sorted(experiments.PLANS),
-                   help="full (every table, both corpora, 5 seeds; about 75 minutes on 2 CPU cores), quick (= --quick), "
-                   "real-text (the stdlib docstrings pre-trained 40000 steps: where real text's gain appears; "
-                   "about 22 minutes), task-choices (C6's pre-training task variants on the toy world, which quick "
-                   "leaves out; about 8 minutes)")
+                   help="full (every table, both corpora, 5 seeds), quick (the same protocol, smaller: 3 seeds, "
+                   "real text only for C1 and C6), real-text (the stdlib docstrings pre-trained 40000 steps: where "
+                   "real text's gain appears), task-choices (C6's pre-training task variants on the toy world, which "
+                   "quick leaves out); docs/claims.md gives each plan's time on a measured machine")
     p.add_argument("--out", default="runs/experiments", help="output folder")
     p.add_argument("--resume", action="store_true", help="skip the runs already in OUT/runs.jsonl")
     p.add_argument("--force", action="store_true", help="delete an existing --out folder and start over")
@@ -274,9 +261,6 @@ def build_parser():
     return parser
 
 
-SIZE_FLAGS = ("hidden_size", "num_layers", "num_heads", "intermediate_size")  # model.Config fields
-
-
 def add_size_flags(p):
     p.add_argument("--hidden-size", type=int, help="hidden size H, overriding the --config preset (not with a pre-trained --init)")
     p.add_argument("--num-layers", type=int, help="encoder layers, overriding the --config preset")
@@ -297,69 +281,102 @@ def add_device_flag(p):
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
 
 
+def options_from(options_class, args):
+    """An options dataclass (options.py) from the parsed flags, field by field name; a field that
+    is itself a dataclass (FinetuneOptions.remedies) is filled the same way."""
+    values = {}
+    for field in dataclasses.fields(options_class):
+        if dataclasses.is_dataclass(field.type):
+            values[field.name] = options_from(field.type, args)
+        elif hasattr(args, field.name):
+            values[field.name] = getattr(args, field.name)
+    return options_class(**values)
+
+
+# ----------------------------------------------------------------------------------------
+# The commands: each takes the parsed flags and prints its result
+# ----------------------------------------------------------------------------------------
+
+
+def run_pretrain(args):
+    metrics = train.pretrain(args.out, options_from(PretrainOptions, args), args.resume, args.force)
+    held_out = f", held-out {metrics['held_out_mlm_loss']:.3f}" if metrics.get("held_out_mlm_loss") is not None else ""
+    if metrics.get("already_finished"):
+        print(f"{args.out}: already finished at step {metrics['step']} (final training MLM loss "
+              f"{metrics['final_train_mlm_loss']:.3f}{held_out}); nothing to do")
+        return
+    print(f"done: final training MLM loss {metrics['final_train_mlm_loss']:.3f}{held_out} "
+          f"(ln|V| = {metrics['ln_vocab']:.3f}); {args.out}/checkpoint.pt")
+
+
+def run_finetune(args):
+    metrics = train.finetune(args.out, options_from(FinetuneOptions, args), args.force)
+    summary = {k: metrics[k] for k in ("accuracy", "macro_f1", "loss", "n", "forgetting") if k in metrics}
+    print(f"done: {json.dumps(summary)}; {args.out}/checkpoint.pt")
+
+
+def run_evaluate(args):
+    metrics = train.evaluate(args.init, args.data, args.device)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        write_json(os.path.join(args.out, "metrics.json"), metrics)
+    print(json.dumps(metrics))
+
+
+def run_fill_mask(args):
+    candidates = train.fill_mask(args.init, args.text, args.top_k, args.device, log=lambda message: print(message, file=sys.stderr))
+    for number, best in enumerate(candidates, start=1):
+        if len(candidates) > 1:
+            print(f"# {MASK} {number}")
+        for token, probability in best:
+            print(f"{token}\t{probability:.6f}")
+
+
+def run_export(args):
+    checkpoint = load_checkpoint(args.init)
+    prepare_out_folder(args.out, force=args.force)
+    hf.export(checkpoint, args.out)
+    print(f"wrote {args.out}/ (config.json, model.safetensors, vocab.txt, tokenizer_config.json): "
+          f"{'BertForSequenceClassification' if checkpoint.get('kind') == 'classifier' else 'BertForPreTraining'}")
+
+
+COMMANDS = {
+    "demo": lambda args: demo(args.out, args.seeds, args.labels_per_class, args.pretrain_steps, args.epochs,
+                              args.resume, args.force, args.device),
+    "pretrain": run_pretrain,
+    "finetune": run_finetune,
+    "evaluate": run_evaluate,
+    "fill-mask": run_fill_mask,
+    "export": run_export,
+    "experiments": lambda args: experiments.run(args.out, "quick" if args.quick else args.plan, args.seeds,
+                                                args.resume, args.force),
+    "bench": lambda args: bench.bench(args.config, args.compare_hf, args.json, args.steps, args.device, args.compile),
+}
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    if args.command is None:  # plain `python ptft.py` is the main job
-        args = build_parser().parse_args(["demo"])
-    command = args.command
-    if command == "demo":
-        demo(args.out, args.seeds, args.labels_per_class, args.pretrain_steps, args.epochs,
-             args.resume, args.force, args.device)
-    elif command == "pretrain":
-        metrics = train.pretrain(
-            args.out, args.corpus, args.config, args.init, args.steps, args.batch_size, args.max_length, args.lr,
-            args.warmup_steps, not args.no_nsp, args.nsp_weight, args.mask_probability, args.vocab_size,
-            args.accum, args.precision, args.save_every, args.eval_every, args.resume, args.force,
-            args.seed, args.device, args.attention, args.dropout, {name: getattr(args, name) for name in SIZE_FLAGS},
-            compile=args.compile, mask_token_fraction=args.mask_token_fraction,
-            random_token_fraction=args.random_token_fraction, snapshot_steps=args.snapshot_steps)
-        print(f"done: final training MLM loss {metrics['final_train_mlm_loss']:.3f}"
-              + (f", held-out {metrics['held_out_mlm_loss']:.3f}" if metrics.get("held_out_mlm_loss") else "")
-              + f" (ln|V| = {metrics['ln_vocab']:.3f}); {args.out}/checkpoint.pt")
-    elif command == "finetune":
-        metrics = train.finetune(args.out, args.init, args.train, args.valid, args.freeze, args.epochs,
-                                 args.lr, args.batch_size, args.config, args.max_length, seed=args.seed,
-                                 device=args.device, force=args.force, schedule=args.schedule,
-                                 warmup_fraction=args.warmup_fraction, l2_sp=args.l2_sp, aux_mlm=args.aux_mlm,
-                                 layer_lr_decay=args.layer_lr_decay, unlabeled=args.unlabeled,
-                                 sizes={name: getattr(args, name) for name in SIZE_FLAGS})
-        summary = {k: metrics[k] for k in ("accuracy", "macro_f1", "loss", "n", "forgetting") if k in metrics}
-        print(f"done: {json.dumps(summary)}; {args.out}/checkpoint.pt")
-    elif command == "evaluate":
-        metrics = train.evaluate(args.init, args.data, args.device)
-        if args.out:
-            os.makedirs(args.out, exist_ok=True)
-            train.write_json(os.path.join(args.out, "metrics.json"), metrics)
-        print(json.dumps(metrics))
-    elif command == "fill-mask":
-        candidates = train.fill_mask(args.init, args.text, args.top_k, args.device,
-                                     log=lambda message: print(message, file=sys.stderr))
-        for number, best in enumerate(candidates, start=1):
-            if len(candidates) > 1:
-                print(f"# {data.MASK} {number}")
-            for token, probability in best:
-                print(f"{token}\t{probability:.6f}")
-    elif command == "export":
-        checkpoint = train.load_checkpoint(args.init)
-        train.prepare_out_folder(args.out, force=args.force)
-        hf.export(checkpoint, args.out)
-        print(f"wrote {args.out}/ (config.json, model.safetensors, vocab.txt, tokenizer_config.json): "
-              f"{'BertForSequenceClassification' if checkpoint.get('kind') == 'classifier' else 'BertForPreTraining'}")
-    elif command == "experiments":
-        experiments.run(args.out, "quick" if args.quick else args.plan, args.seeds, args.resume, args.force)
-    elif command == "bench":
-        train.bench(args.config, args.compare_hf, args.json, args.steps, args.device, compile=args.compile)
+    """Run one command; returns the exit status: 0 done, 2 bad input (one line on stderr),
+    3 training diverged, 130 interrupted. Plain `python ptft.py` is the main job (demo)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            args = parser.parse_args(["demo"])
+    except SystemExit as exit:  # --help (0) or a flag argparse itself refuses (2)
+        return exit.code
+    try:
+        COMMANDS[args.command](args)
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except train.TrainingDiverged as error:
+        print(f"error: training diverged at {error}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print("interrupted; the last checkpoint written is intact (use --resume to continue)", file=sys.stderr)
+        return 130
+    return 0
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except train.TrainingDiverged as error:
-        print(f"error: training diverged at {error}", file=sys.stderr)
-        sys.exit(3)
-    except KeyboardInterrupt:
-        print("interrupted; the last checkpoint written is intact (use --resume to continue)", file=sys.stderr)
-        sys.exit(130)
+    sys.exit(main())

@@ -1,10 +1,70 @@
+"""Shared fixtures (session scope: built once for the whole suite) and the in-process CLI."""
+
 import os
 import sys
 import tempfile
 
+import pytest
+
 # the project's files are flat at the top level: make them importable from tests/
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 # pretrain caches tokenised corpora on disk (train.TOKEN_CACHE): keep the tests' cache out of
 # the user's home folder (subprocesses inherit it)
 os.environ.setdefault("PTFT_CACHE", os.path.join(tempfile.gettempdir(), f"ptft-test-cache-{os.getpid()}"))
+
+import data  # noqa: E402  (after the path and the cache are set)
+import ptft  # noqa: E402
+import toyworld  # noqa: E402
+import train  # noqa: E402
+from options import PretrainOptions  # noqa: E402
+
+
+def quiet(*args):
+    """A log function that says nothing."""
+
+
+@pytest.fixture(scope="session")
+def small_world(tmp_path_factory):
+    """A small toy world on disk and a pre-training run of a few steps on its text."""
+    folder = tmp_path_factory.mktemp("world")
+    world = toyworld.toy_world(seed=5, num_documents=200, labeled_per_class=(4, 2, 2))
+    corpus = folder / "unlabeled.txt"
+    data.write_corpus(str(corpus), world["unlabeled"])
+    metrics = train.pretrain(str(folder / "pre"), PretrainOptions(corpus=[str(corpus)], steps=40, batch_size=16,
+                                                                  max_length=32, lr=2e-3, eval_every=20, save_every=0,
+                                                                  device="cpu"), log=quiet, progress=False)
+    train_tsv, valid_tsv = folder / "train.tsv", folder / "valid.tsv"
+    data.write_tsv(str(train_tsv), world["train"])
+    data.write_tsv(str(valid_tsv), world["valid"])
+    return {"folder": folder, "pre": str(folder / "pre"), "metrics": metrics, "corpus": str(corpus),
+            "train": str(train_tsv), "valid": str(valid_tsv)}
+
+
+class CommandLine:
+    """ptft.py's main(argv) run in this process: (exit status, stdout, stderr)."""
+
+    def __init__(self, capsys):
+        self.capsys = capsys
+
+    def __call__(self, *args):
+        self.capsys.readouterr()  # forget what came before
+        status = ptft.main([str(arg) for arg in args])
+        captured = self.capsys.readouterr()
+        return status, captured.out, captured.err
+
+
+@pytest.fixture
+def cli(capsys):
+    return CommandLine(capsys)
+
+
+def assert_clear_error(result, *needles, status=2):
+    """Bad input: the given exit status, at most one line (besides a progress bar), no traceback."""
+    code, _, err = result
+    assert code == status, err
+    lines = err.strip().splitlines()
+    assert len(lines) <= 2 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err

@@ -1,10 +1,13 @@
-"""data.py as a specification: B1 masking, B2 next-sentence pairs, WordPiece, the toy world."""
+"""data.py, tokenizer.py and toyworld.py as a specification: B1 masking, B2 next-sentence pairs,
+WordPiece, the toy world."""
 
 import numpy as np
 import pytest
 
 import data
-from data import IGNORE_INDEX, IS_NEXT, NOT_NEXT, SPECIAL_TOKENS, Tokenizer
+import toyworld
+from model import IGNORE_INDEX, IS_NEXT, NOT_NEXT
+from tokenizer import SPECIAL_TOKENS, InputError, Tokenizer, split_words, train_tokenizer
 
 
 def letters_tokenizer():
@@ -94,7 +97,7 @@ def test_nsp_labels_balanced_negatives_never_the_true_next_and_segment_ids_right
     ("the [MASK] is here[SEP]", ["the", "[MASK]", "is", "here", "[SEP]"]),
 ])
 def test_basic_tokenization_follows_bert(text, expected):
-    assert data.split_words(text) == expected
+    assert split_words(text) == expected
 
 
 def test_wordpiece_greedy_longest_match_with_continuations_and_unk():
@@ -109,7 +112,7 @@ def test_wordpiece_greedy_longest_match_with_continuations_and_unk():
 def test_trained_vocabulary_round_trips_through_vocab_txt(tmp_path):
     texts = ["The quick brown fox jumps over the lazy dog.", "Pack my box with five dozen liquor jugs!",
              "Voix ambiguë d'un cœur qui, au zéphyr, préfère les jattes de kiwis.", "机器学习 is fun"] * 5
-    tokenizer = data.train_tokenizer(texts, vocab_size=120)
+    tokenizer = train_tokenizer(texts, vocab_size=120)
     assert tokenizer.vocab[:5] == SPECIAL_TOKENS and len(set(tokenizer.vocab)) == len(tokenizer.vocab)
     tokenizer.save(tmp_path / "vocab.txt")
     loaded = Tokenizer.load(str(tmp_path / "vocab.txt"))
@@ -117,37 +120,37 @@ def test_trained_vocabulary_round_trips_through_vocab_txt(tmp_path):
     for text in texts:
         assert loaded.encode(text) == tokenizer.encode(text)
         assert tokenizer.unk_id not in tokenizer.encode(text)  # every character was seen in training
-        assert tokenizer.decode(tokenizer.encode(text)).replace(" ", "") == "".join(data.split_words(text))
+        assert tokenizer.decode(tokenizer.encode(text)).replace(" ", "") == "".join(split_words(text))
 
 
 def test_toy_world_is_deterministic_and_its_parts_are_disjoint():
-    first, second = data.toy_world(seed=3, num_documents=300), data.toy_world(seed=3, num_documents=300)
+    first, second = toyworld.toy_world(seed=3, num_documents=300), toyworld.toy_world(seed=3, num_documents=300)
     assert first == second
     unlabeled = {s for d in first["unlabeled"] for s in d}
     labeled = [set(t for t, _ in first[split]) for split in ("train", "valid", "test")]
     assert not (labeled[0] & labeled[1]) and not (labeled[0] & labeled[2]) and not (labeled[1] & labeled[2])
     assert not any(part & unlabeled for part in labeled)
-    assert sorted({y for _, y in first["test"]}) == sorted(data.TOPICS)
+    assert sorted({y for _, y in first["test"]}) == sorted(toyworld.TOPICS)
 
 
 def test_read_tsv_and_corpus_report_file_and_line(tmp_path):
     path = tmp_path / "d.tsv"
     path.write_text("good text\tyes\nno tab here\n", encoding="utf-8")
-    with pytest.raises(data.InputError, match=r"d\.tsv:2: expected 'text<TAB>label'"):
+    with pytest.raises(InputError, match=r"d\.tsv:2: expected 'text<TAB>label'"):
         data.read_tsv(str(path))
     corpus = tmp_path / "c.txt"
     corpus.write_text(" \n\n\t\n", encoding="utf-8")
-    with pytest.raises(data.InputError, match="empty corpus"):
+    with pytest.raises(InputError, match="empty corpus"):
         data.read_corpus([str(corpus)])
     corpus.write_bytes(b"fine\nbad \xff byte\n")
-    with pytest.raises(data.InputError, match=r"c\.txt:2: byte 9 is not valid UTF-8"):
+    with pytest.raises(InputError, match=r"c\.txt:2: byte 9 is not valid UTF-8"):
         data.read_corpus([str(corpus)])
 
 
 def test_token_cache_returns_exactly_what_encoding_gives_and_is_keyed_by_text_and_vocab(tmp_path):
-    world = data.toy_world(seed=1, num_documents=120)
+    world = toyworld.toy_world(seed=1, num_documents=120)
     documents = world["unlabeled"] + [["", "  "]]  # a document with no tokens is dropped either way
-    tokenizer = data.train_tokenizer((s for d in documents for s in d), vocab_size=300)
+    tokenizer = train_tokenizer((s for d in documents for s in d), vocab_size=300)
     plain = data.encode_documents(tokenizer, documents)
 
     def same(a, b):
@@ -162,7 +165,7 @@ def test_token_cache_returns_exactly_what_encoding_gives_and_is_keyed_by_text_an
     changed = [list(d) for d in documents]
     changed[0][0] = changed[0][0] + " extra"
     assert same(data.encode_documents(tokenizer, changed, str(tmp_path)), data.encode_documents(tokenizer, changed))
-    other = data.train_tokenizer((s for d in documents for s in d), vocab_size=200)
+    other = train_tokenizer((s for d in documents for s in d), vocab_size=200)
     assert same(data.encode_documents(other, documents, str(tmp_path)), data.encode_documents(other, documents))
     assert len(list(tmp_path.glob("tokens-*.npz"))) == 3
     # a damaged cache file is rebuilt, not trusted

@@ -3,8 +3,6 @@ row with mean ± std; the remedies do what their formulas say; forgetting is rep
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,11 +10,14 @@ import torch
 
 import data
 import experiments
+import options
+import toyworld
 import train
-from data import InputError
+from conftest import quiet
 from model import Classifier, make_config
+from options import FinetuneOptions, Remedies
+from tokenizer import InputError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLAIMS = ["C1", "C2", "C3", "C4", "C5", "C6"]
 
 # The quick plan shrunk to seconds: a small toy world, a few pre-training steps, 2 labels per class.
@@ -28,19 +29,10 @@ TINY_PLAN = {**experiments.PLANS["quick"], "seeds": 3, "toy_documents": 300, "to
              "finetune_steps": 2, "max_epochs": 2, "epoch_grid": [1, 2], "lr_grid": [1e-3], "forgetting_batches": 1}
 
 
-@pytest.fixture(scope="module")
-def stdlib_once():
-    """Parsing the standard library takes seconds: do it once for the whole file."""
-    docstrings = data.stdlib_docstrings()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(data, "stdlib_docstrings", lambda: docstrings)
-        yield
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, stdlib_once):
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("experiments"))
-    results = experiments.run(out, plan=TINY_PLAN, log=lambda *a: None)
+    results = experiments.run(out, plan=TINY_PLAN, log=quiet)
     return out, results
 
 
@@ -102,17 +94,17 @@ def test_markdown_runs_and_snapshots_are_written(tiny_run):
     assert {"10 steps", "20 steps", "30 steps", "20 steps, MLM only (no NSP)", "20 steps, 100% [MASK] (no 80/10/10)"} <= set(budget)
 
 
-def test_resume_skips_the_finished_runs(tiny_run, stdlib_once):
+def test_resume_skips_the_finished_runs(tiny_run):
     out, results = tiny_run
     lines_before = open(os.path.join(out, "runs.jsonl")).read()
-    resumed = experiments.run(out, plan=TINY_PLAN, resume=True, log=lambda *a: None)
+    resumed = experiments.run(out, plan=TINY_PLAN, resume=True, log=quiet)
     assert open(os.path.join(out, "runs.jsonl")).read() == lines_before  # nothing ran again
     assert resumed["tables"] == results["tables"]
     with pytest.raises(InputError, match="not empty"):
-        experiments.run(out, plan=TINY_PLAN, log=lambda *a: None)  # never overwrites without --resume / --force
+        experiments.run(out, plan=TINY_PLAN, log=quiet)  # never overwrites without --resume / --force
 
 
-def test_stdlib_task_splits_by_file_and_keeps_test_text_out_of_pretraining(stdlib_once):
+def test_stdlib_task_splits_by_file_and_keeps_test_text_out_of_pretraining():
     task = experiments.stdlib_task(max_documents=1000)
     assert len({label for _, label in task["train"]}) == len(experiments.STDLIB_AREAS)
     pretraining_text = {" ".join(lines[:3]) for lines in task["unlabeled"]}
@@ -170,39 +162,43 @@ def test_layer_lr_decay_gives_lower_layers_smaller_rates():
     assert {group["lr"] for group in optimizer.param_groups} == {1e-3}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def labeled(tiny_run, tmp_path_factory):
     folder = tmp_path_factory.mktemp("labeled")
-    world = data.toy_world(seed=3, num_documents=50, labeled_per_class=(2, 1, 1))
+    world = toyworld.toy_world(seed=3, num_documents=50, labeled_per_class=(2, 1, 1))
     data.write_tsv(str(folder / "train.tsv"), world["train"])
     data.write_tsv(str(folder / "valid.tsv"), world["valid"])
     return os.path.join(tiny_run[0], "toy", "pretrain"), str(folder / "train.tsv"), str(folder / "valid.tsv")
 
 
-def test_aux_mlm_is_refused_with_a_frozen_encoder_or_without_an_mlm_head(labeled, tmp_path):
+def finetune(out, init, train_tsv, valid, **flags):
+    return train.finetune(str(out), FinetuneOptions(init=init, train=train_tsv, valid=valid, **{"device": "cpu", **flags}),
+                          log=quiet, progress=False)
+
+
+def test_aux_mlm_is_refused_with_a_frozen_encoder_or_without_an_mlm_head(labeled, tmp_path, cli):
     pre, train_tsv, valid_tsv = labeled
     with pytest.raises(InputError, match="--aux-mlm with --freeze head"):
-        train.finetune(str(tmp_path / "a"), pre, train_tsv, valid_tsv, freeze="head", aux_mlm=1.0, log=lambda *a: None)
-    command = [sys.executable, os.path.join(ROOT, "ptft.py"), "finetune", "--init", pre, "--train", train_tsv,
-               "--out", str(tmp_path / "c"), "--freeze", "head", "--aux-mlm", "1"]
-    finished = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-    assert finished.returncode == 2 and finished.stderr.count("\n") == 1 and "--aux-mlm" in finished.stderr
+        finetune(tmp_path / "a", pre, train_tsv, valid_tsv, freeze="head", remedies=Remedies(aux_mlm=1.0))
+    code, _, stderr = cli("finetune", "--init", pre, "--train", train_tsv, "--out", tmp_path / "c", "--freeze", "head",
+                          "--aux-mlm", "1")
+    assert code == 2 and stderr.count("\n") == 1 and "--aux-mlm" in stderr
     classifier = str(tmp_path / "classifier")
-    train.finetune(classifier, pre, train_tsv, valid_tsv, epochs=1, device="cpu", log=lambda *a: None, progress=False)
+    finetune(classifier, pre, train_tsv, valid_tsv, epochs=1)
     with pytest.raises(InputError, match="no pre-trained MLM head"):
-        train.finetune(str(tmp_path / "b"), classifier, train_tsv, valid_tsv, aux_mlm=1.0, log=lambda *a: None)
+        finetune(tmp_path / "b", classifier, train_tsv, valid_tsv, remedies=Remedies(aux_mlm=1.0))
 
 
 def test_finetune_reports_forgetting_when_the_init_has_an_mlm_head(labeled, tmp_path):
     pre, train_tsv, valid_tsv = labeled
     out = str(tmp_path / "ft")
-    train.finetune(out, pre, train_tsv, valid_tsv, epochs=2, lr=1e-3, l2_sp=0.01, aux_mlm=1.0, layer_lr_decay=0.5,
-                   schedule="constant", warmup_fraction=0.0, device="cpu", log=lambda *a: None, progress=False)
+    finetune(out, pre, train_tsv, valid_tsv, epochs=2, lr=1e-3, remedies=Remedies(l2_sp=0.01, aux_mlm=1.0, layer_lr_decay=0.5),
+             schedule="constant", warmup_fraction=0.0)
     metrics = json.load(open(os.path.join(out, "metrics.json")))
     assert metrics["forgetting"] == pytest.approx(metrics["mlm_loss_after"] - metrics["mlm_loss_before"])
     assert metrics["mlm_loss_after"] != metrics["mlm_loss_before"]  # the encoder did train
     scratch = str(tmp_path / "scratch")
-    train.finetune(scratch, "scratch", train_tsv, valid_tsv, epochs=1, device="cpu", log=lambda *a: None, progress=False)
+    finetune(scratch, "scratch", train_tsv, valid_tsv, epochs=1)
     assert "forgetting" not in json.load(open(os.path.join(scratch, "metrics.json")))  # no MLM head, nothing to forget
 
 

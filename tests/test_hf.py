@@ -4,8 +4,6 @@ same numbers as `transformers`; ptft's models export back; BertTokenizer's ids a
 import json
 import os
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,10 +12,10 @@ import transformers
 
 import data
 import hf
-import train
+import toyworld
+from checkpoint import load_checkpoint, open_model
 from model import IGNORE_INDEX, Classifier, Config, PreTrainingModel
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer
 
 # odd sizes on purpose: 6 heads x 16, intermediate not 4 x hidden, one head, 3 layers
 SHAPES = [dict(hidden_size=96, num_heads=6, intermediate_size=200, num_layers=2),
@@ -44,8 +42,8 @@ def perturb(model, seed, scale=0.1):
 
 
 def write_vocab(folder, size):
-    vocab = data.SPECIAL_TOKENS + [f"w{i}" for i in range(size - len(data.SPECIAL_TOKENS))]
-    data.Tokenizer(vocab).save(os.path.join(folder, "vocab.txt"))
+    vocab = SPECIAL_TOKENS + [f"w{i}" for i in range(size - len(SPECIAL_TOKENS))]
+    Tokenizer(vocab).save(os.path.join(folder, "vocab.txt"))
 
 
 def save_hf(model, folder):
@@ -96,11 +94,7 @@ def assert_same(ours, theirs, tolerance=1e-5):
 
 
 def load_ours(folder):
-    checkpoint = train.load_checkpoint(folder, log=lambda message: None)
-    model_config = Config(**checkpoint["config"])
-    model = (Classifier(model_config, len(checkpoint["labels"])) if checkpoint["kind"] == "classifier"
-             else PreTrainingModel(model_config))
-    model.load_state_dict(checkpoint["model"])
+    model, _, checkpoint = open_model(folder, log=lambda message: None)
     return model.eval(), checkpoint
 
 
@@ -148,7 +142,7 @@ def test_other_layouts_load_and_missing_heads_are_initialised_fresh(tmp_path):
     # BertModel: no "bert." prefix, no heads (a sentence-embedding checkpoint looks like this)
     encoder_only = perturb(transformers.BertModel(hf_config(config)), 1).eval()
     messages = []
-    checkpoint = train.load_checkpoint(save_hf(encoder_only, tmp_path / "bare"), log=messages.append)
+    checkpoint = load_checkpoint(save_hf(encoder_only, tmp_path / "bare"), log=messages.append)
     assert checkpoint["fresh"] == ["mlm_head", "nsp_head"]
     assert len(messages) == 1 and "initialised fresh" in messages[0] and "mlm_head" in messages[0]
     ours = PreTrainingModel(Config(**checkpoint["config"])).eval()
@@ -183,14 +177,14 @@ def test_export_opens_in_transformers_with_the_same_numbers_and_round_trips_exac
         torch.manual_seed(seed)
         ours = perturb(PreTrainingModel(config), seed).eval()
         checkpoint = {"kind": "pretraining", "model": ours.state_dict(), "config": config.to_dict(),
-                      "vocab": data.SPECIAL_TOKENS + [f"w{i}" for i in range(92)], "lowercase": True}
+                      "vocab": SPECIAL_TOKENS + [f"w{i}" for i in range(92)], "lowercase": True}
         folder = str(tmp_path / f"export{seed}")
         hf.export(checkpoint, folder)
         assert sorted(os.listdir(folder)) == ["config.json", "model.safetensors", "tokenizer_config.json", "vocab.txt"]
         theirs = transformers.BertForPreTraining.from_pretrained(folder).eval()
         batch = make_batch(config, seed)
         assert_same(ours_outputs(ours, batch), hf_outputs(theirs, batch))
-        reloaded = hf.load(folder)  # and back: every tensor bit-identical
+        reloaded = load_checkpoint(folder)  # and back: every tensor bit-identical
         assert reloaded["fresh"] == [] and reloaded["vocab"] == checkpoint["vocab"]
         assert all(torch.equal(reloaded["model"][name], value) for name, value in checkpoint["model"].items())
     classifier = perturb(Classifier(config, 4), 7).eval()
@@ -255,7 +249,7 @@ def test_tokenizer_reproduces_bert_tokenizer_ids(tmp_path):
     training_text = SENTENCES + [random_text(rng) for _ in range(3000)] + [s for d in data.stdlib_corpus()[:300] for s in d]
     samples = SENTENCES + [random_text(rng) for _ in range(1500)]
     for lowercase in (True, False):
-        vocab = data.train_tokenizer(training_text, 2000, lowercase)  # room for every character seen
+        vocab = train_tokenizer(training_text, 2000, lowercase)  # room for every character seen
         # transformers >= 5 keeps the Python tokenizer as BertTokenizerLegacy. It alone composes
         # accents first (NFC), which changes cased ids of decomposed text ("e" + U+0301); uncased
         # text is decomposed anyway, so there it must agree too.
@@ -278,13 +272,8 @@ def test_tokenizer_reproduces_bert_tokenizer_ids(tmp_path):
 # ----------------------------------------------------------------------------------------
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "ptft.py"), *map(str, args)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
-
-
-def test_fill_mask_prints_the_same_probabilities_as_transformers(tmp_path):
-    tokenizer = data.train_tokenizer(SENTENCES + [s for d in data.stdlib_corpus()[:400] for s in d], 700)
+def test_fill_mask_prints_the_same_probabilities_as_transformers(tmp_path, cli):
+    tokenizer = train_tokenizer(SENTENCES + [s for d in data.stdlib_corpus()[:400] for s in d], 700)
     config = Config(vocab_size=len(tokenizer), max_positions=64, **SHAPES[0])
     torch.manual_seed(0)
     theirs = perturb(transformers.BertForMaskedLM(hf_config(config)), 0).eval()
@@ -294,9 +283,9 @@ def test_fill_mask_prints_the_same_probabilities_as_transformers(tmp_path):
     theirs.save_pretrained(folder)
     tokenizer.save(folder / "vocab.txt")
     text = "Return the [MASK] of the list, or None."
-    result = run_cli("fill-mask", "--init", folder, text, "--top-k", 5)
-    assert result.returncode == 0, result.stderr
-    printed = [line.split("\t") for line in result.stdout.splitlines()]
+    code, stdout, stderr = cli("fill-mask", "--init", folder, text, "--top-k", 5)
+    assert code == 0, stderr
+    printed = [line.split("\t") for line in stdout.splitlines()]
     bert_tokenizer = transformers.BertTokenizer.from_pretrained(str(folder))
     encoded = bert_tokenizer(text, return_tensors="pt")
     with torch.no_grad():
@@ -307,38 +296,38 @@ def test_fill_mask_prints_the_same_probabilities_as_transformers(tmp_path):
     assert best.values[0] > 0.05  # the check above is not trivially met by near-uniform probabilities
 
 
-def test_finetune_starts_from_a_bert_folder_without_heads_and_export_round_trips(tmp_path):
+def test_finetune_starts_from_a_bert_folder_without_heads_and_export_round_trips(tmp_path, cli):
     config = Config(vocab_size=80, max_positions=64, **SHAPES[2])
     torch.manual_seed(0)
     folder = save_hf(transformers.BertModel(hf_config(config)), tmp_path / "bare")
     train_file = tmp_path / "train.tsv"
     train_file.write_text("".join(f"w{i} w{i + 1}\t{'ab'[i % 2]}\n" for i in range(20)))
-    result = run_cli("finetune", "--init", folder, "--train", train_file, "--out", tmp_path / "run",
-                     "--freeze", "head", "--epochs", 2)
-    assert result.returncode == 0, result.stderr
-    assert (result.stdout + result.stderr).count("initialised fresh") == 1
-    result = run_cli("export", "--init", tmp_path / "run", "--out", tmp_path / "exported")
-    assert result.returncode == 0, result.stderr
+    code, stdout, stderr = cli("finetune", "--init", folder, "--train", train_file, "--out", tmp_path / "run",
+                               "--freeze", "head", "--epochs", 2)
+    assert code == 0, stderr
+    assert (stdout + stderr).count("initialised fresh") == 1
+    code, _, stderr = cli("export", "--init", tmp_path / "run", "--out", tmp_path / "exported")
+    assert code == 0, stderr
     exported = transformers.BertForSequenceClassification.from_pretrained(str(tmp_path / "exported"))
     assert exported.config.id2label == {0: "a", 1: "b"}
-    result = run_cli("export", "--init", tmp_path / "run", "--out", tmp_path / "exported")
-    assert result.returncode == 2 and "not empty" in result.stderr  # nothing overwritten
+    code, _, stderr = cli("export", "--init", tmp_path / "run", "--out", tmp_path / "exported")
+    assert code == 2 and "not empty" in stderr  # nothing overwritten
 
 
 @pytest.mark.parametrize("key, value", [("hidden_act", "gelu_new"), ("position_embedding_type", "relative_key"),
                                         ("is_decoder", True), ("tie_word_embeddings", False), ("model_type", "roberta")])
-def test_configurations_ptft_cannot_compute_exactly_are_refused_in_one_line(tmp_path, key, value):
+def test_configurations_ptft_cannot_compute_exactly_are_refused_in_one_line(tmp_path, key, value, cli):
     config = Config(vocab_size=60, max_positions=32, **SHAPES[2])
     folder = save_hf(transformers.BertModel(hf_config(config)), tmp_path / "bert")
     settings = json.loads((tmp_path / "bert" / "config.json").read_text())
     settings[key] = value
     (tmp_path / "bert" / "config.json").write_text(json.dumps(settings))
-    result = run_cli("fill-mask", "--init", folder, "a [MASK]")
-    assert result.returncode == 2
-    assert result.stderr.count("\n") == 1 and key in result.stderr and "not supported" in result.stderr
+    code, _, stderr = cli("fill-mask", "--init", folder, "a [MASK]")
+    assert code == 2
+    assert stderr.count("\n") == 1 and key in stderr and "not supported" in stderr
 
 
-def test_a_released_bert_tokenizes_and_fine_tunes_from_the_command_line(tmp_path):
+def test_a_released_bert_tokenizes_and_fine_tunes_from_the_command_line(tmp_path, cli):
     """Opt-in (needs a download): PTFT_RELEASED_BERT=folder of a released BERT-architecture
     checkpoint, e.g. sentence-transformers' all-MiniLM-L6-v2 (no MLM head; BERT's uncased
     vocabulary); README says how to get it."""
@@ -358,36 +347,36 @@ def test_a_released_bert_tokenizes_and_fine_tunes_from_the_command_line(tmp_path
     masked_lm.save_pretrained(tmp_path / "mlm")
     ours.save(tmp_path / "mlm" / "vocab.txt")
     text = "The capital of France is [MASK]."
-    result = run_cli("fill-mask", "--init", tmp_path / "mlm", text, "--top-k", 5)
-    assert result.returncode == 0, result.stderr
+    code, stdout, stderr = cli("fill-mask", "--init", tmp_path / "mlm", text, "--top-k", 5)
+    assert code == 0, stderr
     encoded = theirs(text, return_tensors="pt")
     with torch.no_grad():
         best = masked_lm(**encoded).logits[encoded["input_ids"] == theirs.mask_token_id][0].softmax(-1).topk(5)
-    printed = [line.split("\t") for line in result.stdout.splitlines()]
+    printed = [line.split("\t") for line in stdout.splitlines()]
     assert [token for token, _ in printed] == theirs.convert_ids_to_tokens(best.indices.tolist())
     assert max(abs(float(p) - q) for (_, p), q in zip(printed, best.values.tolist())) < 1e-4
     # 3. the released weights fine-tune with a frozen encoder from the command line
-    world = data.toy_world(seed=0, num_documents=10)
+    world = toyworld.toy_world(seed=0, num_documents=10)
     data.write_tsv(tmp_path / "train.tsv", world["train"][:64])
     data.write_tsv(tmp_path / "valid.tsv", world["valid"][:64])
-    result = run_cli("finetune", "--init", folder, "--train", tmp_path / "train.tsv", "--valid", tmp_path / "valid.tsv",
-                     "--out", tmp_path / "run", "--freeze", "head", "--epochs", 3)
-    assert result.returncode == 0, result.stderr
+    code, _, stderr = cli("finetune", "--init", folder, "--train", tmp_path / "train.tsv", "--valid", tmp_path / "valid.tsv",
+                          "--out", tmp_path / "run", "--freeze", "head", "--epochs", 3)
+    assert code == 0, stderr
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["n"] == 64 and 0.0 <= metrics["accuracy"] <= 1.0
 
 
-def test_pretraining_continues_from_a_bert_folder_with_its_weights_and_vocabulary(tmp_path):
+def test_pretraining_continues_from_a_bert_folder_with_its_weights_and_vocabulary(tmp_path, cli):
     config = Config(vocab_size=90, max_positions=64, **SHAPES[2])
     torch.manual_seed(0)
     folder = save_hf(transformers.BertForMaskedLM(hf_config(config)), tmp_path / "mlm")
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join("\n".join(f"w{(d * 7 + s) % 80} w{s} w{d}" for s in range(4)) for d in range(30)) + "\n")
-    result = run_cli("pretrain", "--init", folder, "--corpus", corpus, "--out", tmp_path / "more",
-                     "--steps", 2, "--batch-size", 4, "--max-length", 32, "--lr", 1e-12, "--dropout", 0)
-    assert result.returncode == 0, result.stderr
+    code, _, stderr = cli("pretrain", "--init", folder, "--corpus", corpus, "--out", tmp_path / "more",
+                          "--steps", 2, "--batch-size", 4, "--max-length", 32, "--lr", 1e-12, "--dropout", 0)
+    assert code == 0, stderr
     continued = torch.load(tmp_path / "more" / "checkpoint.pt", weights_only=True)
-    initial = hf.load(folder)
+    initial = load_checkpoint(folder)
     assert continued["vocab"] == initial["vocab"] and continued["config"]["hidden_size"] == config.hidden_size
     # at a learning rate of 1e-12, two steps leave every weight where the BERT folder put it
     for name, value in initial["model"].items():

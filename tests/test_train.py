@@ -11,32 +11,22 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import data
 import model
+import options
+import toyworld
 import train
+from conftest import ROOT, assert_clear_error, quiet
 from model import Classifier, PreTrainingModel, make_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def write_labeled(path, examples):
-    data.write_tsv(str(path), examples)
-    return str(path)
+from options import FinetuneOptions, PretrainOptions, Remedies
+from tokenizer import InputError, Tokenizer
 
 
-@pytest.fixture(scope="module")
-def small_world(tmp_path_factory):
-    """A small toy world on disk and a pre-training run of a few steps on its text."""
-    folder = tmp_path_factory.mktemp("world")
-    world = data.toy_world(seed=5, num_documents=200, labeled_per_class=(4, 2, 2))
-    corpus = folder / "unlabeled.txt"
-    data.write_corpus(str(corpus), world["unlabeled"])
-    metrics = train.pretrain(str(folder / "pre"), [str(corpus)], steps=40, batch_size=16, max_length=32,
-                             lr=2e-3, eval_every=20, save_every=0, device="cpu", log=lambda *a: None,
-                             progress=False)
-    return {"folder": folder, "pre": str(folder / "pre"), "metrics": metrics,
-            "train": write_labeled(folder / "train.tsv", world["train"]),
-            "valid": write_labeled(folder / "valid.tsv", world["valid"])}
+def finetune(out, init, train_tsv, valid=None, **flags):
+    """train.finetune on the CPU, quietly, with FinetuneOptions built from keyword flags."""
+    return train.finetune(str(out), FinetuneOptions(init=init, train=train_tsv, valid=valid, **{"device": "cpu", **flags}),
+                          log=quiet, progress=False)
 
 
 def test_pretraining_loss_falls_and_the_run_folder_is_complete(small_world):
@@ -46,14 +36,13 @@ def test_pretraining_loss_falls_and_the_run_folder_is_complete(small_world):
     assert set(os.listdir(folder)) >= {"checkpoint.pt", "vocab.txt", "metrics.json"}
     checkpoint = torch.load(os.path.join(folder, "checkpoint.pt"), weights_only=True)
     assert {"model", "config", "step"} <= set(checkpoint) and checkpoint["step"] == 40
-    assert data.Tokenizer.load(os.path.join(folder, "vocab.txt")).vocab == checkpoint["vocab"]
+    assert Tokenizer.load(os.path.join(folder, "vocab.txt")).vocab == checkpoint["vocab"]
 
 
 @pytest.mark.parametrize("freeze,trainable_layers", [("head", 0), ("top-1", 1), ("none", 2)])
 def test_frozen_weights_are_bit_identical_after_fine_tuning(small_world, tmp_path, freeze, trainable_layers):
     out = str(tmp_path / "ft")
-    metrics = train.finetune(out, small_world["pre"], small_world["train"], small_world["valid"], freeze=freeze,
-                             epochs=2, lr=1e-2, device="cpu", log=lambda *a: None, progress=False)
+    metrics = finetune(out, small_world["pre"], small_world["train"], small_world["valid"], freeze=freeze, epochs=2, lr=1e-2)
     assert {"accuracy", "loss", "n"} <= set(metrics) and metrics["n"] == 16
     assert json.load(open(os.path.join(out, "metrics.json")))["accuracy"] == metrics["accuracy"]
     before = torch.load(os.path.join(small_world["pre"], "checkpoint.pt"), weights_only=True)["model"]
@@ -100,24 +89,12 @@ def test_warmup_then_cosine_schedule():
 
 
 def test_same_seed_same_numbers_on_cpu(small_world, tmp_path):
-    runs = [train.finetune(str(tmp_path / f"r{i}"), small_world["pre"], small_world["train"], small_world["valid"],
-                           epochs=1, device="cpu", log=lambda *a: None, progress=False) for i in range(2)]
+    runs = [finetune(tmp_path / f"r{i}", small_world["pre"], small_world["train"], small_world["valid"], epochs=1)
+            for i in range(2)]
     assert runs[0]["loss"] == runs[1]["loss"] and runs[0]["train_loss"] == runs[1]["train_loss"]
 
 
-def run_cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "ptft.py"), *args], capture_output=True, text=True, cwd=cwd)
-
-
-def assert_clear_error(result, *needles):
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) <= 2 and "Traceback" not in result.stderr, result.stderr
-    for needle in needles:
-        assert needle in result.stderr, result.stderr
-
-
-def test_cli_bad_inputs_get_one_line_naming_the_file(small_world, tmp_path):
+def test_cli_bad_inputs_get_one_line_naming_the_file(small_world, tmp_path, cli):
     no_tab = tmp_path / "no_tab.tsv"
     no_tab.write_text("a fine line\tx\nsecond line\ty\nthird line without a tab\n", encoding="utf-8")
     empty = tmp_path / "empty.txt"
@@ -160,11 +137,11 @@ def test_cli_bad_inputs_get_one_line_naming_the_file(small_world, tmp_path):
          ["--config tiny: --hidden-size 100 is not divisible by --num-heads 3"]),
     ]
     for args, needles in cases:
-        assert_clear_error(run_cli(*args), *needles)
+        assert_clear_error(cli(*args), *needles)
         assert not os.path.exists(out) or not os.listdir(out), args  # nothing half-written
 
 
-def test_a_checkpoint_carrying_code_is_refused_and_executes_nothing(tmp_path):
+def test_a_checkpoint_carrying_code_is_refused_and_executes_nothing(tmp_path, cli):
     marker = tmp_path / "pwned"
 
     class Payload:
@@ -172,33 +149,43 @@ def test_a_checkpoint_carrying_code_is_refused_and_executes_nothing(tmp_path):
             return (open, (str(marker), "w"))
 
     torch.save({"model": {}, "config": {}, "vocab": [], "step": 0, "x": Payload()}, tmp_path / "checkpoint.pt")
-    result = run_cli("evaluate", "--init", str(tmp_path), "--data", "x.tsv")
-    assert_clear_error(result, "not a ptft checkpoint")
+    assert_clear_error(cli("evaluate", "--init", tmp_path, "--data", "x.tsv"), "not a ptft checkpoint")
     assert not marker.exists()
 
 
-def test_an_existing_run_folder_is_not_overwritten(small_world, tmp_path):
-    result = run_cli("finetune", "--init", small_world["pre"], "--train", small_world["train"], "--out", small_world["pre"])
+def test_an_existing_run_folder_is_not_overwritten(small_world, cli):
+    result = cli("finetune", "--init", small_world["pre"], "--train", small_world["train"], "--out", small_world["pre"])
     assert_clear_error(result, "not empty", "--force")
     assert os.path.exists(os.path.join(small_world["pre"], "checkpoint.pt"))
 
 
-def test_evaluate_scores_a_classifier_run_and_a_pretraining_run(small_world, tmp_path):
+def test_evaluate_scores_a_classifier_run_and_a_pretraining_run(small_world, tmp_path, cli):
     out = str(tmp_path / "ft")
-    train.finetune(out, small_world["pre"], small_world["train"], epochs=1, device="cpu", log=lambda *a: None, progress=False)
-    result = run_cli("evaluate", "--init", out, "--data", small_world["valid"])
-    assert result.returncode == 0, result.stderr
-    metrics = json.loads(result.stdout.strip().splitlines()[-1])
+    finetune(out, small_world["pre"], small_world["train"], epochs=1)
+    code, stdout, err = cli("evaluate", "--init", out, "--data", small_world["valid"])
+    assert code == 0, err
+    metrics = json.loads(stdout.strip().splitlines()[-1])
     assert metrics["n"] == 16 and 0 <= metrics["accuracy"] <= 1 and math.isfinite(metrics["loss"])
-    corpus = str(small_world["folder"] / "unlabeled.txt")
-    result = run_cli("evaluate", "--init", small_world["pre"], "--data", corpus)
-    assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout.strip().splitlines()[-1])["mlm_loss"] < small_world["metrics"]["ln_vocab"]
+    code, stdout, err = cli("evaluate", "--init", small_world["pre"], "--data", small_world["corpus"])
+    assert code == 0, err
+    assert json.loads(stdout.strip().splitlines()[-1])["mlm_loss"] < small_world["metrics"]["ln_vocab"]
+
+
+def run_cli(*args):
+    """ptft.py in a process of its own: where the process boundary is the point (exit status, SIGKILL)."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, "ptft.py"), *map(str, args)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300)
+
+
+def test_exit_statuses_reach_the_shell(small_world, tmp_path):
+    result = run_cli("pretrain", "--out", tmp_path / "out", "--steps", "-3")
+    assert_clear_error((result.returncode, result.stdout, result.stderr), "--steps must be at least 1, got -3")
+    assert run_cli("--help").returncode == 0
 
 
 def test_a_run_killed_at_a_random_moment_resumes_bit_identical(tmp_path):
     corpus = tmp_path / "corpus.txt"
-    data.write_corpus(str(corpus), data.toy_world(seed=2, num_documents=100)["unlabeled"])
+    data.write_corpus(str(corpus), toyworld.toy_world(seed=2, num_documents=100)["unlabeled"])
     common = ["pretrain", "--corpus", str(corpus), "--steps", "80", "--batch-size", "8", "--max-length", "32", "--vocab-size", "300",
               "--save-every", "2", "--eval-every", "1000", "--device", "cpu", "--precision", "fp32", "--seed", "1"]
     assert run_cli(*common, "--out", str(tmp_path / "reference")).returncode == 0
@@ -222,20 +209,20 @@ def test_a_run_killed_at_a_random_moment_resumes_bit_identical(tmp_path):
         assert torch.equal(found["model"][name], value), name
 
 
-def test_a_diverged_run_stops_with_status_3_and_leaves_the_last_good_checkpoint_byte_identical(tmp_path):
+def test_a_diverged_run_stops_with_status_3_and_leaves_the_last_good_checkpoint_byte_identical(tmp_path, cli):
     corpus = tmp_path / "corpus.txt"
-    data.write_corpus(str(corpus), data.toy_world(seed=2, num_documents=60)["unlabeled"])
+    data.write_corpus(str(corpus), toyworld.toy_world(seed=2, num_documents=60)["unlabeled"])
     common = ["pretrain", "--corpus", str(corpus), "--batch-size", "8", "--max-length", "32", "--vocab-size", "300",
               "--eval-every", "1000", "--device", "cpu", "--precision", "fp32", "--out", str(tmp_path / "run")]
-    assert run_cli(*common, "--steps", "4", "--save-every", "2").returncode == 0
+    assert cli(*common, "--steps", "4", "--save-every", "2")[0] == 0
     good = (tmp_path / "run" / "checkpoint.pt").read_bytes()
     # an absurd rate: step 5 still starts from good weights (finite loss), its update ruins them,
     # and step 6's loss is NaN -- a checkpoint of step 5, due with --save-every 1, must never be written
-    result = run_cli(*common, "--resume", "--steps", "10", "--save-every", "1", "--lr", "1e30")
-    assert result.returncode == 3, result.stderr
-    assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.split("\n") if "error" in line]
-    assert len(errors) == 1 and result.stderr.strip().split("\n")[-1] == errors[0], result.stderr  # the progress bar aside
+    code, _, stderr = cli(*common, "--resume", "--steps", "10", "--save-every", "1", "--lr", "1e30")
+    assert code == 3, stderr
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.split("\n") if "error" in line]
+    assert len(errors) == 1 and stderr.strip().split("\n")[-1] == errors[0], stderr  # the progress bar aside
     diverged_at = int(errors[0].split("training diverged at step ")[1].split(":")[0])
     assert diverged_at > 4 and ("MLM loss is nan" in errors[0] or "MLM loss is inf" in errors[0]), errors[0]
     assert "(step 4) is untouched" in errors[0]
@@ -243,9 +230,8 @@ def test_a_diverged_run_stops_with_status_3_and_leaves_the_last_good_checkpoint_
 
 
 def test_an_injected_inf_stops_the_run_before_the_weights_it_touched_are_saved(small_world, tmp_path, monkeypatch):
-    corpus = [str(small_world["folder"] / "unlabeled.txt")]
-    flags = dict(steps=3, batch_size=4, max_length=16, vocab_size=300, save_every=1, device="cpu",
-                 log=lambda *a: None, progress=False)
+    recipe = PretrainOptions(corpus=[small_world["corpus"]], steps=3, batch_size=4, max_length=16, vocab_size=300,
+                             save_every=1, device="cpu")
     # an infinite gradient norm at step 3 (its loss finite): step 2's weights are never saved either,
     # since no finite step after them vouched for them
     clip_grad_norm, calls = torch.nn.utils.clip_grad_norm_, []
@@ -257,7 +243,7 @@ def test_an_injected_inf_stops_the_run_before_the_weights_it_touched_are_saved(s
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", infinite_at_step_3)
     with pytest.raises(train.TrainingDiverged, match=r"^step 3: the gradient norm is inf .*\(step 1\) is untouched"):
-        train.pretrain(str(tmp_path / "a"), corpus, **flags)
+        train.pretrain(str(tmp_path / "a"), recipe, log=quiet, progress=False)
     assert torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["step"] == 1
     monkeypatch.undo()
     # the last update made the weights infinite: no next loss tells, so the weights themselves are looked at
@@ -271,17 +257,17 @@ def test_an_injected_inf_stops_the_run_before_the_weights_it_touched_are_saved(s
 
     monkeypatch.setattr(torch.optim.AdamW, "step", poisoned_at_step_3)
     with pytest.raises(train.TrainingDiverged, match=r"^step 3: weight .* is not finite after the last update.*\(step 2\) is untouched"):
-        train.pretrain(str(tmp_path / "b"), corpus, **flags)
+        train.pretrain(str(tmp_path / "b"), recipe, log=quiet, progress=False)
     assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["step"] == 2
 
 
-def test_a_diverged_fine_tuning_names_the_classification_loss_and_writes_nothing(small_world, tmp_path):
+def test_a_diverged_fine_tuning_names_the_classification_loss_and_writes_nothing(small_world, tmp_path, cli):
     out = tmp_path / "ft"
-    result = run_cli("finetune", "--init", small_world["pre"], "--train", small_world["train"], "--out", str(out),
-                     "--lr", "1e30", "--epochs", "3", "--device", "cpu")
-    assert result.returncode == 3, result.stderr
-    errors = [line for line in result.stderr.split("\n") if "error" in line]
-    assert len(errors) == 1 and "fine-tuning step" in errors[0] and "classification loss is" in errors[0], result.stderr
+    code, _, stderr = cli("finetune", "--init", small_world["pre"], "--train", small_world["train"], "--out", out,
+                          "--lr", "1e30", "--epochs", "3", "--device", "cpu")
+    assert code == 3, stderr
+    errors = [line for line in stderr.split("\n") if "error" in line]
+    assert len(errors) == 1 and "fine-tuning step" in errors[0] and "classification loss is" in errors[0], stderr
     assert not os.path.exists(out / "checkpoint.pt")
 
 
@@ -302,41 +288,39 @@ def test_flags_that_cannot_train_are_refused_in_one_line_before_any_work(small_w
         (dict(mask_probability=1.5), "--mask-probability must be between 0 and 1, got 1.5"),
         (dict(dropout=-0.1), "--dropout must be at least 0 and below 1, got -0.1"),
         (dict(mask_token_fraction=0.8, random_token_fraction=0.3), "--mask-token-fraction 0.8 and --random-token-fraction 0.3: each"),
-        (dict(sizes={"hidden_size": 100, "num_heads": 3}), "--config tiny: --hidden-size 100 is not divisible by --num-heads 3"),
-        (dict(sizes={"num_heads": 3}), "--config tiny: hidden_size 128 is not divisible by --num-heads 3"),
-        (dict(sizes={"num_layers": 0}), "--config tiny: --num-layers must be positive, got 0"),
-        (dict(init=small_world["pre"], sizes={"hidden_size": 64}), "--hidden-size, --num-layers, --num-heads, --intermediate-size: not with --init"),
+        (dict(hidden_size=100, num_heads=3), "--config tiny: --hidden-size 100 is not divisible by --num-heads 3"),
+        (dict(num_heads=3), "--config tiny: hidden_size 128 is not divisible by --num-heads 3"),
+        (dict(num_layers=0), "--config tiny: --num-layers must be positive, got 0"),
+        (dict(init=small_world["pre"], hidden_size=64), "--hidden-size, --num-layers, --num-heads, --intermediate-size: not with --init"),
     ]
     for flags, message in pretraining:
-        with pytest.raises(data.InputError) as error:
-            train.pretrain(out, **{"device": "cpu", "log": lambda *a: None, "progress": False, **flags})
+        with pytest.raises(InputError) as error:
+            train.pretrain(out, PretrainOptions(**{"device": "cpu", **flags}), log=quiet, progress=False)
         assert str(error.value).startswith(message) and "\n" not in str(error.value), (flags, str(error.value))
         assert not os.path.exists(out), flags  # refused before the run folder was made
     fine_tuning = [
         (dict(init="scratch", lr=-1.0), "--lr must be a number > 0 (and below 1e38), got -1.0"),
         (dict(init="scratch", epochs=0), "--epochs must be at least 1, got 0"),
         (dict(init="scratch", batch_size=0), "--batch-size must be at least 1, got 0"),
-        (dict(init="scratch", sizes={"hidden_size": 96, "num_heads": 5}), "--config tiny: --hidden-size 96 is not divisible by --num-heads 5"),
-        (dict(init=small_world["pre"], sizes={"num_layers": 4}), "--hidden-size, --num-layers, --num-heads, --intermediate-size: only with --init scratch"),
+        (dict(init="scratch", hidden_size=96, num_heads=5), "--config tiny: --hidden-size 96 is not divisible by --num-heads 5"),
+        (dict(init=small_world["pre"], num_layers=4), "--hidden-size, --num-layers, --num-heads, --intermediate-size: only with --init scratch"),
     ]
     for flags, message in fine_tuning:
-        with pytest.raises(data.InputError) as error:
-            train.finetune(out, train=small_world["train"], **{"device": "cpu", "log": lambda *a: None, "progress": False, **flags})
+        with pytest.raises(InputError) as error:
+            finetune(out, train_tsv=small_world["train"], **flags)
         assert str(error.value).startswith(message) and "\n" not in str(error.value), (flags, str(error.value))
         assert not os.path.exists(out), flags
 
 
-def test_size_flags_override_the_config_preset(small_world, tmp_path):
-    corpus = str(small_world["folder"] / "unlabeled.txt")
+def test_size_flags_override_the_config_preset(small_world, tmp_path, cli):
     sizes = {"hidden_size": 48, "num_layers": 1, "num_heads": 3, "intermediate_size": 96}
-    result = run_cli("pretrain", "--corpus", corpus, "--out", str(tmp_path / "pre"), "--steps", "2", "--batch-size", "4",
-                     "--max-length", "16", "--vocab-size", "300", "--device", "cpu", "--hidden-size", "48",
-                     "--num-layers", "1", "--num-heads", "3", "--intermediate-size", "96")
-    assert result.returncode == 0, result.stderr
+    code, _, stderr = cli("pretrain", "--corpus", small_world["corpus"], "--out", tmp_path / "pre", "--steps", "2",
+                          "--batch-size", "4", "--max-length", "16", "--vocab-size", "300", "--device", "cpu",
+                          "--hidden-size", "48", "--num-layers", "1", "--num-heads", "3", "--intermediate-size", "96")
+    assert code == 0, stderr
     config = torch.load(tmp_path / "pre" / "checkpoint.pt", weights_only=True)["config"]
     assert {key: config[key] for key in sizes} == sizes
-    train.finetune(str(tmp_path / "ft"), "scratch", small_world["train"], epochs=1, device="cpu", sizes=sizes,
-                   log=lambda *a: None, progress=False)
+    finetune(tmp_path / "ft", "scratch", small_world["train"], epochs=1, **sizes)
     config = torch.load(tmp_path / "ft" / "checkpoint.pt", weights_only=True)["config"]
     assert {key: config[key] for key in sizes} == sizes
 
@@ -345,11 +329,10 @@ def test_resume_refuses_a_run_of_another_model_naming_each_difference(small_worl
     run = tmp_path / "pre"
     shutil.copytree(small_world["pre"], run)
     before = (run / "checkpoint.pt").read_bytes()
-    corpus = str(small_world["folder"] / "unlabeled.txt")
-    same = dict(corpus=[corpus], batch_size=16, max_length=32, device="cpu", resume=True, log=lambda *a: None, progress=False)
-    with pytest.raises(data.InputError) as error:
-        train.pretrain(str(run), **same, steps=50, vocab_size=400, dropout=0.0, attention="explicit",
-                       sizes={"hidden_size": 64, "num_heads": 4})
+    same = dict(corpus=[small_world["corpus"]], batch_size=16, max_length=32, device="cpu")
+    with pytest.raises(InputError) as error:
+        train.pretrain(str(run), PretrainOptions(**same, steps=50, vocab_size=400, dropout=0.0, attention="explicit",
+                                                 hidden_size=64, num_heads=4), resume=True, log=quiet, progress=False)
     message = str(error.value)
     assert message.startswith(f"{run / 'checkpoint.pt'}: --resume with different settings") and "\n" not in message
     for difference in ["vocab_size: checkpoint 8192 vs now 400", "dropout: checkpoint 0.1 vs now 0.0",
@@ -360,7 +343,7 @@ def test_resume_refuses_a_run_of_another_model_naming_each_difference(small_worl
     assert (run / "checkpoint.pt").read_bytes() == before
 
 
-def test_a_checkpoint_whose_parts_do_not_fit_is_refused_in_one_line(small_world, tmp_path):
+def test_a_checkpoint_whose_parts_do_not_fit_is_refused_in_one_line(small_world, tmp_path, cli):
     good = torch.load(os.path.join(small_world["pre"], "checkpoint.pt"), weights_only=True)
     vocab_size = good["config"]["vocab_size"]
 
@@ -385,21 +368,22 @@ def test_a_checkpoint_whose_parts_do_not_fit_is_refused_in_one_line(small_world,
     ]
     for changes, message in cases:
         path = tampered(**changes)
-        with pytest.raises(data.InputError) as error:
-            train.load_checkpoint(path)
+        with pytest.raises(InputError) as error:
+            checkpoint.load_checkpoint(path)
         assert str(error.value).startswith(f"{path}: ") and message in str(error.value), str(error.value)
         assert "\n" not in str(error.value)
-    assert train.load_checkpoint(tampered())["step"] == good["step"]  # the untouched checkpoint loads
-    assert_clear_error(run_cli("evaluate", "--init", tampered(vocab=good["vocab"][:10]), "--data", small_world["valid"]),
+    assert checkpoint.load_checkpoint(tampered())["step"] == good["step"]  # the untouched checkpoint loads
+    assert_clear_error(cli("evaluate", "--init", tampered(vocab=good["vocab"][:10]), "--data", small_world["valid"]),
                        "checkpoint.pt", "the vocabulary has 10 tokens")
 
 
 def test_texts_longer_than_the_position_table_are_truncated_with_one_note_naming_the_file(small_world, tmp_path):
     long_text = " ".join(["the whale swims in the deep blue sea"] * 10)
     examples = [(long_text, "sea"), (long_text, "sky"), ("short one", "sea"), ("another short", "sky"), (long_text, "sky")]
-    path = write_labeled(tmp_path / "long.tsv", examples)
+    path = str(tmp_path / "long.tsv")
+    data.write_tsv(path, examples)
     messages = []
-    train.finetune(str(tmp_path / "ft"), "scratch", path, epochs=1, max_length=16, device="cpu",
+    train.finetune(str(tmp_path / "ft"), FinetuneOptions(train=path, epochs=1, max_length=16, device="cpu"),
                    log=messages.append, progress=False)
     notes = [message for message in messages if "truncated" in message]
     assert notes == [f"{path}: note: 3 of 5 texts were longer than the position table (16 tokens) and were truncated"]
@@ -409,21 +393,21 @@ def test_device_and_precision_choice_without_the_hardware(monkeypatch):
     # the CUDA/MPS branches, exercised on a CPU-only machine by pretending the hardware is there
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert train.pick_device("auto").type == "cuda"
-    assert train.pick_precision("auto", torch.device("cuda")) == "bf16"
+    assert options.pick_device("auto").type == "cuda"
+    assert options.pick_precision("auto", torch.device("cuda")) == "bf16"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert train.pick_precision("auto", torch.device("cuda")) == "fp32"  # fp16 only when asked for
+    assert options.pick_precision("auto", torch.device("cuda")) == "fp32"  # fp16 only when asked for
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
-    assert train.pick_device("auto").type == "mps"
+    assert options.pick_device("auto").type == "mps"
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    assert train.pick_device("auto").type == "cpu"
-    with pytest.raises(data.InputError, match="no CUDA GPU"):
-        train.pick_device("cuda")
+    assert options.pick_device("auto").type == "cpu"
+    with pytest.raises(InputError, match="no CUDA GPU"):
+        options.pick_device("cuda")
     for name in ("fp32", "bf16", "fp16"):
-        assert train.pick_precision(name, torch.device("cpu")) == name
-    with pytest.raises(data.InputError, match="expected auto, fp32, bf16 or fp16"):
-        train.pick_precision("fp8", torch.device("cpu"))
+        assert options.pick_precision(name, torch.device("cpu")) == name
+    with pytest.raises(InputError, match="expected auto, fp32, bf16 or fp16"):
+        options.pick_precision("fp8", torch.device("cpu"))
     # autocast: the matmul runs in the 16-bit type asked for, E4's softmax over V in float32
     x, targets = torch.randn(4, 8), torch.tensor([0, 1, 2, 3])
     for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
@@ -447,10 +431,23 @@ def test_fp16_skips_a_step_whose_gradients_overflowed_and_keeps_the_scaler_in_th
 
     monkeypatch.setattr(torch.amp.GradScaler, "unscale_", overflow_at_step_2)
     out = tmp_path / "fp16"
-    metrics = train.pretrain(str(out), [str(small_world["folder"] / "unlabeled.txt")], steps=3, batch_size=4,
-                             max_length=16, vocab_size=300, precision="fp16", device="cpu", log=lambda *a: None,
-                             progress=False)
+    metrics = train.pretrain(str(out), PretrainOptions(corpus=[small_world["corpus"]], steps=3, batch_size=4, max_length=16,
+                                                       vocab_size=300, precision="fp16", device="cpu"),
+                             log=quiet, progress=False)
     assert len(calls) == 3 and math.isfinite(metrics["final_train_mlm_loss"])
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
     assert checkpoint["scaler"]["scale"] <= 2.0 ** 15  # 2^16 at the start, halved by the skipped step
     assert all(torch.isfinite(value).all() for value in checkpoint["model"].values())
+
+
+def test_resume_of_a_finished_run_says_so_in_one_line_and_exits_0(small_world, tmp_path, cli):
+    run = tmp_path / "pre"
+    shutil.copytree(small_world["pre"], run)
+    before = (run / "checkpoint.pt").read_bytes()
+    code, stdout, stderr = cli("pretrain", "--corpus", small_world["corpus"], "--out", run, "--steps", "40",
+                               "--batch-size", "16", "--max-length", "32", "--lr", "2e-3", "--device", "cpu", "--resume")
+    assert code == 0 and "Traceback" not in stderr, stderr
+    lines = stdout.strip().splitlines()
+    final = small_world["metrics"]["final_train_mlm_loss"]
+    assert len(lines) == 1 and "already finished at step 40" in lines[0] and f"{final:.3f}" in lines[0], stdout
+    assert (run / "checkpoint.pt").read_bytes() == before  # nothing trained, nothing rewritten

@@ -1,0 +1,175 @@
+"""Run folders and checkpoints: written whole or not at all, read back only when they make sense.
+
+A run folder holds checkpoint.pt, vocab.txt and metrics.json. checkpoint.pt is a plain dict
+(built in one place, make_checkpoint) that torch.load(weights_only=True) can read:
+
+    kind        "pretraining" (encoder + MLM and NSP heads) or "classifier" (encoder + classifier)
+    model       the state dict          config   model.Config as a dict
+    vocab       the WordPiece vocabulary, lowercase: how the tokenizer splits words
+    step, run   the step it was written at and the settings of the run (a resume compares them)
+    ...         pretrain adds optimizer, scaler, rng and history (what a bit-exact resume needs);
+                finetune adds labels; a Hugging Face folder adds fresh and source
+
+    prepare_out_folder   a new run never overwrites an old one unless asked to
+    save_atomic          temporary file, fsync, rename: a crash leaves the old file or the new one
+    load_checkpoint      a run folder, a checkpoint file or a Hugging Face BERT folder -> the dict,
+                         its parts checked against each other (a bad file is one line, exit 2)
+    open_model           -> (model with its weights, tokenizer, checkpoint)
+
+Run `python checkpoint.py RUN_FOLDER` to see what a checkpoint holds (without one: a self-check).
+"""
+
+import json
+import os
+import shutil
+import sys
+
+import torch
+
+import hf
+from model import Classifier, Config, PreTrainingModel
+from tokenizer import InputError, Tokenizer
+
+
+def prepare_out_folder(out, resume=False, force=False):
+    """A new run never overwrites an existing run folder unless asked to."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise InputError(f"{out}: exists and is not a folder")
+    if os.path.isdir(out) and os.listdir(out) and not resume:
+        if not force:
+            raise InputError(f"{out}: folder exists and is not empty; pass --resume to continue that run or --force to start over")
+        shutil.rmtree(out)
+    os.makedirs(out, exist_ok=True)
+
+
+def save_atomic(path, payload):
+    """Atomic write: a temporary file in the same folder, flushed to disk, then renamed over
+    the old one -- a crash at any moment leaves either the old or the new checkpoint whole."""
+    temporary = f"{path}.tmp"
+    with open(temporary, "wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+
+
+def write_json(path, value):
+    temporary = f"{path}.tmp"
+    with open(temporary, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2)
+        f.write("\n")
+    os.replace(temporary, path)
+
+
+def make_checkpoint(kind, state, config, tokenizer, **extra):
+    """The checkpoint dict, for pretrain, finetune and a Hugging Face folder alike."""
+    assert kind in ("pretraining", "classifier"), kind
+    return {"kind": kind, "model": state, "config": config.to_dict(), "vocab": list(tokenizer.vocab),
+            "lowercase": tokenizer.lowercase, **extra}
+
+
+def load_checkpoint(path, log=print):
+    """A run folder, a checkpoint file or a Hugging Face BERT folder -> the checkpoint dict,
+    always on the CPU (a resume never needs the GPU memory of the run that wrote it).
+    weights_only=True: tensors and plain values only -- a file carrying pickled code is
+    refused, never executed."""
+    if hf.is_hf_folder(path) and not os.path.exists(os.path.join(path, "checkpoint.pt")):
+        kind, state, config, tokenizer, extra = hf.read_folder(path)
+        if extra["fresh"]:
+            log(f"{path}: the file has no weights for {', '.join(extra['fresh'])}: initialised fresh")
+        return make_checkpoint(kind, state, config, tokenizer, step=0, **extra)
+    if os.path.isdir(path):
+        path = os.path.join(path, "checkpoint.pt")
+    if not os.path.exists(path):
+        raise InputError(f"{path}: no checkpoint here (expected a run folder with checkpoint.pt, a Hugging Face "
+                         "BERT folder with config.json, or 'scratch')")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # any unpickling failure means: not a checkpoint we can trust
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(f"{path}: not a ptft checkpoint ({reason[:120]})") from None
+    check_parts_fit(checkpoint, path)
+    return checkpoint
+
+
+def check_parts_fit(checkpoint, path):
+    """What a checkpoint holds must fit together, or a load_state_dict or an embedding lookup
+    fails later with a traceback far from the cause: the config builds a Config, the vocabulary
+    has the config's size, and the weights are exactly those a model of that config has."""
+    if not isinstance(checkpoint, dict) or not {"model", "config", "vocab"} <= set(checkpoint):
+        raise InputError(f"{path}: not a ptft checkpoint (expected a dict with model, config and vocab)")
+    if not (isinstance(checkpoint["config"], dict) and isinstance(checkpoint["model"], dict)
+            and isinstance(checkpoint["vocab"], list)):
+        raise InputError(f"{path}: not a ptft checkpoint (config and model must be dicts, vocab a list)")
+    try:
+        config = Config(**checkpoint["config"])
+        with torch.device("meta"):  # shapes only: no memory, no time, and the RNG is not touched
+            expected = empty_model(checkpoint, config).state_dict()
+    except (TypeError, ValueError) as error:  # e.g. an unknown field, a size that is not a whole number
+        raise InputError(f"{path}: the config is not valid ({error})") from None
+    if len(checkpoint["vocab"]) != config.vocab_size:
+        raise InputError(f"{path}: the vocabulary has {len(checkpoint['vocab'])} tokens, config says vocab_size {config.vocab_size}")
+    for name, value in checkpoint["model"].items():
+        if name not in expected:
+            raise InputError(f"{path}: weight {name} is not part of a model with this config")
+        if not isinstance(value, torch.Tensor) or value.shape != expected[name].shape:
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise InputError(f"{path}: weight {name} has shape {shape}, config says {tuple(expected[name].shape)}")
+    missing = [name for name in expected if name not in checkpoint["model"]]
+    if missing:
+        raise InputError(f"{path}: weight {missing[0]} is missing"
+                         f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}")
+
+
+def empty_model(checkpoint, config):
+    """The architecture a checkpoint's kind names, freshly initialised."""
+    if checkpoint.get("kind") == "classifier":
+        return Classifier(config, len(checkpoint.get("labels") or []))
+    return PreTrainingModel(config)
+
+
+def open_model(source, log=print, **config_changes):
+    """A run folder, a checkpoint file, a Hugging Face BERT folder (or a checkpoint dict already
+    loaded) -> (model with its weights, on the CPU; tokenizer; checkpoint dict).
+    config_changes replace fields that do not change the weights' shapes (dropout, attention)."""
+    checkpoint = source if isinstance(source, dict) else load_checkpoint(source, log)
+    try:
+        config = Config(**{**checkpoint["config"], **config_changes})
+    except (TypeError, ValueError) as error:
+        raise InputError(f"checkpoint config is not valid: {error}") from None
+    model = empty_model(checkpoint, config)
+    model.load_state_dict(checkpoint["model"])
+    return model, Tokenizer.from_checkpoint(checkpoint), checkpoint
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 2:
+        try:
+            model, tokenizer, loaded = open_model(sys.argv[1])
+        except InputError as error:
+            sys.exit(f"error: {error}")
+        print(f"kind: {loaded['kind']}, step {loaded.get('step')}, vocabulary {len(tokenizer)} "
+              f"(lowercase {tokenizer.lowercase}); {sum(p.numel() for p in model.parameters()):,} parameters")
+        print(f"config: {model.config}")
+        print(f"other entries: {', '.join(sorted(set(loaded) - {'kind', 'model', 'config', 'vocab', 'lowercase'}))}")
+        sys.exit(0)
+    # self-check: a checkpoint written atomically loads back; one whose parts do not fit is refused
+    import tempfile
+
+    from model import make_config
+    from tokenizer import SPECIAL_TOKENS
+
+    config = make_config("tiny", vocab_size=50, max_positions=16)
+    tokenizer = Tokenizer(SPECIAL_TOKENS + [f"w{i}" for i in range(45)])
+    with tempfile.TemporaryDirectory() as folder:
+        prepare_out_folder(folder)
+        payload = make_checkpoint("pretraining", PreTrainingModel(config).state_dict(), config, tokenizer, step=0)
+        save_atomic(os.path.join(folder, "checkpoint.pt"), payload)
+        model, _, _ = open_model(folder)
+        print(f"written and read back: {type(model).__name__}, {len(payload['model'])} tensors")
+        save_atomic(os.path.join(folder, "checkpoint.pt"), {**payload, "vocab": payload["vocab"][:10]})
+        try:
+            load_checkpoint(folder)
+        except InputError as error:
+            print(f"a vocabulary of the wrong size is refused: {error}")
+    print("self-check passed")

@@ -1,0 +1,225 @@
+"""Options: every setting of a pre-training or fine-tuning run, and the one place they are checked.
+
+    PretrainOptions    what `ptft.py pretrain` can choose (the flags, by field name)
+    FinetuneOptions    what `ptft.py finetune` can choose, with C5's Remedies grouped
+    pick_device, pick_precision   what "auto" means on this machine
+
+ptft.py builds these from the parsed flags by field name; train.pretrain and train.finetune call
+.check() before any work, so a bad value is one line naming the flag (exit status 2), never a
+traceback later. Experiments and tests build them directly: PretrainOptions(steps=40, ...).
+
+Run `python options.py` to see the defaults and what "auto" resolves to here.
+"""
+
+import math
+from dataclasses import dataclass, field, fields
+
+import torch
+
+from model import make_config
+from tokenizer import InputError
+
+SIZE_FIELDS = ("hidden_size", "num_layers", "num_heads", "intermediate_size")  # override the --config preset
+
+
+# ----------------------------------------------------------------------------------------
+# Options, and their checks (the one place flags are validated)
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class PretrainOptions:
+    corpus: list = None            # text files, ["stdlib"], or None: the embedded toy world
+    init: str = None               # continue pre-training this run folder or Hugging Face BERT folder
+    config: str = "tiny"           # size preset (model.PRESETS), refined by the four size fields
+    hidden_size: int = None
+    num_layers: int = None
+    num_heads: int = None
+    intermediate_size: int = None
+    vocab_size: int = None         # WordPiece vocabulary (default: 2048 on the toy world, else 8192)
+    lowercase: bool = True
+    steps: int = 2000
+    batch_size: int = 64           # sequences per micro-batch
+    accumulation: int = 1          # micro-batches per optimizer step
+    max_length: int = 64           # tokens per sequence, [CLS] and [SEP]s included
+    lr: float = 1e-3               # peak rate: linear warmup, then cosine decay (C4)
+    warmup_steps: int = None       # default: 5% of the steps
+    nsp: bool = True               # B2: next-sentence prediction (else MLM only)
+    nsp_weight: float = 1.0        # B3: lambda in L = L_MLM + lambda * L_NSP
+    mask_probability: float = 0.15     # B1: the share of tokens in M
+    mask_token_fraction: float = 0.8   # B1: of those, set to [MASK]
+    random_token_fraction: float = 0.1  # B1: of those, set to a random token (the rest unchanged)
+    dropout: float = 0.1
+    attention: str = "sdpa"        # "explicit" (the formula written out) or "sdpa" (fused kernel)
+    precision: str = "auto"
+    compile: bool = False          # torch.compile the training forward
+    device: str = "auto"
+    seed: int = 0
+    save_every: int = 500          # checkpoint every N steps (0: only at the end)
+    eval_every: int = 250          # held-out MLM loss every N steps
+    snapshot_steps: tuple = ()     # also keep OUT/snapshot-N.pt (C6's budget sweep)
+
+    def check(self):
+        check_at_least(("--steps", self.steps, 1), ("--batch-size", self.batch_size, 1),
+                       ("--accum", self.accumulation, 1), ("--max-length", self.max_length, 8),
+                       ("--warmup-steps", self.warmup_steps or 0, 0), ("--save-every", self.save_every, 0),
+                       ("--eval-every", self.eval_every, 1))
+        check_learning_rate(self.lr)
+        if not (math.isfinite(self.nsp_weight) and self.nsp_weight >= 0):
+            raise InputError(f"--nsp-weight (lambda in B3) must be a finite number >= 0, got {self.nsp_weight}")
+        if not 0 < self.mask_probability < 1:
+            raise InputError(f"--mask-probability must be between 0 and 1, got {self.mask_probability}")
+        if not 0 <= self.dropout < 1:
+            raise InputError(f"--dropout must be at least 0 and below 1, got {self.dropout}")
+        masked, randomised = self.mask_token_fraction, self.random_token_fraction
+        if not (masked >= 0 and randomised >= 0 and masked + randomised <= 1):
+            raise InputError(f"--mask-token-fraction {masked} and --random-token-fraction {randomised}: "
+                             "each at least 0, together at most 1 (the rest stay unchanged; B1: 0.8 and 0.1)")
+        if self.init and sizes_given(self):
+            raise InputError("--hidden-size, --num-layers, --num-heads, --intermediate-size: not with --init "
+                             "(continued pre-training keeps the size of the model it starts from)")
+
+    def model_config(self):
+        """The Config asked for (an --init brings its own sizes and vocabulary)."""
+        return model_config(self, vocab_size=self.vocab_size or (8192 if self.corpus else 2048),
+                            max_positions=max(128, self.max_length), attention=self.attention,
+                            dropout=self.dropout, attention_dropout=self.dropout)
+
+
+@dataclass
+class Remedies:
+    """C5, the remedies against forgetting; composable, and 0 / 1.0 switch them off."""
+    l2_sp: float = 0.0             # (a) strength of the L2 pull toward theta_0 (l2_sp_penalty)
+    aux_mlm: float = 0.0           # (b) weight of E4's MLM loss on unlabeled text, pre-trained MLM head
+    layer_lr_decay: float = 1.0    # (c) the layer d steps below the head trains at lr * decay^d
+
+
+# Default learning rates (C4): a frozen encoder with only the head training tolerates (and
+# needs) a large rate; full fine-tuning at this scale does best at 3e-4 (docs/claims.md, C4).
+DEFAULT_FINETUNE_LR = {"head": 1e-3, "top": 1e-3, "none": 3e-4}
+
+
+@dataclass
+class FinetuneOptions:
+    init: str = "scratch"          # a pre-training run, a Hugging Face BERT folder, or "scratch"
+    train: str = None              # TSV files, text<TAB>label (finetune only: fit_classifier takes rows)
+    valid: str = None
+    freeze: str = "none"           # B4 / C3: head, top-K or none
+    epochs: int = 20
+    lr: float = None               # default: DEFAULT_FINETUNE_LR by --freeze
+    batch_size: int = 16
+    schedule: str = "cosine"       # C4: after warmup, cosine (to 0) or constant
+    warmup_fraction: float = 0.1
+    remedies: Remedies = field(default_factory=Remedies)
+    unlabeled: list = None         # text for --aux-mlm and forgetting (default: init's pre-training corpus)
+    mlm_max_length: int = 64       # tokens per sequence of that text
+    config: str = "tiny"           # with --init scratch: size preset, size fields, position table, vocabulary
+    hidden_size: int = None
+    num_layers: int = None
+    num_heads: int = None
+    intermediate_size: int = None
+    max_length: int = 128
+    vocab_size: int = 8192
+    seed: int = 0
+    device: str = "auto"
+
+    def peak_lr(self):
+        return self.lr if self.lr is not None else DEFAULT_FINETUNE_LR[self.freeze.split("-")[0]]
+
+    def check(self):
+        check_at_least(("--epochs", self.epochs, 1), ("--batch-size", self.batch_size, 1),
+                       ("--max-length", self.max_length, 8))
+        if self.lr is not None:
+            check_learning_rate(self.lr)
+        scratch = self.init == "scratch"
+        if not scratch and sizes_given(self):
+            raise InputError("--hidden-size, --num-layers, --num-heads, --intermediate-size: only with --init scratch "
+                             "(a pre-trained model keeps its size)")
+        if scratch:  # an impossible shape is refused before any work
+            model_config(self, max_positions=self.max_length)
+        if self.schedule not in ("cosine", "constant"):
+            raise InputError(f"--schedule: expected cosine or constant, got {self.schedule!r}")
+        remedies = self.remedies
+        if (remedies.l2_sp < 0 or remedies.aux_mlm < 0 or not 0 < remedies.layer_lr_decay <= 1
+                or not 0 <= self.warmup_fraction < 1):
+            raise InputError("--l2-sp and --aux-mlm must be >= 0, --layer-lr-decay in (0, 1], --warmup-fraction in [0, 1)")
+        if remedies.aux_mlm and self.freeze == "head":
+            raise InputError("--aux-mlm with --freeze head: the encoder is frozen, an MLM loss on it would change nothing")
+        if (remedies.l2_sp or remedies.aux_mlm) and scratch:
+            raise InputError("--l2-sp and --aux-mlm pull toward a pre-trained model; --init scratch has none")
+
+
+def check_at_least(*flags):
+    """(flag, value, least) triples: a value below its least is a one-line error naming the flag."""
+    for flag, value, least in flags:
+        if value < least:
+            raise InputError(f"{flag} must be at least {least}, got {value}")
+
+
+def check_learning_rate(lr):
+    """--lr: a positive number that float32 (the weights' type, where AdamW applies it) can hold."""
+    if not (math.isfinite(lr) and 0 < lr < 1e38):
+        raise InputError(f"--lr must be a number > 0 (and below 1e38), got {lr}")
+
+
+def sizes_given(options):
+    return {name: getattr(options, name) for name in SIZE_FIELDS if getattr(options, name) is not None}
+
+
+def model_config(options, **fixed):
+    """options.config (a preset) with the size fields that were given and the `fixed` ones -> a
+    Config. An impossible shape is an InputError naming the flags, e.g. "--config tiny:
+    --hidden-size 100 is not divisible by --num-heads 3" (Config's own check, with the flags' names)."""
+    given = sizes_given(options)
+    try:
+        return make_config(options.config, **given, **fixed)
+    except ValueError as error:
+        message = str(error)
+        for name in given:  # hidden_size -> --hidden-size: the flag the user typed
+            message = message.replace(name, "--" + name.replace("_", "-"))
+        raise InputError(f"--config {options.config}: {message}") from None
+
+
+# ----------------------------------------------------------------------------------------
+# Device and precision: what "auto" resolves to
+# ----------------------------------------------------------------------------------------
+
+
+def pick_device(name="auto"):
+    """auto: the single GPU if there is one (CUDA, then Apple's MPS), else the CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA GPU is available here (use --device auto or cpu)")
+    if name not in ("cpu", "cuda", "mps"):
+        raise InputError(f"--device: expected auto, cpu, cuda or mps, got {name!r}")
+    return torch.device(name)
+
+
+def pick_precision(name, device):
+    """auto: bf16 where the hardware computes it natively (a CUDA GPU with bf16; a CPU with
+    AVX512-BF16/AMX), else fp32. fp16 only when asked (GPUs without bf16): pretrain then scales
+    the loss with a GradScaler."""
+    if name not in ("auto", "fp32", "bf16", "fp16"):
+        raise InputError(f"--precision: expected auto, fp32, bf16 or fp16, got {name!r}")
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu" and getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
+        return "bf16"
+    return "fp32"
+
+
+if __name__ == "__main__":
+    for options in (PretrainOptions(), FinetuneOptions()):
+        print(f"{type(options).__name__}:")
+        for f in fields(options):
+            print(f"  {f.name:24s} {getattr(options, f.name)!r}")
+    device = pick_device("auto")
+    print(f"device auto -> {device}; precision auto -> {pick_precision('auto', device)}")
+    print(f"model config of the defaults: {PretrainOptions().model_config()}")
