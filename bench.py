@@ -53,6 +53,85 @@ def training_flops(config, batch_size, length, num_predicted):
     return 3 * (2 * layer_weights * tokens + attention + 2 * head)
 
 
+def median_seconds(function, steps, device):
+    times = []
+    for _ in range(steps):
+        synchronize(device)
+        started = time.perf_counter()
+        function()
+        synchronize(device)
+        times.append(time.perf_counter() - started)
+    return float(np.median(times))
+
+
+def time_step_and_forward(step, forward, steps, device):
+    """(median seconds of a training step, of an inference forward), after 3 warm-up steps."""
+    for _ in range(3):  # warm-up: allocator, kernels, autotuning
+        step()
+    training = median_seconds(step, steps, device)
+    with torch.no_grad():
+        return training, median_seconds(forward, steps, device)
+
+
+def time_ptft(model_config, batch, precision, attention, sparse, compiled, steps, device):
+    """One ptft row: seconds per training step and per inference forward on `batch`."""
+    torch.manual_seed(0)
+    model = PreTrainingModel(replace(model_config, attention=attention)).to(device).train()
+    optimizer = train.make_optimizer(model, 1e-4)
+    training_model = torch.compile(model) if compiled else model
+    encoder = torch.compile(model.encoder) if compiled else model.encoder
+
+    def step():
+        with train.autocast(device, precision):
+            loss = training_model(batch["input_ids"], batch["segment_ids"], batch["attention_mask"], batch["mlm_labels"],
+                                  sparse=sparse)[0]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def forward():
+        with train.autocast(device, precision):
+            sequence_output = encoder(batch["input_ids"], batch["segment_ids"], batch["attention_mask"])[0]
+            model.mlm_scores(sequence_output, batch["mlm_labels"], sparse)
+
+    return time_step_and_forward(step, forward, steps, device)
+
+
+def time_transformers(model_config, batch, steps, device):
+    """transformers' BertForMaskedLM (SDPA attention, fp32) on the same batch, with the same optimizer."""
+    try:
+        import transformers
+    except ImportError:
+        raise InputError("--compare-hf needs `transformers` (pip install transformers)") from None
+    hf_config = transformers.BertConfig(
+        vocab_size=model_config.vocab_size, hidden_size=model_config.hidden_size, num_hidden_layers=model_config.num_layers,
+        num_attention_heads=model_config.num_heads, intermediate_size=model_config.intermediate_size,
+        max_position_embeddings=model_config.max_positions, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    hf_model = transformers.BertForMaskedLM(hf_config).to(device).train()
+    optimizer = train.make_optimizer(hf_model, 1e-4)
+    attention_mask = batch["attention_mask"].long()
+
+    def step():
+        hf_model(input_ids=batch["input_ids"], attention_mask=attention_mask, labels=batch["mlm_labels"]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return time_step_and_forward(step, lambda: hf_model(input_ids=batch["input_ids"], attention_mask=attention_mask),
+                                 steps, device)
+
+
+def data_path_speed(generator, batch_size, length, vocab_size=8192):
+    """Tokens/s of the data path that feeds the step (B2 sentence pairs + B1 80/10/10 masking,
+    numpy, one core) on random documents of 8-40 token sentences."""
+    tokenizer = Tokenizer(SPECIAL_TOKENS + [f"w{i}" for i in range(vocab_size - len(SPECIAL_TOKENS))])
+    documents = [[generator.integers(5, vocab_size, size) for size in generator.integers(8, 40, 12)] for _ in range(2000)]
+    started, produced = time.perf_counter(), 0
+    for _ in range(20):
+        produced += int(data.pretraining_batch(documents, tokenizer, generator, batch_size, length)["attention_mask"].sum())
+    return produced / (time.perf_counter() - started)
+
+
 def bench(config="small", compare_hf=False, json_path=None, steps=10, device="auto", compile=False, log=print):
     """Time the MLM training step and an inference forward at BERT-like shapes: vocab 8192,
     seq 128, batch 32, 15% masked, dropout 0.1. Returns the rows (and writes them as JSON).
@@ -64,35 +143,16 @@ def bench(config="small", compare_hf=False, json_path=None, steps=10, device="au
     generator = np.random.default_rng(0)
     input_ids = torch.from_numpy(generator.integers(5, 8192, (batch_size, length))).to(device)
     selected = torch.from_numpy(generator.random((batch_size, length)) < 0.15).to(device)
-    mlm_labels = torch.where(selected, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
-    segment_ids = torch.zeros_like(input_ids)
-    attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
-    num_masked = int(selected.sum())
+    batch = {"input_ids": input_ids, "segment_ids": torch.zeros_like(input_ids),
+             "attention_mask": torch.ones_like(input_ids, dtype=torch.bool),
+             "mlm_labels": torch.where(selected, input_ids, torch.full_like(input_ids, IGNORE_INDEX))}
+    num_masked, tokens = int(selected.sum()), batch_size * length
     bf16 = options.pick_precision("auto", device) == "bf16"
-    peaks = {"fp32": matmul_peak(device, torch.float32)}
-    if bf16:
-        peaks["bf16"] = matmul_peak(device, torch.bfloat16)
+    peaks = {"fp32": matmul_peak(device, torch.float32), **({"bf16": matmul_peak(device, torch.bfloat16)} if bf16 else {})}
     log(f"{config}: {model_config.num_layers} layers, hidden {model_config.hidden_size}, vocab 8192, "
         f"seq {length}, batch {batch_size}, {num_masked} masked; device {device}; matmul peak "
         + ", ".join(f"{k} {v / 1e12:.2f} TFLOP/s" for k, v in peaks.items()))
-
-    def median_seconds(function):
-        times = []
-        for _ in range(steps):
-            synchronize(device)
-            started = time.perf_counter()
-            function()
-            synchronize(device)
-            times.append(time.perf_counter() - started)
-        return float(np.median(times))
-
-    def measure(step_function, forward_function):
-        for _ in range(3):  # warm-up: allocator, kernels, autotuning
-            step_function()
-        training = median_seconds(step_function)
-        with torch.no_grad():
-            return training, median_seconds(forward_function)
-
+    # (name, precision, attention, sparse MLM prediction, compiled): the reading path first
     variants = [("explicit", "fp32", "explicit", False, False), ("fast", "fp32", "sdpa", True, False)]
     if bf16:
         variants.append(("fast", "bf16", "sdpa", True, False))
@@ -100,51 +160,26 @@ def bench(config="small", compare_hf=False, json_path=None, steps=10, device="au
         variants += [("fast, compiled", precision, "sdpa", True, True) for _, precision, _, sparse, _ in variants if sparse]
     rows = []
     for variant, precision, attention, sparse, compiled in variants:
-        torch.manual_seed(0)
-        model = PreTrainingModel(replace(model_config, attention=attention)).to(device).train()
-        optimizer = train.make_optimizer(model, 1e-4)
-        training_model = torch.compile(model) if compiled else model
-        encoder = torch.compile(model.encoder) if compiled else model.encoder
-
-        def step():
-            with train.autocast(device, precision):
-                loss = training_model(input_ids, segment_ids, attention_mask, mlm_labels, sparse=sparse)[0]
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        def forward():
-            with train.autocast(device, precision):
-                model.mlm_scores(encoder(input_ids, segment_ids, attention_mask)[0], mlm_labels, sparse)
-
-        train_seconds, infer_seconds = measure(step, forward)
-        flops = training_flops(model_config, batch_size, length, num_masked if sparse else batch_size * length)
+        train_seconds, infer_seconds = time_ptft(model_config, batch, precision, attention, sparse, compiled, steps, device)
+        flops = training_flops(model_config, batch_size, length, num_masked if sparse else tokens)
         rows.append({"impl": "ptft", "variant": f"{variant} ({attention} attention, {'sparse' if sparse else 'dense'} MLM)",
-                     "precision": precision, "config": config, "train_tokens_per_s": batch_size * length / train_seconds,
-                     "infer_tokens_per_s": batch_size * length / infer_seconds, "mfu": flops / train_seconds / peaks[precision]})
+                     "precision": precision, "config": config, "train_tokens_per_s": tokens / train_seconds,
+                     "infer_tokens_per_s": tokens / infer_seconds, "mfu": flops / train_seconds / peaks[precision]})
     if compare_hf:
-        try:
-            import transformers
-        except ImportError:
-            raise InputError("--compare-hf needs `transformers` (pip install transformers)") from None
-        hf_config = transformers.BertConfig(
-            vocab_size=8192, hidden_size=model_config.hidden_size, num_hidden_layers=model_config.num_layers,
-            num_attention_heads=model_config.num_heads, intermediate_size=model_config.intermediate_size,
-            max_position_embeddings=128, attn_implementation="sdpa")
-        torch.manual_seed(0)
-        hf_model = transformers.BertForMaskedLM(hf_config).to(device).train()
-        optimizer = train.make_optimizer(hf_model, 1e-4)
-
-        def hf_step():
-            hf_model(input_ids=input_ids, attention_mask=attention_mask.long(), labels=mlm_labels).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        train_seconds, infer_seconds = measure(hf_step, lambda: hf_model(input_ids=input_ids, attention_mask=attention_mask.long()))
-        flops = training_flops(model_config, batch_size, length, batch_size * length)
+        train_seconds, infer_seconds = time_transformers(model_config, batch, steps, device)
         rows.append({"impl": "hf", "variant": "BertForMaskedLM (sdpa)", "precision": "fp32", "config": config,
-                     "train_tokens_per_s": batch_size * length / train_seconds,
-                     "infer_tokens_per_s": batch_size * length / infer_seconds, "mfu": flops / train_seconds / peaks["fp32"]})
+                     "train_tokens_per_s": tokens / train_seconds, "infer_tokens_per_s": tokens / infer_seconds,
+                     "mfu": training_flops(model_config, batch_size, length, tokens) / train_seconds / peaks["fp32"]})
+    print_table(rows, log)
+    data_speed = data_path_speed(generator, batch_size, length)  # it must be far faster than any row above
+    log(f"data path (sentence pairs + masking): {data_speed:,.0f} tokens/s = "
+        f"{data_speed / max(r['train_tokens_per_s'] for r in rows):.0f}x the fastest training step above")
+    if json_path:
+        write_json(json_path, rows)
+    return rows
+
+
+def print_table(rows, log):
     hf_speed = next((r["train_tokens_per_s"] for r in rows if r["impl"] == "hf"), None)
     log("| impl | variant | precision | train tokens/s | inference tokens/s | MFU |" + (" vs hf |" if hf_speed else ""))
     log("|---|---|---|---|---|---|" + ("---|" if hf_speed else ""))
@@ -152,19 +187,6 @@ def bench(config="small", compare_hf=False, json_path=None, steps=10, device="au
         log(f"| {r['impl']} | {r['variant']} | {r['precision']} | {r['train_tokens_per_s']:,.0f} | "
             f"{r['infer_tokens_per_s']:,.0f} | {100 * r['mfu']:.0f}% |"
             + (f" {r['train_tokens_per_s'] / hf_speed:.2f}x |" if hf_speed else ""))
-    # the data path that feeds the step (B2 sentence pairs + B1 80/10/10 masking, numpy, one core)
-    # on random documents of 8-40 token sentences: it must be far faster than any row above
-    tokenizer = Tokenizer(SPECIAL_TOKENS + [f"w{i}" for i in range(8192 - len(SPECIAL_TOKENS))])
-    documents = [[generator.integers(5, 8192, size) for size in generator.integers(8, 40, 12)] for _ in range(2000)]
-    started, produced = time.perf_counter(), 0
-    for _ in range(20):
-        produced += int(data.pretraining_batch(documents, tokenizer, generator, batch_size, length)["attention_mask"].sum())
-    data_speed = produced / (time.perf_counter() - started)
-    log(f"data path (sentence pairs + masking): {data_speed:,.0f} tokens/s = "
-        f"{data_speed / max(r['train_tokens_per_s'] for r in rows):.0f}x the fastest training step above")
-    if json_path:
-        write_json(json_path, rows)
-    return rows
 
 
 if __name__ == "__main__":

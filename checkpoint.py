@@ -15,19 +15,24 @@ A run folder holds checkpoint.pt, vocab.txt and metrics.json. checkpoint.pt is a
     load_checkpoint      a run folder, a checkpoint file or a Hugging Face BERT folder -> the dict,
                          its parts checked against each other (a bad file is one line, exit 2)
     open_model           -> (model with its weights, tokenizer, checkpoint)
+    PretrainingRun       what a pre-training checkpoint holds, saved and restored (bit-exact resume)
 
 Run `python checkpoint.py RUN_FOLDER` to see what a checkpoint holds (without one: a self-check).
 """
 
 import json
 import os
+import random
 import shutil
 import sys
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 import hf
 from model import Classifier, Config, PreTrainingModel
+from options import SIZE_FIELDS, PretrainOptions
 from tokenizer import InputError, Tokenizer
 
 
@@ -140,6 +145,62 @@ def open_model(source, log=print, **config_changes):
     model = empty_model(checkpoint, config)
     model.load_state_dict(checkpoint["model"])
     return model, Tokenizer.from_checkpoint(checkpoint), checkpoint
+
+
+@dataclass
+class PretrainingRun:
+    """A pre-training run's state: what its checkpoint holds, enough for a bit-identical resume --
+    the weights, the optimizer's moments, the fp16 loss scale, the history, and every random
+    generator (numpy's data stream, python, torch, CUDA) as it was at the step's start."""
+    options: PretrainOptions
+    corpus_name: str
+    model: PreTrainingModel
+    tokenizer: Tokenizer
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    data_rng: np.random.Generator
+    device: torch.device
+    precision: str
+    history: list
+
+    def rng_states(self):
+        return {"numpy": self.data_rng.bit_generator.state, "python": random.getstate(), "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []}
+
+    def restore(self, checkpoint):
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        if checkpoint.get("scaler"):
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        self.history[:] = checkpoint.get("history", [])
+        self.data_rng.bit_generator.state = checkpoint["rng"]["numpy"]
+        random.setstate(checkpoint["rng"]["python"])
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        if self.device.type == "cuda" and checkpoint["rng"].get("cuda"):
+            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])  # dropout masks drawn on the GPU
+
+    def save(self, path, step, rng):
+        o = self.options
+        save_atomic(path, make_checkpoint(
+            "pretraining", self.model.state_dict(), self.model.config, self.tokenizer, step=step,
+            optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(), history=self.history, rng=rng,
+            run=dict(corpus=self.corpus_name, config=o.config, init=o.init, nsp=o.nsp, max_length=o.max_length,
+                     batch_size=o.batch_size, vocab_size=o.model_config().vocab_size, lr=o.lr, steps=o.steps,
+                     seed=o.seed, mask_probability=o.mask_probability)))
+
+
+def check_resume_settings(checkpoint, o, corpus_name, path):
+    """A --resume must agree with the checkpoint on the data, the task and the model; the
+    refusal names each difference. With --init the sizes are the init's (compared through init)."""
+    requested = o.model_config()
+    expected = dict(corpus=corpus_name, config=o.config, init=o.init, nsp=o.nsp, max_length=o.max_length,
+                    batch_size=o.batch_size, vocab_size=requested.vocab_size)
+    found = {key: checkpoint.get("run", {}).get(key) for key in expected}
+    fields = ["dropout", "attention"] + ([] if o.init else list(SIZE_FIELDS))
+    expected.update({f: getattr(requested, f) for f in fields})
+    found.update({f: checkpoint["config"].get(f) for f in fields})
+    if found != expected:
+        differing = ", ".join(f"{k}: checkpoint {found[k]!r} vs now {expected[k]!r}" for k in expected if found[k] != expected[k])
+        raise InputError(f"{path}: --resume with different settings ({differing})")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ from checkpoint import load_checkpoint, prepare_out_folder, write_json
 from options import FinetuneOptions, PretrainOptions
 from tokenizer import MASK, InputError
 
-
 # ----------------------------------------------------------------------------------------
 # demo: the whole paradigm in one command (C1)
 # ----------------------------------------------------------------------------------------
@@ -127,9 +126,14 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog="ptft.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    formatter = argparse.ArgumentDefaultsHelpFormatter
+    for add_command in (add_demo, add_pretrain, add_finetune, add_experiments, add_evaluate, add_fill_mask, add_export,
+                        add_bench):
+        add_command(commands)
+    return parser
 
-    p = commands.add_parser("demo", formatter_class=formatter, help="the main job: pre-train, then fine-tune 4 ways",
+
+def add_demo(commands):
+    p = commands.add_parser("demo", formatter_class=HELP_FORMAT, help="the main job: pre-train, then fine-tune 4 ways",
                             description="Pre-train a tiny BERT on the embedded toy world's unlabeled text, then "
                             "fine-tune it on k labeled sentences per topic four ways -- from scratch (random init, "
                             "same architecture and vocabulary), head only, top-2 layers + head, everything -- and "
@@ -141,7 +145,9 @@ def build_parser():
     p.add_argument("--epochs", type=int, default=30, help="fine-tuning epochs")
     add_run_flags(p, seed=False)
 
-    p = commands.add_parser("pretrain", formatter_class=formatter, help="masked language modelling + next-sentence prediction",
+
+def add_pretrain(commands):
+    p = commands.add_parser("pretrain", formatter_class=HELP_FORMAT, help="masked language modelling + next-sentence prediction",
                             description="Pre-train an encoder with BERT's masked language modelling (15% of tokens; "
                             "80/10/10 [MASK]/random/unchanged) and next-sentence prediction. Without --corpus it uses "
                             "the embedded toy world; --corpus stdlib uses the docstrings of Python's standard library; "
@@ -149,32 +155,35 @@ def build_parser():
                             "Writes OUT/checkpoint.pt, OUT/vocab.txt and OUT/metrics.json.")
     p.add_argument("--corpus", nargs="+", metavar="FILE", help="text file(s), or 'stdlib' (default: the toy world)")
     p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--config", default="tiny", help="model size: tiny, small or base")
+    p.add_argument("--config", help="model size: tiny, small or base")
     p.add_argument("--init", help="continue pre-training this run folder or Hugging Face BERT folder (its size and vocabulary)")
-    p.add_argument("--steps", type=int, default=2000, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=64, help="sequences per step (per micro-batch with --accum)")
-    p.add_argument("--accum", dest="accumulation", type=int, default=1, help="micro-batches accumulated per step")
-    p.add_argument("--max-length", type=int, default=64, help="tokens per sequence, [CLS] and [SEP]s included")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (linear warmup, then cosine decay)")
+    p.add_argument("--steps", type=int, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, help="sequences per step (per micro-batch with --accum)")
+    p.add_argument("--accum", dest="accumulation", type=int, help="micro-batches accumulated per step")
+    p.add_argument("--max-length", type=int, help="tokens per sequence, [CLS] and [SEP]s included")
+    p.add_argument("--lr", type=float, help="peak learning rate (linear warmup, then cosine decay)")
     p.add_argument("--warmup-steps", type=int, help="warmup steps (default: 5%% of --steps)")
     p.add_argument("--vocab-size", type=int, help="WordPiece vocabulary size (default 2048 on the toy world, else 8192)")
-    p.add_argument("--mask-probability", type=float, default=0.15, help="fraction of tokens selected for MLM")
-    p.add_argument("--mask-token-fraction", type=float, default=0.8, help="of the selected tokens, the share set to [MASK]")
-    p.add_argument("--random-token-fraction", type=float, default=0.1, help="of the selected tokens, the share set to a random token")
-    p.add_argument("--snapshot-steps", type=int, nargs="*", default=[], help="also save OUT/snapshot-N.pt at these steps")
-    p.add_argument("--no-nsp", dest="nsp", action="store_false", help="MLM only, no next-sentence prediction")
-    p.add_argument("--nsp-weight", type=float, default=1.0, help="lambda in L = L_MLM + lambda * L_NSP (B3)")
-    p.add_argument("--precision", default="auto", help="auto (bf16 where the hardware has it, else fp32), fp32, bf16, "
+    p.add_argument("--mask-probability", type=float, help="fraction of tokens selected for MLM")
+    p.add_argument("--mask-token-fraction", type=float, help="of the selected tokens, the share set to [MASK]")
+    p.add_argument("--random-token-fraction", type=float, help="of the selected tokens, the share set to a random token")
+    p.add_argument("--snapshot-steps", type=int, nargs="*", help="also save OUT/snapshot-N.pt at these steps")
+    p.add_argument("--no-nsp", dest="nsp", action="store_false", help="MLM only, no next-sentence prediction (nsp=%(default)s)")
+    p.add_argument("--nsp-weight", type=float, help="lambda in L = L_MLM + lambda * L_NSP (B3)")
+    p.add_argument("--precision", help="auto (bf16 where the hardware has it, else fp32), fp32, bf16, "
                    "or fp16 (with a GradScaler; for GPUs without bf16)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (slow first steps; helps on GPUs)")
-    p.add_argument("--dropout", type=float, default=0.1, help="dropout on embeddings, layers and attention (BERT: 0.1)")
-    p.add_argument("--attention", default="sdpa", help="explicit (the formula, written out) or sdpa (fused kernel)")
-    p.add_argument("--save-every", type=int, default=500, help="write checkpoint.pt every N steps (0: only at the end)")
-    p.add_argument("--eval-every", type=int, default=250, help="held-out MLM loss every N steps")
+    p.add_argument("--dropout", type=float, help="dropout on embeddings, layers and attention (BERT: 0.1)")
+    p.add_argument("--attention", help="explicit (the formula, written out) or sdpa (fused kernel)")
+    p.add_argument("--save-every", type=int, help="write checkpoint.pt every N steps (0: only at the end)")
+    p.add_argument("--eval-every", type=int, help="held-out MLM loss every N steps")
     add_size_flags(p)
     add_run_flags(p)
+    p.set_defaults(**option_defaults(PretrainOptions))  # the defaults live in options.py, and --help shows them
 
-    p = commands.add_parser("finetune", formatter_class=formatter, help="train a classifier on a labeled TSV",
+
+def add_finetune(commands):
+    p = commands.add_parser("finetune", formatter_class=HELP_FORMAT, help="train a classifier on a labeled TSV",
                             description="Fine-tune a sequence classifier (pooled [CLS] -> linear) on a TSV of "
                             "'text<TAB>label' lines, from a pre-training run folder or from scratch (a random "
                             "initialisation; its vocabulary is built from the training file). --freeze chooses what "
@@ -184,26 +193,29 @@ def build_parser():
     p.add_argument("--train", required=True, help="training TSV: text<TAB>label")
     p.add_argument("--valid", help="validation TSV (labels must appear in the training file)")
     p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--freeze", default="none", help="head, top-K (e.g. top-2) or none")
-    p.add_argument("--epochs", type=int, default=20, help="passes over the training set")
+    p.add_argument("--freeze", help="head, top-K (e.g. top-2) or none")
+    p.add_argument("--epochs", type=int, help="passes over the training set")
     p.add_argument("--lr", type=float, help="peak learning rate (default: 1e-3 for head/top-K, 3e-4 for none)")
-    p.add_argument("--batch-size", type=int, default=16, help="examples per step")
-    p.add_argument("--config", default="tiny", help="model size with --init scratch: tiny, small or base")
-    p.add_argument("--max-length", type=int, default=128, help="position-table size with --init scratch")
-    p.add_argument("--schedule", default="cosine", help="after warmup: cosine (to 0) or constant (C4, C5c)")
-    p.add_argument("--warmup-fraction", type=float, default=0.1, help="fraction of the steps spent warming up (0: none)")
-    p.add_argument("--l2-sp", dest="l2_sp", type=float, default=0.0, metavar="LAMBDA",
+    p.add_argument("--batch-size", type=int, help="examples per step")
+    p.add_argument("--config", help="model size with --init scratch: tiny, small or base")
+    p.add_argument("--max-length", type=int, help="position-table size with --init scratch")
+    p.add_argument("--schedule", help="after warmup: cosine (to 0) or constant (C4, C5c)")
+    p.add_argument("--warmup-fraction", type=float, help="fraction of the steps spent warming up (0: none)")
+    p.add_argument("--l2-sp", dest="l2_sp", type=float, metavar="LAMBDA",
                    help="C5a: add LAMBDA/2 * sum ||theta - theta_0||^2, a pull toward the pre-trained weights")
-    p.add_argument("--aux-mlm", type=float, default=0.0, metavar="ALPHA",
+    p.add_argument("--aux-mlm", type=float, metavar="ALPHA",
                    help="C5b: add ALPHA * MLM loss (E4) on unlabeled text, with the pre-trained MLM head")
-    p.add_argument("--layer-lr-decay", type=float, default=1.0, metavar="GAMMA",
+    p.add_argument("--layer-lr-decay", type=float, metavar="GAMMA",
                    help="C5c: the layer d steps below the head trains at lr * GAMMA^d (embeddings lowest)")
     p.add_argument("--unlabeled", nargs="+", metavar="FILE",
                    help="unlabeled text for --aux-mlm and forgetting (default: the init's pre-training corpus)")
     add_size_flags(p)
     add_run_flags(p, resume=False)
+    p.set_defaults(**option_defaults(FinetuneOptions))
 
-    p = commands.add_parser("experiments", formatter_class=formatter, help="test the document's claims C1-C6",
+
+def add_experiments(commands):
+    p = commands.add_parser("experiments", formatter_class=HELP_FORMAT, help="test the document's claims C1-C6",
                             description="Run the experiments of experiments.py on the toy world and on the "
                             "standard library's docstrings: one table per claim (C1-C6), each cell mean ± std "
                             "over seeds, with a TF-IDF + logistic-regression baseline. Writes OUT/results.json, "
@@ -219,7 +231,9 @@ def build_parser():
     p.add_argument("--resume", action="store_true", help="skip the runs already in OUT/runs.jsonl")
     p.add_argument("--force", action="store_true", help="delete an existing --out folder and start over")
 
-    p = commands.add_parser("evaluate", formatter_class=formatter, help="score a run on a TSV or a text corpus",
+
+def add_evaluate(commands):
+    p = commands.add_parser("evaluate", formatter_class=HELP_FORMAT, help="score a run on a TSV or a text corpus",
                             description="A classifier run on a TSV: accuracy, macro-F1, loss, n. A pre-training run "
                             "on a text file (or 'stdlib'): MLM loss and NSP accuracy on fixed masked batches. "
                             "Prints JSON; with --out also writes OUT/metrics.json.")
@@ -228,7 +242,9 @@ def build_parser():
     p.add_argument("--out", help="folder to write metrics.json in")
     add_device_flag(p)
 
-    p = commands.add_parser("fill-mask", formatter_class=formatter, help="predict the tokens behind [MASK]",
+
+def add_fill_mask(commands):
+    p = commands.add_parser("fill-mask", formatter_class=HELP_FORMAT, help="predict the tokens behind [MASK]",
                             description="Run the MLM head on TEXT and print, for each [MASK], the top-k "
                             "candidates, best first, one per line: token<TAB>probability. The probability is "
                             "the softmax over the vocabulary of the MLM scores (E4's distribution). With "
@@ -238,7 +254,9 @@ def build_parser():
     p.add_argument("--top-k", type=int, default=5, help="candidates per [MASK]")
     add_device_flag(p)
 
-    p = commands.add_parser("export", formatter_class=formatter, help="write a run as a Hugging Face BERT folder",
+
+def add_export(commands):
+    p = commands.add_parser("export", formatter_class=HELP_FORMAT, help="write a run as a Hugging Face BERT folder",
                             description="Write config.json, model.safetensors, vocab.txt and tokenizer_config.json: "
                             "a pre-training run opens with transformers' BertForPreTraining.from_pretrained, a "
                             "fine-tuned classifier with BertForSequenceClassification.from_pretrained.")
@@ -246,7 +264,9 @@ def build_parser():
     p.add_argument("--out", required=True, help="the folder to write (must not exist or be empty, unless --force)")
     p.add_argument("--force", action="store_true", help="replace an existing --out folder")
 
-    p = commands.add_parser("bench", formatter_class=formatter, help="tokens/s and MFU of MLM training",
+
+def add_bench(commands):
+    p = commands.add_parser("bench", formatter_class=HELP_FORMAT, help="tokens/s and MFU of MLM training",
                             description="Time one MLM training step (forward + backward + AdamW) and an inference "
                             "forward at vocab 8192, seq 128, batch 32, 15% masked, dropout 0.1: the median of "
                             "--steps after 3 warm-up steps. MFU = model FLOPs / time / the matmul peak measured "
@@ -258,7 +278,18 @@ def build_parser():
     p.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
     p.add_argument("--compile", action="store_true", help="also time the fast rows under torch.compile")
     add_device_flag(p)
-    return parser
+
+
+HELP_FORMAT = argparse.ArgumentDefaultsHelpFormatter
+
+
+def option_defaults(options_class):
+    """Every field's default of an options dataclass, nested ones flattened (remedies.l2_sp -> l2_sp)."""
+    defaults = {}
+    for field in dataclasses.fields(options_class):
+        value = getattr(options_class(), field.name)
+        defaults.update(option_defaults(field.type) if dataclasses.is_dataclass(field.type) else {field.name: value})
+    return defaults
 
 
 def add_size_flags(p):

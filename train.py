@@ -27,255 +27,27 @@ from tqdm import tqdm
 
 import data
 import toyworld
-from checkpoint import load_checkpoint, make_checkpoint, open_model, prepare_out_folder, save_atomic, write_json
+from checkpoint import (
+    PretrainingRun,
+    check_resume_settings,
+    load_checkpoint,
+    make_checkpoint,
+    open_model,
+    prepare_out_folder,
+    save_atomic,
+    write_json,
+)
 from model import IGNORE_INDEX, Classifier, Config, PreTrainingModel, count_parameters, mlm_loss
-from options import SIZE_FIELDS, FinetuneOptions, PretrainOptions, model_config, pick_device, pick_precision
+from options import FinetuneOptions, PretrainOptions, model_config, pick_device, pick_precision
 from tokenizer import MASK, InputError, Tokenizer, train_tokenizer
 
 # where tokenised corpora are cached (data.encode_documents); PTFT_CACHE="" turns it off
 TOKEN_CACHE = os.environ.get("PTFT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "ptft"))
 
 
-class TrainingDiverged(Exception):
-    """A loss or the gradient norm became NaN or infinite. ptft.py reports it and exits with status 3."""
-
-
 # ----------------------------------------------------------------------------------------
-# Precision and seeds
+# Pre-training: the loop, one step, and the held-out E4
 # ----------------------------------------------------------------------------------------
-
-
-def autocast(device, precision):
-    """bf16/fp16 autocast, or nothing. Matmuls run in 16 bits; softmax and LayerNorm in float32 on
-    CUDA, while CPU autocast leaves them in their input's type; the E4 loss is float32 everywhere
-    (model.mlm_loss casts the scores)."""
-    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype, enabled=precision in ("bf16", "fp16"))
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    torch.manual_seed(seed)
-    return np.random.default_rng(seed)
-
-
-def to_tensors(batch, device):
-    return {key: torch.from_numpy(value).to(device) for key, value in batch.items()}
-
-
-# ----------------------------------------------------------------------------------------
-# C4: the schedule; the optimizer
-# ----------------------------------------------------------------------------------------
-
-
-def learning_rate(step, total_steps, peak, warmup_steps, schedule="cosine"):
-    """C4: linear warmup from 0 to `peak` over warmup_steps, then cosine annealing to 0
-    (or constant). `step` counts from 0; the rate is the one used for that step's update."""
-    if step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
-    if schedule == "constant":
-        return peak
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def make_optimizer(model, lr, weight_decay=0.01, lr_scales=None):
-    """AdamW over the TRAINABLE parameters only (frozen ones are never handed to it).
-    As in BERT, biases and LayerNorm weights (the 1-D parameters) get no weight decay.
-    lr_scales (parameter name -> factor, see layer_lr_scales) gives each group the rate
-    lr * group["lr_scale"]; the training loops multiply their schedule by it."""
-    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    lr_scales = lr_scales or {}
-    groups = {}
-    for name, p in trainable:
-        decay = weight_decay if p.ndim >= 2 else 0.0
-        scale = lr_scales.get(name, 1.0)
-        groups.setdefault((decay, scale), {"params": [], "weight_decay": decay, "lr_scale": scale, "lr": lr * scale})
-        groups[(decay, scale)]["params"].append(p)
-    # fused: one kernel for the whole update instead of a dozen passes over every tensor (same formula)
-    fused = all(p.device.type in ("cpu", "cuda") for _, p in trainable)
-    return torch.optim.AdamW(list(groups.values()), lr=lr, betas=(0.9, 0.999), eps=1e-6, fused=fused)
-
-
-def layer_lr_scales(model, decay):
-    """C5c, layer-wise learning-rate decay: the layer `depth` steps below the top gets
-    lr * decay**depth. The head (pooler + classifier) has depth 0, the top encoder layer 1,
-    ..., the bottom layer L, the embeddings L + 1 -- the most general features, lowest rate."""
-    num_layers = len(model.encoder.layers)
-    scales = {}
-    for name, _ in model.named_parameters():
-        match = re.match(r"encoder\.layers\.(\d+)\.", name)
-        if match:
-            depth = num_layers - int(match.group(1))
-        elif name.startswith("encoder.embeddings."):
-            depth = num_layers + 1
-        else:
-            depth = 0
-        scales[name] = decay ** depth
-    return scales
-
-
-# ----------------------------------------------------------------------------------------
-# Pre-training
-# ----------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def mlm_evaluation(model, batches, device, precision="fp32"):
-    """Held-out MLM loss (mean over all masked tokens, E4) and NSP accuracy."""
-    was_training = model.training
-    model.eval()
-    total_loss, total_masked, nsp_correct, nsp_total = 0.0, 0, 0, 0
-    for batch in batches:
-        batch = to_tensors(batch, device)
-        with autocast(device, precision):
-            sequence_output, pooled = model.encoder(batch["input_ids"], batch["segment_ids"], batch["attention_mask"])
-            scores = model.mlm_scores(sequence_output, batch["mlm_labels"])
-            nsp_predictions = model.nsp_head(pooled).argmax(-1)
-        targets = batch["mlm_labels"][batch["mlm_labels"] != IGNORE_INDEX]
-        total_loss += mlm_loss(scores, targets, num_masked_total=1).item()  # E4's sum over M
-        total_masked += targets.numel()
-        nsp_correct += (nsp_predictions == batch["nsp_labels"]).sum().item()
-        nsp_total += len(batch["nsp_labels"])
-    model.train(was_training)
-    return {"mlm_loss": total_loss / max(total_masked, 1), "nsp_accuracy": nsp_correct / max(nsp_total, 1)}
-
-
-def model_and_tokenizer(o, out, resume_from, corpus_name, documents, log):
-    """(Config, tokenizer, weights or None) of the model to pre-train: a resumed run's, an
-    --init's, or a new WordPiece vocabulary and (weights None) a random initialisation."""
-    requested = o.model_config()
-    if resume_from is not None:
-        # a resume must agree with the checkpoint on the data, the task and the model
-        expected = dict(corpus=corpus_name, config=o.config, init=o.init, nsp=o.nsp, max_length=o.max_length,
-                        batch_size=o.batch_size, vocab_size=requested.vocab_size)
-        found = {key: resume_from.get("run", {}).get(key) for key in expected}
-        fields = ["dropout", "attention"] + ([] if o.init else list(SIZE_FIELDS))  # --init: its sizes, via init
-        expected.update({f: getattr(requested, f) for f in fields})
-        found.update({f: resume_from["config"].get(f) for f in fields})
-        if found != expected:
-            differing = ", ".join(f"{k}: checkpoint {found[k]!r} vs now {expected[k]!r}" for k in expected if found[k] != expected[k])
-            raise InputError(f"{os.path.join(out, 'checkpoint.pt')}: --resume with different settings ({differing})")
-        return Config(**resume_from["config"]), Tokenizer.from_checkpoint(resume_from), resume_from["model"]
-    if o.init:
-        initial = load_checkpoint(o.init, log)
-        if initial.get("kind") != "pretraining":
-            raise InputError(f"{o.init}: a classifier checkpoint; continued pre-training needs a pre-training run or a BERT folder")
-        config = replace(Config(**initial["config"]), attention=o.attention, dropout=o.dropout, attention_dropout=o.dropout)
-        return config, Tokenizer.from_checkpoint(initial), initial["model"]
-    log(f"building a {requested.vocab_size}-token WordPiece vocabulary from {corpus_name} ...")
-    tokenizer = train_tokenizer((s for d in documents for s in d), requested.vocab_size, o.lowercase)
-    return replace(requested, vocab_size=len(tokenizer)), tokenizer, None  # a small corpus may give fewer tokens
-
-
-@dataclass
-class PretrainingRun:
-    """What a checkpoint of a pre-training run holds: enough for a bit-identical resume."""
-    options: PretrainOptions
-    corpus_name: str
-    model: PreTrainingModel
-    tokenizer: Tokenizer
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    data_rng: np.random.Generator
-    device: torch.device
-    precision: str
-    history: list
-
-    def rng_states(self):
-        return {"numpy": self.data_rng.bit_generator.state, "python": random.getstate(), "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []}
-
-    def restore(self, checkpoint):
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        if checkpoint.get("scaler"):
-            self.scaler.load_state_dict(checkpoint["scaler"])
-        self.history[:] = checkpoint.get("history", [])
-        self.data_rng.bit_generator.state = checkpoint["rng"]["numpy"]
-        random.setstate(checkpoint["rng"]["python"])
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        if self.device.type == "cuda" and checkpoint["rng"].get("cuda"):
-            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])  # dropout masks drawn on the GPU
-
-    def save(self, path, step, rng):
-        o = self.options
-        save_atomic(path, make_checkpoint(
-            "pretraining", self.model.state_dict(), self.model.config, self.tokenizer, step=step,
-            optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(), history=self.history, rng=rng,
-            run=dict(corpus=self.corpus_name, config=o.config, init=o.init, nsp=o.nsp, max_length=o.max_length,
-                     batch_size=o.batch_size, vocab_size=o.model_config().vocab_size, lr=o.lr, steps=o.steps,
-                     seed=o.seed, mask_probability=o.mask_probability)))
-
-
-def start_pretraining(out, o, resume, force, log):
-    """Everything before the first step: the corpus, the tokenizer, the model (new, from --init,
-    or resumed) and its optimizer. Returns (run, first step, encoded corpus, held-out batches)."""
-    device = pick_device(o.device)
-    precision = pick_precision(o.precision, device)
-    prepare_out_folder(out, resume, force)
-    checkpoint_path = os.path.join(out, "checkpoint.pt")
-    resume_from = load_checkpoint(checkpoint_path) if resume and os.path.exists(checkpoint_path) else None
-    if resume_from is not None and resume_from.get("kind") != "pretraining":
-        raise InputError(f"{checkpoint_path}: not a pre-training checkpoint, cannot --resume it")
-    corpus_name, documents = data.load_corpus(o.corpus)
-    training_documents, held_out_documents = data.split_held_out(documents)
-    config, tokenizer, weights = model_and_tokenizer(o, out, resume_from, corpus_name, training_documents, log)
-    if o.max_length > config.max_positions:
-        raise InputError(f"--max-length {o.max_length} exceeds the position table ({config.max_positions})")
-    tokenizer.save(os.path.join(out, "vocab.txt"))
-    encoded = data.encode_documents(tokenizer, training_documents, TOKEN_CACHE)
-    if o.nsp and (len(encoded) < 2 or not any(len(d) >= 2 for d in encoded)):
-        raise InputError(f"{corpus_name}: next-sentence prediction needs at least 2 documents (separated by a blank line), "
-                         "one of them with 2 or more lines; or pass --no-nsp")
-    held_out = data.held_out_batches(data.encode_documents(tokenizer, held_out_documents), tokenizer, o.max_length,
-                                     o.nsp)
-
-    data_rng = seed_everything(o.seed)
-    model = PreTrainingModel(config).to(device)
-    if weights is not None:
-        model.load_state_dict(weights)
-    # fp16 keeps 5 exponent bits: small gradients would underflow to 0. The GradScaler multiplies
-    # the loss by S before backward, divides the gradients by S before the update, and skips a step
-    # whose scaled gradients overflowed (then halves S). bf16 has fp32's range: no scaler (disabled).
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    run = PretrainingRun(o, corpus_name, model, tokenizer, make_optimizer(model, o.lr), scaler, data_rng, device,
-                         precision, [])
-    start_step = 0
-    if resume_from is not None:
-        run.restore(resume_from)
-        start_step = resume_from["step"]
-        log(f"resuming {out} at step {start_step}")
-    log(f"pre-training {f'from {o.init}' if o.init else f'a {o.config} encoder'} ({count_parameters(model.encoder):,} "
-        f"parameters, vocab {len(tokenizer)}) on {corpus_name}: {len(encoded)} documents, "
-        f"{sum(len(s) for d in encoded for s in d):,} tokens; {held_out_documents and len(held_out_documents) or 'no'} "
-        f"held out; {device}, {precision}")
-    return run, start_step, encoded, held_out
-
-
-def pretraining_step(run, training_model, encoded):
-    """One optimizer step's forward and backward passes (no update yet): B2 pairs with B1
-    masks, E4 (+ B3's weighted NSP loss), over the accumulated micro-batches.
-    Returns (MLM loss, NSP loss, real tokens seen)."""
-    o = run.options
-    micro_batches = [data.pretraining_batch(encoded, run.tokenizer, run.data_rng, o.batch_size, o.max_length, o.nsp,
-                                            o.mask_probability, o.mask_token_fraction, o.random_token_fraction)
-                     for _ in range(o.accumulation)]
-    # gradient accumulation: every micro-batch's MLM loss is divided by the masked-token count of
-    # ALL micro-batches, so the summed gradient is the one big batch would give (E4's normaliser)
-    num_masked_total = sum(int((b["mlm_labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
-    loss_mlm_total, loss_nsp_total, tokens = 0.0, 0.0, 0
-    for micro_batch in micro_batches:
-        micro_batch = to_tensors(micro_batch, run.device)
-        with autocast(run.device, run.precision):
-            loss, loss_mlm, loss_nsp = training_model(
-                micro_batch["input_ids"], micro_batch["segment_ids"], micro_batch["attention_mask"],
-                micro_batch["mlm_labels"], micro_batch["nsp_labels"] if o.nsp else None,
-                nsp_weight=o.nsp_weight / o.accumulation, num_masked_total=num_masked_total)
-        run.scaler.scale(loss).backward()  # = loss.backward() unless fp16
-        loss_mlm_total += loss_mlm.item()
-        loss_nsp_total += 0.0 if loss_nsp is None else loss_nsp.item() / o.accumulation
-        tokens += int(micro_batch["attention_mask"].sum())
-    return loss_mlm_total, loss_nsp_total, tokens
 
 
 def pretrain(out, options, resume=False, force=False, log=print, progress=True):
@@ -364,9 +136,220 @@ def pretrain(out, options, resume=False, force=False, log=print, progress=True):
     return metrics
 
 
+def pretraining_step(run, training_model, encoded):
+    """One optimizer step's forward and backward passes (no update yet): B2 pairs with B1
+    masks, E4 (+ B3's weighted NSP loss), over the accumulated micro-batches.
+    Returns (MLM loss, NSP loss, real tokens seen)."""
+    o = run.options
+    micro_batches = [data.pretraining_batch(encoded, run.tokenizer, run.data_rng, o.batch_size, o.max_length, o.nsp,
+                                            o.mask_probability, o.mask_token_fraction, o.random_token_fraction)
+                     for _ in range(o.accumulation)]
+    # gradient accumulation: every micro-batch's MLM loss is divided by the masked-token count of
+    # ALL micro-batches, so the summed gradient is the one big batch would give (E4's normaliser)
+    num_masked_total = sum(int((b["mlm_labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
+    loss_mlm_total, loss_nsp_total, tokens = 0.0, 0.0, 0
+    for micro_batch in micro_batches:
+        micro_batch = to_tensors(micro_batch, run.device)
+        with autocast(run.device, run.precision):
+            loss, loss_mlm, loss_nsp = training_model(
+                micro_batch["input_ids"], micro_batch["segment_ids"], micro_batch["attention_mask"],
+                micro_batch["mlm_labels"], micro_batch["nsp_labels"] if o.nsp else None,
+                nsp_weight=o.nsp_weight / o.accumulation, num_masked_total=num_masked_total)
+        run.scaler.scale(loss).backward()  # = loss.backward() unless fp16
+        loss_mlm_total += loss_mlm.item()
+        loss_nsp_total += 0.0 if loss_nsp is None else loss_nsp.item() / o.accumulation
+        tokens += int(micro_batch["attention_mask"].sum())
+    return loss_mlm_total, loss_nsp_total, tokens
+
+
+@torch.no_grad()
+def mlm_evaluation(model, batches, device, precision="fp32"):
+    """Held-out MLM loss (mean over all masked tokens, E4) and NSP accuracy."""
+    was_training = model.training
+    model.eval()
+    total_loss, total_masked, nsp_correct, nsp_total = 0.0, 0, 0, 0
+    for batch in batches:
+        batch = to_tensors(batch, device)
+        with autocast(device, precision):
+            sequence_output, pooled = model.encoder(batch["input_ids"], batch["segment_ids"], batch["attention_mask"])
+            scores = model.mlm_scores(sequence_output, batch["mlm_labels"])
+            nsp_predictions = model.nsp_head(pooled).argmax(-1)
+        targets = batch["mlm_labels"][batch["mlm_labels"] != IGNORE_INDEX]
+        total_loss += mlm_loss(scores, targets, num_masked_total=1).item()  # E4's sum over M
+        total_masked += targets.numel()
+        nsp_correct += (nsp_predictions == batch["nsp_labels"]).sum().item()
+        nsp_total += len(batch["nsp_labels"])
+    model.train(was_training)
+    return {"mlm_loss": total_loss / max(total_masked, 1), "nsp_accuracy": nsp_correct / max(nsp_total, 1)}
+
+
 # ----------------------------------------------------------------------------------------
-# Fine-tuning
+# Pre-training: everything before the first step
 # ----------------------------------------------------------------------------------------
+
+
+def start_pretraining(out, o, resume, force, log):
+    """Everything before the first step: the corpus, the tokenizer, the model (new, from --init,
+    or resumed) and its optimizer. Returns (run, first step, encoded corpus, held-out batches)."""
+    device = pick_device(o.device)
+    precision = pick_precision(o.precision, device)
+    prepare_out_folder(out, resume, force)
+    checkpoint_path = os.path.join(out, "checkpoint.pt")
+    resume_from = load_checkpoint(checkpoint_path) if resume and os.path.exists(checkpoint_path) else None
+    if resume_from is not None and resume_from.get("kind") != "pretraining":
+        raise InputError(f"{checkpoint_path}: not a pre-training checkpoint, cannot --resume it")
+    corpus_name, documents = data.load_corpus(o.corpus)
+    training_documents, held_out_documents = data.split_held_out(documents)
+    config, tokenizer, weights = model_and_tokenizer(o, out, resume_from, corpus_name, training_documents, log)
+    if o.max_length > config.max_positions:
+        raise InputError(f"--max-length {o.max_length} exceeds the position table ({config.max_positions})")
+    tokenizer.save(os.path.join(out, "vocab.txt"))
+    encoded = data.encode_documents(tokenizer, training_documents, TOKEN_CACHE)
+    if o.nsp and (len(encoded) < 2 or not any(len(d) >= 2 for d in encoded)):
+        raise InputError(f"{corpus_name}: next-sentence prediction needs at least 2 documents (separated by a blank line), "
+                         "one of them with 2 or more lines; or pass --no-nsp")
+    held_out = data.held_out_batches(data.encode_documents(tokenizer, held_out_documents), tokenizer, o.max_length,
+                                     o.nsp)
+
+    data_rng = seed_everything(o.seed)
+    model = PreTrainingModel(config).to(device)
+    if weights is not None:
+        model.load_state_dict(weights)
+    # fp16 keeps 5 exponent bits: small gradients would underflow to 0. The GradScaler multiplies
+    # the loss by S before backward, divides the gradients by S before the update, and skips a step
+    # whose scaled gradients overflowed (then halves S). bf16 has fp32's range: no scaler (disabled).
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    run = PretrainingRun(o, corpus_name, model, tokenizer, make_optimizer(model, o.lr), scaler, data_rng, device,
+                         precision, [])
+    start_step = 0
+    if resume_from is not None:
+        run.restore(resume_from)
+        start_step = resume_from["step"]
+        log(f"resuming {out} at step {start_step}")
+    log(f"pre-training {f'from {o.init}' if o.init else f'a {o.config} encoder'} ({count_parameters(model.encoder):,} "
+        f"parameters, vocab {len(tokenizer)}) on {corpus_name}: {len(encoded)} documents, "
+        f"{sum(len(s) for d in encoded for s in d):,} tokens; {held_out_documents and len(held_out_documents) or 'no'} "
+        f"held out; {device}, {precision}")
+    return run, start_step, encoded, held_out
+
+
+def model_and_tokenizer(o, out, resume_from, corpus_name, documents, log):
+    """(Config, tokenizer, weights or None) of the model to pre-train: a resumed run's, an
+    --init's, or a new WordPiece vocabulary and (weights None) a random initialisation."""
+    requested = o.model_config()
+    if resume_from is not None:
+        check_resume_settings(resume_from, o, corpus_name, os.path.join(out, "checkpoint.pt"))
+        return Config(**resume_from["config"]), Tokenizer.from_checkpoint(resume_from), resume_from["model"]
+    if o.init:
+        initial = load_checkpoint(o.init, log)
+        if initial.get("kind") != "pretraining":
+            raise InputError(f"{o.init}: a classifier checkpoint; continued pre-training needs a pre-training run or a BERT folder")
+        config = replace(Config(**initial["config"]), attention=o.attention, dropout=o.dropout, attention_dropout=o.dropout)
+        return config, Tokenizer.from_checkpoint(initial), initial["model"]
+    log(f"building a {requested.vocab_size}-token WordPiece vocabulary from {corpus_name} ...")
+    tokenizer = train_tokenizer((s for d in documents for s in d), requested.vocab_size, o.lowercase)
+    return replace(requested, vocab_size=len(tokenizer)), tokenizer, None  # a small corpus may give fewer tokens
+
+
+class TrainingDiverged(Exception):
+    """A loss or the gradient norm became NaN or infinite. ptft.py reports it and exits with status 3."""
+
+
+# ----------------------------------------------------------------------------------------
+# Fine-tuning: the loop (E3), freezing (B4, C3), the C5 remedies
+# ----------------------------------------------------------------------------------------
+
+
+def fit_classifier(rows, labels, num_labels, config, options, start=None, pad_id=0, progress=False):
+    """E3: minimise the mean cross-entropy of the classifier over the labeled set D (rows of ids,
+    integer labels), from `start` (see StartingPoint). options: FinetuneOptions -- freeze, epochs,
+    lr, batch size, C4's warmup and schedule, C5's remedies, seed, device. Returns (model, info);
+    with start.held_out, info holds forgetting: the held-out MLM loss of the encoder under the
+    pre-trained MLM head, before and after fine-tuning."""
+    o, start = options, start or StartingPoint()
+    device = pick_device(o.device)
+    seed_everything(o.seed)
+    model = Classifier(config, num_labels)
+    if start.encoder_state is not None:
+        model.encoder.load_state_dict(start.encoder_state)  # strict: every encoder weight must be there
+    trainable_layers = parse_freeze(o.freeze, config.num_layers)
+    if o.remedies.aux_mlm and (trainable_layers == 0 or start.pretrained_state is None):
+        raise InputError("--aux-mlm: needs a trainable encoder (not --freeze head) and an init with an MLM head")
+    frozen = freeze_below(model, trainable_layers)
+    model.to(device)
+    # The MLM model shares the classifier's encoder (the same modules, not a copy): its MLM loss
+    # is the loss of the encoder being fine-tuned. Its heads stay at their pre-trained values.
+    mlm_model = None
+    if start.pretrained_state is not None:
+        mlm_model = PreTrainingModel(config)
+        mlm_model.load_state_dict(start.pretrained_state)
+        mlm_model.encoder = model.encoder
+        mlm_model.mlm_head.requires_grad_(False)
+        mlm_model.nsp_head.requires_grad_(False)
+        mlm_model.to(device)
+    mlm_loss_before = mlm_evaluation(mlm_model, start.held_out, device)["mlm_loss"] if mlm_model and start.held_out else None
+    remedies, lr = o.remedies, o.peak_lr()
+    theta_0 = {name: p.detach().clone() for name, p in model.encoder.named_parameters()
+               if p.requires_grad and not name.startswith("pooler.")} if remedies.l2_sp else None  # the pooler is head
+    lr_scales = layer_lr_scales(model, remedies.layer_lr_decay) if remedies.layer_lr_decay != 1.0 else None
+    optimizer = make_optimizer(model, lr, lr_scales=lr_scales)
+    rng = np.random.default_rng(o.seed)
+    total_steps = o.epochs * math.ceil(len(rows) / o.batch_size)
+    warmup_steps = max(1, int(o.warmup_fraction * total_steps)) if o.warmup_fraction > 0 else 0
+    step, started = 0, time.time()
+    bar = tqdm(total=total_steps, desc=f"fine-tune ({o.freeze})", disable=not progress, dynamic_ncols=True)
+    for _ in range(o.epochs):
+        model.train()
+        for module in frozen:
+            module.eval()  # frozen layers: no dropout (see freeze_below)
+        order = rng.permutation(len(rows))
+        for first in range(0, len(order), o.batch_size):
+            index = order[first:first + o.batch_size]
+            input_ids, mask = data.pad([rows[i] for i in index], pad_id)
+            target = torch.tensor([labels[i] for i in index], device=device)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, total_steps, lr, warmup_steps, o.schedule) * group["lr_scale"]
+            logits = model(torch.from_numpy(input_ids).to(device), None, torch.from_numpy(mask).to(device))
+            # E3: l(f_phi(x), y) = cross-entropy, averaged over the batch
+            loss = F.cross_entropy(logits.float(), target)
+            # E3 with the C5 remedies added:
+            #   L(phi) = E3's loss + l2_sp / 2 * sum_j ||phi_j - theta_0,j||^2 + aux_mlm * L_MLM(phi)   (E4)
+            if remedies.l2_sp:
+                loss = loss + l2_sp_penalty(model, theta_0, remedies.l2_sp)
+            if remedies.aux_mlm:
+                batch = to_tensors(next(start.aux_batches), device)
+                loss = loss + remedies.aux_mlm * mlm_model(batch["input_ids"], batch["segment_ids"],
+                                                           batch["attention_mask"], batch["mlm_labels"])[1]
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()  # before clipping
+            if not math.isfinite(loss.item()) or not math.isfinite(grad_norm):
+                bar.close()
+                raise TrainingDiverged(f"fine-tuning step {step + 1}: classification loss is {loss.item()}, gradient "
+                                       f"norm {grad_norm}; nothing was written -- try a lower --lr")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    info = {"steps": step, "seconds": time.time() - started, "train_loss": loss.item(),
+            "trainable_parameters": count_parameters(model, trainable_only=True), "total_parameters": count_parameters(model)}
+    if mlm_loss_before is not None:
+        # C5: forgetting = how much worse the fine-tuned encoder does the pre-training task
+        mlm_loss_after = mlm_evaluation(mlm_model, start.held_out, device)["mlm_loss"]
+        info.update(mlm_loss_before=mlm_loss_before, mlm_loss_after=mlm_loss_after, forgetting=mlm_loss_after - mlm_loss_before)
+    return model, info
+
+
+@dataclass
+class StartingPoint:
+    """What fine-tuning starts from: E3's theta_0 (encoder_state; None = a random initialisation,
+    C1's baseline) and, when the pre-trained model has an MLM head (pretrained_state: encoder +
+    heads), unlabeled batches for --aux-mlm (aux_batches) and for measuring forgetting (held_out)."""
+    encoder_state: dict = None
+    pretrained_state: dict = None
+    held_out: list = None
+    aux_batches: object = None
 
 
 def parse_freeze(freeze, num_layers):
@@ -414,98 +397,6 @@ def l2_sp_penalty(model, theta_0, strength):
     return strength / 2 * torch.stack(terms).sum() if terms else torch.zeros(())
 
 
-@dataclass
-class StartingPoint:
-    """What fine-tuning starts from: E3's theta_0 (encoder_state; None = a random initialisation,
-    C1's baseline) and, when the pre-trained model has an MLM head (pretrained_state: encoder +
-    heads), unlabeled batches for --aux-mlm (aux_batches) and for measuring forgetting (held_out)."""
-    encoder_state: dict = None
-    pretrained_state: dict = None
-    held_out: list = None
-    aux_batches: object = None
-
-
-def fit_classifier(rows, labels, num_labels, config, options, start=None, pad_id=0, progress=False):
-    """E3: minimise the mean cross-entropy of the classifier over the labeled set D (rows of ids,
-    integer labels), from `start` (see StartingPoint). options: FinetuneOptions -- freeze, epochs,
-    lr, batch size, C4's warmup and schedule, C5's remedies, seed, device. Returns (model, info);
-    with start.held_out, info holds forgetting: the held-out MLM loss of the encoder under the
-    pre-trained MLM head, before and after fine-tuning."""
-    o, start = options, start or StartingPoint()
-    device = pick_device(o.device)
-    seed_everything(o.seed)
-    model = Classifier(config, num_labels)
-    if start.encoder_state is not None:
-        model.encoder.load_state_dict(start.encoder_state)  # strict: every encoder weight must be there
-    trainable_layers = parse_freeze(o.freeze, config.num_layers)
-    if o.remedies.aux_mlm and (trainable_layers == 0 or start.pretrained_state is None):
-        raise InputError("--aux-mlm: needs a trainable encoder (not --freeze head) and an init with an MLM head")
-    frozen = freeze_below(model, trainable_layers)
-    model.to(device)
-    # The MLM model shares the classifier's encoder (the same modules, not a copy): its MLM loss
-    # is the loss of the encoder being fine-tuned. Its heads stay at their pre-trained values.
-    mlm_model = None
-    if start.pretrained_state is not None:
-        mlm_model = PreTrainingModel(config)
-        mlm_model.load_state_dict(start.pretrained_state)
-        mlm_model.encoder = model.encoder
-        mlm_model.mlm_head.requires_grad_(False)
-        mlm_model.nsp_head.requires_grad_(False)
-        mlm_model.to(device)
-    mlm_loss_before = mlm_evaluation(mlm_model, start.held_out, device)["mlm_loss"] if mlm_model and start.held_out else None
-    remedies, lr = o.remedies, o.peak_lr()
-    theta_0 = {name: p.detach().clone() for name, p in model.encoder.named_parameters()
-               if p.requires_grad and not name.startswith("pooler.")} if remedies.l2_sp else None  # the pooler is head
-    lr_scales = layer_lr_scales(model, remedies.layer_lr_decay) if remedies.layer_lr_decay != 1.0 else None
-    optimizer = make_optimizer(model, lr, lr_scales=lr_scales)
-    rng = np.random.default_rng(o.seed)
-    total_steps = o.epochs * math.ceil(len(rows) / o.batch_size)
-    warmup_steps = max(1, int(o.warmup_fraction * total_steps)) if o.warmup_fraction > 0 else 0
-    step, started = 0, time.time()
-    bar = tqdm(total=total_steps, desc=f"fine-tune ({o.freeze})", disable=not progress, dynamic_ncols=True)
-    for epoch in range(o.epochs):
-        model.train()
-        for module in frozen:
-            module.eval()  # frozen layers: no dropout (see freeze_below)
-        order = rng.permutation(len(rows))
-        for first in range(0, len(order), o.batch_size):
-            index = order[first:first + o.batch_size]
-            input_ids, mask = data.pad([rows[i] for i in index], pad_id)
-            target = torch.tensor([labels[i] for i in index], device=device)
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, total_steps, lr, warmup_steps, o.schedule) * group["lr_scale"]
-            logits = model(torch.from_numpy(input_ids).to(device), None, torch.from_numpy(mask).to(device))
-            # E3: l(f_phi(x), y) = cross-entropy, averaged over the batch
-            loss = F.cross_entropy(logits.float(), target)
-            # E3 with the C5 remedies added:
-            #   L(phi) = E3's loss + l2_sp / 2 * sum_j ||phi_j - theta_0,j||^2 + aux_mlm * L_MLM(phi)   (E4)
-            if remedies.l2_sp:
-                loss = loss + l2_sp_penalty(model, theta_0, remedies.l2_sp)
-            if remedies.aux_mlm:
-                batch = to_tensors(next(start.aux_batches), device)
-                loss = loss + remedies.aux_mlm * mlm_model(batch["input_ids"], batch["segment_ids"],
-                                                           batch["attention_mask"], batch["mlm_labels"])[1]
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()  # before clipping
-            if not math.isfinite(loss.item()) or not math.isfinite(grad_norm):
-                bar.close()
-                raise TrainingDiverged(f"fine-tuning step {step + 1}: classification loss is {loss.item()}, gradient "
-                                       f"norm {grad_norm}; nothing was written -- try a lower --lr")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    bar.close()
-    info = {"steps": step, "seconds": time.time() - started, "train_loss": loss.item(),
-            "trainable_parameters": count_parameters(model, trainable_only=True), "total_parameters": count_parameters(model)}
-    if mlm_loss_before is not None:
-        # C5: forgetting = how much worse the fine-tuned encoder does the pre-training task
-        mlm_loss_after = mlm_evaluation(mlm_model, start.held_out, device)["mlm_loss"]
-        info.update(mlm_loss_before=mlm_loss_before, mlm_loss_after=mlm_loss_after, forgetting=mlm_loss_after - mlm_loss_before)
-    return model, info
-
-
 @torch.no_grad()
 def classify(model, rows, labels, device, batch_size=128, pad_id=0):
     """Accuracy, macro-F1, mean cross-entropy and n over (rows of ids, integer labels)."""
@@ -528,37 +419,9 @@ def classify(model, rows, labels, device, batch_size=128, pad_id=0):
             "loss": total_loss / len(labels), "n": int(len(labels))}
 
 
-def encode_labels(labels, label_names, path):
-    index = {name: i for i, name in enumerate(label_names)}
-    unknown = [(number, label) for number, label in enumerate(labels, start=1) if label not in index]
-    if unknown:
-        number, label = unknown[0]
-        raise InputError(f"{path}: example {number}: label {label!r} never appears in the training file "
-                         f"(known: {', '.join(label_names[:10])}{' ...' if len(label_names) > 10 else ''})")
-    return [index[label] for label in labels]
-
-
-def starting_point(init, checkpoint, model, tokenizer, o, log):
-    """finetune's StartingPoint from a loaded init: theta_0 and, when the init has a pre-trained
-    MLM head and its unlabeled text is known (o.unlabeled, or the corpus it was pre-trained on),
-    held-out batches for forgetting (C5) and a stream of batches for --aux-mlm."""
-    has_mlm_head = checkpoint.get("kind") == "pretraining" and "mlm_head" not in checkpoint.get("fresh", [])
-    if o.remedies.aux_mlm and not has_mlm_head:
-        raise InputError(f"--aux-mlm: {init} has no pre-trained MLM head (a classifier checkpoint or a headless BERT)")
-    start = StartingPoint(encoder_state=model.encoder.state_dict())
-    text = data.pretraining_text(checkpoint.get("run", {}).get("corpus"), o.unlabeled) if has_mlm_head else None
-    if o.remedies.aux_mlm and not (text and text[0]):
-        raise InputError(f"--aux-mlm: no unlabeled text for {init}; name it with --unlabeled FILE (or stdlib)")
-    if text:
-        length = min(o.mlm_max_length, model.config.max_positions)
-        start.pretrained_state = model.state_dict()
-        start.held_out = data.held_out_batches(data.encode_documents(tokenizer, text[1]), tokenizer, length, use_nsp=False)
-        if o.remedies.aux_mlm:
-            start.aux_batches = data.mlm_batch_stream(data.encode_documents(tokenizer, text[0]), tokenizer,
-                                                      o.batch_size, length, o.seed)
-    elif has_mlm_head:
-        log(f"{init}: its pre-training text is unknown; pass --unlabeled to measure forgetting")
-    return start
+# ----------------------------------------------------------------------------------------
+# Fine-tuning from files: the finetune command
+# ----------------------------------------------------------------------------------------
 
 
 def finetune(out, options, force=False, log=print, progress=True):
@@ -601,6 +464,91 @@ def finetune(out, options, force=False, log=print, progress=True):
         run={"init": str(o.init), "freeze": o.freeze, "lr": o.peak_lr(), "epochs": o.epochs, "seed": o.seed}))
     write_json(os.path.join(out, "metrics.json"), metrics)
     return metrics
+
+
+def starting_point(init, checkpoint, model, tokenizer, o, log):
+    """finetune's StartingPoint from a loaded init: theta_0 and, when the init has a pre-trained
+    MLM head and its unlabeled text is known (o.unlabeled, or the corpus it was pre-trained on),
+    held-out batches for forgetting (C5) and a stream of batches for --aux-mlm."""
+    has_mlm_head = checkpoint.get("kind") == "pretraining" and "mlm_head" not in checkpoint.get("fresh", [])
+    if o.remedies.aux_mlm and not has_mlm_head:
+        raise InputError(f"--aux-mlm: {init} has no pre-trained MLM head (a classifier checkpoint or a headless BERT)")
+    start = StartingPoint(encoder_state=model.encoder.state_dict())
+    text = data.pretraining_text(checkpoint.get("run", {}).get("corpus"), o.unlabeled) if has_mlm_head else None
+    if o.remedies.aux_mlm and not (text and text[0]):
+        raise InputError(f"--aux-mlm: no unlabeled text for {init}; name it with --unlabeled FILE (or stdlib)")
+    if text:
+        length = min(o.mlm_max_length, model.config.max_positions)
+        start.pretrained_state = model.state_dict()
+        start.held_out = data.held_out_batches(data.encode_documents(tokenizer, text[1]), tokenizer, length, use_nsp=False)
+        if o.remedies.aux_mlm:
+            start.aux_batches = data.mlm_batch_stream(data.encode_documents(tokenizer, text[0]), tokenizer,
+                                                      o.batch_size, length, o.seed)
+    elif has_mlm_head:
+        log(f"{init}: its pre-training text is unknown; pass --unlabeled to measure forgetting")
+    return start
+
+
+def encode_labels(labels, label_names, path):
+    index = {name: i for i, name in enumerate(label_names)}
+    unknown = [(number, label) for number, label in enumerate(labels, start=1) if label not in index]
+    if unknown:
+        number, label = unknown[0]
+        raise InputError(f"{path}: example {number}: label {label!r} never appears in the training file "
+                         f"(known: {', '.join(label_names[:10])}{' ...' if len(label_names) > 10 else ''})")
+    return [index[label] for label in labels]
+
+
+# ----------------------------------------------------------------------------------------
+# C4: the schedule; the optimizer (C5c: layer-wise rates)
+# ----------------------------------------------------------------------------------------
+
+
+def learning_rate(step, total_steps, peak, warmup_steps, schedule="cosine"):
+    """C4: linear warmup from 0 to `peak` over warmup_steps, then cosine annealing to 0
+    (or constant). `step` counts from 0; the rate is the one used for that step's update."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return peak
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(model, lr, weight_decay=0.01, lr_scales=None):
+    """AdamW over the TRAINABLE parameters only (frozen ones are never handed to it).
+    As in BERT, biases and LayerNorm weights (the 1-D parameters) get no weight decay.
+    lr_scales (parameter name -> factor, see layer_lr_scales) gives each group the rate
+    lr * group["lr_scale"]; the training loops multiply their schedule by it."""
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    lr_scales = lr_scales or {}
+    groups = {}
+    for name, p in trainable:
+        decay = weight_decay if p.ndim >= 2 else 0.0
+        scale = lr_scales.get(name, 1.0)
+        groups.setdefault((decay, scale), {"params": [], "weight_decay": decay, "lr_scale": scale, "lr": lr * scale})
+        groups[(decay, scale)]["params"].append(p)
+    # fused: one kernel for the whole update instead of a dozen passes over every tensor (same formula)
+    fused = all(p.device.type in ("cpu", "cuda") for _, p in trainable)
+    return torch.optim.AdamW(list(groups.values()), lr=lr, betas=(0.9, 0.999), eps=1e-6, fused=fused)
+
+
+def layer_lr_scales(model, decay):
+    """C5c, layer-wise learning-rate decay: the layer `depth` steps below the top gets
+    lr * decay**depth. The head (pooler + classifier) has depth 0, the top encoder layer 1,
+    ..., the bottom layer L, the embeddings L + 1 -- the most general features, lowest rate."""
+    num_layers = len(model.encoder.layers)
+    scales = {}
+    for name, _ in model.named_parameters():
+        match = re.match(r"encoder\.layers\.(\d+)\.", name)
+        if match:
+            depth = num_layers - int(match.group(1))
+        elif name.startswith("encoder.embeddings."):
+            depth = num_layers + 1
+        else:
+            depth = 0
+        scales[name] = decay ** depth
+    return scales
 
 
 # ----------------------------------------------------------------------------------------
@@ -656,6 +604,29 @@ def fill_mask(init, text, top_k=5, device="auto", log=print):
     best = probabilities.topk(min(top_k, len(tokenizer)), dim=-1)
     return [[(tokenizer.vocab[i], p) for i, p in zip(ids.tolist(), ps.tolist())]
             for ids, ps in zip(best.indices, best.values)]
+
+
+# ----------------------------------------------------------------------------------------
+# Precision, seeds, tensors
+# ----------------------------------------------------------------------------------------
+
+
+def autocast(device, precision):
+    """bf16/fp16 autocast, or nothing. Matmuls run in 16 bits; softmax and LayerNorm in float32 on
+    CUDA, while CPU autocast leaves them in their input's type; the E4 loss is float32 everywhere
+    (model.mlm_loss casts the scores)."""
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype, enabled=precision in ("bf16", "fp16"))
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    torch.manual_seed(seed)
+    return np.random.default_rng(seed)
+
+
+def to_tensors(batch, device):
+    return {key: torch.from_numpy(value).to(device) for key, value in batch.items()}
 
 
 if __name__ == "__main__":

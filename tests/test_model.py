@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import model
-from model import (IGNORE_INDEX, Classifier, Config, Encoder, PreTrainingModel, make_config,
-                   mlm_loss)
+from model import IGNORE_INDEX, Classifier, Config, Encoder, PreTrainingModel, make_config, mlm_loss
 
 
 def small_config(**overrides):

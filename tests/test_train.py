@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, assert_clear_error, quiet
 
 import checkpoint
 import data
@@ -17,9 +18,8 @@ import model
 import options
 import toyworld
 import train
-from conftest import ROOT, assert_clear_error, quiet
 from model import Classifier, PreTrainingModel, make_config
-from options import FinetuneOptions, PretrainOptions, Remedies
+from options import FinetuneOptions, PretrainOptions
 from tokenizer import InputError, Tokenizer
 
 
@@ -303,7 +303,8 @@ def test_flags_that_cannot_train_are_refused_in_one_line_before_any_work(small_w
         (dict(init="scratch", epochs=0), "--epochs must be at least 1, got 0"),
         (dict(init="scratch", batch_size=0), "--batch-size must be at least 1, got 0"),
         (dict(init="scratch", hidden_size=96, num_heads=5), "--config tiny: --hidden-size 96 is not divisible by --num-heads 5"),
-        (dict(init=small_world["pre"], num_layers=4), "--hidden-size, --num-layers, --num-heads, --intermediate-size: only with --init scratch"),
+        (dict(init=small_world["pre"], num_layers=4),
+         "--hidden-size, --num-layers, --num-heads, --intermediate-size: only with --init scratch"),
     ]
     for flags, message in fine_tuning:
         with pytest.raises(InputError) as error:
