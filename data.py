@@ -24,8 +24,8 @@ import zipfile
 
 import numpy as np
 
-from model import IGNORE_INDEX, IS_NEXT, NOT_NEXT
 import toyworld
+from model import IGNORE_INDEX, IS_NEXT, NOT_NEXT
 from tokenizer import InputError, read_text_file
 
 # ----------------------------------------------------------------------------------------
