@@ -7,12 +7,12 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import quiet
 
 import data
 import experiments
 import toyworld
 import train
+from conftest import quiet
 from model import Classifier, make_config
 from options import FinetuneOptions, Remedies
 from tokenizer import InputError

@@ -10,7 +10,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, assert_clear_error, quiet
 
 import checkpoint
 import data
@@ -18,6 +17,7 @@ import model
 import options
 import toyworld
 import train
+from conftest import ROOT, assert_clear_error, quiet
 from model import Classifier, PreTrainingModel, make_config
 from options import FinetuneOptions, PretrainOptions
 from tokenizer import InputError, Tokenizer

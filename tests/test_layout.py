@@ -1,0 +1,59 @@
+"""The repository as a study guide: the files form a stack, and every file:function the README
+and docs/equations.md point a reader at exists."""
+
+import ast
+import os
+import re
+
+import pytest
+
+from conftest import ROOT
+
+# README's layout, bottom to top: each file imports only files before it (no import circles)
+STACK = ["model", "tokenizer", "toyworld", "data", "hf", "options", "checkpoint", "train", "bench", "experiments", "ptft"]
+
+
+def top_level_imports(name):
+    """The project modules a file imports at its top level (not inside `if __name__ == "__main__"`)."""
+    tree = ast.parse(open(os.path.join(ROOT, f"{name}.py"), encoding="utf-8").read())
+    found = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+    return found & set(STACK)
+
+
+def test_every_file_imports_only_files_below_it_in_the_stack():
+    assert sorted(STACK) == sorted(f[:-3] for f in os.listdir(ROOT) if f.endswith(".py"))
+    for position, name in enumerate(STACK):
+        assert top_level_imports(name) <= set(STACK[:position]), (name, top_level_imports(name) - set(STACK[:position]))
+
+
+def defined_names(name):
+    """Top-level functions, classes and constants of a file, and Class.method for their methods."""
+    tree = ast.parse(open(os.path.join(ROOT, f"{name}.py"), encoding="utf-8").read())
+    names = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+            if isinstance(node, ast.ClassDef):
+                names.update(f"{node.name}.{item.name}" for item in node.body if isinstance(item, ast.FunctionDef))
+        elif isinstance(node, ast.Assign):
+            names.update(target.id for target in node.targets if isinstance(target, ast.Name))
+    return names
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/equations.md"])
+def test_every_file_and_function_a_page_points_at_exists(page):
+    text = open(os.path.join(ROOT, page), encoding="utf-8").read()
+    references = re.findall(r"`(\w+)\.py[:]\s?([A-Za-z_][\w.]*)`", text)
+    references += re.findall(r"`(\w+)\.py`: `([A-Za-z_][\w.]*)`", text)
+    assert len(references) >= 10, "the page names functions as file.py:function"
+    for module, function in references:
+        assert module in STACK and function in defined_names(module), f"{page}: {module}.py:{function}"
+
+
+def test_readme_is_a_front_page():
+    assert len(open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()) <= 12_000
