@@ -7,6 +7,7 @@ MFU = model FLOPs of the step / its time / the matmul peak measured here (traini
 which FLOPs count). Measured numbers, with their machines, are in docs/performance.md.
 """
 
+import platform
 import sys
 import time
 from dataclasses import replace
@@ -22,8 +23,10 @@ from model import IGNORE_INDEX, PreTrainingModel
 from tokenizer import SPECIAL_TOKENS, InputError, Tokenizer
 
 
-def matmul_peak(device, dtype, size=2048, repeats=5):
-    """The machine's practical matmul peak in FLOP/s: the median of a few size^3 matmuls."""
+def matmul_peak(device, dtype, size=None, repeats=5):
+    """The device's practical matmul peak in FLOP/s: the median of a few size^3 matmuls, at a size
+    that saturates it (8192 on a GPU, where 2048 leaves it half idle; 2048 on a CPU)."""
+    size = size or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     times = []
@@ -97,8 +100,10 @@ def time_ptft(model_config, batch, precision, attention, sparse, compiled, steps
     return time_step_and_forward(step, forward, steps, device)
 
 
-def time_transformers(model_config, batch, steps, device):
-    """transformers' BertForMaskedLM (SDPA attention, fp32) on the same batch, with the same optimizer."""
+def time_transformers(model_config, batch, precision, compiled, steps, device):
+    """transformers' BertForMaskedLM (SDPA attention) on the same batch, in the same precision
+    (autocast), with the same optimizer (fused AdamW), compiled when the ptft row it is compared
+    with is."""
     try:
         import transformers
     except ImportError:
@@ -110,15 +115,21 @@ def time_transformers(model_config, batch, steps, device):
     torch.manual_seed(0)
     hf_model = transformers.BertForMaskedLM(hf_config).to(device).train()
     optimizer = train.make_optimizer(hf_model, 1e-4)
+    run = torch.compile(hf_model) if compiled else hf_model
     attention_mask = batch["attention_mask"].long()
 
     def step():
-        hf_model(input_ids=batch["input_ids"], attention_mask=attention_mask, labels=batch["mlm_labels"]).loss.backward()
+        with train.autocast(device, precision):
+            loss = run(input_ids=batch["input_ids"], attention_mask=attention_mask, labels=batch["mlm_labels"]).loss
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return time_step_and_forward(step, lambda: hf_model(input_ids=batch["input_ids"], attention_mask=attention_mask),
-                                 steps, device)
+    def forward():
+        with train.autocast(device, precision):
+            run(input_ids=batch["input_ids"], attention_mask=attention_mask)
+
+    return time_step_and_forward(step, forward, steps, device)
 
 
 def data_path_speed(generator, batch_size, length, vocab_size=8192):
@@ -132,66 +143,71 @@ def data_path_speed(generator, batch_size, length, vocab_size=8192):
     return produced / (time.perf_counter() - started)
 
 
-def bench(config="small", compare_hf=False, json_path=None, steps=10, device="auto", compile=False, log=print):
-    """Time the MLM training step and an inference forward at BERT-like shapes: vocab 8192,
-    seq 128, batch 32, 15% masked, dropout 0.1. Returns the rows (and writes them as JSON).
-    compile: also the fast rows with the model under torch.compile (compile time not counted)."""
-    options.check_at_least(("--steps", steps, 1))
-    device = options.pick_device(device)
-    model_config = options.model_config(options.PretrainOptions(config=config), vocab_size=8192, max_positions=128)
-    batch_size, length = 32, 128
+def bench(o, log=print):
+    """Time the MLM training step and an inference forward at BERT-like shapes (seq 128, 15%
+    masked, dropout 0.1; o: options.BenchOptions). Returns the rows (and writes them as JSON)."""
+    o.check()
+    device = options.pick_device(o.device)
+    batch_size, vocab_size, length = o.batch_size_on(device), o.vocab_size_of(), 128
+    model_config = options.model_config(options.PretrainOptions(config=o.config), vocab_size=vocab_size, max_positions=length)
     generator = np.random.default_rng(0)
-    input_ids = torch.from_numpy(generator.integers(5, 8192, (batch_size, length))).to(device)
+    input_ids = torch.from_numpy(generator.integers(5, vocab_size, (batch_size, length))).to(device)
     selected = torch.from_numpy(generator.random((batch_size, length)) < 0.15).to(device)
     batch = {"input_ids": input_ids, "segment_ids": torch.zeros_like(input_ids),
              "attention_mask": torch.ones_like(input_ids, dtype=torch.bool),
              "mlm_labels": torch.where(selected, input_ids, torch.full_like(input_ids, IGNORE_INDEX))}
     num_masked, tokens = int(selected.sum()), batch_size * length
-    bf16 = options.pick_precision("auto", device) == "bf16"
-    peaks = {"fp32": matmul_peak(device, torch.float32), **({"bf16": matmul_peak(device, torch.bfloat16)} if bf16 else {})}
-    log(f"{config}: {model_config.num_layers} layers, hidden {model_config.hidden_size}, vocab 8192, "
-        f"seq {length}, batch {batch_size}, {num_masked} masked; device {device}; matmul peak "
-        + ", ".join(f"{k} {v / 1e12:.2f} TFLOP/s" for k, v in peaks.items()))
+    precisions = ["fp32"] + (["bf16"] if options.pick_precision("auto", device) == "bf16" else [])
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    peaks = {p: o.peaks().get(p) or matmul_peak(device, dtypes[p]) for p in precisions}
+    log(f"{o.config}: {model_config.num_layers} layers, hidden {model_config.hidden_size}, vocab {vocab_size}, seq {length}, "
+        f"batch {batch_size}, {num_masked} masked; device {device_name(device)}; matmul peak "
+        + ", ".join(f"{k} {v / 1e12:.2f} TFLOP/s" + (" (given)" if k in o.peaks() else "") for k, v in peaks.items()))
     # (name, precision, attention, sparse MLM prediction, compiled): the reading path first
-    variants = [("explicit", "fp32", "explicit", False, False), ("fast", "fp32", "sdpa", True, False)]
-    if bf16:
-        variants.append(("fast", "bf16", "sdpa", True, False))
-    if compile:
-        variants += [("fast, compiled", precision, "sdpa", True, True) for _, precision, _, sparse, _ in variants if sparse]
+    variants = [("explicit", "fp32", "explicit", False, False)] + [("fast", p, "sdpa", True, False) for p in precisions]
+    if o.compile:
+        variants += [("fast", p, "sdpa", True, True) for p in precisions]
     rows = []
     for variant, precision, attention, sparse, compiled in variants:
-        train_seconds, infer_seconds = time_ptft(model_config, batch, precision, attention, sparse, compiled, steps, device)
+        train_seconds, infer_seconds = time_ptft(model_config, batch, precision, attention, sparse, compiled, o.steps, device)
         flops = training_flops(model_config, batch_size, length, num_masked if sparse else tokens)
         rows.append({"impl": "ptft", "variant": f"{variant} ({attention} attention, {'sparse' if sparse else 'dense'} MLM)",
-                     "precision": precision, "config": config, "train_tokens_per_s": tokens / train_seconds,
+                     "precision": precision, "compiled": compiled, "config": o.config, "device": device_name(device),
+                     "batch_size": batch_size, "train_tokens_per_s": tokens / train_seconds,
                      "infer_tokens_per_s": tokens / infer_seconds, "mfu": flops / train_seconds / peaks[precision]})
-    if compare_hf:
-        train_seconds, infer_seconds = time_transformers(model_config, batch, steps, device)
-        rows.append({"impl": "hf", "variant": "BertForMaskedLM (sdpa)", "precision": "fp32", "config": config,
-                     "train_tokens_per_s": tokens / train_seconds, "infer_tokens_per_s": tokens / infer_seconds,
-                     "mfu": training_flops(model_config, batch_size, length, tokens) / train_seconds / peaks["fp32"]})
+        if o.compare_hf and sparse:  # transformers in the same precision, compiled alike
+            train_seconds, infer_seconds = time_transformers(model_config, batch, precision, compiled, o.steps, device)
+            rows.append({**rows[-1], "impl": "hf", "variant": "BertForMaskedLM (sdpa)",
+                         "train_tokens_per_s": tokens / train_seconds, "infer_tokens_per_s": tokens / infer_seconds,
+                         "mfu": training_flops(model_config, batch_size, length, tokens) / train_seconds / peaks[precision]})
     print_table(rows, log)
-    data_speed = data_path_speed(generator, batch_size, length)  # it must be far faster than any row above
+    data_speed = data_path_speed(generator, batch_size, length, vocab_size)  # it must be far faster than any row above
     log(f"data path (sentence pairs + masking): {data_speed:,.0f} tokens/s = "
         f"{data_speed / max(r['train_tokens_per_s'] for r in rows):.0f}x the fastest training step above")
-    if json_path:
-        write_json(json_path, rows)
+    if o.json:
+        write_json(o.json, rows)
     return rows
 
 
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} ({platform.processor() or 'cpu'})"
+
+
 def print_table(rows, log):
-    hf_speed = next((r["train_tokens_per_s"] for r in rows if r["impl"] == "hf"), None)
-    log("| impl | variant | precision | train tokens/s | inference tokens/s | MFU |" + (" vs hf |" if hf_speed else ""))
-    log("|---|---|---|---|---|---|" + ("---|" if hf_speed else ""))
+    """Markdown; "vs hf" compares each ptft row with transformers in the same precision and compilation."""
+    reference = {(r["precision"], r["compiled"]): r["train_tokens_per_s"] for r in rows if r["impl"] == "hf"}
+    log("| impl | variant | precision | compiled | train tokens/s | inference tokens/s | MFU |" + (" vs hf |" if reference else ""))
+    log("|---|---|---|---|---|---|---|" + ("---|" if reference else ""))
     for r in rows:
-        log(f"| {r['impl']} | {r['variant']} | {r['precision']} | {r['train_tokens_per_s']:,.0f} | "
-            f"{r['infer_tokens_per_s']:,.0f} | {100 * r['mfu']:.0f}% |"
-            + (f" {r['train_tokens_per_s'] / hf_speed:.2f}x |" if hf_speed else ""))
+        ratio = reference.get((r["precision"], r["compiled"]))
+        log(f"| {r['impl']} | {r['variant']} | {r['precision']} | {'yes' if r['compiled'] else 'no'} | "
+            f"{r['train_tokens_per_s']:,.0f} | {r['infer_tokens_per_s']:,.0f} | {100 * r['mfu']:.0f}% |"
+            + ((f" {r['train_tokens_per_s'] / ratio:.2f}x |" if ratio else " — |") if reference else ""))
 
 
 if __name__ == "__main__":
     # `python bench.py`: the tiny config, a few steps -- a check that every row runs (numbers noisy)
     try:
-        bench("tiny", steps=3)
+        bench(options.BenchOptions(config="tiny", steps=3, compare_hf=True))
     except InputError as error:
         sys.exit(f"error: {error}")

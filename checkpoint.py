@@ -67,10 +67,23 @@ def write_json(path, value):
 
 
 def make_checkpoint(kind, state, config, tokenizer, **extra):
-    """The checkpoint dict, for pretrain, finetune and a Hugging Face folder alike."""
+    """The checkpoint dict, for pretrain, finetune and a Hugging Face folder alike. Every tensor
+    in it is on the CPU, wherever it was trained: a run from a GPU opens with a plain torch.load
+    on a machine without one, and compares with tensors loaded anywhere."""
     assert kind in ("pretraining", "classifier"), kind
-    return {"kind": kind, "model": state, "config": config.to_dict(), "vocab": list(tokenizer.vocab),
-            "lowercase": tokenizer.lowercase, **extra}
+    return on_cpu({"kind": kind, "model": state, "config": config.to_dict(), "vocab": list(tokenizer.vocab),
+                   "lowercase": tokenizer.lowercase, **extra})
+
+
+def on_cpu(value):
+    """A copy of dicts, lists and tuples of tensors with every tensor moved to the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {key: on_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(on_cpu(item) for item in value)
+    return value
 
 
 def load_checkpoint(path, log=print):

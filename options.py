@@ -2,6 +2,7 @@
 
     PretrainOptions    what `ptft.py pretrain` can choose (the flags, by field name)
     FinetuneOptions    what `ptft.py finetune` can choose, with C5's Remedies grouped
+    BenchOptions       what `ptft.py bench` can choose
     pick_device, pick_precision   what "auto" means on this machine
 
 ptft.py builds these from the parsed flags by field name; train.pretrain and train.finetune call
@@ -53,6 +54,7 @@ class PretrainOptions:
     attention: str = "sdpa"        # "explicit" (the formula written out) or "sdpa" (fused kernel)
     precision: str = "auto"
     compile: bool = False          # torch.compile the training forward
+    deterministic: bool = False    # the same numbers from the same seed on a GPU too (train.use_deterministic_algorithms)
     device: str = "auto"
     seed: int = 0
     save_every: int = 500          # checkpoint every N steps (0: only at the end)
@@ -121,6 +123,7 @@ class FinetuneOptions:
     max_length: int = 128
     vocab_size: int = 8192
     seed: int = 0
+    deterministic: bool = False    # the same numbers from the same seed on a GPU too
     device: str = "auto"
 
     def peak_lr(self):
@@ -147,6 +150,44 @@ class FinetuneOptions:
             raise InputError("--aux-mlm with --freeze head: the encoder is frozen, an MLM loss on it would change nothing")
         if (remedies.l2_sp or remedies.aux_mlm) and scratch:
             raise InputError("--l2-sp and --aux-mlm pull toward a pre-trained model; --init scratch has none")
+
+
+@dataclass
+class BenchOptions:
+    config: str = "small"          # model size preset (tiny, small, base)
+    batch_size: int = None         # sequences per step (default: 32 on a CPU, 256 on a GPU)
+    vocab_size: int = None         # default: BERT's 30522 for base, else 8192
+    steps: int = 10                # timed steps; the median is reported
+    compare_hf: bool = False       # also time transformers' BertForMaskedLM, in the same precision
+    compile: bool = False          # also time the fast rows (and transformers) under torch.compile
+    peak_tflops: list = None       # ["bf16=989", ...]: the matmul peak to divide by, instead of measuring it
+    json: str = None               # write the rows to this file
+    device: str = "auto"
+
+    def check(self):
+        check_at_least(("--steps", self.steps, 1), ("--batch-size", self.batch_size or 1, 1),
+                       ("--vocab-size", self.vocab_size or 8192, 8))
+        self.peaks()
+
+    def batch_size_on(self, device):
+        return self.batch_size or (256 if device.type == "cuda" else 32)
+
+    def vocab_size_of(self):
+        return self.vocab_size or (30522 if self.config == "base" else 8192)
+
+    def peaks(self):
+        """--peak-tflops PRECISION=TFLOPS ... -> {precision: FLOP/s}."""
+        peaks = {}
+        for given in self.peak_tflops or []:
+            precision, _, value = given.partition("=")
+            try:
+                peaks[precision] = float(value) * 1e12
+            except ValueError:
+                peaks[precision] = -1.0
+            if precision not in ("fp32", "bf16") or not math.isfinite(peaks[precision]) or peaks[precision] <= 0:
+                raise InputError(f"--peak-tflops: expected PRECISION=TFLOPS with fp32 or bf16 and a positive number "
+                                 f"(e.g. bf16=989), got {given!r}")
+        return peaks
 
 
 def check_at_least(*flags):

@@ -32,7 +32,7 @@ import hf
 import toyworld
 import train
 from checkpoint import load_checkpoint, prepare_out_folder, write_json
-from options import FinetuneOptions, PretrainOptions
+from options import BenchOptions, FinetuneOptions, PretrainOptions
 from tokenizer import MASK, InputError
 
 # ----------------------------------------------------------------------------------------
@@ -173,6 +173,7 @@ def add_pretrain(commands):
     p.add_argument("--precision", help="auto (bf16 where the hardware has it, else fp32), fp32, bf16, "
                    "or fp16 (with a GradScaler; for GPUs without bf16)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (slow first steps; helps on GPUs)")
+    add_deterministic_flag(p)
     p.add_argument("--dropout", type=float, help="dropout on embeddings, layers and attention (BERT: 0.1)")
     p.add_argument("--attention", help="explicit (the formula, written out) or sdpa (fused kernel)")
     p.add_argument("--save-every", type=int, help="write checkpoint.pt every N steps (0: only at the end)")
@@ -209,6 +210,7 @@ def add_finetune(commands):
                    help="C5c: the layer d steps below the head trains at lr * GAMMA^d (embeddings lowest)")
     p.add_argument("--unlabeled", nargs="+", metavar="FILE",
                    help="unlabeled text for --aux-mlm and forgetting (default: the init's pre-training corpus)")
+    add_deterministic_flag(p)
     add_size_flags(p)
     add_run_flags(p, resume=False)
     p.set_defaults(**option_defaults(FinetuneOptions))
@@ -268,16 +270,22 @@ def add_export(commands):
 def add_bench(commands):
     p = commands.add_parser("bench", formatter_class=HELP_FORMAT, help="tokens/s and MFU of MLM training",
                             description="Time one MLM training step (forward + backward + AdamW) and an inference "
-                            "forward at vocab 8192, seq 128, batch 32, 15% masked, dropout 0.1: the median of "
-                            "--steps after 3 warm-up steps. MFU = model FLOPs / time / the matmul peak measured "
-                            "here. Rows: ptft explicit (the reading path), ptft fast (fused attention + sparse "
-                            "MLM), bf16 where native, and with --compare-hf transformers' BertForMaskedLM.")
-    p.add_argument("--config", default="small", help="tiny or small (or base)")
-    p.add_argument("--compare-hf", action="store_true", help="also time transformers' BertForMaskedLM (sdpa, fp32)")
+                            "forward at seq 128, 15% masked, dropout 0.1: the median of --steps after 3 warm-up steps. "
+                            "MFU = model FLOPs / time / the matmul peak (measured at a size that saturates the "
+                            "device, or --peak-tflops). Rows: ptft explicit (the reading path), ptft fast (fused "
+                            "attention + sparse MLM) in fp32 and in bf16 where native, and with --compare-hf "
+                            "transformers' BertForMaskedLM in the same precision (compiled too with --compile).")
+    p.add_argument("--config", help="tiny, small or base")
+    p.add_argument("--batch-size", type=int, help="sequences per step (default: 32 on a CPU, 256 on a GPU)")
+    p.add_argument("--vocab-size", type=int, help="vocabulary size (default: BERT's 30522 for base, else 8192)")
+    p.add_argument("--steps", type=int, help="timed steps (the median is reported)")
+    p.add_argument("--compare-hf", action="store_true", help="also time transformers' BertForMaskedLM, same precision")
+    p.add_argument("--compile", action="store_true", help="also time the fast rows (and transformers) under torch.compile")
+    p.add_argument("--peak-tflops", nargs="+", metavar="PRECISION=TFLOPS",
+                   help="the matmul peak to compute MFU with, e.g. bf16=989 fp32=67 (default: measured here)")
     p.add_argument("--json", help="write the rows to this JSON file")
-    p.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
-    p.add_argument("--compile", action="store_true", help="also time the fast rows under torch.compile")
     add_device_flag(p)
+    p.set_defaults(**option_defaults(BenchOptions))
 
 
 HELP_FORMAT = argparse.ArgumentDefaultsHelpFormatter
@@ -306,6 +314,11 @@ def add_run_flags(p, resume=True, seed=True):
     if seed:
         p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same numbers on CPU)")
     add_device_flag(p)
+
+
+def add_deterministic_flag(p):
+    p.add_argument("--deterministic", action="store_true",
+                   help="the same numbers from the same seed on a GPU too (deterministic kernels; slower there)")
 
 
 def add_device_flag(p):
@@ -381,7 +394,7 @@ COMMANDS = {
     "export": run_export,
     "experiments": lambda args: experiments.run(args.out, "quick" if args.quick else args.plan, args.seeds,
                                                 args.resume, args.force),
-    "bench": lambda args: bench.bench(args.config, args.compare_hf, args.json, args.steps, args.device, args.compile),
+    "bench": lambda args: bench.bench(options_from(BenchOptions, args)),
 }
 
 
@@ -395,6 +408,8 @@ def main(argv=None):
             args = parser.parse_args(["demo"])
     except SystemExit as exit:  # --help (0) or a flag argparse itself refuses (2)
         return exit.code
+    if getattr(args, "deterministic", False):  # cuBLAS reads it once, when it starts: before any GPU work
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     try:
         COMMANDS[args.command](args)
     except InputError as error:

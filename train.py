@@ -12,6 +12,7 @@ check themselves before any work.
 Run `python train.py` to run both loops end to end on a small toy world.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -56,17 +57,19 @@ def pretrain(out, options, resume=False, force=False, log=print, progress=True):
     pre-training an existing one with its vocabulary. Writes OUT/checkpoint.pt (also every
     save_every steps), OUT/vocab.txt, OUT/metrics.json and OUT/snapshot-N.pt at each snapshot step.
     Returns the metrics dict; a --resume of a finished run returns its metrics (already_finished)."""
-    o = options
-    o.check()
-    o.model_config()  # an impossible shape is refused before any work
-    metrics_path = os.path.join(out, "metrics.json")
-    if resume and os.path.exists(metrics_path):
-        with open(metrics_path, encoding="utf-8") as f:
-            finished = json.load(f)
-        if finished.get("step", 0) >= o.steps:
-            return {**finished, "already_finished": True}
-    run, start_step, encoded, held_out = start_pretraining(out, o, resume, force, log)
-    model, optimizer, scaler = run.model, run.optimizer, run.scaler
+    options.check()
+    options.model_config()  # an impossible shape is refused before any work
+    finished = finished_run(out, options.steps) if resume else None
+    if finished:
+        return finished
+    with deterministic_algorithms(options.deterministic):
+        run, start_step, encoded, held_out = start_pretraining(out, options, resume, force, log)
+        return pretraining_loop(out, run, start_step, encoded, held_out, progress)
+
+
+def pretraining_loop(out, run, start_step, encoded, held_out, progress=True):
+    """The loop of pretrain, from start_step to the last step; returns the metrics."""
+    o, model, optimizer, scaler = run.options, run.model, run.optimizer, run.scaler
     checkpoint_path = os.path.join(out, "checkpoint.pt")
     # --compile: torch.compile traces and fuses the forward; the first steps are slow while it
     # compiles. It shares `model`'s weights; `model` is what we evaluate and save (clean names).
@@ -132,8 +135,18 @@ def pretrain(out, options, resume=False, force=False, log=print, progress=True):
     metrics = {**last, "final_train_mlm_loss": last.get("train_mlm_loss"), "held_out_mlm_loss": last.get("held_out_mlm_loss"),
                "ln_vocab": math.log(len(run.tokenizer)), "seconds": elapsed,
                "tokens_per_second": tokens_seen / max(elapsed, 1e-9), "corpus": run.corpus_name, "history": run.history}
-    write_json(metrics_path, metrics)
+    write_json(os.path.join(out, "metrics.json"), metrics)
     return metrics
+
+
+def finished_run(out, steps):
+    """A --resume of a run that already reached `steps`: its final metrics (else None)."""
+    metrics_path = os.path.join(out, "metrics.json")
+    if not os.path.exists(metrics_path):
+        return None
+    with open(metrics_path, encoding="utf-8") as f:
+        metrics = json.load(f)
+    return {**metrics, "already_finished": True} if metrics.get("step", 0) >= steps else None
 
 
 def pretraining_step(run, training_model, encoded):
@@ -150,7 +163,7 @@ def pretraining_step(run, training_model, encoded):
     loss_mlm_total, loss_nsp_total, tokens = 0.0, 0.0, 0
     for micro_batch in micro_batches:
         micro_batch = to_tensors(micro_batch, run.device)
-        with autocast(run.device, run.precision):
+        with autocast(run.device, run.precision), attention_backends(o.deterministic, run.device):
             loss, loss_mlm, loss_nsp = training_model(
                 micro_batch["input_ids"], micro_batch["segment_ids"], micro_batch["attention_mask"],
                 micro_batch["mlm_labels"], micro_batch["nsp_labels"] if o.nsp else None,
@@ -277,16 +290,7 @@ def fit_classifier(rows, labels, num_labels, config, options, start=None, pad_id
         raise InputError("--aux-mlm: needs a trainable encoder (not --freeze head) and an init with an MLM head")
     frozen = freeze_below(model, trainable_layers)
     model.to(device)
-    # The MLM model shares the classifier's encoder (the same modules, not a copy): its MLM loss
-    # is the loss of the encoder being fine-tuned. Its heads stay at their pre-trained values.
-    mlm_model = None
-    if start.pretrained_state is not None:
-        mlm_model = PreTrainingModel(config)
-        mlm_model.load_state_dict(start.pretrained_state)
-        mlm_model.encoder = model.encoder
-        mlm_model.mlm_head.requires_grad_(False)
-        mlm_model.nsp_head.requires_grad_(False)
-        mlm_model.to(device)
+    mlm_model = mlm_model_sharing_encoder(model, start.pretrained_state, device) if start.pretrained_state else None
     mlm_loss_before = mlm_evaluation(mlm_model, start.held_out, device)["mlm_loss"] if mlm_model and start.held_out else None
     remedies, lr = o.remedies, o.peak_lr()
     theta_0 = {name: p.detach().clone() for name, p in model.encoder.named_parameters()
@@ -298,39 +302,40 @@ def fit_classifier(rows, labels, num_labels, config, options, start=None, pad_id
     warmup_steps = max(1, int(o.warmup_fraction * total_steps)) if o.warmup_fraction > 0 else 0
     step, started = 0, time.time()
     bar = tqdm(total=total_steps, desc=f"fine-tune ({o.freeze})", disable=not progress, dynamic_ncols=True)
-    for _ in range(o.epochs):
-        model.train()
-        for module in frozen:
-            module.eval()  # frozen layers: no dropout (see freeze_below)
-        order = rng.permutation(len(rows))
-        for first in range(0, len(order), o.batch_size):
-            index = order[first:first + o.batch_size]
-            input_ids, mask = data.pad([rows[i] for i in index], pad_id)
-            target = torch.tensor([labels[i] for i in index], device=device)
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, total_steps, lr, warmup_steps, o.schedule) * group["lr_scale"]
-            logits = model(torch.from_numpy(input_ids).to(device), None, torch.from_numpy(mask).to(device))
-            # E3: l(f_phi(x), y) = cross-entropy, averaged over the batch
-            loss = F.cross_entropy(logits.float(), target)
-            # E3 with the C5 remedies added:
-            #   L(phi) = E3's loss + l2_sp / 2 * sum_j ||phi_j - theta_0,j||^2 + aux_mlm * L_MLM(phi)   (E4)
-            if remedies.l2_sp:
-                loss = loss + l2_sp_penalty(model, theta_0, remedies.l2_sp)
-            if remedies.aux_mlm:
-                batch = to_tensors(next(start.aux_batches), device)
-                loss = loss + remedies.aux_mlm * mlm_model(batch["input_ids"], batch["segment_ids"],
-                                                           batch["attention_mask"], batch["mlm_labels"])[1]
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()  # before clipping
-            if not math.isfinite(loss.item()) or not math.isfinite(grad_norm):
-                bar.close()
-                raise TrainingDiverged(f"fine-tuning step {step + 1}: classification loss is {loss.item()}, gradient "
-                                       f"norm {grad_norm}; nothing was written -- try a lower --lr")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+    with deterministic_algorithms(o.deterministic), attention_backends(o.deterministic, device):
+        for _ in range(o.epochs):
+            model.train()
+            for module in frozen:
+                module.eval()  # frozen layers: no dropout (see freeze_below)
+            order = rng.permutation(len(rows))
+            for first in range(0, len(order), o.batch_size):
+                index = order[first:first + o.batch_size]
+                input_ids, mask = data.pad([rows[i] for i in index], pad_id)
+                target = torch.tensor([labels[i] for i in index], device=device)
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(step, total_steps, lr, warmup_steps, o.schedule) * group["lr_scale"]
+                logits = model(torch.from_numpy(input_ids).to(device), None, torch.from_numpy(mask).to(device))
+                # E3: l(f_phi(x), y) = cross-entropy, averaged over the batch
+                loss = F.cross_entropy(logits.float(), target)
+                # E3 with the C5 remedies added:
+                #   L(phi) = E3's loss + l2_sp / 2 * sum_j ||phi_j - theta_0,j||^2 + aux_mlm * L_MLM(phi)   (E4)
+                if remedies.l2_sp:
+                    loss = loss + l2_sp_penalty(model, theta_0, remedies.l2_sp)
+                if remedies.aux_mlm:
+                    batch = to_tensors(next(start.aux_batches), device)
+                    loss = loss + remedies.aux_mlm * mlm_model(batch["input_ids"], batch["segment_ids"],
+                                                               batch["attention_mask"], batch["mlm_labels"])[1]
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()  # before clipping
+                if not math.isfinite(loss.item()) or not math.isfinite(grad_norm):
+                    bar.close()
+                    raise TrainingDiverged(f"fine-tuning step {step + 1}: classification loss is {loss.item()}, gradient "
+                                           f"norm {grad_norm}; nothing was written -- try a lower --lr")
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
     info = {"steps": step, "seconds": time.time() - started, "train_loss": loss.item(),
             "trainable_parameters": count_parameters(model, trainable_only=True), "total_parameters": count_parameters(model)}
@@ -339,6 +344,18 @@ def fit_classifier(rows, labels, num_labels, config, options, start=None, pad_id
         mlm_loss_after = mlm_evaluation(mlm_model, start.held_out, device)["mlm_loss"]
         info.update(mlm_loss_before=mlm_loss_before, mlm_loss_after=mlm_loss_after, forgetting=mlm_loss_after - mlm_loss_before)
     return model, info
+
+
+def mlm_model_sharing_encoder(model, pretrained_state, device):
+    """The pre-trained model with the classifier's encoder in place of its own (the same modules,
+    not a copy): its MLM loss is the loss of the encoder being fine-tuned (--aux-mlm, forgetting).
+    Its heads stay at their pre-trained values."""
+    mlm_model = PreTrainingModel(model.config)
+    mlm_model.load_state_dict(pretrained_state)
+    mlm_model.encoder = model.encoder
+    mlm_model.mlm_head.requires_grad_(False)
+    mlm_model.nsp_head.requires_grad_(False)
+    return mlm_model.to(device)
 
 
 @dataclass
@@ -617,6 +634,37 @@ def autocast(device, precision):
     (model.mlm_loss casts the scores)."""
     dtype = torch.float16 if precision == "fp16" else torch.bfloat16
     return torch.autocast(device.type, dtype=dtype, enabled=precision in ("bf16", "fp16"))
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled):
+    """--deterministic, for the duration of a run. On the CPU the same seed already gives the same
+    numbers; on a GPU, cuBLAS, cuDNN and the fused attention kernels may pick other kernels or
+    reduction orders from run to run (atomic adds). This asks PyTorch for its deterministic
+    kernels (an error, not silence, where an op has none), cuBLAS for a fixed workspace -- read
+    when cuBLAS starts, so ptft.py sets it before anything touches the GPU -- and attention for
+    its written-out backend (attention_backends). It costs speed (docs/performance.md)."""
+    if not enabled:
+        yield
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.benchmark = before[1]
+
+
+def attention_backends(deterministic, device):
+    """Where --deterministic runs on a GPU: SDPA's math backend (plain matmuls and softmax, whose
+    backward has deterministic kernels) instead of the flash / memory-efficient kernels."""
+    if not (deterministic and device.type == "cuda"):
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def seed_everything(seed):

@@ -5,6 +5,7 @@ import sys
 import tempfile
 
 import pytest
+import torch
 
 # the project's files are flat at the top level: make them importable from tests/
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,6 +24,15 @@ from options import PretrainOptions  # noqa: E402
 
 def quiet(*args):
     """A log function that says nothing."""
+
+
+# The tests that depend on the device run on the CPU always, and on CUDA too where there is a GPU.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
 
 
 @pytest.fixture(scope="session")

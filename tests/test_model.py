@@ -80,14 +80,14 @@ def test_padding_does_not_change_the_outputs_at_real_positions():
             assert torch.allclose(pooled_alone, pooled_padded, atol=1e-10)
 
 
-def test_explicit_and_fused_attention_agree_in_outputs_and_gradients():
+def test_explicit_and_fused_attention_agree_in_outputs_and_gradients(device):
     config = small_config(dropout=0.0, attention_dropout=0.0)
     for seed in range(3):
         torch.manual_seed(seed)
-        explicit = PreTrainingModel(config)
-        fused = PreTrainingModel(replace(config, attention="sdpa"))
+        explicit = PreTrainingModel(config).to(device)
+        fused = PreTrainingModel(replace(config, attention="sdpa")).to(device)
         fused.load_state_dict(explicit.state_dict())
-        batch = random_batch(config, seed=seed)
+        batch = [tensor.to(device) for tensor in random_batch(config, seed=seed)]
         losses = [model(*batch)[0] for model in (explicit, fused)]
         assert torch.allclose(losses[0], losses[1], atol=1e-5)
         for loss in losses:
@@ -186,3 +186,15 @@ def test_dropout_keeps_one_minus_p_scales_the_rest_and_is_the_identity_in_eval()
         dropout.eval()
         x = torch.randn(7, 5)
         assert dropout(x) is x
+
+
+def test_training_with_attention_dropout_runs_on_every_device(device):
+    # on a GPU, SDPA draws the attention dropout inside its kernel; on the CPU the written-out path does
+    config = small_config(dropout=0.1, attention_dropout=0.1)
+    torch.manual_seed(0)
+    model = PreTrainingModel(replace(config, attention="sdpa")).to(device).train()
+    batch = [tensor.to(device) for tensor in random_batch(config)]
+    losses = [model(*batch)[0] for _ in range(2)]
+    assert losses[0].item() != losses[1].item()  # dropout: two draws, two losses
+    losses[0].backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -18,7 +18,7 @@ import options
 import toyworld
 import train
 from conftest import ROOT, assert_clear_error, quiet
-from model import Classifier, PreTrainingModel, make_config
+from model import IGNORE_INDEX, Classifier, PreTrainingModel, make_config
 from options import FinetuneOptions, PretrainOptions
 from tokenizer import InputError, Tokenizer
 
@@ -33,16 +33,48 @@ def test_pretraining_loss_falls_and_the_run_folder_is_complete(small_world):
     metrics, folder = small_world["metrics"], small_world["pre"]
     history = metrics["history"]
     assert history[-1]["held_out_mlm_loss"] < metrics["ln_vocab"] - 1.0  # well below a uniform guess
+    assert history[-1]["held_out_mlm_loss"] < history[0]["held_out_mlm_loss"]
     assert set(os.listdir(folder)) >= {"checkpoint.pt", "vocab.txt", "metrics.json"}
     checkpoint = torch.load(os.path.join(folder, "checkpoint.pt"), weights_only=True)
     assert {"model", "config", "step"} <= set(checkpoint) and checkpoint["step"] == 40
     assert Tokenizer.load(os.path.join(folder, "vocab.txt")).vocab == checkpoint["vocab"]
 
 
+@pytest.fixture(scope="session")
+def context_world(tmp_path_factory):
+    """A small encoder pre-trained long enough to use the context (a few seconds on a CPU)."""
+    folder = tmp_path_factory.mktemp("context")
+    corpus = str(folder / "unlabeled.txt")
+    data.write_corpus(corpus, toyworld.toy_world(seed=7, num_documents=3000)["unlabeled"])
+    recipe = PretrainOptions(corpus=[corpus], steps=600, batch_size=32, max_length=32, lr=3e-3, vocab_size=1024,
+                             hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128, dropout=0.0,
+                             precision="fp32", save_every=0, eval_every=600, device="cpu")
+    metrics = train.pretrain(str(folder / "pre"), recipe, log=quiet, progress=False)
+    return recipe, metrics, str(folder / "pre")
+
+
+def test_pretrained_mlm_beats_every_model_that_ignores_the_context(context_world):
+    # A model that ignores the context predicts one distribution q for every masked position; its
+    # mean -log q(x_t) over the held-out targets is at least their empirical entropy H (Gibbs'
+    # inequality, with equality at q = their own frequencies). Below H, the context is being used.
+    recipe, metrics, folder = context_world
+    _, documents = data.load_corpus(recipe.corpus)
+    model, tokenizer, _ = checkpoint.open_model(folder)
+    held_out = data.held_out_batches(data.encode_documents(tokenizer, data.split_held_out(documents)[1]), tokenizer,
+                                     recipe.max_length, recipe.nsp)
+    targets = np.concatenate([batch["mlm_labels"][batch["mlm_labels"] != IGNORE_INDEX] for batch in held_out])
+    frequencies = np.unique(targets, return_counts=True)[1] / len(targets)
+    entropy = float(-(frequencies * np.log(frequencies)).sum())
+    loss = train.mlm_evaluation(model, held_out, torch.device("cpu"))["mlm_loss"]
+    assert loss == pytest.approx(metrics["held_out_mlm_loss"], abs=1e-4)  # the batches pretrain measured on
+    assert loss < entropy - 0.3, (loss, entropy)
+
+
 @pytest.mark.parametrize("freeze,trainable_layers", [("head", 0), ("top-1", 1), ("none", 2)])
-def test_frozen_weights_are_bit_identical_after_fine_tuning(small_world, tmp_path, freeze, trainable_layers):
+def test_frozen_weights_are_bit_identical_after_fine_tuning(small_world, tmp_path, freeze, trainable_layers, device):
     out = str(tmp_path / "ft")
-    metrics = finetune(out, small_world["pre"], small_world["train"], small_world["valid"], freeze=freeze, epochs=2, lr=1e-2)
+    metrics = finetune(out, small_world["pre"], small_world["train"], small_world["valid"], freeze=freeze, epochs=2, lr=1e-2,
+                       device=device)
     assert {"accuracy", "loss", "n"} <= set(metrics) and metrics["n"] == 16
     assert json.load(open(os.path.join(out, "metrics.json")))["accuracy"] == metrics["accuracy"]
     before = torch.load(os.path.join(small_world["pre"], "checkpoint.pt"), weights_only=True)["model"]
@@ -88,9 +120,10 @@ def test_warmup_then_cosine_schedule():
     assert train.learning_rate(50, 100, 1e-3, 10, "constant") == 1e-3
 
 
-def test_same_seed_same_numbers_on_cpu(small_world, tmp_path):
-    runs = [finetune(tmp_path / f"r{i}", small_world["pre"], small_world["train"], small_world["valid"], epochs=1)
-            for i in range(2)]
+def test_same_seed_same_numbers(small_world, tmp_path, device):
+    # on the CPU always; on a GPU with --deterministic
+    runs = [finetune(tmp_path / f"r{i}", small_world["pre"], small_world["train"], small_world["valid"], epochs=1,
+                     device=device, deterministic=device != "cpu") for i in range(2)]
     assert runs[0]["loss"] == runs[1]["loss"] and runs[0]["train_loss"] == runs[1]["train_loss"]
 
 
@@ -159,14 +192,14 @@ def test_an_existing_run_folder_is_not_overwritten(small_world, cli):
     assert os.path.exists(os.path.join(small_world["pre"], "checkpoint.pt"))
 
 
-def test_evaluate_scores_a_classifier_run_and_a_pretraining_run(small_world, tmp_path, cli):
+def test_evaluate_scores_a_classifier_run_and_a_pretraining_run(small_world, tmp_path, cli, device):
     out = str(tmp_path / "ft")
-    finetune(out, small_world["pre"], small_world["train"], epochs=1)
-    code, stdout, err = cli("evaluate", "--init", out, "--data", small_world["valid"])
+    finetune(out, small_world["pre"], small_world["train"], epochs=1, device=device)
+    code, stdout, err = cli("evaluate", "--init", out, "--data", small_world["valid"], "--device", device)
     assert code == 0, err
     metrics = json.loads(stdout.strip().splitlines()[-1])
     assert metrics["n"] == 16 and 0 <= metrics["accuracy"] <= 1 and math.isfinite(metrics["loss"])
-    code, stdout, err = cli("evaluate", "--init", small_world["pre"], "--data", small_world["corpus"])
+    code, stdout, err = cli("evaluate", "--init", small_world["pre"], "--data", small_world["corpus"], "--device", device)
     assert code == 0, err
     assert json.loads(stdout.strip().splitlines()[-1])["mlm_loss"] < small_world["metrics"]["ln_vocab"]
 
@@ -183,11 +216,12 @@ def test_exit_statuses_reach_the_shell(small_world, tmp_path):
     assert run_cli("--help").returncode == 0
 
 
-def test_a_run_killed_at_a_random_moment_resumes_bit_identical(tmp_path):
+def test_a_run_killed_at_a_random_moment_resumes_bit_identical(tmp_path, device):
     corpus = tmp_path / "corpus.txt"
     data.write_corpus(str(corpus), toyworld.toy_world(seed=2, num_documents=100)["unlabeled"])
-    common = ["pretrain", "--corpus", str(corpus), "--steps", "80", "--batch-size", "8", "--max-length", "32", "--vocab-size", "300",
-              "--save-every", "2", "--eval-every", "1000", "--device", "cpu", "--precision", "fp32", "--seed", "1"]
+    common = ["pretrain", "--corpus", str(corpus), "--steps", "80", "--batch-size", "8", "--max-length", "32",
+              "--vocab-size", "300", "--save-every", "2", "--eval-every", "1000", "--device", device, "--seed", "1",
+              *(["--precision", "fp32"] if device == "cpu" else ["--deterministic"])]  # a GPU: its own precision
     assert run_cli(*common, "--out", str(tmp_path / "reference")).returncode == 0
     run = tmp_path / "killed"
     victim = subprocess.Popen([sys.executable, os.path.join(ROOT, "ptft.py"), *common, "--out", str(run)],
@@ -452,3 +486,22 @@ def test_resume_of_a_finished_run_says_so_in_one_line_and_exits_0(small_world, t
     final = small_world["metrics"]["final_train_mlm_loss"]
     assert len(lines) == 1 and "already finished at step 40" in lines[0] and f"{final:.3f}" in lines[0], stdout
     assert (run / "checkpoint.pt").read_bytes() == before  # nothing trained, nothing rewritten
+
+
+def test_deterministic_mode_keeps_the_cpu_numbers_and_ends_with_the_run(small_world, tmp_path):
+    recipe = dict(corpus=[small_world["corpus"]], steps=4, batch_size=4, max_length=16, vocab_size=300, device="cpu",
+                  precision="fp32")
+    plain = train.pretrain(str(tmp_path / "plain"), PretrainOptions(**recipe), log=quiet, progress=False)
+    strict = train.pretrain(str(tmp_path / "strict"), PretrainOptions(**recipe, deterministic=True), log=quiet, progress=False)
+    assert plain["final_train_mlm_loss"] == strict["final_train_mlm_loss"]
+    assert not torch.are_deterministic_algorithms_enabled()  # switched on for the run only
+
+
+def test_autocast_on_this_device_computes_in_16_bits_and_e4_in_float32(device):
+    precision = options.pick_precision("auto", torch.device(device))
+    x, targets = torch.randn(4, 8, device=device), torch.tensor([0, 1, 2, 3], device=device)
+    with train.autocast(torch.device(device), precision):
+        scores = x @ x.T
+        loss = model.mlm_loss(scores, targets)
+    assert scores.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    assert loss.dtype == torch.float32
