@@ -7,6 +7,7 @@ MFU = model FLOPs of the step / its time / the matmul peak measured here (traini
 which FLOPs count). Measured numbers, with their machines, are in docs/performance.md.
 """
 
+import os
 import platform
 import sys
 import time
@@ -190,7 +191,16 @@ def bench(o, log=print):
 
 
 def device_name(device):
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} ({platform.processor() or 'cpu'})"
+    """The GPU's name, or the CPU's model, instruction set as torch uses it, and thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type != "cpu":
+        return device.type
+    model = platform.processor() or "cpu"
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    return f"cpu: {model}, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"
 
 
 def print_table(rows, log):
