@@ -86,7 +86,7 @@ def time_ptft(model_config, batch, precision, attention, sparse, compiled, steps
     encoder = torch.compile(model.encoder) if compiled else model.encoder
 
     def step():
-        with train.autocast(device, precision):
+        with options.autocast(device, precision):
             loss = training_model(batch["input_ids"], batch["segment_ids"], batch["attention_mask"], batch["mlm_labels"],
                                   sparse=sparse)[0]
         loss.backward()
@@ -94,7 +94,7 @@ def time_ptft(model_config, batch, precision, attention, sparse, compiled, steps
         optimizer.zero_grad(set_to_none=True)
 
     def forward():
-        with train.autocast(device, precision):
+        with options.autocast(device, precision):
             sequence_output = encoder(batch["input_ids"], batch["segment_ids"], batch["attention_mask"])[0]
             model.mlm_scores(sequence_output, batch["mlm_labels"], sparse)
 
@@ -120,14 +120,14 @@ def time_transformers(model_config, batch, precision, compiled, steps, device):
     attention_mask = batch["attention_mask"].long()
 
     def step():
-        with train.autocast(device, precision):
+        with options.autocast(device, precision):
             loss = run(input_ids=batch["input_ids"], attention_mask=attention_mask, labels=batch["mlm_labels"]).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     def forward():
-        with train.autocast(device, precision):
+        with options.autocast(device, precision):
             run(input_ids=batch["input_ids"], attention_mask=attention_mask)
 
     return time_step_and_forward(step, forward, steps, device)
@@ -170,14 +170,16 @@ def bench(o, log=print):
         variants += [("fast", p, "sdpa", True, True) for p in precisions]
     rows = []
     for variant, precision, attention, sparse, compiled in variants:
-        train_seconds, infer_seconds = time_ptft(model_config, batch, precision, attention, sparse, compiled, o.steps, device)
+        train_seconds, infer_seconds = time_ptft(model_config, batch, precision, attention, sparse=sparse, compiled=compiled,
+                                                 steps=o.steps, device=device)
         flops = training_flops(model_config, batch_size, length, num_masked if sparse else tokens)
         rows.append({"impl": "ptft", "variant": f"{variant} ({attention} attention, {'sparse' if sparse else 'dense'} MLM)",
                      "precision": precision, "compiled": compiled, "config": o.config, "device": device_name(device),
                      "batch_size": batch_size, "train_tokens_per_s": tokens / train_seconds,
                      "infer_tokens_per_s": tokens / infer_seconds, "mfu": flops / train_seconds / peaks[precision]})
         if o.compare_hf and sparse:  # transformers in the same precision, compiled alike
-            train_seconds, infer_seconds = time_transformers(model_config, batch, precision, compiled, o.steps, device)
+            train_seconds, infer_seconds = time_transformers(model_config, batch, precision, compiled=compiled, steps=o.steps,
+                                                             device=device)
             rows.append({**rows[-1], "impl": "hf", "variant": "BertForMaskedLM (sdpa)",
                          "train_tokens_per_s": tokens / train_seconds, "infer_tokens_per_s": tokens / infer_seconds,
                          "mfu": training_flops(model_config, batch_size, length, tokens) / train_seconds / peaks[precision]})

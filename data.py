@@ -21,6 +21,7 @@ import os
 import re
 import sysconfig
 import zipfile
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -33,8 +34,16 @@ from tokenizer import InputError, read_text_file
 # ----------------------------------------------------------------------------------------
 
 
-def mask_tokens(input_ids, tokenizer, rng, mask_probability=0.15, mask_token_fraction=0.8,
-                random_token_fraction=0.1):
+@dataclass(frozen=True)
+class MaskingRule:
+    """B1's numbers: the share of tokens selected for prediction (the set M of E4), and of those
+    the shares set to [MASK] and to a random token (the rest stay unchanged). BERT: 15%, 80/10/10."""
+    probability: float = 0.15
+    mask_token_fraction: float = 0.8
+    random_token_fraction: float = 0.1
+
+
+def mask_tokens(input_ids, tokenizer, rng, rule=MaskingRule()):
     """B1, BERT's rule, vectorised over the batch.
 
     In each sequence, round(15%) of the non-special tokens (at least one) are selected: the set
@@ -45,7 +54,7 @@ def mask_tokens(input_ids, tokenizer, rng, mask_probability=0.15, mask_token_fra
     candidates = ~np.isin(input_ids, tokenizer.special_ids)  # never [CLS], [SEP], [PAD], ...
     num_candidates = candidates.sum(axis=1)
     num_selected = np.where(num_candidates > 0,
-                            np.maximum(1, np.rint(num_candidates * mask_probability)), 0).astype(np.int64)
+                            np.maximum(1, np.rint(num_candidates * rule.probability)), 0).astype(np.int64)
     # a uniformly random subset of exactly num_selected candidates per row: give every candidate
     # a random key, non-candidates +inf, and select the num_selected smallest keys
     keys = np.where(candidates, rng.random(input_ids.shape), np.inf)
@@ -54,8 +63,8 @@ def mask_tokens(input_ids, tokenizer, rng, mask_probability=0.15, mask_token_fra
 
     mlm_labels = np.where(selected, input_ids, IGNORE_INDEX)
     action = rng.random(input_ids.shape)
-    to_mask = selected & (action < mask_token_fraction)
-    to_random = selected & (action >= mask_token_fraction) & (action < mask_token_fraction + random_token_fraction)
+    to_mask = selected & (action < rule.mask_token_fraction)
+    to_random = selected & (action >= rule.mask_token_fraction) & (action < rule.mask_token_fraction + rule.random_token_fraction)
     non_special = np.setdiff1d(np.arange(len(tokenizer)), tokenizer.special_ids)
     masked_ids = input_ids.copy()
     masked_ids[to_mask] = tokenizer.mask_id
@@ -112,8 +121,7 @@ def pretraining_example(documents, rng, max_length, use_nsp=True):
     return segment_a, segment_b, label
 
 
-def pretraining_batch(documents, tokenizer, rng, batch_size, max_length, use_nsp=True,
-                      mask_probability=0.15, mask_token_fraction=0.8, random_token_fraction=0.1):
+def pretraining_batch(documents, tokenizer, rng, batch_size, max_length, use_nsp=True, masking=MaskingRule()):
     """A batch of pre-training inputs as numpy arrays: input_ids, segment_ids, attention_mask,
     mlm_labels (IGNORE_INDEX where nothing is predicted) and nsp_labels."""
     rows, segments, nsp_labels = [], [], []
@@ -129,8 +137,7 @@ def pretraining_batch(documents, tokenizer, rng, batch_size, max_length, use_nsp
         nsp_labels.append(IS_NEXT if label is None else label)
     input_ids, attention_mask = pad(rows, tokenizer.pad_id)
     segment_ids, _ = pad(segments, 0)
-    masked_ids, mlm_labels = mask_tokens(input_ids, tokenizer, rng, mask_probability,
-                                         mask_token_fraction, random_token_fraction)
+    masked_ids, mlm_labels = mask_tokens(input_ids, tokenizer, rng, masking)
     return dict(input_ids=masked_ids, segment_ids=segment_ids, attention_mask=attention_mask,
                 mlm_labels=mlm_labels, nsp_labels=np.array(nsp_labels, dtype=np.int64))
 

@@ -335,8 +335,8 @@ def fine_tune_and_score(source, labeled, label_names, test_sets, finetune_option
     The demo (ptft.py) and every table here fit and score their variants with this."""
     labels = train.encode_labels([y for _, y in labeled], label_names, "train")
     start = source.starting_point(finetune_options) if pretrained else None
-    model, info = train.fit_classifier(source.inputs([text for text, _ in labeled]), labels, len(label_names),
-                                       source.config, finetune_options, start, source.tokenizer.pad_id)
+    model, info = train.fit_classifier(source.inputs([text for text, _ in labeled]), labels, len(label_names), source.config,
+                                       finetune_options, start=start, pad_id=source.tokenizer.pad_id)
     device = options.pick_device(finetune_options.device)
     scores = {name: train.classify(model, source.inputs([text for text, _ in examples]),
                                    train.encode_labels([y for _, y in examples], label_names, name), device,

@@ -4,6 +4,7 @@
     FinetuneOptions    what `ptft.py finetune` can choose, with C5's Remedies grouped
     BenchOptions       what `ptft.py bench` can choose
     pick_device, pick_precision   what "auto" means on this machine
+    autocast, deterministic_algorithms, attention_backends   what precision and --deterministic do
 
 ptft.py builds these from the parsed flags by field name; train.pretrain and train.finetune call
 .check() before any work, so a bad value is one line naming the flag (exit status 2), never a
@@ -12,11 +13,14 @@ traceback later. Experiments and tests build them directly: PretrainOptions(step
 Run `python options.py` to see the defaults and what "auto" resolves to here.
 """
 
+import contextlib
 import math
+import os
 from dataclasses import dataclass, field, fields
 
 import torch
 
+from data import MaskingRule
 from model import make_config
 from tokenizer import InputError
 
@@ -80,6 +84,9 @@ class PretrainOptions:
         if self.init and sizes_given(self):
             raise InputError("--hidden-size, --num-layers, --num-heads, --intermediate-size: not with --init "
                              "(continued pre-training keeps the size of the model it starts from)")
+
+    def masking_rule(self):
+        return MaskingRule(self.mask_probability, self.mask_token_fraction, self.random_token_fraction)
 
     def model_config(self):
         """The Config asked for (an --init brings its own sizes and vocabulary)."""
@@ -222,7 +229,7 @@ def model_config(options, **fixed):
 
 
 # ----------------------------------------------------------------------------------------
-# Device and precision: what "auto" resolves to
+# Device, precision and determinism: what the settings mean on this machine
 # ----------------------------------------------------------------------------------------
 
 
@@ -254,6 +261,45 @@ def pick_precision(name, device):
     if device.type == "cpu" and getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
         return "bf16"
     return "fp32"
+
+
+def autocast(device, precision):
+    """bf16/fp16 autocast, or nothing. Matmuls run in 16 bits; softmax and LayerNorm in float32 on
+    CUDA, while CPU autocast leaves them in their input's type; the E4 loss is float32 everywhere
+    (model.mlm_loss casts the scores)."""
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype, enabled=precision in ("bf16", "fp16"))
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled):
+    """--deterministic, for the duration of a run. On the CPU the same seed already gives the same
+    numbers; on a GPU, cuBLAS, cuDNN and the fused attention kernels may pick other kernels or
+    reduction orders from run to run (atomic adds). This asks PyTorch for its deterministic
+    kernels (an error, not silence, where an op has none), cuBLAS for a fixed workspace -- read
+    when cuBLAS starts, so ptft.py sets it before anything touches the GPU -- and attention for
+    its written-out backend (attention_backends). It costs speed (docs/performance.md)."""
+    if not enabled:
+        yield
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.benchmark = before[1]
+
+
+def attention_backends(deterministic, device):
+    """Where --deterministic runs on a GPU: SDPA's math backend (plain matmuls and softmax, whose
+    backward has deterministic kernels) instead of the flash / memory-efficient kernels."""
+    if not (deterministic and device.type == "cuda"):
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 if __name__ == "__main__":

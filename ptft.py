@@ -385,15 +385,16 @@ def run_export(args):
 
 
 COMMANDS = {
-    "demo": lambda args: demo(args.out, args.seeds, args.labels_per_class, args.pretrain_steps, args.epochs,
-                              args.resume, args.force, args.device),
+    "demo": lambda args: demo(args.out, seeds=args.seeds, labels_per_class=args.labels_per_class,
+                              pretrain_steps=args.pretrain_steps, epochs=args.epochs, resume=args.resume,
+                              force=args.force, device=args.device),
     "pretrain": run_pretrain,
     "finetune": run_finetune,
     "evaluate": run_evaluate,
     "fill-mask": run_fill_mask,
     "export": run_export,
-    "experiments": lambda args: experiments.run(args.out, "quick" if args.quick else args.plan, args.seeds,
-                                                args.resume, args.force),
+    "experiments": lambda args: experiments.run(args.out, "quick" if args.quick else args.plan, seeds=args.seeds,
+                                                resume=args.resume, force=args.force),
     "bench": lambda args: bench.bench(options_from(BenchOptions, args)),
 }
 

@@ -12,7 +12,6 @@ check themselves before any work.
 Run `python train.py` to run both loops end to end on a small toy world.
 """
 
-import contextlib
 import json
 import math
 import os
@@ -39,7 +38,16 @@ from checkpoint import (
     write_json,
 )
 from model import IGNORE_INDEX, Classifier, Config, PreTrainingModel, count_parameters, mlm_loss
-from options import FinetuneOptions, PretrainOptions, model_config, pick_device, pick_precision
+from options import (
+    FinetuneOptions,
+    PretrainOptions,
+    attention_backends,
+    autocast,
+    deterministic_algorithms,
+    model_config,
+    pick_device,
+    pick_precision,
+)
 from tokenizer import MASK, InputError, Tokenizer, train_tokenizer
 
 # where tokenised corpora are cached (data.encode_documents); PTFT_CACHE="" turns it off
@@ -154,8 +162,8 @@ def pretraining_step(run, training_model, encoded):
     masks, E4 (+ B3's weighted NSP loss), over the accumulated micro-batches.
     Returns (MLM loss, NSP loss, real tokens seen)."""
     o = run.options
-    micro_batches = [data.pretraining_batch(encoded, run.tokenizer, run.data_rng, o.batch_size, o.max_length, o.nsp,
-                                            o.mask_probability, o.mask_token_fraction, o.random_token_fraction)
+    micro_batches = [data.pretraining_batch(encoded, run.tokenizer, run.data_rng, o.batch_size, o.max_length,
+                                            use_nsp=o.nsp, masking=o.masking_rule())
                      for _ in range(o.accumulation)]
     # gradient accumulation: every micro-batch's MLM loss is divided by the masked-token count of
     # ALL micro-batches, so the summed gradient is the one big batch would give (E4's normaliser)
@@ -232,8 +240,9 @@ def start_pretraining(out, o, resume, force, log):
     # the loss by S before backward, divides the gradients by S before the update, and skips a step
     # whose scaled gradients overflowed (then halves S). bf16 has fp32's range: no scaler (disabled).
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    run = PretrainingRun(o, corpus_name, model, tokenizer, make_optimizer(model, o.lr), scaler, data_rng, device,
-                         precision, [])
+    run = PretrainingRun(options=o, corpus_name=corpus_name, model=model, tokenizer=tokenizer,
+                         optimizer=make_optimizer(model, o.lr), scaler=scaler, data_rng=data_rng, device=device,
+                         precision=precision, history=[])
     start_step = 0
     if resume_from is not None:
         run.restore(resume_from)
@@ -469,7 +478,8 @@ def finetune(out, options, force=False, log=print, progress=True):
     train_ids = encode_labels(train_label_names, label_names, o.train)
     log(f"fine-tuning from {o.init} with --freeze {o.freeze}: {len(train_rows)} examples, "
         f"{len(label_names)} classes, {o.epochs} epochs, lr {o.peak_lr():g}, device {device}")
-    model, info = fit_classifier(train_rows, train_ids, len(label_names), config, o, start, tokenizer.pad_id, progress)
+    model, info = fit_classifier(train_rows, train_ids, len(label_names), config, o, start=start, pad_id=tokenizer.pad_id,
+                                 progress=progress)
     metrics = {**info, "init": o.init, "freeze": o.freeze, "lr": o.peak_lr(), "epochs": o.epochs, "labels": label_names,
                "schedule": o.schedule, "warmup_fraction": o.warmup_fraction, **vars(o.remedies),
                "scored_on": o.valid or f"{o.train} (training set: no --valid given)"}
@@ -624,47 +634,8 @@ def fill_mask(init, text, top_k=5, device="auto", log=print):
 
 
 # ----------------------------------------------------------------------------------------
-# Precision, seeds, tensors
+# Seeds, tensors
 # ----------------------------------------------------------------------------------------
-
-
-def autocast(device, precision):
-    """bf16/fp16 autocast, or nothing. Matmuls run in 16 bits; softmax and LayerNorm in float32 on
-    CUDA, while CPU autocast leaves them in their input's type; the E4 loss is float32 everywhere
-    (model.mlm_loss casts the scores)."""
-    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype, enabled=precision in ("bf16", "fp16"))
-
-
-@contextlib.contextmanager
-def deterministic_algorithms(enabled):
-    """--deterministic, for the duration of a run. On the CPU the same seed already gives the same
-    numbers; on a GPU, cuBLAS, cuDNN and the fused attention kernels may pick other kernels or
-    reduction orders from run to run (atomic adds). This asks PyTorch for its deterministic
-    kernels (an error, not silence, where an op has none), cuBLAS for a fixed workspace -- read
-    when cuBLAS starts, so ptft.py sets it before anything touches the GPU -- and attention for
-    its written-out backend (attention_backends). It costs speed (docs/performance.md)."""
-    if not enabled:
-        yield
-        return
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
-    torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.benchmark = False
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before[0])
-        torch.backends.cudnn.benchmark = before[1]
-
-
-def attention_backends(deterministic, device):
-    """Where --deterministic runs on a GPU: SDPA's math backend (plain matmuls and softmax, whose
-    backward has deterministic kernels) instead of the flash / memory-efficient kernels."""
-    if not (deterministic and device.type == "cuda"):
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    return sdpa_kernel([SDPBackend.MATH])
 
 
 def seed_everything(seed):

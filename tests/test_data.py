@@ -44,7 +44,8 @@ def test_specials_and_padding_are_never_selected_and_random_tokens_are_never_spe
         rows = [[tokenizer.cls_id, *rng.integers(5, len(tokenizer), size=rng.integers(1, 30)), tokenizer.sep_id,
                  *rng.integers(5, len(tokenizer), size=rng.integers(0, 10)), tokenizer.sep_id] for _ in range(16)]
         input_ids, real = data.pad(rows, tokenizer.pad_id)
-        masked, labels = data.mask_tokens(input_ids, tokenizer, rng, mask_token_fraction=0.0, random_token_fraction=1.0)
+        masked, labels = data.mask_tokens(input_ids, tokenizer, rng, data.MaskingRule(mask_token_fraction=0.0,
+                                                                                      random_token_fraction=1.0))
         selected = labels != IGNORE_INDEX
         special = np.isin(input_ids, tokenizer.special_ids)
         assert not np.any(selected & special) and not np.any(selected & ~real)
@@ -66,7 +67,7 @@ def test_nsp_labels_balanced_negatives_never_the_true_next_and_segment_ids_right
     tokenizer = Tokenizer(SPECIAL_TOKENS + [f"w{i}" for i in range(60000)])
     labels = []
     for _ in range(200):
-        batch = data.pretraining_batch(documents, tokenizer, rng, 32, 40, mask_probability=0.0001)
+        batch = data.pretraining_batch(documents, tokenizer, rng, 32, 40, masking=data.MaskingRule(probability=0.0001))
         for i in range(32):
             row = batch["input_ids"][i][batch["attention_mask"][i]]
             segments = batch["segment_ids"][i][batch["attention_mask"][i]]

@@ -446,7 +446,7 @@ def test_device_and_precision_choice_without_the_hardware(monkeypatch):
     # autocast: the matmul runs in the 16-bit type asked for, E4's softmax over V in float32
     x, targets = torch.randn(4, 8), torch.tensor([0, 1, 2, 3])
     for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
-        with train.autocast(torch.device("cpu"), precision):
+        with options.autocast(torch.device("cpu"), precision):
             scores = x @ x.T
             loss = model.mlm_loss(scores, targets)
         assert scores.dtype == dtype and loss.dtype == torch.float32
@@ -500,7 +500,7 @@ def test_deterministic_mode_keeps_the_cpu_numbers_and_ends_with_the_run(small_wo
 def test_autocast_on_this_device_computes_in_16_bits_and_e4_in_float32(device):
     precision = options.pick_precision("auto", torch.device(device))
     x, targets = torch.randn(4, 8, device=device), torch.tensor([0, 1, 2, 3], device=device)
-    with train.autocast(torch.device(device), precision):
+    with options.autocast(torch.device(device), precision):
         scores = x @ x.T
         loss = model.mlm_loss(scores, targets)
     assert scores.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
