@@ -2,6 +2,7 @@
 
     PretrainOptions    what `ptft.py pretrain` can choose (the flags, by field name)
     FinetuneOptions    what `ptft.py finetune` can choose, with C5's Remedies grouped
+    DemoOptions        what the main job (`ptft.py demo`) can choose
     BenchOptions       what `ptft.py bench` can choose
     pick_device, pick_precision   what "auto" means on this machine
     autocast, deterministic_algorithms, attention_backends   what precision and --deterministic do
@@ -157,6 +158,32 @@ class FinetuneOptions:
             raise InputError("--aux-mlm with --freeze head: the encoder is frozen, an MLM loss on it would change nothing")
         if (remedies.l2_sp or remedies.aux_mlm) and scratch:
             raise InputError("--l2-sp and --aux-mlm pull toward a pre-trained model; --init scratch has none")
+
+
+@dataclass
+class DemoOptions:
+    """The main job (`python ptft.py`): its pre-training recipe and the fine-tuning comparison."""
+    seeds: int = 3                 # draws of the k labeled examples (and fine-tuning seeds)
+    labels_per_class: int = 16     # k
+    pretrain_steps: int = 1600
+    epochs: int = 30               # fine-tuning epochs
+    precision: str = "auto"
+    device: str = "auto"
+
+    def check(self):
+        if self.seeds < 1 or self.labels_per_class < 1 or self.pretrain_steps < 1 or self.epochs < 1:
+            raise InputError("--seeds, --labels-per-class, --pretrain-steps and --epochs must be positive")
+
+    def pretraining(self):
+        """The pre-training run, sized to pass the toy world's topic "knee" (where held-out MLM
+        loss leaves its syntax plateau near 2.2) on a laptop CPU in fp32 within minutes
+        (docs/performance.md has the measurements): the tiny preset with a feed-forward of 256
+        (it passes the knee sooner, and each step costs less), 48-token inputs -- the toy world's
+        sentences are ~10 tokens, so a pair still spans several sentences -- at a peak rate of
+        1.5e-3; no dropout: the generated corpus is practically infinite, and a tiny model that sees each
+        sentence about once has nothing to over-fit."""
+        return PretrainOptions(steps=self.pretrain_steps, intermediate_size=256, max_length=48, lr=1.5e-3, dropout=0.0,
+                               precision=self.precision, device=self.device)
 
 
 @dataclass

@@ -32,7 +32,7 @@ import hf
 import toyworld
 import train
 from checkpoint import load_checkpoint, prepare_out_folder, write_json
-from options import BenchOptions, FinetuneOptions, PretrainOptions
+from options import BenchOptions, DemoOptions, FinetuneOptions, PretrainOptions
 from tokenizer import MASK, InputError
 
 # ----------------------------------------------------------------------------------------
@@ -42,13 +42,13 @@ from tokenizer import MASK, InputError
 DEMO_VARIANTS = ["scratch", "head", "top-2", "full"]  # -> --freeze: (scratch: none), head, top-2, none
 
 
-def demo(out="runs/demo", seeds=3, labels_per_class=16, pretrain_steps=2500, epochs=30,
-         resume=False, force=False, device="auto"):
+def demo(out="runs/demo", options=None, resume=False, force=False):
     """Pre-train on the toy world's unlabeled part, then fine-tune with k labels per class
     four ways, on `seeds` different draws of the k examples and seeds, and print test accuracy.
     Fitting and scoring are the experiments' own (experiments.fine_tune_and_score)."""
-    if seeds < 1 or labels_per_class < 1 or pretrain_steps < 1 or epochs < 1:
-        raise InputError("--seeds, --labels-per-class, --pretrain-steps and --epochs must be positive")
+    options = options or DemoOptions()
+    options.check()
+    seeds, labels_per_class, epochs, device = options.seeds, options.labels_per_class, options.epochs, options.device
     world = toyworld.toy_world(seed=0)
     prepare_out_folder(out, resume, force)
     data_folder = os.path.join(out, "data")
@@ -60,10 +60,7 @@ def demo(out="runs/demo", seeds=3, labels_per_class=16, pretrain_steps=2500, epo
 
     pretrain_folder = os.path.join(out, "pretrain")
     started = time.time()
-    # no dropout: the generated corpus is practically infinite, and a tiny model that sees
-    # each sentence about once has nothing to over-fit -- dropout would only slow it down
-    pretrain_metrics = train.pretrain(pretrain_folder, PretrainOptions(steps=pretrain_steps, dropout=0.0, device=device),
-                                      resume=resume)
+    pretrain_metrics = train.pretrain(pretrain_folder, options.pretraining(), resume=resume)
     if pretrain_metrics.get("already_finished"):
         print(f"reusing the finished pre-training in {pretrain_folder}")
     pretrain_seconds = time.time() - started
@@ -139,11 +136,13 @@ def add_demo(commands):
                             "same architecture and vocabulary), head only, top-2 layers + head, everything -- and "
                             "print test accuracy (mean ± std over seeds). Writes OUT/results.json.")
     p.add_argument("--out", default="runs/demo", help="run folder")
-    p.add_argument("--seeds", type=int, default=3, help="number of seeds (draws of the labeled examples)")
-    p.add_argument("--labels-per-class", type=int, default=16, help="k labeled sentences per topic")
-    p.add_argument("--pretrain-steps", type=int, default=2500, help="pre-training steps")
-    p.add_argument("--epochs", type=int, default=30, help="fine-tuning epochs")
+    p.add_argument("--seeds", type=int, help="number of seeds (draws of the labeled examples)")
+    p.add_argument("--labels-per-class", type=int, help="k labeled sentences per topic")
+    p.add_argument("--pretrain-steps", type=int, help="pre-training steps")
+    p.add_argument("--epochs", type=int, help="fine-tuning epochs")
+    p.add_argument("--precision", help="auto (bf16 where the hardware has it, else fp32), fp32 or bf16")
     add_run_flags(p, seed=False)
+    p.set_defaults(**option_defaults(DemoOptions))
 
 
 def add_pretrain(commands):
@@ -385,9 +384,7 @@ def run_export(args):
 
 
 COMMANDS = {
-    "demo": lambda args: demo(args.out, seeds=args.seeds, labels_per_class=args.labels_per_class,
-                              pretrain_steps=args.pretrain_steps, epochs=args.epochs, resume=args.resume,
-                              force=args.force, device=args.device),
+    "demo": lambda args: demo(args.out, options_from(DemoOptions, args), resume=args.resume, force=args.force),
     "pretrain": run_pretrain,
     "finetune": run_finetune,
     "evaluate": run_evaluate,
