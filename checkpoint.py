@@ -201,6 +201,16 @@ class PretrainingRun:
                      seed=o.seed, mask_probability=o.mask_probability)))
 
 
+def finished_run(out, steps):
+    """A --resume of a run that already reached `steps`: its final metrics (else None)."""
+    metrics_path = os.path.join(out, "metrics.json")
+    if not os.path.exists(metrics_path):
+        return None
+    with open(metrics_path, encoding="utf-8") as f:
+        metrics = json.load(f)
+    return {**metrics, "already_finished": True} if metrics.get("step", 0) >= steps else None
+
+
 def check_resume_settings(checkpoint, o, corpus_name, path):
     """A --resume must agree with the checkpoint on the data, the task and the model; the
     refusal names each difference. With --init the sizes are the init's (compared through init)."""

@@ -312,6 +312,18 @@ def stdlib_docstrings():
     return tuple(found)
 
 
+def encode_labels(labels, label_names, path):
+    """Label names -> their indices in label_names (the training file's classes, sorted); a
+    label the training file never had is an error naming the file and the example."""
+    index = {name: i for i, name in enumerate(label_names)}
+    unknown = [(number, label) for number, label in enumerate(labels, start=1) if label not in index]
+    if unknown:
+        number, label = unknown[0]
+        raise InputError(f"{path}: example {number}: label {label!r} never appears in the training file "
+                         f"(known: {', '.join(label_names[:10])}{' ...' if len(label_names) > 10 else ''})")
+    return [index[label] for label in labels]
+
+
 # ----------------------------------------------------------------------------------------
 # Tokenising a corpus once (cached on disk)
 # ----------------------------------------------------------------------------------------

@@ -333,13 +333,13 @@ def fine_tune_and_score(source, labeled, label_names, test_sets, finetune_option
     from a random initialisation of the same architecture and vocabulary (C1's baseline); then
     scored on each test set (name -> (text, label) pairs). Returns (info, {name: metrics}).
     The demo (ptft.py) and every table here fit and score their variants with this."""
-    labels = train.encode_labels([y for _, y in labeled], label_names, "train")
+    labels = data.encode_labels([y for _, y in labeled], label_names, "train")
     start = source.starting_point(finetune_options) if pretrained else None
     model, info = train.fit_classifier(source.inputs([text for text, _ in labeled]), labels, len(label_names), source.config,
                                        finetune_options, start=start, pad_id=source.tokenizer.pad_id)
     device = options.pick_device(finetune_options.device)
     scores = {name: train.classify(model, source.inputs([text for text, _ in examples]),
-                                   train.encode_labels([y for _, y in examples], label_names, name), device,
+                                   data.encode_labels([y for _, y in examples], label_names, name), device,
                                    pad_id=source.tokenizer.pad_id)
               for name, examples in test_sets.items() if examples}
     return info, scores
@@ -351,8 +351,8 @@ def finetune_run(spec, task, loaded, scratch_source):
     labeled = draw_labeled(task["train"], spec["k"], spec["seed"])
     if spec["method"] == "tfidf":
         started = time.time()
-        train_labels = train.encode_labels([y for _, y in labeled], label_names, "train")
-        test_labels = train.encode_labels([y for _, y in task["test"]], label_names, "test")
+        train_labels = data.encode_labels([y for _, y in labeled], label_names, "train")
+        test_labels = data.encode_labels([y for _, y in task["test"]], label_names, "test")
         predictions = tfidf_logistic_regression([text for text, _ in labeled], train_labels,
                                                 [text for text, _ in task["test"]], len(label_names))
         return {"accuracy": float(np.mean(predictions == np.array(test_labels))), "seconds": time.time() - started}

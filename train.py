@@ -12,7 +12,6 @@ check themselves before any work.
 Run `python train.py` to run both loops end to end on a small toy world.
 """
 
-import json
 import math
 import os
 import random
@@ -30,6 +29,7 @@ import toyworld
 from checkpoint import (
     PretrainingRun,
     check_resume_settings,
+    finished_run,
     load_checkpoint,
     make_checkpoint,
     open_model,
@@ -145,16 +145,6 @@ def pretraining_loop(out, run, start_step, encoded, held_out, progress=True):
                "tokens_per_second": tokens_seen / max(elapsed, 1e-9), "corpus": run.corpus_name, "history": run.history}
     write_json(os.path.join(out, "metrics.json"), metrics)
     return metrics
-
-
-def finished_run(out, steps):
-    """A --resume of a run that already reached `steps`: its final metrics (else None)."""
-    metrics_path = os.path.join(out, "metrics.json")
-    if not os.path.exists(metrics_path):
-        return None
-    with open(metrics_path, encoding="utf-8") as f:
-        metrics = json.load(f)
-    return {**metrics, "already_finished": True} if metrics.get("step", 0) >= steps else None
 
 
 def pretraining_step(run, training_model, encoded):
@@ -463,7 +453,7 @@ def finetune(out, options, force=False, log=print, progress=True):
     if len(label_names) < 2:
         raise InputError(f"{o.train}: only one class ({label_names[0]!r}); a classifier needs at least two")
     valid_texts, valid_labels = data.read_tsv(o.valid) if o.valid else ([], [])
-    valid_ids = encode_labels(valid_labels, label_names, o.valid) if o.valid else []
+    valid_ids = data.encode_labels(valid_labels, label_names, o.valid) if o.valid else []
     if o.init == "scratch":
         tokenizer = train_tokenizer(train_texts, o.vocab_size)
         config = model_config(o, vocab_size=len(tokenizer), max_positions=o.max_length)
@@ -475,7 +465,7 @@ def finetune(out, options, force=False, log=print, progress=True):
     prepare_out_folder(out, resume=False, force=force)
     train_rows = data.classification_inputs(tokenizer, train_texts, config.max_positions, log, path=o.train)
     valid_rows = data.classification_inputs(tokenizer, valid_texts, config.max_positions, log, path=o.valid)
-    train_ids = encode_labels(train_label_names, label_names, o.train)
+    train_ids = data.encode_labels(train_label_names, label_names, o.train)
     log(f"fine-tuning from {o.init} with --freeze {o.freeze}: {len(train_rows)} examples, "
         f"{len(label_names)} classes, {o.epochs} epochs, lr {o.peak_lr():g}, device {device}")
     model, info = fit_classifier(train_rows, train_ids, len(label_names), config, o, start=start, pad_id=tokenizer.pad_id,
@@ -514,16 +504,6 @@ def starting_point(init, checkpoint, model, tokenizer, o, log):
     elif has_mlm_head:
         log(f"{init}: its pre-training text is unknown; pass --unlabeled to measure forgetting")
     return start
-
-
-def encode_labels(labels, label_names, path):
-    index = {name: i for i, name in enumerate(label_names)}
-    unknown = [(number, label) for number, label in enumerate(labels, start=1) if label not in index]
-    if unknown:
-        number, label = unknown[0]
-        raise InputError(f"{path}: example {number}: label {label!r} never appears in the training file "
-                         f"(known: {', '.join(label_names[:10])}{' ...' if len(label_names) > 10 else ''})")
-    return [index[label] for label in labels]
 
 
 # ----------------------------------------------------------------------------------------
@@ -591,7 +571,7 @@ def evaluate(init, data_path, device="auto", log=print):
     model.to(device)
     if checkpoint.get("kind") == "classifier":
         texts, labels = data.read_tsv(data_path)
-        label_ids = encode_labels(labels, checkpoint["labels"], data_path)
+        label_ids = data.encode_labels(labels, checkpoint["labels"], data_path)
         rows = data.classification_inputs(tokenizer, texts, model.config.max_positions, log, path=data_path)
         return classify(model, rows, label_ids, device, pad_id=tokenizer.pad_id)
     encoded = data.encode_documents(tokenizer, data.load_corpus([data_path])[1])
@@ -649,21 +629,19 @@ def to_tensors(batch, device):
 
 
 if __name__ == "__main__":
-    # `python train.py`: both loops end to end on a small toy world, about a minute on a CPU --
-    # pre-training (E4 falls from ln|V|), then fine-tuning on its labels (E3).
+    # `python train.py`: both loops end to end on a small toy world, a minute or two on a CPU --
+    # pre-training (E4 falls from ln|V|), then fine-tuning everything on its labels (E3).
     import tempfile
 
     with tempfile.TemporaryDirectory() as folder:
         world = toyworld.toy_world(seed=0, num_documents=3000)
-        corpus = os.path.join(folder, "unlabeled.txt")
-        data.write_corpus(corpus, world["unlabeled"])
-        for split in ("train", "test"):
-            data.write_tsv(os.path.join(folder, f"{split}.tsv"), world[split])
-        pre = pretrain(os.path.join(folder, "pre"), PretrainOptions(corpus=[corpus], steps=500, vocab_size=1024),
+        files = {name: os.path.join(folder, name) for name in ("unlabeled.txt", "train.tsv", "test.tsv")}
+        data.write_corpus(files["unlabeled.txt"], world["unlabeled"])
+        data.write_tsv(files["train.tsv"], world["train"])
+        data.write_tsv(files["test.tsv"], world["test"])
+        pre = pretrain(os.path.join(folder, "pre"), PretrainOptions(corpus=[files["unlabeled.txt"]], steps=500, vocab_size=1024),
                        progress=False)
         print(f"pre-training: held-out MLM loss {pre['held_out_mlm_loss']:.3f} (ln|V| = {pre['ln_vocab']:.3f})")
-        tuned = finetune(os.path.join(folder, "full"), FinetuneOptions(
-            init=os.path.join(folder, "pre"), train=os.path.join(folder, "train.tsv"),
-            valid=os.path.join(folder, "test.tsv"), freeze="none", epochs=10), progress=False)
-        print(f"fine-tuning everything: test accuracy {tuned['accuracy']:.3f} (chance {1 / len(toyworld.TOPICS):.3f}; "
-              "`python ptft.py` pre-trains 5x longer, where the gains of pre-training show)")
+        tuned = finetune(os.path.join(folder, "full"), FinetuneOptions(init=os.path.join(folder, "pre"), train=files["train.tsv"],
+                                                                       valid=files["test.tsv"], epochs=10), progress=False)
+        print(f"fine-tuning everything: test accuracy {tuned['accuracy']:.3f} (chance {1 / len(toyworld.TOPICS):.3f})")

@@ -57,3 +57,27 @@ def test_every_file_and_function_a_page_points_at_exists(page):
 
 def test_readme_is_a_front_page():
     assert len(open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()) <= 12_000
+
+
+def heading_anchors(path):
+    """GitHub's anchors for a page's headings: lower case, punctuation dropped, spaces to hyphens."""
+    anchors = set()
+    for line in open(path, encoding="utf-8"):
+        if line.startswith("#"):
+            title = line.lstrip("#").strip().lower()
+            anchors.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
+    return anchors
+
+
+def test_every_link_between_the_pages_leads_somewhere():
+    pages = ["README.md"] + [os.path.join("docs", name) for name in os.listdir(os.path.join(ROOT, "docs"))]
+    for page in pages:
+        text = open(os.path.join(ROOT, page), encoding="utf-8").read()
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if target.startswith(("http://", "https://")):
+                continue
+            path, _, anchor = target.partition("#")
+            resolved = os.path.normpath(os.path.join(ROOT, os.path.dirname(page), path)) if path else os.path.join(ROOT, page)
+            assert os.path.exists(resolved), f"{page}: {target}"
+            if anchor and resolved.endswith(".md"):
+                assert anchor in heading_anchors(resolved), f"{page}: {target}"
