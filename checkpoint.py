@@ -142,7 +142,7 @@ def check_parts_fit(checkpoint, path):
 def empty_model(checkpoint, config):
     """The architecture a checkpoint's kind names, freshly initialised."""
     if checkpoint.get("kind") == "classifier":
-        return Classifier(config, len(checkpoint.get("labels") or []))
+        return Classifier(config, len(checkpoint.get("labels") or []), checkpoint.get("pool", "cls"))
     return PreTrainingModel(config)
 
 

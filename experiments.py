@@ -61,7 +61,8 @@ PLANS = {
         task_choice_steps={"toy": 1500, "stdlib": 10000},
         tables={"toy": ["C1", "C2", "C3", "C4", "C5", "C6"], "stdlib": ["C1", "C2", "C3", "C4", "C5", "C6"]},
         labels_per_class=[4, 16, 64, "all"],
-        c1_variants={"toy": ["scratch", "head", "top-2", "full"], "stdlib": ["scratch", "head", "top-2", "full"]},
+        c1_variants={"toy": ["scratch", "head", "head-mean", "top-2", "full"],
+                     "stdlib": ["scratch", "head", "head-mean", "top-2", "full"]},
         k=16,                                    # labels per class in the tables after C1
         finetune_steps=240,                      # about this many steps per run (see epochs_for)
         max_epochs=30,
@@ -84,7 +85,7 @@ PLANS["quick"] = {
     "snapshot_steps": {"toy": [500, 1000, 1500], "stdlib": [1000, 2000]},
     "task_choice_steps": {"toy": None, "stdlib": None},
     "tables": {"toy": ["C1", "C2", "C3", "C4", "C5", "C6"], "stdlib": ["C1", "C6"]},
-    "c1_variants": {"toy": ["scratch", "head", "top-2", "full"], "stdlib": ["scratch", "head", "full"]},
+    "c1_variants": {"toy": ["scratch", "head", "head-mean", "top-2", "full"], "stdlib": ["scratch", "head", "head-mean", "full"]},
     "finetune_steps": 120,
     "max_epochs": 15,
     "epoch_grid": [1, 3, 10, 15],
@@ -111,7 +112,7 @@ PLANS["real-text"] = {
     "snapshot_steps": {"toy": [], "stdlib": [5000, 10000, 20000, 30000]},
     "task_choice_steps": {"toy": None, "stdlib": None},
     "tables": {"toy": [], "stdlib": ["C1", "C4", "C6"]},
-    "c1_variants": {"toy": [], "stdlib": ["scratch", "head", "full"]},
+    "c1_variants": {"toy": [], "stdlib": ["scratch", "head", "head-mean", "full"]},
 }
 
 # Default learning rates of fine-tuning: options.DEFAULT_FINETUNE_LR (head 1e-3, full 3e-4).
@@ -357,7 +358,7 @@ def finetune_run(spec, task, loaded, scratch_source):
                                                 [text for text, _ in task["test"]], len(label_names))
         return {"accuracy": float(np.mean(predictions == np.array(test_labels))), "seconds": time.time() - started}
     recipe = FinetuneOptions(freeze=spec["freeze"], epochs=spec["epochs"], lr=spec["lr"], warmup_fraction=spec["warmup"],
-                             schedule=spec["schedule"], seed=spec["seed"],
+                             schedule=spec["schedule"], seed=spec["seed"], pool=spec.get("pool", "cls"),
                              remedies=Remedies(spec["l2_sp"], spec["aux_mlm"], spec["layer_lr_decay"]))
     # scratch: the same architecture and vocabulary, a random initialisation (C1's baseline)
     pretrained = spec["encoder"] != "scratch"
@@ -398,6 +399,7 @@ def tables_for(corpus, plan, task, encoders, num_layers, num_classes):
         rows = []
         variants = {"scratch": ("from scratch", dict(encoder="scratch")),
                     "head": ("pre-trained, head only", dict(freeze="head", lr=HEAD_LR)),
+                    "head-mean": ("pre-trained, head only, mean pooling", dict(freeze="head", lr=HEAD_LR, pool="mean")),
                     "top-2": ("pre-trained, top-2 + head", dict(freeze="top-2", lr=HEAD_LR)),
                     "full": ("pre-trained, full", {})}
         for k_value in plan["labels_per_class"]:
@@ -417,6 +419,8 @@ def tables_for(corpus, plan, task, encoders, num_layers, num_classes):
             rows.append((f"{frozen} of {num_layers} layers frozen (--freeze {freeze})",
                          finetune_spec(freeze=freeze, lr=HEAD_LR if frozen else FULL_LR)))
         rows.insert(1, (f"embeddings frozen (--freeze top-{num_layers})", finetune_spec(freeze=f"top-{num_layers}", lr=HEAD_LR)))
+        rows.append((f"{num_layers} of {num_layers} layers frozen, mean pooling (--freeze head --pool mean)",
+                     finetune_spec(freeze="head", lr=HEAD_LR, pool="mean")))
         tables.append(("C3", f"freezing depth (k={k})", rows + [("TF-IDF + logistic regression", baseline())]))
     if "C4" in plan["tables"][corpus]:
         rows = [(f"head only, lr {lr:g}", {**head, "lr": lr}) for lr in plan["lr_grid"]]

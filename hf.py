@@ -248,11 +248,19 @@ def read_folder(folder, seed=0):
 # ----------------------------------------------------------------------------------------
 
 
+def check_exportable(checkpoint):
+    """What a Hugging Face BERT folder cannot say is refused before anything is written."""
+    if checkpoint.get("kind") == "classifier" and checkpoint.get("pool", "cls") != "cls":
+        raise InputError(f"a classifier with --pool {checkpoint['pool']} cannot be exported: transformers' "
+                         "BertForSequenceClassification reads the pooler's [CLS] vector")
+
+
 def export(checkpoint, out):
     """A ptft checkpoint -> a Hugging Face folder: config.json, model.safetensors, vocab.txt,
     tokenizer_config.json. A pre-training checkpoint opens as BertForPreTraining, a classifier
     as BertForSequenceClassification. The folder appears whole or not at all: it is written
     under a temporary name and renamed at the end."""
+    check_exportable(checkpoint)
     config = Config(**checkpoint["config"])
     classifier = checkpoint.get("kind") == "classifier"
     architecture = "BertForSequenceClassification" if classifier else "BertForPreTraining"

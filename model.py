@@ -303,22 +303,38 @@ class PreTrainingModel(nn.Module):
 class Classifier(nn.Module):
     """B4 / section 3.2: the pre-trained encoder with its output layer replaced by a classifier.
 
-    The "head" that fine-tuning trains is the pooler (dense + tanh on [CLS]) plus the new
-    linear layer: the pooler maps [CLS] to a sentence vector and BERT's fine-tuning retrains it
-    (after NSP it was shaped for another task). The encoder is embeddings + layers.
+    The sentence vector the new linear layer reads (`pool`):
+      "cls"   BERT's: the pooler (dense + tanh) on [CLS]. The "head" that fine-tuning trains is
+              then the pooler plus the linear layer: after NSP the pooler was shaped for another
+              task, and BERT's fine-tuning retrains it.
+      "mean"  the mean of the last layer over the real tokens (Sentence-BERT's pooling): a frozen
+              encoder's sentence features without the NSP-trained pooler in between.
+    The encoder is embeddings + layers.
     """
 
-    def __init__(self, config, num_labels):
+    def __init__(self, config, num_labels, pool="cls"):
         super().__init__()
-        self.config = config
+        if pool not in POOLINGS:
+            raise ValueError(f"pool must be one of {', '.join(POOLINGS)}, not {pool!r}")
+        self.config, self.pool = config, pool
         self.encoder = Encoder(config)
         self.dropout = Dropout(config.dropout)
         self.classifier = nn.Linear(config.hidden_size, num_labels)
         init_weights(self, config.initializer_range)
+        if pool == "mean":
+            self.encoder.pooler.requires_grad_(False)  # not on the path: it keeps its values, and trains nothing
 
     def forward(self, input_ids, segment_ids=None, attention_mask=None):
-        _, pooled = self.encoder(input_ids, segment_ids, attention_mask)
+        sequence_output, pooled = self.encoder(input_ids, segment_ids, attention_mask)  # (B, T, H), (B, H)
+        if self.pool == "mean":
+            # sum over the real tokens / their number: padding never enters the sentence vector   (B, H)
+            real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+            real = real[:, :, None].to(sequence_output.dtype)
+            pooled = (sequence_output * real).sum(dim=1) / real.sum(dim=1).clamp(min=1)
         return self.classifier(self.dropout(pooled))  # (B, num_labels): f_phi(x) of E3
+
+
+POOLINGS = ("cls", "mean")
 
 
 def count_parameters(module, trainable_only=False):

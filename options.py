@@ -115,6 +115,7 @@ class FinetuneOptions:
     train: str = None              # TSV files, text<TAB>label (finetune only: fit_classifier takes rows)
     valid: str = None
     freeze: str = "none"           # B4 / C3: head, top-K or none
+    pool: str = "cls"              # the classifier's sentence vector: "cls" (BERT's pooler) or "mean" (model.Classifier)
     epochs: int = 20
     lr: float = None               # default: DEFAULT_FINETUNE_LR by --freeze
     batch_size: int = 16
@@ -148,6 +149,8 @@ class FinetuneOptions:
                              "(a pre-trained model keeps its size)")
         if scratch:  # an impossible shape is refused before any work
             model_config(self, max_positions=self.max_length)
+        if self.pool not in ("cls", "mean"):
+            raise InputError(f"--pool: expected cls or mean, got {self.pool!r}")
         if self.schedule not in ("cosine", "constant"):
             raise InputError(f"--schedule: expected cosine or constant, got {self.schedule!r}")
         remedies = self.remedies

@@ -194,6 +194,8 @@ def add_finetune(commands):
     p.add_argument("--valid", help="validation TSV (labels must appear in the training file)")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--freeze", help="head, top-K (e.g. top-2) or none")
+    p.add_argument("--pool", help="the sentence vector the classifier reads: cls (BERT's pooler on [CLS]) or mean "
+                   "(the mean of the last layer over the real tokens)")
     p.add_argument("--epochs", type=int, help="passes over the training set")
     p.add_argument("--lr", type=float, help="peak learning rate (default: 1e-3 for head/top-K, 3e-4 for none)")
     p.add_argument("--batch-size", type=int, help="examples per step")
@@ -377,6 +379,7 @@ def run_fill_mask(args):
 
 def run_export(args):
     checkpoint = load_checkpoint(args.init)
+    hf.check_exportable(checkpoint)  # refused before the folder is made
     prepare_out_folder(args.out, force=args.force)
     hf.export(checkpoint, args.out)
     print(f"wrote {args.out}/ (config.json, model.safetensors, vocab.txt, tokenizer_config.json): "

@@ -281,7 +281,7 @@ def fit_classifier(rows, labels, num_labels, config, options, start=None, pad_id
     o, start = options, start or StartingPoint()
     device = pick_device(o.device)
     seed_everything(o.seed)
-    model = Classifier(config, num_labels)
+    model = Classifier(config, num_labels, o.pool)
     if start.encoder_state is not None:
         model.encoder.load_state_dict(start.encoder_state)  # strict: every encoder weight must be there
     trainable_layers = parse_freeze(o.freeze, config.num_layers)
@@ -477,7 +477,7 @@ def finetune(out, options, force=False, log=print, progress=True):
     metrics.update(classify(model, *scored, device, pad_id=tokenizer.pad_id))
     tokenizer.save(os.path.join(out, "vocab.txt"))
     save_atomic(os.path.join(out, "checkpoint.pt"), make_checkpoint(
-        "classifier", model.state_dict(), config, tokenizer, labels=label_names, step=info["steps"],
+        "classifier", model.state_dict(), config, tokenizer, labels=label_names, pool=o.pool, step=info["steps"],
         run={"init": str(o.init), "freeze": o.freeze, "lr": o.peak_lr(), "epochs": o.epochs, "seed": o.seed}))
     write_json(os.path.join(out, "metrics.json"), metrics)
     return metrics

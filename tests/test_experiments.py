@@ -68,7 +68,7 @@ def test_every_plan_can_run_to_its_end(name):
         choice_steps = plan["task_choice_steps"][corpus]
         assert choice_steps is None or choice_steps == steps or choice_steps in snapshots
         assert plan["tables"][corpus] and set(plan["tables"][corpus]) <= set(CLAIMS)
-        assert set(plan["c1_variants"][corpus]) <= {"scratch", "head", "top-2", "full"}
+        assert set(plan["c1_variants"][corpus]) <= {"scratch", "head", "head-mean", "top-2", "full"}
 
 
 def test_labels_per_class_picture_is_drawn_when_matplotlib_is_installed(tiny_run):
@@ -209,3 +209,12 @@ def test_every_plan_has_a_reference_encoder_for_its_task_choices():
             steps = plan["task_choice_steps"][corpus]
             if steps and "C6" in plan["tables"][corpus]:
                 assert steps == plan["pretrain_steps"][corpus] or steps in plan["snapshot_steps"][corpus], (name, corpus)
+
+
+def test_c1_and_c3_compare_the_two_sentence_vectors(tiny_run):
+    _, results = tiny_run
+    for claim in ("C1", "C3"):
+        settings = [row["setting"] for table in results["tables"] if table["claim"] == claim and table["corpus"] == "toy"
+                    for row in table["rows"]]
+        assert any("mean pooling" in setting for setting in settings), claim
+        assert any("head only" in setting or "--freeze head)" in setting for setting in settings), claim

@@ -198,3 +198,23 @@ def test_training_with_attention_dropout_runs_on_every_device(device):
     assert losses[0].item() != losses[1].item()  # dropout: two draws, two losses
     losses[0].backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_mean_pooling_is_the_masked_mean_of_the_last_layer_and_padding_never_changes_it():
+    config = small_config(dropout=0.0, attention_dropout=0.0)
+    torch.manual_seed(0)
+    model = Classifier(config, num_labels=4, pool="mean").double().eval()
+    assert not any(p.requires_grad for p in model.encoder.pooler.parameters())  # not on the path
+    for seed in range(10):
+        input_ids, segment_ids, attention_mask, _, _ = random_batch(config, seed=seed)
+        with torch.no_grad():
+            sequence_output, _ = model.encoder(input_ids, segment_ids, attention_mask)
+            by_hand = torch.stack([sequence_output[i, attention_mask[i]].mean(0) for i in range(len(input_ids))])
+            assert torch.allclose(model(input_ids, segment_ids, attention_mask), model.classifier(by_hand), atol=1e-10)
+            # more padding, of any token, changes nothing
+            extra = torch.randint(0, config.vocab_size, (len(input_ids), 5))
+            padded = model(torch.cat([input_ids, extra], 1), torch.cat([segment_ids, torch.ones_like(extra)], 1),
+                           torch.cat([attention_mask, torch.zeros_like(extra, dtype=torch.bool)], 1))
+            assert torch.allclose(padded, model(input_ids, segment_ids, attention_mask), atol=1e-10)
+    with pytest.raises(ValueError, match="pool"):
+        Classifier(config, num_labels=2, pool="max")

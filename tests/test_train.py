@@ -505,3 +505,20 @@ def test_autocast_on_this_device_computes_in_16_bits_and_e4_in_float32(device):
         loss = model.mlm_loss(scores, targets)
     assert scores.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
     assert loss.dtype == torch.float32
+
+
+def test_a_mean_pooled_classifier_trains_evaluates_and_is_refused_by_export(small_world, tmp_path, cli):
+    out = tmp_path / "mean"
+    code, stdout, stderr = cli("finetune", "--init", small_world["pre"], "--train", small_world["train"], "--valid",
+                               small_world["valid"], "--out", out, "--pool", "mean", "--freeze", "head", "--epochs", "2",
+                               "--device", "cpu")
+    assert code == 0, stderr
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert saved["pool"] == "mean"
+    code, stdout, stderr = cli("evaluate", "--init", out, "--data", small_world["valid"], "--device", "cpu")
+    assert code == 0 and json.loads(stdout.strip().splitlines()[-1])["accuracy"] == pytest.approx(
+        json.loads((out / "metrics.json").read_text())["accuracy"])
+    assert_clear_error(cli("export", "--init", out, "--out", tmp_path / "hf"), "--pool mean", "BertForSequenceClassification")
+    assert not (tmp_path / "hf").exists()  # refused before anything was written
+    assert_clear_error(cli("finetune", "--init", "scratch", "--train", small_world["train"], "--out", tmp_path / "x",
+                           "--pool", "max"), "--pool: expected cls or mean, got 'max'")
