@@ -333,8 +333,52 @@ class Classifier(nn.Module):
             pooled = (sequence_output * real).sum(dim=1) / real.sum(dim=1).clamp(min=1)
         return self.classifier(self.dropout(pooled))  # (B, num_labels): f_phi(x) of E3
 
+    def add_low_rank_updates(self, rank):
+        """C7 (LoRA's choice): a LowRankUpdate on every layer's query and value projection."""
+        for layer in self.encoder.layers:
+            layer.attention.query = LowRankUpdate(layer.attention.query, rank)
+            layer.attention.value = LowRankUpdate(layer.attention.value, rank)
+
+    def merge_low_rank_updates(self):
+        """Every LowRankUpdate replaced by its merged nn.Linear: the state dict's names are BERT's again."""
+        for layer in self.encoder.layers:
+            for name in ("query", "value"):
+                if isinstance(getattr(layer.attention, name), LowRankUpdate):
+                    setattr(layer.attention, name, getattr(layer.attention, name).merged())
+
 
 POOLINGS = ("cls", "mean")
+
+
+# ----------------------------------------------------------------------------------------
+# C7, per-task storage: low-rank updates of a frozen encoder (LoRA, Hu et al. 2021)
+# ----------------------------------------------------------------------------------------
+
+
+class LowRankUpdate(nn.Module):
+    """A frozen linear layer plus a trainable low-rank update:
+
+        y = W x + b + B (A x)        W: (out, in) frozen; A: (r, in), B: (out, r) trained
+
+    B starts at zero, so at the start the layer computes exactly what the frozen one did; a task
+    then stores r * (in + out) numbers per layer instead of out * in. merged() folds the update
+    back: W' = W + B A, one plain nn.Linear, so the fine-tuned model is an ordinary checkpoint."""
+
+    def __init__(self, linear, rank):
+        super().__init__()
+        self.linear = linear.requires_grad_(False)
+        self.A = nn.Parameter(torch.randn(rank, linear.in_features) / math.sqrt(linear.in_features))
+        self.B = nn.Parameter(torch.zeros(linear.out_features, rank))
+
+    def forward(self, x):
+        return self.linear(x) + (x @ self.A.t()) @ self.B.t()
+
+    def merged(self):
+        merged = nn.Linear(self.linear.in_features, self.linear.out_features)
+        with torch.no_grad():
+            merged.weight.copy_(self.linear.weight + self.B @ self.A)
+            merged.bias.copy_(self.linear.bias)
+        return merged.to(self.linear.weight.device)
 
 
 def count_parameters(module, trainable_only=False):

@@ -122,6 +122,7 @@ class FinetuneOptions:
     schedule: str = "cosine"       # C4: after warmup, cosine (to 0) or constant
     warmup_fraction: float = 0.1
     remedies: Remedies = field(default_factory=Remedies)
+    lora: int = 0                  # C7: rank of low-rank updates of the frozen encoder (0: none; model.LowRankUpdate)
     unlabeled: list = None         # text for --aux-mlm and forgetting (default: init's pre-training corpus)
     mlm_max_length: int = 64       # tokens per sequence of that text
     config: str = "tiny"           # with --init scratch: size preset, size fields, position table, vocabulary
@@ -149,6 +150,11 @@ class FinetuneOptions:
                              "(a pre-trained model keeps its size)")
         if scratch:  # an impossible shape is refused before any work
             model_config(self, max_positions=self.max_length)
+        if self.lora < 0:
+            raise InputError(f"--lora: the rank must be a positive whole number, got {self.lora}")
+        if self.lora and (scratch or self.freeze != "none"):
+            raise InputError("--lora: low-rank updates of a pre-trained encoder, which they freeze themselves; "
+                             "not with --init scratch or --freeze")
         if self.pool not in ("cls", "mean"):
             raise InputError(f"--pool: expected cls or mean, got {self.pool!r}")
         if self.schedule not in ("cosine", "constant"):

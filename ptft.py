@@ -194,6 +194,8 @@ def add_finetune(commands):
     p.add_argument("--valid", help="validation TSV (labels must appear in the training file)")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--freeze", help="head, top-K (e.g. top-2) or none")
+    p.add_argument("--lora", type=int, metavar="R", help="C7: freeze the encoder and train rank-R updates of its query "
+                   "and value projections (merged into the weights at the end) with the head; 0: off")
     p.add_argument("--pool", help="the sentence vector the classifier reads: cls (BERT's pooler on [CLS]) or mean "
                    "(the mean of the last layer over the real tokens)")
     p.add_argument("--epochs", type=int, help="passes over the training set")

@@ -288,6 +288,10 @@ def fit_classifier(rows, labels, num_labels, config, options, start=None, pad_id
     if o.remedies.aux_mlm and (trainable_layers == 0 or start.pretrained_state is None):
         raise InputError("--aux-mlm: needs a trainable encoder (not --freeze head) and an init with an MLM head")
     frozen = freeze_below(model, trainable_layers)
+    if o.lora:  # C7: the encoder's own weights stay theta_0; low-rank updates of query and value train, and the head
+        model.encoder.embeddings.requires_grad_(False)
+        model.encoder.layers.requires_grad_(False)
+        model.add_low_rank_updates(o.lora)
     model.to(device)
     mlm_model = mlm_model_sharing_encoder(model, start.pretrained_state, device) if start.pretrained_state else None
     mlm_loss_before = mlm_evaluation(mlm_model, start.held_out, device)["mlm_loss"] if mlm_model and start.held_out else None
@@ -336,8 +340,11 @@ def fit_classifier(rows, labels, num_labels, config, options, start=None, pad_id
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
-    info = {"steps": step, "seconds": time.time() - started, "train_loss": loss.item(),
-            "trainable_parameters": count_parameters(model, trainable_only=True), "total_parameters": count_parameters(model)}
+    trainable = count_parameters(model, trainable_only=True)
+    # C7: what a task adds to the shared pre-trained encoder, in float32 bytes (all of it when everything trains)
+    info = {"steps": step, "seconds": time.time() - started, "train_loss": loss.item(), "trainable_parameters": trainable,
+            "total_parameters": count_parameters(model), "task_bytes": 4 * trainable}
+    model.merge_low_rank_updates()  # an ordinary classifier again: W' = W + B A
     if mlm_loss_before is not None:
         # C5: forgetting = how much worse the fine-tuned encoder does the pre-training task
         mlm_loss_after = mlm_evaluation(mlm_model, start.held_out, device)["mlm_loss"]
@@ -471,7 +478,7 @@ def finetune(out, options, force=False, log=print, progress=True):
     model, info = fit_classifier(train_rows, train_ids, len(label_names), config, o, start=start, pad_id=tokenizer.pad_id,
                                  progress=progress)
     metrics = {**info, "init": o.init, "freeze": o.freeze, "lr": o.peak_lr(), "epochs": o.epochs, "labels": label_names,
-               "schedule": o.schedule, "warmup_fraction": o.warmup_fraction, **vars(o.remedies),
+               "schedule": o.schedule, "warmup_fraction": o.warmup_fraction, **vars(o.remedies), "lora": o.lora,
                "scored_on": o.valid or f"{o.train} (training set: no --valid given)"}
     scored = (valid_rows, valid_ids) if o.valid else (train_rows, train_ids)
     metrics.update(classify(model, *scored, device, pad_id=tokenizer.pad_id))

@@ -218,3 +218,24 @@ def test_mean_pooling_is_the_masked_mean_of_the_last_layer_and_padding_never_cha
             assert torch.allclose(padded, model(input_ids, segment_ids, attention_mask), atol=1e-10)
     with pytest.raises(ValueError, match="pool"):
         Classifier(config, num_labels=2, pool="max")
+
+
+def test_a_low_rank_update_starts_as_the_frozen_layer_and_merges_into_it_exactly():
+    config = small_config(dropout=0.0, attention_dropout=0.0)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model = Classifier(config, num_labels=3).eval()
+        batch = random_batch(config, seed=seed)[:3]
+        with torch.no_grad():
+            before = model.encoder(*batch)[0]
+            model.add_low_rank_updates(rank=4)
+            assert torch.equal(model.encoder(*batch)[0], before)  # B = 0: nothing changes
+            for layer in model.encoder.layers:  # as after training: B A != 0
+                layer.attention.query.B.normal_(0, 0.1)
+                layer.attention.value.B.normal_(0, 0.1)
+            updated = model.encoder(*batch)[0], model(*batch)
+            model.merge_low_rank_updates()
+            merged = model.encoder(*batch)[0], model(*batch)
+        assert not torch.allclose(updated[0], before, atol=1e-2)
+        assert torch.allclose(merged[0], updated[0], atol=1e-5) and torch.allclose(merged[1], updated[1], atol=1e-6)
+        assert set(model.state_dict()) == set(Classifier(config, num_labels=3).state_dict())  # BERT's names again

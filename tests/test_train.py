@@ -166,6 +166,11 @@ def test_cli_bad_inputs_get_one_line_naming_the_file(small_world, tmp_path, cli)
         (["pretrain", "--out", out, "--lr", "nan"], ["--lr must be a number > 0 (and below 1e38), got nan"]),
         (["demo", "--out", out, "--pretrain-steps", "0"], ["--pretrain-steps"]),
         (["bench", "--steps", "0"], ["--steps must be at least 1, got 0"]),
+        (["finetune", "--init", small_world["pre"], "--train", small_world["train"], "--out", out, "--lora", "-1"],
+         ["--lora: the rank must be a positive whole number, got -1"]),
+        (["finetune", "--init", "scratch", "--train", small_world["train"], "--out", out, "--lora", "2"], ["--lora"]),
+        (["finetune", "--init", small_world["pre"], "--train", small_world["train"], "--out", out, "--lora", "2",
+          "--freeze", "head"], ["not with --init scratch or --freeze"]),
         (["pretrain", "--out", out, "--hidden-size", "100", "--num-heads", "3"],
          ["--config tiny: --hidden-size 100 is not divisible by --num-heads 3"]),
     ]
@@ -522,3 +527,18 @@ def test_a_mean_pooled_classifier_trains_evaluates_and_is_refused_by_export(smal
     assert not (tmp_path / "hf").exists()  # refused before anything was written
     assert_clear_error(cli("finetune", "--init", "scratch", "--train", small_world["train"], "--out", tmp_path / "x",
                            "--pool", "max"), "--pool: expected cls or mean, got 'max'")
+
+
+def test_lora_trains_only_the_low_rank_updates_and_the_head_and_saves_an_ordinary_classifier(small_world, tmp_path):
+    rank, out = 4, tmp_path / "lora"
+    metrics = finetune(out, small_world["pre"], small_world["train"], small_world["valid"], lora=rank, epochs=2, lr=1e-2)
+    before = torch.load(os.path.join(small_world["pre"], "checkpoint.pt"), weights_only=True)["model"]
+    after = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+    for name, value in after.items():
+        if name.startswith("encoder.") and not name.startswith("encoder.pooler"):
+            updated = name.endswith(("attention.query.weight", "attention.value.weight"))  # W + B A
+            assert torch.equal(value, before[name]) != updated, name
+    hidden, layers = 128, 2
+    head = hidden * hidden + hidden + hidden * 8 + 8  # pooler + classifier (8 topics)
+    low_rank = layers * 2 * rank * (hidden + hidden)  # A and B of query and value in every layer
+    assert metrics["trainable_parameters"] == head + low_rank and metrics["task_bytes"] == 4 * (head + low_rank)
