@@ -192,13 +192,10 @@ class PretrainingRun:
             torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])  # dropout masks drawn on the GPU
 
     def save(self, path, step, rng):
-        o = self.options
         save_atomic(path, make_checkpoint(
             "pretraining", self.model.state_dict(), self.model.config, self.tokenizer, step=step,
             optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(), history=self.history, rng=rng,
-            run=dict(corpus=self.corpus_name, config=o.config, init=o.init, nsp=o.nsp, max_length=o.max_length,
-                     batch_size=o.batch_size, vocab_size=o.model_config().vocab_size, lr=o.lr, steps=o.steps,
-                     seed=o.seed, mask_probability=o.mask_probability)))
+            run=run_settings(self.options, self.corpus_name)))
 
 
 def finished_run(out, steps):
@@ -211,12 +208,22 @@ def finished_run(out, steps):
     return {**metrics, "already_finished": True} if metrics.get("step", 0) >= steps else None
 
 
+def run_settings(o, corpus_name):
+    """The settings a pre-training checkpoint records as its `run` (a resume compares some)."""
+    return dict(corpus=corpus_name, config=o.config, init=o.init, nsp=o.nsp, max_length=o.max_length,
+                batch_size=o.batch_size, vocab_size=o.model_config().vocab_size, lr=o.lr, steps=o.steps, seed=o.seed,
+                mask_probability=o.mask_probability)
+
+
+# what a --resume must keep: the data, the task and the batch (the rate and the step count may change)
+RESUME_MUST_MATCH = ("corpus", "config", "init", "nsp", "max_length", "batch_size", "vocab_size")
+
+
 def check_resume_settings(checkpoint, o, corpus_name, path):
     """A --resume must agree with the checkpoint on the data, the task and the model; the
     refusal names each difference. With --init the sizes are the init's (compared through init)."""
-    requested = o.model_config()
-    expected = dict(corpus=corpus_name, config=o.config, init=o.init, nsp=o.nsp, max_length=o.max_length,
-                    batch_size=o.batch_size, vocab_size=requested.vocab_size)
+    requested, settings = o.model_config(), run_settings(o, corpus_name)
+    expected = {key: settings[key] for key in RESUME_MUST_MATCH}
     found = {key: checkpoint.get("run", {}).get(key) for key in expected}
     fields = ["dropout", "attention"] + ([] if o.init else list(SIZE_FIELDS))
     expected.update({f: getattr(requested, f) for f in fields})
