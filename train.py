@@ -293,7 +293,9 @@ def fit_classifier(rows, labels, num_labels, config, options, start=None, pad_id
         model.encoder.layers.requires_grad_(False)
         model.add_low_rank_updates(o.lora)
     model.to(device)
-    mlm_model = mlm_model_sharing_encoder(model, start.pretrained_state, device) if start.pretrained_state else None
+    # the pre-trained MLM head is needed only to measure forgetting (held_out) or for --aux-mlm
+    needs_mlm = start.pretrained_state is not None and (start.held_out or o.remedies.aux_mlm)
+    mlm_model = mlm_model_sharing_encoder(model, start.pretrained_state, device) if needs_mlm else None
     mlm_loss_before = mlm_evaluation(mlm_model, start.held_out, device)["mlm_loss"] if mlm_model and start.held_out else None
     remedies, lr = o.remedies, o.peak_lr()
     theta_0 = {name: p.detach().clone() for name, p in model.encoder.named_parameters()
