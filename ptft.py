@@ -296,9 +296,9 @@ HELP_FORMAT = argparse.ArgumentDefaultsHelpFormatter
 
 def option_defaults(options_class):
     """Every field's default of an options dataclass, nested ones flattened (remedies.l2_sp -> l2_sp)."""
-    defaults = {}
+    defaults, instance = {}, options_class()
     for field in dataclasses.fields(options_class):
-        value = getattr(options_class(), field.name)
+        value = getattr(instance, field.name)
         defaults.update(option_defaults(field.type) if dataclasses.is_dataclass(field.type) else {field.name: value})
     return defaults
 
