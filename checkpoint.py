@@ -107,7 +107,7 @@ def load_checkpoint(path, log=print):
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise InputError(f"{path}: not a ptft checkpoint ({reason[:120]})") from None
     check_parts_fit(checkpoint, path)
-    return checkpoint
+    return with_float_weights(checkpoint, path) if "int8_scales" in checkpoint else checkpoint
 
 
 def check_parts_fit(checkpoint, path):
@@ -137,6 +137,45 @@ def check_parts_fit(checkpoint, path):
     if missing:
         raise InputError(f"{path}: weight {missing[0]} is missing"
                          f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}")
+
+
+# ----------------------------------------------------------------------------------------
+# C7: int8 weight matrices on disk (compress.quantize writes them; every load reads them back)
+# ----------------------------------------------------------------------------------------
+
+
+def to_int8_rows(weight):
+    """Symmetric int8, one scale per row (per output unit of a linear layer, per token of an
+    embedding table):
+
+        s_r = max_j |W_rj| / 127,    q_rj = round(W_rj / s_r)  in [-127, 127],    W_rj ~ s_r * q_rj
+
+    so every weight is off by at most s_r / 2. One byte per weight instead of four, plus one
+    float per row. A row's own scale keeps one large row from flattening all the others."""
+    scale = weight.abs().amax(dim=1).float() / 127
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row: any scale gives q = 0
+    return torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+def from_int8_rows(quantized, scale):
+    """W ~ s_r * q_r: the float32 weights back (each within s_r / 2 of the original)."""
+    return quantized.float() * scale[:, None]
+
+
+def with_float_weights(checkpoint, path):
+    """A checkpoint with int8 matrices (checkpoint['int8_scales']: weight name -> its row scales)
+    -> the same checkpoint with float32 matrices: every command then reads it like any other."""
+    scales, weights = checkpoint["int8_scales"], dict(checkpoint["model"])
+    for name, scale in scales.items():
+        quantized = weights.get(name)
+        if not (isinstance(quantized, torch.Tensor) and quantized.dtype == torch.int8 and quantized.ndim == 2
+                and isinstance(scale, torch.Tensor) and scale.shape == (quantized.shape[0],)):
+            raise InputError(f"{path}: int8 weight {name} and its scales do not fit (expected an int8 matrix and one scale per row)")
+        weights[name] = from_int8_rows(quantized, scale)
+    unscaled = [name for name, value in weights.items() if not value.is_floating_point()]
+    if unscaled:
+        raise InputError(f"{path}: weight {unscaled[0]} is {weights[unscaled[0]].dtype} and has no int8 scales")
+    return {**{k: v for k, v in checkpoint.items() if k != "int8_scales"}, "model": weights, "stored_as": "int8"}
 
 
 def empty_model(checkpoint, config):

@@ -4,6 +4,7 @@
     FinetuneOptions    what `ptft.py finetune` can choose, with C5's Remedies grouped
     DemoOptions        what the main job (`ptft.py demo`) can choose
     BenchOptions       what `ptft.py bench` can choose
+    DistillOptions, PruneOptions   what C7's `ptft.py distill` and `ptft.py prune` can choose
     pick_device, pick_precision   what "auto" means on this machine
     autocast, deterministic_algorithms, attention_backends   what precision and --deterministic do
 
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from data import MaskingRule
-from model import make_config
+from model import PRESETS, make_config
 from tokenizer import InputError
 
 SIZE_FIELDS = ("hidden_size", "num_layers", "num_heads", "intermediate_size")  # override the --config preset
@@ -122,7 +123,7 @@ class FinetuneOptions:
     schedule: str = "cosine"       # C4: after warmup, cosine (to 0) or constant
     warmup_fraction: float = 0.1
     remedies: Remedies = field(default_factory=Remedies)
-    lora: int = 0                  # C7: rank of low-rank updates of the frozen encoder (0: none; model.LowRankUpdate)
+    lora: int = None               # C7: rank of low-rank updates of the frozen encoder (None: none; model.LowRankUpdate)
     unlabeled: list = None         # text for --aux-mlm and forgetting (default: init's pre-training corpus)
     mlm_max_length: int = 64       # tokens per sequence of that text
     config: str = "tiny"           # with --init scratch: size preset, size fields, position table, vocabulary
@@ -150,8 +151,9 @@ class FinetuneOptions:
                              "(a pre-trained model keeps its size)")
         if scratch:  # an impossible shape is refused before any work
             model_config(self, max_positions=self.max_length)
-        if self.lora < 0:
-            raise InputError(f"--lora: the rank must be a positive whole number, got {self.lora}")
+        if self.lora is not None and self.lora < 1:
+            raise InputError(f"--lora: the rank must be a positive whole number, got {self.lora} "
+                             "(leave --lora out for no low-rank updates)")
         if self.lora and (scratch or self.freeze != "none"):
             raise InputError("--lora: low-rank updates of a pre-trained encoder, which they freeze themselves; "
                              "not with --init scratch or --freeze")
@@ -167,6 +169,80 @@ class FinetuneOptions:
             raise InputError("--aux-mlm with --freeze head: the encoder is frozen, an MLM loss on it would change nothing")
         if (remedies.l2_sp or remedies.aux_mlm) and scratch:
             raise InputError("--l2-sp and --aux-mlm pull toward a pre-trained model; --init scratch has none")
+
+
+@dataclass
+class DistillOptions:
+    """C7, `ptft.py distill`: a smaller student trained on a fine-tuned teacher's soft predictions."""
+    teacher: str = None            # a classifier run folder
+    train: str = None              # labeled TSV: text<TAB>label (the teacher's labels)
+    valid: str = None
+    unlabeled: list = None         # text files or ["stdlib"]: their sentences join the transfer set, without labels
+    max_unlabeled: int = 20000     # at most this many of those sentences (a random choice)
+    student_config: str = None     # a preset; None: the teacher's sizes with half its layers (DistilBERT's choice)
+    hidden_size: int = None        # the four size fields refine the student's config
+    num_layers: int = None
+    num_heads: int = None
+    intermediate_size: int = None
+    student_init: str = "every-other"  # every-other (the teacher's layers 0, 2, 4, ...), scratch, or a run folder
+    temperature: float = 2.0       # T in train.distillation_loss
+    alpha: float = 0.5             # weight of the labels' cross-entropy; 1 - alpha: the teacher's soft targets
+    epochs: int = 5
+    lr: float = 5e-4
+    batch_size: int = 32
+    seed: int = 0
+    deterministic: bool = False
+    device: str = "auto"
+
+    def check(self):
+        check_at_least(("--epochs", self.epochs, 1), ("--batch-size", self.batch_size, 1),
+                       ("--max-unlabeled", self.max_unlabeled, 0))
+        check_learning_rate(self.lr)
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise InputError(f"--temperature must be a number > 0, got {self.temperature}")
+        if not 0 <= self.alpha <= 1:
+            raise InputError(f"--alpha must be between 0 and 1 (the labels' share of the loss), got {self.alpha}")
+        if self.student_config is not None and self.student_config not in PRESETS:
+            raise InputError(f"--student-config: expected one of {', '.join(PRESETS)}, got {self.student_config!r}")
+
+    def finetune_options(self, pool):
+        """The loop's settings (train.fit_classifier): everything trains, warmup then cosine."""
+        return FinetuneOptions(freeze="none", pool=pool, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
+                               seed=self.seed, deterministic=self.deterministic, device=self.device)
+
+
+PRUNE_UNITS = ("weights", "ffn-units")
+
+
+@dataclass
+class PruneOptions:
+    """C7, `ptft.py prune`: remove the least important part of a fine-tuned classifier, then recover."""
+    init: str = None               # a classifier run folder
+    sparsity: float = 0.5          # the fraction removed, in [0, 1)
+    unit: str = "weights"          # weights (the smallest |w| of each matrix, zeroed) or ffn-units (whole feed-forward units)
+    train: str = None              # labeled TSV for the recovery fine-tuning
+    valid: str = None
+    epochs: int = 3                # recovery fine-tuning epochs (0: none)
+    lr: float = 1e-4
+    batch_size: int = 16
+    seed: int = 0
+    deterministic: bool = False
+    device: str = "auto"
+
+    def check(self):
+        if not 0 <= self.sparsity < 1:
+            raise InputError(f"--sparsity must be in [0, 1) (the fraction removed), got {self.sparsity}")
+        if self.unit not in PRUNE_UNITS:
+            raise InputError(f"--unit: expected {' or '.join(PRUNE_UNITS)}, got {self.unit!r}")
+        check_at_least(("--epochs", self.epochs, 0), ("--batch-size", self.batch_size, 1))
+        check_learning_rate(self.lr)
+        if self.epochs and not self.train:
+            raise InputError("--train: the recovery fine-tuning needs a labeled TSV (or pass --epochs 0 for none)")
+
+    def finetune_options(self, pool):
+        return FinetuneOptions(freeze="none", pool=pool, epochs=max(1, self.epochs), lr=self.lr,
+                               batch_size=self.batch_size, seed=self.seed, deterministic=self.deterministic,
+                               device=self.device)
 
 
 @dataclass

@@ -7,8 +7,11 @@
     python ptft.py evaluate ...    accuracy / macro-F1 / loss on a TSV, or MLM loss on text
     python ptft.py fill-mask ...   the MLM head's top candidates for each [MASK] in a text
     python ptft.py export ...      a run as a Hugging Face BERT folder (from_pretrained opens it)
+    python ptft.py distill ...     C7: a smaller student trained on a classifier's soft predictions
+    python ptft.py quantize ...    C7: a run's weight matrices as int8 (about 4x smaller on disk)
+    python ptft.py prune ...       C7: remove the smallest weights or feed-forward units, then recover
     python ptft.py bench ...       MLM training/inference tokens/s and MFU (vs transformers)
-    python ptft.py experiments     every claim C1-C6 as a table with error bars (experiments.py)
+    python ptft.py experiments     every claim C1-C7 as a table with error bars (experiments.py)
 
 Wherever a command takes --init, a Hugging Face BERT folder (config.json, model.safetensors or
 pytorch_model.bin, vocab.txt) works as well as a ptft run folder.
@@ -26,13 +29,14 @@ import time
 import numpy as np
 
 import bench
+import compress
 import data
 import experiments
 import hf
 import toyworld
 import train
 from checkpoint import load_checkpoint, prepare_out_folder, write_json
-from options import BenchOptions, DemoOptions, FinetuneOptions, PretrainOptions
+from options import PRUNE_UNITS, BenchOptions, DemoOptions, DistillOptions, FinetuneOptions, PretrainOptions, PruneOptions
 from tokenizer import MASK, InputError
 
 # ----------------------------------------------------------------------------------------
@@ -123,8 +127,8 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog="ptft.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add_command in (add_demo, add_pretrain, add_finetune, add_experiments, add_evaluate, add_fill_mask, add_export,
-                        add_bench):
+    for add_command in (add_demo, add_pretrain, add_finetune, add_distill, add_quantize, add_prune, add_experiments,
+                        add_evaluate, add_fill_mask, add_export, add_bench):
         add_command(commands)
     return parser
 
@@ -217,6 +221,65 @@ def add_finetune(commands):
     add_size_flags(p)
     add_run_flags(p, resume=False)
     p.set_defaults(**option_defaults(FinetuneOptions))
+
+
+def add_distill(commands):
+    p = commands.add_parser("distill", formatter_class=HELP_FORMAT, help="C7: distil a classifier into a smaller student",
+                            description="Knowledge distillation: train a smaller student classifier on the teacher's "
+                            "softened predictions and the labels, L = alpha * CE(z_s, y) + (1 - alpha) * T^2 * "
+                            "KL(softmax(z_t / T) || softmax(z_s / T)). The transfer set is the labeled TSV plus, with "
+                            "--unlabeled, sentences without labels (the teacher labels them softly). Writes a classifier "
+                            "run folder: OUT/checkpoint.pt, OUT/vocab.txt, OUT/metrics.json (student and teacher scores).")
+    p.add_argument("--teacher", required=True, help="a fine-tuned classifier run folder")
+    p.add_argument("--train", required=True, help="labeled TSV: text<TAB>label (the teacher's labels)")
+    p.add_argument("--valid", help="validation TSV: the student and the teacher are scored on it")
+    p.add_argument("--unlabeled", nargs="+", metavar="FILE", help="text file(s), or 'stdlib', for the transfer set")
+    p.add_argument("--max-unlabeled", type=int, help="at most this many sentences of --unlabeled (a random choice)")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--student-config", help="a size preset (tiny, small, base); default: the teacher's sizes, half its layers")
+    p.add_argument("--student-init", help="every-other (the teacher's embeddings, head and layers 0, 2, 4, ...), scratch, "
+                   "or a smaller pre-trained run folder / BERT folder")
+    p.add_argument("--temperature", type=float, help="T: above 1 softens the teacher's distribution")
+    p.add_argument("--alpha", type=float, help="the labels' share of the loss; 1 - alpha goes to the teacher's soft targets")
+    p.add_argument("--epochs", type=int, help="passes over the transfer set")
+    p.add_argument("--lr", type=float, help="peak learning rate (warmup, then cosine)")
+    p.add_argument("--batch-size", type=int, help="sentences per step")
+    add_deterministic_flag(p)
+    add_size_flags(p)
+    add_run_flags(p, resume=False)
+    p.set_defaults(**option_defaults(DistillOptions))
+
+
+def add_quantize(commands):
+    p = commands.add_parser("quantize", formatter_class=HELP_FORMAT, help="C7: store a run's weight matrices as int8",
+                            description="Write a copy of a run (classifier or pre-training) whose weight matrices are "
+                            "int8 with one float32 scale per row: s_r = max|W_r| / 127, q_r = round(W_r / s_r). About 4x "
+                            "smaller on disk; every command reads it (turning the matrices back into float32). Writes "
+                            "OUT/checkpoint.pt, OUT/vocab.txt and OUT/metrics.json (sizes, largest weight error).")
+    p.add_argument("--init", required=True, help="a run folder or a Hugging Face BERT folder")
+    p.add_argument("--out", required=True, help="the folder to write")
+    p.add_argument("--force", action="store_true", help="replace an existing --out folder")
+
+
+def add_prune(commands):
+    p = commands.add_parser("prune", formatter_class=HELP_FORMAT, help="C7: prune a classifier, then recover",
+                            description="Remove the least important part of a fine-tuned classifier -- --unit weights: "
+                            "the smallest |w| of every weight matrix of the encoder's layers set to 0 (exactly --sparsity "
+                            "of each); --unit ffn-units: that fraction of every layer's feed-forward units removed (a "
+                            "smaller dense model) -- then fine-tune --epochs on --train to recover, pruned weights held "
+                            "at 0. Writes a classifier run folder.")
+    p.add_argument("--init", required=True, help="a fine-tuned classifier run folder")
+    p.add_argument("--sparsity", type=float, help="the fraction removed, in [0, 1)")
+    p.add_argument("--unit", help=f"what is removed: {' or '.join(PRUNE_UNITS)}")
+    p.add_argument("--train", help="labeled TSV for the recovery fine-tuning")
+    p.add_argument("--valid", help="validation TSV: scored before pruning, after, and after recovery")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--epochs", type=int, help="recovery fine-tuning epochs (0: none)")
+    p.add_argument("--lr", type=float, help="peak learning rate of the recovery")
+    p.add_argument("--batch-size", type=int, help="examples per step")
+    add_deterministic_flag(p)
+    add_run_flags(p, resume=False)
+    p.set_defaults(**option_defaults(PruneOptions))
 
 
 def add_experiments(commands):
@@ -362,6 +425,27 @@ def run_finetune(args):
     print(f"done: {json.dumps(summary)}; {args.out}/checkpoint.pt")
 
 
+def run_distill(args):
+    metrics = compress.distill(args.out, options_from(DistillOptions, args), args.force)
+    print(f"done: student accuracy {metrics['accuracy']:.3f} ({metrics['total_parameters']:,} parameters), teacher "
+          f"{metrics['teacher_metrics']['accuracy']:.3f} ({metrics['teacher_parameters']:,}) on {metrics['scored_on']}; "
+          f"{args.out}/checkpoint.pt")
+
+
+def run_quantize(args):
+    metrics = compress.quantize(args.out, args.init, args.force)
+    print(f"done: {metrics['int8_matrices']} matrices as int8, {metrics['bytes_float32']:,} -> {metrics['bytes_int8']:,} bytes "
+          f"(largest weight error {metrics['max_weight_error']:.2e}); {args.out}/checkpoint.pt")
+
+
+def run_prune(args):
+    metrics = compress.prune(args.out, options_from(PruneOptions, args), args.force)
+    scores = [f"{name} {metrics[key]['accuracy']:.3f}" for name, key in (("before", "before_pruning"), ("pruned", "after_pruning"))
+              if metrics.get(key)] + ([f"recovered {metrics['accuracy']:.3f}"] if "accuracy" in metrics else [])
+    print(f"done: {metrics['zero_fraction']:.1%} of the layers' weights are 0, {metrics['parameters']:,} parameters"
+          f"{'; accuracy ' + ', '.join(scores) if scores else ''}; {args.out}/checkpoint.pt")
+
+
 def run_evaluate(args):
     metrics = train.evaluate(args.init, args.data, args.device)
     if args.out:
@@ -392,6 +476,9 @@ COMMANDS = {
     "demo": lambda args: demo(args.out, options_from(DemoOptions, args), resume=args.resume, force=args.force),
     "pretrain": run_pretrain,
     "finetune": run_finetune,
+    "distill": run_distill,
+    "quantize": run_quantize,
+    "prune": run_prune,
     "evaluate": run_evaluate,
     "fill-mask": run_fill_mask,
     "export": run_export,

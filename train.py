@@ -284,6 +284,8 @@ def fit_classifier(rows, labels, num_labels, config, options, start=None, pad_id
     model = Classifier(config, num_labels, o.pool)
     if start.encoder_state is not None:
         model.encoder.load_state_dict(start.encoder_state)  # strict: every encoder weight must be there
+    if start.head_state is not None:
+        model.classifier.load_state_dict(start.head_state)
     trainable_layers = parse_freeze(o.freeze, config.num_layers)
     if o.remedies.aux_mlm and (trainable_layers == 0 or start.pretrained_state is None):
         raise InputError("--aux-mlm: needs a trainable encoder (not --freeze head) and an init with an MLM head")
@@ -293,6 +295,9 @@ def fit_classifier(rows, labels, num_labels, config, options, start=None, pad_id
         model.encoder.layers.requires_grad_(False)
         model.add_low_rank_updates(o.lora)
     model.to(device)
+    if start.pruned:  # C7: a weight pruned to zero gets no gradient, so AdamW never moves it (and decay keeps 0 at 0)
+        for weight in (p for p in model.encoder.layers.parameters() if p.ndim == 2):
+            weight.register_hook(lambda grad, kept=weight != 0: grad * kept)
     # the pre-trained MLM head is needed only to measure forgetting (held_out) or for --aux-mlm
     needs_mlm = start.pretrained_state is not None and (start.held_out or o.remedies.aux_mlm)
     mlm_model = mlm_model_sharing_encoder(model, start.pretrained_state, device) if needs_mlm else None
@@ -320,8 +325,13 @@ def fit_classifier(rows, labels, num_labels, config, options, start=None, pad_id
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(step, total_steps, lr, warmup_steps, o.schedule) * group["lr_scale"]
                 logits = model(torch.from_numpy(input_ids).to(device), None, torch.from_numpy(mask).to(device))
-                # E3: l(f_phi(x), y) = cross-entropy, averaged over the batch
-                loss = F.cross_entropy(logits.float(), target)
+                if start.teacher is None:
+                    # E3: l(f_phi(x), y) = cross-entropy, averaged over the batch
+                    loss = F.cross_entropy(logits.float(), target)
+                else:  # C7: the teacher's softened predictions as targets too
+                    teacher = start.teacher
+                    loss = distillation_loss(logits.float(), teacher.logits[torch.from_numpy(index)].to(device), target,
+                                             teacher.temperature, teacher.alpha)
                 # E3 with the C5 remedies added:
                 #   L(phi) = E3's loss + l2_sp / 2 * sum_j ||phi_j - theta_0,j||^2 + aux_mlm * L_MLM(phi)   (E4)
                 if remedies.l2_sp:
@@ -354,6 +364,26 @@ def fit_classifier(rows, labels, num_labels, config, options, start=None, pad_id
     return model, info
 
 
+def distillation_loss(student_logits, teacher_logits, labels, temperature, alpha):
+    """C7, knowledge distillation (Hinton et al. 2015; DistilBERT, Sanh et al. 2019):
+
+        L = alpha * CE(z_s, y) + (1 - alpha) * T^2 * KL( softmax(z_t / T) || softmax(z_s / T) )
+
+    z_s, z_t: student and teacher logits (B, C); y: labels, IGNORE_INDEX on a transfer-set row
+    that has none. A temperature T > 1 softens the teacher's distribution, so that how likely it
+    finds each WRONG class (which mistakes are nearly right) carries weight; T^2 keeps the soft
+    term's gradient at the hard term's scale as T changes. The cross-entropy averages over the
+    rows with a label (0 without any), the KL over every row. The teacher's logits are
+    constants: no gradient reaches the teacher."""
+    log_p_student = F.log_softmax(student_logits / temperature, dim=-1)       # (B, C)
+    log_p_teacher = F.log_softmax(teacher_logits.detach() / temperature, dim=-1)
+    # KL(p_t || p_s) = sum_c p_t,c * (log p_t,c - log p_s,c), per row; then the mean over rows
+    soft = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=-1).mean()
+    labeled = labels != IGNORE_INDEX
+    hard = F.cross_entropy(student_logits, labels, ignore_index=IGNORE_INDEX, reduction="sum") / labeled.sum().clamp(min=1)
+    return alpha * hard + (1 - alpha) * temperature ** 2 * soft
+
+
 def mlm_model_sharing_encoder(model, pretrained_state, device):
     """The pre-trained model with the classifier's encoder in place of its own (the same modules,
     not a copy): its MLM loss is the loss of the encoder being fine-tuned (--aux-mlm, forgetting).
@@ -370,11 +400,25 @@ def mlm_model_sharing_encoder(model, pretrained_state, device):
 class StartingPoint:
     """What fine-tuning starts from: E3's theta_0 (encoder_state; None = a random initialisation,
     C1's baseline) and, when the pre-trained model has an MLM head (pretrained_state: encoder +
-    heads), unlabeled batches for --aux-mlm (aux_batches) and for measuring forgetting (held_out)."""
+    heads), unlabeled batches for --aux-mlm (aux_batches) and for measuring forgetting (held_out).
+    C7's commands (compress.py) start from a fine-tuned classifier: head_state is its linear
+    layer; teacher makes the loss distillation_loss; pruned keeps weights that start at zero at zero."""
     encoder_state: dict = None
     pretrained_state: dict = None
     held_out: list = None
     aux_batches: object = None
+    head_state: dict = None
+    teacher: "Teacher" = None
+    pruned: bool = False
+
+
+@dataclass
+class Teacher:
+    """C7, distillation: the teacher's logits for every training row (rows without a label
+    included: the transfer set), and the loss's temperature T and mixing weight alpha."""
+    logits: torch.Tensor
+    temperature: float = 2.0
+    alpha: float = 0.5
 
 
 def parse_freeze(freeze, num_layers):
@@ -423,17 +467,21 @@ def l2_sp_penalty(model, theta_0, strength):
 
 
 @torch.no_grad()
-def classify(model, rows, labels, device, batch_size=128, pad_id=0):
-    """Accuracy, macro-F1, mean cross-entropy and n over (rows of ids, integer labels)."""
+def classifier_logits(model, rows, device, batch_size=128, pad_id=0):
+    """The classifier's logits f_phi(x) for rows of ids, in eval mode: (len(rows), C) float32, on the CPU."""
     model.eval()
-    total_loss, predictions = 0.0, []
+    logits = []
     for first in range(0, len(rows), batch_size):
         input_ids, mask = data.pad(rows[first:first + batch_size], pad_id)
-        logits = model(torch.from_numpy(input_ids).to(device), None, torch.from_numpy(mask).to(device)).float()
-        target = torch.tensor(labels[first:first + batch_size], device=device)
-        total_loss += F.cross_entropy(logits, target, reduction="sum").item()
-        predictions.extend(logits.argmax(-1).tolist())
-    predictions, labels = np.array(predictions), np.array(labels)
+        logits.append(model(torch.from_numpy(input_ids).to(device), None, torch.from_numpy(mask).to(device)).float().cpu())
+    return torch.cat(logits) if logits else torch.zeros(0, model.classifier.out_features)
+
+
+def classify(model, rows, labels, device, batch_size=128, pad_id=0):
+    """Accuracy, macro-F1, mean cross-entropy and n over (rows of ids, integer labels)."""
+    logits = classifier_logits(model, rows, device, batch_size, pad_id)
+    total_loss = F.cross_entropy(logits, torch.tensor(labels), reduction="sum").item()
+    predictions, labels = logits.argmax(-1).numpy(), np.array(labels)
     f1s = []
     for label in np.unique(np.concatenate([labels, predictions])):
         true_positive = np.sum((predictions == label) & (labels == label))
