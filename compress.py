@@ -335,6 +335,30 @@ def sentences_per_second(model, rows, batch_size, pad_id=0, seconds=2.0):
     return done / (time.perf_counter() - started)
 
 
+# ----------------------------------------------------------------------------------------
+# A speed device, set apart: int8 arithmetic on the CPU
+# ----------------------------------------------------------------------------------------
+
+
+def with_int8_arithmetic(model):
+    """A copy of `model` whose linear layers multiply in int8 on the CPU -- PyTorch's dynamic
+    quantisation: weights int8 per output channel, each batch's activations quantised on the
+    fly, int32 accumulation -- or None where this torch no longer has those kernels (they are
+    deprecated). quantize's reading path stores int8 and computes in float32; this one buys
+    time where the matmuls are large enough (the C7 table measures it). tests/test_compress.py
+    checks its outputs stay within the int8 tolerance of the float model's."""
+    import copy
+    import warnings
+
+    try:
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+    except ImportError:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the deprecation notice, once per layer
+        return quantize_dynamic(copy.deepcopy(model).cpu().eval(), {torch.nn.Linear: per_channel_dynamic_qconfig})
+
+
 if __name__ == "__main__":
     # `python compress.py`: every C7 remedy on a small toy world -- a teacher fine-tuned from a short
     # pre-training, then distilled, quantised and pruned; each one's accuracy and size.

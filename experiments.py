@@ -1,4 +1,4 @@
-"""experiments.py -- every testable claim of the document (C1-C6) as a table with error bars.
+"""experiments.py -- every testable claim of the document (C1-C7) as a table with error bars.
 
     python ptft.py experiments --quick        (or: python experiments.py --quick)
 
@@ -28,16 +28,19 @@ import json
 import math
 import os
 import time
+import zlib
 
 import numpy as np
 import torch
 
+import compress
 import data
 import options
 import toyworld
 import train
 from checkpoint import open_model, prepare_out_folder, write_json
-from options import FinetuneOptions, PretrainOptions, Remedies
+from model import count_parameters
+from options import DistillOptions, FinetuneOptions, PretrainOptions, PruneOptions, Remedies
 from tokenizer import InputError, split_words
 
 # ----------------------------------------------------------------------------------------
@@ -114,6 +117,21 @@ PLANS["real-text"] = {
     "tables": {"toy": [], "stdlib": ["C1", "C4", "C6"]},
     "c1_variants": {"toy": [], "stdlib": ["scratch", "head", "head-mean", "full"]},
 }
+
+# C7 alone, on both corpora: one teacher per seed (full fine-tuning on k labels per class) and
+# every remedy of compress.py made from it, through the commands users run.
+PLANS["c7"] = {
+    **PLANS["quick"],
+    "pretrain_steps": {"toy": 2500, "stdlib": 10000},
+    "snapshot_steps": {"toy": [], "stdlib": []},
+    "tables": {"toy": ["C7"], "stdlib": ["C7"]},
+}
+for plan in PLANS.values():
+    plan.setdefault("c7_remedies", ["teacher", "head", "lora-4", "int8", "int8-arithmetic", "pruned-50", "pruned-50+int8",
+                                    "ffn-50", "distilled", "distilled+int8"])
+    plan.setdefault("c7_unlabeled", 2000)        # the distillation transfer set: unlabeled sentences
+    plan.setdefault("c7_recovery_epochs", 3)     # fine-tuning after pruning
+    plan.setdefault("c7_timing_seconds", 1.0)    # CPU inference timed this long per batch size
 
 # Default learning rates of fine-tuning: options.DEFAULT_FINETUNE_LR (head 1e-3, full 3e-4).
 HEAD_LR, FULL_LR = options.DEFAULT_FINETUNE_LR["head"], options.DEFAULT_FINETUNE_LR["none"]
@@ -300,6 +318,7 @@ class Loaded:
     measure forgetting, the rest feeds --aux-mlm."""
 
     def __init__(self, path, forgetting_batches=0):
+        self.path = path
         model, self.tokenizer, checkpoint = open_model(path)
         self.config = model.config
         self.encoder_state = model.encoder.state_dict()
@@ -346,10 +365,12 @@ def fine_tune_and_score(source, labeled, label_names, test_sets, finetune_option
     return info, scores
 
 
-def finetune_run(spec, task, loaded, scratch_source):
-    """One line of runs.jsonl: fine-tune per spec, score on the task's test set."""
+def finetune_run(spec, task, loaded, scratch_source, folder=None):
+    """One line of runs.jsonl: fine-tune per spec, score on the task's test set (C7: c7_run)."""
     label_names = sorted({y for _, y in task["train"]})
     labeled = draw_labeled(task["train"], spec["k"], spec["seed"])
+    if spec["method"] == "c7":
+        return c7_run(spec, task, loaded, folder)
     if spec["method"] == "tfidf":
         started = time.time()
         train_labels = data.encode_labels([y for _, y in labeled], label_names, "train")
@@ -370,6 +391,78 @@ def finetune_run(spec, task, loaded, scratch_source):
         if key in info:
             result[key] = info[key]
     return result
+
+
+# C7's rows: each remedy's run folder, made from one teacher per seed by compress.py's commands
+C7_NAMES = {"teacher": "teacher: pre-trained, full fine-tuning", "head": "head only (--freeze head)",
+            "lora-4": "LoRA, rank 4 (--lora 4)", "int8": "teacher, int8 (quantize)",
+            "pruned-50": "teacher, 50% of weights pruned + recovery (prune)",
+            "int8-arithmetic": "teacher, int8, computed in int8 (PyTorch's dynamic quantisation kernels)",
+            "pruned-50+int8": "pruned 50%, then int8", "ffn-50": "teacher, 50% of feed-forward units removed + recovery",
+            "distilled": "distilled into half the layers (distill, every-other init, unlabeled transfer set)",
+            "distilled+int8": "distilled, then int8"}
+
+
+def c7_run(spec, task, loaded, folder):
+    """One remedy on one seed, through the commands users run (train.finetune, compress.*), in
+    folder/c7/seed-S/NAME. The teacher is fine-tuned once per seed (everything trains, k labels
+    per class); every other remedy is made from it (or, head and LoRA, beside it). Measured:
+    test accuracy, parameters, bytes of checkpoint.pt (and zipped), the bytes a task adds to a
+    shared pre-trained encoder, and CPU sentences per second at batch 1 and 32."""
+    seed, quiet = spec["seed"], (lambda *args: None)
+    seed_folder = os.path.join(folder, "c7", f"seed-{seed}")
+    os.makedirs(seed_folder, exist_ok=True)
+    train_tsv, test_tsv = os.path.join(seed_folder, "train.tsv"), os.path.join(folder, "c7", "test.tsv")
+    data.write_tsv(train_tsv, draw_labeled(task["train"], spec["k"], seed))
+    data.write_tsv(test_tsv, task["test"])
+
+    def made(name):
+        path = os.path.join(seed_folder, name)
+        if os.path.exists(os.path.join(path, "metrics.json")):
+            return path
+        tuned = dict(init=loaded.path, train=train_tsv, epochs=spec["epochs"], seed=seed, device="cpu")
+        recovery = dict(train=train_tsv, epochs=spec["recovery_epochs"], seed=seed, device="cpu")
+        if name.endswith("int8"):  # "int8": the teacher quantised; "X+int8": X quantised
+            compress.quantize(path, made(name[:-len("+int8")] if "+" in name else "teacher"), force=True, log=quiet)
+        elif name == "teacher":
+            train.finetune(path, FinetuneOptions(lr=FULL_LR, **tuned), force=True, log=quiet, progress=False)
+        elif name == "head":
+            train.finetune(path, FinetuneOptions(freeze="head", lr=HEAD_LR, **tuned), force=True, log=quiet, progress=False)
+        elif name.startswith("lora-"):
+            train.finetune(path, FinetuneOptions(lora=int(name[5:]), lr=HEAD_LR, **tuned), force=True, log=quiet, progress=False)
+        elif name.startswith(("pruned-", "ffn-")):
+            unit, percent = ("weights", name[7:]) if name.startswith("pruned-") else ("ffn-units", name[4:])
+            compress.prune(path, PruneOptions(init=made("teacher"), sparsity=int(percent) / 100, unit=unit, **recovery),
+                           force=True, log=quiet, progress=False)
+        elif name == "distilled":
+            compress.distill(path, DistillOptions(teacher=made("teacher"), train=train_tsv, seed=seed, device="cpu",
+                                                  unlabeled=[os.path.join(folder, "unlabeled.txt")],
+                                                  max_unlabeled=spec["unlabeled"]), force=True, log=quiet, progress=False)
+        else:
+            raise ValueError(f"unknown C7 remedy {name!r}")
+        return path
+
+    arithmetic = spec["remedy"] == "int8-arithmetic"  # the int8 run, computed with int8 matmuls
+    path = made("int8" if arithmetic else spec["remedy"])
+    model, tokenizer, checkpoint = open_model(path, quiet)
+    model = compress.with_int8_arithmetic(model) if arithmetic else model
+    if model is None:
+        return {}  # this torch has no int8 kernels: the row stays empty
+    with open(os.path.join(path, "metrics.json")) as f:
+        metrics = json.load(f)
+    checkpoint_path = os.path.join(path, "checkpoint.pt")
+    with open(checkpoint_path, "rb") as f:
+        zipped = len(zlib.compress(f.read(), 6))
+    shares_encoder = spec["remedy"] == "head" or spec["remedy"].startswith("lora-")
+    test_rows = data.classification_inputs(tokenizer, [text for text, _ in task["test"]], CLASSIFIER_MAX_LENGTH, warn=quiet)
+    test_labels = data.encode_labels([y for _, y in task["test"]], checkpoint["labels"], "test")
+    return {"accuracy": train.classify(model, test_rows, test_labels, "cpu", pad_id=tokenizer.pad_id)["accuracy"],
+            "parameters": count_parameters(open_model(path, quiet)[0]),
+            "bytes_on_disk": os.path.getsize(checkpoint_path), "bytes_zipped": zipped,
+            "task_bytes": metrics["task_bytes"] if shares_encoder else os.path.getsize(checkpoint_path),
+            **{f"sentences_per_second_{size}": compress.sentences_per_second(model, test_rows[:256], size, tokenizer.pad_id,
+                                                                              seconds=spec["timing_seconds"])
+               for size in (1, 32)}}
 
 
 # ----------------------------------------------------------------------------------------
@@ -451,6 +544,12 @@ def tables_for(corpus, plan, task, encoders, num_layers, num_classes):
                      (f"{choice_steps} steps, 100% [MASK] (no 80/10/10)", {**full, "encoder": "all-mask"})]
         tables.append(("C6", f"pre-training budget and task choices, full fine-tuning (k={k})",
                        rows + [("TF-IDF + logistic regression", baseline())]))
+    if "C7" in plan["tables"][corpus]:
+        rows = [(C7_NAMES[name], dict(method="c7", corpus=corpus, remedy=name, k=k, epochs=epochs,
+                                      recovery_epochs=plan["c7_recovery_epochs"], unlabeled=plan["c7_unlabeled"],
+                                      timing_seconds=plan["c7_timing_seconds"]))
+                for name in plan["c7_remedies"]]
+        tables.append(("C7", f"smaller, cheaper models from one fine-tuned teacher per seed (k={k})", rows))
     return tables
 
 
@@ -470,13 +569,21 @@ def summarize(values):
 COLUMNS = {"C1": ["accuracy", "seconds"], "C2": ["accuracy", "seconds"],
            "C3": ["accuracy", "trainable_parameters", "seconds", "forgetting"],
            "C4": ["accuracy", "forgetting", "seconds"], "C5": ["accuracy", "forgetting", "seconds"],
-           "C6": ["mlm_loss_before", "accuracy", "seconds"]}
+           "C6": ["mlm_loss_before", "accuracy", "seconds"],
+           "C7": ["accuracy", "parameters", "bytes_on_disk", "bytes_zipped", "task_bytes", "sentences_per_second_1",
+                  "sentences_per_second_32"]}
 METRICS = [  # (key in a run's result, markdown header, format of mean ± std)
     ("accuracy", "test accuracy %", lambda c: f"{100 * c['mean']:.1f} ± {100 * c['std']:.1f}"),
     ("mlm_loss_before", "held-out MLM loss of the pre-trained encoder", lambda c: f"{c['mean']:.3f}"),
     ("forgetting", "forgetting: Δ held-out MLM loss", lambda c: f"{c['mean']:+.3f} ± {c['std']:.3f}"),
     ("trainable_parameters", "trainable parameters", lambda c: f"{c['mean']:,.0f}"),
     ("seconds", "seconds per run", lambda c: f"{c['mean']:.1f} ± {c['std']:.1f}"),
+    ("parameters", "parameters", lambda c: f"{c['mean']:,.0f}"),
+    ("bytes_on_disk", "checkpoint.pt bytes", lambda c: f"{c['mean']:,.0f}"),
+    ("bytes_zipped", "zipped bytes", lambda c: f"{c['mean']:,.0f}"),
+    ("task_bytes", "bytes per task", lambda c: f"{c['mean']:,.0f}"),
+    ("sentences_per_second_1", "CPU sentences/s, batch 1", lambda c: f"{c['mean']:,.0f} ± {c['std']:,.0f}"),
+    ("sentences_per_second_32", "CPU sentences/s, batch 32", lambda c: f"{c['mean']:,.0f} ± {c['std']:,.0f}"),
 ]
 
 
@@ -520,7 +627,7 @@ def run(out="runs/experiments", plan_name="quick", seeds=None, resume=False, for
                     key = json.dumps(spec_seed, sort_keys=True)
                     if key not in finished:
                         finished[key] = finetune_run(spec_seed, task, loaded.get(spec.get("encoder", "final")),
-                                                     loaded["final"])
+                                                     loaded["final"], folder=os.path.join(out, corpus))
                         with open(runs_path, "a") as f:
                             f.write(json.dumps({"key": key, "spec": spec_seed, "result": finished[key]}) + "\n")
                     outcomes.append(finished[key])
@@ -536,6 +643,7 @@ def run(out="runs/experiments", plan_name="quick", seeds=None, resume=False, for
     with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as f:
         f.write(markdown(results))
     plot_labels_per_class(results, os.path.join(out, "labels_per_class.png"))
+    plot_accuracy_against_size(results, os.path.join(out, "c7_accuracy_against_size.png"))
     log(f"done in {results['wall_clock_seconds'] / 60:.1f} minutes: {out}/results.md, results.json, runs.jsonl")
     return results
 
@@ -588,6 +696,34 @@ def plot_labels_per_class(results, path):
     figure.savefig(path, dpi=100)
 
 
+def plot_accuracy_against_size(results, path):
+    """C7 as a picture, if matplotlib is installed: test accuracy against the bytes a task stores."""
+    tables = [t for t in results["tables"] if t["claim"] == "C7"]
+    if not tables:
+        return
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    figure, axes = plt.subplots(1, len(tables), figsize=(7 * len(tables), 4.5), squeeze=False)
+    for axis, table in zip(axes[0], tables):
+        for row in table["rows"]:
+            cells = row["cells"]
+            if "task_bytes" not in cells:
+                continue
+            x, y = cells["task_bytes"]["mean"], 100 * cells["accuracy"]["mean"]
+            axis.errorbar([x], [y], yerr=[100 * cells["accuracy"]["std"]], fmt="o", capsize=3)
+            axis.annotate(row["setting"].split(" (")[0], (x, y), fontsize=6, xytext=(4, 3), textcoords="offset points")
+        axis.set_xscale("log")
+        axis.set_title(CORPUS_NAMES[table["corpus"]])
+        axis.set_xlabel("bytes stored per task (log scale)")
+        axis.set_ylabel("test accuracy %")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
 if __name__ == "__main__":
     # `python experiments.py`: a tiny plan end to end in a temporary folder (about a minute on a
     # CPU) -- every table, with numbers too small to mean anything. The real plans:
@@ -598,6 +734,8 @@ if __name__ == "__main__":
             "pretrain_steps": {"toy": 40, "stdlib": None}, "pretrain_batch_size": {"toy": 8, "stdlib": 8},
             "snapshot_steps": {"toy": [20], "stdlib": []}, "eval_every": {"toy": 20, "stdlib": 20},
             "task_choice_steps": {"toy": 20, "stdlib": None}, "labels_per_class": [2], "k": 2,
+            "tables": {"toy": ["C1", "C2", "C3", "C4", "C5", "C6", "C7"], "stdlib": []}, "c7_unlabeled": 50,
+            "c7_timing_seconds": 0.05,
             "finetune_steps": 2, "max_epochs": 2, "epoch_grid": [1, 2], "lr_grid": [1e-3], "forgetting_batches": 1}
     with tempfile.TemporaryDirectory() as folder:
         results = run(folder, "tiny", plan=tiny, force=True, log=lambda *a: None)

@@ -283,9 +283,9 @@ def add_prune(commands):
 
 
 def add_experiments(commands):
-    p = commands.add_parser("experiments", formatter_class=HELP_FORMAT, help="test the document's claims C1-C6",
+    p = commands.add_parser("experiments", formatter_class=HELP_FORMAT, help="test the document's claims C1-C7",
                             description="Run the experiments of experiments.py on the toy world and on the "
-                            "standard library's docstrings: one table per claim (C1-C6), each cell mean ± std "
+                            "standard library's docstrings: one table per claim (C1-C7), each cell mean ± std "
                             "over seeds, with a TF-IDF + logistic-regression baseline. Writes OUT/results.json, "
                             "OUT/results.md and OUT/runs.jsonl (one line per finished run).")
     p.add_argument("--quick", action="store_true", help="= --plan quick")
@@ -294,7 +294,8 @@ def add_experiments(commands):
                    help="full (every table, both corpora, 5 seeds), quick (the same protocol, smaller: 3 seeds, "
                    "real text only for C1 and C6), real-text (the stdlib docstrings pre-trained 40000 steps: where "
                    "real text's gain appears), task-choices (C6's pre-training task variants on the toy world, which "
-                   "quick leaves out); docs/claims.md gives each plan's time on a measured machine")
+                   "quick leaves out), c7 (C7's remedies -- distillation, int8, pruning, LoRA -- on both corpora); "
+                   "docs/claims.md gives each plan's time on a measured machine")
     p.add_argument("--out", default="runs/experiments", help="output folder")
     p.add_argument("--resume", action="store_true", help="skip the runs already in OUT/runs.jsonl")
     p.add_argument("--force", action="store_true", help="delete an existing --out folder and start over")

@@ -17,7 +17,7 @@ from model import Classifier, make_config
 from options import FinetuneOptions, Remedies
 from tokenizer import InputError
 
-CLAIMS = ["C1", "C2", "C3", "C4", "C5", "C6"]
+CLAIMS = ["C1", "C2", "C3", "C4", "C5", "C6", "C7"]
 
 # The quick plan shrunk to seconds: a small toy world, a few pre-training steps, 2 labels per class.
 TINY_PLAN = {**experiments.PLANS["quick"], "seeds": 3, "toy_documents": 300, "toy_labeled": (4, 2, 8),
@@ -25,7 +25,8 @@ TINY_PLAN = {**experiments.PLANS["quick"], "seeds": 3, "toy_documents": 300, "to
              "pretrain_batch_size": {"toy": 8, "stdlib": 8}, "snapshot_steps": {"toy": [10, 20], "stdlib": [10]},
              "eval_every": {"toy": 10, "stdlib": 10}, "task_choice_steps": {"toy": 20, "stdlib": None},
              "tables": {"toy": CLAIMS, "stdlib": ["C1"]}, "labels_per_class": [2], "k": 2,
-             "finetune_steps": 2, "max_epochs": 2, "epoch_grid": [1, 2], "lr_grid": [1e-3], "forgetting_batches": 1}
+             "finetune_steps": 2, "max_epochs": 2, "epoch_grid": [1, 2], "lr_grid": [1e-3], "forgetting_batches": 1,
+             "c7_unlabeled": 50, "c7_recovery_epochs": 1, "c7_timing_seconds": 0.02}
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +53,8 @@ def test_every_claim_has_a_row_with_mean_and_std_over_seeds(tiny_run):
 def test_every_table_carries_the_tfidf_baseline_and_real_text_has_its_own_table(tiny_run):
     _, results = tiny_run
     for table in results["tables"]:
-        assert any(row["setting"].endswith("TF-IDF + logistic regression") for row in table["rows"]), table["title"]
+        if table["claim"] != "C7":  # C7 compares models of one task with each other, not with counting words
+            assert any(row["setting"].endswith("TF-IDF + logistic regression") for row in table["rows"]), table["title"]
     assert [t["claim"] for t in results["tables"] if t["corpus"] == "stdlib"] == ["C1"]
 
 
@@ -218,3 +220,19 @@ def test_c1_and_c3_compare_the_two_sentence_vectors(tiny_run):
                     for row in table["rows"]]
         assert any("mean pooling" in setting for setting in settings), claim
         assert any("head only" in setting or "--freeze head)" in setting for setting in settings), claim
+
+
+def test_c7_measures_every_remedy_made_from_one_teacher(tiny_run):
+    _, results = tiny_run
+    (table,) = [t for t in results["tables"] if t["claim"] == "C7"]
+    rows = {row["setting"]: row["cells"] for row in table["rows"]}
+    assert set(rows) == {experiments.C7_NAMES[name] for name in experiments.PLANS["c7"]["c7_remedies"]}
+    teacher, names = rows[experiments.C7_NAMES["teacher"]], experiments.C7_NAMES
+    for cells in rows.values():
+        assert cells["accuracy"]["n"] == 3 and cells["sentences_per_second_32"]["mean"] > 0
+    assert rows[names["int8"]]["bytes_on_disk"]["mean"] < 0.35 * teacher["bytes_on_disk"]["mean"]
+    assert rows[names["distilled"]]["parameters"]["mean"] < teacher["parameters"]["mean"]
+    assert rows[names["ffn-50"]]["parameters"]["mean"] < teacher["parameters"]["mean"]
+    assert rows[names["head"]]["task_bytes"]["mean"] < rows[names["lora-4"]]["task_bytes"]["mean"] < teacher["task_bytes"]["mean"]
+    # pruned weights are zeros: the same file size, but it compresses further
+    assert rows[names["pruned-50"]]["bytes_zipped"]["mean"] < 0.9 * teacher["bytes_zipped"]["mean"]
