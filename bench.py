@@ -77,7 +77,7 @@ def time_step_and_forward(step, forward, steps, device):
         return training, median_seconds(forward, steps, device)
 
 
-def time_ptft(model_config, batch, precision, attention, sparse, compiled, steps, device):
+def time_ptft(model_config, batch, precision, attention, sparse, compiled, steps, device, max_predictions=None):
     """One ptft row: seconds per training step and per inference forward on `batch`."""
     torch.manual_seed(0)
     model = PreTrainingModel(replace(model_config, attention=attention)).to(device).train()
@@ -88,7 +88,7 @@ def time_ptft(model_config, batch, precision, attention, sparse, compiled, steps
     def step():
         with options.autocast(device, precision):
             loss = training_model(batch["input_ids"], batch["segment_ids"], batch["attention_mask"], batch["mlm_labels"],
-                                  sparse=sparse)[0]
+                                  sparse=sparse, max_predictions=max_predictions)[0]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -153,7 +153,11 @@ def bench(o, log=print):
     model_config = options.model_config(options.PretrainOptions(config=o.config), vocab_size=vocab_size, max_positions=length)
     generator = np.random.default_rng(0)
     input_ids = torch.from_numpy(generator.integers(5, vocab_size, (batch_size, length))).to(device)
-    selected = torch.from_numpy(generator.random((batch_size, length)) < 0.15).to(device)
+    # B1's count: exactly round(15%) of the 126 tokens between [CLS] and [SEP] in every sequence
+    max_predictions = data.MaskingRule().max_predictions(length)
+    keys = generator.random((batch_size, length))
+    keys[:, [0, -1]] = 2.0  # never [CLS] or the last [SEP]
+    selected = torch.from_numpy(np.argsort(np.argsort(keys, axis=1), axis=1) < max_predictions).to(device)
     batch = {"input_ids": input_ids, "segment_ids": torch.zeros_like(input_ids),
              "attention_mask": torch.ones_like(input_ids, dtype=torch.bool),
              "mlm_labels": torch.where(selected, input_ids, torch.full_like(input_ids, IGNORE_INDEX))}
@@ -170,10 +174,13 @@ def bench(o, log=print):
         variants += [("fast", p, "sdpa", True, True) for p in precisions]
     rows = []
     for variant, precision, attention, sparse, compiled in variants:
+        # the fast rows predict as pretrain does on this device: a fixed number per sequence on a GPU
+        fixed = max_predictions if sparse and device.type == "cuda" else None
         train_seconds, infer_seconds = time_ptft(model_config, batch, precision, attention, sparse=sparse, compiled=compiled,
-                                                 steps=o.steps, device=device)
+                                                 steps=o.steps, device=device, max_predictions=fixed)
         flops = training_flops(model_config, batch_size, length, num_masked if sparse else tokens)
-        rows.append({"impl": "ptft", "variant": f"{variant} ({attention} attention, {'sparse' if sparse else 'dense'} MLM)",
+        prediction = f"fixed {fixed} per sequence" if fixed else "sparse" if sparse else "dense"
+        rows.append({"impl": "ptft", "variant": f"{variant} ({attention} attention, {prediction} MLM)",
                      "precision": precision, "compiled": compiled, "config": o.config, "device": device_name(device),
                      "batch_size": batch_size, "train_tokens_per_s": tokens / train_seconds,
                      "infer_tokens_per_s": tokens / infer_seconds, "mfu": flops / train_seconds / peaks[precision]})

@@ -215,9 +215,11 @@ class PretrainingRun:
     precision: str
     history: list
 
-    def rng_states(self):
-        return {"numpy": self.data_rng.bit_generator.state, "python": random.getstate(), "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []}
+    def rng_states(self, data_state=None):
+        """Every generator's state now; data_state: the data generator's, where a background thread
+        (train.StepBatches) has drawn ahead of the step being trained."""
+        return {"numpy": data_state or self.data_rng.bit_generator.state, "python": random.getstate(),
+                "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []}
 
     def restore(self, checkpoint):
         self.optimizer.load_state_dict(checkpoint["optimizer"])

@@ -42,6 +42,11 @@ class MaskingRule:
     mask_token_fraction: float = 0.8
     random_token_fraction: float = 0.1
 
+    def max_predictions(self, max_length):
+        """The most tokens mask_tokens selects in one sequence of max_length tokens: at most
+        max_length - 2 candidates ([CLS] and a [SEP] never are), round(p * that), at least 1."""
+        return max(1, int(np.rint((max_length - 2) * self.probability)))
+
 
 def mask_tokens(input_ids, tokenizer, rng, rule=MaskingRule()):
     """B1, BERT's rule, vectorised over the batch.
@@ -285,12 +290,24 @@ def stdlib_corpus():
     return [document for _, document in stdlib_docstrings()]
 
 
-@functools.lru_cache(maxsize=1)
 def stdlib_docstrings():
     """(module path relative to the stdlib, docstring lines) for every docstring, sorted.
     Parsed once per process (a few seconds), then shared: treat the result as read-only."""
-    root = sysconfig.get_paths()["stdlib"]
-    skip = {"site-packages", "test", "tests", "idlelib", "__pycache__", "lib2to3", "turtledemo"}
+    return docstrings_under(sysconfig.get_paths()["stdlib"], ("site-packages", "idlelib", "lib2to3", "turtledemo"))
+
+
+def package_docstrings():
+    """More real English without a download: the docstrings of the installed third-party
+    packages (site-packages: torch, numpy, transformers, ... whatever is installed), under each
+    package's own licence (for the main ones BSD, MIT or Apache-2.0). Same form as stdlib_docstrings."""
+    return docstrings_under(sysconfig.get_paths()["purelib"], ())
+
+
+@functools.lru_cache(maxsize=2)
+def docstrings_under(root, skip):
+    """(path relative to root, docstring lines) for every docstring of the .py files under
+    root, sorted; test folders and the `skip` folders left out."""
+    skip = {*skip, "test", "tests", "__pycache__"}
     found = []
     for folder, subfolders, files in os.walk(root):
         subfolders[:] = sorted(d for d in subfolders if d not in skip)

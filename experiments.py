@@ -118,6 +118,37 @@ PLANS["real-text"] = {
     "c1_variants": {"toy": [], "stdlib": ["scratch", "head", "head-mean", "full"]},
 }
 
+# Real text at GPU scale: the `small` encoder on the stdlib docstrings plus the installed packages'
+# docstrings (data.package_docstrings), about 10 minutes of pre-training on one GPU (an estimate:
+# not yet run on one); then C1 with mean pooling and task-adaptive rows, and C6's budget sweep. On a
+# CPU it would take hours, so it refuses to start there.
+PLANS["real-text-gpu"] = {
+    **PLANS["real-text"],
+    "needs_gpu": True,
+    "pretrain_config": "small",
+    "extra_text": "packages",
+    "pretrain_steps": {"toy": None, "stdlib": 20000},
+    "pretrain_batch_size": {"toy": 64, "stdlib": 128},
+    "snapshot_steps": {"toy": [], "stdlib": [2500, 5000, 10000]},
+    "eval_every": {"toy": 250, "stdlib": 1000},
+    "tables": {"toy": [], "stdlib": ["C1", "C6"]},
+    "c1_variants": {"toy": [], "stdlib": ["scratch", "head", "head-mean", "adapt-head-mean", "full", "adapt-full"]},
+    "adapt_steps": 500,
+}
+
+# C1 with task-adaptive pre-training (train.adapt_to_task), on real text: the general
+# pre-training, then adapt_steps more MLM steps on the k labeled texts themselves, without labels.
+PLANS["task-adaptive"] = {
+    **PLANS["quick"],
+    "corpora": ["stdlib"],
+    "pretrain_steps": {"toy": None, "stdlib": 10000},
+    "snapshot_steps": {"toy": [], "stdlib": []},
+    "tables": {"toy": [], "stdlib": ["C1"]},
+    "labels_per_class": [16, "all"],
+    "c1_variants": {"toy": [], "stdlib": ["scratch", "head", "head-mean", "adapt-head-mean", "full", "adapt-full"]},
+    "adapt_steps": 500,
+}
+
 # C7 alone, on both corpora: one teacher per seed (full fine-tuning on k labels per class) and
 # every remedy of compress.py made from it, through the commands users run.
 PLANS["c7"] = {
@@ -125,6 +156,11 @@ PLANS["c7"] = {
     "pretrain_steps": {"toy": 2500, "stdlib": 10000},
     "snapshot_steps": {"toy": [], "stdlib": []},
     "tables": {"toy": ["C7"], "stdlib": ["C7"]},
+    # real text at k=16 leaves the teacher near chance (~18%); with every label it has something to lose
+    "c7_labels_per_class": {"toy": 16, "stdlib": "all"},
+    # 15 epochs at k=16 on the toy world, 10 over all of real text's labels: a teacher trained to
+    # convergence, so that the remedies' own training (recovery, distillation) has nothing to add
+    "finetune_steps": 2200,
 }
 for plan in PLANS.values():
     plan.setdefault("c7_remedies", ["teacher", "head", "lora-4", "int8", "int8-arithmetic", "pruned-50", "pruned-50+int8",
@@ -189,6 +225,14 @@ def stdlib_task(max_documents=None, test_fraction=0.3):
     test = [(text, area) for text, area in labeled["test"] if text not in train_texts]  # no text in both
     unlabeled = [lines for path, lines in docstrings if path not in test_files]
     return {"unlabeled": unlabeled, "train": labeled["train"], "test": test}
+
+
+def package_text(task):
+    """The installed packages' docstrings (data.package_docstrings) as more pre-training text for
+    the stdlib task, minus any docstring whose summary is a test text (a package may vendor a
+    copy of a standard-library module)."""
+    test_texts = {text for text, _ in task["test"]}
+    return [lines for _, lines in data.package_docstrings() if " ".join(lines[:3]) not in test_texts]
 
 
 def toy_task(num_documents, labeled_per_class):
@@ -287,6 +331,7 @@ def pretrain_encoders(out, corpus, task, plan, resume, log):
             log(f"[{corpus}] pre-training '{name}' for {run_steps} steps {choice or ''}")
             # no dropout: at these budgets the model under-fits; dropout would only slow it down
             recipe = PretrainOptions(corpus=[unlabeled_path], steps=run_steps, batch_size=plan["pretrain_batch_size"][corpus],
+                                     config=plan.get("pretrain_config", "tiny"),
                                      max_length=MLM_MAX_LENGTH, lr=1e-3, dropout=0.0, save_every=0,
                                      vocab_size=2048 if corpus == "toy" else 8192, eval_every=plan["eval_every"][corpus],
                                      snapshot_steps=tuple(snapshots) if name == "final" else (), **choice)
@@ -348,6 +393,20 @@ class Loaded:
         return self.rows[key]
 
 
+ADAPTED = {}  # folder -> Loaded: each draw's adapted encoder, opened once
+
+
+def adapted(loaded, texts, spec, folder):
+    """The encoder of `loaded` after spec['adapt_steps'] steps of MLM on `texts` (train.adapt_to_task)."""
+    if folder not in ADAPTED:
+        run = os.path.join(folder, "run")
+        if not os.path.exists(os.path.join(run, "metrics.json")):
+            train.adapt_to_task(folder, loaded.path, texts, FinetuneOptions(adapt_steps=spec["adapt_steps"], seed=spec["seed"],
+                                                                            mlm_max_length=MLM_MAX_LENGTH), log=lambda *a: None)
+        ADAPTED[folder] = Loaded(os.path.join(run, "checkpoint.pt"))
+    return ADAPTED[folder]
+
+
 def fine_tune_and_score(source, labeled, label_names, test_sets, finetune_options, pretrained=True):
     """E3 on `labeled` ((text, label) pairs): from source's pre-trained encoder or, pretrained=False,
     from a random initialisation of the same architecture and vocabulary (C1's baseline); then
@@ -371,6 +430,8 @@ def finetune_run(spec, task, loaded, scratch_source, folder=None):
     labeled = draw_labeled(task["train"], spec["k"], spec["seed"])
     if spec["method"] == "c7":
         return c7_run(spec, task, loaded, folder)
+    if spec.get("adapt_steps"):  # task-adaptive: continue MLM on these labeled texts first (one run per draw)
+        loaded = adapted(loaded, [text for text, _ in labeled], spec, os.path.join(folder, "adapted", f"k-{spec['k']}-seed-{spec['seed']}"))
     if spec["method"] == "tfidf":
         started = time.time()
         train_labels = data.encode_labels([y for _, y in labeled], label_names, "train")
@@ -410,7 +471,7 @@ def c7_run(spec, task, loaded, folder):
     test accuracy, parameters, bytes of checkpoint.pt (and zipped), the bytes a task adds to a
     shared pre-trained encoder, and CPU sentences per second at batch 1 and 32."""
     seed, quiet = spec["seed"], (lambda *args: None)
-    seed_folder = os.path.join(folder, "c7", f"seed-{seed}")
+    seed_folder = os.path.join(folder, "c7", f"k-{spec['k']}-seed-{seed}")
     os.makedirs(seed_folder, exist_ok=True)
     train_tsv, test_tsv = os.path.join(seed_folder, "train.tsv"), os.path.join(folder, "c7", "test.tsv")
     data.write_tsv(train_tsv, draw_labeled(task["train"], spec["k"], seed))
@@ -494,7 +555,10 @@ def tables_for(corpus, plan, task, encoders, num_layers, num_classes):
                     "head": ("pre-trained, head only", dict(freeze="head", lr=HEAD_LR)),
                     "head-mean": ("pre-trained, head only, mean pooling", dict(freeze="head", lr=HEAD_LR, pool="mean")),
                     "top-2": ("pre-trained, top-2 + head", dict(freeze="top-2", lr=HEAD_LR)),
-                    "full": ("pre-trained, full", {})}
+                    "full": ("pre-trained, full", {}),
+                    "adapt-head-mean": ("+ task-adaptive MLM, head only, mean pooling",
+                                        dict(freeze="head", lr=HEAD_LR, pool="mean", adapt_steps=plan.get("adapt_steps"))),
+                    "adapt-full": ("+ task-adaptive MLM, full", dict(adapt_steps=plan.get("adapt_steps")))}
         for k_value in plan["labels_per_class"]:
             rows += [(f"k={k_value}: {variants[v][0]}", finetune_spec(k=k_value, **variants[v][1]))
                      for v in plan["c1_variants"][corpus]]
@@ -545,11 +609,13 @@ def tables_for(corpus, plan, task, encoders, num_layers, num_classes):
         tables.append(("C6", f"pre-training budget and task choices, full fine-tuning (k={k})",
                        rows + [("TF-IDF + logistic regression", baseline())]))
     if "C7" in plan["tables"][corpus]:
-        rows = [(C7_NAMES[name], dict(method="c7", corpus=corpus, remedy=name, k=k, epochs=epochs,
+        c7_k = plan.get("c7_labels_per_class", {}).get(corpus, k)
+        size = len(task["train"]) if c7_k == "all" else c7_k * num_classes
+        rows = [(C7_NAMES[name], dict(method="c7", corpus=corpus, remedy=name, k=c7_k, epochs=epochs_for(size, plan),
                                       recovery_epochs=plan["c7_recovery_epochs"], unlabeled=plan["c7_unlabeled"],
                                       timing_seconds=plan["c7_timing_seconds"]))
                 for name in plan["c7_remedies"]]
-        tables.append(("C7", f"smaller, cheaper models from one fine-tuned teacher per seed (k={k})", rows))
+        tables.append(("C7", f"smaller, cheaper models from one fine-tuned teacher per seed (k={c7_k})", rows))
     return tables
 
 
@@ -594,6 +660,9 @@ def run(out="runs/experiments", plan_name="quick", seeds=None, resume=False, for
         if seeds < 1:
             raise InputError(f"--seeds must be positive, got {seeds}")
         plan["seeds"] = seeds
+    if plan.get("needs_gpu") and options.pick_device("auto").type != "cuda":
+        raise InputError(f"--plan {plan_name} pre-trains a small encoder for about 10 minutes of a GPU: hours on "
+                         "this machine, which has no CUDA GPU; on a CPU run --plan real-text (the tiny encoder, ~22 minutes)")
     prepare_out_folder(out, resume, force)
     started = time.time()
     runs_path = os.path.join(out, "runs.jsonl")
@@ -610,6 +679,8 @@ def run(out="runs/experiments", plan_name="quick", seeds=None, resume=False, for
     for corpus in plan["corpora"]:
         corpus_started = time.time()
         task = toy_task(plan["toy_documents"], plan["toy_labeled"]) if corpus == "toy" else stdlib_task(plan["stdlib_max_documents"])
+        if corpus == "stdlib" and plan.get("extra_text") == "packages":
+            task["unlabeled"] += package_text(task)
         num_classes = len({y for _, y in task["train"]})
         log(f"[{corpus}] {len(task['unlabeled'])} unlabeled documents, {len(task['train'])} labeled for training, "
             f"{len(task['test'])} for testing, {num_classes} classes")

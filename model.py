@@ -122,7 +122,10 @@ class SelfAttention(nn.Module):
     def forward(self, x, additive_mask):
         # x: (B, T, H); additive_mask: (B, 1, 1, T), 0 where a key is a real token and a very
         # negative number where it is padding, so that padding gets probability ~0 (exp(-big)).
-        q, k, v = self.split_heads(self.query(x)), self.split_heads(self.key(x)), self.split_heads(self.value(x))
+        if not fused_projections_apply(self, x):
+            q, k, v = self.split_heads(self.query(x)), self.split_heads(self.key(x)), self.split_heads(self.value(x))
+        else:  # the same three projections as one matmul (a speed device: fused_projections)
+            q, k, v = (self.split_heads(t) for t in fused_projections(self, x))
         if not (self.use_sdpa and fused_attention_applies(self, x)):
             # scores[b, head, i, j] = q_i . k_j / sqrt(d) + mask_j          (B, h, T, T)
             scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_size) + additive_mask
@@ -233,13 +236,17 @@ def mlm_loss(scores, targets, num_masked_total=None):
     # log sum_{x' in V} exp(s(x' | x~)): the log of the softmax's denominator        (N,)
     log_normaliser = torch.logsumexp(scores, dim=-1)
     # s(x_t | x~): the score of the true token                                       (N,)
-    true_scores = scores.gather(-1, targets[:, None]).squeeze(-1)
+    true_scores = scores.gather(-1, targets.clamp(min=0)[:, None]).squeeze(-1)
     # log P(x_t | x~) = s(x_t | x~) - log sum_{x'} exp(s(x' | x~))  (log of the softmax) (N,)
     log_probabilities = true_scores - log_normaliser
-    # sum over t in M (over every sequence of the batch), then the mean over the corpus
+    # sum over t in M (over every sequence of the batch), then the mean over the corpus. A target
+    # IGNORE_INDEX (a padding slot of the fixed-shape path, gather_fixed_predictions) adds nothing.
+    in_m = targets != IGNORE_INDEX
     if num_masked_total is None:
-        num_masked_total = targets.numel()
-    return -log_probabilities.sum() / max(num_masked_total, 1)
+        num_masked_total = in_m.sum().clamp(min=1)  # a tensor: computing it never waits for a GPU
+    else:
+        num_masked_total = max(num_masked_total, 1)
+    return -torch.where(in_m, log_probabilities, 0.0).sum() / num_masked_total
 
 
 # ----------------------------------------------------------------------------------------
@@ -286,11 +293,16 @@ class PreTrainingModel(nn.Module):
         return all_scores[masked_positions]
 
     def forward(self, input_ids, segment_ids, attention_mask, mlm_labels, nsp_labels=None,
-                nsp_weight=1.0, num_masked_total=None, sparse=True):
-        """Returns (total loss, MLM loss, NSP loss or None). Losses only: see mlm_scores for logits."""
+                nsp_weight=1.0, num_masked_total=None, sparse=True, max_predictions=None):
+        """Returns (total loss, MLM loss, NSP loss or None). Losses only: see mlm_scores for logits.
+        max_predictions: the fixed-shape speed device (gather_fixed_predictions), same loss."""
         sequence_output, pooled = self.encoder(input_ids, segment_ids, attention_mask)
-        scores = self.mlm_scores(sequence_output, mlm_labels, sparse)
-        targets = mlm_labels[mlm_labels != IGNORE_INDEX]
+        if max_predictions is None:
+            scores = self.mlm_scores(sequence_output, mlm_labels, sparse)
+            targets = mlm_labels[mlm_labels != IGNORE_INDEX]
+        else:
+            hidden, targets = gather_fixed_predictions(sequence_output, mlm_labels, max_predictions)
+            scores = self.mlm_head(hidden, self.encoder.embeddings.token.weight)
         loss_mlm = mlm_loss(scores, targets, num_masked_total)
         if nsp_labels is None or nsp_weight == 0:
             return loss_mlm, loss_mlm, None
@@ -421,6 +433,40 @@ def fused_attention_applies(attention, x):
     training with attention dropout on the CPU: there SDPA has no fused kernel with dropout and
     falls back to the written-out lines with torch's slower dropout, so ours are used instead."""
     return not (attention.training and attention.attention_dropout.p > 0 and x.device.type == "cpu")
+
+
+def fused_projections(attention, x):
+    """Q, K and V from ONE matmul, x W_qkv^T + b_qkv with W_qkv = [W_q; W_k; W_v] (3H, H): one
+    large matmul keeps a GPU busier than three small ones. The weights stay three nn.Linear
+    (the names BERT's checkpoints use); their concatenation is cheap next to the matmul."""
+    weight = torch.cat([attention.query.weight, attention.key.weight, attention.value.weight])   # (3H, H)
+    bias = torch.cat([attention.query.bias, attention.key.bias, attention.value.bias])           # (3H,)
+    return F.linear(x, weight, bias).chunk(3, dim=-1)                                          # 3 x (B, T, H)
+
+
+def fused_projections_apply(attention, x):
+    """On CUDA with the fused attention kernel (config.attention "sdpa"), and only while query,
+    key and value are plain nn.Linear (finetune --lora wraps two of them). On the CPU the three
+    matmuls are as fast, and the numbers stay the reading path's."""
+    return (attention.use_sdpa and x.is_cuda
+            and all(type(m) is nn.Linear for m in (attention.query, attention.key, attention.value)))
+
+
+def gather_fixed_predictions(sequence_output, mlm_labels, max_predictions):
+    """The hidden states and targets at the masked positions, in a FIXED shape: max_predictions
+    (P) slots per sequence, as BERT's own data does (max_predictions_per_seq), the unused slots
+    with target IGNORE_INDEX (mlm_loss skips them). The boolean index of mlm_scores gives a shape
+    that depends on the data, so the CPU must wait for the GPU to learn it every step; here
+    nothing waits, and every step has the same shapes (what torch.compile and CUDA graphs want).
+    P must be at least the largest masked count of a sequence (data.MaskingRule.max_predictions).
+    tests/test_model.py checks the loss and gradients equal the reading path's.
+    Returns (hidden (B * P, H), targets (B * P,))."""
+    in_m = mlm_labels != IGNORE_INDEX                                                   # (B, T)
+    max_predictions = min(max_predictions, mlm_labels.shape[1])
+    # the masked positions first (key 1), then any others (key 0, their targets IGNORE_INDEX)
+    positions = in_m.to(sequence_output.dtype).topk(max_predictions, dim=1).indices   # (B, P)
+    hidden = sequence_output.gather(1, positions[:, :, None].expand(-1, -1, sequence_output.shape[-1]))
+    return hidden.flatten(0, 1), mlm_labels.gather(1, positions).flatten()
 
 
 # ----------------------------------------------------------------------------------------

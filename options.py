@@ -124,6 +124,7 @@ class FinetuneOptions:
     warmup_fraction: float = 0.1
     remedies: Remedies = field(default_factory=Remedies)
     lora: int = None               # C7: rank of low-rank updates of the frozen encoder (None: none; model.LowRankUpdate)
+    adapt_steps: int = 0           # task-adaptive pre-training: MLM steps on the training texts first (train.adapt_to_task)
     unlabeled: list = None         # text for --aux-mlm and forgetting (default: init's pre-training corpus)
     mlm_max_length: int = 64       # tokens per sequence of that text
     config: str = "tiny"           # with --init scratch: size preset, size fields, position table, vocabulary
@@ -157,6 +158,9 @@ class FinetuneOptions:
         if self.lora and (scratch or self.freeze != "none"):
             raise InputError("--lora: low-rank updates of a pre-trained encoder, which they freeze themselves; "
                              "not with --init scratch or --freeze")
+        check_at_least(("--adapt-steps", self.adapt_steps, 0))
+        if self.adapt_steps and scratch:
+            raise InputError("--adapt-steps continues a pre-trained model's MLM; --init scratch has none")
         if self.pool not in ("cls", "mean"):
             raise InputError(f"--pool: expected cls or mean, got {self.pool!r}")
         if self.schedule not in ("cosine", "constant"):

@@ -215,6 +215,8 @@ def add_finetune(commands):
                    help="C5b: add ALPHA * MLM loss (E4) on unlabeled text, with the pre-trained MLM head")
     p.add_argument("--layer-lr-decay", type=float, metavar="GAMMA",
                    help="C5c: the layer d steps below the head trains at lr * GAMMA^d (embeddings lowest)")
+    p.add_argument("--adapt-steps", type=int, metavar="N", help="task-adaptive pre-training: first N steps of MLM on the "
+                   "training texts without their labels, continuing the init's pre-training (0: none)")
     p.add_argument("--unlabeled", nargs="+", metavar="FILE",
                    help="unlabeled text for --aux-mlm and forgetting (default: the init's pre-training corpus)")
     add_deterministic_flag(p)
@@ -294,7 +296,9 @@ def add_experiments(commands):
                    help="full (every table, both corpora, 5 seeds), quick (the same protocol, smaller: 3 seeds, "
                    "real text only for C1 and C6), real-text (the stdlib docstrings pre-trained 40000 steps: where "
                    "real text's gain appears), task-choices (C6's pre-training task variants on the toy world, which "
-                   "quick leaves out), c7 (C7's remedies -- distillation, int8, pruning, LoRA -- on both corpora); "
+                   "quick leaves out), c7 (C7's remedies -- distillation, int8, pruning, LoRA -- on both corpora), "
+                   "task-adaptive (C1 on real text with task-adaptive pre-training), real-text-gpu (the small encoder "
+                   "on real text, ~10 GPU minutes; refused without a CUDA GPU); "
                    "docs/claims.md gives each plan's time on a measured machine")
     p.add_argument("--out", default="runs/experiments", help="output folder")
     p.add_argument("--resume", action="store_true", help="skip the runs already in OUT/runs.jsonl")

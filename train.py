@@ -14,8 +14,10 @@ Run `python train.py` to run both loops end to end on a small toy world.
 
 import math
 import os
+import queue
 import random
 import re
+import threading
 import time
 from dataclasses import dataclass, replace
 
@@ -91,19 +93,23 @@ def pretraining_loop(out, run, start_step, encoded, held_out, progress=True):
     save_pending, last_saved = False, start_step if start_step else None
     bar = tqdm(range(start_step, o.steps), initial=start_step, total=o.steps, desc="pre-train",
                disable=not progress, dynamic_ncols=True)
+    # each step's micro-batches (B2 pairs with B1 masks), and the data RNG's state before they were drawn
+    batches = StepBatches(run, encoded, background=run.device.type == "cuda")
 
     def stop(step, what):
         bar.close()  # the progress bar's line ends before the error's
+        batches.close()
         kept = f"{checkpoint_path} (step {last_saved}) is untouched" if last_saved is not None else "no checkpoint was written"
         raise TrainingDiverged(f"step {step}: {what}; {kept} -- try a lower --lr")
 
     for step in bar:
-        # nothing draws between the end of the previous update and here: these are the RNG states a
-        # resume from the previous step's checkpoint needs to draw the same batches, masks and dropout
-        rng_at_start = run.rng_states()
+        data_state, micro_batches = batches.next()
+        # nothing else draws between the end of the previous update and here: these are the RNG states
+        # a resume from the previous step's checkpoint needs to draw the same batches, masks and dropout
+        rng_at_start = run.rng_states(data_state)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, o.steps, o.lr, warmup_steps)  # C4
-        loss_mlm, loss_nsp, tokens = pretraining_step(run, training_model, encoded)
+        loss_mlm, loss_nsp, tokens = pretraining_step(run, training_model, micro_batches)
         tokens_seen += tokens
         scaler.unscale_(optimizer)  # the true gradients (fp16), for clipping and the norm check
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()  # before clipping
@@ -122,7 +128,8 @@ def pretraining_loop(out, run, start_step, encoded, held_out, progress=True):
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         last = {"step": step + 1, "train_mlm_loss": loss_mlm, "train_nsp_loss": loss_nsp if o.nsp else None}
-        bar.set_postfix(mlm=f"{loss_mlm:.3f}", tok_s=f"{tokens_seen / max(time.time() - started, 1e-9):,.0f}")
+        elapsed = max(time.time() - started, 1e-9)
+        bar.set_postfix(mlm=f"{loss_mlm:.3f}", tok_s=f"{tokens_seen / elapsed:,.0f}", data_wait=f"{batches.waited / elapsed:.0%}")
         if held_out and ((step + 1) % o.eval_every == 0 or step + 1 == o.steps):
             evaluation = mlm_evaluation(model, held_out, run.device, run.precision)
             last.update({"held_out_mlm_loss": evaluation["mlm_loss"], "held_out_nsp_accuracy": evaluation["nsp_accuracy"]})
@@ -132,40 +139,44 @@ def pretraining_loop(out, run, start_step, encoded, held_out, progress=True):
         if o.save_every and (step + 1) % o.save_every == 0 and step + 1 < o.steps:
             save_pending = True  # written during the next step, once its loss vouches for these weights
         if step + 1 in o.snapshot_steps:  # C6's budget sweep (not vouched for: it is not resumed from)
-            run.save(os.path.join(out, f"snapshot-{step + 1}.pt"), step + 1, run.rng_states())
+            run.save(os.path.join(out, f"snapshot-{step + 1}.pt"), step + 1, run.rng_states(batches.next_state()))
     bar.close()
     # no next step vouches for the last update: look at the weights themselves
     not_finite = [name for name, value in model.named_parameters() if not torch.isfinite(value).all()]
     if not_finite:
         stop(o.steps, f"weight {not_finite[0]} is not finite after the last update")
-    run.save(checkpoint_path, o.steps, run.rng_states())
+    run.save(checkpoint_path, o.steps, run.rng_states(batches.next_state()))
+    batches.close()
     elapsed = time.time() - started
     metrics = {**last, "final_train_mlm_loss": last.get("train_mlm_loss"), "held_out_mlm_loss": last.get("held_out_mlm_loss"),
                "ln_vocab": math.log(len(run.tokenizer)), "seconds": elapsed,
-               "tokens_per_second": tokens_seen / max(elapsed, 1e-9), "corpus": run.corpus_name, "history": run.history}
+               "tokens_per_second": tokens_seen / max(elapsed, 1e-9), "data_wait_fraction": batches.waited / max(elapsed, 1e-9),
+               "corpus": run.corpus_name, "history": run.history}
     write_json(os.path.join(out, "metrics.json"), metrics)
     return metrics
 
 
-def pretraining_step(run, training_model, encoded):
-    """One optimizer step's forward and backward passes (no update yet): B2 pairs with B1
-    masks, E4 (+ B3's weighted NSP loss), over the accumulated micro-batches.
+def pretraining_step(run, training_model, micro_batches):
+    """One optimizer step's forward and backward passes (no update yet) over its micro-batches
+    (B2 pairs with B1 masks, StepBatches): E4 (+ B3's weighted NSP loss), accumulated.
     Returns (MLM loss, NSP loss, real tokens seen)."""
     o = run.options
-    micro_batches = [data.pretraining_batch(encoded, run.tokenizer, run.data_rng, o.batch_size, o.max_length,
-                                            use_nsp=o.nsp, masking=o.masking_rule())
-                     for _ in range(o.accumulation)]
     # gradient accumulation: every micro-batch's MLM loss is divided by the masked-token count of
     # ALL micro-batches, so the summed gradient is the one big batch would give (E4's normaliser)
     num_masked_total = sum(int((b["mlm_labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
+    # on a GPU: a fixed number of predictions per sequence, so the step never waits for the GPU to
+    # say how many tokens are masked (model.gather_fixed_predictions; the same loss)
+    max_predictions = o.masking_rule().max_predictions(o.max_length) if run.device.type == "cuda" else None
+    if max_predictions and max(int((b["mlm_labels"] != IGNORE_INDEX).sum(axis=1).max()) for b in micro_batches) > max_predictions:
+        raise RuntimeError("a sequence has more masked tokens than MaskingRule.max_predictions allows")  # a bug, not input
     loss_mlm_total, loss_nsp_total, tokens = 0.0, 0.0, 0
     for micro_batch in micro_batches:
-        micro_batch = to_tensors(micro_batch, run.device)
+        micro_batch = to_tensors(micro_batch, run.device)  # pinned by StepBatches on a GPU: the copy does not block
         with autocast(run.device, run.precision), attention_backends(o.deterministic, run.device):
             loss, loss_mlm, loss_nsp = training_model(
                 micro_batch["input_ids"], micro_batch["segment_ids"], micro_batch["attention_mask"],
                 micro_batch["mlm_labels"], micro_batch["nsp_labels"] if o.nsp else None,
-                nsp_weight=o.nsp_weight / o.accumulation, num_masked_total=num_masked_total)
+                nsp_weight=o.nsp_weight / o.accumulation, num_masked_total=num_masked_total, max_predictions=max_predictions)
         run.scaler.scale(loss).backward()  # = loss.backward() unless fp16
         loss_mlm_total += loss_mlm.item()
         loss_nsp_total += 0.0 if loss_nsp is None else loss_nsp.item() / o.accumulation
@@ -519,7 +530,14 @@ def finetune(out, options, force=False, log=print, progress=True):
         config = model.config
     parse_freeze(o.freeze, config.num_layers)  # refuse a bad value before any work
     start = StartingPoint() if o.init == "scratch" else starting_point(o.init, checkpoint, model, tokenizer, o, log)
+    if o.adapt_steps and not (checkpoint.get("kind") == "pretraining" and "mlm_head" not in checkpoint.get("fresh", [])):
+        raise InputError(f"--adapt-steps continues MLM, which needs a pre-trained MLM head; {o.init} has none")
     prepare_out_folder(out, resume=False, force=force)
+    if o.adapt_steps:  # theta_0 becomes the adapted encoder; forgetting is still measured on the init's text
+        fitting = replace(o, mlm_max_length=min(o.mlm_max_length, config.max_positions))
+        adapted, _, _ = open_model(adapt_to_task(os.path.join(out, "adapted"), o.init, train_texts, fitting, log), log)
+        start.encoder_state = adapted.encoder.state_dict()
+        start.pretrained_state = adapted.state_dict() if start.pretrained_state is not None else None
     train_rows = data.classification_inputs(tokenizer, train_texts, config.max_positions, log, path=o.train)
     valid_rows = data.classification_inputs(tokenizer, valid_texts, config.max_positions, log, path=o.valid)
     train_ids = data.encode_labels(train_label_names, label_names, o.train)
@@ -529,6 +547,7 @@ def finetune(out, options, force=False, log=print, progress=True):
                                  progress=progress)
     metrics = {**info, "init": o.init, "freeze": o.freeze, "lr": o.peak_lr(), "epochs": o.epochs, "labels": label_names,
                "schedule": o.schedule, "warmup_fraction": o.warmup_fraction, **vars(o.remedies), "lora": o.lora,
+               "adapt_steps": o.adapt_steps,
                "scored_on": o.valid or f"{o.train} (training set: no --valid given)"}
     scored = (valid_rows, valid_ids) if o.valid else (train_rows, train_ids)
     metrics.update(classify(model, *scored, device, pad_id=tokenizer.pad_id))
@@ -538,6 +557,23 @@ def finetune(out, options, force=False, log=print, progress=True):
         run={"init": str(o.init), "freeze": o.freeze, "lr": o.peak_lr(), "epochs": o.epochs, "seed": o.seed}))
     write_json(os.path.join(out, "metrics.json"), metrics)
     return metrics
+
+
+def adapt_to_task(folder, init, texts, o, log=print):
+    """Task-adaptive pre-training (Gururangan et al. 2020, "Don't Stop Pretraining"): continue
+    E4's masked language modelling from `init` on the task's own texts, without their labels,
+    for o.adapt_steps steps, before fine-tuning. Each text is a one-sentence document, so MLM
+    only (no NSP). Writes a pre-training run in `folder` (its texts in folder/texts.txt) and
+    returns the folder."""
+    prepare_out_folder(folder, force=True)
+    corpus = os.path.join(folder, "texts.txt")
+    data.write_corpus(corpus, [[text] for text in texts])
+    log(f"adapting {init} to the task: {o.adapt_steps} steps of MLM on its {len(texts)} training texts")
+    pretrain(os.path.join(folder, "run"), PretrainOptions(
+        corpus=[corpus], init=str(init), steps=o.adapt_steps, nsp=False, batch_size=32, max_length=o.mlm_max_length,
+        save_every=0, eval_every=o.adapt_steps, seed=o.seed, device=o.device, deterministic=o.deterministic),
+        force=True, log=lambda *args: None, progress=False)
+    return os.path.join(folder, "run")
 
 
 def starting_point(init, checkpoint, model, tokenizer, o, log):
@@ -682,7 +718,71 @@ def seed_everything(seed):
 
 
 def to_tensors(batch, device):
-    return {key: torch.from_numpy(value).to(device) for key, value in batch.items()}
+    """numpy arrays (or tensors) -> tensors on `device`; a pinned tensor is copied without blocking."""
+    return {key: (torch.from_numpy(value) if isinstance(value, np.ndarray) else value).to(device, non_blocking=True)
+            for key, value in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------
+# A speed device, set apart: the data of the next steps built while the GPU computes
+# ----------------------------------------------------------------------------------------
+
+
+class StepBatches:
+    """Each pre-training step's micro-batches, in order, with the state the data generator had
+    before drawing them (what a checkpoint stores, for a bit-identical resume).
+
+    background=False (the CPU: the cores are busy with the step itself): built when asked.
+    background=True (a GPU): a thread builds the next steps' batches, in pinned memory, while the
+    GPU computes -- the same batches in the same order, since only that thread draws from the data
+    generator. `waited` adds up the seconds the loop spent waiting for data (pretrain reports its
+    share of the time as data_wait_fraction)."""
+
+    def __init__(self, run, encoded, background, ahead=2):
+        self.run, self.encoded, self.waited, self.pending = run, encoded, 0.0, None
+        self.queue, self.closed = (queue.Queue(maxsize=ahead) if background else None), False
+        if background:
+            threading.Thread(target=self.fill, daemon=True).start()
+
+    def build(self):
+        o, state = self.run.options, self.run.data_rng.bit_generator.state
+        batches = [data.pretraining_batch(self.encoded, self.run.tokenizer, self.run.data_rng, o.batch_size, o.max_length,
+                                          use_nsp=o.nsp, masking=o.masking_rule()) for _ in range(o.accumulation)]
+        if self.queue is not None and self.run.device.type == "cuda":
+            batches = [{key: torch.from_numpy(value).pin_memory() for key, value in b.items()} for b in batches]
+        return state, batches
+
+    def fill(self):
+        while not self.closed:
+            try:
+                item = self.build()
+            except Exception as error:  # handed to the loop, which raises it
+                item = error
+            while not self.closed:
+                try:
+                    self.queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+
+    def next(self):
+        """(data state, micro-batches) of the next step."""
+        started = time.perf_counter()
+        item, self.pending = self.pending or (self.queue.get() if self.queue is not None else self.build()), None
+        self.waited += time.perf_counter() - started
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    def next_state(self):
+        """The data generator's state before the next step's draw, without consuming it."""
+        if self.queue is None:
+            return self.run.data_rng.bit_generator.state
+        self.pending = self.pending or self.queue.get()
+        return self.pending[0] if not isinstance(self.pending, Exception) else None
+
+    def close(self):
+        self.closed = True
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import data
 import experiments
 import toyworld
 import train
-from conftest import quiet
+from conftest import assert_clear_error, quiet
 from model import Classifier, make_config
 from options import FinetuneOptions, Remedies
 from tokenizer import InputError
@@ -26,7 +26,9 @@ TINY_PLAN = {**experiments.PLANS["quick"], "seeds": 3, "toy_documents": 300, "to
              "eval_every": {"toy": 10, "stdlib": 10}, "task_choice_steps": {"toy": 20, "stdlib": None},
              "tables": {"toy": CLAIMS, "stdlib": ["C1"]}, "labels_per_class": [2], "k": 2,
              "finetune_steps": 2, "max_epochs": 2, "epoch_grid": [1, 2], "lr_grid": [1e-3], "forgetting_batches": 1,
-             "c7_unlabeled": 50, "c7_recovery_epochs": 1, "c7_timing_seconds": 0.02}
+             "c7_unlabeled": 50, "c7_recovery_epochs": 1, "c7_timing_seconds": 0.02, "adapt_steps": 3,
+             "c1_variants": {"toy": ["scratch", "head", "head-mean", "top-2", "full", "adapt-full"],
+                             "stdlib": ["scratch", "head", "head-mean", "full"]}}
 
 
 @pytest.fixture(scope="session")
@@ -70,7 +72,8 @@ def test_every_plan_can_run_to_its_end(name):
         choice_steps = plan["task_choice_steps"][corpus]
         assert choice_steps is None or choice_steps == steps or choice_steps in snapshots
         assert plan["tables"][corpus] and set(plan["tables"][corpus]) <= set(CLAIMS)
-        assert set(plan["c1_variants"][corpus]) <= {"scratch", "head", "head-mean", "top-2", "full"}
+        assert set(plan["c1_variants"][corpus]) <= {"scratch", "head", "head-mean", "top-2", "full", "adapt-head-mean", "adapt-full"}
+        assert plan.get("adapt_steps") or not any(v.startswith("adapt-") for v in plan["c1_variants"][corpus])
 
 
 def test_labels_per_class_picture_is_drawn_when_matplotlib_is_installed(tiny_run):
@@ -236,3 +239,19 @@ def test_c7_measures_every_remedy_made_from_one_teacher(tiny_run):
     assert rows[names["head"]]["task_bytes"]["mean"] < rows[names["lora-4"]]["task_bytes"]["mean"] < teacher["task_bytes"]["mean"]
     # pruned weights are zeros: the same file size, but it compresses further
     assert rows[names["pruned-50"]]["bytes_zipped"]["mean"] < 0.9 * teacher["bytes_zipped"]["mean"]
+
+
+def test_c1_has_a_task_adaptive_row_whose_encoders_continued_mlm_on_each_draw(tiny_run):
+    out, results = tiny_run
+    (table,) = [t for t in results["tables"] if t["claim"] == "C1" and t["corpus"] == "toy"]
+    assert any(row["setting"].endswith("+ task-adaptive MLM, full") for row in table["rows"])
+    for seed in range(3):  # one adapted encoder per draw of the labeled examples, 3 MLM steps on their texts
+        metrics = json.load(open(os.path.join(out, "toy", "adapted", f"k-2-seed-{seed}", "run", "metrics.json")))
+        assert metrics["step"] == 3
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="refused only where there is no CUDA GPU")
+def test_the_gpu_plan_refuses_to_start_on_a_machine_without_a_gpu(cli, tmp_path):
+    assert_clear_error(cli("experiments", "--plan", "real-text-gpu", "--out", tmp_path / "gpu"), "real-text-gpu",
+                       "no CUDA GPU", "--plan real-text")
+    assert not (tmp_path / "gpu").exists()

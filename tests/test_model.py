@@ -3,12 +3,15 @@
 import math
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+import data
 import model
-from model import IGNORE_INDEX, Classifier, Config, Encoder, PreTrainingModel, make_config, mlm_loss
+from model import IGNORE_INDEX, Classifier, Config, Encoder, Layer, PreTrainingModel, make_config, mlm_loss
+from tokenizer import SPECIAL_TOKENS, Tokenizer
 
 
 def small_config(**overrides):
@@ -239,3 +242,69 @@ def test_a_low_rank_update_starts_as_the_frozen_layer_and_merges_into_it_exactly
         assert not torch.allclose(updated[0], before, atol=1e-2)
         assert torch.allclose(merged[0], updated[0], atol=1e-5) and torch.allclose(merged[1], updated[1], atol=1e-6)
         assert set(model.state_dict()) == set(Classifier(config, num_labels=3).state_dict())  # BERT's names again
+
+
+def test_the_fixed_shape_mlm_prediction_equals_the_boolean_index_in_loss_and_gradient():
+    # model.gather_fixed_predictions (the GPU's speed device) against mlm_scores' boolean index:
+    # random masks, padded rows, rows with nothing masked, P from exactly-full to generous
+    generator = torch.Generator().manual_seed(0)
+    config = make_config("tiny", vocab_size=60, max_positions=24, hidden_size=32, num_heads=2, intermediate_size=64,
+                         dropout=0.0, attention_dropout=0.0)
+    model = PreTrainingModel(config)
+    for trial in range(20):
+        batch, length = int(torch.randint(1, 6, (1,), generator=generator)), int(torch.randint(4, 24, (1,), generator=generator))
+        input_ids = torch.randint(5, 60, (batch, length), generator=generator)
+        selected = torch.rand(batch, length, generator=generator) < 0.3
+        selected[0] = False if trial % 4 == 0 else selected[0]  # sometimes a row with no masked token
+        labels = torch.where(selected, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+        mask = torch.arange(length)[None, :] < torch.randint(1, length + 1, (batch, 1), generator=generator)
+        largest = int(selected.sum(dim=1).max())
+        losses, gradients = [], []
+        for max_predictions in (None, max(1, largest), largest + 3):
+            model.zero_grad()
+            loss = model(input_ids, None, mask, labels, num_masked_total=max(1, int(selected.sum())),
+                         max_predictions=max_predictions)[1]
+            loss.backward()
+            losses.append(loss.detach())
+            gradients.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        for loss, gradient in zip(losses[1:], gradients[1:]):
+            assert torch.allclose(loss, losses[0], atol=1e-6), trial
+            assert torch.allclose(gradient, gradients[0], atol=1e-6), trial
+
+
+def test_max_predictions_bounds_the_masked_count_of_every_sequence_b1_draws():
+    tokenizer = Tokenizer(SPECIAL_TOKENS + [f"w{i}" for i in range(50)])
+    rng = np.random.default_rng(0)
+    for probability in (0.05, 0.15, 0.3, 0.5):
+        rule = data.MaskingRule(probability)
+        for length in (8, 13, 48, 128):
+            ids = rng.integers(len(SPECIAL_TOKENS), len(tokenizer), (64, length))
+            ids[:, 0], ids[:, -1] = tokenizer.cls_id, tokenizer.sep_id
+            for row, real in enumerate(rng.integers(3, length + 1, 64)):  # padded rows of every length
+                ids[row, real - 1], ids[row, real:] = tokenizer.sep_id, tokenizer.pad_id
+            _, labels = data.mask_tokens(ids, tokenizer, rng, rule)
+            counts = (labels != IGNORE_INDEX).sum(axis=1)
+            assert counts.max() <= rule.max_predictions(length), (probability, length)
+            full = (ids != tokenizer.pad_id).all(axis=1)
+            if full.any():  # and it is reached by a full-length sequence: not a loose bound
+                assert counts[full].max() == rule.max_predictions(length)
+
+
+def test_fused_qkv_projection_equals_the_three_projections_and_their_gradients():
+    from model import fused_projections
+    torch.manual_seed(0)
+    attention = Layer(make_config("tiny", vocab_size=50, max_positions=16, hidden_size=48, num_heads=3)).attention
+    x = torch.randn(3, 7, 48, requires_grad=True)
+    separate = [attention.query(x), attention.key(x), attention.value(x)]
+    weights = torch.randn(3, 3, 7, 48)
+    (sum((w * t).sum() for w, t in zip(weights, separate))).backward()
+    projections = [p for m in (attention.query, attention.key, attention.value) for p in m.parameters()]
+    expected = [p.grad.clone() for p in projections] + [x.grad.clone()]
+    attention.zero_grad()
+    x.grad = None
+    fused = fused_projections(attention, x)
+    for a, b in zip(fused, separate):
+        assert torch.allclose(a, b, atol=1e-6)
+    (sum((w * t).sum() for w, t in zip(weights, fused))).backward()
+    for a, b in zip([p.grad for p in projections] + [x.grad], expected):
+        assert torch.allclose(a, b, atol=1e-5)

@@ -542,3 +542,54 @@ def test_lora_trains_only_the_low_rank_updates_and_the_head_and_saves_an_ordinar
     head = hidden * hidden + hidden + hidden * 8 + 8  # pooler + classifier (8 topics)
     low_rank = layers * 2 * rank * (hidden + hidden)  # A and B of query and value in every layer
     assert metrics["trainable_parameters"] == head + low_rank and metrics["task_bytes"] == 4 * (head + low_rank)
+
+
+def test_task_adaptive_pretraining_continues_mlm_on_the_training_texts_before_fine_tuning(small_world, tmp_path, cli):
+    out = tmp_path / "adapted"
+    metrics = finetune(out, small_world["pre"], small_world["train"], small_world["valid"], freeze="head", adapt_steps=6,
+                       epochs=1)
+    adapted = torch.load(out / "adapted" / "run" / "checkpoint.pt", weights_only=True)
+    assert adapted["step"] == 6 and adapted["run"]["init"] == small_world["pre"] and not adapted["run"]["nsp"]
+    texts = (out / "adapted" / "texts.txt").read_text().split("\n\n")
+    assert len([t for t in texts if t.strip()]) == len(data.read_tsv(small_world["train"])[0])  # one document per text
+    # the frozen encoder of the classifier is the ADAPTED one, not the original pre-trained one
+    original = torch.load(os.path.join(small_world["pre"], "checkpoint.pt"), weights_only=True)["model"]
+    tuned = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+    name = "encoder.layers.0.attention.query.weight"
+    assert torch.equal(tuned[name], adapted["model"][name]) and not torch.equal(tuned[name], original[name])
+    assert metrics["adapt_steps"] == 6
+    assert_clear_error(cli("finetune", "--init", "scratch", "--train", small_world["train"], "--out", tmp_path / "x",
+                           "--adapt-steps", 5), "--adapt-steps", "scratch")
+    assert_clear_error(cli("finetune", "--init", out, "--train", small_world["train"], "--out", tmp_path / "x",
+                           "--adapt-steps", 5), "--adapt-steps", "MLM head")
+    assert not (tmp_path / "x").exists()
+
+
+def test_batches_built_in_the_background_are_the_batches_built_in_the_loop_with_their_data_states(small_world):
+    # train.StepBatches: the GPU's background thread must hand the loop exactly what building each
+    # step's batches in the loop would, with the data generator's state before each step's draw
+    from types import SimpleNamespace
+    tokenizer = Tokenizer.load(os.path.join(small_world["pre"], "vocab.txt"))
+    encoded = data.encode_documents(tokenizer, data.read_corpus([small_world["corpus"]]))
+    options = PretrainOptions(batch_size=4, accumulation=2, max_length=24)
+    streams = []
+    for background in (False, True):
+        run = SimpleNamespace(options=options, tokenizer=tokenizer, data_rng=np.random.default_rng(3), device=torch.device("cpu"))
+        batches, drawn = train.StepBatches(run, encoded, background=background), []
+        for step in range(5):
+            if step == 2:
+                peeked = batches.next_state()
+            drawn.append(batches.next())
+        batches.close()
+        streams.append((drawn, peeked))
+    (in_loop, peeked_in_loop), (in_background, peeked_in_background) = streams
+    assert peeked_in_loop == peeked_in_background == in_loop[2][0]
+    for (state, micro_batches), (state_b, micro_batches_b) in zip(in_loop, in_background):
+        assert state == state_b and len(micro_batches) == len(micro_batches_b) == 2
+        for a, b in zip(micro_batches, micro_batches_b):
+            assert all(np.array_equal(a[key], np.asarray(b[key])) for key in a)
+    # the state recorded for a step redraws that step's batches
+    replay = SimpleNamespace(options=options, tokenizer=tokenizer, data_rng=np.random.default_rng(), device=torch.device("cpu"))
+    replay.data_rng.bit_generator.state = in_loop[3][0]
+    assert all(np.array_equal(a[key], b[key]) for a, b in zip(train.StepBatches(replay, encoded, False).next()[1],
+                                                                in_loop[3][1]) for key in a)
