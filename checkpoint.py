@@ -25,7 +25,7 @@ import os
 import random
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -33,6 +33,7 @@ import torch
 import hf
 from model import Classifier, Config, PreTrainingModel
 from options import SIZE_FIELDS, PretrainOptions
+from parallel import Processes, gather_from_processes
 from tokenizer import InputError, Tokenizer
 
 
@@ -214,6 +215,7 @@ class PretrainingRun:
     device: torch.device
     precision: str
     history: list
+    processes: Processes = field(default_factory=Processes)  # under torchrun: this process among N (parallel.py)
 
     def rng_states(self, data_state=None):
         """Every generator's state now; data_state: the data generator's, where a background thread
@@ -226,17 +228,22 @@ class PretrainingRun:
         if checkpoint.get("scaler"):
             self.scaler.load_state_dict(checkpoint["scaler"])
         self.history[:] = checkpoint.get("history", [])
-        self.data_rng.bit_generator.state = checkpoint["rng"]["numpy"]
-        random.setstate(checkpoint["rng"]["python"])
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        if self.device.type == "cuda" and checkpoint["rng"].get("cuda"):
-            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])  # dropout masks drawn on the GPU
+        rng = checkpoint["rng_by_rank"][self.processes.rank] if self.processes.world_size > 1 else checkpoint["rng"]
+        self.data_rng.bit_generator.state = rng["numpy"]
+        random.setstate(rng["python"])
+        torch.set_rng_state(rng["torch"])
+        if self.device.type == "cuda" and rng.get("cuda"):
+            torch.cuda.set_rng_state_all(rng["cuda"])  # dropout masks drawn on the GPU
 
     def save(self, path, step, rng):
+        """Every process calls it; rank 0 writes, with every process's generators (rng_by_rank)."""
+        by_rank = gather_from_processes(rng, self.processes)
+        if not self.processes.main:
+            return
         save_atomic(path, make_checkpoint(
             "pretraining", self.model.state_dict(), self.model.config, self.tokenizer, step=step,
-            optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(), history=self.history, rng=rng,
-            run=run_settings(self.options, self.corpus_name)))
+            optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(), history=self.history, rng=by_rank[0],
+            rng_by_rank=by_rank, run=run_settings(self.options, self.corpus_name, self.processes.world_size)))
 
 
 def finished_run(out, steps):
@@ -249,23 +256,24 @@ def finished_run(out, steps):
     return {**metrics, "already_finished": True} if metrics.get("step", 0) >= steps else None
 
 
-def run_settings(o, corpus_name):
+def run_settings(o, corpus_name, world_size=1):
     """The settings a pre-training checkpoint records as its `run` (a resume compares some)."""
     return dict(corpus=corpus_name, config=o.config, init=o.init, nsp=o.nsp, max_length=o.max_length,
                 batch_size=o.batch_size, vocab_size=o.model_config().vocab_size, lr=o.lr, steps=o.steps, seed=o.seed,
-                mask_probability=o.mask_probability)
+                mask_probability=o.mask_probability, world_size=world_size)
 
 
-# what a --resume must keep: the data, the task and the batch (the rate and the step count may change)
-RESUME_MUST_MATCH = ("corpus", "config", "init", "nsp", "max_length", "batch_size", "vocab_size")
+# what a --resume must keep: the data, the task and the batch (the rate and the step count may
+# change); under torchrun the number of processes too (each one's data stream is in the checkpoint)
+RESUME_MUST_MATCH = ("corpus", "config", "init", "nsp", "max_length", "batch_size", "vocab_size", "world_size")
 
 
-def check_resume_settings(checkpoint, o, corpus_name, path):
+def check_resume_settings(checkpoint, o, corpus_name, path, world_size=1):
     """A --resume must agree with the checkpoint on the data, the task and the model; the
     refusal names each difference. With --init the sizes are the init's (compared through init)."""
-    requested, settings = o.model_config(), run_settings(o, corpus_name)
+    requested, settings = o.model_config(), run_settings(o, corpus_name, world_size)
     expected = {key: settings[key] for key in RESUME_MUST_MATCH}
-    found = {key: checkpoint.get("run", {}).get(key) for key in expected}
+    found = {key: checkpoint.get("run", {}).get(key, 1 if key == "world_size" else None) for key in expected}
     fields = ["dropout", "attention"] + ([] if o.init else list(SIZE_FIELDS))
     expected.update({f: getattr(requested, f) for f in fields})
     found.update({f: checkpoint["config"].get(f) for f in fields})

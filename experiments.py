@@ -143,10 +143,11 @@ PLANS["task-adaptive"] = {
     "corpora": ["stdlib"],
     "pretrain_steps": {"toy": None, "stdlib": 10000},
     "snapshot_steps": {"toy": [], "stdlib": []},
-    "tables": {"toy": [], "stdlib": ["C1"]},
+    "tables": {"toy": [], "stdlib": ["C1", "C3"]},
     "labels_per_class": [16, "all"],
     "c1_variants": {"toy": [], "stdlib": ["scratch", "head", "head-mean", "adapt-head-mean", "full", "adapt-full"]},
     "adapt_steps": 500,
+    "finetune_steps": 1100,                      # 15 epochs at k=16, 5 over every label
 }
 
 # C7 alone, on both corpora: one teacher per seed (full fine-tuning on k labels per class) and

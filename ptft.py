@@ -13,6 +13,7 @@
     python ptft.py bench ...       MLM training/inference tokens/s and MFU (vs transformers)
     python ptft.py experiments     every claim C1-C7 as a table with error bars (experiments.py)
 
+`torchrun --nproc_per_node N ptft.py pretrain ...` pre-trains data-parallel (parallel.py).
 Wherever a command takes --init, a Hugging Face BERT folder (config.json, model.safetensors or
 pytorch_model.bin, vocab.txt) works as well as a ptft run folder.
 
@@ -503,6 +504,10 @@ def main(argv=None):
             args = parser.parse_args(["demo"])
     except SystemExit as exit:  # --help (0) or a flag argparse itself refuses (2)
         return exit.code
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command != "pretrain":  # started by torchrun
+        print(f"error: {args.command} under torchrun: only pretrain runs data-parallel (parallel.py); run "
+              f"{args.command} as one process", file=sys.stderr)
+        return 2
     if getattr(args, "deterministic", False):  # cuBLAS reads it once, when it starts: before any GPU work
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     try:

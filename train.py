@@ -19,6 +19,7 @@ import random
 import re
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -50,6 +51,7 @@ from options import (
     pick_device,
     pick_precision,
 )
+from parallel import data_parallel, finish, processes_from_environment, same_on_every_process, sum_over_processes
 from tokenizer import MASK, InputError, Tokenizer, train_tokenizer
 
 # where tokenised corpora are cached (data.encode_documents); PTFT_CACHE="" turns it off
@@ -83,7 +85,9 @@ def pretraining_loop(out, run, start_step, encoded, held_out, progress=True):
     checkpoint_path = os.path.join(out, "checkpoint.pt")
     # --compile: torch.compile traces and fuses the forward; the first steps are slow while it
     # compiles. It shares `model`'s weights; `model` is what we evaluate and save (clean names).
-    training_model = torch.compile(model) if o.compile else model
+    # under torchrun: DistributedDataParallel, the gradients summed across processes (parallel.py)
+    training_model = data_parallel(model, run.processes, run.device)
+    training_model = torch.compile(training_model) if o.compile else training_model
     warmup_steps = o.warmup_steps if o.warmup_steps is not None else max(1, o.steps // 20)
     model.train()
     started, tokens_seen, last = time.time(), 0, {}
@@ -92,7 +96,7 @@ def pretraining_loop(out, run, start_step, encoded, held_out, progress=True):
     # is finite). A diverging run therefore never replaces the last good checkpoint with bad weights.
     save_pending, last_saved = False, start_step if start_step else None
     bar = tqdm(range(start_step, o.steps), initial=start_step, total=o.steps, desc="pre-train",
-               disable=not progress, dynamic_ncols=True)
+               disable=not (progress and run.processes.main), dynamic_ncols=True)
     # each step's micro-batches (B2 pairs with B1 masks), and the data RNG's state before they were drawn
     batches = StepBatches(run, encoded, background=run.device.type == "cuda")
 
@@ -134,8 +138,9 @@ def pretraining_loop(out, run, start_step, encoded, held_out, progress=True):
             evaluation = mlm_evaluation(model, held_out, run.device, run.precision)
             last.update({"held_out_mlm_loss": evaluation["mlm_loss"], "held_out_nsp_accuracy": evaluation["nsp_accuracy"]})
             run.history.append(last)
-            bar.write(f"step {step + 1}: train MLM {loss_mlm:.3f}, held-out MLM {evaluation['mlm_loss']:.3f}"
-                      + (f", held-out NSP accuracy {evaluation['nsp_accuracy']:.3f}" if o.nsp else ""))
+            if run.processes.main:
+                bar.write(f"step {step + 1}: train MLM {loss_mlm:.3f}, held-out MLM {evaluation['mlm_loss']:.3f}"
+                          + (f", held-out NSP accuracy {evaluation['nsp_accuracy']:.3f}" if o.nsp else ""))
         if o.save_every and (step + 1) % o.save_every == 0 and step + 1 < o.steps:
             save_pending = True  # written during the next step, once its loss vouches for these weights
         if step + 1 in o.snapshot_steps:  # C6's budget sweep (not vouched for: it is not resumed from)
@@ -151,8 +156,10 @@ def pretraining_loop(out, run, start_step, encoded, held_out, progress=True):
     metrics = {**last, "final_train_mlm_loss": last.get("train_mlm_loss"), "held_out_mlm_loss": last.get("held_out_mlm_loss"),
                "ln_vocab": math.log(len(run.tokenizer)), "seconds": elapsed,
                "tokens_per_second": tokens_seen / max(elapsed, 1e-9), "data_wait_fraction": batches.waited / max(elapsed, 1e-9),
-               "corpus": run.corpus_name, "history": run.history}
-    write_json(os.path.join(out, "metrics.json"), metrics)
+               "processes": run.processes.world_size, "corpus": run.corpus_name, "history": run.history}
+    if run.processes.main:
+        write_json(os.path.join(out, "metrics.json"), metrics)
+    finish(run.processes)
     return metrics
 
 
@@ -163,25 +170,35 @@ def pretraining_step(run, training_model, micro_batches):
     o = run.options
     # gradient accumulation: every micro-batch's MLM loss is divided by the masked-token count of
     # ALL micro-batches, so the summed gradient is the one big batch would give (E4's normaliser)
-    num_masked_total = sum(int((b["mlm_labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
+    # under torchrun the same rule across processes: the count is summed over all of them, and so
+    # are the gradients (parallel.sum_gradients); NSP's per-process means are divided like micro-batches'
+    num_masked_total = int(sum_over_processes([sum(int((b["mlm_labels"] != IGNORE_INDEX).sum()) for b in micro_batches)],
+                                              run.processes, run.device)[0])
+    shares = o.accumulation * run.processes.world_size
     # on a GPU: a fixed number of predictions per sequence, so the step never waits for the GPU to
     # say how many tokens are masked (model.gather_fixed_predictions; the same loss)
     max_predictions = o.masking_rule().max_predictions(o.max_length) if run.device.type == "cuda" else None
     if max_predictions and max(int((b["mlm_labels"] != IGNORE_INDEX).sum(axis=1).max()) for b in micro_batches) > max_predictions:
         raise RuntimeError("a sequence has more masked tokens than MaskingRule.max_predictions allows")  # a bug, not input
     loss_mlm_total, loss_nsp_total, tokens = 0.0, 0.0, 0
-    for micro_batch in micro_batches:
+    for number, micro_batch in enumerate(micro_batches, start=1):
         micro_batch = to_tensors(micro_batch, run.device)  # pinned by StepBatches on a GPU: the copy does not block
-        with autocast(run.device, run.precision), attention_backends(o.deterministic, run.device):
-            loss, loss_mlm, loss_nsp = training_model(
-                micro_batch["input_ids"], micro_batch["segment_ids"], micro_batch["attention_mask"],
-                micro_batch["mlm_labels"], micro_batch["nsp_labels"] if o.nsp else None,
-                nsp_weight=o.nsp_weight / o.accumulation, num_masked_total=num_masked_total, max_predictions=max_predictions)
-        run.scaler.scale(loss).backward()  # = loss.backward() unless fp16
+        # under torchrun, the gradients are summed across processes once, after the last micro-batch
+        later = training_model.no_sync if number < len(micro_batches) and hasattr(training_model, "no_sync") else nullcontext
+        with later():
+            with autocast(run.device, run.precision), attention_backends(o.deterministic, run.device):
+                loss, loss_mlm, loss_nsp = training_model(
+                    micro_batch["input_ids"], micro_batch["segment_ids"], micro_batch["attention_mask"],
+                    micro_batch["mlm_labels"], micro_batch["nsp_labels"] if o.nsp else None,
+                    nsp_weight=o.nsp_weight / shares, num_masked_total=num_masked_total, max_predictions=max_predictions)
+            run.scaler.scale(loss).backward()  # = loss.backward() unless fp16
         loss_mlm_total += loss_mlm.item()
-        loss_nsp_total += 0.0 if loss_nsp is None else loss_nsp.item() / o.accumulation
+        loss_nsp_total += 0.0 if loss_nsp is None else loss_nsp.item() / shares
         tokens += int(micro_batch["attention_mask"].sum())
-    return loss_mlm_total, loss_nsp_total, tokens
+    # the whole step's losses (each process's MLM share is already over the total count) and tokens
+    loss_mlm_total, loss_nsp_total, tokens = sum_over_processes([loss_mlm_total, loss_nsp_total, tokens], run.processes,
+                                                                run.device)
+    return loss_mlm_total, loss_nsp_total, int(tokens)
 
 
 @torch.no_grad()
@@ -214,18 +231,32 @@ def start_pretraining(out, o, resume, force, log):
     """Everything before the first step: the corpus, the tokenizer, the model (new, from --init,
     or resumed) and its optimizer. Returns (run, first step, encoded corpus, held-out batches)."""
     device = pick_device(o.device)
+    processes = processes_from_environment(device)  # under torchrun: this process among N (parallel.py)
+    if device.type == "cuda" and processes.world_size > 1:
+        device = torch.device("cuda", processes.local_rank)
+    log = log if processes.main else (lambda *args: None)
     precision = pick_precision(o.precision, device)
-    prepare_out_folder(out, resume, force)
+    refused = None
+    if processes.main:  # one process prepares the folder; every process hears whether it could
+        try:
+            prepare_out_folder(out, resume, force)
+        except InputError as error:
+            refused = str(error)
+    refused = same_on_every_process(refused, processes)
+    if refused:
+        raise InputError(refused)
     checkpoint_path = os.path.join(out, "checkpoint.pt")
     resume_from = load_checkpoint(checkpoint_path) if resume and os.path.exists(checkpoint_path) else None
     if resume_from is not None and resume_from.get("kind") != "pretraining":
         raise InputError(f"{checkpoint_path}: not a pre-training checkpoint, cannot --resume it")
     corpus_name, documents = data.load_corpus(o.corpus)
     training_documents, held_out_documents = data.split_held_out(documents)
-    config, tokenizer, weights = model_and_tokenizer(o, out, resume_from, corpus_name, training_documents, log)
+    config, tokenizer, weights = model_and_tokenizer(o, out, resume_from, corpus_name, training_documents, log,
+                                                     processes.world_size)
     if o.max_length > config.max_positions:
         raise InputError(f"--max-length {o.max_length} exceeds the position table ({config.max_positions})")
-    tokenizer.save(os.path.join(out, "vocab.txt"))
+    if processes.main:
+        tokenizer.save(os.path.join(out, "vocab.txt"))
     encoded = data.encode_documents(tokenizer, training_documents, TOKEN_CACHE)
     if o.nsp and (len(encoded) < 2 or not any(len(d) >= 2 for d in encoded)):
         raise InputError(f"{corpus_name}: next-sentence prediction needs at least 2 documents (separated by a blank line), "
@@ -234,16 +265,19 @@ def start_pretraining(out, o, resume, force, log):
                                      o.nsp)
 
     data_rng = seed_everything(o.seed)
-    model = PreTrainingModel(config).to(device)
+    model = PreTrainingModel(config).to(device)  # the same initialisation in every process
     if weights is not None:
         model.load_state_dict(weights)
+    if processes.rank > 0:  # its own data stream and dropout masks; rank 0's are a plain run's
+        data_rng = np.random.default_rng([o.seed, processes.rank])
+        torch.manual_seed(o.seed + processes.rank)
     # fp16 keeps 5 exponent bits: small gradients would underflow to 0. The GradScaler multiplies
     # the loss by S before backward, divides the gradients by S before the update, and skips a step
     # whose scaled gradients overflowed (then halves S). bf16 has fp32's range: no scaler (disabled).
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     run = PretrainingRun(options=o, corpus_name=corpus_name, model=model, tokenizer=tokenizer,
                          optimizer=make_optimizer(model, o.lr), scaler=scaler, data_rng=data_rng, device=device,
-                         precision=precision, history=[])
+                         precision=precision, history=[], processes=processes)
     start_step = 0
     if resume_from is not None:
         run.restore(resume_from)
@@ -252,16 +286,18 @@ def start_pretraining(out, o, resume, force, log):
     log(f"pre-training {f'from {o.init}' if o.init else f'a {o.config} encoder'} ({count_parameters(model.encoder):,} "
         f"parameters, vocab {len(tokenizer)}) on {corpus_name}: {len(encoded)} documents, "
         f"{sum(len(s) for d in encoded for s in d):,} tokens; {held_out_documents and len(held_out_documents) or 'no'} "
-        f"held out; {device}, {precision}")
+        f"held out; {device}, {precision}"
+        + (f"; {processes.world_size} processes, {o.batch_size * processes.world_size * o.accumulation} sequences a step"
+           if processes.world_size > 1 else ""))
     return run, start_step, encoded, held_out
 
 
-def model_and_tokenizer(o, out, resume_from, corpus_name, documents, log):
+def model_and_tokenizer(o, out, resume_from, corpus_name, documents, log, world_size=1):
     """(Config, tokenizer, weights or None) of the model to pre-train: a resumed run's, an
     --init's, or a new WordPiece vocabulary and (weights None) a random initialisation."""
     requested = o.model_config()
     if resume_from is not None:
-        check_resume_settings(resume_from, o, corpus_name, os.path.join(out, "checkpoint.pt"))
+        check_resume_settings(resume_from, o, corpus_name, os.path.join(out, "checkpoint.pt"), world_size)
         return Config(**resume_from["config"]), Tokenizer.from_checkpoint(resume_from), resume_from["model"]
     if o.init:
         initial = load_checkpoint(o.init, log)

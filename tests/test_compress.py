@@ -14,7 +14,7 @@ import train
 from checkpoint import from_int8_rows, open_model, to_int8_rows
 from conftest import assert_clear_error, quiet
 from model import IGNORE_INDEX, Classifier, make_config
-from options import FinetuneOptions
+from options import DistillOptions, FinetuneOptions, PretrainOptions
 
 
 @pytest.fixture(scope="module")
@@ -210,3 +210,31 @@ def test_int8_arithmetic_stays_within_the_int8_tolerance_of_the_float_model(teac
     # quantised too, so it is looser than stored int8's 5%
     assert (found - expected).abs().max() <= 0.10 * expected.abs().max()
     assert any(type(m).__module__.startswith("torch.ao") for m in int8_model.modules())  # int8 layers, not a no-op
+
+
+def test_low_rank_updates_of_rank_0_change_nothing():
+    torch.manual_seed(0)
+    model = Classifier(make_config("tiny", vocab_size=40, max_positions=16, dropout=0.0, attention_dropout=0.0), 3).eval()
+    input_ids = torch.randint(0, 40, (4, 10))
+    with torch.no_grad():
+        before = model(input_ids)
+        model.add_low_rank_updates(0)  # A: (0, in), B: (out, 0) -- B A is all zeros
+        assert torch.equal(model(input_ids), before)
+        model.merge_low_rank_updates()
+        assert torch.equal(model(input_ids), before)
+
+
+def test_a_student_can_start_from_a_smaller_pre_trained_encoder_with_its_own_vocabulary(small_world, teacher, tmp_path):
+    smaller = str(tmp_path / "smaller")
+    train.pretrain(smaller, PretrainOptions(corpus=[small_world["corpus"]], steps=5, batch_size=8, max_length=32,
+                                                  vocab_size=300, hidden_size=32, num_layers=1, num_heads=2,
+                                                  intermediate_size=64, save_every=0, eval_every=5, device="cpu"),
+                   log=quiet, progress=False)
+    out = tmp_path / "student"
+    metrics = compress.distill(str(out), DistillOptions(teacher=teacher, train=small_world["train"],
+                                                                 student_init=smaller, epochs=1, device="cpu"),
+                               log=quiet, progress=False)
+    student, tokenizer, _ = open_model(str(out))
+    pre_trained, pre_tokenizer, _ = open_model(smaller)
+    assert student.config.hidden_size == 32 and tokenizer.vocab == pre_tokenizer.vocab  # its size and vocabulary
+    assert metrics["total_parameters"] < metrics["teacher_parameters"]

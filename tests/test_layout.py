@@ -10,7 +10,8 @@ import pytest
 from conftest import ROOT
 
 # README's layout, bottom to top: each file imports only files before it (no import circles)
-STACK = ["model", "tokenizer", "toyworld", "data", "hf", "options", "checkpoint", "train", "compress", "bench", "experiments", "ptft"]
+STACK = ["model", "tokenizer", "toyworld", "data", "hf", "options", "parallel", "checkpoint", "train", "compress", "bench",
+         "experiments", "ptft"]
 
 
 def top_level_imports(name):

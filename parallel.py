@@ -1,0 +1,105 @@
+"""Data parallelism: one process per GPU (or per CPU process), started by torchrun.
+
+    torchrun --nproc_per_node 2 ptft.py pretrain --out runs/pre ...        (one machine)
+    torchrun --nnodes 2 --node_rank R --nproc_per_node 8 \\
+             --rdzv_backend c10d --rdzv_endpoint HOST:29500 ptft.py pretrain ...   (two machines)
+
+torchrun starts N copies of the program and tells each its RANK (0 .. N-1), the WORLD_SIZE N and
+its LOCAL_RANK on its machine. Every process holds the whole model, trains on its own part of
+each step's batch, and after the backward pass the gradients are summed across processes
+(PyTorch's DistributedDataParallel: NCCL between GPUs, gloo between CPU processes), so every
+process takes the same update. Plain `python ptft.py pretrain` is one process and none of this runs.
+
+The one rule that needs care is E4's normaliser: the MLM loss is a sum over the masked tokens
+of the WHOLE step divided by their number. Each process divides its own sum by the total count
+(summed across processes first), and the gradients are SUMMED, not averaged (sum_gradients) --
+the same rule as gradient accumulation across micro-batches (train.pretraining_step).
+
+Run `python parallel.py` to see what this process would be.
+"""
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Processes:
+    """Who this process is among the N training together (N = 1: a plain run)."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self):
+        """Rank 0 alone writes checkpoints, metrics and the progress bar."""
+        return self.rank == 0
+
+
+def processes_from_environment(device):
+    """torchrun's environment -> Processes; with WORLD_SIZE > 1 the process group is started
+    (NCCL on GPUs, gloo on CPUs) and, on GPUs, this process is given GPU LOCAL_RANK."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Processes()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Processes(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def sum_over_processes(values, processes, device):
+    """A list of numbers summed across processes (itself when there is one)."""
+    if processes.world_size == 1:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def gather_from_processes(value, processes):
+    """Every process's `value` (any picklable object), as a list indexed by rank."""
+    if processes.world_size == 1:
+        return [value]
+    gathered = [None] * processes.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def same_on_every_process(value, processes):
+    """Rank 0's value, on every process (e.g. a decision only rank 0 can make)."""
+    if processes.world_size == 1:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def sum_gradients(process_group, bucket):
+    """A DistributedDataParallel communication hook: SUM each bucket of gradients across
+    processes (the default hook averages them). See the module's docstring for why."""
+    return dist.all_reduce(bucket.buffer(), group=process_group, async_op=True).get_future().then(lambda f: f.value()[0])
+
+
+def data_parallel(model, processes, device):
+    """model wrapped for data-parallel training (gradients summed across processes), or model itself."""
+    if processes.world_size == 1:
+        return model
+    wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[processes.local_rank] if device.type == "cuda" else None)
+    wrapped.register_comm_hook(None, sum_gradients)
+    return wrapped
+
+
+def finish(processes):
+    if processes.world_size > 1 and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    print(f"WORLD_SIZE {os.environ.get('WORLD_SIZE', '1')}, RANK {os.environ.get('RANK', '0')}: "
+          f"{Processes() if 'WORLD_SIZE' not in os.environ else 'started by torchrun'}")

@@ -1,0 +1,126 @@
+"""Data parallelism (parallel.py) as a specification, on the CPU with gloo and 2 processes:
+N processes of batch b take the steps one process of batch N*b takes, E4's normaliser exact
+across processes; a 2-process run killed mid-way resumes bit-identical."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import data
+import parallel
+import toyworld
+import train
+from conftest import ROOT, assert_clear_error
+from model import IGNORE_INDEX, PreTrainingModel, make_config
+from options import PretrainOptions
+from tokenizer import SPECIAL_TOKENS, Tokenizer
+
+STEPS, PER_PROCESS = 3, 6
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def step_batches():
+    """STEPS batches of 2 * PER_PROCESS sentence pairs with B1 masks, and a tiny model's config."""
+    tokenizer = Tokenizer(SPECIAL_TOKENS + [f"w{i}" for i in range(60)])
+    rng = np.random.default_rng(0)
+    documents = [[rng.integers(len(SPECIAL_TOKENS), len(tokenizer), int(n)) for n in rng.integers(3, 12, 4)] for _ in range(30)]
+    batches = [data.pretraining_batch(documents, tokenizer, rng, 2 * PER_PROCESS, 24) for _ in range(STEPS)]
+    config = make_config("tiny", vocab_size=len(tokenizer), max_positions=24, hidden_size=32, num_heads=2,
+                         intermediate_size=64, dropout=0.0, attention_dropout=0.0)
+    return batches, config
+
+
+def train_steps(processes, rows):
+    """STEPS optimizer steps of train.pretraining_step on this process's `rows` of each batch."""
+    batches, config = step_batches()
+    torch.manual_seed(0)
+    model = PreTrainingModel(config)
+    optimizer = train.make_optimizer(model, 1e-2)
+    run = SimpleNamespace(options=PretrainOptions(), device=torch.device("cpu"), precision="fp32", processes=processes,
+                          scaler=torch.amp.GradScaler("cpu", enabled=False))
+    training_model = parallel.data_parallel(model, processes, run.device)
+    counts = []
+    for batch in batches:
+        part = {key: value[rows] for key, value in batch.items()}
+        counts.append(int((part["mlm_labels"] != IGNORE_INDEX).sum()))
+        train.pretraining_step(run, training_model, [part])
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.state_dict(), counts
+
+
+def two_process_worker(rank, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    processes = parallel.processes_from_environment(torch.device("cpu"))
+    state, counts = train_steps(processes, slice(rank * PER_PROCESS, (rank + 1) * PER_PROCESS))
+    torch.save({"state": state, "counts": counts}, os.path.join(out, f"rank-{rank}.pt"))
+    parallel.finish(processes)
+
+
+def test_two_processes_of_batch_b_take_the_steps_of_one_process_of_batch_2b(tmp_path):
+    mp.spawn(two_process_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    expected, _ = train_steps(parallel.Processes(), slice(0, 2 * PER_PROCESS))
+    ranks = [torch.load(tmp_path / f"rank-{r}.pt", weights_only=True) for r in range(2)]
+    assert any(a != b for a, b in zip(ranks[0]["counts"], ranks[1]["counts"]))  # unequal masked counts: E4's rule matters
+    for name, value in expected.items():
+        assert torch.equal(ranks[0]["state"][name], ranks[1]["state"][name]), name  # every process took the same update
+        assert torch.allclose(ranks[0]["state"][name], value, atol=1e-6), name
+
+
+def torchrun(*args):
+    """`torchrun --nproc_per_node 2 ptft.py ARGS` as a process group of its own (for SIGKILL)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+               os.path.join(ROOT, "ptft.py"), *map(str, args)]
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="process groups")
+def test_a_two_process_run_killed_mid_way_resumes_bit_identical(tmp_path, cli):
+    corpus = tmp_path / "corpus.txt"
+    data.write_corpus(str(corpus), toyworld.toy_world(seed=2, num_documents=100)["unlabeled"])
+    common = ["pretrain", "--corpus", corpus, "--steps", 30, "--batch-size", 4, "--max-length", 32, "--vocab-size", 300,
+              "--save-every", 2, "--eval-every", 1000, "--device", "cpu", "--precision", "fp32", "--seed", 1]
+    reference = torchrun(*common, "--out", tmp_path / "reference")
+    assert reference.wait(timeout=300) == 0, reference.stderr.read()
+    run = tmp_path / "killed"
+    victim = torchrun(*common, "--out", run)
+    while victim.poll() is None:
+        path = run / "checkpoint.pt"
+        if path.exists() and torch.load(path, weights_only=True)["step"] >= 10:
+            os.killpg(victim.pid, signal.SIGKILL)  # the launcher and both workers, no chance to clean up
+            break
+    victim.wait()
+    assert victim.returncode == -9, "the run finished before it could be killed"
+    resumed = torchrun(*common, "--out", run, "--resume")
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    expected = torch.load(tmp_path / "reference" / "checkpoint.pt", weights_only=True)
+    found = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert found["step"] == expected["step"] == 30 and len(found["rng_by_rank"]) == 2
+    assert found["run"]["world_size"] == 2
+    for name, value in expected["model"].items():
+        assert torch.equal(found["model"][name], value), name
+    # its data streams are those of 2 processes: one process may not continue it
+    assert_clear_error(cli(*common, "--out", run, "--resume", "--steps", 40), "world_size: checkpoint 2 vs now 1")
+
+
+def test_commands_other_than_pretrain_refuse_to_run_under_torchrun(cli, monkeypatch, small_world, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert_clear_error(cli("finetune", "--init", small_world["pre"], "--train", small_world["train"], "--out", tmp_path / "x"),
+                       "finetune under torchrun")
+    assert not (tmp_path / "x").exists()
+
