@@ -117,7 +117,7 @@ def time_transformers(model_config, batch, precision, compiled, steps, device):
     hf_model = transformers.BertForMaskedLM(hf_config).to(device).train()
     optimizer = train.make_optimizer(hf_model, 1e-4)
     run = torch.compile(hf_model) if compiled else hf_model
-    attention_mask = batch["attention_mask"].long()
+    attention_mask = None if batch["attention_mask"] is None else batch["attention_mask"].long()
 
     def step():
         with options.autocast(device, precision):
@@ -159,7 +159,8 @@ def bench(o, log=print):
     keys[:, [0, -1]] = 2.0  # never [CLS] or the last [SEP]
     selected = torch.from_numpy(np.argsort(np.argsort(keys, axis=1), axis=1) < max_predictions).to(device)
     batch = {"input_ids": input_ids, "segment_ids": torch.zeros_like(input_ids),
-             "attention_mask": torch.ones_like(input_ids, dtype=torch.bool),
+             # no padding: on a GPU no mask at all, as pretrain does (SDPA may pick FlashAttention)
+             "attention_mask": None if device.type == "cuda" else torch.ones_like(input_ids, dtype=torch.bool),
              "mlm_labels": torch.where(selected, input_ids, torch.full_like(input_ids, IGNORE_INDEX))}
     num_masked, tokens = int(selected.sum()), batch_size * length
     precisions = ["fp32"] + (["bf16"] if options.pick_precision("auto", device) == "bf16" else [])

@@ -121,14 +121,17 @@ class SelfAttention(nn.Module):
 
     def forward(self, x, additive_mask):
         # x: (B, T, H); additive_mask: (B, 1, 1, T), 0 where a key is a real token and a very
-        # negative number where it is padding, so that padding gets probability ~0 (exp(-big)).
+        # negative number where it is padding, so that padding gets probability ~0 (exp(-big));
+        # None where no sequence has padding.
         if not fused_projections_apply(self, x):
             q, k, v = self.split_heads(self.query(x)), self.split_heads(self.key(x)), self.split_heads(self.value(x))
         else:  # the same three projections as one matmul (a speed device: fused_projections)
             q, k, v = (self.split_heads(t) for t in fused_projections(self, x))
         if not (self.use_sdpa and fused_attention_applies(self, x)):
             # scores[b, head, i, j] = q_i . k_j / sqrt(d) + mask_j          (B, h, T, T)
-            scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_size) + additive_mask
+            scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_size)
+            if additive_mask is not None:
+                scores = scores + additive_mask
             # each query's weights over the keys sum to one                (B, h, T, T)
             probabilities = self.attention_dropout(scores.softmax(dim=-1))
             # weighted sum of the values                                   (B, h, T, d)
@@ -182,14 +185,14 @@ class Encoder(nn.Module):
         """
         if segment_ids is None:
             segment_ids = torch.zeros_like(input_ids)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
         x = self.embeddings(input_ids, segment_ids)
-        # (B, T) -> (B, 1, 1, T): broadcast over heads and queries. The most negative finite
-        # number of the dtype (not -inf) keeps an all-padding row from producing NaN.
-        additive_mask = torch.zeros(attention_mask.shape, dtype=x.dtype, device=x.device)
-        additive_mask = additive_mask.masked_fill(~attention_mask.bool(), torch.finfo(x.dtype).min)
-        additive_mask = additive_mask[:, None, None, :]
+        additive_mask = None  # attention_mask None: no padding, nothing to mask
+        if attention_mask is not None:
+            # (B, T) -> (B, 1, 1, T): broadcast over heads and queries. The most negative finite
+            # number of the dtype (not -inf) keeps an all-padding row from producing NaN.
+            additive_mask = torch.zeros(attention_mask.shape, dtype=x.dtype, device=x.device)
+            additive_mask = additive_mask.masked_fill(~attention_mask.bool(), torch.finfo(x.dtype).min)
+            additive_mask = additive_mask[:, None, None, :]
         for layer in self.layers:
             x = layer(x, additive_mask)
         pooled = torch.tanh(self.pooler(x[:, 0]))  # [CLS] is always position 0

@@ -182,7 +182,11 @@ def pretraining_step(run, training_model, micro_batches):
         raise RuntimeError("a sequence has more masked tokens than MaskingRule.max_predictions allows")  # a bug, not input
     loss_mlm_total, loss_nsp_total, tokens = 0.0, 0.0, 0
     for number, micro_batch in enumerate(micro_batches, start=1):
+        # on a GPU, a batch without padding goes without a mask: SDPA may then pick FlashAttention
+        unpadded = run.device.type == "cuda" and bool(np.asarray(micro_batch["attention_mask"]).all())
         micro_batch = to_tensors(micro_batch, run.device)  # pinned by StepBatches on a GPU: the copy does not block
+        if unpadded:
+            micro_batch["attention_mask"] = None
         # under torchrun, the gradients are summed across processes once, after the last micro-batch
         later = training_model.no_sync if number < len(micro_batches) and hasattr(training_model, "no_sync") else nullcontext
         with later():
@@ -194,7 +198,7 @@ def pretraining_step(run, training_model, micro_batches):
             run.scaler.scale(loss).backward()  # = loss.backward() unless fp16
         loss_mlm_total += loss_mlm.item()
         loss_nsp_total += 0.0 if loss_nsp is None else loss_nsp.item() / shares
-        tokens += int(micro_batch["attention_mask"].sum())
+        tokens += micro_batch["input_ids"].numel() if unpadded else int(micro_batch["attention_mask"].sum())
     # the whole step's losses (each process's MLM share is already over the total count) and tokens
     loss_mlm_total, loss_nsp_total, tokens = sum_over_processes([loss_mlm_total, loss_nsp_total, tokens], run.processes,
                                                                 run.device)

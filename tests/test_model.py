@@ -308,3 +308,16 @@ def test_fused_qkv_projection_equals_the_three_projections_and_their_gradients()
     (sum((w * t).sum() for w, t in zip(weights, fused))).backward()
     for a, b in zip([p.grad for p in projections] + [x.grad], expected):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["explicit", "sdpa"])
+def test_no_mask_is_the_same_as_a_mask_of_all_real_tokens(attention):
+    # on a GPU pretrain drops the mask of a batch without padding (SDPA may then use FlashAttention)
+    torch.manual_seed(0)
+    encoder = Encoder(make_config("tiny", vocab_size=50, max_positions=16, attention=attention)).eval()
+    input_ids = torch.randint(0, 50, (3, 16))
+    with torch.no_grad():
+        without = encoder(input_ids, None, None)
+        with_mask = encoder(input_ids, None, torch.ones(3, 16, dtype=torch.bool))
+    for a, b in zip(without, with_mask):
+        assert torch.allclose(a, b, atol=1e-6)
