@@ -369,11 +369,7 @@ if __name__ == "__main__":
     from options import FinetuneOptions, PretrainOptions
 
     with tempfile.TemporaryDirectory() as folder:
-        world = toyworld.toy_world(seed=0, num_documents=3000)
-        paths = {name: os.path.join(folder, name) for name in ("unlabeled.txt", "train.tsv", "test.tsv")}
-        data.write_corpus(paths["unlabeled.txt"], world["unlabeled"])
-        data.write_tsv(paths["train.tsv"], world["train"])
-        data.write_tsv(paths["test.tsv"], world["test"])
+        paths = data.write_world(folder, toyworld.toy_world(seed=0, num_documents=3000))
         quiet = lambda *args: None  # noqa: E731
         train.pretrain(os.path.join(folder, "pre"), PretrainOptions(corpus=[paths["unlabeled.txt"]], steps=400, vocab_size=1024,
                                                                      device="cpu"), log=quiet, progress=False)

@@ -282,6 +282,18 @@ def write_corpus(path, documents):
         f.write("\n\n".join("\n".join(document) for document in documents) + "\n")
 
 
+def write_world(folder, world):
+    """A toy world (toyworld.toy_world) on disk, in the formats the commands read: unlabeled.txt
+    and train/valid/test.tsv. Returns {file name: path}."""
+    os.makedirs(folder, exist_ok=True)
+    paths = {"unlabeled.txt": os.path.join(folder, "unlabeled.txt")}
+    write_corpus(paths["unlabeled.txt"], world["unlabeled"])
+    for split in ("train", "valid", "test"):
+        paths[f"{split}.tsv"] = os.path.join(folder, f"{split}.tsv")
+        write_tsv(paths[f"{split}.tsv"], world[split])
+    return paths
+
+
 def stdlib_corpus():
     """Real English that needs no download: every docstring of the running Python's standard
     library (modules, classes, functions), extracted with `ast`. ~1.6 MB on Python 3.11.

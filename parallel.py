@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from tokenizer import InputError
+
 
 @dataclass
 class Processes:
@@ -77,6 +79,20 @@ def same_on_every_process(value, processes):
     holder = [value]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def on_rank_0(processes, action):
+    """action() on rank 0 alone (preparing the run folder); an InputError there is raised on
+    every process, so that all of them stop with the same one line instead of waiting forever."""
+    refused = None
+    if processes.main:
+        try:
+            action()
+        except InputError as error:
+            refused = str(error)
+    refused = same_on_every_process(refused, processes)
+    if refused:
+        raise InputError(refused)
 
 
 def sum_gradients(process_group, bucket):

@@ -13,7 +13,7 @@
     python ptft.py bench ...       MLM training/inference tokens/s and MFU (vs transformers)
     python ptft.py experiments     every claim C1-C7 as a table with error bars (experiments.py)
 
-`torchrun --nproc_per_node N ptft.py pretrain ...` pre-trains data-parallel (parallel.py).
+`torchrun --nproc_per_node N ptft.py pretrain|finetune ...` trains data-parallel (parallel.py).
 Wherever a command takes --init, a Hugging Face BERT folder (config.json, model.safetensors or
 pytorch_model.bin, vocab.txt) works as well as a ptft run folder.
 
@@ -57,10 +57,7 @@ def demo(out="runs/demo", options=None, resume=False, force=False):
     world = toyworld.toy_world(seed=0)
     prepare_out_folder(out, resume, force)
     data_folder = os.path.join(out, "data")
-    os.makedirs(data_folder, exist_ok=True)
-    data.write_corpus(os.path.join(data_folder, "unlabeled.txt"), world["unlabeled"])
-    for split in ("train", "valid", "test"):
-        data.write_tsv(os.path.join(data_folder, f"{split}.tsv"), world[split])
+    data.write_world(data_folder, world)
     print(f"toy world written to {data_folder}/ (unlabeled.txt, train/valid/test.tsv)")
 
     pretrain_folder = os.path.join(out, "pretrain")
@@ -504,8 +501,8 @@ def main(argv=None):
             args = parser.parse_args(["demo"])
     except SystemExit as exit:  # --help (0) or a flag argparse itself refuses (2)
         return exit.code
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command != "pretrain":  # started by torchrun
-        print(f"error: {args.command} under torchrun: only pretrain runs data-parallel (parallel.py); run "
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command not in ("pretrain", "finetune"):  # started by torchrun
+        print(f"error: {args.command} under torchrun: only pretrain and finetune run data-parallel (parallel.py); run "
               f"{args.command} as one process", file=sys.stderr)
         return 2
     if getattr(args, "deterministic", False):  # cuBLAS reads it once, when it starts: before any GPU work

@@ -51,7 +51,7 @@ from options import (
     pick_device,
     pick_precision,
 )
-from parallel import data_parallel, finish, processes_from_environment, same_on_every_process, sum_over_processes
+from parallel import data_parallel, finish, on_rank_0, processes_from_environment, sum_over_processes
 from tokenizer import MASK, InputError, Tokenizer, train_tokenizer
 
 # where tokenised corpora are cached (data.encode_documents); PTFT_CACHE="" turns it off
@@ -240,15 +240,7 @@ def start_pretraining(out, o, resume, force, log):
         device = torch.device("cuda", processes.local_rank)
     log = log if processes.main else (lambda *args: None)
     precision = pick_precision(o.precision, device)
-    refused = None
-    if processes.main:  # one process prepares the folder; every process hears whether it could
-        try:
-            prepare_out_folder(out, resume, force)
-        except InputError as error:
-            refused = str(error)
-    refused = same_on_every_process(refused, processes)
-    if refused:
-        raise InputError(refused)
+    on_rank_0(processes, lambda: prepare_out_folder(out, resume, force))
     checkpoint_path = os.path.join(out, "checkpoint.pt")
     resume_from = load_checkpoint(checkpoint_path) if resume and os.path.exists(checkpoint_path) else None
     if resume_from is not None and resume_from.get("kind") != "pretraining":
@@ -331,6 +323,10 @@ def fit_classifier(rows, labels, num_labels, config, options, start=None, pad_id
     pre-trained MLM head, before and after fine-tuning."""
     o, start = options, start or StartingPoint()
     device = pick_device(o.device)
+    processes = processes_from_environment(device)  # under torchrun: this process among N (parallel.py)
+    if processes.world_size > 1 and (o.remedies.aux_mlm or start.teacher is not None):
+        raise InputError("under torchrun, fine-tuning runs without --aux-mlm and without distillation (one process runs both)")
+    device = torch.device("cuda", processes.local_rank) if device.type == "cuda" and processes.world_size > 1 else device
     seed_everything(o.seed)
     model = Classifier(config, num_labels, o.pool)
     if start.encoder_state is not None:
@@ -358,11 +354,12 @@ def fit_classifier(rows, labels, num_labels, config, options, start=None, pad_id
                if p.requires_grad and not name.startswith("pooler.")} if remedies.l2_sp else None  # the pooler is head
     lr_scales = layer_lr_scales(model, remedies.layer_lr_decay) if remedies.layer_lr_decay != 1.0 else None
     optimizer = make_optimizer(model, lr, lr_scales=lr_scales)
+    training_model = data_parallel(model, processes, device)  # frozen weights are not handed to it: no gradient to share
     rng = np.random.default_rng(o.seed)
     total_steps = o.epochs * math.ceil(len(rows) / o.batch_size)
     warmup_steps = max(1, int(o.warmup_fraction * total_steps)) if o.warmup_fraction > 0 else 0
     step, started = 0, time.time()
-    bar = tqdm(total=total_steps, desc=f"fine-tune ({o.freeze})", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=total_steps, desc=f"fine-tune ({o.freeze})", disable=not (progress and processes.main), dynamic_ncols=True)
     with deterministic_algorithms(o.deterministic), attention_backends(o.deterministic, device):
         for _ in range(o.epochs):
             model.train()
@@ -371,22 +368,27 @@ def fit_classifier(rows, labels, num_labels, config, options, start=None, pad_id
             order = rng.permutation(len(rows))
             for first in range(0, len(order), o.batch_size):
                 index = order[first:first + o.batch_size]
-                input_ids, mask = data.pad([rows[i] for i in index], pad_id)
-                target = torch.tensor([labels[i] for i in index], device=device)
+                # under torchrun each process takes every N-th row of the batch (one process: all of them);
+                # a process left without a row computes one with weight 0 (every process takes part)
+                share = index[processes.rank::processes.world_size]
+                counted, share = (1.0, share) if len(share) else (0.0, index[:1])
+                input_ids, mask = data.pad([rows[i] for i in share], pad_id)
+                target = torch.tensor([labels[i] for i in share], device=device)
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(step, total_steps, lr, warmup_steps, o.schedule) * group["lr_scale"]
-                logits = model(torch.from_numpy(input_ids).to(device), None, torch.from_numpy(mask).to(device))
+                logits = training_model(torch.from_numpy(input_ids).to(device), None, torch.from_numpy(mask).to(device))
                 if start.teacher is None:
-                    # E3: l(f_phi(x), y) = cross-entropy, averaged over the batch
-                    loss = F.cross_entropy(logits.float(), target)
+                    # E3: l(f_phi(x), y) = cross-entropy, averaged over the batch (a sum over this process's
+                    # rows / the batch size: the processes' gradients add up to the batch's)
+                    loss = counted * F.cross_entropy(logits.float(), target, reduction="sum") / len(index)
                 else:  # C7: the teacher's softened predictions as targets too
                     teacher = start.teacher
                     loss = distillation_loss(logits.float(), teacher.logits[torch.from_numpy(index)].to(device), target,
                                              teacher.temperature, teacher.alpha)
                 # E3 with the C5 remedies added:
                 #   L(phi) = E3's loss + l2_sp / 2 * sum_j ||phi_j - theta_0,j||^2 + aux_mlm * L_MLM(phi)   (E4)
-                if remedies.l2_sp:
-                    loss = loss + l2_sp_penalty(model, theta_0, remedies.l2_sp)
+                if remedies.l2_sp:  # every process adds it; their gradients are summed
+                    loss = loss + l2_sp_penalty(model, theta_0, remedies.l2_sp) / processes.world_size
                 if remedies.aux_mlm:
                     batch = to_tensors(next(start.aux_batches), device)
                     loss = loss + remedies.aux_mlm * mlm_model(batch["input_ids"], batch["segment_ids"],
@@ -405,7 +407,8 @@ def fit_classifier(rows, labels, num_labels, config, options, start=None, pad_id
     bar.close()
     trainable = count_parameters(model, trainable_only=True)
     # C7: what a task adds to the shared pre-trained encoder, in float32 bytes (all of it when everything trains)
-    info = {"steps": step, "seconds": time.time() - started, "train_loss": loss.item(), "trainable_parameters": trainable,
+    train_loss = sum_over_processes([loss.item()], processes, device)[0]  # each process holds its rows' share
+    info = {"steps": step, "seconds": time.time() - started, "train_loss": train_loss, "trainable_parameters": trainable,
             "total_parameters": count_parameters(model), "task_bytes": 4 * trainable}
     model.merge_low_rank_updates()  # an ordinary classifier again: W' = W + B A
     if mlm_loss_before is not None:
@@ -556,6 +559,10 @@ def finetune(out, options, force=False, log=print, progress=True):
     o = options
     o.check()
     device = pick_device(o.device)
+    processes = processes_from_environment(device)  # under torchrun: rank 0 writes the run folder
+    log = log if processes.main else (lambda *args: None)
+    if processes.world_size > 1 and o.adapt_steps:
+        raise InputError("--adapt-steps under torchrun: run the task-adaptive step as one process")
     train_texts, train_label_names = data.read_tsv(o.train)
     label_names = sorted(set(train_label_names))
     if len(label_names) < 2:
@@ -572,7 +579,7 @@ def finetune(out, options, force=False, log=print, progress=True):
     start = StartingPoint() if o.init == "scratch" else starting_point(o.init, checkpoint, model, tokenizer, o, log)
     if o.adapt_steps and not (checkpoint.get("kind") == "pretraining" and "mlm_head" not in checkpoint.get("fresh", [])):
         raise InputError(f"--adapt-steps continues MLM, which needs a pre-trained MLM head; {o.init} has none")
-    prepare_out_folder(out, resume=False, force=force)
+    on_rank_0(processes, lambda: prepare_out_folder(out, resume=False, force=force))
     if o.adapt_steps:  # theta_0 becomes the adapted encoder; forgetting is still measured on the init's text
         fitting = replace(o, mlm_max_length=min(o.mlm_max_length, config.max_positions))
         adapted, _, _ = open_model(adapt_to_task(os.path.join(out, "adapted"), o.init, train_texts, fitting, log), log)
@@ -591,11 +598,15 @@ def finetune(out, options, force=False, log=print, progress=True):
                "scored_on": o.valid or f"{o.train} (training set: no --valid given)"}
     scored = (valid_rows, valid_ids) if o.valid else (train_rows, train_ids)
     metrics.update(classify(model, *scored, device, pad_id=tokenizer.pad_id))
+    if not processes.main:
+        finish(processes)
+        return metrics
     tokenizer.save(os.path.join(out, "vocab.txt"))
     save_atomic(os.path.join(out, "checkpoint.pt"), make_checkpoint(
         "classifier", model.state_dict(), config, tokenizer, labels=label_names, pool=o.pool, step=info["steps"],
         run={"init": str(o.init), "freeze": o.freeze, "lr": o.peak_lr(), "epochs": o.epochs, "seed": o.seed}))
     write_json(os.path.join(out, "metrics.json"), metrics)
+    finish(processes)
     return metrics
 
 
@@ -831,11 +842,7 @@ if __name__ == "__main__":
     import tempfile
 
     with tempfile.TemporaryDirectory() as folder:
-        world = toyworld.toy_world(seed=0, num_documents=3000)
-        files = {name: os.path.join(folder, name) for name in ("unlabeled.txt", "train.tsv", "test.tsv")}
-        data.write_corpus(files["unlabeled.txt"], world["unlabeled"])
-        data.write_tsv(files["train.tsv"], world["train"])
-        data.write_tsv(files["test.tsv"], world["test"])
+        files = data.write_world(folder, toyworld.toy_world(seed=0, num_documents=3000))
         pre = pretrain(os.path.join(folder, "pre"), PretrainOptions(corpus=[files["unlabeled.txt"]], steps=500, vocab_size=1024),
                        progress=False)
         print(f"pre-training: held-out MLM loss {pre['held_out_mlm_loss']:.3f} (ln|V| = {pre['ln_vocab']:.3f})")

@@ -118,9 +118,27 @@ def test_a_two_process_run_killed_mid_way_resumes_bit_identical(tmp_path, cli):
     assert_clear_error(cli(*common, "--out", run, "--resume", "--steps", 40), "world_size: checkpoint 2 vs now 1")
 
 
-def test_commands_other_than_pretrain_refuse_to_run_under_torchrun(cli, monkeypatch, small_world, tmp_path):
+def test_commands_other_than_pretrain_and_finetune_refuse_to_run_under_torchrun(cli, monkeypatch, small_world, tmp_path):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert_clear_error(cli("finetune", "--init", small_world["pre"], "--train", small_world["train"], "--out", tmp_path / "x"),
-                       "finetune under torchrun")
+    assert_clear_error(cli("quantize", "--init", small_world["pre"], "--out", tmp_path / "x"), "quantize under torchrun")
     assert not (tmp_path / "x").exists()
+
+
+def test_finetune_with_frozen_layers_under_two_processes_matches_one_process(small_world, tmp_path, cli):
+    pre = tmp_path / "pre"  # no dropout: the two runs then differ only in how the batch is split
+    assert cli("pretrain", "--corpus", small_world["corpus"], "--out", pre, "--steps", 5, "--batch-size", 8,
+               "--max-length", 32, "--vocab-size", 300, "--dropout", 0, "--device", "cpu", "--precision", "fp32")[0] == 0
+    common = ["finetune", "--init", pre, "--train", small_world["train"], "--valid", small_world["valid"],
+              "--freeze", "top-1", "--epochs", 3, "--lr", "1e-2", "--device", "cpu"]
+    assert cli(*common, "--out", tmp_path / "one")[0] == 0
+    two = torchrun(*common, "--out", tmp_path / "two")
+    assert two.wait(timeout=300) == 0, two.stderr.read()
+    one, two = (torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)["model"] for name in ("one", "two"))
+    pretrained = torch.load(pre / "checkpoint.pt", weights_only=True)["model"]
+    for name, value in one.items():
+        if name.startswith(("encoder.embeddings.", "encoder.layers.0.")):  # frozen: bit-identical in both
+            assert torch.equal(value, pretrained[name]) and torch.equal(two[name], pretrained[name]), name
+        else:
+            assert not torch.equal(value, pretrained.get(name, value + 1)), name  # it trained
+            assert torch.allclose(two[name], value, atol=1e-5), name
 
