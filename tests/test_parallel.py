@@ -142,3 +142,10 @@ def test_finetune_with_frozen_layers_under_two_processes_matches_one_process(sma
             assert not torch.equal(value, pretrained.get(name, value + 1)), name  # it trained
             assert torch.allclose(two[name], value, atol=1e-5), name
 
+
+
+def test_bad_input_under_torchrun_ends_every_process_with_the_same_line_not_a_hang(tmp_path):
+    launched = torchrun("pretrain", "--out", tmp_path / "out", "--steps", -3)
+    assert launched.wait(timeout=120) != 0  # torchrun's own status (1) once its workers exit with 2
+    errors = [line for line in launched.stderr.read().splitlines() if line.startswith("error: ")]
+    assert errors == ["error: --steps must be at least 1, got -3"] * 2
