@@ -15,8 +15,11 @@ Run `python data.py` to see a real masked example from the embedded default.
 """
 
 import ast
+import contextlib
 import functools
 import hashlib
+import itertools
+import multiprocessing
 import os
 import re
 import sysconfig
@@ -27,7 +30,7 @@ import numpy as np
 
 import toyworld
 from model import IGNORE_INDEX, IS_NEXT, NOT_NEXT
-from tokenizer import InputError, read_text_file
+from tokenizer import InputError, Tokenizer, read_text_file
 
 # ----------------------------------------------------------------------------------------
 # B1: masking
@@ -203,6 +206,10 @@ def load_corpus(corpus):
         return "toy-world", toyworld.toy_world(seed=0)["unlabeled"]
     if list(corpus) == ["stdlib"]:
         return "stdlib", stdlib_corpus()
+    if len(corpus) == 1 and corpus[0].endswith(".tokens"):  # already tokenised (write_token_file): never in memory
+        if not os.path.exists(corpus[0]):
+            raise InputError(f"{corpus[0]}: no such token file (ptft.py tokenize writes one)")
+        return corpus[0], TokenFile(corpus[0][: -len(".tokens")])
     return ",".join(corpus), read_corpus(corpus)
 
 
@@ -213,6 +220,8 @@ def split_held_out(documents, fraction=0.02, seed=1234):
         return documents, []
     order = np.random.default_rng(seed).permutation(len(documents))
     held = min(500, max(1, int(len(documents) * fraction)))
+    if isinstance(documents, TokenFile):  # views: the training part is never read into memory
+        return documents.subset(order[held:]), list(documents.subset(order[:held]))
     return [documents[i] for i in order[held:]], [documents[i] for i in order[:held]]
 
 
@@ -389,6 +398,112 @@ def encode_documents(tokenizer, documents, cache_dir=None):
                  document_sizes=np.array([len(d) for d in encoded], dtype=np.int64))
         os.replace(partial, path)
     return encoded
+
+
+# ----------------------------------------------------------------------------------------
+# Corpora larger than memory: a token file, written once (in parallel), read through a memory map
+# ----------------------------------------------------------------------------------------
+
+
+def iter_documents(paths):
+    """read_corpus's documents one at a time, reading each file line by line: the text is never
+    all in memory."""
+    for path in paths:
+        document = []
+        try:
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    if line.strip():
+                        document.append(line.strip())
+                    elif document:
+                        yield document
+                        document = []
+        except (OSError, UnicodeDecodeError) as error:
+            raise InputError(f"{path}: cannot be read as UTF-8 text ({type(error).__name__})") from None
+        if document:
+            yield document
+
+
+def write_token_file(paths, tokenizer, prefix, workers=1, chunk=2000):
+    """Tokenise text files once into PREFIX.tokens -- every sentence's token ids end to end, uint16
+    where the vocabulary fits (else uint32) -- with PREFIX.sentences.npy (where each sentence ends)
+    and PREFIX.documents.npy (where each document ends, in sentences), and the vocabulary as
+    PREFIX.vocab.txt. The text streams through in chunks of `chunk` documents, tokenised by
+    `workers` processes, and each chunk is appended as it comes: memory stays that of a few chunks.
+    Written whole, then renamed. Returns the number of tokens."""
+    dtype = np.uint16 if len(tokenizer) <= 2 ** 16 else np.uint32
+    chunks = (list(itertools.islice(documents, chunk)) for documents in itertools.repeat(iter_documents(paths)))
+    chunks = itertools.takewhile(bool, chunks)
+    sentence_ends, document_ends, tokens_written, sentences_written = [], [], 0, 0
+    with open(f"{prefix}.tokens.partial", "wb") as out, \
+            (multiprocessing.get_context("spawn").Pool(workers, initializer=set_worker_tokenizer, initargs=(tokenizer,))
+             if workers > 1 else contextlib.nullcontext()) as pool:
+        set_worker_tokenizer(tokenizer)
+        for tokens, sentence_lengths, document_sizes in (pool.imap(encode_chunk, chunks) if pool else map(encode_chunk, chunks)):
+            out.write(tokens.astype(dtype).tobytes())
+            sentence_ends.append(tokens_written + np.cumsum(sentence_lengths))
+            document_ends.append(sentences_written + np.cumsum(document_sizes))
+            tokens_written, sentences_written = tokens_written + len(tokens), sentences_written + len(sentence_lengths)
+    np.save(f"{prefix}.sentences.npy", np.concatenate(sentence_ends or [np.zeros(0)]).astype(np.int64))
+    np.save(f"{prefix}.documents.npy", np.concatenate(document_ends or [np.zeros(0)]).astype(np.int64))
+    tokenizer.save(f"{prefix}.vocab.txt")
+    os.replace(f"{prefix}.tokens.partial", f"{prefix}.tokens")
+    return tokens_written
+
+
+WORKER_TOKENIZER = []  # the tokenizer of a write_token_file worker process
+
+
+def set_worker_tokenizer(tokenizer):
+    WORKER_TOKENIZER[:] = [tokenizer]
+
+
+def encode_chunk(documents):
+    """Documents -> (flat token ids, sentence lengths, sentences per document), empty sentences
+    and documents dropped as in encode_documents."""
+    encoded = [[ids for ids in map(WORKER_TOKENIZER[0].encode, document) if ids] for document in documents]
+    encoded = [document for document in encoded if document]
+    lengths = np.array([len(s) for d in encoded for s in d], dtype=np.int64)
+    tokens = np.fromiter((t for d in encoded for s in d for t in s), dtype=np.int64, count=int(lengths.sum()))
+    return tokens, lengths, np.array([len(d) for d in encoded], dtype=np.int64)
+
+
+class TokenFile:
+    """A token file (write_token_file) as documents -- a list-like of lists of int64 sentence
+    arrays, what pretraining_batch reads -- through memory maps: opening it reads nothing, and a
+    document is read from disk when a batch asks for it. `indices` selects documents (a view)."""
+
+    def __init__(self, prefix, indices=None):
+        self.prefix = prefix
+        self.sentence_ends = np.load(f"{prefix}.sentences.npy", mmap_mode="r")
+        self.document_ends = np.load(f"{prefix}.documents.npy", mmap_mode="r")
+        total = int(self.sentence_ends[-1]) if len(self.sentence_ends) else 0
+        itemsize = os.path.getsize(f"{prefix}.tokens") // max(total, 1)  # 2 (uint16) or 4 (uint32)
+        self.tokens = np.memmap(f"{prefix}.tokens", dtype=np.uint16 if itemsize == 2 else np.uint32, mode="r") if total else None
+        self.indices = indices
+
+    def __len__(self):
+        return len(self.document_ends) if self.indices is None else len(self.indices)
+
+    def __getitem__(self, i):
+        d = int(i if self.indices is None else self.indices[i])
+        first, last = (int(self.document_ends[d - 1]) if d else 0), int(self.document_ends[d])  # its sentences
+        ends = self.sentence_ends[first:last].tolist()
+        starts = [int(self.sentence_ends[first - 1]) if first else 0, *ends[:-1]]
+        return [np.asarray(self.tokens[a:b], dtype=np.int64) for a, b in zip(starts, ends)]
+
+    def tokenizer(self):
+        return Tokenizer.load(f"{self.prefix}.vocab.txt")
+
+    def num_tokens(self):
+        if not len(self.document_ends):
+            return 0
+        document_token_ends = np.asarray(self.sentence_ends)[np.asarray(self.document_ends) - 1]
+        sizes = np.diff(document_token_ends, prepend=0)  # tokens per document
+        return int(sizes.sum() if self.indices is None else sizes[self.indices].sum())
+
+    def subset(self, indices):
+        return TokenFile(self.prefix, np.asarray(indices) if self.indices is None else self.indices[np.asarray(indices)])
 
 
 def unflatten_documents(tokens, sentence_lengths, document_sizes):

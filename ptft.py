@@ -10,6 +10,7 @@
     python ptft.py distill ...     C7: a smaller student trained on a classifier's soft predictions
     python ptft.py quantize ...    C7: a run's weight matrices as int8 (about 4x smaller on disk)
     python ptft.py prune ...       C7: remove the smallest weights or feed-forward units, then recover
+    python ptft.py tokenize ...    a corpus larger than memory, once, into a token file for pretrain
     python ptft.py bench ...       MLM training/inference tokens/s and MFU (vs transformers)
     python ptft.py experiments     every claim C1-C7 as a table with error bars (experiments.py)
 
@@ -38,7 +39,7 @@ import toyworld
 import train
 from checkpoint import load_checkpoint, prepare_out_folder, write_json
 from options import PRUNE_UNITS, BenchOptions, DemoOptions, DistillOptions, FinetuneOptions, PretrainOptions, PruneOptions
-from tokenizer import MASK, InputError
+from tokenizer import MASK, InputError, Tokenizer, train_tokenizer
 
 # ----------------------------------------------------------------------------------------
 # demo: the whole paradigm in one command (C1)
@@ -125,8 +126,8 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog="ptft.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add_command in (add_demo, add_pretrain, add_finetune, add_distill, add_quantize, add_prune, add_experiments,
-                        add_evaluate, add_fill_mask, add_export, add_bench):
+    for add_command in (add_demo, add_pretrain, add_finetune, add_distill, add_quantize, add_prune, add_tokenize,
+                        add_experiments, add_evaluate, add_fill_mask, add_export, add_bench):
         add_command(commands)
     return parser
 
@@ -280,6 +281,20 @@ def add_prune(commands):
     add_deterministic_flag(p)
     add_run_flags(p, resume=False)
     p.set_defaults(**option_defaults(PruneOptions))
+
+
+def add_tokenize(commands):
+    p = commands.add_parser("tokenize", formatter_class=HELP_FORMAT, help="a corpus once into a token file (larger than memory)",
+                            description="Tokenise text files once, streaming them, in --workers processes, into "
+                            "OUT.tokens (uint16 ids where the vocabulary fits, else uint32), OUT.sentences.npy, "
+                            "OUT.documents.npy and OUT.vocab.txt. `pretrain --corpus OUT.tokens` then reads it through "
+                            "a memory map: memory does not grow with the corpus, and no run tokenises it again.")
+    p.add_argument("--corpus", nargs="+", required=True, metavar="FILE", help="UTF-8 text files, one sentence per line, "
+                   "documents separated by blank lines")
+    p.add_argument("--out", required=True, metavar="PREFIX", help="where to write PREFIX.tokens and its companions")
+    p.add_argument("--vocab-size", type=int, default=8192, help="WordPiece vocabulary to train on the corpus")
+    p.add_argument("--init", help="use this run's (or BERT folder's) vocabulary instead of training one")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenising processes")
 
 
 def add_experiments(commands):
@@ -449,6 +464,21 @@ def run_prune(args):
           f"{'; accuracy ' + ', '.join(scores) if scores else ''}; {args.out}/checkpoint.pt")
 
 
+def run_tokenize(args):
+    if args.workers < 1 or args.vocab_size < 8:
+        raise InputError(f"--workers must be at least 1 and --vocab-size at least 8, got {args.workers} and {args.vocab_size}")
+    started = time.time()
+    if args.init:
+        tokenizer = Tokenizer.from_checkpoint(load_checkpoint(args.init))
+    else:
+        print(f"building a {args.vocab_size}-token WordPiece vocabulary from {', '.join(args.corpus)} ...", file=sys.stderr)
+        tokenizer = train_tokenizer((s for d in data.iter_documents(args.corpus) for s in d), args.vocab_size)
+    vocabulary_seconds, started = time.time() - started, time.time()
+    tokens = data.write_token_file(args.corpus, tokenizer, args.out, workers=args.workers)
+    print(f"done: {tokens:,} tokens in {args.out}.tokens (vocabulary {vocabulary_seconds:.1f} s, tokenising "
+          f"{time.time() - started:.1f} s with {args.workers} processes); pretrain --corpus {args.out}.tokens")
+
+
 def run_evaluate(args):
     metrics = train.evaluate(args.init, args.data, args.device)
     if args.out:
@@ -482,6 +512,7 @@ COMMANDS = {
     "distill": run_distill,
     "quantize": run_quantize,
     "prune": run_prune,
+    "tokenize": run_tokenize,
     "evaluate": run_evaluate,
     "fill-mask": run_fill_mask,
     "export": run_export,

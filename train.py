@@ -246,6 +246,7 @@ def start_pretraining(out, o, resume, force, log):
     if resume_from is not None and resume_from.get("kind") != "pretraining":
         raise InputError(f"{checkpoint_path}: not a pre-training checkpoint, cannot --resume it")
     corpus_name, documents = data.load_corpus(o.corpus)
+    tokenised = isinstance(documents, data.TokenFile)  # --corpus PREFIX.tokens: read through a memory map
     training_documents, held_out_documents = data.split_held_out(documents)
     config, tokenizer, weights = model_and_tokenizer(o, out, resume_from, corpus_name, training_documents, log,
                                                      processes.world_size)
@@ -253,12 +254,14 @@ def start_pretraining(out, o, resume, force, log):
         raise InputError(f"--max-length {o.max_length} exceeds the position table ({config.max_positions})")
     if processes.main:
         tokenizer.save(os.path.join(out, "vocab.txt"))
-    encoded = data.encode_documents(tokenizer, training_documents, TOKEN_CACHE)
+    if tokenised and tokenizer.vocab != documents.tokenizer().vocab:
+        raise InputError(f"{corpus_name}: tokenised with another vocabulary than the model's (ptft.py tokenize --init RUN)")
+    encoded = training_documents if tokenised else data.encode_documents(tokenizer, training_documents, TOKEN_CACHE)
     if o.nsp and (len(encoded) < 2 or not any(len(d) >= 2 for d in encoded)):
         raise InputError(f"{corpus_name}: next-sentence prediction needs at least 2 documents (separated by a blank line), "
                          "one of them with 2 or more lines; or pass --no-nsp")
-    held_out = data.held_out_batches(data.encode_documents(tokenizer, held_out_documents), tokenizer, o.max_length,
-                                     o.nsp)
+    held_out = data.held_out_batches(held_out_documents if tokenised else data.encode_documents(tokenizer, held_out_documents),
+                                     tokenizer, o.max_length, o.nsp)
 
     data_rng = seed_everything(o.seed)
     model = PreTrainingModel(config).to(device)  # the same initialisation in every process
@@ -281,7 +284,8 @@ def start_pretraining(out, o, resume, force, log):
         log(f"resuming {out} at step {start_step}")
     log(f"pre-training {f'from {o.init}' if o.init else f'a {o.config} encoder'} ({count_parameters(model.encoder):,} "
         f"parameters, vocab {len(tokenizer)}) on {corpus_name}: {len(encoded)} documents, "
-        f"{sum(len(s) for d in encoded for s in d):,} tokens; {held_out_documents and len(held_out_documents) or 'no'} "
+        f"{encoded.num_tokens() if tokenised else sum(len(s) for d in encoded for s in d):,} tokens; "
+        f"{held_out_documents and len(held_out_documents) or 'no'} "
         f"held out; {device}, {precision}"
         + (f"; {processes.world_size} processes, {o.batch_size * processes.world_size * o.accumulation} sequences a step"
            if processes.world_size > 1 else ""))
@@ -301,6 +305,9 @@ def model_and_tokenizer(o, out, resume_from, corpus_name, documents, log, world_
             raise InputError(f"{o.init}: a classifier checkpoint; continued pre-training needs a pre-training run or a BERT folder")
         config = replace(Config(**initial["config"]), attention=o.attention, dropout=o.dropout, attention_dropout=o.dropout)
         return config, Tokenizer.from_checkpoint(initial), initial["model"]
+    if isinstance(documents, data.TokenFile):  # a token file brings its vocabulary
+        tokenizer = documents.tokenizer()
+        return replace(requested, vocab_size=len(tokenizer)), tokenizer, None
     log(f"building a {requested.vocab_size}-token WordPiece vocabulary from {corpus_name} ...")
     tokenizer = train_tokenizer((s for d in documents for s in d), requested.vocab_size, o.lowercase)
     return replace(requested, vocab_size=len(tokenizer)), tokenizer, None  # a small corpus may give fewer tokens

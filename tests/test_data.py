@@ -173,3 +173,39 @@ def test_token_cache_returns_exactly_what_encoding_gives_and_is_keyed_by_text_an
     cache_file.write_bytes(b"not a zip file")
     assert same(plain, data.encode_documents(tokenizer, documents, str(tmp_path)))
     assert same(plain, data.encode_documents(tokenizer, documents, str(tmp_path)))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_token_file_gives_the_batches_of_the_corpus_in_memory(tmp_path, workers):
+    # corpora larger than memory: written once (in `workers` processes), read through a memory map
+    world = toyworld.toy_world(seed=3, num_documents=300)
+    corpus = str(tmp_path / "corpus.txt")
+    data.write_corpus(corpus, world["unlabeled"])
+    tokenizer = train_tokenizer((s for d in world["unlabeled"] for s in d), 500)
+    tokens = data.write_token_file([corpus], tokenizer, str(tmp_path / "corpus"), workers=workers, chunk=40)
+    mapped, in_memory = data.TokenFile(str(tmp_path / "corpus")), data.encode_documents(tokenizer, data.read_corpus([corpus]))
+    assert mapped.tokens.dtype == np.uint16 and tokens == mapped.num_tokens() == sum(len(s) for d in in_memory for s in d)
+    assert len(mapped) == len(in_memory)
+    for a, b in zip(mapped, in_memory):
+        assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+    for use_nsp in (True, False):
+        for seed in range(3):
+            mine = data.pretraining_batch(mapped, tokenizer, np.random.default_rng(seed), 8, 32, use_nsp)
+            theirs = data.pretraining_batch(in_memory, tokenizer, np.random.default_rng(seed), 8, 32, use_nsp)
+            assert all(np.array_equal(mine[key], theirs[key]) for key in mine)
+    training, held_out = data.split_held_out(mapped)  # views, split as the in-memory documents are
+    expected = data.split_held_out(in_memory)
+    assert len(training) == len(expected[0]) and training.num_tokens() == sum(len(s) for d in expected[0] for s in d)
+    assert all(np.array_equal(x, y) for a, b in zip(held_out, expected[1]) for x, y in zip(a, b))
+
+
+def test_pretrain_reads_a_token_file_written_by_the_tokenize_command(tmp_path, cli):
+    corpus = tmp_path / "corpus.txt"
+    data.write_corpus(str(corpus), toyworld.toy_world(seed=4, num_documents=200)["unlabeled"])
+    code, stdout, stderr = cli("tokenize", "--corpus", corpus, "--out", tmp_path / "tokens", "--vocab-size", 400, "--workers", 2)
+    assert code == 0, stderr
+    code, _, stderr = cli("pretrain", "--corpus", tmp_path / "tokens.tokens", "--out", tmp_path / "pre", "--steps", 6,
+                          "--batch-size", 8, "--max-length", 32, "--eval-every", 6, "--device", "cpu")
+    assert code == 0, stderr
+    assert (tmp_path / "pre" / "vocab.txt").read_text() == (tmp_path / "tokens.vocab.txt").read_text()
+    assert cli("pretrain", "--corpus", tmp_path / "missing.tokens", "--out", tmp_path / "x")[0] == 2
