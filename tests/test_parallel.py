@@ -148,4 +148,5 @@ def test_bad_input_under_torchrun_ends_every_process_with_the_same_line_not_a_ha
     launched = torchrun("pretrain", "--out", tmp_path / "out", "--steps", -3)
     assert launched.wait(timeout=120) != 0  # torchrun's own status (1) once its workers exit with 2
     errors = [line for line in launched.stderr.read().splitlines() if line.startswith("error: ")]
-    assert errors == ["error: --steps must be at least 1, got -3"] * 2
+    # every worker that gets that far says the same one line (torchrun stops the others at the first failure)
+    assert 1 <= len(errors) <= 2 and set(errors) == {"error: --steps must be at least 1, got -3"}
