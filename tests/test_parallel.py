@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -81,12 +82,19 @@ def test_two_processes_of_batch_b_take_the_steps_of_one_process_of_batch_2b(tmp_
         assert torch.allclose(ranks[0]["state"][name], value, atol=1e-6), name
 
 
-def torchrun(*args):
-    """`torchrun --nproc_per_node 2 ptft.py ARGS` as a process group of its own (for SIGKILL)."""
+def torchrun(*args, output=True):
+    """`torchrun --nproc_per_node 2 ptft.py ARGS` as a process group of its own (for SIGKILL);
+    with output, its stderr is kept (read it with finished())."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                os.path.join(ROOT, "ptft.py"), *map(str, args)]
-    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE if output else subprocess.DEVNULL,
+                            text=True, start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def finished(launched, timeout=300):
+    """(exit status, stderr) once it ends; the pipe is drained as it goes, so a chatty run never blocks."""
+    _, err = launched.communicate(timeout=timeout)
+    return launched.returncode, err
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="process groups")
@@ -95,19 +103,20 @@ def test_a_two_process_run_killed_mid_way_resumes_bit_identical(tmp_path, cli):
     data.write_corpus(str(corpus), toyworld.toy_world(seed=2, num_documents=100)["unlabeled"])
     common = ["pretrain", "--corpus", corpus, "--steps", 30, "--batch-size", 4, "--max-length", 32, "--vocab-size", 300,
               "--save-every", 2, "--eval-every", 1000, "--device", "cpu", "--precision", "fp32", "--seed", 1]
-    reference = torchrun(*common, "--out", tmp_path / "reference")
-    assert reference.wait(timeout=300) == 0, reference.stderr.read()
+    code, err = finished(torchrun(*common, "--out", tmp_path / "reference"))
+    assert code == 0, err
     run = tmp_path / "killed"
-    victim = torchrun(*common, "--out", run)
-    while victim.poll() is None:
+    victim = torchrun(*common, "--out", run, output=False)
+    deadline = time.time() + 300
+    while victim.poll() is None and time.time() < deadline:
         path = run / "checkpoint.pt"
         if path.exists() and torch.load(path, weights_only=True)["step"] >= 10:
             os.killpg(victim.pid, signal.SIGKILL)  # the launcher and both workers, no chance to clean up
             break
     victim.wait()
     assert victim.returncode == -9, "the run finished before it could be killed"
-    resumed = torchrun(*common, "--out", run, "--resume")
-    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    code, err = finished(torchrun(*common, "--out", run, "--resume"))
+    assert code == 0, err
     expected = torch.load(tmp_path / "reference" / "checkpoint.pt", weights_only=True)
     found = torch.load(run / "checkpoint.pt", weights_only=True)
     assert found["step"] == expected["step"] == 30 and len(found["rng_by_rank"]) == 2
@@ -124,19 +133,21 @@ def test_commands_other_than_pretrain_and_finetune_refuse_to_run_under_torchrun(
     assert not (tmp_path / "x").exists()
 
 
-def test_finetune_with_frozen_layers_under_two_processes_matches_one_process(small_world, tmp_path, cli):
+@pytest.mark.parametrize("freeze, frozen", [("head", ("encoder.embeddings.", "encoder.layers.")),
+                                            ("top-1", ("encoder.embeddings.", "encoder.layers.0."))])
+def test_finetune_with_frozen_layers_under_two_processes_matches_one_process(small_world, tmp_path, cli, freeze, frozen):
     pre = tmp_path / "pre"  # no dropout: the two runs then differ only in how the batch is split
     assert cli("pretrain", "--corpus", small_world["corpus"], "--out", pre, "--steps", 5, "--batch-size", 8,
                "--max-length", 32, "--vocab-size", 300, "--dropout", 0, "--device", "cpu", "--precision", "fp32")[0] == 0
     common = ["finetune", "--init", pre, "--train", small_world["train"], "--valid", small_world["valid"],
-              "--freeze", "top-1", "--epochs", 3, "--lr", "1e-2", "--device", "cpu"]
+              "--freeze", freeze, "--epochs", 3, "--lr", "1e-2", "--device", "cpu"]
     assert cli(*common, "--out", tmp_path / "one")[0] == 0
-    two = torchrun(*common, "--out", tmp_path / "two")
-    assert two.wait(timeout=300) == 0, two.stderr.read()
+    code, err = finished(torchrun(*common, "--out", tmp_path / "two"))
+    assert code == 0, err
     one, two = (torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)["model"] for name in ("one", "two"))
     pretrained = torch.load(pre / "checkpoint.pt", weights_only=True)["model"]
     for name, value in one.items():
-        if name.startswith(("encoder.embeddings.", "encoder.layers.0.")):  # frozen: bit-identical in both
+        if name.startswith(frozen):  # frozen: bit-identical in both
             assert torch.equal(value, pretrained[name]) and torch.equal(two[name], pretrained[name]), name
         else:
             assert not torch.equal(value, pretrained.get(name, value + 1)), name  # it trained
@@ -145,8 +156,8 @@ def test_finetune_with_frozen_layers_under_two_processes_matches_one_process(sma
 
 
 def test_bad_input_under_torchrun_ends_every_process_with_the_same_line_not_a_hang(tmp_path):
-    launched = torchrun("pretrain", "--out", tmp_path / "out", "--steps", -3)
-    assert launched.wait(timeout=120) != 0  # torchrun's own status (1) once its workers exit with 2
-    errors = [line for line in launched.stderr.read().splitlines() if line.startswith("error: ")]
+    code, err = finished(torchrun("pretrain", "--out", tmp_path / "out", "--steps", -3), timeout=120)
+    assert code != 0  # torchrun's own status (1) once its workers exit with 2
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
     # every worker that gets that far says the same one line (torchrun stops the others at the first failure)
     assert 1 <= len(errors) <= 2 and set(errors) == {"error: --steps must be at least 1, got -3"}
