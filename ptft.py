@@ -522,6 +522,13 @@ COMMANDS = {
 }
 
 
+def say(line):
+    """One line on stderr in ONE write: under torchrun several processes share the stream, and
+    print() writes the text and its newline separately (so two lines could interleave)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def main(argv=None):
     """Run one command; returns the exit status: 0 done, 2 bad input (one line on stderr),
     3 training diverged, 130 interrupted. Plain `python ptft.py` is the main job (demo)."""
@@ -533,21 +540,21 @@ def main(argv=None):
     except SystemExit as exit:  # --help (0) or a flag argparse itself refuses (2)
         return exit.code
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command not in ("pretrain", "finetune"):  # started by torchrun
-        print(f"error: {args.command} under torchrun: only pretrain and finetune run data-parallel (parallel.py); run "
-              f"{args.command} as one process", file=sys.stderr)
+        say(f"error: {args.command} under torchrun: only pretrain and finetune run data-parallel (parallel.py); run "
+            f"{args.command} as one process")
         return 2
     if getattr(args, "deterministic", False):  # cuBLAS reads it once, when it starts: before any GPU work
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     try:
         COMMANDS[args.command](args)
     except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
+        say(f"error: {error}")
         return 2
     except train.TrainingDiverged as error:
-        print(f"error: training diverged at {error}", file=sys.stderr)
+        say(f"error: training diverged at {error}")
         return 3
     except KeyboardInterrupt:
-        print("interrupted; the last checkpoint written is intact (use --resume to continue)", file=sys.stderr)
+        say("interrupted; the last checkpoint written is intact (use --resume to continue)")
         return 130
     return 0
 

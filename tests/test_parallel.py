@@ -161,3 +161,15 @@ def test_bad_input_under_torchrun_ends_every_process_with_the_same_line_not_a_ha
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     # every worker that gets that far says the same one line (torchrun stops the others at the first failure)
     assert 1 <= len(errors) <= 2 and set(errors) == {"error: --steps must be at least 1, got -3"}
+
+
+def test_a_diverging_two_process_run_stops_both_processes_with_the_same_line(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    data.write_corpus(str(corpus), toyworld.toy_world(seed=2, num_documents=60)["unlabeled"])
+    # an absurd rate: the first update ruins the (shared) weights, so every process sees a NaN at step 2
+    code, err = finished(torchrun("pretrain", "--corpus", corpus, "--out", tmp_path / "run", "--steps", 10, "--lr", "1e30",
+                                  "--batch-size", 4, "--max-length", 32, "--vocab-size", 300, "--device", "cpu",
+                                  "--precision", "fp32"), timeout=120)
+    assert code != 0
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert 1 <= len(errors) <= 2 and len(set(errors)) == 1 and "training diverged at step" in errors[0], err[-2000:]
