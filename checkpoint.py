@@ -76,6 +76,15 @@ def make_checkpoint(kind, state, config, tokenizer, **extra):
                    "lowercase": tokenizer.lowercase, **extra})
 
 
+def save_classifier(out, model, tokenizer, label_names, metrics, run):
+    """A classifier run folder (finetune, distill, prune): vocab.txt, checkpoint.pt, metrics.json."""
+    tokenizer.save(os.path.join(out, "vocab.txt"))
+    save_atomic(os.path.join(out, "checkpoint.pt"), make_checkpoint(
+        "classifier", model.state_dict(), model.config, tokenizer, labels=label_names, pool=model.pool,
+        step=metrics.get("steps", 0), run=run))
+    write_json(os.path.join(out, "metrics.json"), metrics)
+
+
 def on_cpu(value):
     """A copy of dicts, lists and tuples of tensors with every tensor moved to the CPU."""
     if isinstance(value, torch.Tensor):

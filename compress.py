@@ -26,7 +26,17 @@ import numpy as np
 import torch
 
 import data
-from checkpoint import load_checkpoint, make_checkpoint, open_model, prepare_out_folder, save_atomic, to_int8_rows, write_json
+from checkpoint import (
+    from_int8_rows,
+    load_checkpoint,
+    make_checkpoint,
+    open_model,
+    prepare_out_folder,
+    save_atomic,
+    save_classifier,
+    to_int8_rows,
+    write_json,
+)
 from model import IGNORE_INDEX, Classifier, Config, count_parameters, make_config
 from options import SIZE_FIELDS, DistillOptions, PruneOptions, pick_device, sizes_given
 from tokenizer import InputError, Tokenizer
@@ -176,8 +186,8 @@ def quantize(out, init, force=False, log=print):
     payload = make_checkpoint(checkpoint["kind"], quantized, config, tokenizer, int8_scales=scales,
                               quantized_from=str(init), **kept)
     float_payload = make_checkpoint(checkpoint["kind"], checkpoint["model"], config, tokenizer, **kept)
-    errors = [(checkpoint["model"][name] - q.float() * scales[name][:, None]).abs().max().item() for name, q in quantized.items()
-              if name in scales]
+    errors = [(checkpoint["model"][name] - from_int8_rows(quantized[name], scale)).abs().max().item()
+              for name, scale in scales.items()]
     prepare_out_folder(out, force=force)
     save_atomic(os.path.join(out, "checkpoint.pt"), payload)
     tokenizer.save(os.path.join(out, "vocab.txt"))
@@ -291,7 +301,7 @@ def remove_feed_forward_units(model, fraction):
 
 
 # ----------------------------------------------------------------------------------------
-# Shared: open a classifier, save one, and measure size and speed
+# Shared: open a classifier, and measure size and speed
 # ----------------------------------------------------------------------------------------
 
 
@@ -302,14 +312,6 @@ def open_classifier(path, flag, log=print):
         raise InputError(f"{flag} {path}: a {checkpoint.get('kind')} checkpoint; expected a fine-tuned classifier "
                          "(ptft.py finetune writes one)")
     return model, tokenizer, checkpoint
-
-
-def save_classifier(out, model, tokenizer, label_names, metrics, run):
-    tokenizer.save(os.path.join(out, "vocab.txt"))
-    save_atomic(os.path.join(out, "checkpoint.pt"), make_checkpoint(
-        "classifier", model.state_dict(), model.config, tokenizer, labels=label_names, pool=model.pool,
-        step=metrics.get("steps", 0), run=run))
-    write_json(os.path.join(out, "metrics.json"), metrics)
 
 
 def size_on_disk(payload):

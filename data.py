@@ -384,20 +384,24 @@ def encode_documents(tokenizer, documents, cache_dir=None):
                 return unflatten_documents(cached["tokens"], cached["sentence_lengths"], cached["document_sizes"])
         except (OSError, ValueError, KeyError, zipfile.BadZipFile):
             pass  # not cached yet (or unreadable): encode and (re)write it below
-    encoded = []
-    for document in documents:
-        sentences = [np.array(ids, dtype=np.int64) for ids in map(tokenizer.encode, document) if ids]
-        if sentences:
-            encoded.append(sentences)
+    tokens, sentence_lengths, document_sizes = encode_flat(tokenizer, documents)
     if cache_dir:
-        sentence_lengths = np.array([len(s) for d in encoded for s in d], dtype=np.int64)
-        tokens = np.concatenate([s for d in encoded for s in d]) if len(sentence_lengths) else np.zeros(0, np.int64)
         os.makedirs(cache_dir, exist_ok=True)
         partial = f"{path}.{os.getpid()}.partial.npz"  # written whole, then renamed: never half a cache
-        np.savez(partial, tokens=tokens.astype(np.int32), sentence_lengths=sentence_lengths,
-                 document_sizes=np.array([len(d) for d in encoded], dtype=np.int64))
+        np.savez(partial, tokens=tokens.astype(np.int32), sentence_lengths=sentence_lengths, document_sizes=document_sizes)
         os.replace(partial, path)
-    return encoded
+    return unflatten_documents(tokens, sentence_lengths, document_sizes)
+
+
+def encode_flat(tokenizer, documents):
+    """Documents -> (every sentence's token ids end to end, sentence lengths, sentences per
+    document); empty sentences, and documents left empty, dropped. The form the token cache and
+    token files store (unflatten_documents turns it back into documents)."""
+    encoded = [[ids for ids in map(tokenizer.encode, document) if ids] for document in documents]
+    encoded = [document for document in encoded if document]
+    lengths = np.array([len(s) for d in encoded for s in d], dtype=np.int64)
+    tokens = np.fromiter(itertools.chain.from_iterable(s for d in encoded for s in d), dtype=np.int64, count=int(lengths.sum()))
+    return tokens, lengths, np.array([len(d) for d in encoded], dtype=np.int64)
 
 
 # ----------------------------------------------------------------------------------------
@@ -459,13 +463,8 @@ def set_worker_tokenizer(tokenizer):
 
 
 def encode_chunk(documents):
-    """Documents -> (flat token ids, sentence lengths, sentences per document), empty sentences
-    and documents dropped as in encode_documents."""
-    encoded = [[ids for ids in map(WORKER_TOKENIZER[0].encode, document) if ids] for document in documents]
-    encoded = [document for document in encoded if document]
-    lengths = np.array([len(s) for d in encoded for s in d], dtype=np.int64)
-    tokens = np.fromiter((t for d in encoded for s in d for t in s), dtype=np.int64, count=int(lengths.sum()))
-    return tokens, lengths, np.array([len(d) for d in encoded], dtype=np.int64)
+    """encode_flat with the worker's tokenizer (a module-level function: a process pool can call it)."""
+    return encode_flat(WORKER_TOKENIZER[0], documents)
 
 
 class TokenFile:

@@ -467,16 +467,15 @@ C7_NAMES = {"teacher": "teacher: pre-trained, full fine-tuning", "head": "head o
 
 def c7_run(spec, task, loaded, folder):
     """One remedy on one seed, through the commands users run (train.finetune, compress.*), in
-    folder/c7/seed-S/NAME. The teacher is fine-tuned once per seed (everything trains, k labels
+    folder/c7/k-K-seed-S/NAME. The teacher is fine-tuned once per seed (everything trains, k labels
     per class); every other remedy is made from it (or, head and LoRA, beside it). Measured:
     test accuracy, parameters, bytes of checkpoint.pt (and zipped), the bytes a task adds to a
     shared pre-trained encoder, and CPU sentences per second at batch 1 and 32."""
     seed, quiet = spec["seed"], (lambda *args: None)
     seed_folder = os.path.join(folder, "c7", f"k-{spec['k']}-seed-{seed}")
     os.makedirs(seed_folder, exist_ok=True)
-    train_tsv, test_tsv = os.path.join(seed_folder, "train.tsv"), os.path.join(folder, "c7", "test.tsv")
+    train_tsv = os.path.join(seed_folder, "train.tsv")  # the draw the commands read (the test set is scored in memory)
     data.write_tsv(train_tsv, draw_labeled(task["train"], spec["k"], seed))
-    data.write_tsv(test_tsv, task["test"])
 
     def made(name):
         path = os.path.join(seed_folder, name)
@@ -507,6 +506,7 @@ def c7_run(spec, task, loaded, folder):
     arithmetic = spec["remedy"] == "int8-arithmetic"  # the int8 run, computed with int8 matmuls
     path = made("int8" if arithmetic else spec["remedy"])
     model, tokenizer, checkpoint = open_model(path, quiet)
+    parameters = count_parameters(model)  # the int8 layers' weights are no longer nn.Parameters
     model = compress.with_int8_arithmetic(model) if arithmetic else model
     if model is None:
         return {}  # this torch has no int8 kernels: the row stays empty
@@ -519,7 +519,7 @@ def c7_run(spec, task, loaded, folder):
     test_rows = data.classification_inputs(tokenizer, [text for text, _ in task["test"]], CLASSIFIER_MAX_LENGTH, warn=quiet)
     test_labels = data.encode_labels([y for _, y in task["test"]], checkpoint["labels"], "test")
     return {"accuracy": train.classify(model, test_rows, test_labels, "cpu", pad_id=tokenizer.pad_id)["accuracy"],
-            "parameters": count_parameters(open_model(path, quiet)[0]),
+            "parameters": parameters,
             "bytes_on_disk": os.path.getsize(checkpoint_path), "bytes_zipped": zipped,
             "task_bytes": metrics["task_bytes"] if shares_encoder else os.path.getsize(checkpoint_path),
             **{f"sentences_per_second_{size}": compress.sentences_per_second(model, test_rows[:256], size, tokenizer.pad_id,

@@ -39,6 +39,14 @@ class Processes:
         """Rank 0 alone writes checkpoints, metrics and the progress bar."""
         return self.rank == 0
 
+    def device(self, device):
+        """This process's device: under torchrun on GPUs, GPU LOCAL_RANK."""
+        return torch.device("cuda", self.local_rank) if device.type == "cuda" and self.world_size > 1 else device
+
+    def log(self, log):
+        """`log` on rank 0; silence on the others (one process speaks for all)."""
+        return log if self.main else (lambda *args: None)
+
 
 def processes_from_environment(device):
     """torchrun's environment -> Processes; with WORLD_SIZE > 1 the process group is started

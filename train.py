@@ -34,10 +34,9 @@ from checkpoint import (
     check_resume_settings,
     finished_run,
     load_checkpoint,
-    make_checkpoint,
     open_model,
     prepare_out_folder,
-    save_atomic,
+    save_classifier,
     write_json,
 )
 from model import IGNORE_INDEX, Classifier, Config, PreTrainingModel, count_parameters, mlm_loss
@@ -236,9 +235,7 @@ def start_pretraining(out, o, resume, force, log):
     or resumed) and its optimizer. Returns (run, first step, encoded corpus, held-out batches)."""
     device = pick_device(o.device)
     processes = processes_from_environment(device)  # under torchrun: this process among N (parallel.py)
-    if device.type == "cuda" and processes.world_size > 1:
-        device = torch.device("cuda", processes.local_rank)
-    log = log if processes.main else (lambda *args: None)
+    device, log = processes.device(device), processes.log(log)
     precision = pick_precision(o.precision, device)
     on_rank_0(processes, lambda: prepare_out_folder(out, resume, force))
     checkpoint_path = os.path.join(out, "checkpoint.pt")
@@ -252,10 +249,10 @@ def start_pretraining(out, o, resume, force, log):
                                                      processes.world_size)
     if o.max_length > config.max_positions:
         raise InputError(f"--max-length {o.max_length} exceeds the position table ({config.max_positions})")
-    if processes.main:
-        tokenizer.save(os.path.join(out, "vocab.txt"))
     if tokenised and tokenizer.vocab != documents.tokenizer().vocab:
         raise InputError(f"{corpus_name}: tokenised with another vocabulary than the model's (ptft.py tokenize --init RUN)")
+    if processes.main:
+        tokenizer.save(os.path.join(out, "vocab.txt"))
     encoded = training_documents if tokenised else data.encode_documents(tokenizer, training_documents, TOKEN_CACHE)
     if o.nsp and (len(encoded) < 2 or not any(len(d) >= 2 for d in encoded)):
         raise InputError(f"{corpus_name}: next-sentence prediction needs at least 2 documents (separated by a blank line), "
@@ -333,25 +330,8 @@ def fit_classifier(rows, labels, num_labels, config, options, start=None, pad_id
     processes = processes_from_environment(device)  # under torchrun: this process among N (parallel.py)
     if processes.world_size > 1 and (o.remedies.aux_mlm or start.teacher is not None):
         raise InputError("under torchrun, fine-tuning runs without --aux-mlm and without distillation (one process runs both)")
-    device = torch.device("cuda", processes.local_rank) if device.type == "cuda" and processes.world_size > 1 else device
-    seed_everything(o.seed)
-    model = Classifier(config, num_labels, o.pool)
-    if start.encoder_state is not None:
-        model.encoder.load_state_dict(start.encoder_state)  # strict: every encoder weight must be there
-    if start.head_state is not None:
-        model.classifier.load_state_dict(start.head_state)
-    trainable_layers = parse_freeze(o.freeze, config.num_layers)
-    if o.remedies.aux_mlm and (trainable_layers == 0 or start.pretrained_state is None):
-        raise InputError("--aux-mlm: needs a trainable encoder (not --freeze head) and an init with an MLM head")
-    frozen = freeze_below(model, trainable_layers)
-    if o.lora:  # C7: the encoder's own weights stay theta_0; low-rank updates of query and value train, and the head
-        model.encoder.embeddings.requires_grad_(False)
-        model.encoder.layers.requires_grad_(False)
-        model.add_low_rank_updates(o.lora)
-    model.to(device)
-    if start.pruned:  # C7: a weight pruned to zero gets no gradient, so AdamW never moves it (and decay keeps 0 at 0)
-        for weight in (p for p in model.encoder.layers.parameters() if p.ndim == 2):
-            weight.register_hook(lambda grad, kept=weight != 0: grad * kept)
+    device = processes.device(device)
+    model, frozen = classifier_to_fine_tune(config, num_labels, o, start, device)
     # the pre-trained MLM head is needed only to measure forgetting (held_out) or for --aux-mlm
     needs_mlm = start.pretrained_state is not None and (start.held_out or o.remedies.aux_mlm)
     mlm_model = mlm_model_sharing_encoder(model, start.pretrained_state, device) if needs_mlm else None
@@ -423,6 +403,31 @@ def fit_classifier(rows, labels, num_labels, config, options, start=None, pad_id
         mlm_loss_after = mlm_evaluation(mlm_model, start.held_out, device)["mlm_loss"]
         info.update(mlm_loss_before=mlm_loss_before, mlm_loss_after=mlm_loss_after, forgetting=mlm_loss_after - mlm_loss_before)
     return model, info
+
+
+def classifier_to_fine_tune(config, num_labels, o, start, device):
+    """fit_classifier's model, on `device`, before its first step: seeded, its encoder (and head)
+    from `start`, frozen below the trainable layers (B4) or with low-rank updates (--lora), pruned
+    weights held at zero. Returns (model, the frozen modules)."""
+    seed_everything(o.seed)
+    model = Classifier(config, num_labels, o.pool)
+    if start.encoder_state is not None:
+        model.encoder.load_state_dict(start.encoder_state)  # strict: every encoder weight must be there
+    if start.head_state is not None:
+        model.classifier.load_state_dict(start.head_state)
+    trainable_layers = parse_freeze(o.freeze, config.num_layers)
+    if o.remedies.aux_mlm and (trainable_layers == 0 or start.pretrained_state is None):
+        raise InputError("--aux-mlm: needs a trainable encoder (not --freeze head) and an init with an MLM head")
+    frozen = freeze_below(model, trainable_layers)
+    if o.lora:  # C7: the encoder's own weights stay theta_0; low-rank updates of query and value train, and the head
+        model.encoder.embeddings.requires_grad_(False)
+        model.encoder.layers.requires_grad_(False)
+        model.add_low_rank_updates(o.lora)
+    model.to(device)
+    if start.pruned:  # C7: a weight pruned to zero gets no gradient, so AdamW never moves it (and decay keeps 0 at 0)
+        for weight in (p for p in model.encoder.layers.parameters() if p.ndim == 2):
+            weight.register_hook(lambda grad, kept=weight != 0: grad * kept)
+    return model, frozen
 
 
 def distillation_loss(student_logits, teacher_logits, labels, temperature, alpha):
@@ -567,7 +572,7 @@ def finetune(out, options, force=False, log=print, progress=True):
     o.check()
     device = pick_device(o.device)
     processes = processes_from_environment(device)  # under torchrun: rank 0 writes the run folder
-    log = log if processes.main else (lambda *args: None)
+    log = processes.log(log)
     if processes.world_size > 1 and o.adapt_steps:
         raise InputError("--adapt-steps under torchrun: run the task-adaptive step as one process")
     train_texts, train_label_names = data.read_tsv(o.train)
@@ -608,11 +613,8 @@ def finetune(out, options, force=False, log=print, progress=True):
     if not processes.main:
         finish(processes)
         return metrics
-    tokenizer.save(os.path.join(out, "vocab.txt"))
-    save_atomic(os.path.join(out, "checkpoint.pt"), make_checkpoint(
-        "classifier", model.state_dict(), config, tokenizer, labels=label_names, pool=o.pool, step=info["steps"],
-        run={"init": str(o.init), "freeze": o.freeze, "lr": o.peak_lr(), "epochs": o.epochs, "seed": o.seed}))
-    write_json(os.path.join(out, "metrics.json"), metrics)
+    save_classifier(out, model, tokenizer, label_names, metrics,
+                    run={"init": str(o.init), "freeze": o.freeze, "lr": o.peak_lr(), "epochs": o.epochs, "seed": o.seed})
     finish(processes)
     return metrics
 
