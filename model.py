@@ -14,8 +14,9 @@ Tensor shape legend used in comments:
     B batch size, T sequence length, H hidden size, h heads, d = H / h per-head size,
     V vocabulary size, I intermediate (feed-forward) size, N number of masked tokens.
 
-The reading path comes first; the two speed devices (a faster dropout mask on the CPU, and
-when the fused attention kernel is used) are set apart at the end of the file.
+The reading path comes first; the speed devices (a faster dropout mask on the CPU, when the
+fused attention kernel is used, fused Q/K/V projections, computing on real tokens only, a
+fixed number of MLM predictions, a vocabulary padded for the GPU's matmul) are set apart at the end of the file, each tested equal.
 
 Run `python model.py` for a self-check.
 """
@@ -119,14 +120,18 @@ class SelfAttention(nn.Module):
         batch, length, _ = x.shape
         return x.view(batch, length, self.num_heads, self.head_size).transpose(1, 2)
 
-    def forward(self, x, additive_mask):
+    def forward(self, x, additive_mask, unpadded=None):
         # x: (B, T, H); additive_mask: (B, 1, 1, T), 0 where a key is a real token and a very
         # negative number where it is padding, so that padding gets probability ~0 (exp(-big));
-        # None where no sequence has padding.
+        # None where no sequence has padding. (With the speed device `unpadded`, x is (N, H):
+        # the N real tokens only, see Unpadded.)
         if not fused_projections_apply(self, x):
-            q, k, v = self.split_heads(self.query(x)), self.split_heads(self.key(x)), self.split_heads(self.value(x))
+            q, k, v = self.query(x), self.key(x), self.value(x)                             # 3 x (B, T, H)
         else:  # the same three projections as one matmul (a speed device: fused_projections)
-            q, k, v = (self.split_heads(t) for t in fused_projections(self, x))
+            q, k, v = fused_projections(self, x)
+        if unpadded is not None:  # attention needs the (B, T) layout back, zeros at padding
+            q, k, v = unpadded.pad(q), unpadded.pad(k), unpadded.pad(v)
+        q, k, v = self.split_heads(q), self.split_heads(k), self.split_heads(v)              # 3 x (B, h, T, d)
         if not (self.use_sdpa and fused_attention_applies(self, x)):
             # scores[b, head, i, j] = q_i . k_j / sqrt(d) + mask_j          (B, h, T, T)
             scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_size)
@@ -141,7 +146,9 @@ class SelfAttention(nn.Module):
             dropout_p = self.attention_dropout.p if self.training else 0.0
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=additive_mask, dropout_p=dropout_p)
         # concatenate the heads: (B, h, T, d) -> (B, T, H), then mix them with W_o
-        context = context.transpose(1, 2).reshape(x.shape)
+        context = context.transpose(1, 2).flatten(2)
+        if unpadded is not None:
+            context = unpadded.unpad(context)  # (N, H)
         return self.output(context)
 
 
@@ -161,8 +168,8 @@ class Layer(nn.Module):
         self.output_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = Dropout(config.dropout)
 
-    def forward(self, x, additive_mask):
-        x = self.attention_norm(x + self.dropout(self.attention(x, additive_mask)))
+    def forward(self, x, additive_mask, unpadded=None):
+        x = self.attention_norm(x + self.dropout(self.attention(x, additive_mask, unpadded)))
         # BERT's GELU is the exact one, x * Phi(x), not the tanh approximation.
         feed_forward = self.feed_forward_out(F.gelu(self.feed_forward_in(x)))
         return self.output_norm(x + self.dropout(feed_forward))
@@ -178,10 +185,11 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(Layer(config) for _ in range(config.num_layers))
         self.pooler = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, input_ids, segment_ids=None, attention_mask=None):
+    def forward(self, input_ids, segment_ids=None, attention_mask=None, unpadded=None):
         """input_ids (B, T) -> (sequence output (B, T, H), pooled [CLS] output (B, H)).
 
         attention_mask (B, T) is True/1 at real tokens and False/0 at padding.
+        unpadded: the speed device Unpadded(attention_mask), or None (the reading path).
         """
         if segment_ids is None:
             segment_ids = torch.zeros_like(input_ids)
@@ -193,8 +201,12 @@ class Encoder(nn.Module):
             additive_mask = torch.zeros(attention_mask.shape, dtype=x.dtype, device=x.device)
             additive_mask = additive_mask.masked_fill(~attention_mask.bool(), torch.finfo(x.dtype).min)
             additive_mask = additive_mask[:, None, None, :]
+        if unpadded is not None:
+            x = unpadded.unpad(x)  # (N, H): the layers' position-wise parts then skip the padding
         for layer in self.layers:
-            x = layer(x, additive_mask)
+            x = layer(x, additive_mask, unpadded)
+        if unpadded is not None:
+            x = unpadded.pad(x)  # (B, T, H), zeros at padding
         pooled = torch.tanh(self.pooler(x[:, 0]))  # [CLS] is always position 0
         return x, pooled
 
@@ -271,6 +283,8 @@ class MLMHead(nn.Module):
         # The decoder's weight IS the input embedding matrix (weight tying, as in BERT): the
         # score of token x' is the dot product of the transformed hidden state with x''s embedding.
         transformed = self.layer_norm(F.gelu(self.dense(hidden)))
+        if transformed.is_cuda:  # the same scores, the matmul at a GPU-friendly size (a speed device)
+            return scores_over_padded_vocabulary(transformed, token_embedding, self.bias)
         return transformed @ token_embedding.t() + self.bias
 
 
@@ -296,10 +310,11 @@ class PreTrainingModel(nn.Module):
         return all_scores[masked_positions]
 
     def forward(self, input_ids, segment_ids, attention_mask, mlm_labels, nsp_labels=None,
-                nsp_weight=1.0, num_masked_total=None, sparse=True, max_predictions=None):
+                nsp_weight=1.0, num_masked_total=None, sparse=True, max_predictions=None, unpadded=None):
         """Returns (total loss, MLM loss, NSP loss or None). Losses only: see mlm_scores for logits.
-        max_predictions: the fixed-shape speed device (gather_fixed_predictions), same loss."""
-        sequence_output, pooled = self.encoder(input_ids, segment_ids, attention_mask)
+        Two speed devices, the same loss: max_predictions (gather_fixed_predictions) and unpadded
+        (Unpadded: both losses read real positions only, so padding need not be computed)."""
+        sequence_output, pooled = self.encoder(input_ids, segment_ids, attention_mask, unpadded)
         if max_predictions is None:
             scores = self.mlm_scores(sequence_output, mlm_labels, sparse)
             targets = mlm_labels[mlm_labels != IGNORE_INDEX]
@@ -433,9 +448,11 @@ class Dropout(nn.Module):
 
 def fused_attention_applies(attention, x):
     """With config.attention == "sdpa", SelfAttention uses torch's fused kernel -- except when
-    training with attention dropout on the CPU: there SDPA has no fused kernel with dropout and
-    falls back to the written-out lines with torch's slower dropout, so ours are used instead."""
-    return not (attention.training and attention.attention_dropout.p > 0 and x.device.type == "cpu")
+    training on the CPU with attention dropout (SDPA has no fused CPU kernel with dropout: it falls
+    back to the written-out lines with torch's slower dropout) or in bf16 (the CPU kernel's
+    backward in bf16 is slower than the written-out lines; docs/performance.md measures it)."""
+    training_on_cpu = attention.training and x.device.type == "cpu"
+    return not (training_on_cpu and (attention.attention_dropout.p > 0 or torch.is_autocast_enabled("cpu")))
 
 
 def fused_projections(attention, x):
@@ -453,6 +470,47 @@ def fused_projections_apply(attention, x):
     matmuls are as fast, and the numbers stay the reading path's."""
     return (attention.use_sdpa and x.is_cuda
             and all(type(m) is nn.Linear for m in (attention.query, attention.key, attention.value)))
+
+
+def scores_over_padded_vocabulary(transformed, token_embedding, bias, multiple=64):
+    """MLMHead's scores, transformed E^T + b (N, V), with E's V rows padded by zero rows up to a
+    multiple of 64 for the matmul and the extra columns cut off before the bias: GPU matmul
+    kernels are fastest when each dimension is a multiple of 64, and BERT's V = 30522 is not even
+    a multiple of 8. The padding exists only inside this call: the embedding, checkpoints and
+    exports keep V rows. tests/test_model.py checks the scores and gradients equal the plain ones."""
+    vocab_size = token_embedding.shape[0]
+    padded = F.pad(token_embedding, (0, 0, 0, -vocab_size % multiple))  # (V', H), V' a multiple of 64
+    return (transformed @ padded.t())[..., :vocab_size] + bias          # (N, V)
+
+
+class Unpadded:
+    """Where a padded batch's real tokens are, so that the encoder's position-wise parts -- every
+    matmul but attention's two, the LayerNorms, GELU, dropout, the residual adds -- run on the N
+    real tokens alone, (N, H), instead of on all B x T positions. Real text's documents are often
+    short, and then most of a batch is padding (docs/performance.md measures how much); the
+    reading path computes on it and throws the result away. Attention itself still runs in the
+    (B, h, T, d) layout with the padding masked, as MosaicBERT's unpadding does without a
+    variable-length kernel. The real positions' outputs are the reading path's
+    (tests/test_model.py); the padding positions' are zero, so it serves where only real
+    positions are read: pre-training (MLM targets and [CLS] are real tokens).
+    Build it from the batch's mask on the CPU, where the data is: nothing then waits for a GPU."""
+
+    def __init__(self, attention_mask, device=None):
+        mask = torch.as_tensor(attention_mask).bool()                    # (B, T), on the CPU
+        self.shape = tuple(mask.shape)
+        index = mask.flatten().nonzero().squeeze(1)                      # (N,) real positions in B*T
+        if device is not None and torch.device(device).type == "cuda":
+            index = index.pin_memory()                                   # so the copy does not block
+        self.index = index.to(device or index.device, non_blocking=True)
+
+    def unpad(self, x):
+        # (B, T, ...) -> (N, ...)
+        return x.flatten(0, 1).index_select(0, self.index)
+
+    def pad(self, x):
+        # (N, ...) -> (B, T, ...), zeros at padding
+        padded = x.new_zeros((self.shape[0] * self.shape[1], *x.shape[1:]))
+        return padded.index_copy(0, self.index, x).view(*self.shape, *x.shape[1:])
 
 
 def gather_fixed_predictions(sequence_output, mlm_labels, max_predictions):

@@ -39,7 +39,7 @@ from checkpoint import (
     save_classifier,
     write_json,
 )
-from model import IGNORE_INDEX, Classifier, Config, PreTrainingModel, count_parameters, mlm_loss
+from model import IGNORE_INDEX, Classifier, Config, PreTrainingModel, Unpadded, count_parameters, mlm_loss
 from options import (
     FinetuneOptions,
     PretrainOptions,
@@ -181,10 +181,12 @@ def pretraining_step(run, training_model, micro_batches):
         raise RuntimeError("a sequence has more masked tokens than MaskingRule.max_predictions allows")  # a bug, not input
     loss_mlm_total, loss_nsp_total, tokens = 0.0, 0.0, 0
     for number, micro_batch in enumerate(micro_batches, start=1):
-        # on a GPU, a batch without padding goes without a mask: SDPA may then pick FlashAttention
-        unpadded = run.device.type == "cuda" and bool(np.asarray(micro_batch["attention_mask"]).all())
+        real = np.asarray(micro_batch["attention_mask"]).astype(bool)  # (B, T), on the CPU
+        # padding: the position-wise layers compute on the real tokens only (model.Unpadded; the same
+        # loss). No padding: on a GPU, no mask at all (SDPA may then pick FlashAttention)
+        unpadded = Unpadded(real, run.device) if not real.all() else None
         micro_batch = to_tensors(micro_batch, run.device)  # pinned by StepBatches on a GPU: the copy does not block
-        if unpadded:
+        if unpadded is None and run.device.type == "cuda":
             micro_batch["attention_mask"] = None
         # under torchrun, the gradients are summed across processes once, after the last micro-batch
         later = training_model.no_sync if number < len(micro_batches) and hasattr(training_model, "no_sync") else nullcontext
@@ -193,11 +195,12 @@ def pretraining_step(run, training_model, micro_batches):
                 loss, loss_mlm, loss_nsp = training_model(
                     micro_batch["input_ids"], micro_batch["segment_ids"], micro_batch["attention_mask"],
                     micro_batch["mlm_labels"], micro_batch["nsp_labels"] if o.nsp else None,
-                    nsp_weight=o.nsp_weight / shares, num_masked_total=num_masked_total, max_predictions=max_predictions)
+                    nsp_weight=o.nsp_weight / shares, num_masked_total=num_masked_total, max_predictions=max_predictions,
+                    unpadded=unpadded)
             run.scaler.scale(loss).backward()  # = loss.backward() unless fp16
         loss_mlm_total += loss_mlm.item()
         loss_nsp_total += 0.0 if loss_nsp is None else loss_nsp.item() / shares
-        tokens += micro_batch["input_ids"].numel() if unpadded else int(micro_batch["attention_mask"].sum())
+        tokens += int(real.sum())
     # the whole step's losses (each process's MLM share is already over the total count) and tokens
     loss_mlm_total, loss_nsp_total, tokens = sum_over_processes([loss_mlm_total, loss_nsp_total, tokens], run.processes,
                                                                 run.device)

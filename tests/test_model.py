@@ -321,3 +321,68 @@ def test_no_mask_is_the_same_as_a_mask_of_all_real_tokens(attention):
         with_mask = encoder(input_ids, None, torch.ones(3, 16, dtype=torch.bool))
     for a, b in zip(without, with_mask):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("attention", ["explicit", "sdpa"])
+def test_computing_on_real_tokens_only_gives_the_reading_paths_outputs_loss_and_gradients(attention, device):
+    # model.Unpadded (the speed device that skips padding in the position-wise layers) against the
+    # reading path: random lengths (one row unpadded, others down to 1 token), both attention
+    # paths, with and without the fixed-shape MLM prediction
+    generator = torch.Generator().manual_seed(1)
+    config = make_config("tiny", vocab_size=60, max_positions=24, hidden_size=32, num_heads=2, intermediate_size=64,
+                         dropout=0.0, attention_dropout=0.0, attention=attention)
+    torch.manual_seed(0)
+    network = PreTrainingModel(config).to(device)
+    for trial in range(12):
+        batch, length = int(torch.randint(2, 7, (1,), generator=generator)), int(torch.randint(4, 24, (1,), generator=generator))
+        input_ids = torch.randint(5, 60, (batch, length), generator=generator)
+        lengths = torch.randint(1, length + 1, (batch,), generator=generator)
+        lengths[0] = length
+        mask = torch.arange(length)[None, :] < lengths[:, None]
+        selected = (torch.rand(batch, length, generator=generator) < 0.3) & mask
+        selected[:, 0] = True
+        labels = torch.where(selected, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+        nsp = torch.randint(0, 2, (batch,), generator=generator)
+        tensors = [t.to(device) for t in (input_ids, mask, labels, nsp)]
+        results = []
+        for unpadded in (None, model.Unpadded(mask, device)):
+            network.zero_grad()
+            sequence_output, pooled = network.encoder(tensors[0], None, tensors[1], unpadded)
+            loss = network(tensors[0], None, tensors[1], tensors[2], tensors[3], unpadded=unpadded,
+                           max_predictions=int(selected.sum(1).max()) if trial % 2 else None)[0]
+            loss.backward()
+            gradient = torch.cat([p.grad.flatten() for p in network.parameters() if p.grad is not None])
+            results.append((sequence_output[tensors[1]], pooled, loss, gradient))
+        for reading, unpadded in zip(*results):
+            assert torch.allclose(reading, unpadded, atol=1e-5), trial
+
+
+def test_computing_on_real_tokens_only_leaves_zeros_at_padding_and_pads_back_exactly():
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)
+    unpadded = model.Unpadded(mask)
+    x = torch.randn(3, 4, 5)
+    flat = unpadded.unpad(x)                                   # (N, H): the 7 real tokens, in order
+    assert flat.shape == (7, 5) and torch.equal(flat, x[mask])
+    back = unpadded.pad(flat)
+    assert torch.equal(back[mask], x[mask]) and torch.equal(back[~mask], torch.zeros(5, 5))
+
+
+def test_scores_over_a_padded_vocabulary_equal_the_plain_scores_and_gradients():
+    # model.scores_over_padded_vocabulary (on a GPU the MLM head's decoder rows are padded to a
+    # multiple of 64 inside the call) against transformed E^T + b, for sizes on and off the multiple
+    from model import scores_over_padded_vocabulary
+    generator = torch.Generator().manual_seed(0)
+    for vocab_size in (1, 7, 63, 64, 65, 130, 30522 // 16):
+        for multiple in (8, 64):
+            transformed = torch.randn(9, 16, generator=generator, requires_grad=True)
+            embedding = torch.randn(vocab_size, 16, generator=generator, requires_grad=True)
+            bias = torch.randn(vocab_size, generator=generator, requires_grad=True)
+            weights = torch.randn(9, vocab_size, generator=generator)
+            results = []
+            for scores in (transformed @ embedding.t() + bias,
+                           scores_over_padded_vocabulary(transformed, embedding, bias, multiple)):
+                gradients = torch.autograd.grad((weights * scores).sum(), (transformed, embedding, bias))
+                results.append((scores, *gradients))
+            assert results[1][0].shape == (9, vocab_size)
+            for plain, padded in zip(*results):
+                assert plain.shape == padded.shape and torch.allclose(plain, padded, atol=1e-5), (vocab_size, multiple)
