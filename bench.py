@@ -20,7 +20,7 @@ import data
 import options
 import train
 from checkpoint import write_json
-from model import IGNORE_INDEX, PreTrainingModel
+from model import IGNORE_INDEX, PreTrainingModel, Unpadded
 from tokenizer import SPECIAL_TOKENS, InputError, Tokenizer
 
 
@@ -45,14 +45,15 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def training_flops(config, batch_size, length, num_predicted):
+def training_flops(config, lengths, num_predicted):
     """Model FLOPs of one training step (forward + backward = 3x forward, 2 FLOPs per multiply-add):
     6 x (weights of the layers) x tokens + attention's two T x T products + the MLM head and
-    vocabulary projection at the positions actually computed."""
+    vocabulary projection at the positions actually computed. lengths: each sequence's real
+    tokens -- computing on padding is not counted as work done."""
     hidden, layers = config.hidden_size, config.num_layers
     layer_weights = layers * (4 * hidden * hidden + 2 * hidden * config.intermediate_size)
-    tokens = batch_size * length
-    attention = layers * 2 * 2 * batch_size * length * length * hidden
+    tokens = int(np.sum(lengths))
+    attention = layers * 2 * 2 * int(np.sum(np.square(lengths))) * hidden
     head = (hidden * hidden + hidden * config.vocab_size) * num_predicted
     return 3 * (2 * layer_weights * tokens + attention + 2 * head)
 
@@ -77,7 +78,8 @@ def time_step_and_forward(step, forward, steps, device):
         return training, median_seconds(forward, steps, device)
 
 
-def time_ptft(model_config, batch, precision, attention, sparse, compiled, steps, device, max_predictions=None):
+def time_ptft(model_config, batch, precision, attention, sparse, compiled, steps, device, max_predictions=None,
+              unpadded=None):
     """One ptft row: seconds per training step and per inference forward on `batch`."""
     torch.manual_seed(0)
     model = PreTrainingModel(replace(model_config, attention=attention)).to(device).train()
@@ -88,14 +90,14 @@ def time_ptft(model_config, batch, precision, attention, sparse, compiled, steps
     def step():
         with options.autocast(device, precision):
             loss = training_model(batch["input_ids"], batch["segment_ids"], batch["attention_mask"], batch["mlm_labels"],
-                                  sparse=sparse, max_predictions=max_predictions)[0]
+                                  sparse=sparse, max_predictions=max_predictions, unpadded=unpadded)[0]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     def forward():
         with options.autocast(device, precision):
-            sequence_output = encoder(batch["input_ids"], batch["segment_ids"], batch["attention_mask"])[0]
+            sequence_output = encoder(batch["input_ids"], batch["segment_ids"], batch["attention_mask"], unpadded)[0]
             model.mlm_scores(sequence_output, batch["mlm_labels"], sparse)
 
     return time_step_and_forward(step, forward, steps, device)
@@ -133,6 +135,17 @@ def time_transformers(model_config, batch, precision, compiled, steps, device):
     return time_step_and_forward(step, forward, steps, device)
 
 
+def real_lengths(generator, batch_size, length, real_fraction):
+    """Each sequence's real tokens: all `length` at real_fraction 1; otherwise uniform draws whose
+    mean is real_fraction x length, as short documents leave real text's batches (at least 3:
+    [CLS], one token, [SEP])."""
+    if real_fraction >= 1:
+        return np.full(batch_size, length)
+    mean = real_fraction * length
+    low, high = (2 * mean - length, length) if real_fraction >= 0.5 else (3, 2 * mean - 3)
+    return np.clip(np.round(generator.uniform(low, high, batch_size)), 3, length).astype(int)
+
+
 def data_path_speed(generator, batch_size, length, vocab_size=8192):
     """Tokens/s of the data path that feeds the step (B2 sentence pairs + B1 80/10/10 masking,
     numpy, one core) on random documents of 8-40 token sentences."""
@@ -152,22 +165,28 @@ def bench(o, log=print):
     batch_size, vocab_size, length = o.batch_size_on(device), o.vocab_size_of(), 128
     model_config = options.model_config(options.PretrainOptions(config=o.config), vocab_size=vocab_size, max_positions=length)
     generator = np.random.default_rng(0)
-    input_ids = torch.from_numpy(generator.integers(5, vocab_size, (batch_size, length))).to(device)
-    # B1's count: exactly round(15%) of the 126 tokens between [CLS] and [SEP] in every sequence
+    lengths = real_lengths(generator, batch_size, length, o.real_fraction)  # all `length` unless --real-fraction
+    real = np.arange(length)[None, :] < lengths[:, None]                     # (B, T)
+    input_ids = torch.from_numpy(np.where(real, generator.integers(5, vocab_size, (batch_size, length)), 0)).to(device)
+    # B1's count: round(15%) of the tokens between [CLS] and the last [SEP], never padding
     max_predictions = data.MaskingRule().max_predictions(length)
     keys = generator.random((batch_size, length))
-    keys[:, [0, -1]] = 2.0  # never [CLS] or the last [SEP]
-    selected = torch.from_numpy(np.argsort(np.argsort(keys, axis=1), axis=1) < max_predictions).to(device)
+    keys[:, 0], keys[np.arange(batch_size), lengths - 1], keys[~real] = 2.0, 2.0, 3.0
+    counts = np.minimum(max_predictions, np.maximum(1, np.round(0.15 * (lengths - 2)))).astype(int)
+    selected = torch.from_numpy(np.argsort(np.argsort(keys, axis=1), axis=1) < counts[:, None]).to(device)
+    padded = not real.all()
     batch = {"input_ids": input_ids, "segment_ids": torch.zeros_like(input_ids),
              # no padding: on a GPU no mask at all, as pretrain does (SDPA may pick FlashAttention)
-             "attention_mask": None if device.type == "cuda" else torch.ones_like(input_ids, dtype=torch.bool),
+             "attention_mask": torch.from_numpy(real).to(device) if padded or device.type != "cuda" else None,
              "mlm_labels": torch.where(selected, input_ids, torch.full_like(input_ids, IGNORE_INDEX))}
-    num_masked, tokens = int(selected.sum()), batch_size * length
+    # with padding, the fast rows compute on the real tokens only, as pretrain does (model.Unpadded)
+    unpadded = Unpadded(real, device) if padded else None
+    num_masked, tokens = int(selected.sum()), int(lengths.sum())  # tokens/s counts real tokens
     precisions = ["fp32"] + (["bf16"] if options.pick_precision("auto", device) == "bf16" else [])
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     peaks = {p: o.peaks().get(p) or matmul_peak(device, dtypes[p]) for p in precisions}
     log(f"{o.config}: {model_config.num_layers} layers, hidden {model_config.hidden_size}, vocab {vocab_size}, seq {length}, "
-        f"batch {batch_size}, {num_masked} masked; device {device_name(device)}; matmul peak "
+        f"batch {batch_size}, {tokens / real.size:.0%} real tokens, {num_masked} masked; device {device_name(device)}; matmul peak "
         + ", ".join(f"{k} {v / 1e12:.2f} TFLOP/s" + (" (given)" if k in o.peaks() else "") for k, v in peaks.items()))
     # (name, precision, attention, sparse MLM prediction, compiled): the reading path first
     variants = [("explicit", "fp32", "explicit", False, False)] + [("fast", p, "sdpa", True, False) for p in precisions]
@@ -178,8 +197,9 @@ def bench(o, log=print):
         # the fast rows predict as pretrain does on this device: a fixed number per sequence on a GPU
         fixed = max_predictions if sparse and device.type == "cuda" else None
         train_seconds, infer_seconds = time_ptft(model_config, batch, precision, attention, sparse=sparse, compiled=compiled,
-                                                 steps=o.steps, device=device, max_predictions=fixed)
-        flops = training_flops(model_config, batch_size, length, num_masked if sparse else tokens)
+                                                 steps=o.steps, device=device, max_predictions=fixed,
+                                                 unpadded=unpadded if sparse else None)
+        flops = training_flops(model_config, lengths, num_masked if sparse else tokens)
         prediction = f"fixed {fixed} per sequence" if fixed else "sparse" if sparse else "dense"
         rows.append({"impl": "ptft", "variant": f"{variant} ({attention} attention, {prediction} MLM)",
                      "precision": precision, "compiled": compiled, "config": o.config, "device": device_name(device),
@@ -190,7 +210,7 @@ def bench(o, log=print):
                                                              device=device)
             rows.append({**rows[-1], "impl": "hf", "variant": "BertForMaskedLM (sdpa)",
                          "train_tokens_per_s": tokens / train_seconds, "infer_tokens_per_s": tokens / infer_seconds,
-                         "mfu": training_flops(model_config, batch_size, length, tokens) / train_seconds / peaks[precision]})
+                         "mfu": training_flops(model_config, lengths, tokens) / train_seconds / peaks[precision]})
     print_table(rows, log)
     data_speed = data_path_speed(generator, batch_size, length, vocab_size)  # it must be far faster than any row above
     log(f"data path (sentence pairs + masking): {data_speed:,.0f} tokens/s = "

@@ -271,7 +271,7 @@ class DemoOptions:
         sentences are ~10 tokens, so a pair still spans several sentences -- at a peak rate of
         1.5e-3; no dropout: the generated corpus is practically infinite, and a tiny model that sees each
         sentence about once has nothing to over-fit."""
-        return PretrainOptions(steps=self.pretrain_steps, intermediate_size=256, max_length=48, lr=1.5e-3, dropout=0.0,
+        return PretrainOptions(steps=self.pretrain_steps, intermediate_size=64, max_length=48, lr=1.5e-3, dropout=0.0,
                                precision=self.precision, device=self.device)
 
 
@@ -283,6 +283,7 @@ class BenchOptions:
     steps: int = 10                # timed steps; the median is reported
     compare_hf: bool = False       # also time transformers' BertForMaskedLM, in the same precision
     compile: bool = False          # also time the fast rows (and transformers) under torch.compile
+    real_fraction: float = 1.0     # the share of real tokens; the rest padding, as short documents leave
     peak_tflops: list = None       # ["bf16=989", ...]: the matmul peak to divide by, instead of measuring it
     json: str = None               # write the rows to this file
     device: str = "auto"
@@ -290,6 +291,8 @@ class BenchOptions:
     def check(self):
         check_at_least(("--steps", self.steps, 1), ("--batch-size", self.batch_size or 1, 1),
                        ("--vocab-size", self.vocab_size or 8192, 8))
+        if not 0.05 <= self.real_fraction <= 1:
+            raise InputError(f"--real-fraction must be between 0.05 and 1, got {self.real_fraction}")
         self.peaks()
 
     def batch_size_on(self, device):
