@@ -141,7 +141,7 @@ def real_lengths(generator, batch_size, length, real_fraction):
     [CLS], one token, [SEP])."""
     if real_fraction >= 1:
         return np.full(batch_size, length)
-    mean = real_fraction * length
+    mean = max(3, real_fraction * length)
     low, high = (2 * mean - length, length) if real_fraction >= 0.5 else (3, 2 * mean - 3)
     return np.clip(np.round(generator.uniform(low, high, batch_size)), 3, length).astype(int)
 

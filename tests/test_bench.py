@@ -1,0 +1,38 @@
+"""bench.py: what it counts. (How fast things are is what it prints, never what a test asserts.)"""
+
+import numpy as np
+
+import bench
+from model import make_config
+from options import BenchOptions
+
+
+def test_drawn_real_lengths_have_the_asked_share_and_fit_the_sequence():
+    generator = np.random.default_rng(0)
+    for fraction in (0.05, 0.2, 0.39, 0.5, 0.8, 1.0):
+        for length in (16, 128, 512):
+            lengths = bench.real_lengths(generator, 4000, length, fraction)
+            assert lengths.min() >= min(3, length) and lengths.max() <= length
+            assert abs(lengths.mean() / length - max(fraction, 3 / length)) < 0.03, (fraction, length)
+
+
+def test_model_flops_count_real_tokens_only():
+    config = make_config("small", vocab_size=1000, max_positions=128)
+    full = bench.training_flops(config, np.full(8, 128), num_predicted=0)
+    assert bench.training_flops(config, np.full(16, 64), num_predicted=0) < full  # same tokens, shorter attention
+    assert bench.training_flops(config, [0], 0) == 0
+    # the position-wise part is linear in real tokens: half the tokens, half of it
+    position_wise = 6 * config.num_layers * (4 * 256 * 256 + 2 * 256 * config.intermediate_size)
+    assert full - bench.training_flops(config, np.full(8, 64), 0) >= position_wise * 8 * 64
+    assert bench.training_flops(config, [10], 3) - bench.training_flops(config, [10], 0) == 6 * 3 * (256 * 256 + 256 * 1000)
+
+
+def test_a_padded_bench_times_the_fast_rows_with_and_without_computing_on_padding():
+    rows = bench.bench(BenchOptions(config="tiny", batch_size=4, vocab_size=500, steps=1, real_fraction=0.5,
+                                    peak_tflops=["fp32=1", "bf16=1"], device="cpu"), log=lambda line: None)
+    variants = [row["variant"] for row in rows]
+    assert variants[0].startswith("explicit")
+    skipping = [r for r in rows if r["variant"].startswith("fast (")]
+    computing = [r for r in rows if r["variant"].startswith("fast, padding computed")]
+    assert len(skipping) == len(computing) >= 1
+    assert all(r["train_tokens_per_s"] > 0 and 0 < r["mfu"] for r in rows)
