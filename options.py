@@ -266,8 +266,8 @@ class DemoOptions:
     def pretraining(self):
         """The pre-training run, sized to pass the toy world's topic "knee" (where held-out MLM
         loss leaves its syntax plateau near 2.2) on a laptop CPU in fp32 within minutes
-        (docs/performance.md has the measurements): the tiny preset with a feed-forward of 256
-        (it passes the knee sooner, and each step costs less), 48-token inputs -- the toy world's
+        (docs/performance.md has the measurements): the tiny preset with a feed-forward of 64
+        (it passes the knee as soon as 256 or 512 do, and each step costs less), 48-token inputs -- the toy world's
         sentences are ~10 tokens, so a pair still spans several sentences -- at a peak rate of
         1.5e-3; no dropout: the generated corpus is practically infinite, and a tiny model that sees each
         sentence about once has nothing to over-fit."""
