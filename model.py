@@ -355,7 +355,11 @@ class Classifier(nn.Module):
             self.encoder.pooler.requires_grad_(False)  # not on the path: it keeps its values, and trains nothing
 
     def forward(self, input_ids, segment_ids=None, attention_mask=None):
-        sequence_output, pooled = self.encoder(input_ids, segment_ids, attention_mask)  # (B, T, H), (B, H)
+        # with padding, the encoder computes on the real tokens only: the pooled vector reads no
+        # padding position, so the scores are the reading path's (a speed device: Unpadded)
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        unpadded = Unpadded(attention_mask) if padded else None
+        sequence_output, pooled = self.encoder(input_ids, segment_ids, attention_mask, unpadded)  # (B, T, H), (B, H)
         if self.pool == "mean":
             # sum over the real tokens / their number: padding never enters the sentence vector   (B, H)
             real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
@@ -492,7 +496,8 @@ class Unpadded:
     (B, h, T, d) layout with the padding masked, as MosaicBERT's unpadding does without a
     variable-length kernel. The real positions' outputs are the reading path's
     (tests/test_model.py); the padding positions' are zero, so it serves where only real
-    positions are read: pre-training (MLM targets and [CLS] are real tokens).
+    positions are read: pre-training (MLM targets and [CLS] are real tokens) and the classifier
+    ([CLS], or the mean over real tokens).
     Build it from the batch's mask on the CPU, where the data is: nothing then waits for a GPU."""
 
     def __init__(self, attention_mask, device=None):

@@ -386,3 +386,22 @@ def test_scores_over_a_padded_vocabulary_equal_the_plain_scores_and_gradients():
             assert results[1][0].shape == (9, vocab_size)
             for plain, padded in zip(*results):
                 assert plain.shape == padded.shape and torch.allclose(plain, padded, atol=1e-5), (vocab_size, multiple)
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_a_sentences_class_scores_do_not_depend_on_the_padded_batch_it_is_in(pool, device):
+    # a padded batch goes through model.Unpadded (real tokens only); each sentence alone, unpadded,
+    # takes the reading path: the scores must agree
+    generator = torch.Generator().manual_seed(2)
+    config = make_config("tiny", vocab_size=60, max_positions=24, hidden_size=32, num_heads=2, intermediate_size=64)
+    torch.manual_seed(0)
+    classifier = Classifier(config, num_labels=5, pool=pool).to(device).eval()
+    for trial in range(8):
+        batch, length = int(torch.randint(2, 7, (1,), generator=generator)), int(torch.randint(3, 24, (1,), generator=generator))
+        input_ids = torch.randint(5, 60, (batch, length), generator=generator)
+        lengths = torch.randint(2, length + 1, (batch,), generator=generator)
+        mask = torch.arange(length)[None, :] < lengths[:, None]
+        with torch.no_grad():
+            together = classifier(input_ids.to(device), None, mask.to(device))
+            alone = torch.cat([classifier(input_ids[i: i + 1, : int(lengths[i])].to(device)) for i in range(batch)])
+        assert torch.allclose(together, alone, atol=1e-5), trial
