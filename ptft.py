@@ -438,6 +438,9 @@ def run_pretrain(args):
         return
     print(f"done: final training MLM loss {metrics['final_train_mlm_loss']:.3f}{held_out} "
           f"(ln|V| = {metrics['ln_vocab']:.3f}); {args.out}/checkpoint.pt")
+    if "steady_tokens_per_second" in metrics:
+        print(f"speed: {metrics['tokens_per_second']:,.0f} tokens/s; {metrics['steady_tokens_per_second']:,.0f} after the "
+              f"first {metrics['warmup_steps']} steps, which took {metrics['warmup_seconds']:.1f} s (compilation, warm-up)")
 
 
 def run_finetune(args):

@@ -89,7 +89,8 @@ def pretraining_loop(out, run, start_step, encoded, held_out, progress=True):
     training_model = torch.compile(training_model) if o.compile else training_model
     warmup_steps = o.warmup_steps if o.warmup_steps is not None else max(1, o.steps // 20)
     model.train()
-    started, tokens_seen, last = time.time(), 0, {}
+    # the first steps (compilation with --compile, the allocator, kernel choice) are timed apart
+    throughput, last = Throughput(warmup_steps=max(1, min(10, (o.steps - start_step) // 10))), {}
     # The checkpoint of step k is written only once the weights after step k are known to be good:
     # when step k+1's losses and gradient norm have come out finite (the last one: when every weight
     # is finite). A diverging run therefore never replaces the last good checkpoint with bad weights.
@@ -113,7 +114,7 @@ def pretraining_loop(out, run, start_step, encoded, held_out, progress=True):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, o.steps, o.lr, warmup_steps)  # C4
         loss_mlm, loss_nsp, tokens = pretraining_step(run, training_model, micro_batches)
-        tokens_seen += tokens
+        throughput.add(tokens)
         scaler.unscale_(optimizer)  # the true gradients (fp16), for clipping and the norm check
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()  # before clipping
         diverged = [f"{name} loss is {value}" for name, value in (("MLM", loss_mlm), ("NSP", loss_nsp))
@@ -131,8 +132,7 @@ def pretraining_loop(out, run, start_step, encoded, held_out, progress=True):
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         last = {"step": step + 1, "train_mlm_loss": loss_mlm, "train_nsp_loss": loss_nsp if o.nsp else None}
-        elapsed = max(time.time() - started, 1e-9)
-        bar.set_postfix(mlm=f"{loss_mlm:.3f}", tok_s=f"{tokens_seen / elapsed:,.0f}", data_wait=f"{batches.waited / elapsed:.0%}")
+        bar.set_postfix(mlm=f"{loss_mlm:.3f}", tok_s=f"{throughput.rate():,.0f}", data_wait=f"{throughput.share(batches.waited):.0%}")
         if held_out and ((step + 1) % o.eval_every == 0 or step + 1 == o.steps):
             evaluation = mlm_evaluation(model, held_out, run.device, run.precision)
             last.update({"held_out_mlm_loss": evaluation["mlm_loss"], "held_out_nsp_accuracy": evaluation["nsp_accuracy"]})
@@ -151,10 +151,8 @@ def pretraining_loop(out, run, start_step, encoded, held_out, progress=True):
         stop(o.steps, f"weight {not_finite[0]} is not finite after the last update")
     run.save(checkpoint_path, o.steps, run.rng_states(batches.next_state()))
     batches.close()
-    elapsed = time.time() - started
     metrics = {**last, "final_train_mlm_loss": last.get("train_mlm_loss"), "held_out_mlm_loss": last.get("held_out_mlm_loss"),
-               "ln_vocab": math.log(len(run.tokenizer)), "seconds": elapsed,
-               "tokens_per_second": tokens_seen / max(elapsed, 1e-9), "data_wait_fraction": batches.waited / max(elapsed, 1e-9),
+               "ln_vocab": math.log(len(run.tokenizer)), **throughput.metrics(), "data_wait_fraction": throughput.share(batches.waited),
                "processes": run.processes.world_size, "corpus": run.corpus_name, "history": run.history}
     if run.processes.main:
         write_json(os.path.join(out, "metrics.json"), metrics)
@@ -784,6 +782,39 @@ def to_tensors(batch, device):
     """numpy arrays (or tensors) -> tensors on `device`; a pinned tensor is copied without blocking."""
     return {key: (torch.from_numpy(value) if isinstance(value, np.ndarray) else value).to(device, non_blocking=True)
             for key, value in batch.items()}
+
+
+class Throughput:
+    """Tokens per second of a run: overall, and after its first `warmup_steps` -- compilation
+    (--compile), the allocator and the choice of kernels happen there, so the rate after them is
+    the steady one that `bench` measures. Each step ends with its losses read back (.item()), so
+    on a GPU the clock sees the work done, not only the work queued."""
+
+    def __init__(self, warmup_steps):
+        self.warmup_steps, self.steps, self.tokens = warmup_steps, 0, 0
+        self.started, self.warm_at, self.warm_tokens = time.time(), None, 0
+
+    def add(self, tokens):
+        self.steps += 1
+        self.tokens += tokens
+        if self.steps == self.warmup_steps:
+            self.warm_at, self.warm_tokens = time.time(), self.tokens
+
+    def elapsed(self):
+        return max(time.time() - self.started, 1e-9)
+
+    def rate(self):
+        return self.tokens / self.elapsed()
+
+    def share(self, seconds):
+        return seconds / self.elapsed()
+
+    def metrics(self):
+        metrics = {"seconds": self.elapsed(), "tokens_per_second": self.rate()}
+        if self.warm_at is not None and self.steps > self.warmup_steps:
+            metrics.update(warmup_steps=self.warmup_steps, warmup_seconds=self.warm_at - self.started,
+                           steady_tokens_per_second=(self.tokens - self.warm_tokens) / max(time.time() - self.warm_at, 1e-9))
+        return metrics
 
 
 # ----------------------------------------------------------------------------------------

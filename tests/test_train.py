@@ -593,3 +593,18 @@ def test_batches_built_in_the_background_are_the_batches_built_in_the_loop_with_
     replay.data_rng.bit_generator.state = in_loop[3][0]
     assert all(np.array_equal(a[key], b[key]) for a, b in zip(train.StepBatches(replay, encoded, False).next()[1],
                                                                 in_loop[3][1]) for key in a)
+
+
+def test_throughput_counts_the_steady_rate_after_the_first_steps_apart(monkeypatch):
+    # train.Throughput with a fake clock: 3 warm-up steps of 10 s each (compilation), then 1 s a step
+    clock = [100.0]
+    monkeypatch.setattr(train.time, "time", lambda: clock[0])
+    throughput = train.Throughput(warmup_steps=3)
+    for step in range(8):
+        clock[0] += 10.0 if step < 3 else 1.0
+        throughput.add(500)
+    metrics = throughput.metrics()
+    assert metrics["seconds"] == 35.0 and metrics["tokens_per_second"] == 8 * 500 / 35.0
+    assert metrics["warmup_seconds"] == 30.0 and metrics["steady_tokens_per_second"] == 500.0
+    assert throughput.share(7.0) == 0.2
+    assert "steady_tokens_per_second" not in train.Throughput(warmup_steps=3).metrics()  # nothing after the warm-up yet
