@@ -353,8 +353,8 @@ def test_computing_on_real_tokens_only_gives_the_reading_paths_outputs_loss_and_
             loss.backward()
             gradient = torch.cat([p.grad.flatten() for p in network.parameters() if p.grad is not None])
             results.append((sequence_output[tensors[1]], pooled, loss, gradient))
-        for reading, unpadded in zip(*results):
-            assert torch.allclose(reading, unpadded, atol=1e-5), trial
+        for reading, unpadded in zip(*results):  # (a GPU may pick other matmul kernels for N rows than for B x T)
+            assert torch.allclose(reading, unpadded, atol=1e-5, rtol=1e-4), trial
 
 
 def test_computing_on_real_tokens_only_leaves_zeros_at_padding_and_pads_back_exactly():
@@ -404,4 +404,4 @@ def test_a_sentences_class_scores_do_not_depend_on_the_padded_batch_it_is_in(poo
         with torch.no_grad():
             together = classifier(input_ids.to(device), None, mask.to(device))
             alone = torch.cat([classifier(input_ids[i: i + 1, : int(lengths[i])].to(device)) for i in range(batch)])
-        assert torch.allclose(together, alone, atol=1e-5), trial
+        assert torch.allclose(together, alone, atol=1e-5, rtol=1e-4), trial
