@@ -136,14 +136,22 @@ def time_transformers(model_config, batch, precision, compiled, steps, device):
 
 
 def real_lengths(generator, batch_size, length, real_fraction):
-    """Each sequence's real tokens: all `length` at real_fraction 1; otherwise uniform draws whose
-    mean is real_fraction x length, as short documents leave real text's batches (at least 3:
-    [CLS], one token, [SEP])."""
+    """Each sequence's real tokens: all `length` at real_fraction 1; otherwise uniform draws around
+    real_fraction x length, as short documents leave real text's batches (at least 3: [CLS], one
+    token, [SEP]), then nudged one token at a time until the batch's share is real_fraction exactly
+    (to the token)."""
     if real_fraction >= 1:
         return np.full(batch_size, length)
     mean = max(3, real_fraction * length)
     low, high = (2 * mean - length, length) if real_fraction >= 0.5 else (3, 2 * mean - 3)
-    return np.clip(np.round(generator.uniform(low, high, batch_size)), 3, length).astype(int)
+    lengths = np.clip(np.round(generator.uniform(low, high, batch_size)), 3, length).astype(int)
+    target = max(3 * batch_size, round(real_fraction * batch_size * length))
+    while lengths.sum() != target:
+        step = 1 if lengths.sum() < target else -1
+        movable = np.flatnonzero(lengths < length if step > 0 else lengths > 3)
+        chosen = generator.permutation(movable)[:abs(target - lengths.sum())]
+        lengths[chosen] += step
+    return lengths
 
 
 def data_path_speed(generator, batch_size, length, vocab_size=8192):

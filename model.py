@@ -496,15 +496,16 @@ class Unpadded:
     (B, h, T, d) layout with the padding masked, as MosaicBERT's unpadding does without a
     variable-length kernel. The real positions' outputs are the reading path's
     (tests/test_model.py); the padding positions' are zero, so it serves where only real
-    positions are read: pre-training (MLM targets and [CLS] are real tokens) and the classifier
-    ([CLS], or the mean over real tokens).
-    Build it from the batch's mask on the CPU, where the data is: nothing then waits for a GPU."""
+    positions are read: pre-training (MLM targets and [CLS] are real tokens: data.mask_tokens
+    never picks padding) and the classifier ([CLS], or the mean over real tokens).
+    Built from a mask on the CPU, where pretrain's data is, nothing waits for a GPU; from a mask
+    on a GPU (the classifier's), finding the real tokens waits for it once."""
 
     def __init__(self, attention_mask, device=None):
-        mask = torch.as_tensor(attention_mask).bool()                    # (B, T), on the CPU
+        mask = torch.as_tensor(attention_mask).bool()                    # (B, T)
         self.shape = tuple(mask.shape)
         index = mask.flatten().nonzero().squeeze(1)                      # (N,) real positions in B*T
-        if device is not None and torch.device(device).type == "cuda":
+        if index.device.type == "cpu" and device is not None and torch.device(device).type == "cuda":
             index = index.pin_memory()                                   # so the copy does not block
         self.index = index.to(device or index.device, non_blocking=True)
 

@@ -107,6 +107,7 @@ def pretraining_loop(out, run, start_step, encoded, held_out, progress=True):
         raise TrainingDiverged(f"step {step}: {what}; {kept} -- try a lower --lr")
 
     for step in bar:
+        step_started = time.time()
         data_state, micro_batches = batches.next()
         # nothing else draws between the end of the previous update and here: these are the RNG states
         # a resume from the previous step's checkpoint needs to draw the same batches, masks and dropout
@@ -114,7 +115,6 @@ def pretraining_loop(out, run, start_step, encoded, held_out, progress=True):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, o.steps, o.lr, warmup_steps)  # C4
         loss_mlm, loss_nsp, tokens = pretraining_step(run, training_model, micro_batches)
-        throughput.add(tokens)
         scaler.unscale_(optimizer)  # the true gradients (fp16), for clipping and the norm check
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()  # before clipping
         diverged = [f"{name} loss is {value}" for name, value in (("MLM", loss_mlm), ("NSP", loss_nsp))
@@ -131,6 +131,7 @@ def pretraining_loop(out, run, start_step, encoded, held_out, progress=True):
         scaler.step(optimizer)  # = optimizer.step(), except a skipped fp16 step that overflowed
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        throughput.add(tokens, time.time() - step_started)
         last = {"step": step + 1, "train_mlm_loss": loss_mlm, "train_nsp_loss": loss_nsp if o.nsp else None}
         bar.set_postfix(mlm=f"{loss_mlm:.3f}", tok_s=f"{throughput.rate():,.0f}", data_wait=f"{throughput.share(batches.waited):.0%}")
         if held_out and ((step + 1) % o.eval_every == 0 or step + 1 == o.steps):
@@ -785,20 +786,22 @@ def to_tensors(batch, device):
 
 
 class Throughput:
-    """Tokens per second of a run: overall, and after its first `warmup_steps` -- compilation
-    (--compile), the allocator and the choice of kernels happen there, so the rate after them is
-    the steady one that `bench` measures. Each step ends with its losses read back (.item()), so
-    on a GPU the clock sees the work done, not only the work queued."""
+    """Tokens per second of a run: overall (everything included), and "steady": the training steps
+    after the first `warmup_steps`, their time alone -- compilation (--compile), the allocator and
+    the choice of kernels happen in the first steps, and held-out evaluations and checkpoint
+    writes between steps are not training. The steady rate is what `bench` measures. Each step ends
+    with its losses read back (.item()), so on a GPU the clock sees the work done, not queued."""
 
     def __init__(self, warmup_steps):
-        self.warmup_steps, self.steps, self.tokens = warmup_steps, 0, 0
-        self.started, self.warm_at, self.warm_tokens = time.time(), None, 0
+        self.warmup_steps, self.started = warmup_steps, time.time()
+        self.steps = self.tokens = self.seconds = self.warmup_tokens = self.warmup_seconds = 0
 
-    def add(self, tokens):
+    def add(self, tokens, seconds):
+        """One training step: its real tokens, and the seconds it took (data wait included)."""
         self.steps += 1
-        self.tokens += tokens
-        if self.steps == self.warmup_steps:
-            self.warm_at, self.warm_tokens = time.time(), self.tokens
+        self.tokens, self.seconds = self.tokens + tokens, self.seconds + seconds
+        if self.steps <= self.warmup_steps:
+            self.warmup_tokens, self.warmup_seconds = self.warmup_tokens + tokens, self.warmup_seconds + seconds
 
     def elapsed(self):
         return max(time.time() - self.started, 1e-9)
@@ -811,9 +814,10 @@ class Throughput:
 
     def metrics(self):
         metrics = {"seconds": self.elapsed(), "tokens_per_second": self.rate()}
-        if self.warm_at is not None and self.steps > self.warmup_steps:
-            metrics.update(warmup_steps=self.warmup_steps, warmup_seconds=self.warm_at - self.started,
-                           steady_tokens_per_second=(self.tokens - self.warm_tokens) / max(time.time() - self.warm_at, 1e-9))
+        if self.steps > self.warmup_steps:
+            steady_seconds = max(self.seconds - self.warmup_seconds, 1e-9)
+            metrics.update(warmup_steps=self.warmup_steps, warmup_seconds=self.warmup_seconds,
+                           steady_tokens_per_second=(self.tokens - self.warmup_tokens) / steady_seconds)
         return metrics
 
 

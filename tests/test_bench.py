@@ -14,6 +14,10 @@ def test_drawn_real_lengths_have_the_asked_share_and_fit_the_sequence():
             lengths = bench.real_lengths(generator, 4000, length, fraction)
             assert lengths.min() >= min(3, length) and lengths.max() <= length
             assert abs(lengths.mean() / length - max(fraction, 3 / length)) < 0.03, (fraction, length)
+    for batch_size in (1, 4, 32, 256):  # and each batch has the share exactly, to the token
+        for fraction in (0.1, 0.39, 0.7):
+            lengths = bench.real_lengths(generator, batch_size, 128, fraction)
+            assert lengths.sum() == max(3 * batch_size, round(fraction * batch_size * 128))
 
 
 def test_model_flops_count_real_tokens_only():

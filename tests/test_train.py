@@ -596,15 +596,63 @@ def test_batches_built_in_the_background_are_the_batches_built_in_the_loop_with_
 
 
 def test_throughput_counts_the_steady_rate_after_the_first_steps_apart(monkeypatch):
-    # train.Throughput with a fake clock: 3 warm-up steps of 10 s each (compilation), then 1 s a step
+    # train.Throughput with a fake clock: 3 warm-up steps of 10 s each (compilation), then 1 s a
+    # step, and 20 s of evaluation between steps that the steady rate leaves out
     clock = [100.0]
     monkeypatch.setattr(train.time, "time", lambda: clock[0])
     throughput = train.Throughput(warmup_steps=3)
     for step in range(8):
-        clock[0] += 10.0 if step < 3 else 1.0
-        throughput.add(500)
+        seconds = 10.0 if step < 3 else 1.0
+        clock[0] += seconds
+        throughput.add(500, seconds)
+        if step == 5:
+            clock[0] += 20.0  # a held-out evaluation
     metrics = throughput.metrics()
-    assert metrics["seconds"] == 35.0 and metrics["tokens_per_second"] == 8 * 500 / 35.0
+    assert metrics["seconds"] == 55.0 and metrics["tokens_per_second"] == 8 * 500 / 55.0
     assert metrics["warmup_seconds"] == 30.0 and metrics["steady_tokens_per_second"] == 500.0
-    assert throughput.share(7.0) == 0.2
+    assert throughput.share(11.0) == 0.2
     assert "steady_tokens_per_second" not in train.Throughput(warmup_steps=3).metrics()  # nothing after the warm-up yet
+
+
+def test_pretraining_computes_on_real_tokens_only_exactly_when_a_batch_has_padding(small_world, tmp_path, monkeypatch):
+    # pretraining_step hands model.Unpadded to the model for each padded micro-batch (and the
+    # model uses it), never for one without padding
+    built, used, seen = [], [], []
+
+    class Recording(train.Unpadded):
+        def __init__(self, mask, device=None):
+            super().__init__(mask, device)
+            built.append(int(np.asarray(mask).sum()))
+
+        def unpad(self, x):
+            used.append(self)
+            return super().unpad(x)
+
+    step = train.pretraining_step
+
+    def recording_step(run, training_model, micro_batches):
+        seen.append([np.asarray(b["attention_mask"]) for b in micro_batches])
+        return step(run, training_model, micro_batches)
+
+    monkeypatch.setattr(train, "Unpadded", Recording)
+    monkeypatch.setattr(train, "pretraining_step", recording_step)
+    recipe = PretrainOptions(corpus=[small_world["corpus"]], steps=4, batch_size=8, max_length=64, vocab_size=300,
+                             accumulation=2, save_every=0, device="cpu")
+    metrics = train.pretrain(str(tmp_path / "run"), recipe, log=quiet, progress=False)
+    masks = [mask for step_masks in seen for mask in step_masks]
+    padded = [int(mask.sum()) for mask in masks if not mask.all()]
+    assert len(masks) == 8 and padded and built == padded and len(set(map(id, used))) == len(padded)
+    assert metrics["tokens_per_second"] > 0
+
+
+def test_cpu_training_in_bf16_takes_the_written_out_attention():
+    # model.fused_attention_applies: the CPU's SDPA backward is slow in bf16 (docs/performance.md)
+    from model import Layer, fused_attention_applies, make_config
+    attention = Layer(make_config("tiny", vocab_size=50, max_positions=16, attention="sdpa", attention_dropout=0.0)).attention
+    x = torch.zeros(2, 4, 128)
+    assert fused_attention_applies(attention.train(), x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not fused_attention_applies(attention.train(), x)
+        assert fused_attention_applies(attention.eval(), x)  # inference keeps the kernel
+    attention.attention_dropout.p = 0.1
+    assert not fused_attention_applies(attention.train(), x) and fused_attention_applies(attention.eval(), x)
