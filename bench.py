@@ -70,12 +70,17 @@ def median_seconds(function, steps, device):
 
 
 def time_step_and_forward(step, forward, steps, device):
-    """(median seconds of a training step, of an inference forward), after 3 warm-up steps."""
+    """(median seconds of a training step, of an inference forward, peak GPU memory of training in
+    bytes -- weights, gradients, optimizer state and activations; None on a CPU), after 3 warm-up
+    steps."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     for _ in range(3):  # warm-up: allocator, kernels, autotuning
         step()
     training = median_seconds(step, steps, device)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     with torch.no_grad():
-        return training, median_seconds(forward, steps, device)
+        return training, median_seconds(forward, steps, device), peak
 
 
 def time_ptft(model_config, batch, precision, attention, sparse, compiled, steps, device, max_predictions=None,
@@ -208,7 +213,7 @@ def bench(o, log=print):
     for variant, precision, attention, sparse, compiled, skip_padding in variants:
         # the fast rows predict as pretrain does on this device: a fixed number per sequence on a GPU
         fixed = max_predictions if sparse and device.type == "cuda" else None
-        train_seconds, infer_seconds = time_ptft(model_config, batch, precision, attention, sparse=sparse, compiled=compiled,
+        train_seconds, infer_seconds, peak = time_ptft(model_config, batch, precision, attention, sparse=sparse, compiled=compiled,
                                                  steps=o.steps, device=device, max_predictions=fixed,
                                                  unpadded=unpadded if skip_padding else None)
         flops = training_flops(model_config, lengths, num_masked if sparse else tokens)
@@ -216,12 +221,14 @@ def bench(o, log=print):
         rows.append({"impl": "ptft", "variant": f"{variant} ({attention} attention, {prediction} MLM)",
                      "precision": precision, "compiled": compiled, "config": o.config, "device": device_name(device),
                      "batch_size": batch_size, "train_tokens_per_s": tokens / train_seconds,
-                     "infer_tokens_per_s": tokens / infer_seconds, "mfu": flops / train_seconds / peaks[precision]})
+                     "infer_tokens_per_s": tokens / infer_seconds, "mfu": flops / train_seconds / peaks[precision],
+                     "peak_memory_gb": peak and peak / 2 ** 30})
         if o.compare_hf and sparse and skip_padding == padded:  # transformers in the same precision, compiled alike
-            train_seconds, infer_seconds = time_transformers(model_config, batch, precision, compiled=compiled, steps=o.steps,
+            train_seconds, infer_seconds, peak = time_transformers(model_config, batch, precision, compiled=compiled, steps=o.steps,
                                                              device=device)
             rows.append({**rows[-1], "impl": "hf", "variant": "BertForMaskedLM (sdpa)",
                          "train_tokens_per_s": tokens / train_seconds, "infer_tokens_per_s": tokens / infer_seconds,
+                         "peak_memory_gb": peak and peak / 2 ** 30,
                          "mfu": training_flops(model_config, lengths, tokens) / train_seconds / peaks[precision]})
     print_table(rows, log)
     data_speed = data_path_speed(generator, batch_size, length, vocab_size)  # it must be far faster than any row above
@@ -246,16 +253,21 @@ def device_name(device):
 
 
 def print_table(rows, log):
-    """Markdown; "vs hf" compares each ptft row with transformers in the same precision and compilation."""
-    reference = {(r["precision"], r["compiled"]): r["train_tokens_per_s"] for r in rows if r["impl"] == "hf"}
-    log("| impl | variant | precision | compiled | train tokens/s | inference tokens/s | MFU |" + (" vs hf |" if reference else ""))
-    log("|---|---|---|---|---|---|---|" + ("---|" if reference else ""))
+    """Markdown; "vs hf" compares each ptft row with transformers in the same precision and
+    compilation: its speed, and (on a GPU) its peak training memory."""
+    reference = {(r["precision"], r["compiled"]): r for r in rows if r["impl"] == "hf"}
+    log("| impl | variant | precision | compiled | train tokens/s | inference tokens/s | MFU | peak memory |"
+        + (" vs hf: speed | memory |" if reference else ""))
+    log("|---|---|---|---|---|---|---|---|" + ("---|---|" if reference else ""))
     for r in rows:
-        ratio = reference.get((r["precision"], r["compiled"]))
+        hf = reference.get((r["precision"], r["compiled"]))
+        memory = f"{r['peak_memory_gb']:.1f} GB" if r["peak_memory_gb"] else "—"
+        versus = ""
+        if reference:
+            speed = f"{r['train_tokens_per_s'] / hf['train_tokens_per_s']:.2f}x" if hf else "—"
+            versus = f" {speed} | " + (f"{r['peak_memory_gb'] / hf['peak_memory_gb']:.2f}x |" if hf and r["peak_memory_gb"] else "— |")
         log(f"| {r['impl']} | {r['variant']} | {r['precision']} | {'yes' if r['compiled'] else 'no'} | "
-            f"{r['train_tokens_per_s']:,.0f} | {r['infer_tokens_per_s']:,.0f} | {100 * r['mfu']:.0f}% |"
-            + ((f" {r['train_tokens_per_s'] / ratio:.2f}x |" if ratio else " — |") if reference else ""))
-
+            f"{r['train_tokens_per_s']:,.0f} | {r['infer_tokens_per_s']:,.0f} | {100 * r['mfu']:.0f}% | {memory} |" + versus)
 
 if __name__ == "__main__":
     # `python bench.py`: the tiny config, a few steps -- a check that every row runs (numbers noisy)

@@ -39,4 +39,16 @@ def test_a_padded_bench_times_the_fast_rows_with_and_without_computing_on_paddin
     skipping = [r for r in rows if r["variant"].startswith("fast (")]
     computing = [r for r in rows if r["variant"].startswith("fast, padding computed")]
     assert len(skipping) == len(computing) >= 1
-    assert all(r["train_tokens_per_s"] > 0 and 0 < r["mfu"] for r in rows)
+    assert all(r["train_tokens_per_s"] > 0 and 0 < r["mfu"] and r["peak_memory_gb"] is None for r in rows)  # None: a CPU
+
+
+def test_the_table_compares_speed_and_peak_memory_with_transformers_like_for_like():
+    row = {"variant": "v", "compiled": False, "train_tokens_per_s": 100.0, "infer_tokens_per_s": 1.0, "mfu": 0.5}
+    rows = [{**row, "impl": "ptft", "precision": "bf16", "train_tokens_per_s": 160.0, "peak_memory_gb": 7.0},
+            {**row, "impl": "hf", "precision": "bf16", "peak_memory_gb": 10.0},
+            {**row, "impl": "ptft", "precision": "fp32", "peak_memory_gb": None}]  # no hf row in fp32; a CPU's memory
+    lines = []
+    bench.print_table(rows, lines.append)
+    assert lines[2].endswith("| 7.0 GB | 1.60x | 0.70x |")
+    assert lines[3].endswith("| 10.0 GB | 1.00x | 1.00x |")
+    assert lines[4].endswith("| — | — | — |")
