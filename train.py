@@ -117,14 +117,9 @@ def pretraining_loop(out, run, start_step, encoded, held_out, progress=True):
         loss_mlm, loss_nsp, tokens = pretraining_step(run, training_model, micro_batches)
         scaler.unscale_(optimizer)  # the true gradients (fp16), for clipping and the norm check
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()  # before clipping
-        diverged = [f"{name} loss is {value}" for name, value in (("MLM", loss_mlm), ("NSP", loss_nsp))
-                    if not math.isfinite(value)]
-        # finite losses can still overflow in the backward pass; under fp16 that is the scaler's
-        # business (an occasional skipped step), otherwise it is divergence
-        if not diverged and not math.isfinite(grad_norm) and not scaler.is_enabled():
-            diverged = [f"the gradient norm is {grad_norm} (MLM loss {loss_mlm:.3f})"]
+        diverged = divergence(loss_mlm, loss_nsp, grad_norm, fp16_scaling=scaler.is_enabled())
         if diverged:
-            stop(step + 1, ", ".join(diverged))
+            stop(step + 1, diverged)
         if save_pending:  # the weights after step `step` made finite losses and gradients: they are good
             run.save(checkpoint_path, step, rng_at_start)
             save_pending, last_saved = False, step
@@ -159,6 +154,17 @@ def pretraining_loop(out, run, start_step, encoded, held_out, progress=True):
         write_json(os.path.join(out, "metrics.json"), metrics)
     finish(run.processes)
     return metrics
+
+
+def divergence(loss_mlm, loss_nsp, grad_norm, fp16_scaling):
+    """What says a pre-training step diverged ("" if nothing): a loss that is not finite, or a
+    gradient norm that is not -- finite losses can still overflow in the backward pass; under fp16
+    that is the scaler's business (an occasional skipped step), otherwise it is divergence."""
+    not_finite = [f"{name} loss is {value}" for name, value in (("MLM", loss_mlm), ("NSP", loss_nsp))
+                  if not math.isfinite(value)]
+    if not not_finite and not math.isfinite(grad_norm) and not fp16_scaling:
+        not_finite = [f"the gradient norm is {grad_norm} (MLM loss {loss_mlm:.3f})"]
+    return ", ".join(not_finite)
 
 
 def pretraining_step(run, training_model, micro_batches):
