@@ -573,4 +573,9 @@ if __name__ == "__main__":
         difference = (fused.encoder(input_ids, segment_ids, attention_mask)[0] - sequence_output).abs().max().item()
     print(f"explicit vs fused attention: max difference {difference:.2e}")
     assert difference < 1e-5
+    with torch.no_grad():
+        unpadded = model.encoder(input_ids, segment_ids, attention_mask, Unpadded(attention_mask))[0]
+    difference = (unpadded - sequence_output)[attention_mask].abs().max().item()
+    print(f"computing on the real tokens only (Unpadded) vs all positions, at the real ones: max difference {difference:.2e}")
+    assert difference < 1e-5
     print("self-check passed")
