@@ -16,7 +16,8 @@ Tensor shape legend used in comments:
 
 The reading path comes first; the speed devices (a faster dropout mask on the CPU, when the
 fused attention kernel is used, fused Q/K/V projections, computing on real tokens only, a
-fixed number of MLM predictions, a vocabulary padded for the GPU's matmul) are set apart at the end of the file, each tested equal.
+fixed number of MLM predictions, a vocabulary padded for the GPU's matmul) are set apart at
+the end of the file, each tested equal to it.
 
 Run `python model.py` for a self-check.
 """
@@ -576,6 +577,6 @@ if __name__ == "__main__":
     with torch.no_grad():
         unpadded = model.encoder(input_ids, segment_ids, attention_mask, Unpadded(attention_mask))[0]
     difference = (unpadded - sequence_output)[attention_mask].abs().max().item()
-    print(f"computing on the real tokens only (Unpadded) vs all positions, at the real ones: max difference {difference:.2e}")
+    print(f"real tokens only (Unpadded) vs all positions, at the real ones: max difference {difference:.2e}")
     assert difference < 1e-5
     print("self-check passed")
