@@ -98,7 +98,7 @@ def pretraining_example(documents, rng, max_length, use_nsp=True):
         document = documents[index]
         start = rng.integers(len(document))
         return np.concatenate(document[start:])[:budget], None, None
-    while len(documents[index]) < 2:  # a true next needs two sentences (pretrain checks one exists)
+    while len(documents[index]) < 2:  # a true next needs two sentences (nsp_possible)
         index = rng.integers(len(documents))
     document = documents[index]
     # take sentences from a random start until the budget is full (at least two sentences)
@@ -177,13 +177,19 @@ def classification_inputs(tokenizer, texts, max_length, warn=print, path="input"
     return rows
 
 
+def nsp_possible(documents):
+    """B2 needs a true next sentence (a document of 2 or more sentences) and another document
+    to draw a NotNext segment from."""
+    return len(documents) >= 2 and any(len(document) >= 2 for document in documents)
+
+
 def held_out_batches(documents, tokenizer, max_length, use_nsp, batch_size=64, num_batches=8, seed=4321):
     """A fixed set of masked held-out batches: the same masks at every evaluation, so the
     numbers are comparable across steps and runs."""
     if not documents:
         return []
     rng = np.random.default_rng(seed)
-    use_nsp = use_nsp and len(documents) >= 2
+    use_nsp = use_nsp and nsp_possible(documents)
     return [pretraining_batch(documents, tokenizer, rng, batch_size, max_length, use_nsp) for _ in range(num_batches)]
 
 

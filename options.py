@@ -18,6 +18,7 @@ Run `python options.py` to see the defaults and what "auto" resolves to here.
 import contextlib
 import math
 import os
+import re
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -72,6 +73,8 @@ class PretrainOptions:
                        ("--accum", self.accumulation, 1), ("--max-length", self.max_length, 8),
                        ("--warmup-steps", self.warmup_steps or 0, 0), ("--save-every", self.save_every, 0),
                        ("--eval-every", self.eval_every, 1))
+        if self.vocab_size is not None:
+            check_at_least(("--vocab-size", self.vocab_size, 8))
         check_learning_rate(self.lr)
         if not (math.isfinite(self.nsp_weight) and self.nsp_weight >= 0):
             raise InputError(f"--nsp-weight (lambda in B3) must be a finite number >= 0, got {self.nsp_weight}")
@@ -92,7 +95,7 @@ class PretrainOptions:
 
     def model_config(self):
         """The Config asked for (an --init brings its own sizes and vocabulary)."""
-        return model_config(self, vocab_size=self.vocab_size or (8192 if self.corpus else 2048),
+        return model_config(self, vocab_size=self.vocab_size if self.vocab_size is not None else (8192 if self.corpus else 2048),
                             max_positions=max(128, self.max_length), attention=self.attention,
                             dropout=self.dropout, attention_dropout=self.dropout)
 
@@ -143,7 +146,7 @@ class FinetuneOptions:
 
     def check(self):
         check_at_least(("--epochs", self.epochs, 1), ("--batch-size", self.batch_size, 1),
-                       ("--max-length", self.max_length, 8))
+                       ("--max-length", self.max_length, 8), ("--vocab-size", self.vocab_size, 8))
         if self.lr is not None:
             check_learning_rate(self.lr)
         scratch = self.init == "scratch"
@@ -262,6 +265,7 @@ class DemoOptions:
     def check(self):
         if self.seeds < 1 or self.labels_per_class < 1 or self.pretrain_steps < 1 or self.epochs < 1:
             raise InputError("--seeds, --labels-per-class, --pretrain-steps and --epochs must be positive")
+        pick_precision(self.precision, pick_device(self.device))  # refused before anything is written
 
     def pretraining(self):
         """The pre-training run, sized to pass the toy world's topic "knee" (where held-out MLM
@@ -289,8 +293,8 @@ class BenchOptions:
     device: str = "auto"
 
     def check(self):
-        check_at_least(("--steps", self.steps, 1), ("--batch-size", self.batch_size or 1, 1),
-                       ("--vocab-size", self.vocab_size or 8192, 8))
+        check_at_least(("--steps", self.steps, 1), ("--batch-size", 1 if self.batch_size is None else self.batch_size, 1),
+                       ("--vocab-size", 8 if self.vocab_size is None else self.vocab_size, 8))
         if not 0.05 <= self.real_fraction <= 1:
             raise InputError(f"--real-fraction must be between 0.05 and 1, got {self.real_fraction}")
         self.peaks()
@@ -299,7 +303,7 @@ class BenchOptions:
         return self.batch_size or (256 if device.type == "cuda" else 32)
 
     def vocab_size_of(self):
-        return self.vocab_size or (30522 if self.config == "base" else 8192)
+        return self.vocab_size if self.vocab_size is not None else (30522 if self.config == "base" else 8192)
 
     def peaks(self):
         """--peak-tflops PRECISION=TFLOPS ... -> {precision: FLOP/s}."""
@@ -342,9 +346,13 @@ def model_config(options, **fixed):
         return make_config(options.config, **given, **fixed)
     except ValueError as error:
         message = str(error)
-        for name in given:  # hidden_size -> --hidden-size: the flag the user typed
-            message = message.replace(name, "--" + name.replace("_", "-"))
-        raise InputError(f"--config {options.config}: {message}") from None
+        # the flag the user typed (hidden_size -> --hidden-size); max_positions is derived, not typed
+        named = [name for name in (*given, *fixed) if name != "max_positions" and re.search(rf"\b{name}\b", message)]
+        for name in named:
+            message = re.sub(rf"\b{name}\b", "--" + name.replace("_", "-"), message)
+        # the preset is part of the problem only when a size is (e.g. its heads do not divide --hidden-size)
+        preset = f"--config {options.config}: " if not named or any(name in SIZE_FIELDS for name in named) else ""
+        raise InputError(preset + message) from None
 
 
 # ----------------------------------------------------------------------------------------

@@ -198,7 +198,7 @@ def add_finetune(commands):
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--freeze", help="head, top-K (e.g. top-2) or none")
     p.add_argument("--lora", type=int, metavar="R", help="C7: freeze the encoder and train rank-R updates of its query "
-                   "and value projections (merged into the weights at the end) with the head; 0: off")
+                   "and value projections (merged into the weights at the end) with the head (default: off)")
     p.add_argument("--pool", help="the sentence vector the classifier reads: cls (BERT's pooler on [CLS]) or mean "
                    "(the mean of the last layer over the real tokens)")
     p.add_argument("--epochs", type=int, help="passes over the training set")
@@ -473,6 +473,9 @@ def run_prune(args):
 def run_tokenize(args):
     if args.workers < 1 or args.vocab_size < 8:
         raise InputError(f"--workers must be at least 1 and --vocab-size at least 8, got {args.workers} and {args.vocab_size}")
+    folder = os.path.dirname(args.out) or "."
+    if not os.path.isdir(folder):  # refused before the vocabulary is trained, which can take minutes
+        raise InputError(f"--out {args.out}: the folder {folder} does not exist")
     started = time.time()
     if args.init:
         tokenizer = Tokenizer.from_checkpoint(load_checkpoint(args.init))
@@ -559,6 +562,9 @@ def main(argv=None):
     except train.TrainingDiverged as error:
         say(f"error: training diverged at {error}")
         return 3
+    except OSError as error:  # a folder that is missing or a file, a full disk, no permission: one line
+        say(f"error: {error.filename or ''}{': ' if error.filename else ''}{error.strerror or error}")
+        return 2
     except KeyboardInterrupt:
         say("interrupted; the last checkpoint written is intact (use --resume to continue)")
         return 130

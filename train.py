@@ -131,7 +131,9 @@ def pretraining_loop(out, run, start_step, encoded, held_out, progress=True):
         bar.set_postfix(mlm=f"{loss_mlm:.3f}", tok_s=f"{throughput.rate():,.0f}", data_wait=f"{throughput.share(batches.waited):.0%}")
         if held_out and ((step + 1) % o.eval_every == 0 or step + 1 == o.steps):
             evaluation = mlm_evaluation(model, held_out, run.device, run.precision)
-            last.update({"held_out_mlm_loss": evaluation["mlm_loss"], "held_out_nsp_accuracy": evaluation["nsp_accuracy"]})
+            last.update({"held_out_mlm_loss": evaluation["mlm_loss"]})
+            if o.nsp:
+                last["held_out_nsp_accuracy"] = evaluation["nsp_accuracy"]
             run.history.append(last)
             if run.processes.main:
                 bar.write(f"step {step + 1}: train MLM {loss_mlm:.3f}, held-out MLM {evaluation['mlm_loss']:.3f}"
@@ -262,7 +264,7 @@ def start_pretraining(out, o, resume, force, log):
     if processes.main:
         tokenizer.save(os.path.join(out, "vocab.txt"))
     encoded = training_documents if tokenised else data.encode_documents(tokenizer, training_documents, TOKEN_CACHE)
-    if o.nsp and (len(encoded) < 2 or not any(len(d) >= 2 for d in encoded)):
+    if o.nsp and not data.nsp_possible(encoded):
         raise InputError(f"{corpus_name}: next-sentence prediction needs at least 2 documents (separated by a blank line), "
                          "one of them with 2 or more lines; or pass --no-nsp")
     held_out = data.held_out_batches(held_out_documents if tokenised else data.encode_documents(tokenizer, held_out_documents),
@@ -737,8 +739,12 @@ def evaluate(init, data_path, device="auto", log=print):
         return classify(model, rows, label_ids, device, pad_id=tokenizer.pad_id)
     encoded = data.encode_documents(tokenizer, data.load_corpus([data_path])[1])
     max_length = min(model.config.max_positions, checkpoint.get("run", {}).get("max_length", 128))
-    batches = data.held_out_batches(encoded, tokenizer, max_length, use_nsp=len(encoded) >= 2)
+    # NSP accuracy only where the run trained its NSP head and the corpus allows B2's pairs
+    use_nsp = checkpoint.get("run", {}).get("nsp", True) and data.nsp_possible(encoded)
+    batches = data.held_out_batches(encoded, tokenizer, max_length, use_nsp=use_nsp)
     result = mlm_evaluation(model, batches, device)
+    if not use_nsp:
+        del result["nsp_accuracy"]
     result["n"] = int(sum((b["mlm_labels"] != IGNORE_INDEX).sum() for b in batches))
     return result
 

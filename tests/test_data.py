@@ -89,6 +89,18 @@ def test_nsp_labels_balanced_negatives_never_the_true_next_and_segment_ids_right
     assert abs(np.mean(labels) - 0.5) < 4 * np.sqrt(0.25 / len(labels))
 
 
+def test_held_out_pairs_need_a_document_of_two_sentences_and_otherwise_are_mlm_only():
+    # B2 draws A from a document of 2+ sentences; a corpus without one gets MLM-only batches
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        documents = [[rng.integers(5, 30, size=int(rng.integers(1, 6)))] for _ in range(int(rng.integers(1, 8)))]
+        assert not data.nsp_possible(documents)
+        batches = data.held_out_batches(documents, letters_tokenizer(), 16, use_nsp=True, batch_size=4, num_batches=2)
+        assert all((b["nsp_labels"] == IS_NEXT).all() and (b["segment_ids"] == 0).all() for b in batches)
+        documents.append([np.array([5, 6]), np.array([7, 8])])
+        assert data.nsp_possible(documents) == (len(documents) >= 2)
+
+
 @pytest.mark.parametrize("text,expected", [
     ("Hello, World!", ["hello", ",", "world", "!"]),
     ("Café naïve résumé", ["cafe", "naive", "resume"]),

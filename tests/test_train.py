@@ -173,6 +173,12 @@ def test_cli_bad_inputs_get_one_line_naming_the_file(small_world, tmp_path, cli)
           "--freeze", "head"], ["not with --init scratch or --freeze"]),
         (["pretrain", "--out", out, "--hidden-size", "100", "--num-heads", "3"],
          ["--config tiny: --hidden-size 100 is not divisible by --num-heads 3"]),
+        (["pretrain", "--out", out, "--attention", "flash"], ["error: --attention must be 'explicit' or 'sdpa'"]),
+        (["pretrain", "--out", out, "--vocab-size", "0"], ["--vocab-size must be at least 8, got 0"]),
+        (["demo", "--out", out, "--precision", "fp8"], ["--precision: expected auto"]),  # before the toy world is written
+        (["tokenize", "--corpus", small_world["corpus"], "--out", str(tmp_path / "missing" / "big")],
+         ["the folder", "missing", "does not exist"]),
+        (["pretrain", "--out", str(tmp_path / "empty.txt" / "run"), "--steps", "1"], ["empty.txt", "Not a directory"]),
     ]
     for args, needles in cases:
         assert_clear_error(cli(*args), *needles)
@@ -207,6 +213,13 @@ def test_evaluate_scores_a_classifier_run_and_a_pretraining_run(small_world, tmp
     code, stdout, err = cli("evaluate", "--init", small_world["pre"], "--data", small_world["corpus"], "--device", device)
     assert code == 0, err
     assert json.loads(stdout.strip().splitlines()[-1])["mlm_loss"] < small_world["metrics"]["ln_vocab"]
+    # documents of one sentence each: no B2 pairs to draw, so MLM only and no NSP accuracy (it used to hang)
+    single = tmp_path / "single.txt"
+    single.write_text("the whale swims\n\nthe stars shine\n\nthe sea is deep\n", encoding="utf-8")
+    code, stdout, err = cli("evaluate", "--init", small_world["pre"], "--data", single, "--device", device)
+    assert code == 0, err
+    metrics = json.loads(stdout.strip().splitlines()[-1])
+    assert math.isfinite(metrics["mlm_loss"]) and "nsp_accuracy" not in metrics
 
 
 def run_cli(*args):
