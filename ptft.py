@@ -170,7 +170,7 @@ def add_pretrain(commands):
     p.add_argument("--mask-token-fraction", type=float, help="of the selected tokens, the share set to [MASK]")
     p.add_argument("--random-token-fraction", type=float, help="of the selected tokens, the share set to a random token")
     p.add_argument("--snapshot-steps", type=int, nargs="*", help="also save OUT/snapshot-N.pt at these steps")
-    p.add_argument("--no-nsp", dest="nsp", action="store_false", help="MLM only, no next-sentence prediction (nsp=%(default)s)")
+    p.add_argument("--no-nsp", dest="nsp", action="store_false", help="MLM only, no next-sentence prediction (default: MLM + NSP, B3)")
     p.add_argument("--nsp-weight", type=float, help="lambda in L = L_MLM + lambda * L_NSP (B3)")
     p.add_argument("--precision", help="auto (bf16 where the hardware has it, else fp32), fp32, bf16, "
                    "or fp16 (with a GradScaler; for GPUs without bf16)")
@@ -375,7 +375,15 @@ def add_bench(commands):
     p.set_defaults(**option_defaults(BenchOptions))
 
 
-HELP_FORMAT = argparse.ArgumentDefaultsHelpFormatter
+class HELP_FORMAT(argparse.ArgumentDefaultsHelpFormatter):  # noqa: N801 (used like argparse's formatter names)
+    """--help shows each flag's default (options.py's), except where its text already says it,
+    the flag is required, it is an on/off switch, or there is no default to show."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.required or action.nargs == 0 or action.default in (None, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
 
 
 def option_defaults(options_class):
@@ -440,7 +448,7 @@ def run_pretrain(args):
           f"(ln|V| = {metrics['ln_vocab']:.3f}); {args.out}/checkpoint.pt")
     if "steady_tokens_per_second" in metrics:
         print(f"speed: {metrics['tokens_per_second']:,.0f} tokens/s; {metrics['steady_tokens_per_second']:,.0f} after the "
-              f"first {metrics['warmup_steps']} steps, which took {metrics['warmup_seconds']:.1f} s (compilation, warm-up)")
+              f"first {metrics['timing_warmup_steps']} steps, which took {metrics['timing_warmup_seconds']:.1f} s (compilation, warm-up)")
 
 
 def run_finetune(args):

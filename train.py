@@ -90,7 +90,7 @@ def pretraining_loop(out, run, start_step, encoded, held_out, progress=True):
     warmup_steps = o.warmup_steps if o.warmup_steps is not None else max(1, o.steps // 20)
     model.train()
     # the first steps (compilation with --compile, the allocator, kernel choice) are timed apart
-    throughput, last = Throughput(warmup_steps=max(1, min(10, (o.steps - start_step) // 10))), {}
+    throughput, last = Throughput(timing_warmup_steps=max(1, min(10, (o.steps - start_step) // 10))), {}
     # The checkpoint of step k is written only once the weights after step k are known to be good:
     # when step k+1's losses and gradient norm have come out finite (the last one: when every weight
     # is finite). A diverging run therefore never replaces the last good checkpoint with bad weights.
@@ -799,21 +799,23 @@ def to_tensors(batch, device):
 
 class Throughput:
     """Tokens per second of a run: overall (everything included), and "steady": the training steps
-    after the first `warmup_steps`, their time alone -- compilation (--compile), the allocator and
-    the choice of kernels happen in the first steps, and held-out evaluations and checkpoint
-    writes between steps are not training. The steady rate is what `bench` measures. Each step ends
-    with its losses read back (.item()), so on a GPU the clock sees the work done, not queued."""
+    after the first `timing_warmup_steps` (not the learning rate's warmup), their time alone --
+    compilation (--compile), the allocator and the choice of kernels happen in the first steps, and
+    held-out evaluations and checkpoint writes between steps are not training. The steady rate is
+    what `bench` measures. Each step ends with its losses read back (.item()), so on a GPU the
+    clock sees the work done, not queued."""
 
-    def __init__(self, warmup_steps):
-        self.warmup_steps, self.started = warmup_steps, time.time()
-        self.steps = self.tokens = self.seconds = self.warmup_tokens = self.warmup_seconds = 0
+    def __init__(self, timing_warmup_steps):
+        self.timing_warmup_steps, self.started = timing_warmup_steps, time.time()
+        self.steps = self.tokens = self.seconds = self.timing_warmup_tokens = self.timing_warmup_seconds = 0
 
     def add(self, tokens, seconds):
         """One training step: its real tokens, and the seconds it took (data wait included)."""
         self.steps += 1
         self.tokens, self.seconds = self.tokens + tokens, self.seconds + seconds
-        if self.steps <= self.warmup_steps:
-            self.warmup_tokens, self.warmup_seconds = self.warmup_tokens + tokens, self.warmup_seconds + seconds
+        if self.steps <= self.timing_warmup_steps:
+            self.timing_warmup_tokens += tokens
+            self.timing_warmup_seconds += seconds
 
     def elapsed(self):
         return max(time.time() - self.started, 1e-9)
@@ -826,10 +828,10 @@ class Throughput:
 
     def metrics(self):
         metrics = {"seconds": self.elapsed(), "tokens_per_second": self.rate()}
-        if self.steps > self.warmup_steps:
-            steady_seconds = max(self.seconds - self.warmup_seconds, 1e-9)
-            metrics.update(warmup_steps=self.warmup_steps, warmup_seconds=self.warmup_seconds,
-                           steady_tokens_per_second=(self.tokens - self.warmup_tokens) / steady_seconds)
+        if self.steps > self.timing_warmup_steps:
+            steady_seconds = max(self.seconds - self.timing_warmup_seconds, 1e-9)
+            metrics.update(timing_warmup_steps=self.timing_warmup_steps, timing_warmup_seconds=self.timing_warmup_seconds,
+                           steady_tokens_per_second=(self.tokens - self.timing_warmup_tokens) / steady_seconds)
         return metrics
 
 

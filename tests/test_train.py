@@ -613,7 +613,7 @@ def test_throughput_counts_the_steady_rate_after_the_first_steps_apart(monkeypat
     # step, and 20 s of evaluation between steps that the steady rate leaves out
     clock = [100.0]
     monkeypatch.setattr(train.time, "time", lambda: clock[0])
-    throughput = train.Throughput(warmup_steps=3)
+    throughput = train.Throughput(timing_warmup_steps=3)
     for step in range(8):
         seconds = 10.0 if step < 3 else 1.0
         clock[0] += seconds
@@ -622,9 +622,9 @@ def test_throughput_counts_the_steady_rate_after_the_first_steps_apart(monkeypat
             clock[0] += 20.0  # a held-out evaluation
     metrics = throughput.metrics()
     assert metrics["seconds"] == 55.0 and metrics["tokens_per_second"] == 8 * 500 / 55.0
-    assert metrics["warmup_seconds"] == 30.0 and metrics["steady_tokens_per_second"] == 500.0
+    assert metrics["timing_warmup_seconds"] == 30.0 and metrics["steady_tokens_per_second"] == 500.0
     assert throughput.share(11.0) == 0.2
-    assert "steady_tokens_per_second" not in train.Throughput(warmup_steps=3).metrics()  # nothing after the warm-up yet
+    assert "steady_tokens_per_second" not in train.Throughput(timing_warmup_steps=3).metrics()  # nothing after the warm-up yet
 
 
 def test_pretraining_computes_on_real_tokens_only_exactly_when_a_batch_has_padding(small_world, tmp_path, monkeypatch):
