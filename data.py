@@ -21,7 +21,6 @@ import hashlib
 import itertools
 import multiprocessing
 import os
-import re
 import sysconfig
 import zipfile
 from dataclasses import dataclass
@@ -254,16 +253,30 @@ def read_corpus(paths):
     BERT's format: one sentence (or line) per line, a blank line between documents."""
     documents = []
     for path in paths:
-        text = read_text_file(path)
-        found = [
-            [line.strip() for line in block.splitlines() if line.strip()]
-            for block in re.split(r"\n\s*\n", text)
-        ]
-        found = [document for document in found if document]
+        text = read_text_file(path).replace("\r\n", "\n").replace("\r", "\n")  # as a file opened as text reads it
+        found = list(documents_in(text.split("\n")))
         if not found:
-            raise InputError(f"{path}: empty corpus (only whitespace); expected UTF-8 text, documents separated by blank lines")
+            raise InputError(f"{path}: {EMPTY_CORPUS}")
         documents.extend(found)
     return documents
+
+
+EMPTY_CORPUS = "empty corpus (only whitespace); expected UTF-8 text, documents separated by blank lines"
+
+
+def documents_in(lines):
+    """Lines -> documents: the runs of non-blank lines (each stripped), a blank line ending one.
+    The one splitting rule of read_corpus and iter_documents (a corpus gives the same documents
+    in memory and read line by line)."""
+    document = []
+    for line in lines:
+        if line.strip():
+            document.append(line.strip())
+        elif document:
+            yield document
+            document = []
+    if document:
+        yield document
 
 
 def read_tsv(path):
@@ -419,19 +432,16 @@ def iter_documents(paths):
     """read_corpus's documents one at a time, reading each file line by line: the text is never
     all in memory."""
     for path in paths:
-        document = []
+        found = 0
         try:
             with open(path, encoding="utf-8") as f:
-                for line in f:
-                    if line.strip():
-                        document.append(line.strip())
-                    elif document:
-                        yield document
-                        document = []
+                for document in documents_in(f):
+                    found += 1
+                    yield document
         except (OSError, UnicodeDecodeError) as error:
             raise InputError(f"{path}: cannot be read as UTF-8 text ({type(error).__name__})") from None
-        if document:
-            yield document
+        if not found:
+            raise InputError(f"{path}: {EMPTY_CORPUS}")
 
 
 def write_token_file(paths, tokenizer, prefix, workers=1, chunk=2000):

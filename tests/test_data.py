@@ -160,6 +160,23 @@ def test_read_tsv_and_corpus_report_file_and_line(tmp_path):
         data.read_corpus([str(corpus)])
 
 
+def test_a_corpus_read_whole_and_read_line_by_line_gives_the_same_documents(tmp_path):
+    # read_corpus (pretrain) and iter_documents (tokenize, larger than memory) share one rule
+    rng = np.random.default_rng(0)
+    pieces = ["the whale", "swims", " ", "", "\t", "\x0c", "a\u2028b", "c\x85d", "caf\u00e9"]
+    breaks = ["\n", "\r\n", "\r", "\n\n", "\n \n"]
+    for trial in range(30):
+        text = "".join(pieces[rng.integers(len(pieces))] + breaks[rng.integers(len(breaks))] for _ in range(30))
+        path = tmp_path / f"corpus{trial}.txt"
+        path.write_bytes(("start\n" + text).encode("utf-8"))
+        assert data.read_corpus([str(path)]) == list(data.iter_documents([str(path)])), repr(text)
+    empty = tmp_path / "empty.txt"
+    empty.write_text(" \n\n\t\n", encoding="utf-8")
+    for read in (data.read_corpus, lambda paths: list(data.iter_documents(paths))):
+        with pytest.raises(InputError, match="empty corpus"):
+            read([str(empty)])
+
+
 def test_token_cache_returns_exactly_what_encoding_gives_and_is_keyed_by_text_and_vocab(tmp_path):
     world = toyworld.toy_world(seed=1, num_documents=120)
     documents = world["unlabeled"] + [["", "  "]]  # a document with no tokens is dropped either way
