@@ -61,7 +61,7 @@ class PretrainOptions:
     attention: str = "sdpa"        # "explicit" (the formula written out) or "sdpa" (fused kernel)
     precision: str = "auto"
     compile: bool = False          # torch.compile the training forward
-    deterministic: bool = False    # the same numbers from the same seed on a GPU too (train.use_deterministic_algorithms)
+    deterministic: bool = False    # the same numbers from the same seed on a GPU too (options.deterministic_algorithms)
     device: str = "auto"
     seed: int = 0
     save_every: int = 500          # checkpoint every N steps (0: only at the end)

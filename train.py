@@ -394,7 +394,7 @@ def fit_classifier(rows, labels, num_labels, config, options, start=None, pad_id
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()  # before clipping
                 if not math.isfinite(loss.item()) or not math.isfinite(grad_norm):
                     bar.close()
-                    raise TrainingDiverged(f"fine-tuning step {step + 1}: classification loss is {loss.item()}, gradient "
+                    raise TrainingDiverged(f"fine-tuning step {step + 1}: loss is {loss.item()}, gradient "
                                            f"norm {grad_norm}; nothing was written -- try a lower --lr")
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -403,10 +403,11 @@ def fit_classifier(rows, labels, num_labels, config, options, start=None, pad_id
                 bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
     trainable = count_parameters(model, trainable_only=True)
-    # C7: what a task adds to the shared pre-trained encoder, in float32 bytes (all of it when everything trains)
-    train_loss = sum_over_processes([loss.item()], processes, device)[0]  # each process holds its rows' share
-    info = {"steps": step, "seconds": time.time() - started, "train_loss": train_loss, "trainable_parameters": trainable,
-            "total_parameters": count_parameters(model), "task_bytes": 4 * trainable}
+    # the last step's loss (the C5 terms included); each process holds its rows' share
+    last_batch_loss = sum_over_processes([loss.item()], processes, device)[0]
+    # task_bytes, C7: what a task adds to the shared pre-trained encoder, in float32 bytes (all of it when everything trains)
+    info = {"steps": step, "seconds": time.time() - started, "last_batch_loss": last_batch_loss,
+            "trainable_parameters": trainable, "total_parameters": count_parameters(model), "task_bytes": 4 * trainable}
     model.merge_low_rank_updates()  # an ordinary classifier again: W' = W + B A
     if mlm_loss_before is not None:
         # C5: forgetting = how much worse the fine-tuned encoder does the pre-training task
