@@ -195,6 +195,12 @@ def empty_model(checkpoint, config):
     return PreTrainingModel(config)
 
 
+def has_mlm_head(checkpoint):
+    """A pre-training checkpoint whose MLM head was trained (not one a Hugging Face folder
+    lacked, which open_model initialises fresh)."""
+    return checkpoint.get("kind") == "pretraining" and "mlm_head" not in checkpoint.get("fresh", [])
+
+
 def open_model(source, log=print, **config_changes):
     """A run folder, a checkpoint file, a Hugging Face BERT folder (or a checkpoint dict already
     loaded) -> (model with its weights, on the CPU; tokenizer; checkpoint dict).

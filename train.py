@@ -33,6 +33,7 @@ from checkpoint import (
     PretrainingRun,
     check_resume_settings,
     finished_run,
+    has_mlm_head,
     load_checkpoint,
     open_model,
     prepare_out_folder,
@@ -600,7 +601,7 @@ def finetune(out, options, force=False, log=print, progress=True):
         config = model.config
     parse_freeze(o.freeze, config.num_layers)  # refuse a bad value before any work
     start = StartingPoint() if o.init == "scratch" else starting_point(o.init, checkpoint, model, tokenizer, o, log)
-    if o.adapt_steps and not (checkpoint.get("kind") == "pretraining" and "mlm_head" not in checkpoint.get("fresh", [])):
+    if o.adapt_steps and not has_mlm_head(checkpoint):
         raise InputError(f"--adapt-steps continues MLM, which needs a pre-trained MLM head; {o.init} has none")
     on_rank_0(processes, lambda: prepare_out_folder(out, resume=False, force=force))
     if o.adapt_steps:  # theta_0 becomes the adapted encoder; forgetting is still measured on the init's text
@@ -651,11 +652,11 @@ def starting_point(init, checkpoint, model, tokenizer, o, log):
     """finetune's StartingPoint from a loaded init: theta_0 and, when the init has a pre-trained
     MLM head and its unlabeled text is known (o.unlabeled, or the corpus it was pre-trained on),
     held-out batches for forgetting (C5) and a stream of batches for --aux-mlm."""
-    has_mlm_head = checkpoint.get("kind") == "pretraining" and "mlm_head" not in checkpoint.get("fresh", [])
-    if o.remedies.aux_mlm and not has_mlm_head:
+    mlm_head = has_mlm_head(checkpoint)
+    if o.remedies.aux_mlm and not mlm_head:
         raise InputError(f"--aux-mlm: {init} has no pre-trained MLM head (a classifier checkpoint or a headless BERT)")
     start = StartingPoint(encoder_state=model.encoder.state_dict())
-    text = data.pretraining_text(checkpoint.get("run", {}).get("corpus"), o.unlabeled) if has_mlm_head else None
+    text = data.pretraining_text(checkpoint.get("run", {}).get("corpus"), o.unlabeled) if mlm_head else None
     if o.remedies.aux_mlm and not (text and text[0]):
         raise InputError(f"--aux-mlm: no unlabeled text for {init}; name it with --unlabeled FILE (or stdlib)")
     if text:
@@ -665,7 +666,7 @@ def starting_point(init, checkpoint, model, tokenizer, o, log):
         if o.remedies.aux_mlm:
             start.aux_batches = data.mlm_batch_stream(data.encode_documents(tokenizer, text[0]), tokenizer,
                                                       o.batch_size, length, o.seed)
-    elif has_mlm_head:
+    elif mlm_head:
         log(f"{init}: its pre-training text is unknown; pass --unlabeled to measure forgetting")
     return start
 
