@@ -14,10 +14,13 @@ Tensor shape legend used in comments:
     B batch size, T sequence length, H hidden size, h heads, d = H / h per-head size,
     V vocabulary size, I intermediate (feed-forward) size, N number of masked tokens.
 
-The reading path comes first; the speed devices (a faster dropout mask on the CPU, when the
-fused attention kernel is used, fused Q/K/V projections, computing on real tokens only, a
-fixed number of MLM predictions, a vocabulary padded for the GPU's matmul) are set apart at
-the end of the file, each tested equal to it.
+The reading path comes first; the speed devices are set apart at the end of the file, each
+tested equal to it:
+    Dropout                          a faster dropout mask on the CPU
+    fused_attention                  torch's fused attention kernel (and Q, K, V in one matmul)
+    Unpadded                         the position-wise layers on the real tokens only
+    gather_fixed_predictions         a fixed number of MLM predictions (no wait for the GPU)
+    scores_over_padded_vocabulary    the vocabulary padded for the GPU's matmul
 
 Run `python model.py` for a self-check.
 """
@@ -121,35 +124,33 @@ class SelfAttention(nn.Module):
         batch, length, _ = x.shape
         return x.view(batch, length, self.num_heads, self.head_size).transpose(1, 2)
 
+    def merge_heads(self, context):
+        # (B, h, T, d) -> (B, T, H): the heads side by side
+        return context.transpose(1, 2).flatten(2)
+
     def forward(self, x, additive_mask, unpadded=None):
         # x: (B, T, H); additive_mask: (B, 1, 1, T), 0 where a key is a real token and a very
         # negative number where it is padding, so that padding gets probability ~0 (exp(-big));
         # None where no sequence has padding. (With the speed device `unpadded`, x is (N, H):
         # the N real tokens only, see Unpadded.)
-        if not fused_projections_apply(self, x):
-            q, k, v = self.query(x), self.key(x), self.value(x)                             # 3 x (B, T, H)
-        else:  # the same three projections as one matmul (a speed device: fused_projections)
-            q, k, v = fused_projections(self, x)
+        if self.use_sdpa and fused_attention_applies(self, x):
+            return fused_attention(self, x, additive_mask, unpadded)  # the same numbers (a speed device)
+        q, k, v = self.query(x), self.key(x), self.value(x)                                 # 3 x (B, T, H)
         if unpadded is not None:  # attention needs the (B, T) layout back, zeros at padding
             q, k, v = unpadded.pad(q), unpadded.pad(k), unpadded.pad(v)
         q, k, v = self.split_heads(q), self.split_heads(k), self.split_heads(v)              # 3 x (B, h, T, d)
-        if not (self.use_sdpa and fused_attention_applies(self, x)):
-            # scores[b, head, i, j] = q_i . k_j / sqrt(d) + mask_j          (B, h, T, T)
-            scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_size)
-            if additive_mask is not None:
-                scores = scores + additive_mask
-            # each query's weights over the keys sum to one                (B, h, T, T)
-            probabilities = self.attention_dropout(scores.softmax(dim=-1))
-            # weighted sum of the values                                   (B, h, T, d)
-            context = probabilities @ v
-        else:
-            # the same formula in one fused kernel (tests/test_model.py checks it equals the lines above)
-            dropout_p = self.attention_dropout.p if self.training else 0.0
-            context = F.scaled_dot_product_attention(q, k, v, attn_mask=additive_mask, dropout_p=dropout_p)
-        # concatenate the heads: (B, h, T, d) -> (B, T, H), then mix them with W_o
-        context = context.transpose(1, 2).flatten(2)
+        # scores[b, head, i, j] = q_i . k_j / sqrt(d) + mask_j                              (B, h, T, T)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_size)
+        if additive_mask is not None:
+            scores = scores + additive_mask
+        # each query's weights over the keys sum to one                                    (B, h, T, T)
+        probabilities = self.attention_dropout(scores.softmax(dim=-1))
+        # weighted sum of the values                                                       (B, h, T, d)
+        context = probabilities @ v
+        context = self.merge_heads(context)                                                 # (B, T, H)
         if unpadded is not None:
             context = unpadded.unpad(context)  # (N, H)
+        # mix the heads with W_o
         return self.output(context)
 
 
@@ -451,6 +452,25 @@ class Dropout(nn.Module):
         return x * keep / (1 - self.p)
 
 
+def fused_attention(attention, x, additive_mask, unpadded=None):
+    """SelfAttention.forward in torch's fused kernel (F.scaled_dot_product_attention: the
+    softmax(Q K^T / sqrt(d) + mask) V lines in one kernel that never stores the (B, h, T, T)
+    scores), with Q, K and V from one matmul where fused_projections_apply. tests/test_model.py
+    checks that it equals the written-out lines, in outputs and gradients."""
+    if fused_projections_apply(attention, x):
+        q, k, v = fused_projections(attention, x)                                          # 3 x (B, T, H)
+    else:
+        q, k, v = attention.query(x), attention.key(x), attention.value(x)
+    if unpadded is not None:
+        q, k, v = unpadded.pad(q), unpadded.pad(k), unpadded.pad(v)
+    q, k, v = attention.split_heads(q), attention.split_heads(k), attention.split_heads(v)  # 3 x (B, h, T, d)
+    dropout_p = attention.attention_dropout.p if attention.training else 0.0
+    context = attention.merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=additive_mask, dropout_p=dropout_p))
+    if unpadded is not None:
+        context = unpadded.unpad(context)
+    return attention.output(context)
+
+
 def fused_attention_applies(attention, x):
     """With config.attention == "sdpa", SelfAttention uses torch's fused kernel -- except when
     training on the CPU with attention dropout (SDPA has no fused CPU kernel with dropout: it falls
@@ -470,10 +490,10 @@ def fused_projections(attention, x):
 
 
 def fused_projections_apply(attention, x):
-    """On CUDA with the fused attention kernel (config.attention "sdpa"), and only while query,
-    key and value are plain nn.Linear (finetune --lora wraps two of them). On the CPU the three
-    matmuls are as fast, and the numbers stay the reading path's."""
-    return (attention.use_sdpa and x.is_cuda
+    """In fused_attention on CUDA, and only while query, key and value are plain nn.Linear
+    (finetune --lora wraps two of them). On the CPU the three matmuls are as fast, and the
+    numbers stay the reading path's."""
+    return (x.is_cuda
             and all(type(m) is nn.Linear for m in (attention.query, attention.key, attention.value)))
 
 
