@@ -119,14 +119,18 @@ class SelfAttention(nn.Module):
         self.output = nn.Linear(config.hidden_size, config.hidden_size)
         self.attention_dropout = Dropout(config.attention_dropout)
 
-    def split_heads(self, x):
-        # (B, T, H) -> (B, h, T, d)
-        batch, length, _ = x.shape
-        return x.view(batch, length, self.num_heads, self.head_size).transpose(1, 2)
+    def to_heads(self, q, k, v, unpadded=None):
+        # 3 x (B, T, H) -> 3 x (B, h, T, d). With `unpadded` (3 x (N, H), the real tokens only),
+        # attention needs the (B, T) layout back first: zeros at padding
+        if unpadded is not None:
+            q, k, v = unpadded.pad(q), unpadded.pad(k), unpadded.pad(v)
+        batch, length, _ = q.shape
+        return [x.view(batch, length, self.num_heads, self.head_size).transpose(1, 2) for x in (q, k, v)]
 
-    def merge_heads(self, context):
-        # (B, h, T, d) -> (B, T, H): the heads side by side
-        return context.transpose(1, 2).flatten(2)
+    def from_heads(self, context, unpadded=None):
+        # (B, h, T, d) -> (B, T, H): the heads side by side; with `unpadded`, (N, H) again
+        context = context.transpose(1, 2).flatten(2)
+        return context if unpadded is None else unpadded.unpad(context)
 
     def forward(self, x, additive_mask, unpadded=None):
         # x: (B, T, H); additive_mask: (B, 1, 1, T), 0 where a key is a real token and a very
@@ -135,10 +139,7 @@ class SelfAttention(nn.Module):
         # the N real tokens only, see Unpadded.)
         if self.use_sdpa and fused_attention_applies(self, x):
             return fused_attention(self, x, additive_mask, unpadded)  # the same numbers (a speed device)
-        q, k, v = self.query(x), self.key(x), self.value(x)                                 # 3 x (B, T, H)
-        if unpadded is not None:  # attention needs the (B, T) layout back, zeros at padding
-            q, k, v = unpadded.pad(q), unpadded.pad(k), unpadded.pad(v)
-        q, k, v = self.split_heads(q), self.split_heads(k), self.split_heads(v)              # 3 x (B, h, T, d)
+        q, k, v = self.to_heads(self.query(x), self.key(x), self.value(x), unpadded)         # 3 x (B, h, T, d)
         # scores[b, head, i, j] = q_i . k_j / sqrt(d) + mask_j                              (B, h, T, T)
         scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_size)
         if additive_mask is not None:
@@ -147,11 +148,8 @@ class SelfAttention(nn.Module):
         probabilities = self.attention_dropout(scores.softmax(dim=-1))
         # weighted sum of the values                                                       (B, h, T, d)
         context = probabilities @ v
-        context = self.merge_heads(context)                                                 # (B, T, H)
-        if unpadded is not None:
-            context = unpadded.unpad(context)  # (N, H)
-        # mix the heads with W_o
-        return self.output(context)
+        # concatenate the heads, then mix them with W_o                                    (B, T, H)
+        return self.output(self.from_heads(context, unpadded))
 
 
 class Layer(nn.Module):
@@ -461,14 +459,10 @@ def fused_attention(attention, x, additive_mask, unpadded=None):
         q, k, v = fused_projections(attention, x)                                          # 3 x (B, T, H)
     else:
         q, k, v = attention.query(x), attention.key(x), attention.value(x)
-    if unpadded is not None:
-        q, k, v = unpadded.pad(q), unpadded.pad(k), unpadded.pad(v)
-    q, k, v = attention.split_heads(q), attention.split_heads(k), attention.split_heads(v)  # 3 x (B, h, T, d)
+    q, k, v = attention.to_heads(q, k, v, unpadded)                                         # 3 x (B, h, T, d)
     dropout_p = attention.attention_dropout.p if attention.training else 0.0
-    context = attention.merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=additive_mask, dropout_p=dropout_p))
-    if unpadded is not None:
-        context = unpadded.unpad(context)
-    return attention.output(context)
+    context = F.scaled_dot_product_attention(q, k, v, attn_mask=additive_mask, dropout_p=dropout_p)
+    return attention.output(attention.from_heads(context, unpadded))
 
 
 def fused_attention_applies(attention, x):

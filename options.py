@@ -95,7 +95,7 @@ class PretrainOptions:
 
     def model_config(self):
         """The Config asked for (an --init brings its own sizes and vocabulary)."""
-        return model_config(self, vocab_size=self.vocab_size if self.vocab_size is not None else (8192 if self.corpus else 2048),
+        return model_config(self, vocab_size=self.vocab_size or (8192 if self.corpus else 2048),
                             max_positions=max(128, self.max_length), attention=self.attention,
                             dropout=self.dropout, attention_dropout=self.dropout)
 
@@ -303,7 +303,7 @@ class BenchOptions:
         return self.batch_size or (256 if device.type == "cuda" else 32)
 
     def vocab_size_of(self):
-        return self.vocab_size if self.vocab_size is not None else (30522 if self.config == "base" else 8192)
+        return self.vocab_size or (30522 if self.config == "base" else 8192)
 
     def peaks(self):
         """--peak-tflops PRECISION=TFLOPS ... -> {precision: FLOP/s}."""

@@ -133,7 +133,7 @@ def build_parser():
 
 
 def add_demo(commands):
-    p = commands.add_parser("demo", formatter_class=HELP_FORMAT, help="the main job: pre-train, then fine-tune 4 ways",
+    p = commands.add_parser("demo", formatter_class=HelpFormatter, help="the main job: pre-train, then fine-tune 4 ways",
                             description="Pre-train a tiny BERT on the embedded toy world's unlabeled text, then "
                             "fine-tune it on k labeled sentences per topic four ways -- from scratch (random init, "
                             "same architecture and vocabulary), head only, top-2 layers + head, everything -- and "
@@ -149,7 +149,7 @@ def add_demo(commands):
 
 
 def add_pretrain(commands):
-    p = commands.add_parser("pretrain", formatter_class=HELP_FORMAT, help="masked language modelling + next-sentence prediction",
+    p = commands.add_parser("pretrain", formatter_class=HelpFormatter, help="masked language modelling + next-sentence prediction",
                             description="Pre-train an encoder with BERT's masked language modelling (15% of tokens; "
                             "80/10/10 [MASK]/random/unchanged) and next-sentence prediction. Without --corpus it uses "
                             "the embedded toy world; --corpus stdlib uses the docstrings of Python's standard library; "
@@ -186,7 +186,7 @@ def add_pretrain(commands):
 
 
 def add_finetune(commands):
-    p = commands.add_parser("finetune", formatter_class=HELP_FORMAT, help="train a classifier on a labeled TSV",
+    p = commands.add_parser("finetune", formatter_class=HelpFormatter, help="train a classifier on a labeled TSV",
                             description="Fine-tune a sequence classifier (pooled [CLS] -> linear) on a TSV of "
                             "'text<TAB>label' lines, from a pre-training run folder or from scratch (a random "
                             "initialisation; its vocabulary is built from the training file). --freeze chooses what "
@@ -225,7 +225,7 @@ def add_finetune(commands):
 
 
 def add_distill(commands):
-    p = commands.add_parser("distill", formatter_class=HELP_FORMAT, help="C7: distil a classifier into a smaller student",
+    p = commands.add_parser("distill", formatter_class=HelpFormatter, help="C7: distil a classifier into a smaller student",
                             description="Knowledge distillation: train a smaller student classifier on the teacher's "
                             "softened predictions and the labels, L = alpha * CE(z_s, y) + (1 - alpha) * T^2 * "
                             "KL(softmax(z_t / T) || softmax(z_s / T)). The transfer set is the labeled TSV plus, with "
@@ -252,7 +252,7 @@ def add_distill(commands):
 
 
 def add_quantize(commands):
-    p = commands.add_parser("quantize", formatter_class=HELP_FORMAT, help="C7: store a run's weight matrices as int8",
+    p = commands.add_parser("quantize", formatter_class=HelpFormatter, help="C7: store a run's weight matrices as int8",
                             description="Write a copy of a run (classifier or pre-training) whose weight matrices are "
                             "int8 with one float32 scale per row: s_r = max|W_r| / 127, q_r = round(W_r / s_r). About 4x "
                             "smaller on disk; every command reads it (turning the matrices back into float32). Writes "
@@ -263,7 +263,7 @@ def add_quantize(commands):
 
 
 def add_prune(commands):
-    p = commands.add_parser("prune", formatter_class=HELP_FORMAT, help="C7: prune a classifier, then recover",
+    p = commands.add_parser("prune", formatter_class=HelpFormatter, help="C7: prune a classifier, then recover",
                             description="Remove the least important part of a fine-tuned classifier -- --unit weights: "
                             "the smallest |w| of every weight matrix of the encoder's layers set to 0 (exactly --sparsity "
                             "of each); --unit ffn-units: that fraction of every layer's feed-forward units removed (a "
@@ -284,7 +284,7 @@ def add_prune(commands):
 
 
 def add_tokenize(commands):
-    p = commands.add_parser("tokenize", formatter_class=HELP_FORMAT, help="a corpus once into a token file (larger than memory)",
+    p = commands.add_parser("tokenize", formatter_class=HelpFormatter, help="a corpus once into a token file (larger than memory)",
                             description="Tokenise text files once, streaming them, in --workers processes, into "
                             "OUT.tokens (uint16 ids where the vocabulary fits, else uint32), OUT.sentences.npy, "
                             "OUT.documents.npy and OUT.vocab.txt. `pretrain --corpus OUT.tokens` then reads it through "
@@ -298,7 +298,7 @@ def add_tokenize(commands):
 
 
 def add_experiments(commands):
-    p = commands.add_parser("experiments", formatter_class=HELP_FORMAT, help="test the document's claims C1-C7",
+    p = commands.add_parser("experiments", formatter_class=HelpFormatter, help="test the document's claims C1-C7",
                             description="Run the experiments of experiments.py on the toy world and on the "
                             "standard library's docstrings: one table per claim (C1-C7), each cell mean ± std "
                             "over seeds, with a TF-IDF + logistic-regression baseline. Writes OUT/results.json, "
@@ -319,7 +319,7 @@ def add_experiments(commands):
 
 
 def add_evaluate(commands):
-    p = commands.add_parser("evaluate", formatter_class=HELP_FORMAT, help="score a run on a TSV or a text corpus",
+    p = commands.add_parser("evaluate", formatter_class=HelpFormatter, help="score a run on a TSV or a text corpus",
                             description="A classifier run on a TSV: accuracy, macro-F1, loss, n. A pre-training run "
                             "on a text file (or 'stdlib'): MLM loss and NSP accuracy on fixed masked batches. "
                             "Prints JSON; with --out also writes OUT/metrics.json.")
@@ -330,7 +330,7 @@ def add_evaluate(commands):
 
 
 def add_fill_mask(commands):
-    p = commands.add_parser("fill-mask", formatter_class=HELP_FORMAT, help="predict the tokens behind [MASK]",
+    p = commands.add_parser("fill-mask", formatter_class=HelpFormatter, help="predict the tokens behind [MASK]",
                             description="Run the MLM head on TEXT and print, for each [MASK], the top-k "
                             "candidates, best first, one per line: token<TAB>probability. The probability is "
                             "the softmax over the vocabulary of the MLM scores (E4's distribution). With "
@@ -342,7 +342,7 @@ def add_fill_mask(commands):
 
 
 def add_export(commands):
-    p = commands.add_parser("export", formatter_class=HELP_FORMAT, help="write a run as a Hugging Face BERT folder",
+    p = commands.add_parser("export", formatter_class=HelpFormatter, help="write a run as a Hugging Face BERT folder",
                             description="Write config.json, model.safetensors, vocab.txt and tokenizer_config.json: "
                             "a pre-training run opens with transformers' BertForPreTraining.from_pretrained, a "
                             "fine-tuned classifier with BertForSequenceClassification.from_pretrained.")
@@ -352,7 +352,7 @@ def add_export(commands):
 
 
 def add_bench(commands):
-    p = commands.add_parser("bench", formatter_class=HELP_FORMAT, help="tokens/s and MFU of MLM training",
+    p = commands.add_parser("bench", formatter_class=HelpFormatter, help="tokens/s and MFU of MLM training",
                             description="Time one MLM training step (forward + backward + AdamW) and an inference "
                             "forward at seq 128, 15% masked, dropout 0.1: the median of --steps after 3 warm-up steps. "
                             "MFU = model FLOPs / time / the matmul peak (measured at a size that saturates the "
@@ -375,7 +375,7 @@ def add_bench(commands):
     p.set_defaults(**option_defaults(BenchOptions))
 
 
-class HELP_FORMAT(argparse.ArgumentDefaultsHelpFormatter):  # noqa: N801 (used like argparse's formatter names)
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """--help shows each flag's default (options.py's), except where its text already says it,
     the flag is required, it is an on/off switch, or there is no default to show."""
 
@@ -571,7 +571,7 @@ def main(argv=None):
         say(f"error: training diverged at {error}")
         return 3
     except OSError as error:  # a folder that is missing or a file, a full disk, no permission: one line
-        say(f"error: {error.filename or ''}{': ' if error.filename else ''}{error.strerror or error}")
+        say(f"error: {error.filename}: {error.strerror}" if error.filename else f"error: {error}")
         return 2
     except KeyboardInterrupt:
         say("interrupted; the last checkpoint written is intact (use --resume to continue)")
