@@ -7,6 +7,7 @@ MFU = model FLOPs of the step / its time / the matmul peak measured here (traini
 which FLOPs count). Measured numbers, with their machines, are in docs/performance.md.
 """
 
+import gc
 import os
 import platform
 import sys
@@ -74,6 +75,8 @@ def time_step_and_forward(step, forward, steps, device):
     bytes -- weights, gradients, optimizer state and activations; None on a CPU), after 3 warm-up
     steps."""
     if device.type == "cuda":
+        gc.collect()  # the previous rows' models (compiled ones hold reference cycles) are gone before counting
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(3):  # warm-up: allocator, kernels, autotuning
         step()

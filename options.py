@@ -409,6 +409,10 @@ def deterministic_algorithms(enabled):
     if not enabled:
         yield
         return
+    if "CUBLAS_WORKSPACE_CONFIG" not in os.environ and torch.cuda.is_initialized():
+        # cuBLAS read the (absent) setting when this process first used the GPU: too late now
+        raise InputError("--deterministic on a GPU needs CUBLAS_WORKSPACE_CONFIG=:4096:8 in the environment before the "
+                         "process first uses the GPU (ptft.py sets it itself; a script calling train.py must set it)")
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
     torch.use_deterministic_algorithms(True)

@@ -109,11 +109,15 @@ def sum_gradients(process_group, bucket):
     return dist.all_reduce(bucket.buffer(), group=process_group, async_op=True).get_future().then(lambda f: f.value()[0])
 
 
-def data_parallel(model, processes, device):
-    """model wrapped for data-parallel training (gradients summed across processes), or model itself."""
+def data_parallel(model, processes, device, unused_weights=False):
+    """model wrapped for data-parallel training (gradients summed across processes), or model itself.
+    unused_weights: some trainable weights take no part in the loss (the pooler and the NSP head
+    when NSP is off); DistributedDataParallel must then look for them every step, or it waits for
+    their gradients and fails at the next step."""
     if processes.world_size == 1:
         return model
-    wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[processes.local_rank] if device.type == "cuda" else None)
+    wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[processes.local_rank] if device.type == "cuda" else None,
+                                                        find_unused_parameters=unused_weights)
     wrapped.register_comm_hook(None, sum_gradients)
     return wrapped
 

@@ -86,7 +86,7 @@ def pretraining_loop(out, run, start_step, encoded, held_out, progress=True):
     # --compile: torch.compile traces and fuses the forward; the first steps are slow while it
     # compiles. It shares `model`'s weights; `model` is what we evaluate and save (clean names).
     # under torchrun: DistributedDataParallel, the gradients summed across processes (parallel.py)
-    training_model = data_parallel(model, run.processes, run.device)
+    training_model = data_parallel(model, run.processes, run.device, unused_weights=not (o.nsp and o.nsp_weight > 0))
     training_model = torch.compile(training_model) if o.compile else training_model
     warmup_steps = o.warmup_steps if o.warmup_steps is not None else max(1, o.steps // 20)
     model.train()
@@ -854,9 +854,10 @@ class StepBatches:
 
     def __init__(self, run, encoded, background, ahead=2):
         self.run, self.encoded, self.waited, self.pending = run, encoded, 0.0, None
-        self.queue, self.closed = (queue.Queue(maxsize=ahead) if background else None), False
+        self.queue, self.closed, self.worker = (queue.Queue(maxsize=ahead) if background else None), False, None
         if background:
-            threading.Thread(target=self.fill, daemon=True).start()
+            self.worker = threading.Thread(target=self.fill, daemon=True)
+            self.worker.start()
 
     def build(self):
         o, state = self.run.options, self.run.data_rng.bit_generator.state
@@ -896,7 +897,10 @@ class StepBatches:
         return self.pending[0] if not isinstance(self.pending, Exception) else None
 
     def close(self):
+        """Stop the thread and wait for it (it may be building a batch), so that none outlives the run."""
         self.closed = True
+        if self.worker is not None:
+            self.worker.join(timeout=10)
 
 
 if __name__ == "__main__":

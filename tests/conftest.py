@@ -15,6 +15,10 @@ sys.path.insert(0, ROOT)
 # the user's home folder (subprocesses inherit it)
 os.environ.setdefault("PTFT_CACHE", os.path.join(tempfile.gettempdir(), f"ptft-test-cache-{os.getpid()}"))
 
+# --deterministic on a GPU needs cuBLAS's fixed workspace, which cuBLAS reads once, when this process
+# first uses it -- before the deterministic tests run, in-process (ptft.main sets it the same way)
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
 import data  # noqa: E402  (after the path and the cache are set)
 import ptft  # noqa: E402
 import toyworld  # noqa: E402

@@ -163,6 +163,18 @@ def test_bad_input_under_torchrun_ends_every_process_with_the_same_line_not_a_ha
     assert 1 <= len(errors) <= 2 and set(errors) == {"error: --steps must be at least 1, got -3"}
 
 
+def test_a_two_process_run_without_nsp_trains_the_mlm_alone(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    data.write_corpus(str(corpus), toyworld.toy_world(seed=2, num_documents=60)["unlabeled"])
+    # the pooler and the NSP head take no part in the loss: every process must still agree on the step
+    code, err = finished(torchrun("pretrain", "--corpus", corpus, "--out", tmp_path / "run", "--steps", 3, "--no-nsp",
+                                  "--batch-size", 4, "--max-length", 32, "--vocab-size", 300, "--device", "cpu",
+                                  "--precision", "fp32", "--eval-every", 3), timeout=120)
+    assert code == 0, err[-2000:]
+    found = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert found["step"] == 3 and found["run"]["world_size"] == 2
+
+
 def test_a_diverging_two_process_run_stops_both_processes_with_the_same_line(tmp_path):
     corpus = tmp_path / "corpus.txt"
     data.write_corpus(str(corpus), toyworld.toy_world(seed=2, num_documents=60)["unlabeled"])

@@ -515,6 +515,16 @@ def test_deterministic_mode_keeps_the_cpu_numbers_and_ends_with_the_run(small_wo
     assert not torch.are_deterministic_algorithms_enabled()  # switched on for the run only
 
 
+def test_deterministic_mode_refuses_a_gpu_started_without_the_cublas_setting(monkeypatch):
+    # cuBLAS reads CUBLAS_WORKSPACE_CONFIG once, when the process first uses the GPU: setting it later does nothing
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    with pytest.raises(InputError, match="CUBLAS_WORKSPACE_CONFIG=:4096:8"):
+        with options.deterministic_algorithms(True):
+            pass
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
 def test_autocast_on_this_device_computes_in_16_bits_and_e4_in_float32(device):
     precision = options.pick_precision("auto", torch.device(device))
     x, targets = torch.randn(4, 8, device=device), torch.tensor([0, 1, 2, 3], device=device)
