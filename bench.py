@@ -198,9 +198,11 @@ def bench(o, log=print):
     # with padding, the fast rows compute on the real tokens only, as pretrain does (model.Unpadded)
     unpadded = Unpadded(real, device) if padded else None
     num_masked, tokens = int(selected.sum()), int(lengths.sum())  # tokens/s counts real tokens
-    precisions = ["fp32"] + (["bf16"] if options.pick_precision("auto", device) == "bf16" else [])
+    # the fast rows' precisions; the reading path's row is always fp32
+    precisions = {"auto": ["fp32"] + (["bf16"] if options.pick_precision("auto", device) == "bf16" else []),
+                  "fp32": ["fp32"], "bf16": ["bf16"]}[o.precision]
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    peaks = {p: o.peaks().get(p) or matmul_peak(device, dtypes[p]) for p in precisions}
+    peaks = {p: o.peaks().get(p) or matmul_peak(device, dtypes[p]) for p in dict.fromkeys(["fp32"] + precisions)}
     log(f"{o.config}: {model_config.num_layers} layers, hidden {model_config.hidden_size}, vocab {vocab_size}, seq {length}, "
         f"batch {batch_size}, {tokens / real.size:.0%} real tokens, {num_masked} masked; device {device_name(device)}; matmul peak "
         + ", ".join(f"{k} {v / 1e12:.2f} TFLOP/s" + (" (given)" if k in o.peaks() else "") for k, v in peaks.items()))

@@ -287,6 +287,7 @@ class BenchOptions:
     steps: int = 10                # timed steps; the median is reported
     compare_hf: bool = False       # also time transformers' BertForMaskedLM, in the same precision
     compile: bool = False          # also time the fast rows (and transformers) under torch.compile
+    precision: str = "auto"        # the fast rows' precision: fp32, bf16, or auto (fp32, and bf16 where native)
     real_fraction: float = 1.0     # the share of real tokens; the rest padding, as short documents leave
     peak_tflops: list = None       # ["bf16=989", ...]: the matmul peak to divide by, instead of measuring it
     json: str = None               # write the rows to this file
@@ -295,6 +296,8 @@ class BenchOptions:
     def check(self):
         check_at_least(("--steps", self.steps, 1), ("--batch-size", 1 if self.batch_size is None else self.batch_size, 1),
                        ("--vocab-size", 8 if self.vocab_size is None else self.vocab_size, 8))
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise InputError(f"--precision: expected auto, fp32 or bf16, got {self.precision!r}")
         if not 0.05 <= self.real_fraction <= 1:
             raise InputError(f"--real-fraction must be between 0.05 and 1, got {self.real_fraction}")
         self.peaks()

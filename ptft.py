@@ -365,6 +365,8 @@ def add_bench(commands):
     p.add_argument("--steps", type=int, help="timed steps (the median is reported)")
     p.add_argument("--compare-hf", action="store_true", help="also time transformers' BertForMaskedLM, same precision")
     p.add_argument("--compile", action="store_true", help="also time the fast rows (and transformers) under torch.compile")
+    p.add_argument("--precision", help="the fast rows' (and transformers') precision: fp32, bf16, or auto: fp32, and "
+                                       "bf16 where the hardware has it (the reading path's row is always fp32)")
     p.add_argument("--real-fraction", type=float,
                    help="the share of real tokens, the rest padding, as short documents leave real text "
                         "(0.39 for the stdlib corpus at 128 tokens): ptft's fast rows skip padding, transformers does not")

@@ -52,3 +52,11 @@ def test_the_table_compares_speed_and_peak_memory_with_transformers_like_for_lik
     assert lines[2].endswith("| 7.0 GB | 1.60x | 0.70x |")
     assert lines[3].endswith("| 10.0 GB | 1.00x | 1.00x |")
     assert lines[4].endswith("| — | — | — |")
+
+
+def test_the_precision_flag_chooses_the_fast_rows_precision_and_the_reading_path_stays_fp32():
+    for precision, expected in (("bf16", ["fp32", "bf16"]), ("fp32", ["fp32", "fp32"])):
+        rows = bench.bench(BenchOptions(config="tiny", batch_size=2, vocab_size=100, steps=1, precision=precision,
+                                        peak_tflops=["fp32=1", "bf16=1"], device="cpu"), log=lambda line: None)
+        assert [row["precision"] for row in rows] == expected
+        assert rows[0]["variant"].startswith("explicit")
