@@ -94,6 +94,10 @@ def test_int8_weights_are_within_half_a_step_of_the_float_ones():
         error = (from_int8_rows(quantized, scale) - weight).abs()
         # at most half a step s_r / 2 (and float32's own rounding of W / s_r and s_r * q)
         assert (error <= scale[:, None] / 2 + 1e-6 * weight.abs()).all(), trial
+        # and each row's step is as small as it can be: its largest |w| maps to 127, the whole int8 range
+        nonzero = weight.abs().amax(dim=1) > 0
+        assert (quantized[nonzero].abs().amax(dim=1) == 127).all(), trial
+        assert torch.allclose(scale[nonzero], weight[nonzero].abs().amax(dim=1) / 127), trial
 
 
 def test_a_quantized_run_is_a_quarter_of_the_size_and_predicts_like_the_float_one(small_world, teacher, cli, tmp_path):
@@ -156,6 +160,9 @@ def test_removing_feed_forward_units_equals_zeroing_their_output_columns():
             kept = [(layer.feed_forward_in.weight == row).all(dim=1).nonzero().item() for row in small.feed_forward_in.weight]
             removed = sorted(set(range(100)) - set(kept))
             assert len(removed) == 30
+            # the units kept are the most important ones: ||W_in[j]|| * ||W_out[:, j]|| of each above every removed one's
+            importance = layer.feed_forward_in.weight.norm(dim=1) * layer.feed_forward_out.weight.norm(dim=0)
+            assert importance[kept].min() >= importance[removed].max()
             layer.feed_forward_out.weight[:, removed] = 0.0
         input_ids = torch.randint(0, 40, (6, 12))
         assert torch.allclose(smaller(input_ids), model(input_ids), atol=1e-5)

@@ -37,6 +37,39 @@ def test_masking_80_10_10_over_100000_draws():
     assert np.array_equal(labels[selected], input_ids[selected])
 
 
+def test_every_position_is_equally_likely_to_be_selected_and_treated_80_10_10_wherever_it_is():
+    tokenizer = letters_tokenizer()
+    rng = np.random.default_rng(1)
+    input_ids = rng.integers(5, len(tokenizer), size=(2000, 400))
+    masked, labels = data.mask_tokens(input_ids, tokenizer, rng)
+    selected = labels != IGNORE_INDEX
+    # M is a uniformly random subset: each block of 40 positions is selected 15% of the time (80,000 draws each)
+    for block in np.split(selected, 10, axis=1):
+        assert abs(block.mean() - 0.15) < 5 * np.sqrt(0.15 * 0.85 / block.size)
+    # and what happens to a selected token does not depend on where it is
+    for half in np.split(np.arange(400), 2):
+        chosen = selected[:, half]
+        became_mask = (masked[:, half] == tokenizer.mask_id) & chosen
+        assert abs(became_mask.sum() / chosen.sum() - 0.8) < 5 * np.sqrt(0.16 / chosen.sum())
+
+
+def test_a_pair_fills_its_budget_unless_its_second_segment_reaches_the_end_of_its_document():
+    rng = np.random.default_rng(3)
+    documents = unique_sentence_documents(num_documents=60, rng=rng)
+    ends = {int(document[-1][-1]) for document in documents}  # the last token of every document
+    for max_length in (12, 24, 40, 64):
+        budget = max_length - 3  # [CLS] A [SEP] B [SEP]
+        for _ in range(300):
+            segment_a, segment_b, _ = data.pretraining_example(documents, rng, max_length)
+            assert len(segment_a) >= 1 and len(segment_b) >= 1
+            assert len(segment_a) + len(segment_b) == budget or int(segment_b[-1]) in ends, (max_length, segment_a, segment_b)
+            for segment in (segment_a, segment_b):  # each a run of consecutive text from one document
+                assert len({int(t) // 1000 for t in segment}) == 1
+        batch = data.pretraining_batch(documents, Tokenizer(SPECIAL_TOKENS + [f"w{i}" for i in range(60000)]), rng, 64,
+                                       max_length)
+        assert batch["input_ids"].shape[1] <= max_length
+
+
 def test_specials_and_padding_are_never_selected_and_random_tokens_are_never_special():
     tokenizer = letters_tokenizer()
     rng = np.random.default_rng(1)

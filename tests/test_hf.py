@@ -12,6 +12,7 @@ import transformers
 
 import data
 import hf
+import model
 import toyworld
 from checkpoint import load_checkpoint, open_model
 from model import IGNORE_INDEX, Classifier, Config, PreTrainingModel
@@ -113,6 +114,36 @@ def test_a_saved_bert_for_pretraining_loads_and_computes_the_same_numbers(tmp_pa
         batch = {name: value.to(device) for name, value in make_batch(config, seed).items()}
         # sequence output, pooled output, MLM logits, NSP logits and both losses (float32, eval)
         assert_same(ours_outputs(ours.to(device), batch), hf_outputs(theirs.to(device), batch), tolerance=FP32[device])
+
+
+def test_the_default_config_has_berts_constants():
+    bert = transformers.BertConfig()
+    config = Config()
+    assert (config.layer_norm_eps, config.initializer_range, config.type_vocab_size) == \
+        (bert.layer_norm_eps, bert.initializer_range, bert.type_vocab_size)
+    assert (config.dropout, config.attention_dropout) == (bert.hidden_dropout_prob, bert.attention_probs_dropout_prob)
+
+
+@torch.no_grad()
+def test_dropout_acts_where_berts_does_with_its_two_rates(tmp_path, monkeypatch):
+    """In training, with dropout made deterministic (x -> (1 - p) x, on both sides), ptft computes
+    what transformers computes: dropout after the embeddings' LayerNorm, on the attention
+    probabilities (their own rate), on the attention and feed-forward outputs before each residual
+    add -- and nowhere else."""
+    monkeypatch.setattr(F, "dropout", lambda x, p=0.5, training=True, inplace=False: x * (1 - p) if training else x)
+    monkeypatch.setattr(model.Dropout, "forward", lambda self, x: x * (1 - self.p) if self.training else x)
+    config = Config(vocab_size=150, max_positions=64, **SHAPES[1])
+    torch.manual_seed(0)
+    theirs = perturb(transformers.BertForPreTraining(hf_config(config, attn_implementation="eager")), 0)
+    theirs.config.hidden_dropout_prob, theirs.config.attention_probs_dropout_prob = 0.1, 0.3
+    folder = tmp_path / "bert"
+    save_hf(theirs, folder)
+    theirs = transformers.BertForPreTraining.from_pretrained(folder, attn_implementation="eager").train()
+    ours, _ = load_ours(str(folder))
+    assert (ours.config.dropout, ours.config.attention_dropout) == (0.1, 0.3)
+    batch = make_batch(config, 0)
+    assert_same(ours_outputs(ours.train(), batch), hf_outputs(theirs, batch))
+    assert not torch.allclose(ours_outputs(ours.eval(), batch)["sequence"], hf_outputs(theirs, batch)["sequence"])  # it acts
 
 
 @torch.no_grad()

@@ -143,11 +143,16 @@ def test_configs_refuse_impossible_shapes():
     assert make_config("small").num_layers == 4 and make_config("base").hidden_size == 768
 
 
-def test_classifier_outputs_one_score_per_label():
-    config = small_config()
-    model = Classifier(config, num_labels=5)
+def test_classifier_scores_are_one_linear_map_of_the_pooled_vector_after_dropout(monkeypatch):
+    # B4: f_phi(x) = W dropout(pooled) + b, one score per label; dropout made deterministic, x -> (1 - p) x
+    monkeypatch.setattr(model.Dropout, "forward", lambda self, x: x * (1 - self.p) if self.training else x)
+    config = small_config(dropout=0.2)
+    classifier = Classifier(config, num_labels=5).train()
     ids, segments, mask, _, _ = random_batch(config)
-    assert model(ids, segments, mask).shape == (ids.shape[0], 5)
+    scores = classifier(ids, segments, mask)
+    assert scores.shape == (ids.shape[0], 5)
+    _, pooled = classifier.encoder(ids, segments, mask)
+    assert torch.allclose(scores, classifier.classifier(0.8 * pooled), atol=1e-6)
 
 
 def test_accumulated_gradients_equal_one_big_batch_when_masked_counts_differ():
