@@ -6,10 +6,12 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import checkpoint
 import data
@@ -19,8 +21,8 @@ import toyworld
 import train
 from conftest import ROOT, assert_clear_error, quiet
 from model import IGNORE_INDEX, Classifier, PreTrainingModel, make_config
-from options import FinetuneOptions, PretrainOptions
-from tokenizer import InputError, Tokenizer
+from options import FinetuneOptions, PretrainOptions, Remedies
+from tokenizer import SPECIAL_TOKENS, InputError, Tokenizer
 
 
 def finetune(out, init, train_tsv, valid=None, **flags):
@@ -86,6 +88,133 @@ def test_frozen_weights_are_bit_identical_after_fine_tuning(small_world, tmp_pat
         layer = int(name.split(".")[2]) if name.startswith("encoder.layers.") else -1  # embeddings: below layer 0
         frozen = freeze != "none" and layer < num_layers - trainable_layers
         assert torch.equal(value, before[name]) == frozen, name
+
+
+def fit_on_random_rows(options, monkeypatch=None, watch=None, seed=0):
+    """train.fit_classifier on 48 random rows of a 2-layer encoder (dropout on), started from a
+    random "pre-trained" encoder state; watch(model, optimizer) sees them before the first step."""
+    config = make_config("tiny", vocab_size=60, max_positions=16, dropout=0.1, attention_dropout=0.1)
+    torch.manual_seed(seed + 100)
+    pretrained = {name: value.clone() for name, value in Classifier(config, 3).encoder.state_dict().items()}
+    rng = np.random.default_rng(seed)
+    rows = [list(rng.integers(5, 60, int(rng.integers(3, 12)))) for _ in range(48)]
+    labels = [int(label) for label in rng.integers(0, 3, 48)]
+    if watch is not None:
+        made = {}
+        original_optimizer, original_model = train.make_optimizer, train.classifier_to_fine_tune
+
+        def make_optimizer(model, *args, **kwargs):
+            made["optimizer"] = original_optimizer(model, *args, **kwargs)
+            watch(made["model"], made["optimizer"])
+            return made["optimizer"]
+
+        def classifier_to_fine_tune(*args, **kwargs):
+            made["model"], frozen = original_model(*args, **kwargs)
+            return made["model"], frozen
+
+        monkeypatch.setattr(train, "make_optimizer", make_optimizer)
+        monkeypatch.setattr(train, "classifier_to_fine_tune", classifier_to_fine_tune)
+    options = replace(options, batch_size=16, device="cpu")
+    model, info = train.fit_classifier(rows, labels, 3, config, options, start=train.StartingPoint(encoder_state=pretrained))
+    return model, info, pretrained
+
+
+def test_frozen_layers_run_without_dropout_and_trainable_ones_with_it_during_fine_tuning(monkeypatch):
+    seen = {}
+
+    def watch(model, optimizer):  # at every forward pass: is the module in training mode?
+        parts = {"embeddings": model.encoder.embeddings, "layer 0": model.encoder.layers[0],
+                 "layer 1": model.encoder.layers[1], "head": model.classifier}
+        for name, module in parts.items():
+            module.register_forward_pre_hook(lambda module, args, name=name: seen.setdefault(name, set()).add(module.training))
+
+    fit_on_random_rows(FinetuneOptions(freeze="top-1", epochs=2, lr=1e-3), monkeypatch, watch)
+    assert seen == {"embeddings": {False}, "layer 0": {False}, "layer 1": {True}, "head": {True}}
+
+
+def test_l2_sp_in_the_loop_pulls_toward_the_pretrained_weights(monkeypatch):
+    # C5a inside fit_classifier: at every step the penalty is strength/2 * ||phi - theta_0||^2, theta_0
+    # the weights fine-tuning started from (kept apart from the weights that train)
+    values, original = [], train.l2_sp_penalty
+    pretrained = {}
+
+    def penalty(model, theta_0, strength):
+        value = original(model, theta_0, strength)
+        expected = strength / 2 * sum(((p - pretrained[name]) ** 2).sum().item() for name, p in model.encoder.named_parameters()
+                                      if p.requires_grad and not name.startswith("pooler."))
+        values.append((value.item(), expected))
+        return value
+
+    def watch(model, optimizer):
+        pretrained.update({name: value.clone() for name, value in model.encoder.state_dict().items()})
+
+    monkeypatch.setattr(train, "l2_sp_penalty", penalty)
+    fit_on_random_rows(FinetuneOptions(freeze="none", epochs=2, lr=1e-2, remedies=Remedies(l2_sp=1.0)), monkeypatch, watch)
+    assert len(values) == 6 and values[0][0] == 0.0 and all(value > 0 for value, _ in values[1:])
+    for value, expected in values:
+        assert value == pytest.approx(expected, rel=1e-4, abs=1e-9)
+
+
+def test_every_fine_tuning_step_uses_the_schedule_times_each_layers_rate_scale(monkeypatch):
+    # C4 x C5c: group rate at step t = learning_rate(t) * decay^depth
+    rates = []
+
+    def watch(model, optimizer):
+        step = optimizer.step
+
+        def recording_step(*args, **kwargs):
+            rates.append([(group["lr"], group["lr_scale"]) for group in optimizer.param_groups])
+            return step(*args, **kwargs)
+
+        optimizer.step = recording_step
+
+    options = FinetuneOptions(freeze="none", epochs=3, lr=1e-3, remedies=Remedies(layer_lr_decay=0.5))
+    fit_on_random_rows(options, monkeypatch, watch)
+    total = 3 * 3  # epochs x batches of 16 out of 48 rows
+    warmup = max(1, int(options.warmup_fraction * total))
+    assert len(rates) == total
+    assert {scale for _, scale in rates[0]} == {1.0, 0.5, 0.25, 0.125}  # head, layer 1, layer 0, embeddings
+    for step, groups in enumerate(rates):
+        for lr, scale in groups:
+            assert lr == pytest.approx(train.learning_rate(step, total, 1e-3, warmup) * scale)
+
+
+def test_pretraining_updates_with_gradients_clipped_to_norm_1(small_world, tmp_path, monkeypatch):
+    before, after = [], []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def recording_clip(parameters, max_norm, *args, **kwargs):
+        parameters = list(parameters)
+        norm = clip(parameters, max_norm, *args, **kwargs)
+        before.append(norm.item())
+        after.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in parameters if p.grad is not None])).item())
+        return norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
+    train.pretrain(str(tmp_path / "run"), PretrainOptions(corpus=[small_world["corpus"]], steps=6, batch_size=8, max_length=32,
+                                                          lr=5e-3, eval_every=6, save_every=0, device="cpu", precision="fp32"),
+                   log=quiet, progress=False)
+    assert len(before) == 6 and max(before) > 1.0  # clipping had something to do
+    assert all(norm <= 1.0 + 1e-5 for norm in after)
+
+
+def test_the_held_out_mlm_loss_is_the_cross_entropy_over_every_masked_token_of_every_batch():
+    config = make_config("tiny", vocab_size=70, max_positions=24)
+    torch.manual_seed(0)
+    net = PreTrainingModel(config).eval()
+    rng = np.random.default_rng(0)
+    tokenizer = Tokenizer(SPECIAL_TOKENS + [f"w{i}" for i in range(65)])
+    documents = [[rng.integers(5, 70, int(n)) for n in rng.integers(2, 9, 4)] for _ in range(20)]
+    batches = [data.pretraining_batch(documents, tokenizer, rng, size, 24) for size in (3, 8, 5)]  # unequal masked counts
+    scores, targets = [], []
+    with torch.no_grad():
+        for batch in batches:
+            tensors = train.to_tensors(batch, torch.device("cpu"))
+            sequence, _ = net.encoder(tensors["input_ids"], tensors["segment_ids"], tensors["attention_mask"])
+            scores.append(net.mlm_scores(sequence, tensors["mlm_labels"], sparse=False))
+            targets.append(tensors["mlm_labels"][tensors["mlm_labels"] != IGNORE_INDEX])
+    expected = F.cross_entropy(torch.cat(scores), torch.cat(targets)).item()
+    assert train.mlm_evaluation(net, batches, torch.device("cpu"))["mlm_loss"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_optimizer_holds_only_trainable_parameters_and_counts_match():
