@@ -4,9 +4,12 @@ and docs/equations.md point a reader at exists."""
 import ast
 import os
 import re
+import shlex
+import subprocess
 
 import pytest
 
+import ptft
 from conftest import ROOT
 
 # README's layout, bottom to top: each file imports only files before it (no import circles)
@@ -82,3 +85,17 @@ def test_every_link_between_the_pages_leads_somewhere():
             assert os.path.exists(resolved), f"{page}: {target}"
             if anchor and resolved.endswith(".md"):
                 assert anchor in heading_anchors(resolved), f"{page}: {target}"
+
+
+def test_every_ptft_command_in_the_gpu_check_script_parses_and_the_script_is_valid_bash():
+    # .ci/gpu-check runs once, on a GPU lent for minutes: a mistyped flag there would waste the run
+    path = os.path.join(ROOT, ".ci", "gpu-check")
+    assert subprocess.run(["bash", "-n", path]).returncode == 0
+    script = open(path, encoding="utf-8").read().replace("\\\n", " ")
+    commands = [line.split("python ptft.py", 1)[1] for line in script.splitlines()
+                if "python ptft.py" in line and not line.lstrip().startswith("#")]
+    assert len(commands) >= 5
+    parser = ptft.build_parser()
+    for command in commands:
+        args = shlex.split(re.sub(r'\$[A-Z_]+', "x", command))  # $WORK, $OUT: any folder
+        assert parser.parse_args(args).command == args[0], command
