@@ -191,7 +191,8 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path, lowercase=True):
-        tokens = read_text_file(path).split("\n")
+        # one token per line, its id the line number; a vocab.txt written on Windows ends lines in \r\n
+        tokens = [token.removesuffix("\r") for token in read_text_file(path).split("\n")]
         if tokens and tokens[-1] == "":
             tokens.pop()
         return cls(tokens, lowercase)

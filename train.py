@@ -757,7 +757,8 @@ def fill_mask(init, text, top_k=5, device="auto", log=print):
     (token, probability) pairs, best first. The probability is E4's softmax over the vocabulary
     -- the distribution whose log the MLM loss sums over the masked set M."""
     device = pick_device(device)
-    model, tokenizer, checkpoint = open_model(init, log)
+    notes = []  # open_model's notes, said only if fill-mask goes on (a refusal is one line)
+    model, tokenizer, checkpoint = open_model(init, notes.append)
     if checkpoint.get("kind") != "pretraining":
         raise InputError(f"{init}: a classifier checkpoint has no MLM head; fill-mask needs a pre-trained one")
     if "mlm_head" in checkpoint.get("fresh", []):
@@ -769,6 +770,8 @@ def fill_mask(init, text, top_k=5, device="auto", log=print):
         raise InputError(f"no {MASK} in the text; write {MASK} where a token should be predicted")
     if len(input_ids) > model.config.max_positions:
         raise InputError(f"the text is {len(input_ids)} tokens long; the model takes at most {model.config.max_positions}")
+    for note in notes:
+        log(note)
     model.to(device).eval()
     input_ids = torch.tensor([input_ids], device=device)
     sequence_output, _ = model.encoder(input_ids)

@@ -1,6 +1,8 @@
 """data.py, tokenizer.py and toyworld.py as a specification: B1 masking, B2 next-sentence pairs,
 WordPiece, the toy world."""
 
+from collections import Counter
+
 import numpy as np
 import pytest
 
@@ -167,6 +169,28 @@ def test_trained_vocabulary_round_trips_through_vocab_txt(tmp_path):
         assert loaded.encode(text) == tokenizer.encode(text)
         assert tokenizer.unk_id not in tokenizer.encode(text)  # every character was seen in training
         assert tokenizer.decode(tokenizer.encode(text)).replace(" ", "") == "".join(split_words(text))
+    # a vocab.txt written with Windows line ends gives the same ids
+    (tmp_path / "crlf.txt").write_bytes("\r\n".join(tokenizer.vocab).encode("utf-8") + b"\r\n")
+    assert Tokenizer.load(str(tmp_path / "crlf.txt")).vocab == tokenizer.vocab
+
+
+def test_trained_wordpieces_are_whole_words_or_word_pieces_and_frequent_words_become_one_token():
+    rng, stopped_short = np.random.default_rng(0), 0
+    for trial in range(20):
+        letters = "abcdefgh"[: int(rng.integers(3, 9))]
+        words = ["".join(rng.choice(list(letters), int(rng.integers(1, 7)))) for _ in range(30)]
+        texts = [" ".join(rng.choice(words, 12)) for _ in range(40)]
+        counts = Counter(word for text in texts for word in text.split())
+        vocab_size = int(rng.integers(20, 200))
+        tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
+        for token in tokenizer.vocab[len(SPECIAL_TOKENS):]:
+            piece = token.removeprefix("##")
+            assert piece and "#" not in piece, token  # "##" marks a word-internal piece, only at the front
+        if len(tokenizer.vocab) < vocab_size:  # merges ran out before the room did: every word seen twice is whole
+            stopped_short += 1
+            for word in (w for w, n in counts.items() if n >= 2):
+                assert tokenizer.encode(word) == [tokenizer.vocab.index(word)], (trial, word)
+    assert stopped_short >= 5
 
 
 def test_toy_world_is_deterministic_and_its_parts_are_disjoint():

@@ -130,6 +130,29 @@ def test_tfidf_baseline_beats_chance_on_a_separable_set():
     assert np.mean(predictions == np.array(test_labels)) > 0.9  # chance: 1/3
 
 
+def test_tfidf_keeps_words_that_are_in_every_text_and_counts_how_often():
+    # both words are in every text, so only their counts tell the classes apart: idf = log(N / df) + 1 keeps them
+    train_texts, test_texts = ["a a a b", "a b b b"] * 10, ["a a a a b", "a b b b b"]
+    predictions = experiments.tfidf_logistic_regression(train_texts, [0, 1] * 10, test_texts, 2)
+    assert list(predictions) == [0, 1]
+
+
+def test_each_seed_draws_its_own_k_labeled_examples_per_class_and_the_same_seed_the_same():
+    examples = [(f"text {i}", i % 3) for i in range(60)]
+    draws = [experiments.draw_labeled(examples, 4, seed) for seed in range(5)]
+    for draw in draws:
+        assert sorted(y for _, y in draw) == [0] * 4 + [1] * 4 + [2] * 4 and len(set(draw)) == 12
+        assert set(draw) <= set(examples)
+    assert len({tuple(draw) for draw in draws}) == 5
+    assert experiments.draw_labeled(examples, 4, 3) == draws[3]
+    assert experiments.draw_labeled(examples, "all", 0) == examples
+
+
+def test_a_summary_counts_every_measured_value_zeros_included():
+    assert experiments.summarize([0.0, 0.5, None]) == {"mean": 0.25, "std": 0.25, "n": 2, "values": [0.0, 0.5]}
+    assert experiments.summarize([None]) is None
+
+
 # ----------------------------------------------------------------------------------------
 # C5's remedies
 # ----------------------------------------------------------------------------------------

@@ -116,6 +116,23 @@ def test_a_saved_bert_for_pretraining_loads_and_computes_the_same_numbers(tmp_pa
         assert_same(ours_outputs(ours.to(device), batch), hf_outputs(theirs.to(device), batch), tolerance=FP32[device])
 
 
+def test_every_config_round_trips_through_a_config_json_and_a_headless_folder_cannot_fill_masks(tmp_path, cli):
+    rng = random.Random(0)
+    for _ in range(50):
+        heads = rng.randint(1, 6)
+        config = Config(vocab_size=rng.randint(8, 40000), hidden_size=heads * rng.randint(1, 40), num_layers=rng.randint(1, 12),
+                        num_heads=heads, intermediate_size=rng.randint(1, 4000), max_positions=rng.randint(8, 1024),
+                        type_vocab_size=rng.randint(1, 4), dropout=rng.random() / 2, attention_dropout=rng.random() / 2,
+                        layer_norm_eps=10 ** -rng.uniform(5, 12), initializer_range=rng.uniform(0.001, 0.1), attention="sdpa")
+        assert hf.config_from_hf(json.loads(json.dumps(hf.config_to_hf(config, "BertModel"))), "config.json") == config
+    labels = hf.config_to_hf(Config(), "BertForSequenceClassification", labels=["b", "a", "c"])
+    assert labels["label2id"] == {label: int(i) for i, label in labels["id2label"].items()} == {"b": 0, "a": 1, "c": 2}
+    # a BertModel folder has no MLM head: fill-mask refuses rather than predict from random weights
+    folder = save_hf(transformers.BertModel(hf_config(Config(vocab_size=60, max_positions=32, **SHAPES[2]))), tmp_path / "bare")
+    code, _, stderr = cli("fill-mask", "--init", folder, "a [MASK]")
+    assert code == 2 and "no MLM head weights" in stderr and stderr.count("\n") == 1, stderr
+
+
 def test_the_default_config_has_berts_constants():
     bert = transformers.BertConfig()
     config = Config()

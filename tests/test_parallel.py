@@ -132,7 +132,7 @@ def test_a_two_process_run_killed_mid_way_resumes_bit_identical(tmp_path, cli):
     deadline = time.time() + 300
     while victim.poll() is None and time.time() < deadline:
         path = run / "checkpoint.pt"
-        if path.exists() and torch.load(path, weights_only=True)["step"] >= 10:
+        if path.exists() and torch.load(path, weights_only=True)["step"] >= 4:  # early: a busy machine polls slowly
             os.killpg(victim.pid, signal.SIGKILL)  # the launcher and both workers, no chance to clean up
             break
     victim.wait()

@@ -217,6 +217,37 @@ def test_the_held_out_mlm_loss_is_the_cross_entropy_over_every_masked_token_of_e
     assert train.mlm_evaluation(net, batches, torch.device("cpu"))["mlm_loss"] == pytest.approx(expected, rel=1e-5)
 
 
+def test_freeze_top_k_trains_exactly_the_top_k_layers_and_no_more_than_there_are():
+    config = make_config("tiny", vocab_size=60, max_positions=16, num_layers=4)
+    for k in range(5):
+        model = Classifier(config, 2)
+        frozen = train.freeze_below(model, train.parse_freeze(f"top-{k}", 4))
+        assert frozen == [model.encoder.embeddings, *model.encoder.layers[:4 - k]]
+        assert [all(p.requires_grad for p in layer.parameters()) for layer in model.encoder.layers] == [i >= 4 - k for i in range(4)]
+    for k in (5, 9):
+        with pytest.raises(InputError, match="only 4 layers"):
+            train.parse_freeze(f"top-{k}", 4)
+
+
+def test_the_default_fine_tuning_rate_follows_what_trains():
+    # C4 at this scale: 1e-3 with a frozen encoder or its top layers training, 3e-4 when everything trains
+    for freeze, rate in (("head", 1e-3), ("top-1", 1e-3), ("top-3", 1e-3), ("none", 3e-4)):
+        assert FinetuneOptions(freeze=freeze).peak_lr() == rate
+        assert FinetuneOptions(freeze=freeze, lr=5e-5).peak_lr() == 5e-5
+
+
+def test_fill_mask_gives_e4s_softmax_best_first_and_at_most_the_whole_vocabulary(small_world):
+    vocabulary = len(Tokenizer.load(os.path.join(small_world["pre"], "vocab.txt")))
+    for top_k in (1, 7, vocabulary + 10):
+        predictions = train.fill_mask(small_world["pre"], "the [MASK] is [MASK] .", top_k=top_k, device="cpu", log=quiet)
+        assert len(predictions) == 2
+        for candidates in predictions:
+            probabilities = [p for _, p in candidates]
+            assert len(candidates) == min(top_k, vocabulary) and probabilities == sorted(probabilities, reverse=True)
+        if top_k > vocabulary:  # all of V: a distribution
+            assert sum(probabilities) == pytest.approx(1.0, abs=1e-5)
+
+
 def test_optimizer_holds_only_trainable_parameters_and_counts_match():
     config = make_config("tiny", vocab_size=300, max_positions=32)
     hidden, labels = config.hidden_size, 3
@@ -291,6 +322,12 @@ def test_cli_bad_inputs_get_one_line_naming_the_file(small_world, tmp_path, cli)
         (["finetune", "--init", "scratch", "--train", str(empty_text), "--out", out], ["empty_text.tsv:2", "empty text"]),
         (["pretrain", "--corpus", str(latin1), "--out", out], ["latin1.txt:2", "byte 12 is not valid UTF-8"]),
         (["pretrain", "--out", out, "--steps", "-3"], ["--steps"]),
+        (["pretrain", "--out", out, "--device", "tpu"], ["--device: expected auto, cpu, cuda or mps, got 'tpu'"]),
+        (["finetune", "--init", small_world["pre"], "--train", small_world["train"], "--out", out, "--freeze", "top-3"],
+         ["--freeze top-3: the model has only 2 layers"]),
+        (["fill-mask", "--init", small_world["pre"], "a [MASK]", "--top-k", "0"], ["--top-k must be positive, got 0"]),
+        (["bench", "--peak-tflops", "fp16=1"], ["--peak-tflops", "fp16=1"]),
+        (["bench", "--peak-tflops", "bf16=-1"], ["--peak-tflops", "bf16=-1"]),
         (["pretrain", "--out", out, "--config", "huge"], ["unknown config 'huge'"]),
         (["pretrain", "--out", out, "--lr", "nan"], ["--lr must be a number > 0 (and below 1e38), got nan"]),
         (["demo", "--out", out, "--pretrain-steps", "0"], ["--pretrain-steps"]),
