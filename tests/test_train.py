@@ -1,5 +1,6 @@
 """train.py and ptft.py as a specification: freezing, schedules, runs, clear errors."""
 
+import argparse
 import json
 import math
 import os
@@ -17,6 +18,7 @@ import checkpoint
 import data
 import model
 import options
+import ptft
 import toyworld
 import train
 from conftest import ROOT, assert_clear_error, quiet
@@ -215,6 +217,21 @@ def test_the_held_out_mlm_loss_is_the_cross_entropy_over_every_masked_token_of_e
             targets.append(tensors["mlm_labels"][tensors["mlm_labels"] != IGNORE_INDEX])
     expected = F.cross_entropy(torch.cat(scores), torch.cat(targets)).item()
     assert train.mlm_evaluation(net, batches, torch.device("cpu"))["mlm_loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_every_flag_reaches_its_options_field_and_every_field_has_its_flag():
+    # a flag whose dest names no field would be parsed and then silently ignored (options_from goes by field name)
+    parser = ptft.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    classes = {"demo": options.DemoOptions, "pretrain": PretrainOptions, "finetune": FinetuneOptions,
+               "distill": options.DistillOptions, "prune": options.PruneOptions, "bench": options.BenchOptions}
+    run_flags = {"out", "resume", "force", "help"}  # where the run goes, not how it computes
+    library_only = {"pretrain": {"lowercase"}, "finetune": {"mlm_max_length", "vocab_size"}}  # set by the code, not a flag
+    for name, options_class in classes.items():
+        fields = set(ptft.option_defaults(options_class))
+        dests = {action.dest for action in commands[name]._actions}
+        assert dests - run_flags <= fields, (name, dests - run_flags - fields)
+        assert fields - dests == library_only.get(name, set()), (name, fields - dests)
 
 
 def test_freeze_top_k_trains_exactly_the_top_k_layers_and_no_more_than_there_are():
