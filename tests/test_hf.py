@@ -133,6 +133,31 @@ def test_every_config_round_trips_through_a_config_json_and_a_headless_folder_ca
     assert code == 2 and "no MLM head weights" in stderr and stderr.count("\n") == 1, stderr
 
 
+@pytest.mark.parametrize("change, needle", [
+    ({"tokenizer_config.json": {"do_lower_case": True, "strip_accents": False}}, "strip_accents = False"),
+    ({"tokenizer_config.json": {"tokenize_chinese_chars": False}}, "tokenize_chinese_chars = False is not supported"),
+    ({"tokenizer_config.json": {"do_basic_tokenize": False}}, "do_basic_tokenize = False is not supported"),
+    ("vocab one token short", "vocab.txt has 59 tokens but config.json says vocab_size 60"),
+    ("untied decoder", "the MLM decoder is not tied to the word embeddings"),
+])
+def test_a_folder_ptft_would_read_differently_from_transformers_is_refused_in_one_line(tmp_path, cli, change, needle):
+    config = Config(vocab_size=60, max_positions=32, **SHAPES[2])
+    torch.manual_seed(0)
+    folder = save_hf(transformers.BertForPreTraining(hf_config(config)), tmp_path / "bert")
+    if isinstance(change, dict):
+        for name, settings in change.items():
+            (tmp_path / "bert" / name).write_text(json.dumps(settings))
+    elif change == "vocab one token short":
+        write_vocab(folder, 59)
+    else:  # a decoder of its own, in the old file format that can carry one
+        state = transformers.BertForPreTraining(hf_config(config)).state_dict()
+        state["cls.predictions.decoder.weight"] = state["bert.embeddings.word_embeddings.weight"] + 1.0
+        os.remove(tmp_path / "bert" / "model.safetensors")
+        torch.save(state, tmp_path / "bert" / "pytorch_model.bin")
+    code, _, stderr = cli("fill-mask", "--init", folder, "a [MASK]")
+    assert code == 2 and needle in stderr and stderr.count("\n") == 1, stderr
+
+
 def test_the_default_config_has_berts_constants():
     bert = transformers.BertConfig()
     config = Config()

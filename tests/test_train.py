@@ -234,6 +234,45 @@ def test_every_flag_reaches_its_options_field_and_every_field_has_its_flag():
         assert fields - dests == library_only.get(name, set()), (name, fields - dests)
 
 
+class FixedScores(torch.nn.Module):
+    """A 'classifier' whose scores for a row are a table's row, looked up by the row's first id."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = table
+
+    def forward(self, input_ids, segment_ids=None, attention_mask=None):
+        return self.table[input_ids[:, 0]]
+
+
+def test_accuracy_and_macro_f1_are_their_written_out_formulas_over_every_class_seen():
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        n, classes = int(rng.integers(1, 60)), int(rng.integers(2, 6))
+        labels = [int(y) for y in rng.integers(0, classes, n)]
+        scores = torch.from_numpy(rng.normal(size=(n, classes))).float()
+        found = train.classify(FixedScores(scores), [[i] for i in range(n)], labels, torch.device("cpu"), batch_size=7)
+        predicted, truth = scores.argmax(-1).numpy(), np.array(labels)
+        f1 = []  # per class seen among the labels or the predictions: 2 TP / (2 TP + FP + FN)
+        for c in sorted(set(labels) | set(predicted.tolist())):
+            tp = np.sum((predicted == c) & (truth == c))
+            fp, fn = np.sum((predicted == c) & (truth != c)), np.sum((predicted != c) & (truth == c))
+            f1.append(2 * tp / (2 * tp + fp + fn))
+        assert found["accuracy"] == pytest.approx(np.mean(predicted == truth))
+        assert found["macro_f1"] == pytest.approx(np.mean(f1))
+        assert found["loss"] == pytest.approx(F.cross_entropy(scores, torch.tensor(labels)).item(), rel=1e-5)
+        assert found["n"] == n
+
+
+def test_an_interrupted_command_says_its_checkpoint_is_intact_and_exits_130(cli, monkeypatch):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(ptft.COMMANDS, "bench", interrupted)
+    code, _, stderr = cli("bench")
+    assert code == 130 and stderr.strip().splitlines() == ["interrupted; the last checkpoint written is intact (use --resume to continue)"]
+
+
 def test_freeze_top_k_trains_exactly_the_top_k_layers_and_no_more_than_there_are():
     config = make_config("tiny", vocab_size=60, max_positions=16, num_layers=4)
     for k in range(5):
@@ -421,7 +460,7 @@ def test_a_run_killed_at_a_random_moment_resumes_bit_identical(tmp_path, device)
     corpus = tmp_path / "corpus.txt"
     data.write_corpus(str(corpus), toyworld.toy_world(seed=2, num_documents=100)["unlabeled"])
     common = ["pretrain", "--corpus", str(corpus), "--steps", "80", "--batch-size", "8", "--max-length", "32",
-              "--vocab-size", "300", "--save-every", "2", "--eval-every", "1000", "--device", device, "--seed", "1",
+              "--vocab-size", "300", "--save-every", "2", "--eval-every", "20", "--device", device, "--seed", "1",
               *(["--precision", "fp32"] if device == "cpu" else ["--deterministic"])]  # a GPU: its own precision
     assert run_cli(*common, "--out", str(tmp_path / "reference")).returncode == 0
     run = tmp_path / "killed"
@@ -442,6 +481,9 @@ def test_a_run_killed_at_a_random_moment_resumes_bit_identical(tmp_path, device)
     assert found["step"] == expected["step"] == 80
     for name, value in expected["model"].items():
         assert torch.equal(found["model"][name], value), name
+    # and its record: the held-out evaluations of both halves, as the straight run has them
+    history = [json.load(open(folder / "metrics.json"))["history"] for folder in (tmp_path / "reference", run)]
+    assert history[0] == history[1] and len(history[0]) >= 2
 
 
 def test_a_diverged_run_stops_with_status_3_and_leaves_the_last_good_checkpoint_byte_identical(tmp_path, cli):
@@ -574,6 +616,14 @@ def test_resume_refuses_a_run_of_another_model_naming_each_difference(small_worl
     for difference in ["vocab_size: checkpoint 8192 vs now 400", "dropout: checkpoint 0.1 vs now 0.0",
                        "attention: checkpoint 'sdpa' vs now 'explicit'", "hidden_size: checkpoint 128 vs now 64",
                        "num_heads: checkpoint 2 vs now 4"]:
+        assert difference in message, message
+    # the data and the task too: another batch, sequence length or objective draws other batches
+    with pytest.raises(InputError) as error:
+        train.pretrain(str(run), PretrainOptions(corpus=[small_world["corpus"]], batch_size=8, max_length=24, nsp=False,
+                                                 steps=50, device="cpu"), resume=True, log=quiet, progress=False)
+    message = str(error.value)
+    for difference in ["batch_size: checkpoint 16 vs now 8", "max_length: checkpoint 32 vs now 24",
+                       "nsp: checkpoint True vs now False"]:
         assert difference in message, message
     assert "num_layers" not in message and "intermediate_size" not in message  # only what differs
     assert (run / "checkpoint.pt").read_bytes() == before
