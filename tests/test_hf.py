@@ -307,7 +307,8 @@ def test_one_training_step_gives_the_same_loss_and_gradients(tmp_path, device):
 ALPHABET = (list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789") * 3
             + list(" \t\n\r  ,.;:!?'\"-()[]{}$^`~|<>@#%&*_+=/\\")
             + list("éñÅüçøÆßİǅﬁ") + ["e\u0301", "A\u030a"]  # accents, precomposed and combining
-            + list("中文字符我爱日本語") + list("ひらがなカタカナ") + list("Ελληνικάкириллица") + list("عربي")
+            + list("中文字符我爱日本語") + ["\u3400", "\u4db5", "\U00020000", "\U0002a700", "\uf900", "\U0002f800"]  # every CJK block
+            + list("ひらがなカタカナ") + list("Ελληνικάкириллица") + list("عربي")
             + ["\x00", "\x07", "\x1b", "\u200b", "\ufeff", "\ue000", "\ufffd", "\u00a0", "\u3000", "Ａ", "😀"]
             + [" [MASK] ", "[MASK]", "[CLS]", "[mask]", " [SEP]"])
 SENTENCES = ["Héllo wörld, naïve café — résumé!", "我爱自然语言处理。", "日本語とEnglish混在テキスト",

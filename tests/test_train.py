@@ -264,6 +264,15 @@ def test_accuracy_and_macro_f1_are_their_written_out_formulas_over_every_class_s
         assert found["n"] == n
 
 
+def test_a_step_diverged_when_either_loss_or_else_the_gradient_norm_is_not_finite():
+    inf, nan = float("inf"), float("nan")
+    assert train.divergence(2.0, 0.7, 1.5, fp16_scaling=False) == ""
+    assert train.divergence(2.0, nan, 1.5, fp16_scaling=False) == "NSP loss is nan"
+    assert train.divergence(inf, 0.7, nan, fp16_scaling=True) == "MLM loss is inf"
+    assert train.divergence(2.0, 0.7, inf, fp16_scaling=False).startswith("the gradient norm is inf")
+    assert train.divergence(2.0, 0.7, inf, fp16_scaling=True) == ""  # fp16: the scaler skips the step
+
+
 def test_an_interrupted_command_says_its_checkpoint_is_intact_and_exits_130(cli, monkeypatch):
     def interrupted(args):
         raise KeyboardInterrupt
