@@ -174,6 +174,8 @@ def test_bad_c7_input_is_one_line_naming_it(small_world, teacher, cli, tmp_path)
                        "--teacher", "expected a fine-tuned classifier")
     assert_clear_error(cli("distill", "--teacher", teacher, "--train", small_world["train"], "--out", out, "--student-init",
                            "scratch", "--num-layers", 4), "is not smaller than its teacher")
+    assert_clear_error(cli("distill", "--teacher", teacher, "--train", small_world["train"], "--out", out, "--student-init",
+                           "scratch", "--num-layers", 2), "is not smaller than its teacher")  # as large: no smaller either
     assert_clear_error(cli("distill", "--teacher", teacher, "--train", small_world["train"], "--out", out,
                            "--hidden-size", 64), "every-other", "hidden_size")
     assert_clear_error(cli("distill", "--teacher", teacher, "--train", small_world["train"], "--out", out,
