@@ -102,20 +102,14 @@ def fit_on_random_rows(options, monkeypatch=None, watch=None, seed=0):
     rows = [list(rng.integers(5, 60, int(rng.integers(3, 12)))) for _ in range(48)]
     labels = [int(label) for label in rng.integers(0, 3, 48)]
     if watch is not None:
-        made = {}
-        original_optimizer, original_model = train.make_optimizer, train.classifier_to_fine_tune
+        original = train.make_optimizer
 
-        def make_optimizer(model, *args, **kwargs):
-            made["optimizer"] = original_optimizer(model, *args, **kwargs)
-            watch(made["model"], made["optimizer"])
-            return made["optimizer"]
-
-        def classifier_to_fine_tune(*args, **kwargs):
-            made["model"], frozen = original_model(*args, **kwargs)
-            return made["model"], frozen
+        def make_optimizer(model, *args, **kwargs):  # fit_classifier's model, before its first step
+            optimizer = original(model, *args, **kwargs)
+            watch(model, optimizer)
+            return optimizer
 
         monkeypatch.setattr(train, "make_optimizer", make_optimizer)
-        monkeypatch.setattr(train, "classifier_to_fine_tune", classifier_to_fine_tune)
     options = replace(options, batch_size=16, device="cpu")
     model, info = train.fit_classifier(rows, labels, 3, config, options, start=train.StartingPoint(encoder_state=pretrained))
     return model, info, pretrained
@@ -219,15 +213,22 @@ def test_the_held_out_mlm_loss_is_the_cross_entropy_over_every_masked_token_of_e
     assert train.mlm_evaluation(net, batches, torch.device("cpu"))["mlm_loss"] == pytest.approx(expected, rel=1e-5)
 
 
+# the commands whose flags become an options dataclass (ptft.options_from)
+OPTIONS_OF_COMMAND = {"demo": options.DemoOptions, "pretrain": PretrainOptions, "finetune": FinetuneOptions,
+                      "distill": options.DistillOptions, "prune": options.PruneOptions, "bench": options.BenchOptions}
+
+
+def command_parsers():
+    """Each command's argparse parser, by name."""
+    return next(a for a in ptft.build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
 def test_every_flag_reaches_its_options_field_and_every_field_has_its_flag():
     # a flag whose dest names no field would be parsed and then silently ignored (options_from goes by field name)
-    parser = ptft.build_parser()
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    classes = {"demo": options.DemoOptions, "pretrain": PretrainOptions, "finetune": FinetuneOptions,
-               "distill": options.DistillOptions, "prune": options.PruneOptions, "bench": options.BenchOptions}
+    commands = command_parsers()
     run_flags = {"out", "resume", "force", "help"}  # where the run goes, not how it computes
     library_only = {"pretrain": {"lowercase"}, "finetune": {"mlm_max_length", "vocab_size"}}  # set by the code, not a flag
-    for name, options_class in classes.items():
+    for name, options_class in OPTIONS_OF_COMMAND.items():
         fields = set(ptft.option_defaults(options_class))
         dests = {action.dest for action in commands[name]._actions}
         assert dests - run_flags <= fields, (name, dests - run_flags - fields)
@@ -284,16 +285,13 @@ def test_an_interrupted_command_says_its_checkpoint_is_intact_and_exits_130(cli,
 
 def test_every_minimum_a_flag_has_is_exactly_where_refusal_starts(monkeypatch):
     # each check_at_least triple: least - 1 is refused in one line naming the flag, least itself passes
-    parser = ptft.build_parser()
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    commands = command_parsers()
     recorded, check_at_least = [], options.check_at_least
 
     def recording(*flags):
         recorded.extend(flags)
         check_at_least(*flags)
 
-    classes = {"demo": options.DemoOptions, "pretrain": PretrainOptions, "finetune": FinetuneOptions,
-               "distill": options.DistillOptions, "prune": options.PruneOptions, "bench": options.BenchOptions}
     required = {"prune": {"train": "train.tsv"}}  # what check() asks for besides numbers (files are read later)
     # the minima themselves: a step, a sequence, a row; 8 tokens hold [CLS] A [SEP] B [SEP] with room; 0 means "none"
     minima = {"demo": {},
@@ -303,7 +301,7 @@ def test_every_minimum_a_flag_has_is_exactly_where_refusal_starts(monkeypatch):
               "distill": {"--epochs": 1, "--batch-size": 1, "--max-unlabeled": 0}, "prune": {"--epochs": 0, "--batch-size": 1},
               "bench": {"--steps": 1, "--batch-size": 1, "--vocab-size": 8}}
     checked = 0
-    for name, options_class in classes.items():
+    for name, options_class in OPTIONS_OF_COMMAND.items():
         base = replace(options_class(), **required.get(name, {}))
         dest = {flag: action.dest for action in commands[name]._actions for flag in action.option_strings}
         recorded.clear()
