@@ -21,8 +21,9 @@ import data
 import options
 import train
 from checkpoint import write_json
-from model import IGNORE_INDEX, PreTrainingModel, Unpadded
-from tokenizer import SPECIAL_TOKENS, InputError, Tokenizer
+from common import IGNORE_INDEX, InputError
+from model import PreTrainingModel, Unpadded
+from tokenizer import SPECIAL_TOKENS, Tokenizer
 
 
 def matmul_peak(device, dtype, size=None, repeats=5):

@@ -31,10 +31,11 @@ import numpy as np
 import torch
 
 import hf
+from common import InputError
 from model import Classifier, Config, PreTrainingModel
 from options import SIZE_FIELDS, PretrainOptions
 from parallel import Processes, gather_from_processes
-from tokenizer import InputError, Tokenizer
+from tokenizer import Tokenizer
 
 
 def prepare_out_folder(out, resume=False, force=False):

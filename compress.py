@@ -37,9 +37,10 @@ from checkpoint import (
     to_int8_rows,
     write_json,
 )
-from model import IGNORE_INDEX, Classifier, Config, count_parameters, make_config
+from common import IGNORE_INDEX, InputError
+from model import Classifier, Config, count_parameters, make_config
 from options import SIZE_FIELDS, DistillOptions, PruneOptions, pick_device, sizes_given
-from tokenizer import InputError, Tokenizer
+from tokenizer import Tokenizer
 from train import StartingPoint, Teacher, classifier_logits, classify, fit_classifier
 
 # ----------------------------------------------------------------------------------------

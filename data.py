@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 
 import toyworld
-from model import IGNORE_INDEX, IS_NEXT, NOT_NEXT
-from tokenizer import InputError, Tokenizer, read_text_file
+from common import IGNORE_INDEX, IS_NEXT, NOT_NEXT, InputError, read_text_file
+from tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------------------
 # B1: masking
@@ -243,8 +243,6 @@ def pretraining_text(pretrained_on, corpus=None):
         elif pretrained_on != "toy-world":
             return None
     return split_held_out(load_corpus(corpus)[1])
-
-
 
 
 def read_corpus(paths):

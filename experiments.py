@@ -39,9 +39,10 @@ import options
 import toyworld
 import train
 from checkpoint import open_model, prepare_out_folder, write_json
+from common import InputError
 from model import count_parameters
 from options import DistillOptions, FinetuneOptions, PretrainOptions, PruneOptions, Remedies
-from tokenizer import InputError, split_words
+from tokenizer import split_words
 
 # ----------------------------------------------------------------------------------------
 # The plans. Pre-training dominates the time; fine-tuning runs take seconds. Each plan's

@@ -24,8 +24,9 @@ import sys
 
 import torch
 
+from common import InputError, read_text_file
 from model import Classifier, Config, PreTrainingModel
-from tokenizer import CLS, MASK, PAD, SEP, UNK, InputError, Tokenizer, read_text_file
+from tokenizer import CLS, MASK, PAD, SEP, UNK, Tokenizer
 
 # ----------------------------------------------------------------------------------------
 # Names: a `transformers` BERT state dict maps onto ours by this plain renaming table

@@ -32,9 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Label conventions, the same as BERT's original code and `transformers`:
-IGNORE_INDEX = -100  # MLM label at positions that were not selected for prediction
-IS_NEXT, NOT_NEXT = 0, 1  # NSP labels: 0 = B really follows A, 1 = B is from another document
+from common import IGNORE_INDEX, IS_NEXT, NOT_NEXT  # the label conventions: BERT's
 
 
 @dataclass

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from common import InputError
 from data import MaskingRule
 from model import PRESETS, make_config
-from tokenizer import InputError
 
 SIZE_FIELDS = ("hidden_size", "num_layers", "num_heads", "intermediate_size")  # override the --config preset
 

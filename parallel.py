@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from tokenizer import InputError
+from common import InputError
 
 
 @dataclass

@@ -38,8 +38,9 @@ import hf
 import toyworld
 import train
 from checkpoint import load_checkpoint, prepare_out_folder, write_json
+from common import InputError
 from options import PRUNE_UNITS, BenchOptions, DemoOptions, DistillOptions, FinetuneOptions, PretrainOptions, PruneOptions
-from tokenizer import MASK, InputError, Tokenizer, train_tokenizer
+from tokenizer import MASK, Tokenizer, train_tokenizer
 
 # ----------------------------------------------------------------------------------------
 # demo: the whole paradigm in one command (C1)

@@ -7,43 +7,19 @@
     train_tokenizer(texts)   learn a vocabulary: characters first, then the most frequent merges
 
 The ids are BertTokenizer's exactly (tests/test_hf.py compares them on thousands of strings).
-This file also holds what every other file needs and that sits lowest in the stack: InputError
-(bad input -> one line, exit status 2) and read_text_file.
 
 Run `python tokenizer.py` to see a toy-world vocabulary learned and a sentence split into pieces.
 """
 
 import functools
 import heapq
-import os
 import re
 import unicodedata
 from collections import Counter
 
 import numpy as np
 
-
-class InputError(Exception):
-    """Bad input from the user (a file, a flag, a checkpoint). The command line prints the
-    message as one line and exits with status 2 -- never a traceback."""
-
-
-
-def read_text_file(path):
-    """A whole UTF-8 file as a string. Undecodable bytes are an error naming the byte offset
-    (we refuse rather than silently replace: a wrong encoding usually means a wrong file)."""
-    if not os.path.exists(path):
-        raise InputError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise InputError(f"{path}: is a folder, expected a file")
-    with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        line = raw[: error.start].count(b"\n") + 1
-        raise InputError(f"{path}:{line}: byte {error.start} is not valid UTF-8 (expected UTF-8 text)") from None
-
+from common import InputError, read_text_file
 
 # ----------------------------------------------------------------------------------------
 # The tokenizer: BERT's WordPiece

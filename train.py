@@ -40,7 +40,8 @@ from checkpoint import (
     save_classifier,
     write_json,
 )
-from model import IGNORE_INDEX, Classifier, Config, PreTrainingModel, Unpadded, count_parameters, mlm_loss
+from common import IGNORE_INDEX, InputError
+from model import Classifier, Config, PreTrainingModel, Unpadded, count_parameters, mlm_loss
 from options import (
     FinetuneOptions,
     PretrainOptions,
@@ -52,7 +53,7 @@ from options import (
     pick_precision,
 )
 from parallel import data_parallel, finish, on_rank_0, processes_from_environment, sum_over_processes
-from tokenizer import MASK, InputError, Tokenizer, train_tokenizer
+from tokenizer import MASK, Tokenizer, train_tokenizer
 
 # where tokenised corpora are cached (data.encode_documents); PTFT_CACHE="" turns it off
 TOKEN_CACHE = os.environ.get("PTFT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "ptft"))

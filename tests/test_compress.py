@@ -12,8 +12,9 @@ import torch.nn.functional as F
 import compress
 import train
 from checkpoint import from_int8_rows, open_model, to_int8_rows
+from common import IGNORE_INDEX
 from conftest import assert_clear_error, quiet
-from model import IGNORE_INDEX, Classifier, make_config
+from model import Classifier, make_config
 from options import DistillOptions, FinetuneOptions, PretrainOptions
 
 

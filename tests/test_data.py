@@ -8,8 +8,8 @@ import pytest
 
 import data
 import toyworld
-from model import IGNORE_INDEX, IS_NEXT, NOT_NEXT
-from tokenizer import SPECIAL_TOKENS, InputError, Tokenizer, split_words, train_tokenizer
+from common import IGNORE_INDEX, IS_NEXT, NOT_NEXT, InputError
+from tokenizer import SPECIAL_TOKENS, Tokenizer, split_words, train_tokenizer
 
 
 def letters_tokenizer():

@@ -12,10 +12,10 @@ import data
 import experiments
 import toyworld
 import train
+from common import InputError
 from conftest import assert_clear_error, quiet
 from model import Classifier, make_config
 from options import FinetuneOptions, Remedies
-from tokenizer import InputError
 
 CLAIMS = ["C1", "C2", "C3", "C4", "C5", "C6", "C7"]
 

@@ -15,7 +15,8 @@ import hf
 import model
 import toyworld
 from checkpoint import load_checkpoint, open_model
-from model import IGNORE_INDEX, Classifier, Config, PreTrainingModel
+from common import IGNORE_INDEX
+from model import Classifier, Config, PreTrainingModel
 from tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer
 
 # odd sizes on purpose: 6 heads x 16, intermediate not 4 x hidden, one head, 3 layers

@@ -13,7 +13,7 @@ import ptft
 from conftest import ROOT
 
 # README's layout, bottom to top: each file imports only files before it (no import circles)
-STACK = ["model", "tokenizer", "toyworld", "data", "hf", "options", "parallel", "checkpoint", "train", "compress", "bench",
+STACK = ["common", "model", "tokenizer", "toyworld", "data", "hf", "options", "parallel", "checkpoint", "train", "compress", "bench",
          "experiments", "ptft"]
 
 

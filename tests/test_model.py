@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 import data
 import model
-from model import IGNORE_INDEX, Classifier, Config, Encoder, Layer, PreTrainingModel, make_config, mlm_loss
+from common import IGNORE_INDEX
+from model import Classifier, Config, Encoder, Layer, PreTrainingModel, make_config, mlm_loss
 from tokenizer import SPECIAL_TOKENS, Tokenizer
 
 

@@ -19,8 +19,9 @@ import data
 import parallel
 import toyworld
 import train
+from common import IGNORE_INDEX
 from conftest import ROOT, assert_clear_error
-from model import IGNORE_INDEX, PreTrainingModel, make_config
+from model import PreTrainingModel, make_config
 from options import PretrainOptions
 from tokenizer import SPECIAL_TOKENS, Tokenizer
 

@@ -21,10 +21,11 @@ import options
 import ptft
 import toyworld
 import train
+from common import IGNORE_INDEX, InputError
 from conftest import ROOT, assert_clear_error, quiet
-from model import IGNORE_INDEX, Classifier, PreTrainingModel, make_config
+from model import Classifier, PreTrainingModel, make_config
 from options import FinetuneOptions, PretrainOptions, Remedies
-from tokenizer import SPECIAL_TOKENS, InputError, Tokenizer
+from tokenizer import SPECIAL_TOKENS, Tokenizer
 
 
 def finetune(out, init, train_tsv, valid=None, **flags):
