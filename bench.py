@@ -18,11 +18,12 @@ import numpy as np
 import torch
 
 import data
+import fast
 import options
 import train
 from checkpoint import write_json
 from common import IGNORE_INDEX, InputError
-from model import PreTrainingModel, Unpadded
+from model import PreTrainingModel
 from tokenizer import SPECIAL_TOKENS, Tokenizer
 
 
@@ -87,9 +88,9 @@ def time_step_and_forward(step, forward, steps, device):
         return training, median_seconds(forward, steps, device), peak
 
 
-def time_ptft(model_config, batch, precision, attention, sparse, compiled, steps, device, max_predictions=None,
-              unpadded=None):
-    """One ptft row: seconds per training step and per inference forward on `batch`."""
+def time_ptft(model_config, batch, precision, attention, compiled, steps, device, speed=None):
+    """One ptft row: seconds per training step and per inference forward on `batch`; speed: None
+    (the reading path) or the fast.Speed pretrain would use for it."""
     torch.manual_seed(0)
     model = PreTrainingModel(replace(model_config, attention=attention)).to(device).train()
     optimizer = train.make_optimizer(model, 1e-4)
@@ -99,15 +100,19 @@ def time_ptft(model_config, batch, precision, attention, sparse, compiled, steps
     def step():
         with options.autocast(device, precision):
             loss = training_model(batch["input_ids"], batch["segment_ids"], batch["attention_mask"], batch["mlm_labels"],
-                                  sparse=sparse, max_predictions=max_predictions, unpadded=unpadded)[0]
+                                  speed=speed)[0]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     def forward():
         with options.autocast(device, precision):
-            sequence_output = encoder(batch["input_ids"], batch["segment_ids"], batch["attention_mask"], unpadded)[0]
-            model.mlm_scores(sequence_output, batch["mlm_labels"], sparse)
+            if speed is None or speed.unpadded is None:
+                sequence_output = encoder(batch["input_ids"], batch["segment_ids"], batch["attention_mask"])[0]
+            else:
+                sequence_output = fast.encode_unpadded(model.encoder, batch["input_ids"], batch["segment_ids"],
+                                                       batch["attention_mask"], speed.unpadded)[0]
+            model.mlm_scores(sequence_output, batch["mlm_labels"])
 
     return time_step_and_forward(step, forward, steps, device)
 
@@ -128,7 +133,9 @@ def time_transformers(model_config, batch, precision, compiled, steps, device):
     hf_model = transformers.BertForMaskedLM(hf_config).to(device).train()
     optimizer = train.make_optimizer(hf_model, 1e-4)
     run = torch.compile(hf_model) if compiled else hf_model
-    attention_mask = None if batch["attention_mask"] is None else batch["attention_mask"].long()
+    # no padding on a GPU: no mask at all, as ptft's fast rows do (SDPA may pick FlashAttention)
+    no_padding_on_gpu = device.type == "cuda" and bool(batch["attention_mask"].all())
+    attention_mask = None if no_padding_on_gpu else batch["attention_mask"].long()
 
     def step():
         with options.autocast(device, precision):
@@ -184,20 +191,19 @@ def bench(o, log=print):
     generator = np.random.default_rng(0)
     lengths = real_lengths(generator, batch_size, length, o.real_fraction)  # all `length` unless --real-fraction
     real = np.arange(length)[None, :] < lengths[:, None]                     # (B, T)
-    input_ids = torch.from_numpy(np.where(real, generator.integers(5, vocab_size, (batch_size, length)), 0)).to(device)
-    # B1's count: round(15%) of the tokens between [CLS] and the last [SEP], never padding
-    max_predictions = data.MaskingRule().max_predictions(length)
-    keys = generator.random((batch_size, length))
-    keys[:, 0], keys[np.arange(batch_size), lengths - 1], keys[~real] = 2.0, 2.0, 3.0
-    counts = np.minimum(max_predictions, np.maximum(1, np.round(0.15 * (lengths - 2)))).astype(int)
-    selected = torch.from_numpy(np.argsort(np.argsort(keys, axis=1), axis=1) < counts[:, None]).to(device)
+    # B1 by data.mask_tokens itself: [CLS] w ... w [SEP], padding after; 15% selected, 80/10/10
+    tokenizer = Tokenizer(SPECIAL_TOKENS + [f"w{i}" for i in range(vocab_size - len(SPECIAL_TOKENS))])
+    ids = np.where(real, generator.integers(len(SPECIAL_TOKENS), vocab_size, (batch_size, length)), tokenizer.pad_id)
+    ids[:, 0], ids[np.arange(batch_size), lengths - 1] = tokenizer.cls_id, tokenizer.sep_id
+    masked_ids, mlm_labels = data.mask_tokens(ids, tokenizer, generator)
     padded = not real.all()
-    batch = {"input_ids": input_ids, "segment_ids": torch.zeros_like(input_ids),
-             # no padding: on a GPU no mask at all, as pretrain does (SDPA may pick FlashAttention)
-             "attention_mask": torch.from_numpy(real).to(device) if padded or device.type != "cuda" else None,
-             "mlm_labels": torch.where(selected, input_ids, torch.full_like(input_ids, IGNORE_INDEX))}
-    # with padding, the fast rows compute on the real tokens only, as pretrain does (model.Unpadded)
-    unpadded = Unpadded(real, device) if padded else None
+    batch = {"input_ids": masked_ids, "segment_ids": np.zeros_like(ids), "attention_mask": real, "mlm_labels": mlm_labels}
+    batch = {key: torch.from_numpy(value).to(device) for key, value in batch.items()}
+    # the fast rows use what pretrain would for this batch on this device (fast.speed_for): the
+    # real tokens only where there is padding, a fixed number of predictions on a GPU
+    max_predictions = data.MaskingRule().max_predictions(length)
+    speed = fast.speed_for({"attention_mask": real, "mlm_labels": mlm_labels}, device, max_predictions)
+    selected = mlm_labels != IGNORE_INDEX
     num_masked, tokens = int(selected.sum()), int(lengths.sum())  # tokens/s counts real tokens
     # the fast rows' precisions; the reading path's row is always fp32
     precisions = {"auto": ["fp32"] + (["bf16"] if options.pick_precision("auto", device) == "bf16" else []),
@@ -207,31 +213,29 @@ def bench(o, log=print):
     log(f"{o.config}: {model_config.num_layers} layers, hidden {model_config.hidden_size}, vocab {vocab_size}, seq {length}, "
         f"batch {batch_size}, {tokens / real.size:.0%} real tokens, {num_masked} masked; device {device_name(device)}; matmul peak "
         + ", ".join(f"{k} {v / 1e12:.2f} TFLOP/s" + (" (given)" if k in o.peaks() else "") for k, v in peaks.items()))
-    # (name, precision, attention, sparse MLM prediction, compiled, skip padding): the reading path first;
-    # with padding, the fast rows once more computing on it, to show what model.Unpadded buys
-    variants = [("explicit", "fp32", "explicit", False, False, False)] + [("fast", p, "sdpa", True, False, padded)
-                                                                          for p in precisions]
+    # (name, precision, attention, compiled, speed devices): the reading path first; with padding,
+    # the fast rows once more computing on it, to show what fast.Unpadded buys
+    computing_padding = replace(speed, unpadded=None)
+    variants = [("reading path", "fp32", "explicit", False, None)] + [("fast", p, "sdpa", False, speed) for p in precisions]
     if padded:
-        variants += [("fast, padding computed", p, "sdpa", True, False, False) for p in precisions]
+        variants += [("fast, padding computed", p, "sdpa", False, computing_padding) for p in precisions]
     if o.compile:
-        variants += [("fast", p, "sdpa", True, True, padded) for p in precisions]
+        variants += [("fast", p, "sdpa", True, speed) for p in precisions]
     rows = []
-    for variant, precision, attention, sparse, compiled, skip_padding in variants:
-        # the fast rows predict as pretrain does on this device: a fixed number per sequence on a GPU
-        fixed = max_predictions if sparse and device.type == "cuda" else None
-        train_seconds, infer_seconds, peak = time_ptft(model_config, batch, precision, attention, sparse=sparse, compiled=compiled,
-                                                 steps=o.steps, device=device, max_predictions=fixed,
-                                                 unpadded=unpadded if skip_padding else None)
-        flops = training_flops(model_config, lengths, num_masked if sparse else tokens)
-        prediction = f"fixed {fixed} per sequence" if fixed else "sparse" if sparse else "dense"
+    for variant, precision, attention, compiled, row_speed in variants:
+        train_seconds, infer_seconds, peak = time_ptft(model_config, batch, precision, attention, compiled=compiled,
+                                                       steps=o.steps, device=device, speed=row_speed)
+        flops = training_flops(model_config, lengths, num_masked)
+        fixed = row_speed is not None and row_speed.max_predictions
+        prediction = f"fixed {fixed} per sequence" if fixed else "sparse"
         rows.append({"impl": "ptft", "variant": f"{variant} ({attention} attention, {prediction} MLM)",
                      "precision": precision, "compiled": compiled, "config": o.config, "device": device_name(device),
                      "batch_size": batch_size, "train_tokens_per_s": tokens / train_seconds,
                      "infer_tokens_per_s": tokens / infer_seconds, "mfu": flops / train_seconds / peaks[precision],
                      "peak_memory_gb": peak and peak / 2 ** 30})
-        if o.compare_hf and sparse and skip_padding == padded:  # transformers in the same precision, compiled alike
-            train_seconds, infer_seconds, peak = time_transformers(model_config, batch, precision, compiled=compiled, steps=o.steps,
-                                                             device=device)
+        if o.compare_hf and row_speed is speed:  # transformers in the same precision, compiled alike
+            train_seconds, infer_seconds, peak = time_transformers(model_config, batch, precision, compiled=compiled,
+                                                                   steps=o.steps, device=device)
             rows.append({**rows[-1], "impl": "hf", "variant": "BertForMaskedLM (sdpa)",
                          "train_tokens_per_s": tokens / train_seconds, "infer_tokens_per_s": tokens / infer_seconds,
                          "peak_memory_gb": peak and peak / 2 ** 30,

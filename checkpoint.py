@@ -32,6 +32,7 @@ import torch
 
 import hf
 from common import InputError
+from compress import from_int8_rows
 from model import Classifier, Config, PreTrainingModel
 from options import SIZE_FIELDS, PretrainOptions
 from parallel import Processes, gather_from_processes
@@ -151,26 +152,8 @@ def check_parts_fit(checkpoint, path):
 
 
 # ----------------------------------------------------------------------------------------
-# C7: int8 weight matrices on disk (compress.quantize writes them; every load reads them back)
+# C7: int8 weight matrices on disk (deploy.quantize writes them; every load reads them back)
 # ----------------------------------------------------------------------------------------
-
-
-def to_int8_rows(weight):
-    """Symmetric int8, one scale per row (per output unit of a linear layer, per token of an
-    embedding table):
-
-        s_r = max_j |W_rj| / 127,    q_rj = round(W_rj / s_r)  in [-127, 127],    W_rj ~ s_r * q_rj
-
-    so every weight is off by at most s_r / 2. One byte per weight instead of four, plus one
-    float per row. A row's own scale keeps one large row from flattening all the others."""
-    scale = weight.abs().amax(dim=1).float() / 127
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row: any scale gives q = 0
-    return torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
-
-
-def from_int8_rows(quantized, scale):
-    """W ~ s_r * q_r: the float32 weights back (each within s_r / 2 of the original)."""
-    return quantized.float() * scale[:, None]
 
 
 def with_float_weights(checkpoint, path):
@@ -235,7 +218,7 @@ class PretrainingRun:
 
     def rng_states(self, data_state=None):
         """Every generator's state now; data_state: the data generator's, where a background thread
-        (train.StepBatches) has drawn ahead of the step being trained."""
+        (fast.StepBatches) has drawn ahead of the step being trained."""
         return {"numpy": data_state or self.data_rng.bit_generator.state, "python": random.getstate(),
                 "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []}
 

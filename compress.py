@@ -1,144 +1,65 @@
 """C7 -- the document's last, unfinished answer: "large pre-trained models cost a lot to store
-and deploy; one can consider ...". The standard remedies, each a command that writes a classifier
-run folder (checkpoint.pt, vocab.txt, metrics.json) that evaluate, export and finetune --init accept:
+and deploy; one can consider ...". The standard remedies' formulas, in one room (deploy.py runs
+each as a command that writes a run folder; docs/equations.md writes every formula out):
 
-    distill(out, DistillOptions(...))   a smaller student learns the teacher's softened predictions
-                                        (its loss: train.distillation_loss)
-    quantize(out, init)                 every weight matrix as int8, one scale per row: ~4x less
-                                        on disk (the format: checkpoint.to_int8_rows)
-    prune(out, PruneOptions(...))       zero the smallest weights of every matrix, or remove whole
-                                        feed-forward units; then a short recovery fine-tune
-    finetune --lora R                   (model.LowRankUpdate, in train.fit_classifier) a task
-                                        stores its head and low-rank matrices, not an encoder
+    distillation_loss, Teacher     a smaller student learns the teacher's softened predictions
+    every_other_layer              DistilBERT's student: one teacher layer in two
+    to_int8_rows, from_int8_rows   every weight matrix as int8, one scale per row: ~4x less on disk
+    prune_smallest_weights         zero the smallest weights of every matrix (magnitude pruning)
+    remove_feed_forward_units      remove whole feed-forward units: a smaller dense model
+    LowRankUpdate                  LoRA: a task stores low-rank matrices, not an encoder
+    with_int8_arithmetic           a speed device: int8 matmuls on the CPU
 
-What each buys -- parameters, bytes on disk, CPU sentences per second, accuracy -- is measured
-by experiments.py's C7 table (size_on_disk and sentences_per_second below); docs/claims.md reads it.
-
-Run `python compress.py` to run every remedy on a small toy world (a minute or two on a CPU).
+Run `python deploy.py` to run every remedy on a small toy world.
 """
 
-import io
-import os
-import time
-from dataclasses import replace
+import math
+from dataclasses import dataclass, replace
 
-import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
-import data
-from checkpoint import (
-    from_int8_rows,
-    load_checkpoint,
-    make_checkpoint,
-    open_model,
-    prepare_out_folder,
-    save_atomic,
-    save_classifier,
-    to_int8_rows,
-    write_json,
-)
-from common import IGNORE_INDEX, InputError
-from model import Classifier, Config, count_parameters, make_config
-from options import SIZE_FIELDS, DistillOptions, PruneOptions, pick_device, sizes_given
-from tokenizer import Tokenizer
-from train import StartingPoint, Teacher, classifier_logits, classify, fit_classifier
+from common import IGNORE_INDEX
+from model import Classifier
 
 # ----------------------------------------------------------------------------------------
 # Distillation: a smaller student, trained on the teacher's soft predictions
 # ----------------------------------------------------------------------------------------
 
 
-def distill(out, options, force=False, log=print, progress=True):
-    """Train a student classifier on o.train's labels AND on the teacher's predictions for the
-    transfer set (the labeled texts + up to o.max_unlabeled sentences of o.unlabeled, which
-    carry no label): train.distillation_loss, in train.fit_classifier's loop. The teacher
-    only predicts (its logits are computed once, in eval mode); only the student trains."""
-    o = options
-    o.check()
-    device = pick_device(o.device)
-    teacher, teacher_tokenizer, teacher_checkpoint = open_classifier(o.teacher, "--teacher", log)
-    label_names, pool = teacher_checkpoint["labels"], teacher_checkpoint.get("pool", "cls")
-    texts, labels = data.read_tsv(o.train)
-    label_ids = data.encode_labels(labels, label_names, o.train)  # the teacher's classes
-    config, tokenizer, start = student_start(teacher, teacher_tokenizer, o, len(label_names))
-    unlabeled = unlabeled_sentences(o.unlabeled, o.max_unlabeled, o.seed)
-    transfer = texts + unlabeled
-    prepare_out_folder(out, force=force)
-    source = f"{o.train} + {len(unlabeled)} unlabeled sentences"
-    teacher_rows = data.classification_inputs(teacher_tokenizer, transfer, teacher.config.max_positions, log, path=source)
-    teacher.to(device)
-    start.teacher = Teacher(classifier_logits(teacher, teacher_rows, device, pad_id=teacher_tokenizer.pad_id),
-                            o.temperature, o.alpha)
-    rows = data.classification_inputs(tokenizer, transfer, config.max_positions, log, path=source)
-    log(f"distilling {o.teacher} ({count_parameters(teacher):,} parameters) into a {config.num_layers}-layer student "
-        f"({count_parameters(Classifier(config, len(label_names), pool)):,}, --student-init {o.student_init}): "
-        f"{len(texts)} labeled + {len(unlabeled)} unlabeled sentences, T = {o.temperature:g}, alpha = {o.alpha:g}")
-    student, info = fit_classifier(rows, label_ids + [IGNORE_INDEX] * len(unlabeled), len(label_names), config,
-                                   o.finetune_options(pool), start=start, pad_id=tokenizer.pad_id, progress=progress)
-    scored_on, scored_texts, scored_labels = (o.valid, *data.read_tsv(o.valid)) if o.valid else (o.train, texts, labels)
-    scored_ids = data.encode_labels(scored_labels, label_names, scored_on)
-    metrics = {**info, "teacher": str(o.teacher), "student_init": o.student_init, "temperature": o.temperature,
-               "alpha": o.alpha, "labeled": len(texts), "unlabeled": len(unlabeled), "scored_on": scored_on,
-               "teacher_parameters": count_parameters(teacher),
-               **classify(student, data.classification_inputs(tokenizer, scored_texts, config.max_positions, log), scored_ids,
-                          device, pad_id=tokenizer.pad_id),
-               "teacher_metrics": classify(teacher, data.classification_inputs(teacher_tokenizer, scored_texts,
-                                                                               teacher.config.max_positions, log),
-                                           scored_ids, device, pad_id=teacher_tokenizer.pad_id)}
-    save_classifier(out, student, tokenizer, label_names, metrics,
-                    run={"teacher": str(o.teacher), "student_init": o.student_init, "temperature": o.temperature,
-                         "alpha": o.alpha, "epochs": o.epochs, "lr": o.lr, "seed": o.seed})
-    return metrics
+def distillation_loss(student_logits, teacher_logits, labels, temperature, alpha):
+    """C7, knowledge distillation (Hinton et al. 2015; DistilBERT, Sanh et al. 2019):
+
+        L = alpha * CE(z_s, y) + (1 - alpha) * T^2 * KL( softmax(z_t / T) || softmax(z_s / T) )
+
+    z_s, z_t: student and teacher logits (B, C); y: labels, IGNORE_INDEX on a transfer-set row
+    that has none. A temperature T > 1 softens the teacher's distribution, so that how likely it
+    finds each WRONG class (which mistakes are nearly right) carries weight; T^2 keeps the soft
+    term's gradient at the hard term's scale as T changes. The cross-entropy averages over the
+    rows with a label (0 without any), the KL over every row. The teacher's logits are
+    constants: no gradient reaches the teacher."""
+    log_p_student = F.log_softmax(student_logits / temperature, dim=-1)       # (B, C)
+    log_p_teacher = F.log_softmax(teacher_logits.detach() / temperature, dim=-1)
+    # KL(p_t || p_s) = sum_c p_t,c * (log p_t,c - log p_s,c), per row; then the mean over rows
+    soft = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=-1).mean()
+    labeled = labels != IGNORE_INDEX
+    hard = F.cross_entropy(student_logits, labels, ignore_index=IGNORE_INDEX, reduction="sum") / labeled.sum().clamp(min=1)
+    return alpha * hard + (1 - alpha) * temperature ** 2 * soft
 
 
-def student_start(teacher, teacher_tokenizer, o, num_labels):
-    """The student: (Config, tokenizer, train.StartingPoint).
-      every-other  the teacher's sizes with fewer layers; its embeddings, pooler and classifier,
-                   and student layer i = teacher layer i * L_teacher // L_student (DistilBERT:
-                   one layer in two); the teacher's vocabulary
-      scratch      a random initialisation, the teacher's vocabulary
-      RUN          a smaller pre-trained encoder (a run or BERT folder): its size and vocabulary"""
-    if o.student_init not in ("every-other", "scratch"):
-        if o.student_config or sizes_given(o):
-            raise InputError("--student-config and the size flags: not with a pre-trained --student-init (it brings its size)")
-        model, tokenizer, _ = open_model(o.student_init)
-        start, config = StartingPoint(encoder_state=model.encoder.state_dict()), model.config
-    else:
-        config, tokenizer = student_config(teacher.config, o), teacher_tokenizer
-        start = StartingPoint()
-        if o.student_init == "every-other":
-            start = StartingPoint(encoder_state=every_other_layer(teacher, config),
-                                  head_state=teacher.classifier.state_dict())
-    with torch.device("meta"):  # parameter counts only: no memory, no time
-        student_size = count_parameters(Classifier(config, num_labels))
-        teacher_size = count_parameters(Classifier(teacher.config, num_labels))
-    if student_size >= teacher_size:
-        raise InputError(f"the student ({student_size:,} parameters: {config.num_layers} layers, hidden "
-                         f"{config.hidden_size}) is not smaller than its teacher ({teacher_size:,}); choose fewer "
-                         "layers or smaller sizes")
-    return config, tokenizer, start
+@dataclass
+class Teacher:
+    """C7, distillation: the teacher's logits for every training row (rows without a label
+    included: the transfer set), and the loss's temperature T and mixing weight alpha."""
+    logits: torch.Tensor
+    temperature: float = 2.0
+    alpha: float = 0.5
 
-
-def student_config(teacher_config, o):
-    """--student-config (a preset; default: the teacher's sizes) refined by the size flags; without
-    --num-layers, half the teacher's layers (at least one)."""
-    base = teacher_config if o.student_config is None else make_config(o.student_config)
-    given = sizes_given(o)
-    if "num_layers" not in given and o.student_config is None:
-        given["num_layers"] = max(1, teacher_config.num_layers // 2)
-    try:  # the vocabulary and position table are the teacher's: the student reads the same token ids
-        config = replace(base, vocab_size=teacher_config.vocab_size, max_positions=teacher_config.max_positions,
-                         dropout=teacher_config.dropout, attention_dropout=teacher_config.attention_dropout,
-                         attention=teacher_config.attention, **given)
-    except ValueError as error:
-        raise InputError(f"the student's sizes: {error}") from None
-    if o.student_init == "every-other":
-        differing = [f for f in SIZE_FIELDS if f != "num_layers" and getattr(config, f) != getattr(teacher_config, f)]
-        if differing or config.num_layers > teacher_config.num_layers:
-            raise InputError(f"--student-init every-other copies the teacher's layers: the student needs the teacher's "
-                             f"{', '.join(differing) or 'sizes'} and at most its {teacher_config.num_layers} layers "
-                             "(or use --student-init scratch)")
-    return config
+    def loss(self, student_logits, index, labels):
+        """distillation_loss of the student's logits for the training rows `index` (B, C)."""
+        teacher_logits = self.logits[torch.from_numpy(index)].to(student_logits.device)
+        return distillation_loss(student_logits, teacher_logits, labels, self.temperature, self.alpha)
 
 
 def every_other_layer(teacher, config):
@@ -156,47 +77,28 @@ def every_other_layer(teacher, config):
     return state
 
 
-def unlabeled_sentences(corpus, limit, seed):
-    """Up to `limit` sentences of a corpus (text files, or ["stdlib"]), chosen at random: the
-    part of the transfer set that has no labels. None -> none."""
-    if not corpus or not limit:
-        return []
-    sentences = [s for document in data.load_corpus(corpus)[1] for s in document]
-    chosen = np.random.default_rng(seed).permutation(len(sentences))[:limit]
-    return [sentences[i] for i in sorted(chosen)]
-
 
 # ----------------------------------------------------------------------------------------
-# Quantisation: int8 weight matrices on disk
+# Quantisation: int8 weight matrices (deploy.quantize writes them; every load reads them back)
 # ----------------------------------------------------------------------------------------
 
 
-def quantize(out, init, force=False, log=print):
-    """Every weight matrix (linear layers and embedding tables) of a run as int8 with one float32
-    scale per row (checkpoint.to_int8_rows has the formula); biases and LayerNorms stay float32.
-    Our own format rather than PyTorch's dynamic quantisation: its packed weights are deprecated
-    quantized types that torch.load(weights_only=True) cannot be trusted to read, and tie the
-    file to one CPU backend. Loading turns the matrices back into float32 (W ~ s_r * q_r), so
-    every command reads the run as before: 4x less to store and ship, not a faster forward."""
-    checkpoint = load_checkpoint(init, log)
-    if checkpoint.get("stored_as") == "int8":
-        raise InputError(f"{init}: already stored as int8")
-    quantized, scales = quantized_state(checkpoint["model"])
-    config, tokenizer = Config(**checkpoint["config"]), Tokenizer.from_checkpoint(checkpoint)
-    kept = {key: checkpoint[key] for key in ("labels", "pool", "step", "run", "fresh", "source") if key in checkpoint}
-    payload = make_checkpoint(checkpoint["kind"], quantized, config, tokenizer, int8_scales=scales,
-                              quantized_from=str(init), **kept)
-    float_payload = make_checkpoint(checkpoint["kind"], checkpoint["model"], config, tokenizer, **kept)
-    errors = [(checkpoint["model"][name] - from_int8_rows(quantized[name], scale)).abs().max().item()
-              for name, scale in scales.items()]
-    prepare_out_folder(out, force=force)
-    save_atomic(os.path.join(out, "checkpoint.pt"), payload)
-    tokenizer.save(os.path.join(out, "vocab.txt"))
-    metrics = {"quantized_from": str(init), "kind": checkpoint["kind"], "int8_matrices": len(scales),
-               "bytes_float32": size_on_disk(float_payload), "bytes_int8": size_on_disk(payload),
-               "max_weight_error": max(errors, default=0.0)}
-    write_json(os.path.join(out, "metrics.json"), metrics)
-    return metrics
+def to_int8_rows(weight):
+    """Symmetric int8, one scale per row (per output unit of a linear layer, per token of an
+    embedding table):
+
+        s_r = max_j |W_rj| / 127,    q_rj = round(W_rj / s_r)  in [-127, 127],    W_rj ~ s_r * q_rj
+
+    so every weight is off by at most s_r / 2. One byte per weight instead of four, plus one
+    float per row. A row's own scale keeps one large row from flattening all the others."""
+    scale = weight.abs().amax(dim=1).float() / 127
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row: any scale gives q = 0
+    return torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+def from_int8_rows(quantized, scale):
+    """W ~ s_r * q_r: the float32 weights back (each within s_r / 2 of the original)."""
+    return quantized.float() * scale[:, None]
 
 
 def quantized_state(state):
@@ -211,48 +113,8 @@ def quantized_state(state):
 
 
 # ----------------------------------------------------------------------------------------
-# Pruning: remove the least important weights or units, then recover
+# Pruning: remove the least important weights or units
 # ----------------------------------------------------------------------------------------
-
-
-def prune(out, options, force=False, log=print, progress=True):
-    """o.unit "weights": zero the o.sparsity smallest-|w| of every weight matrix of the encoder's
-    layers (magnitude pruning); "ffn-units": remove that fraction of every layer's feed-forward
-    units (a smaller dense model). Then o.epochs of fine-tuning on o.train to recover, the pruned
-    weights held at zero. Unstructured zeros save bytes only when compressed and time only with
-    sparse kernels; removed units save both (the C7 table measures which)."""
-    o = options
-    o.check()
-    device = pick_device(o.device)
-    model, tokenizer, checkpoint = open_classifier(o.init, "--init", log)
-    label_names, pool = checkpoint["labels"], checkpoint.get("pool", "cls")
-    train_texts, train_labels = data.read_tsv(o.train) if o.train else ([], [])
-    train_ids = data.encode_labels(train_labels, label_names, o.train)
-    scored_on, texts, labels = (o.valid, *data.read_tsv(o.valid)) if o.valid else (o.train, train_texts, train_labels)
-    scored_ids = data.encode_labels(labels, label_names, scored_on) if scored_on else []
-    prepare_out_folder(out, force=force)
-
-    def score(classifier):
-        rows = data.classification_inputs(tokenizer, texts, classifier.config.max_positions, log)
-        return classify(classifier, rows, scored_ids, device, pad_id=tokenizer.pad_id) if scored_on else {}
-
-    before = score(model.to(device))
-    model = prune_smallest_weights(model, o.sparsity) if o.unit == "weights" else remove_feed_forward_units(model, o.sparsity)
-    metrics = {"pruned_from": str(o.init), "unit": o.unit, "sparsity": o.sparsity, "before_pruning": before,
-               "after_pruning": score(model.to(device)), "scored_on": scored_on, "steps": 0}
-    if o.epochs:
-        start = StartingPoint(encoder_state=model.encoder.state_dict(), head_state=model.classifier.state_dict(),
-                              pruned=o.unit == "weights")
-        rows = data.classification_inputs(tokenizer, train_texts, model.config.max_positions, log, path=o.train)
-        log(f"recovery fine-tuning: {len(rows)} examples, {o.epochs} epochs, lr {o.lr:g}")
-        model, info = fit_classifier(rows, train_ids, len(label_names), model.config, o.finetune_options(pool),
-                                     start=start, pad_id=tokenizer.pad_id, progress=progress)
-        metrics.update(info)
-    metrics.update(score(model), parameters=count_parameters(model), zero_fraction=zero_fraction(model))
-    save_classifier(out, model, tokenizer, label_names, metrics,
-                    run={"pruned_from": str(o.init), "unit": o.unit, "sparsity": o.sparsity, "epochs": o.epochs, "lr": o.lr,
-                         "seed": o.seed})
-    return metrics
 
 
 def prunable_matrices(model):
@@ -302,40 +164,49 @@ def remove_feed_forward_units(model, fraction):
 
 
 # ----------------------------------------------------------------------------------------
-# Shared: open a classifier, and measure size and speed
+# LoRA: a frozen encoder plus low-rank updates (Hu et al. 2021)
 # ----------------------------------------------------------------------------------------
 
 
-def open_classifier(path, flag, log=print):
-    """open_model, refusing anything but a fine-tuned classifier (what distill and prune start from)."""
-    model, tokenizer, checkpoint = open_model(path, log)
-    if checkpoint.get("kind") != "classifier":
-        raise InputError(f"{flag} {path}: a {checkpoint.get('kind')} checkpoint; expected a fine-tuned classifier "
-                         "(ptft.py finetune writes one)")
-    return model, tokenizer, checkpoint
+class LowRankUpdate(nn.Module):
+    """A frozen linear layer plus a trainable low-rank update:
+
+        y = W x + b + B (A x)        W: (out, in) frozen; A: (r, in), B: (out, r) trained
+
+    B starts at zero, so at the start the layer computes exactly what the frozen one did; a task
+    then stores r * (in + out) numbers per layer instead of out * in. merged() folds the update
+    back: W' = W + B A, one plain nn.Linear, so the fine-tuned model is an ordinary checkpoint."""
+
+    def __init__(self, linear, rank):
+        super().__init__()
+        self.linear = linear.requires_grad_(False)
+        self.A = nn.Parameter(torch.randn(rank, linear.in_features) / math.sqrt(linear.in_features))
+        self.B = nn.Parameter(torch.zeros(linear.out_features, rank))
+
+    def forward(self, x):
+        return self.linear(x) + (x @ self.A.t()) @ self.B.t()
+
+    def merged(self):
+        merged = nn.Linear(self.linear.in_features, self.linear.out_features)
+        with torch.no_grad():
+            merged.weight.copy_(self.linear.weight + self.B @ self.A)
+            merged.bias.copy_(self.linear.bias)
+        return merged.to(self.linear.weight.device)
 
 
-def size_on_disk(payload):
-    """The bytes of checkpoint.pt holding `payload` (torch.save's format, weights and vocabulary)."""
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    return buffer.tell()
+def add_low_rank_updates(model, rank):
+    """LoRA's choice: a LowRankUpdate on every layer's query and value projection of a Classifier."""
+    for layer in model.encoder.layers:
+        layer.attention.query = LowRankUpdate(layer.attention.query, rank)
+        layer.attention.value = LowRankUpdate(layer.attention.value, rank)
 
 
-@torch.inference_mode()
-def sentences_per_second(model, rows, batch_size, pad_id=0, seconds=2.0):
-    """CPU inference speed: forward passes over `rows` in batches (padded to each batch's
-    longest), repeated for about `seconds` after one warm-up batch. Returns sentences / second."""
-    model.eval()
-    batches = [data.pad(rows[first:first + batch_size], pad_id) for first in range(0, len(rows), batch_size)]
-    batches = [(torch.from_numpy(ids), torch.from_numpy(mask)) for ids, mask in batches]
-    model(batches[0][0], None, batches[0][1])  # warm-up
-    done, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        for ids, mask in batches:
-            model(ids, None, mask)
-            done += len(ids)
-    return done / (time.perf_counter() - started)
+def merge_low_rank_updates(model):
+    """Every LowRankUpdate replaced by its merged nn.Linear: the state dict's names are BERT's again."""
+    for layer in model.encoder.layers:
+        for name in ("query", "value"):
+            if isinstance(getattr(layer.attention, name), LowRankUpdate):
+                setattr(layer.attention, name, getattr(layer.attention, name).merged())
 
 
 # ----------------------------------------------------------------------------------------
@@ -363,36 +234,30 @@ def with_int8_arithmetic(model):
 
 
 if __name__ == "__main__":
-    # `python compress.py`: every C7 remedy on a small toy world -- a teacher fine-tuned from a short
-    # pre-training, then distilled, quantised and pruned; each one's accuracy and size.
-    import tempfile
+    # `python compress.py`: each formula on random numbers -- distillation against its written-out
+    # KL, int8 rows within half a step, pruning's exact count, LoRA merging into the same layer
+    from model import make_config
 
-    import toyworld
-    import train
-    from options import FinetuneOptions, PretrainOptions
-
-    with tempfile.TemporaryDirectory() as folder:
-        paths = data.write_world(folder, toyworld.toy_world(seed=0, num_documents=3000))
-        quiet = lambda *args: None  # noqa: E731
-        train.pretrain(os.path.join(folder, "pre"), PretrainOptions(corpus=[paths["unlabeled.txt"]], steps=400, vocab_size=1024,
-                                                                     device="cpu"), log=quiet, progress=False)
-        teacher = os.path.join(folder, "teacher")
-        train.finetune(teacher, FinetuneOptions(init=os.path.join(folder, "pre"), train=paths["train.tsv"],
-                                                valid=paths["test.tsv"], epochs=10, device="cpu"), log=quiet, progress=False)
-        runs = {
-            "distilled (1 layer)": lambda out: distill(out, DistillOptions(teacher=teacher, train=paths["train.tsv"],
-                                                                           valid=paths["test.tsv"],
-                                                                           unlabeled=[paths["unlabeled.txt"]], device="cpu"),
-                                                       log=quiet, progress=False),
-            "int8": lambda out: quantize(out, teacher, log=quiet),
-            "50% of weights pruned": lambda out: prune(out, PruneOptions(init=teacher, train=paths["train.tsv"],
-                                                                         valid=paths["test.tsv"], device="cpu"),
-                                                       log=quiet, progress=False),
-        }
-        print(f"teacher: test accuracy {train.evaluate(teacher, paths['test.tsv'], 'cpu', quiet)['accuracy']:.3f}, "
-              f"{os.path.getsize(os.path.join(teacher, 'checkpoint.pt')):,} bytes")
-        for name, run in runs.items():
-            out = os.path.join(folder, name.split()[0])
-            run(out)
-            accuracy = train.evaluate(out, paths["test.tsv"], "cpu", quiet)["accuracy"]
-            print(f"{name}: test accuracy {accuracy:.3f}, {os.path.getsize(os.path.join(out, 'checkpoint.pt')):,} bytes")
+    torch.manual_seed(0)
+    student, teacher, labels = torch.randn(8, 5), torch.randn(8, 5), torch.randint(0, 5, (8,))
+    soft = (F.softmax(teacher / 2, -1) * (F.log_softmax(teacher / 2, -1) - F.log_softmax(student / 2, -1))).sum(-1).mean()
+    expected = 0.5 * F.cross_entropy(student, labels) + 0.5 * 4 * soft
+    print(f"distillation loss {distillation_loss(student, teacher, labels, 2.0, 0.5):.4f} (written out {expected:.4f})")
+    weight = torch.randn(64, 32)
+    quantized, scale = to_int8_rows(weight)
+    error = (from_int8_rows(quantized, scale) - weight).abs().max().item()
+    print(f"int8 rows: largest error {error:.4f}, half a step {scale.max().item() / 2:.4f}")
+    assert error <= scale.max().item() / 2 + 1e-6
+    model = Classifier(make_config("tiny", vocab_size=100, max_positions=16), num_labels=3).eval()
+    ids = torch.randint(5, 100, (2, 16))
+    before = model(ids)
+    add_low_rank_updates(model, 4)
+    for layer in model.encoder.layers:
+        torch.nn.init.normal_(layer.attention.query.B)
+    updated = model(ids)
+    merge_low_rank_updates(model)
+    print(f"LoRA: merged model differs from W + BA by {(model(ids) - updated).abs().max().item():.1e}"
+          f" (and from the start by {(updated - before).abs().max().item():.1e})")
+    prune_smallest_weights(model, 0.5)
+    print(f"pruned: {zero_fraction(model):.0%} of the layer matrices are zero")
+    print("self-check passed")

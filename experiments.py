@@ -35,6 +35,9 @@ import torch
 
 import compress
 import data
+import deploy
+import evaluation
+import finetuning
 import options
 import toyworld
 import train
@@ -137,7 +140,7 @@ PLANS["real-text-gpu"] = {
     "adapt_steps": 500,
 }
 
-# C1 with task-adaptive pre-training (train.adapt_to_task), on real text: the general
+# C1 with task-adaptive pre-training (finetuning.adapt_to_task), on real text: the general
 # pre-training, then adapt_steps more MLM steps on the k labeled texts themselves, without labels.
 PLANS["task-adaptive"] = {
     **PLANS["quick"],
@@ -399,11 +402,11 @@ ADAPTED = {}  # folder -> Loaded: each draw's adapted encoder, opened once
 
 
 def adapted(loaded, texts, spec, folder):
-    """The encoder of `loaded` after spec['adapt_steps'] steps of MLM on `texts` (train.adapt_to_task)."""
+    """The encoder of `loaded` after spec['adapt_steps'] steps of MLM on `texts` (finetuning.adapt_to_task)."""
     if folder not in ADAPTED:
         run = os.path.join(folder, "run")
         if not os.path.exists(os.path.join(run, "metrics.json")):
-            train.adapt_to_task(folder, loaded.path, texts, FinetuneOptions(adapt_steps=spec["adapt_steps"], seed=spec["seed"],
+            finetuning.adapt_to_task(folder, loaded.path, texts, FinetuneOptions(adapt_steps=spec["adapt_steps"], seed=spec["seed"],
                                                                             mlm_max_length=MLM_MAX_LENGTH), log=lambda *a: None)
         ADAPTED[folder] = Loaded(os.path.join(run, "checkpoint.pt"))
     return ADAPTED[folder]
@@ -419,7 +422,7 @@ def fine_tune_and_score(source, labeled, label_names, test_sets, finetune_option
     model, info = train.fit_classifier(source.inputs([text for text, _ in labeled]), labels, len(label_names), source.config,
                                        finetune_options, start=start, pad_id=source.tokenizer.pad_id)
     device = options.pick_device(finetune_options.device)
-    scores = {name: train.classify(model, source.inputs([text for text, _ in examples]),
+    scores = {name: evaluation.classify(model, source.inputs([text for text, _ in examples]),
                                    data.encode_labels([y for _, y in examples], label_names, name), device,
                                    pad_id=source.tokenizer.pad_id)
               for name, examples in test_sets.items() if examples}
@@ -467,7 +470,7 @@ C7_NAMES = {"teacher": "teacher: pre-trained, full fine-tuning", "head": "head o
 
 
 def c7_run(spec, task, loaded, folder):
-    """One remedy on one seed, through the commands users run (train.finetune, compress.*), in
+    """One remedy on one seed, through the commands users run (finetuning.finetune, deploy.*), in
     folder/c7/k-K-seed-S/NAME. The teacher is fine-tuned once per seed (everything trains, k labels
     per class); every other remedy is made from it (or, head and LoRA, beside it). Measured:
     test accuracy, parameters, bytes of checkpoint.pt (and zipped), the bytes a task adds to a
@@ -485,19 +488,19 @@ def c7_run(spec, task, loaded, folder):
         tuned = dict(init=loaded.path, train=train_tsv, epochs=spec["epochs"], seed=seed, device="cpu")
         recovery = dict(train=train_tsv, epochs=spec["recovery_epochs"], seed=seed, device="cpu")
         if name.endswith("int8"):  # "int8": the teacher quantised; "X+int8": X quantised
-            compress.quantize(path, made(name[:-len("+int8")] if "+" in name else "teacher"), force=True, log=quiet)
+            deploy.quantize(path, made(name[:-len("+int8")] if "+" in name else "teacher"), force=True, log=quiet)
         elif name == "teacher":
-            train.finetune(path, FinetuneOptions(lr=FULL_LR, **tuned), force=True, log=quiet, progress=False)
+            finetuning.finetune(path, FinetuneOptions(lr=FULL_LR, **tuned), force=True, log=quiet, progress=False)
         elif name == "head":
-            train.finetune(path, FinetuneOptions(freeze="head", lr=HEAD_LR, **tuned), force=True, log=quiet, progress=False)
+            finetuning.finetune(path, FinetuneOptions(freeze="head", lr=HEAD_LR, **tuned), force=True, log=quiet, progress=False)
         elif name.startswith("lora-"):
-            train.finetune(path, FinetuneOptions(lora=int(name[5:]), lr=HEAD_LR, **tuned), force=True, log=quiet, progress=False)
+            finetuning.finetune(path, FinetuneOptions(lora=int(name[5:]), lr=HEAD_LR, **tuned), force=True, log=quiet, progress=False)
         elif name.startswith(("pruned-", "ffn-")):
             unit, percent = ("weights", name[7:]) if name.startswith("pruned-") else ("ffn-units", name[4:])
-            compress.prune(path, PruneOptions(init=made("teacher"), sparsity=int(percent) / 100, unit=unit, **recovery),
+            deploy.prune(path, PruneOptions(init=made("teacher"), sparsity=int(percent) / 100, unit=unit, **recovery),
                            force=True, log=quiet, progress=False)
         elif name == "distilled":
-            compress.distill(path, DistillOptions(teacher=made("teacher"), train=train_tsv, seed=seed, device="cpu",
+            deploy.distill(path, DistillOptions(teacher=made("teacher"), train=train_tsv, seed=seed, device="cpu",
                                                   unlabeled=[os.path.join(folder, "unlabeled.txt")],
                                                   max_unlabeled=spec["unlabeled"]), force=True, log=quiet, progress=False)
         else:
@@ -519,11 +522,11 @@ def c7_run(spec, task, loaded, folder):
     shares_encoder = spec["remedy"] == "head" or spec["remedy"].startswith("lora-")
     test_rows = data.classification_inputs(tokenizer, [text for text, _ in task["test"]], CLASSIFIER_MAX_LENGTH, warn=quiet)
     test_labels = data.encode_labels([y for _, y in task["test"]], checkpoint["labels"], "test")
-    return {"accuracy": train.classify(model, test_rows, test_labels, "cpu", pad_id=tokenizer.pad_id)["accuracy"],
+    return {"accuracy": evaluation.classify(model, test_rows, test_labels, "cpu", pad_id=tokenizer.pad_id)["accuracy"],
             "parameters": parameters,
             "bytes_on_disk": os.path.getsize(checkpoint_path), "bytes_zipped": zipped,
             "task_bytes": metrics["task_bytes"] if shares_encoder else os.path.getsize(checkpoint_path),
-            **{f"sentences_per_second_{size}": compress.sentences_per_second(model, test_rows[:256], size, tokenizer.pad_id,
+            **{f"sentences_per_second_{size}": deploy.sentences_per_second(model, test_rows[:256], size, tokenizer.pad_id,
                                                                               seconds=spec["timing_seconds"])
                for size in (1, 32)}}
 

@@ -14,13 +14,11 @@ Tensor shape legend used in comments:
     B batch size, T sequence length, H hidden size, h heads, d = H / h per-head size,
     V vocabulary size, I intermediate (feed-forward) size, N number of masked tokens.
 
-The reading path comes first; the speed devices are set apart at the end of the file, each
-tested equal to it:
-    Dropout                          a faster dropout mask on the CPU
-    fused_attention                  torch's fused attention kernel (and Q, K, V in one matmul)
-    Unpadded                         the position-wise layers on the real tokens only
-    gather_fixed_predictions         a fixed number of MLM predictions (no wait for the GPU)
-    scores_over_padded_vocabulary    the vocabulary padded for the GPU's matmul
+The speed devices live in fast.py, each tested equal to the lines here. This file reaches them
+through two switches: SelfAttention's `if self.use_sdpa or ...:` (torch's fused kernel, `--attention
+sdpa`, or a batch computed on its real tokens only) and PreTrainingModel.forward's `speed` (None:
+the lines below). Dropout is fast.Dropout:
+nn.Dropout's distribution, from fewer random numbers on the CPU.
 
 Run `python model.py` for a self-check.
 """
@@ -32,7 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import IGNORE_INDEX, IS_NEXT, NOT_NEXT  # the label conventions: BERT's
+import fast
+from common import IGNORE_INDEX, IS_NEXT, NOT_NEXT  # BERT's label conventions
 
 
 @dataclass
@@ -94,10 +93,12 @@ class Embeddings(nn.Module):
         self.position = nn.Embedding(config.max_positions, config.hidden_size)
         self.segment = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = Dropout(config.dropout)
+        self.dropout = fast.Dropout(config.dropout)
 
-    def forward(self, input_ids, segment_ids):
-        # input_ids, segment_ids: (B, T) -> (B, T, H)
+    def forward(self, input_ids, segment_ids=None):
+        # input_ids, segment_ids: (B, T) -> (B, T, H); no segment ids: every token in segment "A"
+        if segment_ids is None:
+            segment_ids = torch.zeros_like(input_ids)
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         x = self.token(input_ids) + self.position(positions) + self.segment(segment_ids)
         return self.dropout(self.layer_norm(x))
@@ -115,39 +116,33 @@ class SelfAttention(nn.Module):
         self.key = nn.Linear(config.hidden_size, config.hidden_size)
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
         self.output = nn.Linear(config.hidden_size, config.hidden_size)
-        self.attention_dropout = Dropout(config.attention_dropout)
+        self.attention_dropout = fast.Dropout(config.attention_dropout)
 
-    def to_heads(self, q, k, v, unpadded=None):
-        # 3 x (B, T, H) -> 3 x (B, h, T, d). With `unpadded` (3 x (N, H), the real tokens only),
-        # attention needs the (B, T) layout back first: zeros at padding
-        if unpadded is not None:
-            q, k, v = unpadded.pad(q), unpadded.pad(k), unpadded.pad(v)
-        batch, length, _ = q.shape
-        return [x.view(batch, length, self.num_heads, self.head_size).transpose(1, 2) for x in (q, k, v)]
+    def split_heads(self, x):
+        # (B, T, H) -> (B, h, T, d): each head attends with its own d = H / h dimensions
+        batch, length, _ = x.shape
+        return x.view(batch, length, self.num_heads, self.head_size).transpose(1, 2)
 
-    def from_heads(self, context, unpadded=None):
-        # (B, h, T, d) -> (B, T, H): the heads side by side; with `unpadded`, (N, H) again
-        context = context.transpose(1, 2).flatten(2)
-        return context if unpadded is None else unpadded.unpad(context)
-
-    def forward(self, x, additive_mask, unpadded=None):
-        # x: (B, T, H); additive_mask: (B, 1, 1, T), 0 where a key is a real token and a very
-        # negative number where it is padding, so that padding gets probability ~0 (exp(-big));
-        # None where no sequence has padding. (With the speed device `unpadded`, x is (N, H):
-        # the N real tokens only, see Unpadded.)
-        if self.use_sdpa and fused_attention_applies(self, x):
-            return fused_attention(self, x, additive_mask, unpadded)  # the same numbers (a speed device)
-        q, k, v = self.to_heads(self.query(x), self.key(x), self.value(x), unpadded)         # 3 x (B, h, T, d)
-        # scores[b, head, i, j] = q_i . k_j / sqrt(d) + mask_j                              (B, h, T, T)
+    def attend(self, q, k, v, additive_mask):
+        # scores[b, head, i, j] = q_i . k_j / sqrt(d) + mask_j                        (B, h, T, T)
         scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_size)
         if additive_mask is not None:
             scores = scores + additive_mask
-        # each query's weights over the keys sum to one                                    (B, h, T, T)
+        # each query's weights over the keys sum to one                              (B, h, T, T)
         probabilities = self.attention_dropout(scores.softmax(dim=-1))
-        # weighted sum of the values                                                       (B, h, T, d)
-        context = probabilities @ v
-        # concatenate the heads, then mix them with W_o                                    (B, T, H)
-        return self.output(self.from_heads(context, unpadded))
+        # weighted sum of the values                                                 (B, h, T, d)
+        return probabilities @ v
+
+    def forward(self, x, additive_mask):
+        # x: (B, T, H); additive_mask: (B, 1, 1, T), 0 where a key is a real token and a very
+        # negative number where it is padding, so that padding gets probability ~0 (exp(-big));
+        # None where no sequence has padding.
+        if self.use_sdpa or isinstance(additive_mask, fast.Unpadded):  # the same numbers, faster (fast.py)
+            return fast.attention(self, x, additive_mask)
+        q, k, v = self.split_heads(self.query(x)), self.split_heads(self.key(x)), self.split_heads(self.value(x))
+        context = self.attend(q, k, v, additive_mask)                                # (B, h, T, d)
+        # concatenate the heads, then mix them with W_o                              (B, T, H)
+        return self.output(context.transpose(1, 2).flatten(2))
 
 
 class Layer(nn.Module):
@@ -164,10 +159,10 @@ class Layer(nn.Module):
         self.feed_forward_in = nn.Linear(config.hidden_size, config.intermediate_size)
         self.feed_forward_out = nn.Linear(config.intermediate_size, config.hidden_size)
         self.output_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = Dropout(config.dropout)
+        self.dropout = fast.Dropout(config.dropout)
 
-    def forward(self, x, additive_mask, unpadded=None):
-        x = self.attention_norm(x + self.dropout(self.attention(x, additive_mask, unpadded)))
+    def forward(self, x, additive_mask):
+        x = self.attention_norm(x + self.dropout(self.attention(x, additive_mask)))
         # BERT's GELU is the exact one, x * Phi(x), not the tanh approximation.
         feed_forward = self.feed_forward_out(F.gelu(self.feed_forward_in(x)))
         return self.output_norm(x + self.dropout(feed_forward))
@@ -183,30 +178,27 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(Layer(config) for _ in range(config.num_layers))
         self.pooler = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, input_ids, segment_ids=None, attention_mask=None, unpadded=None):
+    def forward(self, input_ids, segment_ids=None, attention_mask=None):
         """input_ids (B, T) -> (sequence output (B, T, H), pooled [CLS] output (B, H)).
-
-        attention_mask (B, T) is True/1 at real tokens and False/0 at padding.
-        unpadded: the speed device Unpadded(attention_mask), or None (the reading path).
-        """
-        if segment_ids is None:
-            segment_ids = torch.zeros_like(input_ids)
+        attention_mask (B, T) is True/1 at real tokens and False/0 at padding."""
         x = self.embeddings(input_ids, segment_ids)
-        additive_mask = None  # attention_mask None: no padding, nothing to mask
-        if attention_mask is not None:
-            # (B, T) -> (B, 1, 1, T): broadcast over heads and queries. The most negative finite
-            # number of the dtype (not -inf) keeps an all-padding row from producing NaN.
-            additive_mask = torch.zeros(attention_mask.shape, dtype=x.dtype, device=x.device)
-            additive_mask = additive_mask.masked_fill(~attention_mask.bool(), torch.finfo(x.dtype).min)
-            additive_mask = additive_mask[:, None, None, :]
-        if unpadded is not None:
-            x = unpadded.unpad(x)  # (N, H): the layers' position-wise parts then skip the padding
+        additive_mask = self.additive_mask(attention_mask, x.dtype)
         for layer in self.layers:
-            x = layer(x, additive_mask, unpadded)
-        if unpadded is not None:
-            x = unpadded.pad(x)  # (B, T, H), zeros at padding
-        pooled = torch.tanh(self.pooler(x[:, 0]))  # [CLS] is always position 0
-        return x, pooled
+            x = layer(x, additive_mask)
+        return x, self.pool(x)
+
+    def additive_mask(self, attention_mask, dtype):
+        # (B, T) -> (B, 1, 1, T): broadcast over heads and queries; None: no padding, nothing to
+        # mask. The most negative finite number of the dtype (not -inf) keeps an all-padding row
+        # from producing NaN.
+        if attention_mask is None:
+            return None
+        additive_mask = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
+        additive_mask = additive_mask.masked_fill(~attention_mask.bool(), torch.finfo(dtype).min)
+        return additive_mask[:, None, None, :]
+
+    def pool(self, x):
+        return torch.tanh(self.pooler(x[:, 0]))  # [CLS] is always position 0       (B, H)
 
 
 def init_weights(module, std):
@@ -280,10 +272,10 @@ class MLMHead(nn.Module):
         # hidden: (N, H) at the masked positions only -> scores s_theta: (N, V)
         # The decoder's weight IS the input embedding matrix (weight tying, as in BERT): the
         # score of token x' is the dot product of the transformed hidden state with x''s embedding.
-        transformed = self.layer_norm(F.gelu(self.dense(hidden)))
-        if transformed.is_cuda:  # the same scores, the matmul at a GPU-friendly size (a speed device)
-            return scores_over_padded_vocabulary(transformed, token_embedding, self.bias)
-        return transformed @ token_embedding.t() + self.bias
+        return self.transform(hidden) @ token_embedding.t() + self.bias
+
+    def transform(self, hidden):
+        return self.layer_norm(F.gelu(self.dense(hidden)))                        # (N, H)
 
 
 class PreTrainingModel(nn.Module):
@@ -297,29 +289,25 @@ class PreTrainingModel(nn.Module):
         self.nsp_head = nn.Linear(config.hidden_size, 2)
         init_weights(self, config.initializer_range)
 
-    def mlm_scores(self, sequence_output, mlm_labels, sparse=True):
-        """s_theta at the masked positions: (N, V) for the N positions with a label."""
+    def mlm_scores(self, sequence_output, mlm_labels):
+        """s_theta at the masked positions: (N, V) for the N positions with a label. Gather first,
+        then project to V: the (B, T, V) tensor is never built. Only ~15% of positions have a
+        label, so this skips ~85% of the largest matmul of the model."""
         masked_positions = mlm_labels != IGNORE_INDEX  # (B, T) bool: the set M of each sequence
-        if sparse:
-            # Gather first, then project to V: the (B, T, V) tensor is never built. Only ~15% of
-            # positions have a label, so this skips ~85% of the largest matmul of the model.
-            return self.mlm_head(sequence_output[masked_positions], self.encoder.embeddings.token.weight)
-        all_scores = self.mlm_head(sequence_output, self.encoder.embeddings.token.weight)  # (B, T, V)
-        return all_scores[masked_positions]
+        return self.mlm_head(sequence_output[masked_positions], self.encoder.embeddings.token.weight)
 
     def forward(self, input_ids, segment_ids, attention_mask, mlm_labels, nsp_labels=None,
-                nsp_weight=1.0, num_masked_total=None, sparse=True, max_predictions=None, unpadded=None):
+                nsp_weight=1.0, num_masked_total=None, speed=None):
         """Returns (total loss, MLM loss, NSP loss or None). Losses only: see mlm_scores for logits.
-        Two speed devices, the same loss: max_predictions (gather_fixed_predictions) and unpadded
-        (Unpadded: both losses read real positions only, so padding need not be computed)."""
-        sequence_output, pooled = self.encoder(input_ids, segment_ids, attention_mask, unpadded)
-        if max_predictions is None:
-            scores = self.mlm_scores(sequence_output, mlm_labels, sparse)
-            targets = mlm_labels[mlm_labels != IGNORE_INDEX]
+        speed: None (the lines below), or a fast.Speed: the same scores, faster (fast.py)."""
+        if speed is None:
+            sequence_output, pooled = self.encoder(input_ids, segment_ids, attention_mask)  # (B, T, H), (B, H)
+            scores = self.mlm_scores(sequence_output, mlm_labels)                           # (N, V)
+            targets = mlm_labels[mlm_labels != IGNORE_INDEX]                                # (N,)
         else:
-            hidden, targets = gather_fixed_predictions(sequence_output, mlm_labels, max_predictions)
-            scores = self.mlm_head(hidden, self.encoder.embeddings.token.weight)
-        loss_mlm = mlm_loss(scores, targets, num_masked_total)
+            scores, targets, pooled = fast.pretraining_scores(self, input_ids, segment_ids, attention_mask,
+                                                              mlm_labels, speed)
+        loss_mlm = mlm_loss(scores, targets, num_masked_total)  # E4
         if nsp_labels is None or nsp_weight == 0:
             return loss_mlm, loss_mlm, None
         # B2: NSP is a 2-way classification of the pooled [CLS] vector (0 = IsNext, 1 = NotNext)
@@ -346,18 +334,20 @@ class Classifier(nn.Module):
             raise ValueError(f"pool must be one of {', '.join(POOLINGS)}, not {pool!r}")
         self.config, self.pool = config, pool
         self.encoder = Encoder(config)
-        self.dropout = Dropout(config.dropout)
+        self.dropout = fast.Dropout(config.dropout)
         self.classifier = nn.Linear(config.hidden_size, num_labels)
         init_weights(self, config.initializer_range)
         if pool == "mean":
             self.encoder.pooler.requires_grad_(False)  # not on the path: it keeps its values, and trains nothing
 
     def forward(self, input_ids, segment_ids=None, attention_mask=None):
-        # with padding, the encoder computes on the real tokens only: the pooled vector reads no
-        # padding position, so the scores are the reading path's (a speed device: Unpadded)
-        padded = attention_mask is not None and not bool(attention_mask.all())
-        unpadded = Unpadded(attention_mask) if padded else None
-        sequence_output, pooled = self.encoder(input_ids, segment_ids, attention_mask, unpadded)  # (B, T, H), (B, H)
+        # with padding, the encoder computes on the real tokens only (fast.Unpadded): the pooled
+        # vector reads no padding position, so the scores are the lines' of Encoder.forward
+        if attention_mask is not None and not bool(attention_mask.all()):
+            sequence_output, pooled = fast.encode_unpadded(self.encoder, input_ids, segment_ids, attention_mask,
+                                                           fast.Unpadded(attention_mask))
+        else:
+            sequence_output, pooled = self.encoder(input_ids, segment_ids, attention_mask)  # (B, T, H), (B, H)
         if self.pool == "mean":
             # sum over the real tokens / their number: padding never enters the sentence vector   (B, H)
             real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
@@ -365,188 +355,12 @@ class Classifier(nn.Module):
             pooled = (sequence_output * real).sum(dim=1) / real.sum(dim=1).clamp(min=1)
         return self.classifier(self.dropout(pooled))  # (B, num_labels): f_phi(x) of E3
 
-    def add_low_rank_updates(self, rank):
-        """C7 (LoRA's choice): a LowRankUpdate on every layer's query and value projection."""
-        for layer in self.encoder.layers:
-            layer.attention.query = LowRankUpdate(layer.attention.query, rank)
-            layer.attention.value = LowRankUpdate(layer.attention.value, rank)
-
-    def merge_low_rank_updates(self):
-        """Every LowRankUpdate replaced by its merged nn.Linear: the state dict's names are BERT's again."""
-        for layer in self.encoder.layers:
-            for name in ("query", "value"):
-                if isinstance(getattr(layer.attention, name), LowRankUpdate):
-                    setattr(layer.attention, name, getattr(layer.attention, name).merged())
-
 
 POOLINGS = ("cls", "mean")
 
 
-# ----------------------------------------------------------------------------------------
-# C7, per-task storage: low-rank updates of a frozen encoder (LoRA, Hu et al. 2021)
-# ----------------------------------------------------------------------------------------
-
-
-class LowRankUpdate(nn.Module):
-    """A frozen linear layer plus a trainable low-rank update:
-
-        y = W x + b + B (A x)        W: (out, in) frozen; A: (r, in), B: (out, r) trained
-
-    B starts at zero, so at the start the layer computes exactly what the frozen one did; a task
-    then stores r * (in + out) numbers per layer instead of out * in. merged() folds the update
-    back: W' = W + B A, one plain nn.Linear, so the fine-tuned model is an ordinary checkpoint."""
-
-    def __init__(self, linear, rank):
-        super().__init__()
-        self.linear = linear.requires_grad_(False)
-        self.A = nn.Parameter(torch.randn(rank, linear.in_features) / math.sqrt(linear.in_features))
-        self.B = nn.Parameter(torch.zeros(linear.out_features, rank))
-
-    def forward(self, x):
-        return self.linear(x) + (x @ self.A.t()) @ self.B.t()
-
-    def merged(self):
-        merged = nn.Linear(self.linear.in_features, self.linear.out_features)
-        with torch.no_grad():
-            merged.weight.copy_(self.linear.weight + self.B @ self.A)
-            merged.bias.copy_(self.linear.bias)
-        return merged.to(self.linear.weight.device)
-
-
 def count_parameters(module, trainable_only=False):
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
-
-
-# ----------------------------------------------------------------------------------------
-# Speed devices, set apart: each gives the reading path's result, faster (tested equal)
-# ----------------------------------------------------------------------------------------
-
-
-class Dropout(nn.Module):
-    """Dropout: in training, zero each entry with probability p and scale the others by 1/(1-p)
-    (so the expected value is unchanged); in eval, the identity -- nn.Dropout's result.
-
-    Speed device: on the CPU, torch's bernoulli_ draws one random number per entry, a large
-    share of a small model's training step (docs/performance.md). Here one 64-bit random number
-    gives four 16-bit uniforms; p is rounded to a multiple of 1/65536 (0.1 -> 0.100006).
-    Elsewhere (CUDA, MPS: fast generators) it is F.dropout itself. tests/test_model.py checks
-    the kept fraction, the scaling, the gradient and the independence of neighbouring entries."""
-
-    def __init__(self, p):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x):
-        if not self.training or self.p == 0:
-            return x
-        if x.device.type != "cpu":
-            return F.dropout(x, self.p, training=True)
-        count = x.numel()
-        random_bits = torch.randint(-2 ** 63, 2 ** 63 - 1, ((count + 3) // 4,), dtype=torch.int64)
-        uniform = random_bits.view(torch.int16)[:count].view(x.shape)  # each in [-32768, 32768)
-        keep = uniform >= round(self.p * 65536) - 32768                  # P(keep) = 1 - p
-        return x * keep / (1 - self.p)
-
-
-def fused_attention(attention, x, additive_mask, unpadded=None):
-    """SelfAttention.forward in torch's fused kernel (F.scaled_dot_product_attention: the
-    softmax(Q K^T / sqrt(d) + mask) V lines in one kernel that never stores the (B, h, T, T)
-    scores), with Q, K and V from one matmul where fused_projections_apply. tests/test_model.py
-    checks that it equals the written-out lines, in outputs and gradients."""
-    if fused_projections_apply(attention, x):
-        q, k, v = fused_projections(attention, x)                                          # 3 x (B, T, H)
-    else:
-        q, k, v = attention.query(x), attention.key(x), attention.value(x)
-    q, k, v = attention.to_heads(q, k, v, unpadded)                                         # 3 x (B, h, T, d)
-    dropout_p = attention.attention_dropout.p if attention.training else 0.0
-    context = F.scaled_dot_product_attention(q, k, v, attn_mask=additive_mask, dropout_p=dropout_p)
-    return attention.output(attention.from_heads(context, unpadded))
-
-
-def fused_attention_applies(attention, x):
-    """With config.attention == "sdpa", SelfAttention uses torch's fused kernel -- except when
-    training on the CPU with attention dropout (SDPA has no fused CPU kernel with dropout: it falls
-    back to the written-out lines with torch's slower dropout) or in bf16 (the CPU kernel's
-    backward in bf16 is slower than the written-out lines; docs/performance.md measures it)."""
-    training_on_cpu = attention.training and x.device.type == "cpu"
-    return not (training_on_cpu and (attention.attention_dropout.p > 0 or torch.is_autocast_enabled("cpu")))
-
-
-def fused_projections(attention, x):
-    """Q, K and V from ONE matmul, x W_qkv^T + b_qkv with W_qkv = [W_q; W_k; W_v] (3H, H): one
-    large matmul keeps a GPU busier than three small ones. The weights stay three nn.Linear
-    (the names BERT's checkpoints use); their concatenation is cheap next to the matmul."""
-    weight = torch.cat([attention.query.weight, attention.key.weight, attention.value.weight])   # (3H, H)
-    bias = torch.cat([attention.query.bias, attention.key.bias, attention.value.bias])           # (3H,)
-    return F.linear(x, weight, bias).chunk(3, dim=-1)                                          # 3 x (B, T, H)
-
-
-def fused_projections_apply(attention, x):
-    """In fused_attention on CUDA, and only while query, key and value are plain nn.Linear
-    (finetune --lora wraps two of them). On the CPU the three matmuls are as fast, and the
-    numbers stay the reading path's."""
-    return (x.is_cuda
-            and all(type(m) is nn.Linear for m in (attention.query, attention.key, attention.value)))
-
-
-def scores_over_padded_vocabulary(transformed, token_embedding, bias, multiple=64):
-    """MLMHead's scores, transformed E^T + b (N, V), with E's V rows padded by zero rows up to a
-    multiple of 64 for the matmul and the extra columns cut off before the bias: GPU matmul
-    kernels are fastest when each dimension is a multiple of 64, and BERT's V = 30522 is not even
-    a multiple of 8. The padding exists only inside this call: the embedding, checkpoints and
-    exports keep V rows. tests/test_model.py checks the scores and gradients equal the plain ones."""
-    vocab_size = token_embedding.shape[0]
-    padded = F.pad(token_embedding, (0, 0, 0, -vocab_size % multiple))  # (V', H), V' a multiple of 64
-    return (transformed @ padded.t())[..., :vocab_size] + bias          # (N, V)
-
-
-class Unpadded:
-    """Where a padded batch's real tokens are, so that the encoder's position-wise parts -- every
-    matmul but attention's two, the LayerNorms, GELU, dropout, the residual adds -- run on the N
-    real tokens alone, (N, H), instead of on all B x T positions. Real text's documents are often
-    short, and then most of a batch is padding (docs/performance.md measures how much); the
-    reading path computes on it and throws the result away. Attention itself still runs in the
-    (B, h, T, d) layout with the padding masked, as MosaicBERT's unpadding does without a
-    variable-length kernel. The real positions' outputs are the reading path's
-    (tests/test_model.py); the padding positions' are zero, so it serves where only real
-    positions are read: pre-training (MLM targets and [CLS] are real tokens: data.mask_tokens
-    never picks padding) and the classifier ([CLS], or the mean over real tokens).
-    Built from a mask on the CPU, where pretrain's data is, nothing waits for a GPU; from a mask
-    on a GPU (the classifier's), finding the real tokens waits for it once."""
-
-    def __init__(self, attention_mask, device=None):
-        mask = torch.as_tensor(attention_mask).bool()                    # (B, T)
-        self.shape = tuple(mask.shape)
-        index = mask.flatten().nonzero().squeeze(1)                      # (N,) real positions in B*T
-        if index.device.type == "cpu" and device is not None and torch.device(device).type == "cuda":
-            index = index.pin_memory()                                   # so the copy does not block
-        self.index = index.to(device or index.device, non_blocking=True)
-
-    def unpad(self, x):
-        # (B, T, ...) -> (N, ...)
-        return x.flatten(0, 1).index_select(0, self.index)
-
-    def pad(self, x):
-        # (N, ...) -> (B, T, ...), zeros at padding
-        padded = x.new_zeros((self.shape[0] * self.shape[1], *x.shape[1:]))
-        return padded.index_copy(0, self.index, x).view(*self.shape, *x.shape[1:])
-
-
-def gather_fixed_predictions(sequence_output, mlm_labels, max_predictions):
-    """The hidden states and targets at the masked positions, in a FIXED shape: max_predictions
-    (P) slots per sequence, as BERT's own data does (max_predictions_per_seq), the unused slots
-    with target IGNORE_INDEX (mlm_loss skips them). The boolean index of mlm_scores gives a shape
-    that depends on the data, so the CPU must wait for the GPU to learn it every step; here
-    nothing waits, and every step has the same shapes (what torch.compile and CUDA graphs want).
-    P must be at least the largest masked count of a sequence (data.MaskingRule.max_predictions).
-    tests/test_model.py checks the loss and gradients equal the reading path's.
-    Returns (hidden (B * P, H), targets (B * P,))."""
-    in_m = mlm_labels != IGNORE_INDEX                                                   # (B, T)
-    max_predictions = min(max_predictions, mlm_labels.shape[1])
-    # the masked positions first (key 1), then any others (key 0, their targets IGNORE_INDEX)
-    positions = in_m.to(sequence_output.dtype).topk(max_predictions, dim=1).indices   # (B, P)
-    hidden = sequence_output.gather(1, positions[:, :, None].expand(-1, -1, sequence_output.shape[-1]))
-    return hidden.flatten(0, 1), mlm_labels.gather(1, positions).flatten()
 
 
 # ----------------------------------------------------------------------------------------
@@ -587,7 +401,7 @@ if __name__ == "__main__":
     print(f"explicit vs fused attention: max difference {difference:.2e}")
     assert difference < 1e-5
     with torch.no_grad():
-        unpadded = model.encoder(input_ids, segment_ids, attention_mask, Unpadded(attention_mask))[0]
+        unpadded = fast.encode_unpadded(model.encoder, input_ids, segment_ids, attention_mask, fast.Unpadded(attention_mask))[0]
     difference = (unpadded - sequence_output)[attention_mask].abs().max().item()
     print(f"real tokens only (Unpadded) vs all positions, at the real ones: max difference {difference:.2e}")
     assert difference < 1e-5

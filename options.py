@@ -8,7 +8,7 @@
     pick_device, pick_precision   what "auto" means on this machine
     autocast, deterministic_algorithms, attention_backends   what precision and --deterministic do
 
-ptft.py builds these from the parsed flags by field name; train.pretrain and train.finetune call
+ptft.py builds these from the parsed flags by field name; train.pretrain and finetuning.finetune call
 .check() before any work, so a bad value is one line naming the flag (exit status 2), never a
 traceback later. Experiments and tests build them directly: PretrainOptions(steps=40, ...).
 
@@ -126,7 +126,7 @@ class FinetuneOptions:
     schedule: str = "cosine"       # C4: after warmup, cosine (to 0) or constant
     warmup_fraction: float = 0.1
     remedies: Remedies = field(default_factory=Remedies)
-    lora: int = None               # C7: rank of low-rank updates of the frozen encoder (None: none; model.LowRankUpdate)
+    lora: int = None               # C7: rank of low-rank updates of the frozen encoder (None: none; compress.LowRankUpdate)
     adapt_steps: int = 0           # task-adaptive pre-training: MLM steps on the training texts first (train.adapt_to_task)
     unlabeled: list = None         # text for --aux-mlm and forgetting (default: init's pre-training corpus)
     mlm_max_length: int = 64       # tokens per sequence of that text
@@ -192,7 +192,7 @@ class DistillOptions:
     num_heads: int = None
     intermediate_size: int = None
     student_init: str = "every-other"  # every-other (the teacher's layers 0, 2, 4, ...), scratch, or a run folder
-    temperature: float = 2.0       # T in train.distillation_loss
+    temperature: float = 2.0       # T in compress.distillation_loss
     alpha: float = 0.5             # weight of the labels' cross-entropy; 1 - alpha: the teacher's soft targets
     epochs: int = 5
     lr: float = 5e-4

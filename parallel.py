@@ -109,6 +109,23 @@ def sum_gradients(process_group, bucket):
     return dist.all_reduce(bucket.buffer(), group=process_group, async_op=True).get_future().then(lambda f: f.value()[0])
 
 
+def rows_of_this_process(index, processes):
+    """Fine-tuning under torchrun: this process's rows of a batch (`index`), every N-th one, and
+    its weight 1 -- or, for a process left without a row, one row with weight 0 (every process
+    takes part in summing the gradients). One process: all of them."""
+    rows = index[processes.rank::processes.world_size]
+    return (rows, 1.0) if len(rows) else (index[:1], 0.0)
+
+
+def share_of_batch_mean(loss, rows, weight, batch_size, processes):
+    """A loss averaged over this process's `rows` -> its share of the mean over the whole batch:
+    mean * weight * len(rows) / batch_size, so that the processes' summed gradients (sum_gradients)
+    are the gradient of the batch's mean. One process: the loss itself."""
+    if processes.world_size == 1:
+        return loss
+    return loss * (weight * len(rows) / batch_size)
+
+
 def data_parallel(model, processes, device, unused_weights=False):
     """model wrapped for data-parallel training (gradients summed across processes), or model itself.
     unused_weights: some trainable weights take no part in the loss (the pooler and the NSP head

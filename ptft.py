@@ -31,9 +31,11 @@ import time
 import numpy as np
 
 import bench
-import compress
 import data
+import deploy
+import evaluation
 import experiments
+import finetuning
 import hf
 import toyworld
 import train
@@ -455,26 +457,26 @@ def run_pretrain(args):
 
 
 def run_finetune(args):
-    metrics = train.finetune(args.out, options_from(FinetuneOptions, args), args.force)
+    metrics = finetuning.finetune(args.out, options_from(FinetuneOptions, args), args.force)
     summary = {k: metrics[k] for k in ("accuracy", "macro_f1", "loss", "n", "forgetting") if k in metrics}
     print(f"done: {json.dumps(summary)}; {args.out}/checkpoint.pt")
 
 
 def run_distill(args):
-    metrics = compress.distill(args.out, options_from(DistillOptions, args), args.force)
+    metrics = deploy.distill(args.out, options_from(DistillOptions, args), args.force)
     print(f"done: student accuracy {metrics['accuracy']:.3f} ({metrics['total_parameters']:,} parameters), teacher "
           f"{metrics['teacher_metrics']['accuracy']:.3f} ({metrics['teacher_parameters']:,}) on {metrics['scored_on']}; "
           f"{args.out}/checkpoint.pt")
 
 
 def run_quantize(args):
-    metrics = compress.quantize(args.out, args.init, args.force)
+    metrics = deploy.quantize(args.out, args.init, args.force)
     print(f"done: {metrics['int8_matrices']} matrices as int8, {metrics['bytes_float32']:,} -> {metrics['bytes_int8']:,} bytes "
           f"(largest weight error {metrics['max_weight_error']:.2e}); {args.out}/checkpoint.pt")
 
 
 def run_prune(args):
-    metrics = compress.prune(args.out, options_from(PruneOptions, args), args.force)
+    metrics = deploy.prune(args.out, options_from(PruneOptions, args), args.force)
     scores = [f"{name} {metrics[key]['accuracy']:.3f}" for name, key in (("before", "before_pruning"), ("pruned", "after_pruning"))
               if metrics.get(key)] + ([f"recovered {metrics['accuracy']:.3f}"] if "accuracy" in metrics else [])
     print(f"done: {metrics['zero_fraction']:.1%} of the layers' weights are 0, {metrics['parameters']:,} parameters"
@@ -500,7 +502,7 @@ def run_tokenize(args):
 
 
 def run_evaluate(args):
-    metrics = train.evaluate(args.init, args.data, args.device)
+    metrics = evaluation.evaluate(args.init, args.data, args.device)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         write_json(os.path.join(args.out, "metrics.json"), metrics)
@@ -508,7 +510,7 @@ def run_evaluate(args):
 
 
 def run_fill_mask(args):
-    candidates = train.fill_mask(args.init, args.text, args.top_k, args.device, log=lambda message: print(message, file=sys.stderr))
+    candidates = evaluation.fill_mask(args.init, args.text, args.top_k, args.device, log=lambda message: print(message, file=sys.stderr))
     for number, best in enumerate(candidates, start=1):
         if len(candidates) > 1:
             print(f"# {MASK} {number}")

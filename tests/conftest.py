@@ -3,6 +3,7 @@
 import os
 import sys
 import tempfile
+from dataclasses import replace
 
 import pytest
 import torch
@@ -23,6 +24,8 @@ import data  # noqa: E402  (after the path and the cache are set)
 import ptft  # noqa: E402
 import toyworld  # noqa: E402
 import train  # noqa: E402
+from common import IGNORE_INDEX  # noqa: E402
+from model import Config  # noqa: E402
 from options import PretrainOptions  # noqa: E402
 
 
@@ -82,3 +85,28 @@ def assert_clear_error(result, *needles, status=2):
     assert len(lines) <= 2 and "Traceback" not in err, err
     for needle in needles:
         assert needle in err, err
+
+
+# ----------------------------------------------------------------------------------------
+# Small models and random batches (test_model.py, test_fast.py)
+# ----------------------------------------------------------------------------------------
+
+
+def small_config(**overrides):
+    return replace(Config(vocab_size=97, hidden_size=24, num_layers=2, num_heads=3,
+                          intermediate_size=40, max_positions=32), **overrides)
+
+
+def random_batch(config, batch=5, length=17, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(5, config.vocab_size, (batch, length), generator=generator)
+    lengths = torch.randint(3, length + 1, (batch,), generator=generator)
+    lengths[0] = length
+    attention_mask = torch.arange(length)[None, :] < lengths[:, None]
+    input_ids = input_ids.masked_fill(~attention_mask, 0)
+    segment_ids = (torch.arange(length)[None, :] >= (lengths[:, None] // 2)).long() * attention_mask
+    selected = (torch.rand(batch, length, generator=generator) < 0.3) & attention_mask
+    selected[:, 1] = True  # at least one masked position per row
+    mlm_labels = torch.where(selected, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+    nsp_labels = torch.randint(0, 2, (batch,), generator=generator)
+    return input_ids, segment_ids, attention_mask, mlm_labels, nsp_labels

@@ -35,7 +35,7 @@ def test_a_padded_bench_times_the_fast_rows_with_and_without_computing_on_paddin
     rows = bench.bench(BenchOptions(config="tiny", batch_size=4, vocab_size=500, steps=1, real_fraction=0.5,
                                     peak_tflops=["fp32=1", "bf16=1"], device="cpu"), log=lambda line: None)
     variants = [row["variant"] for row in rows]
-    assert variants[0].startswith("explicit")
+    assert variants[0].startswith("reading path")
     skipping = [r for r in rows if r["variant"].startswith("fast (")]
     computing = [r for r in rows if r["variant"].startswith("fast, padding computed")]
     assert len(skipping) == len(computing) >= 1
@@ -59,4 +59,4 @@ def test_the_precision_flag_chooses_the_fast_rows_precision_and_the_reading_path
         rows = bench.bench(BenchOptions(config="tiny", batch_size=2, vocab_size=100, steps=1, precision=precision,
                                         peak_tflops=["fp32=1", "bf16=1"], device="cpu"), log=lambda line: None)
         assert [row["precision"] for row in rows] == expected
-        assert rows[0]["variant"].startswith("explicit")
+        assert rows[0]["variant"].startswith("reading path")

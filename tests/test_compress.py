@@ -10,9 +10,12 @@ import torch
 import torch.nn.functional as F
 
 import compress
+import deploy
+import finetuning
 import train
-from checkpoint import from_int8_rows, open_model, to_int8_rows
+from checkpoint import open_model
 from common import IGNORE_INDEX
+from compress import from_int8_rows, to_int8_rows
 from conftest import assert_clear_error, quiet
 from model import Classifier, make_config
 from options import DistillOptions, FinetuneOptions, PretrainOptions
@@ -22,7 +25,7 @@ from options import DistillOptions, FinetuneOptions, PretrainOptions
 def teacher(small_world, tmp_path_factory):
     """A classifier fine-tuned (everything trains) from the small world's pre-training run."""
     out = str(tmp_path_factory.mktemp("c7") / "teacher")
-    train.finetune(out, FinetuneOptions(init=small_world["pre"], train=small_world["train"], valid=small_world["valid"],
+    finetuning.finetune(out, FinetuneOptions(init=small_world["pre"], train=small_world["train"], valid=small_world["valid"],
                                         epochs=3, device="cpu"), log=quiet, progress=False)
     return out
 
@@ -41,17 +44,17 @@ def test_the_distillation_loss_is_the_written_out_formula():
         kl = F.kl_div(F.log_softmax(student / temperature, -1), F.log_softmax(teacher / temperature, -1),
                       log_target=True, reduction="batchmean")
         expected = alpha * hard + (1 - alpha) * temperature ** 2 * kl
-        assert torch.allclose(train.distillation_loss(student, teacher, labels, temperature, alpha), expected, atol=1e-5), trial
+        assert torch.allclose(compress.distillation_loss(student, teacher, labels, temperature, alpha), expected, atol=1e-5), trial
     # a student that already predicts what the teacher does, with alpha 0, has nothing to learn
     logits = torch.randn(5, 3)
-    assert train.distillation_loss(logits, logits, torch.full((5,), IGNORE_INDEX), 2.0, 0.0).abs() < 1e-6
+    assert compress.distillation_loss(logits, logits, torch.full((5,), IGNORE_INDEX), 2.0, 0.0).abs() < 1e-6
 
 
 def test_the_distillation_gradient_reaches_the_student_and_never_the_teacher():
     config = make_config("tiny", vocab_size=40, max_positions=16, hidden_size=32, num_heads=2, intermediate_size=64)
     teacher, student = Classifier(config, 3), Classifier(make_config("tiny", **{**config.to_dict(), "num_layers": 1}), 3)
     input_ids = torch.randint(0, 40, (4, 10))
-    loss = train.distillation_loss(student(input_ids), teacher(input_ids), torch.tensor([0, 2, IGNORE_INDEX, 1]), 2.0, 0.5)
+    loss = compress.distillation_loss(student(input_ids), teacher(input_ids), torch.tensor([0, 2, IGNORE_INDEX, 1]), 2.0, 0.5)
     loss.backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
@@ -228,9 +231,9 @@ def test_low_rank_updates_of_rank_0_change_nothing():
     input_ids = torch.randint(0, 40, (4, 10))
     with torch.no_grad():
         before = model(input_ids)
-        model.add_low_rank_updates(0)  # A: (0, in), B: (out, 0) -- B A is all zeros
+        compress.add_low_rank_updates(model, 0)  # A: (0, in), B: (out, 0) -- B A is all zeros
         assert torch.equal(model(input_ids), before)
-        model.merge_low_rank_updates()
+        compress.merge_low_rank_updates(model)
         assert torch.equal(model(input_ids), before)
 
 
@@ -241,10 +244,33 @@ def test_a_student_can_start_from_a_smaller_pre_trained_encoder_with_its_own_voc
                                                   intermediate_size=64, save_every=0, eval_every=5, device="cpu"),
                    log=quiet, progress=False)
     out = tmp_path / "student"
-    metrics = compress.distill(str(out), DistillOptions(teacher=teacher, train=small_world["train"],
+    metrics = deploy.distill(str(out), DistillOptions(teacher=teacher, train=small_world["train"],
                                                                  student_init=smaller, epochs=1, device="cpu"),
                                log=quiet, progress=False)
     student, tokenizer, _ = open_model(str(out))
     pre_trained, pre_tokenizer, _ = open_model(smaller)
     assert student.config.hidden_size == 32 and tokenizer.vocab == pre_tokenizer.vocab  # its size and vocabulary
     assert metrics["total_parameters"] < metrics["teacher_parameters"]
+
+
+def test_a_low_rank_update_starts_as_the_frozen_layer_and_merges_into_it_exactly():
+    config = make_config("tiny", vocab_size=97, hidden_size=24, num_heads=3, intermediate_size=40, max_positions=32,
+                         dropout=0.0, attention_dropout=0.0)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model = Classifier(config, num_labels=3).eval()
+        generator = torch.Generator().manual_seed(seed)
+        batch = (torch.randint(5, 97, (4, 17), generator=generator), None, torch.arange(17)[None] < torch.tensor([[17], [9], [3], [12]]))
+        with torch.no_grad():
+            before = model.encoder(*batch)[0]
+            compress.add_low_rank_updates(model, rank=4)
+            assert torch.equal(model.encoder(*batch)[0], before)  # B = 0: nothing changes
+            for layer in model.encoder.layers:  # as after training: B A != 0
+                layer.attention.query.B.normal_(0, 0.1)
+                layer.attention.value.B.normal_(0, 0.1)
+            updated = model.encoder(*batch)[0], model(*batch)
+            compress.merge_low_rank_updates(model)
+            merged = model.encoder(*batch)[0], model(*batch)
+        assert not torch.allclose(updated[0], before, atol=1e-2)
+        assert torch.allclose(merged[0], updated[0], atol=1e-5) and torch.allclose(merged[1], updated[1], atol=1e-6)
+        assert set(model.state_dict()) == set(Classifier(config, num_labels=3).state_dict())  # BERT's names again

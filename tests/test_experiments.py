@@ -10,6 +10,7 @@ import torch
 
 import data
 import experiments
+import finetuning
 import toyworld
 import train
 from common import InputError
@@ -199,7 +200,7 @@ def labeled(tiny_run, tmp_path_factory):
 
 
 def finetune(out, init, train_tsv, valid, **flags):
-    return train.finetune(str(out), FinetuneOptions(init=init, train=train_tsv, valid=valid, **{"device": "cpu", **flags}),
+    return finetuning.finetune(str(out), FinetuneOptions(init=init, train=train_tsv, valid=valid, **{"device": "cpu", **flags}),
                           log=quiet, progress=False)
 
 

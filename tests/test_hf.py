@@ -11,8 +11,8 @@ import torch.nn.functional as F
 import transformers
 
 import data
+import fast
 import hf
-import model
 import toyworld
 from checkpoint import load_checkpoint, open_model
 from common import IGNORE_INDEX
@@ -174,7 +174,7 @@ def test_dropout_acts_where_berts_does_with_its_two_rates(tmp_path, monkeypatch)
     probabilities (their own rate), on the attention and feed-forward outputs before each residual
     add -- and nowhere else."""
     monkeypatch.setattr(F, "dropout", lambda x, p=0.5, training=True, inplace=False: x * (1 - p) if training else x)
-    monkeypatch.setattr(model.Dropout, "forward", lambda self, x: x * (1 - self.p) if self.training else x)
+    monkeypatch.setattr(fast.Dropout, "forward", lambda self, x: x * (1 - self.p) if self.training else x)
     config = Config(vocab_size=150, max_positions=64, **SHAPES[1])
     torch.manual_seed(0)
     theirs = perturb(transformers.BertForPreTraining(hf_config(config, attn_implementation="eager")), 0)

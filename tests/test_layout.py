@@ -13,8 +13,8 @@ import ptft
 from conftest import ROOT
 
 # README's layout, bottom to top: each file imports only files before it (no import circles)
-STACK = ["common", "model", "tokenizer", "toyworld", "data", "hf", "options", "parallel", "checkpoint", "train", "compress", "bench",
-         "experiments", "ptft"]
+STACK = ["common", "fast", "model", "tokenizer", "toyworld", "data", "hf", "options", "parallel", "compress", "checkpoint",
+         "evaluation", "train", "finetuning", "deploy", "bench", "experiments", "ptft"]
 
 
 def top_level_imports(name):

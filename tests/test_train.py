@@ -16,6 +16,8 @@ import torch.nn.functional as F
 
 import checkpoint
 import data
+import evaluation
+import finetuning
 import model
 import options
 import ptft
@@ -29,8 +31,8 @@ from tokenizer import SPECIAL_TOKENS, Tokenizer
 
 
 def finetune(out, init, train_tsv, valid=None, **flags):
-    """train.finetune on the CPU, quietly, with FinetuneOptions built from keyword flags."""
-    return train.finetune(str(out), FinetuneOptions(init=init, train=train_tsv, valid=valid, **{"device": "cpu", **flags}),
+    """finetuning.finetune on the CPU, quietly, with FinetuneOptions built from keyword flags."""
+    return finetuning.finetune(str(out), FinetuneOptions(init=init, train=train_tsv, valid=valid, **{"device": "cpu", **flags}),
                           log=quiet, progress=False)
 
 
@@ -70,7 +72,7 @@ def test_pretrained_mlm_beats_every_model_that_ignores_the_context(context_world
     targets = np.concatenate([batch["mlm_labels"][batch["mlm_labels"] != IGNORE_INDEX] for batch in held_out])
     frequencies = np.unique(targets, return_counts=True)[1] / len(targets)
     entropy = float(-(frequencies * np.log(frequencies)).sum())
-    loss = train.mlm_evaluation(model, held_out, torch.device("cpu"))["mlm_loss"]
+    loss = evaluation.mlm_evaluation(model, held_out, torch.device("cpu"))["mlm_loss"]
     assert loss == pytest.approx(metrics["held_out_mlm_loss"], abs=1e-4)  # the batches pretrain measured on
     assert loss < entropy - 0.3, (loss, entropy)
 
@@ -206,12 +208,13 @@ def test_the_held_out_mlm_loss_is_the_cross_entropy_over_every_masked_token_of_e
     scores, targets = [], []
     with torch.no_grad():
         for batch in batches:
-            tensors = train.to_tensors(batch, torch.device("cpu"))
+            tensors = evaluation.to_tensors(batch, torch.device("cpu"))
             sequence, _ = net.encoder(tensors["input_ids"], tensors["segment_ids"], tensors["attention_mask"])
-            scores.append(net.mlm_scores(sequence, tensors["mlm_labels"], sparse=False))
+            every_position = net.mlm_head(sequence, net.encoder.embeddings.token.weight)  # (B, T, V)
+            scores.append(every_position[tensors["mlm_labels"] != IGNORE_INDEX])
             targets.append(tensors["mlm_labels"][tensors["mlm_labels"] != IGNORE_INDEX])
     expected = F.cross_entropy(torch.cat(scores), torch.cat(targets)).item()
-    assert train.mlm_evaluation(net, batches, torch.device("cpu"))["mlm_loss"] == pytest.approx(expected, rel=1e-5)
+    assert evaluation.mlm_evaluation(net, batches, torch.device("cpu"))["mlm_loss"] == pytest.approx(expected, rel=1e-5)
 
 
 # the commands whose flags become an options dataclass (ptft.options_from)
@@ -253,7 +256,7 @@ def test_accuracy_and_macro_f1_are_their_written_out_formulas_over_every_class_s
         n, classes = int(rng.integers(1, 60)), int(rng.integers(2, 6))
         labels = [int(y) for y in rng.integers(0, classes, n)]
         scores = torch.from_numpy(rng.normal(size=(n, classes))).float()
-        found = train.classify(FixedScores(scores), [[i] for i in range(n)], labels, torch.device("cpu"), batch_size=7)
+        found = evaluation.classify(FixedScores(scores), [[i] for i in range(n)], labels, torch.device("cpu"), batch_size=7)
         predicted, truth = scores.argmax(-1).numpy(), np.array(labels)
         f1 = []  # per class seen among the labels or the predictions: 2 TP / (2 TP + FP + FN)
         for c in sorted(set(labels) | set(predicted.tolist())):
@@ -344,7 +347,7 @@ def test_the_default_fine_tuning_rate_follows_what_trains():
 def test_fill_mask_gives_e4s_softmax_best_first_and_at_most_the_whole_vocabulary(small_world):
     vocabulary = len(Tokenizer.load(os.path.join(small_world["pre"], "vocab.txt")))
     for top_k in (1, 7, vocabulary + 10):
-        predictions = train.fill_mask(small_world["pre"], "the [MASK] is [MASK] .", top_k=top_k, device="cpu", log=quiet)
+        predictions = evaluation.fill_mask(small_world["pre"], "the [MASK] is [MASK] .", top_k=top_k, device="cpu", log=quiet)
         assert len(predictions) == 2
         for candidates in predictions:
             probabilities = [p for _, p in candidates]
@@ -718,7 +721,7 @@ def test_texts_longer_than_the_position_table_are_truncated_with_one_note_naming
     path = str(tmp_path / "long.tsv")
     data.write_tsv(path, examples)
     messages = []
-    train.finetune(str(tmp_path / "ft"), FinetuneOptions(train=path, epochs=1, max_length=16, device="cpu"),
+    finetuning.finetune(str(tmp_path / "ft"), FinetuneOptions(train=path, epochs=1, max_length=16, device="cpu"),
                    log=messages.append, progress=False)
     notes = [message for message in messages if "truncated" in message]
     assert notes == [f"{path}: note: 3 of 5 texts were longer than the position table (16 tokens) and were truncated"]
@@ -870,94 +873,3 @@ def test_task_adaptive_pretraining_continues_mlm_on_the_training_texts_before_fi
     assert not (tmp_path / "x").exists()
 
 
-def test_batches_built_in_the_background_are_the_batches_built_in_the_loop_with_their_data_states(small_world):
-    # train.StepBatches: the GPU's background thread must hand the loop exactly what building each
-    # step's batches in the loop would, with the data generator's state before each step's draw
-    from types import SimpleNamespace
-    tokenizer = Tokenizer.load(os.path.join(small_world["pre"], "vocab.txt"))
-    encoded = data.encode_documents(tokenizer, data.read_corpus([small_world["corpus"]]))
-    options = PretrainOptions(batch_size=4, accumulation=2, max_length=24)
-    streams = []
-    for background in (False, True):
-        run = SimpleNamespace(options=options, tokenizer=tokenizer, data_rng=np.random.default_rng(3), device=torch.device("cpu"))
-        batches, drawn = train.StepBatches(run, encoded, background=background), []
-        for step in range(5):
-            if step == 2:
-                peeked = batches.next_state()
-            drawn.append(batches.next())
-        batches.close()
-        streams.append((drawn, peeked))
-    (in_loop, peeked_in_loop), (in_background, peeked_in_background) = streams
-    assert peeked_in_loop == peeked_in_background == in_loop[2][0]
-    for (state, micro_batches), (state_b, micro_batches_b) in zip(in_loop, in_background):
-        assert state == state_b and len(micro_batches) == len(micro_batches_b) == 2
-        for a, b in zip(micro_batches, micro_batches_b):
-            assert all(np.array_equal(a[key], np.asarray(b[key])) for key in a)
-    # the state recorded for a step redraws that step's batches
-    replay = SimpleNamespace(options=options, tokenizer=tokenizer, data_rng=np.random.default_rng(), device=torch.device("cpu"))
-    replay.data_rng.bit_generator.state = in_loop[3][0]
-    assert all(np.array_equal(a[key], b[key]) for a, b in zip(train.StepBatches(replay, encoded, False).next()[1],
-                                                                in_loop[3][1]) for key in a)
-
-
-def test_throughput_counts_the_steady_rate_after_the_first_steps_apart(monkeypatch):
-    # train.Throughput with a fake clock: 3 warm-up steps of 10 s each (compilation), then 1 s a
-    # step, and 20 s of evaluation between steps that the steady rate leaves out
-    clock = [100.0]
-    monkeypatch.setattr(train.time, "time", lambda: clock[0])
-    throughput = train.Throughput(timing_warmup_steps=3)
-    for step in range(8):
-        seconds = 10.0 if step < 3 else 1.0
-        clock[0] += seconds
-        throughput.add(500, seconds)
-        if step == 5:
-            clock[0] += 20.0  # a held-out evaluation
-    metrics = throughput.metrics()
-    assert metrics["seconds"] == 55.0 and metrics["tokens_per_second"] == 8 * 500 / 55.0
-    assert metrics["timing_warmup_seconds"] == 30.0 and metrics["steady_tokens_per_second"] == 500.0
-    assert throughput.share(11.0) == 0.2
-    assert "steady_tokens_per_second" not in train.Throughput(timing_warmup_steps=3).metrics()  # nothing after the warm-up yet
-
-
-def test_pretraining_computes_on_real_tokens_only_exactly_when_a_batch_has_padding(small_world, tmp_path, monkeypatch):
-    # pretraining_step hands model.Unpadded to the model for each padded micro-batch (and the
-    # model uses it), never for one without padding
-    built, used, seen = [], [], []
-
-    class Recording(train.Unpadded):
-        def __init__(self, mask, device=None):
-            super().__init__(mask, device)
-            built.append(int(np.asarray(mask).sum()))
-
-        def unpad(self, x):
-            used.append(self)
-            return super().unpad(x)
-
-    step = train.pretraining_step
-
-    def recording_step(run, training_model, micro_batches):
-        seen.append([np.asarray(b["attention_mask"]) for b in micro_batches])
-        return step(run, training_model, micro_batches)
-
-    monkeypatch.setattr(train, "Unpadded", Recording)
-    monkeypatch.setattr(train, "pretraining_step", recording_step)
-    recipe = PretrainOptions(corpus=[small_world["corpus"]], steps=4, batch_size=8, max_length=64, vocab_size=300,
-                             accumulation=2, save_every=0, device="cpu")
-    metrics = train.pretrain(str(tmp_path / "run"), recipe, log=quiet, progress=False)
-    masks = [mask for step_masks in seen for mask in step_masks]
-    padded = [int(mask.sum()) for mask in masks if not mask.all()]
-    assert len(masks) == 8 and padded and built == padded and len(set(map(id, used))) == len(padded)
-    assert metrics["tokens_per_second"] > 0
-
-
-def test_cpu_training_in_bf16_takes_the_written_out_attention():
-    # model.fused_attention_applies: the CPU's SDPA backward is slow in bf16 (docs/performance.md)
-    from model import Layer, fused_attention_applies, make_config
-    attention = Layer(make_config("tiny", vocab_size=50, max_positions=16, attention="sdpa", attention_dropout=0.0)).attention
-    x = torch.zeros(2, 4, 128)
-    assert fused_attention_applies(attention.train(), x)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not fused_attention_applies(attention.train(), x)
-        assert fused_attention_applies(attention.eval(), x)  # inference keeps the kernel
-    attention.attention_dropout.p = 0.1
-    assert not fused_attention_applies(attention.train(), x) and fused_attention_applies(attention.eval(), x)

@@ -1,0 +1,381 @@
+"""The speed devices: each computes what the reading path in model.py / train.py computes, faster.
+
+model.py is written as the document's equations; this file holds what makes them run fast, so
+that a reader of model.py meets the formula and not the machinery. Each device is tested equal to
+the reading path (tests/test_fast.py), in outputs and gradients:
+
+    Dropout                        nn.Dropout's distribution, from a quarter of the random numbers
+    attention                      softmax(Q K^T / sqrt(d) + mask) V in torch's fused kernel, with
+                                   Q, K and V from one matmul on a GPU
+    Unpadded, encode_unpadded      the encoder's position-wise parts on the real tokens only
+    gather_fixed_predictions       a fixed number of MLM predictions per sequence (no GPU wait)
+    scores_over_padded_vocabulary  the MLM decoder's matmul at a GPU-friendly size
+    Speed, pretraining_losses      the devices above, together, for one pre-training micro-batch
+    StepBatches                    the next steps' batches built in a background thread (a GPU)
+    Throughput                     tokens per second, steady state apart from the first steps
+
+model.py reaches this file through two switches: SelfAttention's `if self.use_sdpa or ...:` (the
+`--attention sdpa` kernel, as nanoGPT's `if self.flash:`, or an Unpadded batch) and the `speed`
+argument of PreTrainingModel.forward (None: the reading path). The classifier always computes
+on its real tokens only (Classifier.forward): the scores are the reading path's.
+"""
+
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import IGNORE_INDEX
+
+# ----------------------------------------------------------------------------------------
+# Dropout
+# ----------------------------------------------------------------------------------------
+
+
+class Dropout(nn.Module):
+    """Dropout: in training, zero each entry with probability p and scale the others by 1/(1-p)
+    (so the expected value is unchanged); in eval, the identity -- nn.Dropout's result.
+
+    On the CPU, torch's bernoulli_ draws one random number per entry, a large share of a small
+    model's training step (docs/performance.md). Here one 64-bit random number gives four 16-bit
+    uniforms; p is rounded to a multiple of 1/65536 (0.1 -> 0.100006). Elsewhere (CUDA, MPS: fast
+    generators) it is F.dropout itself. tests/test_fast.py checks the kept fraction, the scaling,
+    the gradient and the independence of neighbouring entries."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, training=True)
+        count = x.numel()
+        random_bits = torch.randint(-2 ** 63, 2 ** 63 - 1, ((count + 3) // 4,), dtype=torch.int64)
+        uniform = random_bits.view(torch.int16)[:count].view(x.shape)  # each in [-32768, 32768)
+        keep = uniform >= round(self.p * 65536) - 32768                  # P(keep) = 1 - p
+        return x * keep / (1 - self.p)
+
+
+# ----------------------------------------------------------------------------------------
+# Attention: the fused kernel, and the real tokens only
+# ----------------------------------------------------------------------------------------
+
+
+def attention(module, x, mask):
+    """model.SelfAttention's result: in torch's fused kernel (F.scaled_dot_product_attention, the
+    softmax(Q K^T / sqrt(d) + mask) V lines in one kernel that never stores the (B, h, T, T)
+    scores) where fused_attention_applies, else the written-out lines (SelfAttention.attend).
+    mask: the additive mask (B, 1, 1, T) or None -- or an Unpadded (encode_unpadded): x is then
+    (N, H), the real tokens only, and attention runs in the (B, h, T, d) layout with the padding
+    masked (mask.additive_mask)."""
+    unpadded = mask if isinstance(mask, Unpadded) else None
+    additive_mask = unpadded.additive_mask if unpadded is not None else mask
+    fused = module.use_sdpa and fused_attention_applies(module, x)
+    if fused and fused_projections_apply(module, x):
+        q, k, v = fused_projections(module, x)                                     # 3 x (B, T, H)
+    else:
+        q, k, v = module.query(x), module.key(x), module.value(x)
+    if unpadded is not None:  # back to the (B, T) layout for attention: zeros at padding
+        q, k, v = unpadded.pad(q), unpadded.pad(k), unpadded.pad(v)
+    q, k, v = module.split_heads(q), module.split_heads(k), module.split_heads(v)  # 3 x (B, h, T, d)
+    if fused:
+        dropout_p = module.attention_dropout.p if module.training else 0.0
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=additive_mask, dropout_p=dropout_p)
+    else:
+        context = module.attend(q, k, v, additive_mask)                            # (B, h, T, d)
+    context = context.transpose(1, 2).flatten(2)                                   # (B, T, H)
+    return module.output(context if unpadded is None else unpadded.unpad(context))
+
+
+def fused_attention_applies(module, x):
+    """With config.attention == "sdpa", SelfAttention uses torch's fused kernel -- except when
+    training on the CPU with attention dropout (SDPA has no fused CPU kernel with dropout: it
+    falls back to the written-out lines with torch's slower dropout) or in bf16 (the CPU kernel's
+    backward in bf16 is slower than the written-out lines; docs/performance.md measures it)."""
+    training_on_cpu = module.training and x.device.type == "cpu"
+    return not (training_on_cpu and (module.attention_dropout.p > 0 or torch.is_autocast_enabled("cpu")))
+
+
+def fused_projections(module, x):
+    """Q, K and V from ONE matmul, x W_qkv^T + b_qkv with W_qkv = [W_q; W_k; W_v] (3H, H): one
+    large matmul keeps a GPU busier than three small ones. The weights stay three nn.Linear (the
+    names BERT's checkpoints use); their concatenation is cheap next to the matmul."""
+    weight = torch.cat([module.query.weight, module.key.weight, module.value.weight])   # (3H, H)
+    bias = torch.cat([module.query.bias, module.key.bias, module.value.bias])           # (3H,)
+    return F.linear(x, weight, bias).chunk(3, dim=-1)                                   # 3 x (B, T, H)
+
+
+def fused_projections_apply(module, x):
+    """On CUDA, and only while query, key and value are plain nn.Linear (finetune --lora wraps two
+    of them). On the CPU the three matmuls are as fast, and the numbers stay the reading path's."""
+    return x.is_cuda and all(type(m) is nn.Linear for m in (module.query, module.key, module.value))
+
+
+class Unpadded:
+    """Where a padded batch's real tokens are, so that the encoder's position-wise parts -- every
+    matmul but attention's two, the LayerNorms, GELU, dropout, the residual adds -- run on the N
+    real tokens alone, (N, H), instead of on all B x T positions. Real text's documents are often
+    short, and then most of a batch is padding (docs/performance.md measures how much); the
+    reading path computes on it and throws the result away. Attention itself still runs in the
+    (B, h, T, d) layout with the padding masked, as MosaicBERT's unpadding does without a
+    variable-length kernel. The real positions' outputs are the reading path's; the padding
+    positions' are zero, so it serves where only real positions are read: pre-training (MLM
+    targets and [CLS] are real tokens: data.mask_tokens never picks padding) and the classifier
+    ([CLS], or the mean over real tokens). Built from a mask on the CPU, where pretrain's data is,
+    nothing waits for a GPU; from a mask on a GPU (the classifier's), finding the real tokens
+    waits for it once."""
+
+    def __init__(self, attention_mask, device=None):
+        mask = torch.as_tensor(attention_mask).bool()                    # (B, T)
+        self.shape = tuple(mask.shape)
+        index = mask.flatten().nonzero().squeeze(1)                      # (N,) real positions in B*T
+        if index.device.type == "cpu" and device is not None and torch.device(device).type == "cuda":
+            index = index.pin_memory()                                   # so the copy does not block
+        self.index = index.to(device or index.device, non_blocking=True)
+        self.additive_mask = None  # the batch's attention mask (B, 1, 1, T), set by encode_unpadded
+
+    def unpad(self, x):
+        # (B, T, ...) -> (N, ...)
+        return x.flatten(0, 1).index_select(0, self.index)
+
+    def pad(self, x):
+        # (N, ...) -> (B, T, ...), zeros at padding
+        padded = x.new_zeros((self.shape[0] * self.shape[1], *x.shape[1:]))
+        return padded.index_copy(0, self.index, x).view(*self.shape, *x.shape[1:])
+
+
+def encode_unpadded(encoder, input_ids, segment_ids, attention_mask, unpadded):
+    """model.Encoder.forward on the real tokens only: (sequence output (B, T, H) with zeros at
+    padding, pooled [CLS] output (B, H)). The same layers, called as in Encoder.forward; each is
+    handed the Unpadded in place of the mask, and its SelfAttention then takes `attention` above
+    (the layers' position-wise parts need no change: they compute per token, on (N, H))."""
+    x = encoder.embeddings(input_ids, segment_ids)
+    unpadded.additive_mask = encoder.additive_mask(attention_mask, x.dtype)   # (B, 1, 1, T)
+    x = unpadded.unpad(x)                                                     # (N, H)
+    for layer in encoder.layers:
+        x = layer(x, unpadded)
+    x = unpadded.pad(x)                                                       # (B, T, H)
+    return x, encoder.pool(x)
+
+
+# ----------------------------------------------------------------------------------------
+# The MLM head: a fixed number of predictions, a padded vocabulary
+# ----------------------------------------------------------------------------------------
+
+
+def gather_fixed_predictions(sequence_output, mlm_labels, max_predictions):
+    """The hidden states and targets at the masked positions, in a FIXED shape: max_predictions
+    (P) slots per sequence, as BERT's own data does (max_predictions_per_seq), the unused slots
+    with target IGNORE_INDEX (mlm_loss skips them). The boolean index of mlm_scores gives a shape
+    that depends on the data, so the CPU must wait for the GPU to learn it every step; here
+    nothing waits, and every step has the same shapes (what torch.compile and CUDA graphs want).
+    P must be at least the largest masked count of a sequence (data.MaskingRule.max_predictions).
+    Returns (hidden (B * P, H), targets (B * P,))."""
+    in_m = mlm_labels != IGNORE_INDEX                                                   # (B, T)
+    max_predictions = min(max_predictions, mlm_labels.shape[1])
+    # the masked positions first (key 1), then any others (key 0, their targets IGNORE_INDEX)
+    positions = in_m.to(sequence_output.dtype).topk(max_predictions, dim=1).indices   # (B, P)
+    hidden = sequence_output.gather(1, positions[:, :, None].expand(-1, -1, sequence_output.shape[-1]))
+    return hidden.flatten(0, 1), mlm_labels.gather(1, positions).flatten()
+
+
+def scores_over_padded_vocabulary(head, hidden, token_embedding, multiple=64):
+    """model.MLMHead's scores, transformed E^T + b (N, V), with E's V rows padded by zero rows up
+    to a multiple of 64 for the matmul and the extra columns cut off before the bias: GPU matmul
+    kernels are fastest when each dimension is a multiple of 64, and BERT's V = 30522 is not even
+    a multiple of 8. The padding exists only inside this call: the embedding, checkpoints and
+    exports keep V rows."""
+    transformed = head.transform(hidden)                                 # (N, H)
+    vocab_size = token_embedding.shape[0]
+    padded = F.pad(token_embedding, (0, 0, 0, -vocab_size % multiple))  # (V', H), V' a multiple of 64
+    return (transformed @ padded.t())[..., :vocab_size] + head.bias     # (N, V)
+
+
+# ----------------------------------------------------------------------------------------
+# One pre-training micro-batch with every device that applies
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Speed:
+    """The devices PreTrainingModel.forward(speed=...) applies to one micro-batch:
+    unpadded           an Unpadded of the batch's mask, or None (no padding)
+    max_predictions    gather_fixed_predictions' P, or None (the boolean gather of mlm_scores)
+    padded_vocabulary  scores_over_padded_vocabulary (on a GPU)
+    no_mask            no padding on a GPU: no mask at all (SDPA may then pick FlashAttention)"""
+    unpadded: Unpadded = None
+    max_predictions: int = None
+    padded_vocabulary: bool = False
+    no_mask: bool = False
+
+
+def speed_for(micro_batch, device, max_predictions):
+    """The Speed of a micro-batch (numpy arrays, on the CPU, before they go to `device`): skip its
+    padding where it has some; on a GPU a fixed number of predictions (max_predictions, from
+    data.MaskingRule) and the padded vocabulary."""
+    real = np.asarray(micro_batch["attention_mask"]).astype(bool)   # (B, T)
+    on_gpu = torch.device(device).type == "cuda"
+    if on_gpu:
+        masked = int((micro_batch["mlm_labels"] != IGNORE_INDEX).sum(axis=1).max())
+        if masked > max_predictions:  # a bug, not input: MaskingRule.max_predictions is the bound
+            raise RuntimeError("a sequence has more masked tokens than MaskingRule.max_predictions allows")
+    padded = not real.all()
+    return Speed(unpadded=Unpadded(real, device) if padded else None, max_predictions=max_predictions if on_gpu else None,
+                 padded_vocabulary=on_gpu, no_mask=on_gpu and not padded)
+
+
+def pretraining_scores(model, input_ids, segment_ids, attention_mask, mlm_labels, speed):
+    """PreTrainingModel.forward's MLM scores (N, V), their targets (N,) and the pooled output,
+    with `speed`'s devices; the model turns them into B3's losses as on the reading path."""
+    if speed.unpadded is not None:
+        sequence_output, pooled = encode_unpadded(model.encoder, input_ids, segment_ids, attention_mask,
+                                                  speed.unpadded)
+    else:
+        sequence_output, pooled = model.encoder(input_ids, segment_ids, None if speed.no_mask else attention_mask)
+    if speed.max_predictions is None:
+        hidden = sequence_output[mlm_labels != IGNORE_INDEX]                        # (N, H)
+        targets = mlm_labels[mlm_labels != IGNORE_INDEX]
+    else:
+        hidden, targets = gather_fixed_predictions(sequence_output, mlm_labels, speed.max_predictions)
+    embedding = model.encoder.embeddings.token.weight
+    if speed.padded_vocabulary:
+        scores = scores_over_padded_vocabulary(model.mlm_head, hidden, embedding)
+    else:
+        scores = model.mlm_head(hidden, embedding)                                  # (N, V)
+    return scores, targets, pooled
+
+
+# ----------------------------------------------------------------------------------------
+# Around the step: batches built ahead, and the throughput meter
+# ----------------------------------------------------------------------------------------
+
+
+class StepBatches:
+    """Each pre-training step's micro-batches, in order, with the state the data generator had
+    before drawing them (what a checkpoint stores, for a bit-identical resume). `build(rng)`
+    draws one step's micro-batches from the generator `rng`.
+
+    background=False (the CPU: the cores are busy with the step itself): built when asked.
+    background=True (a GPU): a thread builds the next steps' batches, in pinned memory, while the
+    GPU computes -- the same batches in the same order, since only that thread draws from the data
+    generator. `waited` adds up the seconds the loop spent waiting for data (pretrain reports its
+    share of the time as data_wait_fraction)."""
+
+    def __init__(self, build, rng, background, pin=False, ahead=2):
+        self.build_batches, self.rng, self.pin = build, rng, pin
+        self.waited, self.pending, self.closed, self.worker = 0.0, None, False, None
+        self.queue = queue.Queue(maxsize=ahead) if background else None
+        if background:
+            self.worker = threading.Thread(target=self.fill, daemon=True)
+            self.worker.start()
+
+    def build(self):
+        state = self.rng.bit_generator.state
+        batches = self.build_batches(self.rng)
+        if self.pin:
+            batches = [{key: torch.from_numpy(value).pin_memory() for key, value in b.items()} for b in batches]
+        return state, batches
+
+    def fill(self):
+        while not self.closed:
+            try:
+                item = self.build()
+            except Exception as error:  # handed to the loop, which raises it
+                item = error
+            while not self.closed:
+                try:
+                    self.queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+
+    def next(self):
+        """(data state, micro-batches) of the next step."""
+        started = time.perf_counter()
+        item, self.pending = self.pending or (self.queue.get() if self.queue is not None else self.build()), None
+        self.waited += time.perf_counter() - started
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    def next_state(self):
+        """The data generator's state before the next step's draw, without consuming it."""
+        if self.queue is None:
+            return self.rng.bit_generator.state
+        self.pending = self.pending or self.queue.get()
+        return self.pending[0] if not isinstance(self.pending, Exception) else None
+
+    def close(self):
+        """Stop the thread and wait for it (it may be building a batch), so that none outlives the run."""
+        self.closed = True
+        if self.worker is not None:
+            self.worker.join(timeout=10)
+
+
+class Throughput:
+    """Tokens per second of a run: overall (everything included), and "steady": the training steps
+    after the first `timing_warmup_steps` (not the learning rate's warmup), their time alone --
+    compilation (--compile), the allocator and the choice of kernels happen in the first steps, and
+    held-out evaluations and checkpoint writes between steps are not training. The steady rate is
+    what `bench` measures. Each step ends with its losses read back (.item()), so on a GPU the
+    clock sees the work done, not queued."""
+
+    def __init__(self, timing_warmup_steps):
+        self.timing_warmup_steps, self.started = timing_warmup_steps, time.time()
+        self.steps = self.tokens = self.seconds = self.timing_warmup_tokens = self.timing_warmup_seconds = 0
+
+    def add(self, tokens, seconds):
+        """One training step: its real tokens, and the seconds it took (data wait included)."""
+        self.steps += 1
+        self.tokens, self.seconds = self.tokens + tokens, self.seconds + seconds
+        if self.steps <= self.timing_warmup_steps:
+            self.timing_warmup_tokens += tokens
+            self.timing_warmup_seconds += seconds
+
+    def elapsed(self):
+        return max(time.time() - self.started, 1e-9)
+
+    def rate(self):
+        return self.tokens / self.elapsed()
+
+    def share(self, seconds):
+        return seconds / self.elapsed()
+
+    def metrics(self):
+        metrics = {"seconds": self.elapsed(), "tokens_per_second": self.rate()}
+        if self.steps > self.timing_warmup_steps:
+            steady_seconds = max(self.seconds - self.timing_warmup_seconds, 1e-9)
+            metrics.update(timing_warmup_steps=self.timing_warmup_steps,
+                           timing_warmup_seconds=self.timing_warmup_seconds,
+                           steady_tokens_per_second=(self.tokens - self.timing_warmup_tokens) / steady_seconds)
+        return metrics
+
+
+if __name__ == "__main__":
+    # `python fast.py`: each device against the reading path (model.py) on a random padded batch
+    import fast  # the module model.py uses (this file runs as __main__, a second copy of its classes)
+    from model import PreTrainingModel, make_config
+
+    torch.manual_seed(0)
+    config = make_config("tiny", vocab_size=300, max_positions=32, dropout=0.0, attention_dropout=0.0, attention="sdpa")
+    network = PreTrainingModel(config)
+    input_ids = torch.randint(5, 300, (4, 32))
+    mask = torch.arange(32)[None, :] < torch.tensor([[32], [20], [9], [3]])
+    labels = torch.where((torch.rand(4, 32) < 0.3) & mask, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+    labels[:, 1] = input_ids[:, 1]
+    reading = network(input_ids, None, mask, labels)[0]
+    for name, speed in (("real tokens only", fast.Speed(unpadded=fast.Unpadded(mask))),
+                        ("+ fixed predictions", fast.Speed(unpadded=fast.Unpadded(mask), max_predictions=12)),
+                        ("+ padded vocabulary", fast.Speed(unpadded=fast.Unpadded(mask), max_predictions=12,
+                                                           padded_vocabulary=True))):
+        difference = (network(input_ids, None, mask, labels, speed=speed)[0] - reading).abs().item()
+        print(f"{name}: loss differs from the reading path's by {difference:.1e}")
+        assert difference < 1e-5
+    print("self-check passed")

@@ -1,0 +1,282 @@
+"""fast.py as a specification: every speed device gives the reading path's numbers -- in outputs,
+losses and gradients -- on random inputs: random lengths and padding, both attention paths."""
+
+import math
+import os
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import fast
+import train
+from common import IGNORE_INDEX
+from conftest import quiet, random_batch, small_config
+from model import Encoder, Layer, PreTrainingModel, make_config
+from options import PretrainOptions
+from tokenizer import Tokenizer
+
+
+def test_explicit_and_fused_attention_agree_in_outputs_and_gradients(device):
+    config = small_config(dropout=0.0, attention_dropout=0.0)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        explicit = PreTrainingModel(config).to(device)
+        fused = PreTrainingModel(replace(config, attention="sdpa")).to(device)
+        fused.load_state_dict(explicit.state_dict())
+        batch = [tensor.to(device) for tensor in random_batch(config, seed=seed)]
+        losses = [model(*batch)[0] for model in (explicit, fused)]
+        assert torch.allclose(losses[0], losses[1], atol=1e-5)
+        for loss in losses:
+            loss.backward()
+        for (name, a), (_, b) in zip(explicit.named_parameters(), fused.named_parameters()):
+            assert torch.allclose(a.grad, b.grad, atol=1e-5), name
+
+
+def test_dropout_keeps_one_minus_p_scales_the_rest_and_is_the_identity_in_eval():
+    torch.manual_seed(0)
+    for p in (0.1, 0.5, 0.9):
+        dropout = fast.Dropout(p)
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.ones(1001, 999, dtype=dtype, requires_grad=True)  # an odd count: the last 64-bit draw is partial
+            y = dropout(x)
+            kept = y != 0
+            count = x.numel()
+            # the kept fraction is 1 - p within 5 standard deviations of a binomial
+            assert abs(kept.float().mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / count)
+            assert torch.allclose(y[kept].float(), torch.tensor(1 / (1 - p)), rtol=1e-2)
+            y.sum().backward()  # the gradient flows through the kept entries only, scaled alike
+            assert torch.equal(x.grad != 0, kept)
+            # masks of neighbouring entries are independent: pairs (i, i+1) both kept ~ (1-p)^2
+            flat = kept.flatten().float()
+            assert abs((flat[:-1] * flat[1:]).mean().item() - (1 - p) ** 2) < 5 * math.sqrt((1 - p) ** 2 / count)
+        dropout.eval()
+        x = torch.randn(7, 5)
+        assert dropout(x) is x
+
+
+def test_the_fixed_shape_mlm_prediction_equals_the_boolean_index_in_loss_and_gradient():
+    # fast.gather_fixed_predictions (the GPU's speed device) against mlm_scores' boolean index:
+    # random masks, padded rows, rows with nothing masked, P from exactly-full to generous
+    generator = torch.Generator().manual_seed(0)
+    config = make_config("tiny", vocab_size=60, max_positions=24, hidden_size=32, num_heads=2, intermediate_size=64,
+                         dropout=0.0, attention_dropout=0.0)
+    model = PreTrainingModel(config)
+    for trial in range(20):
+        batch, length = int(torch.randint(1, 6, (1,), generator=generator)), int(torch.randint(4, 24, (1,), generator=generator))
+        input_ids = torch.randint(5, 60, (batch, length), generator=generator)
+        selected = torch.rand(batch, length, generator=generator) < 0.3
+        selected[0] = False if trial % 4 == 0 else selected[0]  # sometimes a row with no masked token
+        labels = torch.where(selected, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+        mask = torch.arange(length)[None, :] < torch.randint(1, length + 1, (batch, 1), generator=generator)
+        largest = int(selected.sum(dim=1).max())
+        losses, gradients = [], []
+        for max_predictions in (None, max(1, largest), largest + 3):
+            model.zero_grad()
+            speed = None if max_predictions is None else fast.Speed(max_predictions=max_predictions)
+            loss = model(input_ids, None, mask, labels, num_masked_total=max(1, int(selected.sum())), speed=speed)[1]
+            loss.backward()
+            losses.append(loss.detach())
+            gradients.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        for loss, gradient in zip(losses[1:], gradients[1:]):
+            assert torch.allclose(loss, losses[0], atol=1e-6), trial
+            assert torch.allclose(gradient, gradients[0], atol=1e-6), trial
+
+
+def test_fused_qkv_projection_equals_the_three_projections_and_their_gradients():
+    torch.manual_seed(0)
+    attention = Layer(make_config("tiny", vocab_size=50, max_positions=16, hidden_size=48, num_heads=3)).attention
+    x = torch.randn(3, 7, 48, requires_grad=True)
+    separate = [attention.query(x), attention.key(x), attention.value(x)]
+    weights = torch.randn(3, 3, 7, 48)
+    (sum((w * t).sum() for w, t in zip(weights, separate))).backward()
+    projections = [p for m in (attention.query, attention.key, attention.value) for p in m.parameters()]
+    expected = [p.grad.clone() for p in projections] + [x.grad.clone()]
+    attention.zero_grad()
+    x.grad = None
+    fused = fast.fused_projections(attention, x)
+    for a, b in zip(fused, separate):
+        assert torch.allclose(a, b, atol=1e-6)
+    (sum((w * t).sum() for w, t in zip(weights, fused))).backward()
+    for a, b in zip([p.grad for p in projections] + [x.grad], expected):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["explicit", "sdpa"])
+def test_no_mask_is_the_same_as_a_mask_of_all_real_tokens(attention):
+    # on a GPU pretrain drops the mask of a batch without padding (SDPA may then use FlashAttention)
+    torch.manual_seed(0)
+    encoder = Encoder(make_config("tiny", vocab_size=50, max_positions=16, attention=attention)).eval()
+    input_ids = torch.randint(0, 50, (3, 16))
+    with torch.no_grad():
+        without = encoder(input_ids, None, None)
+        with_mask = encoder(input_ids, None, torch.ones(3, 16, dtype=torch.bool))
+    for a, b in zip(without, with_mask):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("attention", ["explicit", "sdpa"])
+def test_computing_on_real_tokens_only_gives_the_reading_paths_outputs_loss_and_gradients(attention, device):
+    # fast.Unpadded (the speed device that skips padding in the position-wise layers) against the
+    # reading path: random lengths (one row unpadded, others down to 1 token), both attention
+    # paths, with and without the fixed-shape MLM prediction and the padded vocabulary
+    generator = torch.Generator().manual_seed(1)
+    config = make_config("tiny", vocab_size=60, max_positions=24, hidden_size=32, num_heads=2, intermediate_size=64,
+                         dropout=0.0, attention_dropout=0.0, attention=attention)
+    torch.manual_seed(0)
+    network = PreTrainingModel(config).to(device)
+    for trial in range(12):
+        batch, length = int(torch.randint(2, 7, (1,), generator=generator)), int(torch.randint(4, 24, (1,), generator=generator))
+        input_ids = torch.randint(5, 60, (batch, length), generator=generator)
+        lengths = torch.randint(1, length + 1, (batch,), generator=generator)
+        lengths[0] = length
+        mask = torch.arange(length)[None, :] < lengths[:, None]
+        selected = (torch.rand(batch, length, generator=generator) < 0.3) & mask
+        selected[:, 0] = True
+        labels = torch.where(selected, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+        nsp = torch.randint(0, 2, (batch,), generator=generator)
+        tensors = [t.to(device) for t in (input_ids, mask, labels, nsp)]
+        results = []
+        for unpadded in (None, fast.Unpadded(mask, device)):
+            network.zero_grad()
+            if unpadded is None:
+                sequence_output, pooled = network.encoder(tensors[0], None, tensors[1])
+                speed = None
+            else:
+                sequence_output, pooled = fast.encode_unpadded(network.encoder, tensors[0], None, tensors[1], unpadded)
+                speed = fast.Speed(unpadded=unpadded, max_predictions=int(selected.sum(1).max()) if trial % 2 else None,
+                                   padded_vocabulary=trial % 3 == 0)
+            loss = network(tensors[0], None, tensors[1], tensors[2], tensors[3], speed=speed)[0]
+            loss.backward()
+            gradient = torch.cat([p.grad.flatten() for p in network.parameters() if p.grad is not None])
+            results.append((sequence_output[tensors[1]], pooled, loss, gradient))
+        for reading, unpadded in zip(*results):  # (a GPU may pick other matmul kernels for N rows than for B x T)
+            assert torch.allclose(reading, unpadded, atol=1e-5, rtol=1e-4), trial
+
+
+def test_computing_on_real_tokens_only_leaves_zeros_at_padding_and_pads_back_exactly():
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)
+    unpadded = fast.Unpadded(mask)
+    x = torch.randn(3, 4, 5)
+    flat = unpadded.unpad(x)                                   # (N, H): the 7 real tokens, in order
+    assert flat.shape == (7, 5) and torch.equal(flat, x[mask])
+    back = unpadded.pad(flat)
+    assert torch.equal(back[mask], x[mask]) and torch.equal(back[~mask], torch.zeros(5, 5))
+
+
+def test_scores_over_a_padded_vocabulary_equal_the_plain_scores_and_gradients():
+    # fast.scores_over_padded_vocabulary (on a GPU the MLM head's decoder rows are padded to a
+    # multiple of 64 inside the call) against MLMHead's transformed E^T + b, for sizes on and off
+    # the multiple
+    from model import MLMHead
+    generator = torch.Generator().manual_seed(0)
+    for vocab_size in (1, 7, 63, 64, 65, 130, 30522 // 16):
+        for multiple in (8, 64):
+            torch.manual_seed(vocab_size)
+            head = MLMHead(make_config("tiny", vocab_size=vocab_size, hidden_size=16, num_heads=2))
+            torch.nn.init.normal_(head.bias)
+            hidden = torch.randn(9, 16, generator=generator, requires_grad=True)
+            embedding = torch.randn(vocab_size, 16, generator=generator, requires_grad=True)
+            weights = torch.randn(9, vocab_size, generator=generator)
+            results = []
+            for scores in (head(hidden, embedding), fast.scores_over_padded_vocabulary(head, hidden, embedding, multiple)):
+                gradients = torch.autograd.grad((weights * scores).sum(), (hidden, embedding, head.bias))
+                results.append((scores, *gradients))
+            assert results[1][0].shape == (9, vocab_size)
+            for plain, padded in zip(*results):
+                assert plain.shape == padded.shape and torch.allclose(plain, padded, atol=1e-5), (vocab_size, multiple)
+
+
+def test_batches_built_in_the_background_are_the_batches_built_in_the_loop_with_their_data_states(small_world):
+    # fast.StepBatches (train.step_batches): the GPU's background thread must hand the loop exactly what building each
+    # step's batches in the loop would, with the data generator's state before each step's draw
+    from types import SimpleNamespace
+    tokenizer = Tokenizer.load(os.path.join(small_world["pre"], "vocab.txt"))
+    encoded = data.encode_documents(tokenizer, data.read_corpus([small_world["corpus"]]))
+    options = PretrainOptions(batch_size=4, accumulation=2, max_length=24)
+    streams = []
+    for background in (False, True):
+        run = SimpleNamespace(options=options, tokenizer=tokenizer, data_rng=np.random.default_rng(3), device=torch.device("cpu"))
+        batches, drawn = train.step_batches(run, encoded, background=background), []
+        for step in range(5):
+            if step == 2:
+                peeked = batches.next_state()
+            drawn.append(batches.next())
+        batches.close()
+        streams.append((drawn, peeked))
+    (in_loop, peeked_in_loop), (in_background, peeked_in_background) = streams
+    assert peeked_in_loop == peeked_in_background == in_loop[2][0]
+    for (state, micro_batches), (state_b, micro_batches_b) in zip(in_loop, in_background):
+        assert state == state_b and len(micro_batches) == len(micro_batches_b) == 2
+        for a, b in zip(micro_batches, micro_batches_b):
+            assert all(np.array_equal(a[key], np.asarray(b[key])) for key in a)
+    # the state recorded for a step redraws that step's batches
+    replay = SimpleNamespace(options=options, tokenizer=tokenizer, data_rng=np.random.default_rng(), device=torch.device("cpu"))
+    replay.data_rng.bit_generator.state = in_loop[3][0]
+    assert all(np.array_equal(a[key], b[key]) for a, b in zip(train.step_batches(replay, encoded, False).next()[1],
+                                                                in_loop[3][1]) for key in a)
+
+
+def test_throughput_counts_the_steady_rate_after_the_first_steps_apart(monkeypatch):
+    # fast.Throughput with a fake clock: 3 warm-up steps of 10 s each (compilation), then 1 s a
+    # step, and 20 s of evaluation between steps that the steady rate leaves out
+    clock = [100.0]
+    monkeypatch.setattr(fast.time, "time", lambda: clock[0])
+    throughput = fast.Throughput(timing_warmup_steps=3)
+    for step in range(8):
+        seconds = 10.0 if step < 3 else 1.0
+        clock[0] += seconds
+        throughput.add(500, seconds)
+        if step == 5:
+            clock[0] += 20.0  # a held-out evaluation
+    metrics = throughput.metrics()
+    assert metrics["seconds"] == 55.0 and metrics["tokens_per_second"] == 8 * 500 / 55.0
+    assert metrics["timing_warmup_seconds"] == 30.0 and metrics["steady_tokens_per_second"] == 500.0
+    assert throughput.share(11.0) == 0.2
+    assert "steady_tokens_per_second" not in fast.Throughput(timing_warmup_steps=3).metrics()  # nothing after the warm-up yet
+
+
+def test_pretraining_computes_on_real_tokens_only_exactly_when_a_batch_has_padding(small_world, tmp_path, monkeypatch):
+    # pretraining_step hands fast.Unpadded to the model for each padded micro-batch (and the
+    # model uses it), never for one without padding
+    built, used, seen = [], [], []
+
+    class Recording(fast.Unpadded):
+        def __init__(self, mask, device=None):
+            super().__init__(mask, device)
+            built.append(int(np.asarray(mask).sum()))
+
+        def unpad(self, x):
+            used.append(self)
+            return super().unpad(x)
+
+    step = train.pretraining_step
+
+    def recording_step(run, training_model, micro_batches):
+        seen.append([np.asarray(b["attention_mask"]) for b in micro_batches])
+        return step(run, training_model, micro_batches)
+
+    monkeypatch.setattr(fast, "Unpadded", Recording)
+    monkeypatch.setattr(train, "pretraining_step", recording_step)
+    recipe = PretrainOptions(corpus=[small_world["corpus"]], steps=4, batch_size=8, max_length=64, vocab_size=300,
+                             accumulation=2, save_every=0, device="cpu")
+    metrics = train.pretrain(str(tmp_path / "run"), recipe, log=quiet, progress=False)
+    masks = [mask for step_masks in seen for mask in step_masks]
+    padded = [int(mask.sum()) for mask in masks if not mask.all()]
+    assert len(masks) == 8 and padded and built == padded and len(set(map(id, used))) == len(padded)
+    assert metrics["tokens_per_second"] > 0
+
+
+def test_cpu_training_in_bf16_takes_the_written_out_attention():
+    # fast.fused_attention_applies: the CPU's SDPA backward is slow in bf16 (docs/performance.md)
+    fused_attention_applies = fast.fused_attention_applies
+    attention = Layer(make_config("tiny", vocab_size=50, max_positions=16, attention="sdpa", attention_dropout=0.0)).attention
+    x = torch.zeros(2, 4, 128)
+    assert fused_attention_applies(attention.train(), x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not fused_attention_applies(attention.train(), x)
+        assert fused_attention_applies(attention.eval(), x)  # inference keeps the kernel
+    attention.attention_dropout.p = 0.1
+    assert not fused_attention_applies(attention.train(), x) and fused_attention_applies(attention.eval(), x)
