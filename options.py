@@ -70,7 +70,6 @@ HELP = {
     "deterministic": "the same numbers from the same seed on a GPU too (deterministic kernels; "
                      "slower there)",  # deterministic_algorithms, below
     "device": "auto (cuda, then mps, then cpu), cpu, cuda or mps",
-    "precision": "auto (bf16 where the hardware has it, else fp32), fp32 or bf16",
 }
 
 
@@ -78,7 +77,7 @@ HELP = {
 # Options, and their checks (the one place flags are validated)
 # ----------------------------------------------------------------------------------------
 
-MASKING = MaskingRule()  # B1's numbers, written once (data.MaskingRule): 15%, then 80/10/10
+MASKING = MaskingRule()  # B1's numbers: data.MaskingRule is the one place they are written
 
 
 @dataclass
@@ -353,7 +352,8 @@ class DemoOptions:
     labels_per_class: int = setting(16, "k labeled sentences per topic", least=1)
     pretrain_steps: int = setting(1600, "pre-training steps", least=1)
     epochs: int = setting(30, "fine-tuning epochs", least=1)
-    precision: str = setting("auto", HELP["precision"])
+    precision: str = setting("auto", "auto (bf16 where the hardware has it, else fp32), fp32 or "
+                                     "bf16")
     device: str = setting("auto", HELP["device"])
 
     def check(self):
