@@ -143,10 +143,9 @@ def build_parser():
     parser = argparse.ArgumentParser(prog="ptft.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add_command in (add_demo, add_pretrain, add_finetune, add_distill, add_quantize, add_prune,
-                        add_tokenize, add_experiments, add_evaluate, add_fill_mask, add_export,
-                        add_bench):
-        add_command(commands)
+    for add in (add_demo, add_pretrain, add_finetune, add_distill, add_quantize, add_prune,
+                add_tokenize, add_experiments, add_evaluate, add_fill_mask, add_export, add_bench):
+        add(commands)
     return parser
 
 
