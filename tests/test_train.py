@@ -1,6 +1,5 @@
 """train.py and ptft.py as a specification: freezing, schedules, runs, clear errors."""
 
-import argparse
 import json
 import math
 import os
@@ -217,28 +216,6 @@ def test_the_held_out_mlm_loss_is_the_cross_entropy_over_every_masked_token_of_e
     assert evaluation.mlm_evaluation(net, batches, torch.device("cpu"))["mlm_loss"] == pytest.approx(expected, rel=1e-5)
 
 
-# the commands whose flags become an options dataclass (ptft.options_from)
-OPTIONS_OF_COMMAND = {"demo": options.DemoOptions, "pretrain": PretrainOptions, "finetune": FinetuneOptions,
-                      "distill": options.DistillOptions, "prune": options.PruneOptions, "bench": options.BenchOptions}
-
-
-def command_parsers():
-    """Each command's argparse parser, by name."""
-    return next(a for a in ptft.build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
-
-
-def test_every_flag_reaches_its_options_field_and_every_field_has_its_flag():
-    # a flag whose dest names no field would be parsed and then silently ignored (options_from goes by field name)
-    commands = command_parsers()
-    run_flags = {"out", "resume", "force", "help"}  # where the run goes, not how it computes
-    library_only = {"pretrain": {"lowercase"}, "finetune": {"mlm_max_length", "vocab_size"}}  # set by the code, not a flag
-    for name, options_class in OPTIONS_OF_COMMAND.items():
-        fields = set(ptft.option_defaults(options_class))
-        dests = {action.dest for action in commands[name]._actions}
-        assert dests - run_flags <= fields, (name, dests - run_flags - fields)
-        assert fields - dests == library_only.get(name, set()), (name, fields - dests)
-
-
 class FixedScores(torch.nn.Module):
     """A 'classifier' whose scores for a row are a table's row, looked up by the row's first id."""
 
@@ -285,44 +262,6 @@ def test_an_interrupted_command_says_its_checkpoint_is_intact_and_exits_130(cli,
     monkeypatch.setitem(ptft.COMMANDS, "bench", interrupted)
     code, _, stderr = cli("bench")
     assert code == 130 and stderr.strip().splitlines() == ["interrupted; the last checkpoint written is intact (use --resume to continue)"]
-
-
-def test_every_minimum_a_flag_has_is_exactly_where_refusal_starts(monkeypatch):
-    # each check_at_least triple: least - 1 is refused in one line naming the flag, least itself passes
-    commands = command_parsers()
-    recorded, check_at_least = [], options.check_at_least
-
-    def recording(*flags):
-        recorded.extend(flags)
-        check_at_least(*flags)
-
-    required = {"prune": {"train": "train.tsv"}}  # what check() asks for besides numbers (files are read later)
-    # the minima themselves: a step, a sequence, a row; 8 tokens hold [CLS] A [SEP] B [SEP] with room; 0 means "none"
-    minima = {"demo": {},
-              "pretrain": {"--steps": 1, "--batch-size": 1, "--accum": 1, "--max-length": 8, "--warmup-steps": 0,
-                           "--save-every": 0, "--eval-every": 1},
-              "finetune": {"--epochs": 1, "--batch-size": 1, "--max-length": 8, "--vocab-size": 8, "--adapt-steps": 0},
-              "distill": {"--epochs": 1, "--batch-size": 1, "--max-unlabeled": 0}, "prune": {"--epochs": 0, "--batch-size": 1},
-              "bench": {"--steps": 1, "--batch-size": 1, "--vocab-size": 8}}
-    checked = 0
-    for name, options_class in OPTIONS_OF_COMMAND.items():
-        base = replace(options_class(), **required.get(name, {}))
-        dest = {flag: action.dest for action in commands[name]._actions for flag in action.option_strings}
-        recorded.clear()
-        monkeypatch.setattr(options, "check_at_least", recording)
-        base.check()
-        monkeypatch.setattr(options, "check_at_least", check_at_least)
-        assert {flag: least for flag, _, least in recorded} == minima[name], name
-        for flag, _, least in list(recorded):
-            dest.setdefault(flag, flag.lstrip("-").replace("-", "_"))  # a field set by code (finetune's vocab_size)
-            with pytest.raises(InputError, match=f"{flag} must be at least {least}, got {least - 1}"):
-                replace(base, **{dest[flag]: least - 1}).check()
-            try:
-                replace(base, **{dest[flag]: least}).check()
-            except InputError as error:
-                assert f"{flag} must be at least" not in str(error)
-            checked += 1
-    assert checked == sum(map(len, minima.values()))
 
 
 def test_freeze_top_k_trains_exactly_the_top_k_layers_and_no_more_than_there_are():
