@@ -44,7 +44,8 @@ def distillation_loss(student_logits, teacher_logits, labels, temperature, alpha
     # KL(p_t || p_s) = sum_c p_t,c * (log p_t,c - log p_s,c), per row; then the mean over rows
     soft = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=-1).mean()
     labeled = labels != IGNORE_INDEX
-    hard = F.cross_entropy(student_logits, labels, ignore_index=IGNORE_INDEX, reduction="sum") / labeled.sum().clamp(min=1)
+    hard = (F.cross_entropy(student_logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+            / labeled.sum().clamp(min=1))
     return alpha * hard + (1 - alpha) * temperature ** 2 * soft
 
 
@@ -59,7 +60,8 @@ class Teacher:
     def loss(self, student_logits, index, labels):
         """distillation_loss of the student's logits for the training rows `index` (B, C)."""
         teacher_logits = self.logits[torch.from_numpy(index)].to(student_logits.device)
-        return distillation_loss(student_logits, teacher_logits, labels, self.temperature, self.alpha)
+        return distillation_loss(student_logits, teacher_logits, labels,
+                                 self.temperature, self.alpha)
 
 
 def every_other_layer(teacher, config):
@@ -92,7 +94,8 @@ def to_int8_rows(weight):
     so every weight is off by at most s_r / 2. One byte per weight instead of four, plus one
     float per row. A row's own scale keeps one large row from flattening all the others."""
     scale = weight.abs().amax(dim=1).float() / 127
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row: any scale gives q = 0
+    # an all-zero row: any scale gives q = 0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     return torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
 
 
@@ -148,11 +151,13 @@ def remove_feed_forward_units(model, fraction):
     units of every layer go -- rows of W_in and b, columns of W_out -- which computes exactly
     what the full model computes with those columns of W_out set to 0 (tested), in a smaller
     dense model: intermediate_size I - round(fraction * I)."""
-    keep_count = max(1, model.config.intermediate_size - round(fraction * model.config.intermediate_size))
+    intermediate_size = model.config.intermediate_size
+    keep_count = max(1, intermediate_size - round(fraction * intermediate_size))
     config = replace(model.config, intermediate_size=keep_count)
     state = model.state_dict()
     for i, layer in enumerate(model.encoder.layers):
-        importance = layer.feed_forward_in.weight.norm(dim=1) * layer.feed_forward_out.weight.norm(dim=0)  # (I,)
+        importance = (layer.feed_forward_in.weight.norm(dim=1)
+                      * layer.feed_forward_out.weight.norm(dim=0))  # (I,)
         kept = importance.argsort(descending=True, stable=True)[:keep_count].sort().values
         prefix = f"encoder.layers.{i}."
         state[prefix + "feed_forward_in.weight"] = layer.feed_forward_in.weight[kept]
@@ -195,14 +200,16 @@ class LowRankUpdate(nn.Module):
 
 
 def add_low_rank_updates(model, rank):
-    """LoRA's choice: a LowRankUpdate on every layer's query and value projection of a Classifier."""
+    """LoRA's choice: a LowRankUpdate on every layer's query and value projection of a
+    Classifier."""
     for layer in model.encoder.layers:
         layer.attention.query = LowRankUpdate(layer.attention.query, rank)
         layer.attention.value = LowRankUpdate(layer.attention.value, rank)
 
 
 def merge_low_rank_updates(model):
-    """Every LowRankUpdate replaced by its merged nn.Linear: the state dict's names are BERT's again."""
+    """Every LowRankUpdate replaced by its merged nn.Linear: the state dict's names are BERT's
+    again."""
     for layer in model.encoder.layers:
         for name in ("query", "value"):
             if isinstance(getattr(layer.attention, name), LowRankUpdate):
@@ -230,7 +237,8 @@ def with_int8_arithmetic(model):
         return None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the deprecation notice, once per layer
-        return quantize_dynamic(copy.deepcopy(model).cpu().eval(), {torch.nn.Linear: per_channel_dynamic_qconfig})
+        return quantize_dynamic(copy.deepcopy(model).cpu().eval(),
+                                {torch.nn.Linear: per_channel_dynamic_qconfig})
 
 
 if __name__ == "__main__":
@@ -240,9 +248,11 @@ if __name__ == "__main__":
 
     torch.manual_seed(0)
     student, teacher, labels = torch.randn(8, 5), torch.randn(8, 5), torch.randint(0, 5, (8,))
-    soft = (F.softmax(teacher / 2, -1) * (F.log_softmax(teacher / 2, -1) - F.log_softmax(student / 2, -1))).sum(-1).mean()
+    soft = (F.softmax(teacher / 2, -1)
+            * (F.log_softmax(teacher / 2, -1) - F.log_softmax(student / 2, -1))).sum(-1).mean()
     expected = 0.5 * F.cross_entropy(student, labels) + 0.5 * 4 * soft
-    print(f"distillation loss {distillation_loss(student, teacher, labels, 2.0, 0.5):.4f} (written out {expected:.4f})")
+    print(f"distillation loss {distillation_loss(student, teacher, labels, 2.0, 0.5):.4f}"
+          f" (written out {expected:.4f})")
     weight = torch.randn(64, 32)
     quantized, scale = to_int8_rows(weight)
     error = (from_int8_rows(quantized, scale) - weight).abs().max().item()
@@ -256,7 +266,8 @@ if __name__ == "__main__":
         torch.nn.init.normal_(layer.attention.query.B)
     updated = model(ids)
     merge_low_rank_updates(model)
-    print(f"LoRA: merged model differs from W + BA by {(model(ids) - updated).abs().max().item():.1e}"
+    print(f"LoRA: merged model differs from W + BA by"
+          f" {(model(ids) - updated).abs().max().item():.1e}"
           f" (and from the start by {(updated - before).abs().max().item():.1e})")
     prune_smallest_weights(model, 0.5)
     print(f"pruned: {zero_fraction(model):.0%} of the layer matrices are zero")

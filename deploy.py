@@ -25,7 +25,15 @@ import numpy as np
 import torch
 
 import data
-from checkpoint import load_checkpoint, make_checkpoint, open_model, prepare_out_folder, save_atomic, save_classifier, write_json
+from checkpoint import (
+    load_checkpoint,
+    make_checkpoint,
+    open_model,
+    prepare_out_folder,
+    save_atomic,
+    save_classifier,
+    write_json,
+)
 from common import IGNORE_INDEX, InputError
 from compress import (
     Teacher,
@@ -64,29 +72,40 @@ def distill(out, options, force=False, log=print, progress=True):
     transfer = texts + unlabeled
     prepare_out_folder(out, force=force)
     source = f"{o.train} + {len(unlabeled)} unlabeled sentences"
-    teacher_rows = data.classification_inputs(teacher_tokenizer, transfer, teacher.config.max_positions, log, path=source)
+    teacher_rows = data.classification_inputs(teacher_tokenizer, transfer,
+                                              teacher.config.max_positions, log, path=source)
     teacher.to(device)
-    start.teacher = Teacher(classifier_logits(teacher, teacher_rows, device, pad_id=teacher_tokenizer.pad_id),
+    start.teacher = Teacher(classifier_logits(teacher, teacher_rows, device,
+                                              pad_id=teacher_tokenizer.pad_id),
                             o.temperature, o.alpha)
     rows = data.classification_inputs(tokenizer, transfer, config.max_positions, log, path=source)
-    log(f"distilling {o.teacher} ({count_parameters(teacher):,} parameters) into a {config.num_layers}-layer student "
-        f"({count_parameters(Classifier(config, len(label_names), pool)):,}, --student-init {o.student_init}): "
-        f"{len(texts)} labeled + {len(unlabeled)} unlabeled sentences, T = {o.temperature:g}, alpha = {o.alpha:g}")
-    student, info = fit_classifier(rows, label_ids + [IGNORE_INDEX] * len(unlabeled), len(label_names), config,
-                                   o.finetune_options(pool), start=start, pad_id=tokenizer.pad_id, progress=progress)
-    scored_on, scored_texts, scored_labels = (o.valid, *data.read_tsv(o.valid)) if o.valid else (o.train, texts, labels)
+    log(f"distilling {o.teacher} ({count_parameters(teacher):,} parameters) into a "
+        f"{config.num_layers}-layer student "
+        f"({count_parameters(Classifier(config, len(label_names), pool)):,}, "
+        f"--student-init {o.student_init}): "
+        f"{len(texts)} labeled + {len(unlabeled)} unlabeled sentences, "
+        f"T = {o.temperature:g}, alpha = {o.alpha:g}")
+    student, info = fit_classifier(rows, label_ids + [IGNORE_INDEX] * len(unlabeled),
+                                   len(label_names), config, o.finetune_options(pool), start=start,
+                                   pad_id=tokenizer.pad_id, progress=progress)
+    scored_on, scored_texts, scored_labels = ((o.valid, *data.read_tsv(o.valid)) if o.valid
+                                              else (o.train, texts, labels))
     scored_ids = data.encode_labels(scored_labels, label_names, scored_on)
-    metrics = {**info, "teacher": str(o.teacher), "student_init": o.student_init, "temperature": o.temperature,
-               "alpha": o.alpha, "labeled": len(texts), "unlabeled": len(unlabeled), "scored_on": scored_on,
+    # the scored texts in each model's own tokens (the student's vocabulary may differ)
+    student_rows = data.classification_inputs(tokenizer, scored_texts, config.max_positions, log)
+    teacher_scored_rows = data.classification_inputs(teacher_tokenizer, scored_texts,
+                                                     teacher.config.max_positions, log)
+    metrics = {**info, "teacher": str(o.teacher), "student_init": o.student_init,
+               "temperature": o.temperature, "alpha": o.alpha, "labeled": len(texts),
+               "unlabeled": len(unlabeled), "scored_on": scored_on,
                "teacher_parameters": count_parameters(teacher),
-               **classify(student, data.classification_inputs(tokenizer, scored_texts, config.max_positions, log), scored_ids,
-                          device, pad_id=tokenizer.pad_id),
-               "teacher_metrics": classify(teacher, data.classification_inputs(teacher_tokenizer, scored_texts,
-                                                                               teacher.config.max_positions, log),
-                                           scored_ids, device, pad_id=teacher_tokenizer.pad_id)}
+               **classify(student, student_rows, scored_ids, device, pad_id=tokenizer.pad_id),
+               "teacher_metrics": classify(teacher, teacher_scored_rows, scored_ids, device,
+                                           pad_id=teacher_tokenizer.pad_id)}
     save_classifier(out, student, tokenizer, label_names, metrics,
-                    run={"teacher": str(o.teacher), "student_init": o.student_init, "temperature": o.temperature,
-                         "alpha": o.alpha, "epochs": o.epochs, "lr": o.lr, "seed": o.seed})
+                    run={"teacher": str(o.teacher), "student_init": o.student_init,
+                         "temperature": o.temperature, "alpha": o.alpha, "epochs": o.epochs,
+                         "lr": o.lr, "seed": o.seed})
     return metrics
 
 
@@ -99,7 +118,8 @@ def student_start(teacher, teacher_tokenizer, o, num_labels):
       RUN          a smaller pre-trained encoder (a run or BERT folder): its size and vocabulary"""
     if o.student_init not in ("every-other", "scratch"):
         if o.student_config or sizes_given(o):
-            raise InputError("--student-config and the size flags: not with a pre-trained --student-init (it brings its size)")
+            raise InputError("--student-config and the size flags: not with a pre-trained "
+                             "--student-init (it brings its size)")
         model, tokenizer, _ = open_model(o.student_init)
         start, config = StartingPoint(encoder_state=model.encoder.state_dict()), model.config
     else:
@@ -112,9 +132,9 @@ def student_start(teacher, teacher_tokenizer, o, num_labels):
         student_size = count_parameters(Classifier(config, num_labels))
         teacher_size = count_parameters(Classifier(teacher.config, num_labels))
     if student_size >= teacher_size:
-        raise InputError(f"the student ({student_size:,} parameters: {config.num_layers} layers, hidden "
-                         f"{config.hidden_size}) is not smaller than its teacher ({teacher_size:,}); choose fewer "
-                         "layers or smaller sizes")
+        raise InputError(f"the student ({student_size:,} parameters: {config.num_layers} layers, "
+                         f"hidden {config.hidden_size}) is not smaller than its teacher "
+                         f"({teacher_size:,}); choose fewer layers or smaller sizes")
     return config, tokenizer, start
 
 
@@ -125,18 +145,23 @@ def student_config(teacher_config, o):
     given = sizes_given(o)
     if "num_layers" not in given and o.student_config is None:
         given["num_layers"] = max(1, teacher_config.num_layers // 2)
-    try:  # the vocabulary and position table are the teacher's: the student reads the same token ids
-        config = replace(base, vocab_size=teacher_config.vocab_size, max_positions=teacher_config.max_positions,
-                         dropout=teacher_config.dropout, attention_dropout=teacher_config.attention_dropout,
+    # the vocabulary and position table are the teacher's: the student reads the same token ids
+    try:
+        config = replace(base, vocab_size=teacher_config.vocab_size,
+                         max_positions=teacher_config.max_positions,
+                         dropout=teacher_config.dropout,
+                         attention_dropout=teacher_config.attention_dropout,
                          attention=teacher_config.attention, **given)
     except ValueError as error:
         raise InputError(f"the student's sizes: {error}") from None
     if o.student_init == "every-other":
-        differing = [f for f in SIZE_FIELDS if f != "num_layers" and getattr(config, f) != getattr(teacher_config, f)]
+        differing = [f for f in SIZE_FIELDS
+                     if f != "num_layers" and getattr(config, f) != getattr(teacher_config, f)]
         if differing or config.num_layers > teacher_config.num_layers:
-            raise InputError(f"--student-init every-other copies the teacher's layers: the student needs the teacher's "
-                             f"{', '.join(differing) or 'sizes'} and at most its {teacher_config.num_layers} layers "
-                             "(or use --student-init scratch)")
+            needed = ", ".join(differing) or "sizes"
+            raise InputError("--student-init every-other copies the teacher's layers: the student "
+                             f"needs the teacher's {needed} and at most its "
+                             f"{teacher_config.num_layers} layers (or use --student-init scratch)")
     return config
 
 
@@ -167,16 +192,20 @@ def quantize(out, init, force=False, log=print):
         raise InputError(f"{init}: already stored as int8")
     quantized, scales = quantized_state(checkpoint["model"])
     config, tokenizer = Config(**checkpoint["config"]), Tokenizer.from_checkpoint(checkpoint)
-    kept = {key: checkpoint[key] for key in ("labels", "pool", "step", "run", "fresh", "source") if key in checkpoint}
+    kept = {key: checkpoint[key] for key in ("labels", "pool", "step", "run", "fresh", "source")
+            if key in checkpoint}
     payload = make_checkpoint(checkpoint["kind"], quantized, config, tokenizer, int8_scales=scales,
                               quantized_from=str(init), **kept)
-    float_payload = make_checkpoint(checkpoint["kind"], checkpoint["model"], config, tokenizer, **kept)
-    errors = [(checkpoint["model"][name] - from_int8_rows(quantized[name], scale)).abs().max().item()
+    float_payload = make_checkpoint(checkpoint["kind"], checkpoint["model"], config, tokenizer,
+                                    **kept)
+    errors = [(checkpoint["model"][name] - from_int8_rows(quantized[name], scale))
+              .abs().max().item()
               for name, scale in scales.items()]
     prepare_out_folder(out, force=force)
     save_atomic(os.path.join(out, "checkpoint.pt"), payload)
     tokenizer.save(os.path.join(out, "vocab.txt"))
-    metrics = {"quantized_from": str(init), "kind": checkpoint["kind"], "int8_matrices": len(scales),
+    metrics = {"quantized_from": str(init), "kind": checkpoint["kind"],
+               "int8_matrices": len(scales),
                "bytes_float32": size_on_disk(float_payload), "bytes_int8": size_on_disk(payload),
                "max_weight_error": max(errors, default=0.0)}
     write_json(os.path.join(out, "metrics.json"), metrics)
@@ -201,30 +230,38 @@ def prune(out, options, force=False, log=print, progress=True):
     label_names, pool = checkpoint["labels"], checkpoint.get("pool", "cls")
     train_texts, train_labels = data.read_tsv(o.train) if o.train else ([], [])
     train_ids = data.encode_labels(train_labels, label_names, o.train)
-    scored_on, texts, labels = (o.valid, *data.read_tsv(o.valid)) if o.valid else (o.train, train_texts, train_labels)
+    scored_on, texts, labels = ((o.valid, *data.read_tsv(o.valid)) if o.valid
+                                else (o.train, train_texts, train_labels))
     scored_ids = data.encode_labels(labels, label_names, scored_on) if scored_on else []
     prepare_out_folder(out, force=force)
 
     def score(classifier):
         rows = data.classification_inputs(tokenizer, texts, classifier.config.max_positions, log)
-        return classify(classifier, rows, scored_ids, device, pad_id=tokenizer.pad_id) if scored_on else {}
+        return (classify(classifier, rows, scored_ids, device, pad_id=tokenizer.pad_id)
+                if scored_on else {})
 
     before = score(model.to(device))
-    model = prune_smallest_weights(model, o.sparsity) if o.unit == "weights" else remove_feed_forward_units(model, o.sparsity)
-    metrics = {"pruned_from": str(o.init), "unit": o.unit, "sparsity": o.sparsity, "before_pruning": before,
-               "after_pruning": score(model.to(device)), "scored_on": scored_on, "steps": 0}
+    model = (prune_smallest_weights(model, o.sparsity) if o.unit == "weights"
+             else remove_feed_forward_units(model, o.sparsity))
+    metrics = {"pruned_from": str(o.init), "unit": o.unit, "sparsity": o.sparsity,
+               "before_pruning": before, "after_pruning": score(model.to(device)),
+               "scored_on": scored_on, "steps": 0}
     if o.epochs:
-        start = StartingPoint(encoder_state=model.encoder.state_dict(), head_state=model.classifier.state_dict(),
+        start = StartingPoint(encoder_state=model.encoder.state_dict(),
+                              head_state=model.classifier.state_dict(),
                               pruned=o.unit == "weights")
-        rows = data.classification_inputs(tokenizer, train_texts, model.config.max_positions, log, path=o.train)
+        rows = data.classification_inputs(tokenizer, train_texts, model.config.max_positions, log,
+                                          path=o.train)
         log(f"recovery fine-tuning: {len(rows)} examples, {o.epochs} epochs, lr {o.lr:g}")
-        model, info = fit_classifier(rows, train_ids, len(label_names), model.config, o.finetune_options(pool),
-                                     start=start, pad_id=tokenizer.pad_id, progress=progress)
+        model, info = fit_classifier(rows, train_ids, len(label_names), model.config,
+                                     o.finetune_options(pool), start=start,
+                                     pad_id=tokenizer.pad_id, progress=progress)
         metrics.update(info)
-    metrics.update(score(model), parameters=count_parameters(model), zero_fraction=zero_fraction(model))
+    metrics.update(score(model), parameters=count_parameters(model),
+                   zero_fraction=zero_fraction(model))
     save_classifier(out, model, tokenizer, label_names, metrics,
-                    run={"pruned_from": str(o.init), "unit": o.unit, "sparsity": o.sparsity, "epochs": o.epochs, "lr": o.lr,
-                         "seed": o.seed})
+                    run={"pruned_from": str(o.init), "unit": o.unit, "sparsity": o.sparsity,
+                         "epochs": o.epochs, "lr": o.lr, "seed": o.seed})
     return metrics
 
 
@@ -234,16 +271,18 @@ def prune(out, options, force=False, log=print, progress=True):
 
 
 def open_classifier(path, flag, log=print):
-    """open_model, refusing anything but a fine-tuned classifier (what distill and prune start from)."""
+    """open_model, refusing anything but a fine-tuned classifier (what distill and prune start
+    from)."""
     model, tokenizer, checkpoint = open_model(path, log)
     if checkpoint.get("kind") != "classifier":
-        raise InputError(f"{flag} {path}: a {checkpoint.get('kind')} checkpoint; expected a fine-tuned classifier "
-                         "(ptft.py finetune writes one)")
+        raise InputError(f"{flag} {path}: a {checkpoint.get('kind')} checkpoint; expected a "
+                         "fine-tuned classifier (ptft.py finetune writes one)")
     return model, tokenizer, checkpoint
 
 
 def size_on_disk(payload):
-    """The bytes of checkpoint.pt holding `payload` (torch.save's format, weights and vocabulary)."""
+    """The bytes of checkpoint.pt holding `payload` (torch.save's format, weights and
+    vocabulary)."""
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     return buffer.tell()
@@ -254,7 +293,8 @@ def sentences_per_second(model, rows, batch_size, pad_id=0, seconds=2.0):
     """CPU inference speed: forward passes over `rows` in batches (padded to each batch's
     longest), repeated for about `seconds` after one warm-up batch. Returns sentences / second."""
     model.eval()
-    batches = [data.pad(rows[first:first + batch_size], pad_id) for first in range(0, len(rows), batch_size)]
+    batches = [data.pad(rows[first:first + batch_size], pad_id)
+               for first in range(0, len(rows), batch_size)]
     batches = [(torch.from_numpy(ids), torch.from_numpy(mask)) for ids, mask in batches]
     model(batches[0][0], None, batches[0][1])  # warm-up
     done, started = 0, time.perf_counter()
@@ -279,25 +319,33 @@ if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as folder:
         paths = data.write_world(folder, toyworld.toy_world(seed=0, num_documents=3000))
         quiet = lambda *args: None  # noqa: E731
-        train.pretrain(os.path.join(folder, "pre"), PretrainOptions(corpus=[paths["unlabeled.txt"]], steps=400, vocab_size=1024,
-                                                                     device="cpu"), log=quiet, progress=False)
+        pre = os.path.join(folder, "pre")
+        train.pretrain(pre, PretrainOptions(corpus=[paths["unlabeled.txt"]], steps=400,
+                                            vocab_size=1024, device="cpu"),
+                       log=quiet, progress=False)
         teacher = os.path.join(folder, "teacher")
-        finetuning.finetune(teacher, FinetuneOptions(init=os.path.join(folder, "pre"), train=paths["train.tsv"],
-                                                valid=paths["test.tsv"], epochs=10, device="cpu"), log=quiet, progress=False)
+        finetuning.finetune(teacher, FinetuneOptions(init=pre, train=paths["train.tsv"],
+                                                     valid=paths["test.tsv"], epochs=10,
+                                                     device="cpu"),
+                            log=quiet, progress=False)
         runs = {
-            "distilled (1 layer)": lambda out: distill(out, DistillOptions(teacher=teacher, train=paths["train.tsv"],
-                                                                           valid=paths["test.tsv"],
-                                                                           unlabeled=[paths["unlabeled.txt"]], device="cpu"),
-                                                       log=quiet, progress=False),
+            "distilled (1 layer)": lambda out: distill(
+                out, DistillOptions(teacher=teacher, train=paths["train.tsv"],
+                                    valid=paths["test.tsv"], unlabeled=[paths["unlabeled.txt"]],
+                                    device="cpu"),
+                log=quiet, progress=False),
             "int8": lambda out: quantize(out, teacher, log=quiet),
-            "50% of weights pruned": lambda out: prune(out, PruneOptions(init=teacher, train=paths["train.tsv"],
-                                                                         valid=paths["test.tsv"], device="cpu"),
-                                                       log=quiet, progress=False),
+            "50% of weights pruned": lambda out: prune(
+                out, PruneOptions(init=teacher, train=paths["train.tsv"], valid=paths["test.tsv"],
+                                  device="cpu"),
+                log=quiet, progress=False),
         }
-        print(f"teacher: test accuracy {evaluation.evaluate(teacher, paths['test.tsv'], 'cpu', quiet)['accuracy']:.3f}, "
+        teacher_accuracy = evaluation.evaluate(teacher, paths["test.tsv"], "cpu", quiet)["accuracy"]
+        print(f"teacher: test accuracy {teacher_accuracy:.3f}, "
               f"{os.path.getsize(os.path.join(teacher, 'checkpoint.pt')):,} bytes")
         for name, run in runs.items():
             out = os.path.join(folder, name.split()[0])
             run(out)
             accuracy = evaluation.evaluate(out, paths["test.tsv"], "cpu", quiet)["accuracy"]
-            print(f"{name}: test accuracy {accuracy:.3f}, {os.path.getsize(os.path.join(out, 'checkpoint.pt')):,} bytes")
+            print(f"{name}: test accuracy {accuracy:.3f}, "
+                  f"{os.path.getsize(os.path.join(out, 'checkpoint.pt')):,} bytes")

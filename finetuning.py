@@ -39,7 +39,8 @@ def finetune(out, options, force=False, log=print, progress=True):
     train_texts, train_label_names = data.read_tsv(o.train)
     label_names = sorted(set(train_label_names))
     if len(label_names) < 2:
-        raise InputError(f"{o.train}: only one class ({label_names[0]!r}); a classifier needs at least two")
+        raise InputError(f"{o.train}: only one class ({label_names[0]!r}); "
+                         "a classifier needs at least two")
     valid_texts, valid_labels = data.read_tsv(o.valid) if o.valid else ([], [])
     valid_ids = data.encode_labels(valid_labels, label_names, o.valid) if o.valid else []
     if o.init == "scratch":
@@ -49,24 +50,32 @@ def finetune(out, options, force=False, log=print, progress=True):
         model, tokenizer, checkpoint = open_model(o.init)
         config = model.config
     parse_freeze(o.freeze, config.num_layers)  # refuse a bad value before any work
-    start = StartingPoint() if o.init == "scratch" else starting_point(o.init, checkpoint, model, tokenizer, o, log)
+    start = (StartingPoint() if o.init == "scratch"
+             else starting_point(o.init, checkpoint, model, tokenizer, o, log))
     if o.adapt_steps and not has_mlm_head(checkpoint):
-        raise InputError(f"--adapt-steps continues MLM, which needs a pre-trained MLM head; {o.init} has none")
+        raise InputError("--adapt-steps continues MLM, which needs a pre-trained MLM head; "
+                         f"{o.init} has none")
     on_rank_0(processes, lambda: prepare_out_folder(out, resume=False, force=force))
-    if o.adapt_steps:  # theta_0 becomes the adapted encoder; forgetting is still measured on the init's text
+    # theta_0 becomes the adapted encoder; forgetting is still measured on the init's text
+    if o.adapt_steps:
         fitting = replace(o, mlm_max_length=min(o.mlm_max_length, config.max_positions))
-        adapted, _, _ = open_model(adapt_to_task(os.path.join(out, "adapted"), o.init, train_texts, fitting, log), log)
+        adapted_run = adapt_to_task(os.path.join(out, "adapted"), o.init, train_texts, fitting, log)
+        adapted, _, _ = open_model(adapted_run, log)
         start.encoder_state = adapted.encoder.state_dict()
-        start.pretrained_state = adapted.state_dict() if start.pretrained_state is not None else None
-    train_rows = data.classification_inputs(tokenizer, train_texts, config.max_positions, log, path=o.train)
-    valid_rows = data.classification_inputs(tokenizer, valid_texts, config.max_positions, log, path=o.valid)
+        start.pretrained_state = (adapted.state_dict() if start.pretrained_state is not None
+                                  else None)
+    train_rows = data.classification_inputs(tokenizer, train_texts, config.max_positions, log,
+                                            path=o.train)
+    valid_rows = data.classification_inputs(tokenizer, valid_texts, config.max_positions, log,
+                                            path=o.valid)
     train_ids = data.encode_labels(train_label_names, label_names, o.train)
     log(f"fine-tuning from {o.init} with --freeze {o.freeze}: {len(train_rows)} examples, "
         f"{len(label_names)} classes, {o.epochs} epochs, lr {o.peak_lr():g}, device {device}")
-    model, info = fit_classifier(train_rows, train_ids, len(label_names), config, o, start=start, pad_id=tokenizer.pad_id,
-                                 progress=progress)
-    metrics = {**info, "init": o.init, "freeze": o.freeze, "lr": o.peak_lr(), "epochs": o.epochs, "labels": label_names,
-               "schedule": o.schedule, "warmup_fraction": o.warmup_fraction, **vars(o.remedies), "lora": o.lora,
+    model, info = fit_classifier(train_rows, train_ids, len(label_names), config, o, start=start,
+                                 pad_id=tokenizer.pad_id, progress=progress)
+    metrics = {**info, "init": o.init, "freeze": o.freeze, "lr": o.peak_lr(), "epochs": o.epochs,
+               "labels": label_names, "schedule": o.schedule,
+               "warmup_fraction": o.warmup_fraction, **vars(o.remedies), "lora": o.lora,
                "adapt_steps": o.adapt_steps,
                "scored_on": o.valid or f"{o.train} (training set: no --valid given)"}
     scored = (valid_rows, valid_ids) if o.valid else (train_rows, train_ids)
@@ -75,7 +84,8 @@ def finetune(out, options, force=False, log=print, progress=True):
         finish(processes)
         return metrics
     save_classifier(out, model, tokenizer, label_names, metrics,
-                    run={"init": str(o.init), "freeze": o.freeze, "lr": o.peak_lr(), "epochs": o.epochs, "seed": o.seed})
+                    run={"init": str(o.init), "freeze": o.freeze, "lr": o.peak_lr(),
+                         "epochs": o.epochs, "seed": o.seed})
     finish(processes)
     return metrics
 
@@ -89,10 +99,12 @@ def adapt_to_task(folder, init, texts, o, log=print):
     prepare_out_folder(folder, force=True)
     corpus = os.path.join(folder, "texts.txt")
     data.write_corpus(corpus, [[text] for text in texts])
-    log(f"adapting {init} to the task: {o.adapt_steps} steps of MLM on its {len(texts)} training texts")
+    log(f"adapting {init} to the task: {o.adapt_steps} steps of MLM on its {len(texts)} "
+        "training texts")
     pretrain(os.path.join(folder, "run"), PretrainOptions(
-        corpus=[corpus], init=str(init), steps=o.adapt_steps, nsp=False, batch_size=32, max_length=o.mlm_max_length,
-        save_every=0, eval_every=o.adapt_steps, seed=o.seed, device=o.device, deterministic=o.deterministic),
+        corpus=[corpus], init=str(init), steps=o.adapt_steps, nsp=False, batch_size=32,
+        max_length=o.mlm_max_length, save_every=0, eval_every=o.adapt_steps, seed=o.seed,
+        device=o.device, deterministic=o.deterministic),
         force=True, log=lambda *args: None, progress=False)
     return os.path.join(folder, "run")
 
@@ -103,33 +115,42 @@ def starting_point(init, checkpoint, model, tokenizer, o, log):
     held-out batches for forgetting (C5) and a stream of batches for --aux-mlm."""
     mlm_head = has_mlm_head(checkpoint)
     if o.remedies.aux_mlm and not mlm_head:
-        raise InputError(f"--aux-mlm: {init} has no pre-trained MLM head (a classifier checkpoint or a headless BERT)")
+        raise InputError(f"--aux-mlm: {init} has no pre-trained MLM head "
+                         "(a classifier checkpoint or a headless BERT)")
     start = StartingPoint(encoder_state=model.encoder.state_dict())
-    text = data.pretraining_text(checkpoint.get("run", {}).get("corpus"), o.unlabeled) if mlm_head else None
+    text = (data.pretraining_text(checkpoint.get("run", {}).get("corpus"), o.unlabeled)
+            if mlm_head else None)
     if o.remedies.aux_mlm and not (text and text[0]):
-        raise InputError(f"--aux-mlm: no unlabeled text for {init}; name it with --unlabeled FILE (or stdlib)")
+        raise InputError(f"--aux-mlm: no unlabeled text for {init}; "
+                         "name it with --unlabeled FILE (or stdlib)")
     if text:
         length = min(o.mlm_max_length, model.config.max_positions)
         start.pretrained_state = model.state_dict()
-        start.held_out = data.held_out_batches(data.encode_documents(tokenizer, text[1]), tokenizer, length, use_nsp=False)
+        start.held_out = data.held_out_batches(data.encode_documents(tokenizer, text[1]),
+                                               tokenizer, length, use_nsp=False)
         if o.remedies.aux_mlm:
-            start.aux_batches = data.mlm_batch_stream(data.encode_documents(tokenizer, text[0]), tokenizer,
-                                                      o.batch_size, length, o.seed)
+            start.aux_batches = data.mlm_batch_stream(data.encode_documents(tokenizer, text[0]),
+                                                      tokenizer, o.batch_size, length, o.seed)
     elif mlm_head:
         log(f"{init}: its pre-training text is unknown; pass --unlabeled to measure forgetting")
     return start
 
 
 if __name__ == "__main__":
-    # `python finetuning.py`: both loops end to end on a small toy world, a minute or two on a CPU --
-    # pre-training (E4 falls from ln|V|), then fine-tuning everything on its labels (E3).
+    # `python finetuning.py`: both loops end to end on a small toy world, a minute or two on a
+    # CPU -- pre-training (E4 falls from ln|V|), then fine-tuning everything on its labels (E3).
     import tempfile
 
     with tempfile.TemporaryDirectory() as folder:
         files = data.write_world(folder, toyworld.toy_world(seed=0, num_documents=3000))
-        pre = pretrain(os.path.join(folder, "pre"), PretrainOptions(corpus=[files["unlabeled.txt"]], steps=500, vocab_size=1024),
+        pre = pretrain(os.path.join(folder, "pre"),
+                       PretrainOptions(corpus=[files["unlabeled.txt"]], steps=500, vocab_size=1024),
                        progress=False)
-        print(f"pre-training: held-out MLM loss {pre['held_out_mlm_loss']:.3f} (ln|V| = {pre['ln_vocab']:.3f})")
-        tuned = finetune(os.path.join(folder, "full"), FinetuneOptions(init=os.path.join(folder, "pre"), train=files["train.tsv"],
-                                                                       valid=files["test.tsv"], epochs=10), progress=False)
-        print(f"fine-tuning everything: test accuracy {tuned['accuracy']:.3f} (chance {1 / len(toyworld.TOPICS):.3f})")
+        print(f"pre-training: held-out MLM loss {pre['held_out_mlm_loss']:.3f} "
+              f"(ln|V| = {pre['ln_vocab']:.3f})")
+        tuned = finetune(os.path.join(folder, "full"),
+                         FinetuneOptions(init=os.path.join(folder, "pre"), train=files["train.tsv"],
+                                         valid=files["test.tsv"], epochs=10),
+                         progress=False)
+        print(f"fine-tuning everything: test accuracy {tuned['accuracy']:.3f} "
+              f"(chance {1 / len(toyworld.TOPICS):.3f})")
