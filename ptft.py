@@ -37,7 +37,7 @@ import experiments
 import hf
 import toyworld
 import train
-from checkpoint import load_checkpoint, prepare_out_folder, write_json
+from checkpoint import load_checkpoint, prepare_out_folder, refuse_force_over_inputs, refuse_run_folder, write_json
 from common import InputError
 from options import PRUNE_UNITS, BenchOptions, DemoOptions, DistillOptions, FinetuneOptions, PretrainOptions, PruneOptions
 from tokenizer import MASK, Tokenizer, train_tokenizer
@@ -296,6 +296,7 @@ def add_tokenize(commands):
     p.add_argument("--vocab-size", type=int, default=8192, help="WordPiece vocabulary to train on the corpus")
     p.add_argument("--init", help="use this run's (or BERT folder's) vocabulary instead of training one")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenising processes")
+    p.add_argument("--force", action="store_true", help="replace an existing token set under PREFIX")
 
 
 def add_experiments(commands):
@@ -487,6 +488,7 @@ def run_tokenize(args):
     folder = os.path.dirname(args.out) or "."
     if not os.path.isdir(folder):  # refused before the vocabulary is trained, which can take minutes
         raise InputError(f"--out {args.out}: the folder {folder} does not exist")
+    data.refuse_existing_token_set(args.out, args.force)  # before the vocabulary, which can take minutes
     started = time.time()
     if args.init:
         tokenizer = Tokenizer.from_checkpoint(load_checkpoint(args.init))
@@ -494,12 +496,14 @@ def run_tokenize(args):
         print(f"building a {args.vocab_size}-token WordPiece vocabulary from {', '.join(args.corpus)} ...", file=sys.stderr)
         tokenizer = train_tokenizer((s for d in data.iter_documents(args.corpus) for s in d), args.vocab_size)
     vocabulary_seconds, started = time.time() - started, time.time()
-    tokens = data.write_token_file(args.corpus, tokenizer, args.out, workers=args.workers)
+    tokens = data.write_token_file(args.corpus, tokenizer, args.out, workers=args.workers, force=args.force)
     print(f"done: {tokens:,} tokens in {args.out}.tokens (vocabulary {vocabulary_seconds:.1f} s, tokenising "
           f"{time.time() - started:.1f} s with {args.workers} processes); pretrain --corpus {args.out}.tokens")
 
 
 def run_evaluate(args):
+    if args.out:
+        refuse_run_folder(args.out)
     metrics = train.evaluate(args.init, args.data, args.device)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
@@ -566,6 +570,7 @@ def main(argv=None):
     if getattr(args, "deterministic", False):  # cuBLAS reads it once, when it starts: before any GPU work
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     try:
+        refuse_force_over_inputs(args)
         COMMANDS[args.command](args)
     except InputError as error:
         say(f"error: {error}")
