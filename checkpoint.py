@@ -10,10 +10,13 @@ A run folder holds checkpoint.pt, vocab.txt and metrics.json. checkpoint.pt is a
     ...         pretrain adds optimizer, scaler, rng and history (what a bit-exact resume needs);
                 finetune adds labels; a Hugging Face folder adds fresh and source
 
-    prepare_out_folder   a new run never overwrites an old one unless asked to
+    prepare_out_folder   a new run never overwrites an old one unless asked to; the folder gets
+                         ptft's marker (--force deletes only such folders) and this process's lock
     save_atomic          temporary file, fsync, rename: a crash leaves the old file or the new one
     load_checkpoint      a run folder, a checkpoint file or a Hugging Face BERT folder -> the dict,
-                         its parts checked against each other (a bad file is one line, exit 2)
+                         verified (every record's CRC-32, finite weights) and its parts checked
+                         against each other (a bad or damaged file is one line, exit 2)
+    finished_run         what a --resume finds, decided from the checkpoint (never metrics.json)
     open_model           -> (model with its weights, tokenizer, checkpoint)
     PretrainingRun       what a pre-training checkpoint holds, saved and restored (bit-exact resume)
 
@@ -418,6 +421,7 @@ def finished_run(out, steps):
             raise ValueError("not this run's final metrics")
     except (OSError, ValueError):  # missing (killed between the two writes), damaged or stale: rebuilt
         metrics = final_metrics_from(checkpoint)
+        lock_out_folder(out)  # a write: only the folder's one writer
         write_json(metrics_path, metrics)
     return {**metrics, "already_finished": True}
 

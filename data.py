@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import toyworld
-from common import IGNORE_INDEX, IS_NEXT, NOT_NEXT, InputError, read_text_file, write_atomic, write_temporary
+from common import IGNORE_INDEX, IS_NEXT, NOT_NEXT, InputError, read_text_file, write_atomic, write_temporary, write_text_atomic
 from tokenizer import Tokenizer, split_words
 
 # ----------------------------------------------------------------------------------------
@@ -378,14 +378,11 @@ def read_tsv(path):
 
 
 def write_tsv(path, examples):
-    with open(path, "w", encoding="utf-8") as f:
-        for text, label in examples:
-            f.write(f"{text}\t{label}\n")
+    write_text_atomic(path, "".join(f"{text}\t{label}\n" for text, label in examples))
 
 
 def write_corpus(path, documents):
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n\n".join("\n".join(document) for document in documents) + "\n")
+    write_text_atomic(path, "\n\n".join("\n".join(document) for document in documents) + "\n")
 
 
 def write_world(folder, world):

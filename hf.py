@@ -29,7 +29,7 @@ import tempfile
 
 import torch
 
-from common import MARKER, TEMPORARY_SUFFIX, InputError, read_text_file, write_atomic
+from common import MARKER, TEMPORARY_SUFFIX, UMASK, InputError, read_text_file, write_atomic
 from model import Classifier, Config, PreTrainingModel
 from tokenizer import CLS, MASK, PAD, SEP, UNK, Tokenizer
 
@@ -107,15 +107,15 @@ def check_config_values(values, path):
     for name, limit in SIZE_LIMITS.items():
         value = values.get(name)
         if name in values and not (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= limit):
-            raise InputError(f"{path}: {name} = {value!r}; expected a whole number from 1 to {limit:,}")
+            raise InputError(f"{path}: the config is not valid ({name} = {value!r}; expected a whole number from 1 to {limit:,})")
     for name in ("dropout", "attention_dropout"):
         value = values.get(name, 0.0)
         if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1):
-            raise InputError(f"{path}: {name} = {value!r}; expected a probability in [0, 1)")
+            raise InputError(f"{path}: the config is not valid ({name} = {value!r}; expected a probability in [0, 1))")
     for name in ("layer_norm_eps", "initializer_range"):
         value = values.get(name, 0.02)
         if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0):
-            raise InputError(f"{path}: {name} = {value!r}; expected a positive number")
+            raise InputError(f"{path}: the config is not valid ({name} = {value!r}; expected a positive number)")
     check_memory(values, path)
 
 
@@ -386,6 +386,7 @@ def export(checkpoint, out):
     files[CHECKSUMS] = "".join(f"{hashlib.sha256(content).hexdigest()}  {name}\n" for name, content in files.items()).encode()
     partial = tempfile.mkdtemp(dir=os.path.dirname(target), prefix=f".{os.path.basename(target)}.", suffix=TEMPORARY_SUFFIX)
     try:
+        os.chmod(partial, 0o777 & ~UMASK)  # mkdtemp makes it 0700; the folder gets what os.makedirs would give
         for name, content in {**files, MARKER: b""}.items():  # the marker: a folder ptft made (checkpoint.remove_made_folder)
             write_atomic(os.path.join(partial, name), lambda f, content=content: f.write(content))
         if os.path.isdir(target):  # prepare_out_folder left it empty but for the marker (or it did not exist)
