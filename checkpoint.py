@@ -32,7 +32,6 @@ import os
 import random
 import shutil
 import sys
-import zipfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,7 +39,7 @@ import torch
 
 import data
 import hf
-from common import MARKER, TEMPORARY_SUFFIX, InputError, write_atomic, write_text_atomic
+from common import MARKER, TEMPORARY_SUFFIX, InputError, verify_records, write_atomic, write_text_atomic
 from model import Classifier, Config, PreTrainingModel
 from options import SIZE_FIELDS, PretrainOptions
 from parallel import Processes, gather_from_processes, refuse_differences
@@ -212,28 +211,6 @@ def load_checkpoint(path, log=print):
     checkpoint = with_float_weights(checkpoint, path) if "int8_scales" in checkpoint else checkpoint
     data.remember_corpus(checkpoint.get("run"))  # the text it was trained on, to recognise it later
     return refuse_non_finite(checkpoint, path)
-
-
-def verify_records(path, required=True):
-    """Integrity: a checkpoint.pt is a zip archive (torch.save's format) that stores a CRC-32
-    of every record -- the pickled metadata (vocabulary, settings, RNG states) and each tensor.
-    torch.load never checks them; this does, reading every record once. One flipped bit in
-    the file is then refused, or (a bit in a field nothing reads) loads exactly as written --
-    tests/test_reliability.py flips random bits to hold it to that. A file that is not a zip
-    archive (torch's legacy format, e.g. an old pytorch_model.bin) is refused when `required`."""
-    try:
-        if not zipfile.is_zipfile(path):
-            if required:
-                raise InputError(f"{path}: not a ptft checkpoint (not the zip archive torch.save writes; truncated or damaged?)")
-            return
-        with zipfile.ZipFile(path) as archive:
-            damaged = archive.testzip()  # reads every record, compares its CRC-32
-    except InputError:
-        raise
-    except Exception as error:  # BadZipFile, zlib.error, a record header pointing nowhere, ...
-        raise InputError(f"{path}: damaged ({str(error)[:120] or type(error).__name__}); it fails its integrity check") from None
-    if damaged is not None:
-        raise InputError(f"{path}: damaged: record {damaged} fails its CRC-32 check (the file changed after it was written)")
 
 
 def refuse_non_finite(checkpoint, path):

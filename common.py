@@ -4,12 +4,14 @@
                       and exits with status 2 -- never a traceback
     read_text_file    a whole UTF-8 file, or an InputError naming the line of the first bad byte
     write_atomic      a file written whole or not at all (temporary file, fsync, rename), errors as OSError
+    verify_records    a zip archive's (a checkpoint's) CRC-32 of every record checked, or an InputError
     label conventions IGNORE_INDEX, IS_NEXT, NOT_NEXT: BERT's and `transformers`' own values
 """
 
 import contextlib
 import os
 import tempfile
+import zipfile
 
 # Label conventions, the same as BERT's original code and `transformers`:
 IGNORE_INDEX = -100  # MLM label at positions that were not selected for prediction
@@ -121,3 +123,25 @@ def write_atomic(path, write):
 
 def write_text_atomic(path, text):
     write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def verify_records(path, required=True):
+    """Integrity: a checkpoint.pt is a zip archive (torch.save's format) that stores a CRC-32
+    of every record -- the pickled metadata (vocabulary, settings, RNG states) and each tensor.
+    torch.load never checks them; this does, reading every record once. One flipped bit in
+    the file is then refused, or (a bit in a field nothing reads) loads exactly as written --
+    tests/test_reliability.py flips random bits to hold it to that. A file that is not a zip
+    archive (torch's legacy format, e.g. an old pytorch_model.bin) is refused when `required`."""
+    try:
+        if not zipfile.is_zipfile(path):
+            if required:
+                raise InputError(f"{path}: not a ptft checkpoint (not the zip archive torch.save writes; truncated or damaged?)")
+            return
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()  # reads every record, compares its CRC-32
+    except InputError:
+        raise
+    except Exception as error:  # BadZipFile, zlib.error, a record header pointing nowhere, ...
+        raise InputError(f"{path}: damaged ({str(error)[:120] or type(error).__name__}); it fails its integrity check") from None
+    if damaged is not None:
+        raise InputError(f"{path}: damaged: record {damaged} fails its CRC-32 check (the file changed after it was written)")

@@ -29,7 +29,7 @@ import tempfile
 
 import torch
 
-from common import MARKER, TEMPORARY_SUFFIX, UMASK, InputError, read_text_file, write_atomic
+from common import MARKER, TEMPORARY_SUFFIX, UMASK, InputError, read_text_file, verify_records, write_atomic
 from model import Classifier, Config, PreTrainingModel
 from tokenizer import CLS, MASK, PAD, SEP, UNK, Tokenizer
 
@@ -225,9 +225,7 @@ def read_weights(folder):
         except Exception as error:
             raise InputError(f"{safetensors_path}: not a readable safetensors file ({str(error)[:120]})") from None
     if os.path.exists(bin_path):
-        from checkpoint import verify_records  # the zip's CRC-32s, where the file is a zip
-
-        verify_records(bin_path, required=False)
+        verify_records(bin_path, required=False)  # the zip's CRC-32s, where the file is a zip
         try:
             return torch.load(bin_path, map_location="cpu", weights_only=True)
         except Exception as error:
