@@ -10,17 +10,24 @@ A run folder holds checkpoint.pt, vocab.txt and metrics.json. checkpoint.pt is a
     ...         pretrain adds optimizer, scaler, rng and history (what a bit-exact resume needs);
                 finetune adds labels; a Hugging Face folder adds fresh and source
 
-    prepare_out_folder   a new run never overwrites an old one unless asked to
+    prepare_out_folder   a new run never overwrites an old one unless asked to; the folder gets
+                         ptft's marker (--force deletes only such folders) and this process's lock
     save_atomic          temporary file, fsync, rename: a crash leaves the old file or the new one
     load_checkpoint      a run folder, a checkpoint file or a Hugging Face BERT folder -> the dict,
-                         its parts checked against each other (a bad file is one line, exit 2)
+                         verified (every record's CRC-32, finite weights) and its parts checked
+                         against each other (a bad or damaged file is one line, exit 2)
+    finished_run         what a --resume finds, decided from the checkpoint (never metrics.json)
     open_model           -> (model with its weights, tokenizer, checkpoint)
     PretrainingRun       what a pre-training checkpoint holds, saved and restored (bit-exact resume)
 
 Run `python checkpoint.py RUN_FOLDER` to see what a checkpoint holds (without one: a self-check).
 """
 
+import contextlib
+import fcntl
+import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -30,43 +37,125 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+import data
 import hf
-from common import InputError
+from common import MARKER, TEMPORARY_SUFFIX, InputError, verify_records, write_atomic, write_text_atomic
 from compress import from_int8_rows
 from model import Classifier, Config, PreTrainingModel
 from options import SIZE_FIELDS, PretrainOptions
-from parallel import Processes, gather_from_processes
+from parallel import Processes, gather_from_processes, refuse_differences
 from tokenizer import Tokenizer
+
+# ----------------------------------------------------------------------------------------
+# The run folder: made by ptft (a marker), written by one process at a time (a lock)
+# ----------------------------------------------------------------------------------------
+
+HELD_LOCKS = {}  # real path of a run folder -> the open folder this process holds its lock on
+MAX_HELD_LOCKS = 256  # beyond this, the locks on folders inside another held folder are let go
 
 
 def prepare_out_folder(out, resume=False, force=False):
-    """A new run never overwrites an existing run folder unless asked to."""
-    if os.path.exists(out) and not os.path.isdir(out):
+    """A new run never overwrites an existing run folder unless asked to, and never one another
+    process is writing. On return `out` exists, holds the marker, and this process holds its
+    lock until it exits (lock_out_folder). A folder holding only the marker counts as empty."""
+    if os.path.lexists(out) and not os.path.isdir(out):
         raise InputError(f"{out}: exists and is not a folder")
-    if os.path.isdir(out) and os.listdir(out) and not resume:
-        if not force:
-            raise InputError(f"{out}: folder exists and is not empty; pass --resume to continue that run or --force to start over")
-        shutil.rmtree(out)
+    if os.path.isdir(out):
+        lock_out_folder(out)  # before anything in it is read or deleted
+        if folder_contents(out) and not resume:
+            if not force:
+                raise InputError(f"{out}: folder exists and is not empty; pass --resume to continue that run or --force to start over")
+            remove_made_folder(out)
+    made = not os.path.isdir(out) or not folder_contents(out)
     os.makedirs(out, exist_ok=True)
+    if made:
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(os.path.join(out, MARKER), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644))
+    lock_out_folder(out)
+    for name in os.listdir(out):  # what a killed writer left: only a lock holder may write here, so it is stale
+        if name.endswith(TEMPORARY_SUFFIX):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(out, name))
+
+
+def folder_contents(out):
+    return [name for name in os.listdir(out) if name != MARKER]
+
+
+def lock_out_folder(out):
+    """An exclusive lock on the folder itself (flock on the open folder), held until this process
+    exits: the operating system releases it when the process ends, however it ends (SIGKILL
+    included), so a lock is never left behind. A second process is refused in one line."""
+    real = os.path.realpath(out)
+    held = HELD_LOCKS.get(real)
+    if held is not None:
+        try:
+            if os.path.samestat(os.fstat(held), os.stat(real)):
+                return  # this process already holds it (a resume in the same process)
+        except OSError:
+            pass
+        os.close(HELD_LOCKS.pop(real))  # the folder was replaced (--force): lock the new one
+    if len(HELD_LOCKS) >= MAX_HELD_LOCKS:  # a long sweep in one process: let go of finished sub-runs
+        for held_path in [p for p in HELD_LOCKS if any(p.startswith(q + os.sep) for q in HELD_LOCKS)]:
+            os.close(HELD_LOCKS.pop(held_path))
+    descriptor = os.open(real, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise InputError(f"{out}: another ptft process is writing this folder; wait for it to end or choose another --out") from None
+    HELD_LOCKS[real] = descriptor
+
+
+def remove_made_folder(out):
+    """--force: delete a folder that ptft made (it holds the marker) -- never another folder
+    (a repository, a home folder), never the working folder or a folder above it."""
+    real, here = os.path.realpath(out), os.path.realpath(os.getcwd())
+    if os.path.islink(out.rstrip(os.sep) or out):
+        raise InputError(f"{out}: is a symbolic link; --force does not delete through it (remove it yourself)")
+    if here == real or here.startswith(real.rstrip(os.sep) + os.sep):
+        raise InputError(f"{out}: is the working folder or holds it; --force never deletes that")
+    if not os.path.exists(os.path.join(out, MARKER)):
+        raise InputError(f"{out}: not a folder ptft made (it has no {MARKER}); --force deletes only those -- "
+                         "remove it yourself or choose another --out")
+    shutil.rmtree(out)
+
+
+def refuse_force_over_inputs(args):
+    """--force never deletes a folder an input of the same command lives in (finetune --init X
+    --out X): every flag value naming an existing path is an input."""
+    out = getattr(args, "out", None)
+    if not (getattr(args, "force", False) and out and os.path.isdir(out)):
+        return
+    real = os.path.realpath(out).rstrip(os.sep) + os.sep
+    for name, value in vars(args).items():
+        for item in (value if isinstance(value, (list, tuple)) else [value]):
+            if name != "out" and isinstance(item, str) and os.path.exists(item) \
+                    and (os.path.realpath(item) + os.sep).startswith(real):
+                raise InputError(f"--out {out} --force would delete {item} (--{name.replace('_', '-')}), which this command reads")
+
+
+def refuse_run_folder(out):
+    """evaluate --out: a folder for the evaluation's metrics, never a run folder (its
+    metrics.json holds the run's history)."""
+    if os.path.exists(os.path.join(out, "checkpoint.pt")) or os.path.exists(os.path.join(out, MARKER)):
+        raise InputError(f"--out {out}: is a run folder; its metrics.json would be overwritten -- choose another folder")
+
+
+# ----------------------------------------------------------------------------------------
+# Writing and reading a checkpoint: atomic, and verified before it is trusted
+# ----------------------------------------------------------------------------------------
 
 
 def save_atomic(path, payload):
-    """Atomic write: a temporary file in the same folder, flushed to disk, then renamed over
-    the old one -- a crash at any moment leaves either the old or the new checkpoint whole."""
-    temporary = f"{path}.tmp"
-    with open(temporary, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
+    """Atomic write (common.write_atomic): a temporary file in the same folder, flushed to disk,
+    then renamed over the old one -- a crash at any moment leaves either the old or the new
+    checkpoint whole; a full disk is one line naming the file, and no partial file remains."""
+    write_atomic(path, lambda f: torch.save(payload, f))
 
 
 def write_json(path, value):
-    temporary = f"{path}.tmp"
-    with open(temporary, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=2)
-        f.write("\n")
-    os.replace(temporary, path)
+    write_text_atomic(path, json.dumps(value, indent=2) + "\n")
 
 
 def make_checkpoint(kind, state, config, tokenizer, **extra):
@@ -107,19 +196,31 @@ def load_checkpoint(path, log=print):
         kind, state, config, tokenizer, extra = hf.read_folder(path)
         if extra["fresh"]:
             log(f"{path}: the file has no weights for {', '.join(extra['fresh'])}: initialised fresh")
-        return make_checkpoint(kind, state, config, tokenizer, step=0, **extra)
+        return refuse_non_finite(make_checkpoint(kind, state, config, tokenizer, step=0, **extra), path)
     if os.path.isdir(path):
         path = os.path.join(path, "checkpoint.pt")
     if not os.path.exists(path):
         raise InputError(f"{path}: no checkpoint here (expected a run folder with checkpoint.pt, a Hugging Face "
                          "BERT folder with config.json, or 'scratch')")
+    verify_records(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # any unpickling failure means: not a checkpoint we can trust
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise InputError(f"{path}: not a ptft checkpoint ({reason[:120]})") from None
     check_parts_fit(checkpoint, path)
-    return with_float_weights(checkpoint, path) if "int8_scales" in checkpoint else checkpoint
+    checkpoint = with_float_weights(checkpoint, path) if "int8_scales" in checkpoint else checkpoint
+    data.remember_corpus(checkpoint.get("run"))  # the text it was trained on, to recognise it later
+    return refuse_non_finite(checkpoint, path)
+
+
+def refuse_non_finite(checkpoint, path):
+    """Weights that are NaN or infinite are refused on load: no command can make sense of them
+    (a damaged file, or a run that diverged and was saved anyway)."""
+    for name, value in checkpoint["model"].items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+            raise InputError(f"{path}: weight {name} holds NaN or infinite values; refused")
+    return checkpoint
 
 
 def check_parts_fit(checkpoint, path):
@@ -131,6 +232,7 @@ def check_parts_fit(checkpoint, path):
     if not (isinstance(checkpoint["config"], dict) and isinstance(checkpoint["model"], dict)
             and isinstance(checkpoint["vocab"], list)):
         raise InputError(f"{path}: not a ptft checkpoint (config and model must be dicts, vocab a list)")
+    hf.check_config_values(checkpoint["config"], path)  # bounds before any allocation
     try:
         config = Config(**checkpoint["config"])
         with torch.device("meta"):  # shapes only: no memory, no time, and the RNG is not touched
@@ -216,6 +318,14 @@ class PretrainingRun:
     history: list
     processes: Processes = field(default_factory=Processes)  # under torchrun: this process among N (parallel.py)
 
+    def __post_init__(self):
+        """Under torchrun, every process must train the same run on the same data: before the
+        first step they compare their settings, the fingerprint of the text each read and their
+        vocabularies, and all refuse, with the same line, if any differs."""
+        settings = run_settings(self.options, self.corpus_name, self.processes.world_size)
+        settings["vocabulary"] = hashlib.sha256("\n".join(self.tokenizer.vocab).encode()).hexdigest()[:16]
+        refuse_differences(settings, self.processes)
+
     def rng_states(self, data_state=None):
         """Every generator's state now; data_state: the data generator's, where a background thread
         (fast.StepBatches) has drawn ahead of the step being trained."""
@@ -246,25 +356,58 @@ class PretrainingRun:
 
 
 def finished_run(out, steps):
-    """A --resume of a run that already reached `steps`: its final metrics (else None)."""
-    metrics_path = os.path.join(out, "metrics.json")
-    if not os.path.exists(metrics_path):
+    """What a --resume finds in `out`, decided from its checkpoint (never from metrics.json, which
+    is written after it and may be missing, stale or damaged): the final metrics of a run that
+    reached `steps` (already_finished); None for a run to continue (or a folder with no
+    checkpoint yet); refused: a run already beyond `steps`, or metrics with no checkpoint."""
+    checkpoint_path, metrics_path = os.path.join(out, "checkpoint.pt"), os.path.join(out, "metrics.json")
+    if not os.path.exists(checkpoint_path):
+        if os.path.exists(metrics_path):
+            raise InputError(f"{out}: has metrics.json but no checkpoint.pt: the run's state is gone, nothing to resume "
+                             "(pass --force to start over)")
         return None
-    with open(metrics_path, encoding="utf-8") as f:
-        metrics = json.load(f)
-    return {**metrics, "already_finished": True} if metrics.get("step", 0) >= steps else None
+    checkpoint = load_checkpoint(checkpoint_path)
+    step = checkpoint.get("step")
+    if checkpoint.get("kind") != "pretraining" or not isinstance(step, int):
+        raise InputError(f"{checkpoint_path}: not a pre-training checkpoint, cannot --resume it")
+    if step > steps:
+        raise InputError(f"{checkpoint_path}: the run is at step {step}, beyond --steps {steps}; pass --steps {step} or more")
+    if step < steps:
+        return None
+    try:
+        with open(metrics_path, encoding="utf-8") as f:
+            metrics = json.load(f)
+        if not (isinstance(metrics, dict) and metrics.get("step") == step):
+            raise ValueError("not this run's final metrics")
+    except (OSError, ValueError):  # missing (killed between the two writes), damaged or stale: rebuilt
+        metrics = final_metrics_from(checkpoint)
+        lock_out_folder(out)  # a write: only the folder's one writer
+        write_json(metrics_path, metrics)
+    return {**metrics, "already_finished": True}
+
+
+def final_metrics_from(checkpoint):
+    """A finished run's metrics.json, rebuilt from what its checkpoint holds (the history of
+    held-out evaluations; the speed of the run is not kept)."""
+    history = checkpoint.get("history") or []
+    last = history[-1] if history and history[-1].get("step") == checkpoint["step"] else {}
+    return {"step": checkpoint["step"], "final_train_mlm_loss": last.get("train_mlm_loss", float("nan")),
+            "held_out_mlm_loss": last.get("held_out_mlm_loss"), "ln_vocab": math.log(len(checkpoint["vocab"])),
+            "corpus": checkpoint.get("run", {}).get("corpus"), "history": history, "rebuilt_from": "checkpoint.pt"}
 
 
 def run_settings(o, corpus_name, world_size=1):
     """The settings a pre-training checkpoint records as its `run` (a resume compares some)."""
-    return dict(corpus=corpus_name, config=o.config, init=o.init, nsp=o.nsp, max_length=o.max_length,
-                batch_size=o.batch_size, vocab_size=o.model_config().vocab_size, lr=o.lr, steps=o.steps, seed=o.seed,
-                mask_probability=o.mask_probability, world_size=world_size)
+    return dict(corpus=corpus_name, corpus_fingerprint=data.corpus_fingerprint(corpus_name), config=o.config, init=o.init,
+                nsp=o.nsp, max_length=o.max_length, batch_size=o.batch_size, vocab_size=o.model_config().vocab_size, lr=o.lr,
+                steps=o.steps, seed=o.seed, mask_probability=o.mask_probability, world_size=world_size)
 
 
-# what a --resume must keep: the data, the task and the batch (the rate and the step count may
-# change); under torchrun the number of processes too (each one's data stream is in the checkpoint)
-RESUME_MUST_MATCH = ("corpus", "config", "init", "nsp", "max_length", "batch_size", "vocab_size", "world_size")
+# what a --resume must keep: the data (its name and its content: the fingerprint, size and
+# SHA-256, of the text read), the task and the batch (the rate and the step count may change);
+# under torchrun the number of processes too (each one's data stream is in the checkpoint)
+RESUME_MUST_MATCH = ("corpus", "corpus_fingerprint", "config", "init", "nsp", "max_length", "batch_size", "vocab_size",
+                     "world_size")
 
 
 def check_resume_settings(checkpoint, o, corpus_name, path, world_size=1):
@@ -273,6 +416,8 @@ def check_resume_settings(checkpoint, o, corpus_name, path, world_size=1):
     requested, settings = o.model_config(), run_settings(o, corpus_name, world_size)
     expected = {key: settings[key] for key in RESUME_MUST_MATCH}
     found = {key: checkpoint.get("run", {}).get(key, 1 if key == "world_size" else None) for key in expected}
+    if found["corpus_fingerprint"] is None:  # a checkpoint written before fingerprints were kept
+        found["corpus_fingerprint"] = expected["corpus_fingerprint"]
     fields = ["dropout", "attention"] + ([] if o.init else list(SIZE_FIELDS))
     expected.update({f: getattr(requested, f) for f in fields})
     found.update({f: checkpoint["config"].get(f) for f in fields})

@@ -21,6 +21,7 @@ import hashlib
 import itertools
 import multiprocessing
 import os
+import stat
 import sysconfig
 import zipfile
 from dataclasses import dataclass
@@ -28,8 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 
 import toyworld
-from common import IGNORE_INDEX, IS_NEXT, NOT_NEXT, InputError, read_text_file
-from tokenizer import Tokenizer
+from common import IGNORE_INDEX, IS_NEXT, NOT_NEXT, InputError, read_text_file, write_atomic, write_temporary, write_text_atomic
+from tokenizer import Tokenizer, split_words
 
 # ----------------------------------------------------------------------------------------
 # B1: masking
@@ -208,14 +209,66 @@ def load_corpus(corpus):
     """--corpus: None -> the toy world (the embedded default), ["stdlib"] -> the standard
     library's docstrings, else a list of plain-text files. Returns (name, documents)."""
     if not corpus:
-        return "toy-world", toyworld.toy_world(seed=0)["unlabeled"]
+        return "toy-world", with_fingerprint("toy-world", toyworld.toy_world(seed=0)["unlabeled"])
     if list(corpus) == ["stdlib"]:
-        return "stdlib", stdlib_corpus()
+        return "stdlib", with_fingerprint("stdlib", stdlib_corpus())
     if len(corpus) == 1 and corpus[0].endswith(".tokens"):  # already tokenised (write_token_file): never in memory
         if not os.path.exists(corpus[0]):
             raise InputError(f"{corpus[0]}: no such token file (ptft.py tokenize writes one)")
         return corpus[0], TokenFile(corpus[0][: -len(".tokens")])
     return ",".join(corpus), read_corpus(corpus)
+
+
+# ----------------------------------------------------------------------------------------
+# A corpus's fingerprint: its size and SHA-256, to know it again (--resume, torchrun, finetune)
+# ----------------------------------------------------------------------------------------
+
+CORPUS_FINGERPRINTS = {}  # corpus name -> the fingerprint of the text read under that name, in this process
+RECORDED_FINGERPRINTS = {}  # corpus name -> the fingerprint a checkpoint loaded in this process recorded for it
+
+
+def fingerprint(chunks):
+    """Bytes -> "N bytes, sha256 <first 16 hex digits>": the size and content of a text."""
+    digest, size = hashlib.sha256(), 0
+    for chunk in chunks:
+        digest.update(chunk)
+        size += len(chunk)
+    return f"{size} bytes, sha256 {digest.hexdigest()[:16]}"
+
+
+def corpus_fingerprint(name):
+    """The fingerprint of the corpus read under `name` in this process (None if none was)."""
+    return CORPUS_FINGERPRINTS.get(name)
+
+
+def with_fingerprint(name, documents):
+    CORPUS_FINGERPRINTS[name] = fingerprint(("\x1e" + "\x1f".join(d)).encode("utf-8", "surrogatepass") for d in documents)
+    return documents
+
+
+def remember_corpus(run):
+    """A checkpoint's run settings -> the fingerprint it recorded for its corpus, kept for
+    pretraining_text (which reads a corpus a checkpoint names only if it is that very text)."""
+    if isinstance(run, dict) and isinstance(run.get("corpus"), str) and isinstance(run.get("corpus_fingerprint"), str):
+        RECORDED_FINGERPRINTS[run["corpus"]] = run["corpus_fingerprint"]
+
+
+def recorded_text_is_here(name):
+    """Is the corpus a checkpoint names (`name`, paths joined by ",") still the text it recorded?
+    Checked without reading anything but regular files of the recorded size: a checkpoint is
+    input, and the paths in it are never opened on its word alone (not a FIFO, a device, or a
+    file of another size); the content is compared once read (pretraining_text)."""
+    recorded = RECORDED_FINGERPRINTS.get(name)
+    if recorded is None:
+        return False
+    paths = token_set_files(name[: -len(".tokens")]) if name.endswith(".tokens") else name.split(",")
+    try:
+        states = [os.stat(path) for path in paths]
+    except OSError:
+        return False
+    if not all(stat.S_ISREG(state.st_mode) for state in states):
+        return False
+    return sum(state.st_size for state in states) == int(recorded.split()[0])
 
 
 def split_held_out(documents, fraction=0.02, seed=1234):
@@ -234,14 +287,19 @@ def pretraining_text(pretrained_on, corpus=None):
     """The unlabeled text behind a pre-trained model, split as pre-training split it:
     (training documents, held-out documents). corpus as pretrain's --corpus; by default the
     corpus it was pre-trained on (`pretrained_on`: the name its checkpoint records), when that
-    is known and still readable (a Hugging Face folder's is not). None when there is no text."""
+    is known and still the same text (a regular file of the size and SHA-256 the checkpoint
+    recorded: recorded_text_is_here; a Hugging Face folder's is unknown). None when there is no text."""
     if not corpus:
         if pretrained_on == "stdlib":
             corpus = ["stdlib"]
-        elif pretrained_on and pretrained_on != "toy-world" and all(os.path.exists(p) for p in pretrained_on.split(",")):
+        elif pretrained_on and pretrained_on != "toy-world" and recorded_text_is_here(pretrained_on):
             corpus = pretrained_on.split(",")
         elif pretrained_on != "toy-world":
             return None
+        name, documents = load_corpus(corpus)
+        if pretrained_on != "stdlib" and corpus_fingerprint(name) != RECORDED_FINGERPRINTS.get(name, corpus_fingerprint(name)):
+            return None  # a file of the same size but another text
+        return split_held_out(documents)
     return split_held_out(load_corpus(corpus)[1])
 
 
@@ -249,18 +307,36 @@ def read_corpus(paths):
     """Plain-text corpora -> documents, each a list of sentences (non-empty lines).
 
     BERT's format: one sentence (or line) per line, a blank line between documents."""
-    documents = []
+    documents, texts = [], []
     for path in paths:
-        text = read_text_file(path).replace("\r\n", "\n").replace("\r", "\n")  # as a file opened as text reads it
-        found = list(documents_in(text.split("\n")))
+        text = read_text_file(path)
+        found = list(documents_in(text_lines(text)))
         if not found:
             raise InputError(f"{path}: {EMPTY_CORPUS}")
+        refuse_without_words(found, path)
         documents.extend(found)
+        texts.append(text.encode("utf-8", "surrogatepass"))
+    CORPUS_FINGERPRINTS[",".join(paths)] = fingerprint(texts)  # the bytes of the files, as read
     return documents
 
 
 EMPTY_CORPUS = "empty corpus (only whitespace); expected UTF-8 text, documents separated by blank lines"
 
+
+def text_lines(text):
+    """A file's text -> its lines, the one rule of every reader (corpus and TSV alike): a line
+    ends at \\n, \\r\\n or \\r (as a file opened as text reads it) and nowhere else -- a form feed or
+    U+2028 inside a line is part of the line (str.splitlines would split there)."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+
+
+def refuse_without_words(documents, path):
+    """Text with no words (only zero-width, control or other characters the tokenizer drops)
+    would train and evaluate on nothing: refused. A word always gives a token ([UNK] at worst).
+    Looks only as far as the first word."""
+    if not any(split_words(line) for document in documents for line in document):
+        raise InputError(f"{path}: no words in the text (only characters the tokenizer drops, such as zero-width "
+                         "or control characters); expected UTF-8 text")
 
 def documents_in(lines):
     """Lines -> documents: the runs of non-blank lines (each stripped), a blank line ending one.
@@ -278,14 +354,18 @@ def documents_in(lines):
 
 
 def read_tsv(path):
-    """A labeled set `text<TAB>label`, one example per line -> (texts, labels)."""
+    """A labeled set `text<TAB>label`, one example per line -> (texts, labels). Exactly two
+    columns: a third (an id column, a tab inside a text) is refused, never guessed around."""
     texts, labels = [], []
-    for number, line in enumerate(read_text_file(path).splitlines(), start=1):
+    for number, line in enumerate(text_lines(read_text_file(path)), start=1):
         if not line.strip():
             continue
         if "\t" not in line:
             raise InputError(f"{path}:{number}: expected 'text<TAB>label', found no tab")
-        text, label = line.rsplit("\t", 1)
+        if line.count("\t") > 1:
+            raise InputError(f"{path}:{number}: expected 'text<TAB>label' (2 columns), found {line.count(chr(9)) + 1} "
+                             "columns; remove the extra tabs")
+        text, label = line.split("\t")
         if not text.strip():
             raise InputError(f"{path}:{number}: empty text before the tab")
         if not label.strip():
@@ -298,14 +378,11 @@ def read_tsv(path):
 
 
 def write_tsv(path, examples):
-    with open(path, "w", encoding="utf-8") as f:
-        for text, label in examples:
-            f.write(f"{text}\t{label}\n")
+    write_text_atomic(path, "".join(f"{text}\t{label}\n" for text, label in examples))
 
 
 def write_corpus(path, documents):
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n\n".join("\n".join(document) for document in documents) + "\n")
+    write_text_atomic(path, "\n\n".join("\n".join(document) for document in documents) + "\n")
 
 
 def write_world(folder, world):
@@ -398,16 +475,28 @@ def encode_documents(tokenizer, documents, cache_dir=None):
         path = os.path.join(cache_dir, f"tokens-{key.hexdigest()[:24]}.npz")
         try:
             with np.load(path) as cached:
-                return unflatten_documents(cached["tokens"], cached["sentence_lengths"], cached["document_sizes"])
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
-            pass  # not cached yet (or unreadable): encode and (re)write it below
+                flat = cached["tokens"], cached["sentence_lengths"], cached["document_sizes"]
+            if flat_documents_fit(*flat, len(tokenizer)):
+                return unflatten_documents(*flat)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            pass  # not cached yet (or unreadable, or damaged): encode and (re)write it below
     tokens, sentence_lengths, document_sizes = encode_flat(tokenizer, documents)
     if cache_dir:
         os.makedirs(cache_dir, exist_ok=True)
-        partial = f"{path}.{os.getpid()}.partial.npz"  # written whole, then renamed: never half a cache
-        np.savez(partial, tokens=tokens.astype(np.int32), sentence_lengths=sentence_lengths, document_sizes=document_sizes)
-        os.replace(partial, path)
+        write_atomic(path, lambda f: np.savez(f, tokens=tokens.astype(np.int32), sentence_lengths=sentence_lengths,
+                                              document_sizes=document_sizes))  # whole, then renamed: never half a cache
     return unflatten_documents(tokens, sentence_lengths, document_sizes)
+
+
+def flat_documents_fit(tokens, sentence_lengths, document_sizes, vocab_size):
+    """Do the three arrays of a token cache describe documents of this vocabulary? Every id in
+    [0, vocab_size), every sentence and document non-empty, and the lengths add up exactly."""
+    if not (tokens.ndim == sentence_lengths.ndim == document_sizes.ndim == 1):
+        return False
+    if len(tokens) and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
+        return False
+    return bool((sentence_lengths > 0).all() and (document_sizes > 0).all()
+                and int(sentence_lengths.sum()) == len(tokens) and int(document_sizes.sum()) == len(sentence_lengths))
 
 
 def encode_flat(tokenizer, documents):
@@ -430,43 +519,74 @@ def iter_documents(paths):
     """read_corpus's documents one at a time, reading each file line by line: the text is never
     all in memory."""
     for path in paths:
-        found = 0
+        found, words = 0, False
         try:
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8") as f:  # text mode: lines end at \n, \r\n or \r, as text_lines ends them
                 for document in documents_in(f):
                     found += 1
+                    words = words or any(split_words(line) for line in document)
                     yield document
         except (OSError, UnicodeDecodeError) as error:
             raise InputError(f"{path}: cannot be read as UTF-8 text ({type(error).__name__})") from None
         if not found:
             raise InputError(f"{path}: {EMPTY_CORPUS}")
+        if not words:
+            refuse_without_words([], path)
 
 
-def write_token_file(paths, tokenizer, prefix, workers=1, chunk=2000):
+def token_set_files(prefix):
+    """The four files of a token set, in the order they are fingerprinted."""
+    return [f"{prefix}.tokens", f"{prefix}.sentences.npy", f"{prefix}.documents.npy", f"{prefix}.vocab.txt"]
+
+
+def refuse_existing_token_set(prefix, force=False):
+    """An existing token set (any of its files) is replaced only with --force."""
+    existing = [path for path in token_set_files(prefix) if os.path.lexists(path)]
+    if existing and not force:
+        raise InputError(f"{existing[0]}: a token set exists under this prefix; pass --force to replace it")
+
+
+def write_token_file(paths, tokenizer, prefix, workers=1, chunk=2000, force=False):
     """Tokenise text files once into PREFIX.tokens -- every sentence's token ids end to end, uint16
     where the vocabulary fits (else uint32) -- with PREFIX.sentences.npy (where each sentence ends)
     and PREFIX.documents.npy (where each document ends, in sentences), and the vocabulary as
     PREFIX.vocab.txt. The text streams through in chunks of `chunk` documents, tokenised by
     `workers` processes, and each chunk is appended as it comes: memory stays that of a few chunks.
-    Written whole, then renamed. Returns the number of tokens."""
+    An existing token set under PREFIX is replaced only with `force`. The four files are written
+    whole as temporary files first and renamed only when all four are complete: a failure
+    (a full disk) leaves the old set as it was. Returns the number of tokens."""
+    refuse_existing_token_set(prefix, force)
     dtype = np.uint16 if len(tokenizer) <= 2 ** 16 else np.uint32
     chunks = (list(itertools.islice(documents, chunk)) for documents in itertools.repeat(iter_documents(paths)))
     chunks = itertools.takewhile(bool, chunks)
-    sentence_ends, document_ends, tokens_written, sentences_written = [], [], 0, 0
-    with open(f"{prefix}.tokens.partial", "wb") as out, \
-            (multiprocessing.get_context("spawn").Pool(workers, initializer=set_worker_tokenizer, initargs=(tokenizer,))
-             if workers > 1 else contextlib.nullcontext()) as pool:
-        set_worker_tokenizer(tokenizer)
-        for tokens, sentence_lengths, document_sizes in (pool.imap(encode_chunk, chunks) if pool else map(encode_chunk, chunks)):
-            out.write(tokens.astype(dtype).tobytes())
-            sentence_ends.append(tokens_written + np.cumsum(sentence_lengths))
-            document_ends.append(sentences_written + np.cumsum(document_sizes))
-            tokens_written, sentences_written = tokens_written + len(tokens), sentences_written + len(sentence_lengths)
-    np.save(f"{prefix}.sentences.npy", np.concatenate(sentence_ends or [np.zeros(0)]).astype(np.int64))
-    np.save(f"{prefix}.documents.npy", np.concatenate(document_ends or [np.zeros(0)]).astype(np.int64))
-    tokenizer.save(f"{prefix}.vocab.txt")
-    os.replace(f"{prefix}.tokens.partial", f"{prefix}.tokens")
-    return tokens_written
+    sentence_ends, document_ends, counts = [], [], [0, 0]  # counts: tokens and sentences written
+
+    def write_tokens(out):
+        with (multiprocessing.get_context("spawn").Pool(workers, initializer=set_worker_tokenizer, initargs=(tokenizer,))
+              if workers > 1 else contextlib.nullcontext()) as pool:
+            set_worker_tokenizer(tokenizer)
+            for tokens, sentence_lengths, document_sizes in (pool.imap(encode_chunk, chunks) if pool else map(encode_chunk, chunks)):
+                out.write(tokens.astype(dtype).tobytes())
+                sentence_ends.append(counts[0] + np.cumsum(sentence_lengths))
+                document_ends.append(counts[1] + np.cumsum(document_sizes))
+                counts[0], counts[1] = counts[0] + len(tokens), counts[1] + len(sentence_lengths)
+
+    written = []  # (temporary, final path): renamed together at the end, removed on any failure
+    try:
+        for path, write in zip(token_set_files(prefix), [
+                write_tokens,
+                lambda f: np.save(f, np.concatenate(sentence_ends or [np.zeros(0)]).astype(np.int64)),
+                lambda f: np.save(f, np.concatenate(document_ends or [np.zeros(0)]).astype(np.int64)),
+                lambda f: f.write("".join(token + "\n" for token in tokenizer.vocab).encode("utf-8"))]):
+            written.append((write_temporary(path, write), path))
+    except BaseException:
+        for temporary, _ in written:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+        raise
+    for temporary, path in written:
+        os.replace(temporary, path)
+    return counts[0]
 
 
 WORKER_TOKENIZER = []  # the tokenizer of a write_token_file worker process
@@ -483,11 +603,14 @@ def encode_chunk(documents):
 
 class TokenFile:
     """A token file (write_token_file) as documents -- a list-like of lists of int64 sentence
-    arrays, what pretraining_batch reads -- through memory maps: opening it reads nothing, and a
-    document is read from disk when a batch asks for it. `indices` selects documents (a view)."""
+    arrays, what pretraining_batch reads -- through memory maps: opening it reads only the two
+    index arrays, and a document is read from disk when a batch asks for it. `indices` selects
+    documents (a view). Opened whole (no indices), the set is checked first (check_token_set)."""
 
     def __init__(self, prefix, indices=None):
         self.prefix = prefix
+        if indices is None:
+            check_token_set(prefix)
         self.sentence_ends = np.load(f"{prefix}.sentences.npy", mmap_mode="r")
         self.document_ends = np.load(f"{prefix}.documents.npy", mmap_mode="r")
         total = int(self.sentence_ends[-1]) if len(self.sentence_ends) else 0
@@ -517,6 +640,52 @@ class TokenFile:
 
     def subset(self, indices):
         return TokenFile(self.prefix, np.asarray(indices) if self.indices is None else self.indices[np.asarray(indices)])
+
+
+def check_token_set(prefix, chunk_bytes=1 << 24):
+    """A token set is read only if its four files fit together -- each present, the index arrays
+    1-D whole numbers rising strictly (no empty sentence or document) and ending exactly at the
+    number of tokens and of sentences, the token file exactly that many ids of the vocabulary's
+    width, and every id inside the vocabulary -- or a batch would index past the end far from
+    the cause. One pass over the token file (which also gives the set's fingerprint)."""
+    name = f"{prefix}.tokens"
+    missing = [path for path in token_set_files(prefix) if not os.path.isfile(path)]
+    if missing:
+        raise InputError(f"{missing[0]}: missing; a token set is 4 files (ptft.py tokenize writes them)")
+    vocab_size = len(Tokenizer.load(f"{prefix}.vocab.txt"))
+    ends = {}
+    for kind in ("sentences", "documents"):
+        try:
+            ends[kind] = np.load(f"{prefix}.{kind}.npy", allow_pickle=False)
+        except (OSError, ValueError, EOFError) as error:
+            raise InputError(f"{prefix}.{kind}.npy: damaged ({str(error)[:80]}); write the token set again") from None
+        values = ends[kind]
+        if values.ndim == 1 and not len(values):
+            raise InputError(f"{prefix}.{kind}.npy: the token set holds no {kind} (its text had no words)")
+        if values.ndim != 1 or values.dtype.kind not in "iu" or not len(values) or values[0] <= 0 \
+                or (len(values) > 1 and not (np.diff(values) > 0).all()):
+            raise InputError(f"{prefix}.{kind}.npy: not rising whole numbers; the token set is damaged, write it again")
+    if int(ends["documents"][-1]) != len(ends["sentences"]):
+        raise InputError(f"{prefix}.documents.npy: ends at sentence {int(ends['documents'][-1])}, but there are "
+                         f"{len(ends['sentences'])} sentences; the token set is damaged or mixed, write it again")
+    total, itemsize = int(ends["sentences"][-1]), 2 if vocab_size <= 2 ** 16 else 4
+    if os.path.getsize(name) != total * itemsize:
+        raise InputError(f"{name}: {os.path.getsize(name)} bytes, expected {total} tokens of {itemsize} bytes "
+                         f"({total * itemsize}); truncated or mixed with another set, write it again")
+    largest = 0
+
+    def blocks():  # every byte of the set, for the fingerprint; the token file's ids checked on the way
+        nonlocal largest
+        for path in token_set_files(prefix):
+            with open(path, "rb") as f:
+                while block := f.read(chunk_bytes):  # chunk_bytes is even: a block holds whole ids
+                    if path == name:
+                        largest = max(largest, int(np.frombuffer(block, dtype=np.uint16 if itemsize == 2 else np.uint32).max()))
+                    yield block
+
+    CORPUS_FINGERPRINTS[name] = fingerprint(blocks())
+    if largest >= vocab_size:
+        raise InputError(f"{name}: holds id {largest}, but {prefix}.vocab.txt has {vocab_size} tokens; write the set again")
 
 
 def unflatten_documents(tokens, sentence_lengths, document_sizes):

@@ -16,15 +16,20 @@ decoder, ...) is refused with one line -- never loaded silently wrong.
 Run `python hf.py FOLDER` to see what a folder holds and how it maps onto ours.
 """
 
+import contextlib
+import hashlib
+import io
 import json
+import math
 import os
 import re
 import shutil
 import sys
+import tempfile
 
 import torch
 
-from common import InputError, read_text_file
+from common import MARKER, TEMPORARY_SUFFIX, UMASK, InputError, read_text_file, verify_records, write_atomic
 from model import Classifier, Config, PreTrainingModel
 from tokenizer import CLS, MASK, PAD, SEP, UNK, Tokenizer
 
@@ -88,8 +93,65 @@ REQUIRED_VALUES = {
 }
 
 
+# The largest sizes a config may give (BERT-large is 1024 wide, 24 layers, 16 heads, 4096 inner,
+# 512 positions, a 30522-token vocabulary): far beyond any BERT, and each refused before a byte
+# is allocated. A model within them must still fit the memory there is (check_memory).
+SIZE_LIMITS = {"vocab_size": 1_000_000, "hidden_size": 16_384, "num_layers": 256, "num_heads": 256,
+               "intermediate_size": 65_536, "max_positions": 65_536, "type_vocab_size": 1_024}
+
+
+def check_config_values(values, path):
+    """A config (our field names) checked before any model is built from it: every size a whole
+    number in [1, SIZE_LIMITS], dropouts in [0, 1), the epsilon and the init range finite and
+    positive, and the weights' float32 bytes within the memory there is. One line if not."""
+    for name, limit in SIZE_LIMITS.items():
+        value = values.get(name)
+        if name in values and not (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= limit):
+            raise InputError(f"{path}: the config is not valid ({name} = {value!r}; expected a whole number from 1 to {limit:,})")
+    for name in ("dropout", "attention_dropout"):
+        value = values.get(name, 0.0)
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1):
+            raise InputError(f"{path}: the config is not valid ({name} = {value!r}; expected a probability in [0, 1))")
+    for name in ("layer_norm_eps", "initializer_range"):
+        value = values.get(name, 0.02)
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0):
+            raise InputError(f"{path}: the config is not valid ({name} = {value!r}; expected a positive number)")
+    check_memory(values, path)
+
+
+def parameter_count(values):
+    """The weights a config implies (BERT's layout: embeddings, L layers, pooler and heads)."""
+    v, h, i, p, t, n = (values.get(k, 1) for k in ("vocab_size", "hidden_size", "intermediate_size", "max_positions",
+                                                     "type_vocab_size", "num_layers"))
+    embeddings = (v + p + t) * h + 2 * h
+    layer = 4 * (h * h + h) + 2 * h * i + i + h + 4 * h
+    return embeddings + n * layer + (h * h + h) + (h * h + 3 * h + v) + 2 * h + 2
+
+
+def check_memory(values, path):
+    """Building the model needs its float32 weights in memory; a config asking more than the
+    memory available now is refused with the numbers, before the allocation fails or swaps."""
+    needed = 4 * parameter_count(values)
+    available = available_memory()
+    if available is not None and needed > available:
+        raise InputError(f"{path}: the config's {parameter_count(values):,} weights need {needed / 2 ** 30:.1f} GiB; "
+                         f"{available / 2 ** 30:.1f} GiB of memory is available")
+
+
+def available_memory():
+    """Bytes of memory available now (Linux: MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def config_from_hf(hf, path):
-    """A parsed config.json -> our Config, or a one-line refusal."""
+    """A parsed config.json -> our Config, or a one-line refusal (checked before anything is allocated)."""
     for key, required in REQUIRED_VALUES.items():
         if key in hf and hf[key] != required:
             raise InputError(f"{path}: {key} = {hf[key]!r} is not supported (ptft computes BERT with {key} = {required!r})")
@@ -100,14 +162,15 @@ def config_from_hf(hf, path):
                                "intermediate_size", "max_position_embeddings") if key not in hf]
     if missing:
         raise InputError(f"{path}: missing {', '.join(missing)}; expected a BERT config.json")
+    values = dict(
+        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
+        num_heads=hf["num_attention_heads"], intermediate_size=hf["intermediate_size"],
+        max_positions=hf["max_position_embeddings"], type_vocab_size=hf.get("type_vocab_size", 2),
+        dropout=hf.get("hidden_dropout_prob", 0.1), attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
+        layer_norm_eps=hf.get("layer_norm_eps", 1e-12), initializer_range=hf.get("initializer_range", 0.02))
+    check_config_values(values, path)
     try:
-        return Config(
-            vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
-            num_heads=hf["num_attention_heads"], intermediate_size=hf["intermediate_size"],
-            max_positions=hf["max_position_embeddings"], type_vocab_size=hf.get("type_vocab_size", 2),
-            dropout=hf.get("hidden_dropout_prob", 0.1), attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
-            layer_norm_eps=hf.get("layer_norm_eps", 1e-12), initializer_range=hf.get("initializer_range", 0.02),
-            attention="sdpa")
+        return Config(**values, attention="sdpa")
     except (TypeError, ValueError) as error:
         raise InputError(f"{path}: {error}") from None
 
@@ -162,6 +225,7 @@ def read_weights(folder):
         except Exception as error:
             raise InputError(f"{safetensors_path}: not a readable safetensors file ({str(error)[:120]})") from None
     if os.path.exists(bin_path):
+        verify_records(bin_path, required=False)  # the zip's CRC-32s, where the file is a zip
         try:
             return torch.load(bin_path, map_location="cpu", weights_only=True)
         except Exception as error:
@@ -195,6 +259,7 @@ def read_folder(folder, seed=0):
     kind is "pretraining" or "classifier"; extra holds labels (a classifier's), source, and
     `fresh`: the parts the file had no weights for, initialised the way BERT initialises them
     (seeded) -- e.g. the MLM and NSP heads of a sentence-embedding model."""
+    verify_checksums(folder)
     config_path = os.path.join(folder, "config.json")
     hf_config = read_json(config_path)
     config = config_from_hf(hf_config, config_path)
@@ -256,11 +321,43 @@ def check_exportable(checkpoint):
                          "BertForSequenceClassification reads the pooler's [CLS] vector")
 
 
+CHECKSUMS = "ptft-checksums.sha256"  # written last in an exported folder: `sha256sum -c` reads it too
+
+
+def verify_checksums(folder):
+    """Integrity: a folder with CHECKSUMS (every folder export writes) has each listed file
+    checked against its SHA-256 before anything is read; one changed bit is refused. A folder
+    without one (downloaded, written by transformers) is read as it is."""
+    path = os.path.join(folder, CHECKSUMS)
+    if not os.path.exists(path):
+        return
+    for number, line in enumerate(read_text_file(path).splitlines(), start=1):
+        digest, _, name = line.partition("  ")
+        if len(digest) != 64 or not name or os.sep in name or name.startswith("."):
+            raise InputError(f"{path}:{number}: expected 'SHA256  FILE'; the checksum file is damaged")
+        if file_sha256(os.path.join(folder, name)) != digest:
+            raise InputError(f"{folder}/{name}: does not match its SHA-256 in {CHECKSUMS}: damaged, or changed after it "
+                             f"was written (if on purpose, delete {CHECKSUMS})")
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(1 << 24):
+                digest.update(block)
+    except OSError as error:
+        raise InputError(f"{path}: cannot be read ({error.strerror})") from None
+    return digest.hexdigest()
+
+
 def export(checkpoint, out):
     """A ptft checkpoint -> a Hugging Face folder: config.json, model.safetensors, vocab.txt,
-    tokenizer_config.json. A pre-training checkpoint opens as BertForPreTraining, a classifier
-    as BertForSequenceClassification. The folder appears whole or not at all: it is written
-    under a temporary name and renamed at the end."""
+    tokenizer_config.json and, last, CHECKSUMS (each file's SHA-256). A pre-training checkpoint
+    opens as BertForPreTraining, a classifier as BertForSequenceClassification. The folder
+    appears whole or not at all: it is written under a new, unique temporary name beside `out`
+    (through a symbolic link to a folder: beside its target) and renamed at the end; a failure
+    removes it, and nothing else is touched."""
     check_exportable(checkpoint)
     config = Config(**checkpoint["config"])
     classifier = checkpoint.get("kind") == "classifier"
@@ -269,24 +366,35 @@ def export(checkpoint, out):
     if not classifier:
         # the tied decoder: transformers re-ties it from the word embeddings; its bias is cls.predictions.bias
         state.pop("cls.predictions.decoder.weight", None)
-    partial = f"{out.rstrip(os.sep)}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    os.makedirs(partial)
-    with open(os.path.join(partial, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(config_to_hf(config, architecture, checkpoint.get("labels") if classifier else None), f, indent=2)
+    target = os.path.realpath(out)
+    files = {"config.json": json.dumps(config_to_hf(config, architecture, checkpoint.get("labels") if classifier else None),
+                                       indent=2).encode()}
     try:
-        from safetensors.torch import save_file
-        save_file(state, os.path.join(partial, "model.safetensors"), metadata={"format": "pt"})
+        from safetensors.torch import save
+        files["model.safetensors"] = save(state, metadata={"format": "pt"})
     except ImportError:  # safetensors is in requirements.txt; without it, the older .bin layout
-        torch.save(state, os.path.join(partial, "pytorch_model.bin"))
-    Tokenizer.from_checkpoint(checkpoint).save(os.path.join(partial, "vocab.txt"))
-    with open(os.path.join(partial, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-        json.dump({"tokenizer_class": "BertTokenizer", "do_lower_case": checkpoint.get("lowercase", True),
-                   "model_max_length": config.max_positions, "unk_token": UNK, "sep_token": SEP,
-                   "pad_token": PAD, "cls_token": CLS, "mask_token": MASK}, f, indent=2)
-    if os.path.isdir(out):
-        os.rmdir(out)  # prepare_out_folder left it empty (or it did not exist)
-    os.replace(partial, out)
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        files["pytorch_model.bin"] = buffer.getvalue()
+    files["vocab.txt"] = "".join(token + "\n" for token in checkpoint["vocab"]).encode("utf-8")
+    files["tokenizer_config.json"] = json.dumps({
+        "tokenizer_class": "BertTokenizer", "do_lower_case": checkpoint.get("lowercase", True),
+        "model_max_length": config.max_positions, "unk_token": UNK, "sep_token": SEP, "pad_token": PAD, "cls_token": CLS,
+        "mask_token": MASK}, indent=2).encode()
+    files[CHECKSUMS] = "".join(f"{hashlib.sha256(content).hexdigest()}  {name}\n" for name, content in files.items()).encode()
+    partial = tempfile.mkdtemp(dir=os.path.dirname(target), prefix=f".{os.path.basename(target)}.", suffix=TEMPORARY_SUFFIX)
+    try:
+        os.chmod(partial, 0o777 & ~UMASK)  # mkdtemp makes it 0700; the folder gets what os.makedirs would give
+        for name, content in {**files, MARKER: b""}.items():  # the marker: a folder ptft made (checkpoint.remove_made_folder)
+            write_atomic(os.path.join(partial, name), lambda f, content=content: f.write(content))
+        if os.path.isdir(target):  # prepare_out_folder left it empty but for the marker (or it did not exist)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(target, MARKER))
+            os.rmdir(target)
+        os.replace(partial, target)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ the same rule as gradient accumulation across micro-batches (train.pretraining_s
 Run `python parallel.py` to see what this process would be.
 """
 
+import contextlib
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -48,9 +50,43 @@ class Processes:
         return log if self.main else (lambda *args: None)
 
 
+# How long a process waits for the others at a collective (a gradient sum, a gather) before it
+# gives up: one stopped or lost process then ends them all, with one line, in minutes rather than
+# torch's default 30. PTFT_COLLECTIVE_TIMEOUT (seconds) or --collective-timeout changes it.
+COLLECTIVE_TIMEOUT_SECONDS = 300
+
+
+def collective_timeout():
+    value = os.environ.get("PTFT_COLLECTIVE_TIMEOUT", str(COLLECTIVE_TIMEOUT_SECONDS))
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1
+    if not 0 < seconds < 10 ** 7:
+        raise InputError(f"PTFT_COLLECTIVE_TIMEOUT={value}: expected a positive number of seconds")
+    return datetime.timedelta(seconds=seconds)
+
+
+class ProcessesLost(InputError):
+    """A collective did not complete: another process stopped, died or timed out."""
+
+
+@contextlib.contextmanager
+def lost_processes_said_in_one_line():
+    """A collective that fails (a process died, or stopped past collective_timeout) ends this
+    process with one line (ProcessesLost, exit status 2) instead of torch's traceback."""
+    try:
+        yield
+    except RuntimeError as error:  # torch.distributed.DistBackendError and its kin
+        reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        raise ProcessesLost(f"another process stopped or failed (collective timeout {collective_timeout().total_seconds():g} s): "
+                            f"{reason}") from None
+
+
 def processes_from_environment(device):
     """torchrun's environment -> Processes; with WORLD_SIZE > 1 the process group is started
-    (NCCL on GPUs, gloo on CPUs) and, on GPUs, this process is given GPU LOCAL_RANK."""
+    (NCCL on GPUs, gloo on CPUs; collective_timeout) and, on GPUs, this process is given GPU
+    LOCAL_RANK."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return Processes()
@@ -58,7 +94,7 @@ def processes_from_environment(device):
     if device.type == "cuda":
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=collective_timeout())
     return Processes(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
@@ -67,7 +103,8 @@ def sum_over_processes(values, processes, device):
     if processes.world_size == 1:
         return list(values)
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
+    with lost_processes_said_in_one_line():
+        dist.all_reduce(tensor)
     return tensor.tolist()
 
 
@@ -76,7 +113,8 @@ def gather_from_processes(value, processes):
     if processes.world_size == 1:
         return [value]
     gathered = [None] * processes.world_size
-    dist.all_gather_object(gathered, value)
+    with lost_processes_said_in_one_line():
+        dist.all_gather_object(gathered, value)
     return gathered
 
 
@@ -85,8 +123,23 @@ def same_on_every_process(value, processes):
     if processes.world_size == 1:
         return value
     holder = [value]
-    dist.broadcast_object_list(holder, src=0)
+    with lost_processes_said_in_one_line():
+        dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def refuse_differences(value, processes):
+    """Every process's `value` (a dict) compared with rank 0's: all refuse, with the same line
+    naming the first difference, if any process differs (e.g. another --steps, another corpus)."""
+    if processes.world_size == 1:
+        return
+    gathered = gather_from_processes(value, processes)
+    for rank, other in enumerate(gathered[1:], start=1):
+        differing = [key for key in gathered[0] if other.get(key) != gathered[0].get(key)]
+        if differing:
+            key = differing[0]
+            raise InputError(f"under torchrun every process must run the same settings on the same data, but {key} "
+                             f"differs: rank 0 has {gathered[0].get(key)!r}, rank {rank} {other.get(key)!r}")
 
 
 def on_rank_0(processes, action):

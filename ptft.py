@@ -41,7 +41,13 @@ import hf
 import options
 import toyworld
 import train
-from checkpoint import load_checkpoint, prepare_out_folder, write_json
+from checkpoint import (
+    load_checkpoint,
+    prepare_out_folder,
+    refuse_force_over_inputs,
+    refuse_run_folder,
+    write_json,
+)
 from common import InputError
 from options import DemoOptions, DistillOptions, FinetuneOptions, PretrainOptions, PruneOptions
 from tokenizer import MASK, Tokenizer, train_tokenizer
@@ -297,6 +303,7 @@ def add_tokenize(commands):
                     "corpus, and no run tokenises it again.")
     p.add_argument("--out", required=True, metavar="PREFIX",
                    help="where to write PREFIX.tokens and its companions")
+    p.add_argument("--force", action="store_true", help="replace an existing token set under PREFIX")
     add_options(p, options.TokenizeOptions)
 
 
@@ -435,6 +442,7 @@ def run_tokenize(args):
     folder = os.path.dirname(args.out) or "."
     if not os.path.isdir(folder):  # refused before the vocabulary is trained (can take minutes)
         raise InputError(f"--out {args.out}: the folder {folder} does not exist")
+    data.refuse_existing_token_set(args.out, args.force)  # before the vocabulary too
     started = time.time()
     if o.init:
         tokenizer = Tokenizer.from_checkpoint(load_checkpoint(o.init))
@@ -444,13 +452,15 @@ def run_tokenize(args):
         sentences = (s for d in data.iter_documents(o.corpus) for s in d)
         tokenizer = train_tokenizer(sentences, o.vocab_size)
     vocabulary_seconds, started = time.time() - started, time.time()
-    tokens = data.write_token_file(o.corpus, tokenizer, args.out, workers=o.workers)
+    tokens = data.write_token_file(o.corpus, tokenizer, args.out, workers=o.workers, force=args.force)
     print(f"done: {tokens:,} tokens in {args.out}.tokens (vocabulary {vocabulary_seconds:.1f} s, "
           f"tokenising {time.time() - started:.1f} s with {o.workers} processes); "
           f"pretrain --corpus {args.out}.tokens")
 
 
 def run_evaluate(args):
+    if args.out:
+        refuse_run_folder(args.out)
     metrics = evaluation.evaluate(args.init, args.data, args.device)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
@@ -523,6 +533,7 @@ def main(argv=None):
     if getattr(args, "deterministic", False):  # cuBLAS reads it once, at its start: before GPU work
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     try:
+        refuse_force_over_inputs(args)
         COMMANDS[args.command](args)
     except InputError as error:
         say(f"error: {error}")

@@ -19,7 +19,7 @@ from collections import Counter
 
 import numpy as np
 
-from common import InputError, read_text_file
+from common import InputError, read_text_file, write_text_atomic
 
 # ----------------------------------------------------------------------------------------
 # The tokenizer: BERT's WordPiece
@@ -82,9 +82,19 @@ def split_words(text, lowercase=True):
     return words
 
 
-@functools.lru_cache(maxsize=1 << 20)
+ASCII_PUNCTUATION = re.compile(r"([!-/:-@\[-`{-~])")  # is_punctuation's ASCII characters
+
+
 def split_word(word, lowercase):
-    """One whitespace-delimited word -> lower-cased, accent-stripped, split at punctuation."""
+    """One whitespace-delimited word -> lower-cased, accent-stripped, split at punctuation.
+    Words are remembered (most recur), except very long ones: a 5 MB "word" is split once and
+    not kept."""
+    return split_word_remembered(word, lowercase) if len(word) <= 4 * MAX_WORD_CHARACTERS else split_word_once(word, lowercase)
+
+
+def split_word_once(word, lowercase):
+    if word.isascii():  # the same result, by a regular expression: no accents, and punctuation is ASCII_PUNCTUATION
+        return tuple(piece for piece in ASCII_PUNCTUATION.split(word.lower() if lowercase else word) if piece)
     if lowercase:
         # lower-case, then strip accents: NFD splits "é" into "e" + a combining mark (Mn)
         word = "".join(c for c in unicodedata.normalize("NFD", word.lower()) if unicodedata.category(c) != "Mn")
@@ -100,6 +110,9 @@ def split_word(word, lowercase):
     if current:
         pieces.append("".join(current))
     return tuple(pieces)
+
+
+split_word_remembered = functools.lru_cache(maxsize=1 << 20)(split_word_once)
 
 
 class Tokenizer:
@@ -122,12 +135,12 @@ class Tokenizer:
         return len(self.vocab)
 
     def wordpiece(self, word):
+        if len(word) > MAX_WORD_CHARACTERS:  # BERT's rule; not remembered (a long word rarely recurs)
+            return [UNK]
         if word in self._cache:
             return self._cache[word]
         if word in SPECIAL_TOKENS:
             pieces = [word]
-        elif len(word) > MAX_WORD_CHARACTERS:
-            pieces = [UNK]
         else:
             pieces, start = [], 0
             while start < len(word):
@@ -156,9 +169,8 @@ class Tokenizer:
         return " ".join(self.vocab[i] for i in ids).replace(" ##", "")
 
     def save(self, path):
-        """vocab.txt, BERT's format: one token per line, the line number is the id."""
-        with open(path, "w", encoding="utf-8") as f:
-            f.write("".join(token + "\n" for token in self.vocab))
+        """vocab.txt, BERT's format: one token per line, the line number is the id (written whole)."""
+        write_text_atomic(path, "".join(token + "\n" for token in self.vocab))
 
     @classmethod
     def from_checkpoint(cls, checkpoint):
@@ -177,10 +189,12 @@ class Tokenizer:
 def train_tokenizer(texts, vocab_size, lowercase=True, min_frequency=2):
     """Learn a WordPiece vocabulary from text, the way `tokenizers`' WordPieceTrainer does:
     start from single characters (word-initial `a`, word-internal `##a`), then repeatedly add
-    the merge of the most frequent adjacent pair (BPE merges), until vocab_size tokens."""
+    the merge of the most frequent adjacent pair (BPE merges), until vocab_size tokens. Words over
+    MAX_WORD_CHARACTERS are left out: encoding makes each one [UNK] (BERT's rule), so they teach
+    the vocabulary nothing -- and one 5 MB "word" would otherwise cost gigabytes of merges."""
     word_counts = Counter()
     for text in texts:
-        word_counts.update(w for w in split_words(text, lowercase) if w not in SPECIAL_TOKENS)
+        word_counts.update(w for w in split_words(text, lowercase) if w not in SPECIAL_TOKENS and len(w) <= MAX_WORD_CHARACTERS)
     if not word_counts:
         raise InputError("cannot build a vocabulary: the text has no words")
     words = sorted(word_counts)  # sorted: the same vocabulary on every run

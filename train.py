@@ -264,12 +264,12 @@ def start_pretraining(out, o, resume, force, log):
         raise InputError(f"--max-length {o.max_length} exceeds the position table ({config.max_positions})")
     if tokenised and tokenizer.vocab != documents.tokenizer().vocab:
         raise InputError(f"{corpus_name}: tokenised with another vocabulary than the model's (ptft.py tokenize --init RUN)")
-    if processes.main:
-        tokenizer.save(os.path.join(out, "vocab.txt"))
     encoded = training_documents if tokenised else data.encode_documents(tokenizer, training_documents, TOKEN_CACHE)
     if o.nsp and not data.nsp_possible(encoded):
         raise InputError(f"{corpus_name}: next-sentence prediction needs at least 2 documents (separated by a blank line), "
                          "one of them with 2 or more lines; or pass --no-nsp")
+    if processes.main:  # only once the inputs are known good: a refusal leaves nothing behind
+        tokenizer.save(os.path.join(out, "vocab.txt"))
     held_out = data.held_out_batches(held_out_documents if tokenised else data.encode_documents(tokenizer, held_out_documents),
                                      tokenizer, o.max_length, o.nsp)
 

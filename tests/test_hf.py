@@ -258,7 +258,8 @@ def test_export_opens_in_transformers_with_the_same_numbers_and_round_trips_exac
                       "vocab": SPECIAL_TOKENS + [f"w{i}" for i in range(92)], "lowercase": True}
         folder = str(tmp_path / f"export{seed}")
         hf.export(checkpoint, folder)
-        assert sorted(os.listdir(folder)) == ["config.json", "model.safetensors", "tokenizer_config.json", "vocab.txt"]
+        assert sorted(os.listdir(folder)) == sorted([".ptft-run", "config.json", "model.safetensors", hf.CHECKSUMS,
+                                                     "tokenizer_config.json", "vocab.txt"])
         theirs = transformers.BertForPreTraining.from_pretrained(folder).eval()
         batch = make_batch(config, seed)
         assert_same(ours_outputs(ours, batch), hf_outputs(theirs, batch))
