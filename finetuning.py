@@ -10,6 +10,9 @@ where fine-tuning starts, and writes the run folder.
 Run `python finetuning.py` to pre-train briefly on a small toy world, then fine-tune everything.
 """
 
+import dataclasses
+import hashlib
+import json
 import os
 from dataclasses import replace
 
@@ -19,7 +22,7 @@ from checkpoint import has_mlm_head, open_model, prepare_out_folder, save_classi
 from common import InputError
 from evaluation import classify
 from options import FinetuneOptions, PretrainOptions, model_config, pick_device
-from parallel import finish, on_rank_0, processes_from_environment
+from parallel import finish, on_rank_0, processes_from_environment, refuse_differences
 from tokenizer import train_tokenizer
 from train import StartingPoint, fit_classifier, parse_freeze, pretrain
 
@@ -32,7 +35,8 @@ def finetune(out, options, force=False, log=print, progress=True):
     o = options
     o.check()
     device = pick_device(o.device)
-    processes = processes_from_environment(device)  # under torchrun: rank 0 writes the run folder
+    # under torchrun: rank 0 writes the run folder
+    processes = processes_from_environment(device, o.collective_timeout)
     log = processes.log(log)
     if processes.world_size > 1 and o.adapt_steps:
         raise InputError("--adapt-steps under torchrun: run the task-adaptive step as one process")
@@ -69,6 +73,10 @@ def finetune(out, options, force=False, log=print, progress=True):
     valid_rows = data.classification_inputs(tokenizer, valid_texts, config.max_positions, log,
                                             path=o.valid)
     train_ids = data.encode_labels(train_label_names, label_names, o.train)
+    # under torchrun every process fine-tunes the same model on the same rows, or all refuse
+    rows = [list(map(int, row)) for row in train_rows] + [train_ids]
+    refuse_differences({**dataclasses.asdict(o), "vocabulary": fingerprint(tokenizer.vocab),
+                        "training rows": fingerprint(rows)}, processes)
     log(f"fine-tuning from {o.init} with --freeze {o.freeze}: {len(train_rows)} examples, "
         f"{len(label_names)} classes, {o.epochs} epochs, lr {o.peak_lr():g}, device {device}")
     model, info = fit_classifier(train_rows, train_ids, len(label_names), config, o, start=start,
@@ -88,6 +96,11 @@ def finetune(out, options, force=False, log=print, progress=True):
                          "epochs": o.epochs, "seed": o.seed})
     finish(processes)
     return metrics
+
+
+def fingerprint(value):
+    """A short SHA-256 of a JSON-able value: what processes compare instead of the value itself."""
+    return hashlib.sha256(json.dumps(value).encode()).hexdigest()[:16]
 
 
 def adapt_to_task(folder, init, texts, o, log=print):

@@ -70,6 +70,8 @@ HELP = {
     "deterministic": "the same numbers from the same seed on a GPU too (deterministic kernels; "
                      "slower there)",  # deterministic_algorithms, below
     "device": "auto (cuda, then mps, then cpu), cpu, cuda or mps",
+    "collective_timeout": "under torchrun: seconds a process waits for the others at a gradient "
+                          "sum or gather before every process stops with one line",
 }
 
 
@@ -121,6 +123,7 @@ class PretrainOptions:
     compile: bool = setting(False, "torch.compile the model (slow first steps; helps on GPUs)")
     deterministic: bool = setting(False, HELP["deterministic"])
     device: str = setting("auto", HELP["device"])
+    collective_timeout: float = setting(300.0, HELP["collective_timeout"], least=1)
     seed: int = setting(0, HELP["seed"])
     save_every: int = setting(500, "write checkpoint.pt every N steps (0: only at the end)",
                               least=0)
@@ -218,6 +221,7 @@ class FinetuneOptions:
     seed: int = setting(0, HELP["seed"])
     deterministic: bool = setting(False, HELP["deterministic"])
     device: str = setting("auto", HELP["device"])
+    collective_timeout: float = setting(300.0, HELP["collective_timeout"], least=1)
 
     def peak_lr(self):
         return self.lr if self.lr is not None else DEFAULT_FINETUNE_LR[self.freeze.split("-")[0]]

@@ -52,11 +52,15 @@ class Processes:
 
 # How long a process waits for the others at a collective (a gradient sum, a gather) before it
 # gives up: one stopped or lost process then ends them all, with one line, in minutes rather than
-# torch's default 30. PTFT_COLLECTIVE_TIMEOUT (seconds) or --collective-timeout changes it.
+# torch's default 30. --collective-timeout (pretrain, finetune) or PTFT_COLLECTIVE_TIMEOUT
+# (seconds, for every command) changes it.
 COLLECTIVE_TIMEOUT_SECONDS = 300
+CHOSEN_TIMEOUT = {}  # "seconds": the --collective-timeout processes_from_environment was given
 
 
 def collective_timeout():
+    if CHOSEN_TIMEOUT.get("seconds"):
+        return datetime.timedelta(seconds=CHOSEN_TIMEOUT["seconds"])
     value = os.environ.get("PTFT_COLLECTIVE_TIMEOUT", str(COLLECTIVE_TIMEOUT_SECONDS))
     try:
         seconds = float(value)
@@ -83,18 +87,21 @@ def lost_processes_said_in_one_line():
                             f"{reason}") from None
 
 
-def processes_from_environment(device):
+def processes_from_environment(device, timeout_seconds=None):
     """torchrun's environment -> Processes; with WORLD_SIZE > 1 the process group is started
-    (NCCL on GPUs, gloo on CPUs; collective_timeout) and, on GPUs, this process is given GPU
-    LOCAL_RANK."""
+    (NCCL on GPUs, gloo on CPUs; collective_timeout, or timeout_seconds where given) and, on
+    GPUs, this process is given GPU LOCAL_RANK."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return Processes()
+    if timeout_seconds:
+        CHOSEN_TIMEOUT["seconds"] = timeout_seconds
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=collective_timeout())
+        with lost_processes_said_in_one_line():  # a process that never arrives: one line too
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=collective_timeout())
     return Processes(dist.get_rank(), dist.get_world_size(), local_rank)
 
 

@@ -247,7 +247,8 @@ def start_pretraining(out, o, resume, force, log):
     """Everything before the first step: the corpus, the tokenizer, the model (new, from --init,
     or resumed) and its optimizer. Returns (run, first step, encoded corpus, held-out batches)."""
     device = pick_device(o.device)
-    processes = processes_from_environment(device)  # under torchrun: this process among N (parallel.py)
+    # under torchrun: this process among N (parallel.py)
+    processes = processes_from_environment(device, o.collective_timeout)
     device, log = processes.device(device), processes.log(log)
     precision = pick_precision(o.precision, device)
     on_rank_0(processes, lambda: prepare_out_folder(out, resume, force))
@@ -456,7 +457,7 @@ def with_remedies(loss, run):
 def fine_tuning_processes(o, start):
     """fit_classifier's device and, under torchrun, this process among N (parallel.py)."""
     device = pick_device(o.device)
-    processes = processes_from_environment(device)
+    processes = processes_from_environment(device, o.collective_timeout)
     if processes.world_size > 1 and (o.remedies.aux_mlm or start.teacher is not None):
         raise InputError("under torchrun, fine-tuning runs without --aux-mlm and without distillation "
                          "(one process runs both)")

@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 
 import data
 import parallel
+import ptft
 import toyworld
 import train
 from common import IGNORE_INDEX
@@ -105,11 +106,12 @@ def test_accumulating_micro_batches_takes_the_step_of_one_batch_as_large_as_all_
             assert torch.allclose(two_grads[name], grad, atol=1e-6), name
 
 
-def torchrun(*args, output=True):
+def torchrun(*args, output=True, shell=None):
     """`torchrun --nproc_per_node 2 ptft.py ARGS` as a process group of its own (for SIGKILL);
-    with output, its stderr is kept (read it with finished())."""
+    with output, its stderr is kept (read it with finished()). shell: instead of ptft.py, each
+    process runs `sh -c SHELL`, which may read $LOCAL_RANK (processes given different flags)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-               os.path.join(ROOT, "ptft.py"), *map(str, args)]
+               *(["--no-python", "sh", "-c", shell] if shell else [os.path.join(ROOT, "ptft.py"), *map(str, args)])]
     return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE if output else subprocess.DEVNULL,
                             text=True, start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
@@ -208,3 +210,46 @@ def test_a_diverging_two_process_run_stops_both_processes_with_the_same_line(tmp
     assert code != 0
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert 1 <= len(errors) <= 2 and len(set(errors)) == 1 and "training diverged at step" in errors[0], err[-2000:]
+
+
+def test_processes_given_different_data_or_settings_all_refuse_with_one_line(small_world, tmp_path, cli):
+    # each process builds its own command from $LOCAL_RANK: another corpus for pretrain, another
+    # --epochs for finetune -- a run on mismatched processes would train to a silent mess
+    ptft = f"{sys.executable} {os.path.join(ROOT, 'ptft.py')}"
+    for rank in (0, 1):
+        (tmp_path / f"corpus{rank}.txt").write_text(open(small_world["corpus"]).read()[rank * 500:])
+    code, err = finished(torchrun(shell=f"exec {ptft} pretrain --corpus {tmp_path}/corpus$LOCAL_RANK.txt --out "
+                                        f"{tmp_path}/pre --steps 3 --batch-size 4 --max-length 32 --vocab-size 300 "
+                                        "--device cpu"))
+    errors = {line for line in err.splitlines() if line.startswith("error: ")}
+    assert code != 0 and len(errors) == 1 and "differs" in errors.pop(), err[-2000:]
+    code, err = finished(torchrun(shell=f"exec {ptft} finetune --init {small_world['pre']} --train "
+                                        f"{small_world['train']} --out {tmp_path}/ft --epochs $((1 + LOCAL_RANK)) "
+                                        "--device cpu"))
+    errors = {line for line in err.splitlines() if line.startswith("error: ")}
+    assert code != 0 and errors == {"error: under torchrun every process must run the same settings on the same "
+                                    "data, but epochs differs: rank 0 has 1, rank 1 2"}, err[-2000:]
+
+
+def test_the_collective_timeout_flag_reaches_the_process_group(monkeypatch):
+    # --collective-timeout S: a process waits S seconds for the others, then every process stops with
+    # one line (parallel.lost_processes_said_in_one_line), not torch's 30 minutes
+    seen = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(parallel.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(parallel.dist, "init_process_group", lambda backend, timeout: seen.update(timeout=timeout))
+    monkeypatch.setattr(parallel.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(parallel.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(parallel, "CHOSEN_TIMEOUT", {})
+    parallel.processes_from_environment(torch.device("cpu"), 42)
+    assert seen["timeout"].total_seconds() == 42 and parallel.collective_timeout().total_seconds() == 42
+    assert ptft.build_parser().parse_args(["pretrain", "--out", "x", "--collective-timeout", "7"]).collective_timeout == 7
+    assert ptft.build_parser().parse_args(["finetune", "--init", "scratch", "--train", "t", "--out", "x"]
+                                          ).collective_timeout == 300
+
+    def never_arrives(backend, timeout):
+        raise RuntimeError("Timed out after 42 seconds waiting for clients. 1/2 clients joined.")
+
+    monkeypatch.setattr(parallel.dist, "init_process_group", never_arrives)
+    with pytest.raises(parallel.ProcessesLost, match="another process stopped or failed .collective timeout 42 s"):
+        parallel.processes_from_environment(torch.device("cpu"), 42)
