@@ -123,7 +123,8 @@ class FinetuneOptions:
     epochs: int = 20
     lr: float = None               # default: DEFAULT_FINETUNE_LR by --freeze
     batch_size: int = 16
-    schedule: str = "cosine"       # C4: after warmup, cosine (to 0) or constant
+    schedule: str = "cosine"       # C4: after warmup, cosine (to 0) or constant; C5c: cyclical (train.learning_rate)
+    weight_decay: float = 0.01     # C5a, L2 regularisation: AdamW's decoupled decay of the weight matrices
     warmup_fraction: float = 0.1
     remedies: Remedies = field(default_factory=Remedies)
     lora: int = None               # C7: rank of low-rank updates of the frozen encoder (None: none; model.LowRankUpdate)
@@ -166,12 +167,13 @@ class FinetuneOptions:
             raise InputError("--adapt-steps continues a pre-trained model's MLM; --init scratch has none")
         if self.pool not in ("cls", "mean"):
             raise InputError(f"--pool: expected cls or mean, got {self.pool!r}")
-        if self.schedule not in ("cosine", "constant"):
-            raise InputError(f"--schedule: expected cosine or constant, got {self.schedule!r}")
+        if self.schedule not in ("cosine", "constant", "cyclical"):
+            raise InputError(f"--schedule: expected cosine, constant or cyclical, got {self.schedule!r}")
         remedies = self.remedies
-        if (remedies.l2_sp < 0 or remedies.aux_mlm < 0 or not 0 < remedies.layer_lr_decay <= 1
+        if (remedies.l2_sp < 0 or remedies.aux_mlm < 0 or self.weight_decay < 0 or not 0 < remedies.layer_lr_decay <= 1
                 or not 0 <= self.warmup_fraction < 1):
-            raise InputError("--l2-sp and --aux-mlm must be >= 0, --layer-lr-decay in (0, 1], --warmup-fraction in [0, 1)")
+            raise InputError("--l2-sp, --aux-mlm and --weight-decay must be >= 0, --layer-lr-decay in (0, 1], "
+                             "--warmup-fraction in [0, 1)")
         if remedies.aux_mlm and self.freeze == "head":
             raise InputError("--aux-mlm with --freeze head: the encoder is frozen, an MLM loss on it would change nothing")
         if (remedies.l2_sp or remedies.aux_mlm) and scratch:

@@ -207,7 +207,8 @@ def add_finetune(commands):
     p.add_argument("--batch-size", type=int, help="examples per step")
     p.add_argument("--config", help="model size with --init scratch: tiny, small or base")
     p.add_argument("--max-length", type=int, help="position-table size with --init scratch")
-    p.add_argument("--schedule", help="after warmup: cosine (to 0) or constant (C4, C5c)")
+    p.add_argument("--schedule", help="after warmup: cosine (to 0), constant (C4), or cyclical (C5c: 3 cycles, peaks halving)")
+    p.add_argument("--weight-decay", type=float, help="C5a: AdamW's weight decay of the weight matrices (L2 regularisation)")
     p.add_argument("--warmup-fraction", type=float, help="fraction of the steps spent warming up (0: none)")
     p.add_argument("--l2-sp", dest="l2_sp", type=float, metavar="LAMBDA",
                    help="C5a: add LAMBDA/2 * sum ||theta - theta_0||^2, a pull toward the pre-trained weights")

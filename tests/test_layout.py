@@ -14,7 +14,7 @@ from conftest import ROOT
 
 # README's layout, bottom to top: each file imports only files before it (no import circles)
 STACK = ["common", "model", "tokenizer", "toyworld", "data", "hf", "options", "parallel", "checkpoint", "train", "compress", "bench",
-         "experiments", "ptft"]
+         "verdicts", "experiments", "ptft"]
 
 
 def top_level_imports(name):
