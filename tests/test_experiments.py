@@ -366,6 +366,8 @@ def test_a_committed_results_file_was_made_by_the_plan_as_it_is_today(name):
     assert written["settings"] == json.loads(json.dumps(experiments.PLANS[name])), \
         f"plan {name} changed since results/{name}.json was made: re-run it"
     assert re.fullmatch(r"[0-9a-f]{40}", written["stamp"]["commit"])
+    markdown = open(os.path.join(ROOT, "results", f"{name}.md"), encoding="utf-8").read()
+    assert markdown.startswith(f"Written by `{written['stamp']['command']}` at commit {written['stamp']['commit']}")
 
 
 def test_every_variant_of_a_comparison_gets_the_same_budget_and_a_floor_of_epochs():
