@@ -1,6 +1,7 @@
-"""experiments.py -- every testable claim of the document (C1-C7) as a table with error bars.
+"""experiments.py -- every testable claim of the document (C1-C7) as a table with error bars,
+and a verdict on each by the rule of verdicts.py.
 
-    python ptft.py experiments --quick        (or: python experiments.py --quick)
+    python ptft.py experiments --plan quick   (a tiny plan end to end: python experiments.py)
 
 Two corpora, the same protocol on each:
   toy     the embedded toy world (toyworld.toy_world): which of 8 topics a sentence is about.
@@ -12,21 +13,32 @@ Two corpora, the same protocol on each:
 For each corpus: one pre-training run (E2/E4), with snapshots along the way so that the same
 run serves C6's budget sweep; then many short fine-tuning runs (E3, train.fit_classifier) on
 k labeled examples per class. Seed s draws the k examples AND seeds the fine-tuning, so every
-row of a table sees the same draws (paired comparisons). A cell is the mean ± std over seeds.
-Every table carries a non-neural baseline, TF-IDF + logistic regression: does pre-training
-beat counting words?
+row of a table sees the same draws (paired comparisons). A cell is the mean ± the SAMPLE std
+(ddof = 1) over seeds. Every table carries a non-neural baseline, TF-IDF + logistic regression:
+does pre-training beat counting words? Every variant of a comparison gets the same fine-tuning
+budget, by one rule (epochs_for).
 
 Outputs in OUT:
   runs.jsonl    one line per finished run (fine-tuning or baseline); --resume skips them
-  results.json  the tables: per row, per metric, mean / std / n and the values per seed
-  results.md    the same as markdown, with the wall-clock
+  results.json  the stamp (commit, machine, command), the plan's settings, the tables (every
+                seed's value) and the verdicts (VERDICTS, verdicts.compare)
+  results.md    the same as markdown, opening with the stamp
+A named plan (`--plan NAME`) also writes results/NAME.json and results/NAME.md in the repository
+and gathers results/claims.json: each claim C1-C8's verdict over every committed plan.
 
 PLANS below is the only knob: the sizes of the full and the quick run (tests shrink a copy).
 """
 
+import dataclasses
+import datetime
+import glob
 import json
 import math
 import os
+import platform
+import re
+import subprocess
+import sys
 import time
 import zlib
 
@@ -41,9 +53,10 @@ import finetuning
 import options
 import toyworld
 import train
+import verdicts
 from checkpoint import open_model, prepare_out_folder, write_json
-from common import InputError
-from model import count_parameters
+from common import IGNORE_INDEX, InputError
+from model import PreTrainingModel, count_parameters
 from options import DistillOptions, FinetuneOptions, PretrainOptions, PruneOptions, Remedies
 from tokenizer import split_words
 
@@ -72,11 +85,20 @@ PLANS = {
                      "stdlib": ["scratch", "head", "head-mean", "top-2", "full"]},
         k=16,                                    # labels per class in the tables after C1
         finetune_steps=240,                      # about this many steps per run (see epochs_for)
+        min_epochs=5,                            # ... but never fewer epochs than this, for every variant
         max_epochs=30,
         epoch_grid=[1, 2, 5, 10, 30],
         lr_grid=[2e-5, 5e-5, 1e-4, 3e-4, 1e-3],
-        l2_sp=0.01, aux_mlm=1.0, layer_lr_decay=0.5,    # C5's remedies, at one strength each
+        # C5's remedies as the document names them: (a) L2 regularisation (AdamW weight decay; 0.01 is
+        # every other row's) and dropout (0 elsewhere: the encoders are pre-trained without it), varied;
+        # (b) the auxiliary MLM loss; (c) the cyclical schedule. Extras, not the document's: L2-SP, layer-wise decay
+        weight_decays=[0.0, 0.1], dropouts=[0.1],
+        l2_sp=0.01, aux_mlm=1.0, layer_lr_decay=0.5,
         forgetting_batches=8,
+        # C4's pre-training half (plan learning-rates): rates, with and without clipping at norm 1
+        pretrain_lr_grid=[],
+        pretrain_lr_steps=600,
+        pretrain_lr_batch_size=32,
     ),
 }
 # The quick plan: the same protocol, smaller (3 seeds, ~120 fine-tuning steps per run), sized
@@ -154,8 +176,21 @@ PLANS["task-adaptive"] = {
     "finetune_steps": 1100,                      # 15 epochs at k=16, 5 over every label
 }
 
+# C4, both halves, on the toy world: pre-training at 1e-4 ... 3e-3 with and without gradient
+# clipping (the document's reason for a small rate is exploding gradients: the largest gradient
+# norm and any divergence are recorded), 600 steps of 32 sequences per seed; and fine-tuning
+# rates for the head and for full fine-tuning on the quick plan's encoder.
+PLANS["learning-rates"] = {
+    **PLANS["quick"],
+    "corpora": ["toy"],
+    "snapshot_steps": {"toy": [], "stdlib": []},
+    "tables": {"toy": ["C4"], "stdlib": []},
+    "lr_grid": [2e-5, 5e-5, 1e-4, 3e-4, 1e-3, 3e-3],
+    "pretrain_lr_grid": [1e-4, 3e-4, 1e-3, 3e-3],
+}
+
 # C7 alone, on both corpora: one teacher per seed (full fine-tuning on k labels per class) and
-# every remedy of compress.py made from it, through the commands users run.
+# every remedy of deploy.py made from it, through the commands users run.
 PLANS["c7"] = {
     **PLANS["quick"],
     "pretrain_steps": {"toy": 2500, "stdlib": 10000},
@@ -357,9 +392,13 @@ def pretrain_encoders(out, corpus, task, plan, resume, log):
 
 
 def epochs_for(num_examples, plan, batch_size=16):
-    """About plan['finetune_steps'] steps: many epochs on a few labels, few on many."""
+    """The budget rule (docs/claims.md): about plan['finetune_steps'] steps -- many epochs on a few
+    labels, fewer on many -- but never fewer than plan['min_epochs'] nor more than plan['max_epochs'].
+    It depends on the labeled set's size only, so every variant of a comparison (scratch, head,
+    full, each remedy) gets the same budget. The floor keeps a large labeled set from being seen
+    once: one epoch over every label left scratch, which learns slowest, far from converged."""
     steps_per_epoch = math.ceil(num_examples / batch_size)
-    return int(min(plan["max_epochs"], max(1, round(plan["finetune_steps"] / steps_per_epoch))))
+    return int(min(plan["max_epochs"], max(plan["min_epochs"], round(plan["finetune_steps"] / steps_per_epoch))))
 
 
 class Loaded:
@@ -379,6 +418,7 @@ class Loaded:
             self.held_out = data.held_out_batches(data.encode_documents(self.tokenizer, held_out_documents), self.tokenizer,
                                                   MLM_MAX_LENGTH, use_nsp=False, batch_size=32, num_batches=forgetting_batches)
         self.encoded_training_documents = None  # encoded when --aux-mlm first needs them
+        self.fill_mask_before = None  # the pre-trained MLM head's fill-mask accuracy on held_out, once measured
         self.rows = {}  # tokenized labeled texts -> their token ids
 
     def starting_point(self, finetune_options):
@@ -412,16 +452,44 @@ def adapted(loaded, texts, spec, folder):
     return ADAPTED[folder]
 
 
-def fine_tune_and_score(source, labeled, label_names, test_sets, finetune_options, pretrained=True):
+def fill_mask_accuracy(mlm_model, batches, device):
+    """Forgetting as lost capability: the share of the masked positions of the held-out batches
+    (B1's 80/10/10 draws) where the MLM head's top-1 token is the original one -- fill-mask,
+    scored. The same batches as the forgetting loss (held-out MLM loss on MLM-only batches)."""
+    mlm_model.eval()
+    correct, total = 0, 0
+    with torch.no_grad():
+        for batch in batches:
+            batch = evaluation.to_tensors(batch, device)
+            sequence_output, _ = mlm_model.encoder(batch["input_ids"], batch["segment_ids"], batch["attention_mask"])
+            scores = mlm_model.mlm_scores(sequence_output, batch["mlm_labels"])      # (masked, V)
+            targets = batch["mlm_labels"][batch["mlm_labels"] != IGNORE_INDEX]
+            correct += int((scores.argmax(-1) == targets).sum())
+            total += targets.numel()
+    return correct / max(total, 1)
+
+
+def fine_tune_and_score(source, labeled, label_names, test_sets, finetune_options, pretrained=True, dropout=None):
     """E3 on `labeled` ((text, label) pairs): from source's pre-trained encoder or, pretrained=False,
     from a random initialisation of the same architecture and vocabulary (C1's baseline); then
-    scored on each test set (name -> (text, label) pairs). Returns (info, {name: metrics}).
+    scored on each test set (name -> (text, label) pairs). dropout: fine-tune with this dropout
+    rate (C5a) instead of the encoder's own. Returns (info, {name: metrics}); with held-out MLM
+    batches, info also holds the fill-mask accuracy before and after (fill_mask_accuracy).
     The demo (ptft.py) and every table here fit and score their variants with this."""
     labels = data.encode_labels([y for _, y in labeled], label_names, "train")
     start = source.starting_point(finetune_options) if pretrained else None
-    model, info = train.fit_classifier(source.inputs([text for text, _ in labeled]), labels, len(label_names), source.config,
+    config = source.config if dropout is None else dataclasses.replace(source.config, dropout=dropout, attention_dropout=dropout)
+    model, info = train.fit_classifier(source.inputs([text for text, _ in labeled]), labels, len(label_names), config,
                                        finetune_options, start=start, pad_id=source.tokenizer.pad_id)
     device = options.pick_device(finetune_options.device)
+    if start is not None and start.held_out and start.pretrained_state is not None:
+        if source.fill_mask_before is None:
+            pretrained_model = PreTrainingModel(source.config)
+            pretrained_model.load_state_dict(start.pretrained_state)
+            source.fill_mask_before = fill_mask_accuracy(pretrained_model.to(device), start.held_out, device)
+        after = fill_mask_accuracy(train.mlm_model_sharing_encoder(model, start.pretrained_state, device), start.held_out, device)
+        info.update(fill_mask_before=source.fill_mask_before, fill_mask_after=after,
+                    fill_mask_lost=source.fill_mask_before - after)
     scores = {name: evaluation.classify(model, source.inputs([text for text, _ in examples]),
                                    data.encode_labels([y for _, y in examples], label_names, name), device,
                                    pad_id=source.tokenizer.pad_id)
@@ -431,6 +499,8 @@ def fine_tune_and_score(source, labeled, label_names, test_sets, finetune_option
 
 def finetune_run(spec, task, loaded, scratch_source, folder=None):
     """One line of runs.jsonl: fine-tune per spec, score on the task's test set (C7: c7_run)."""
+    if spec["method"] == "pretrain-rate":
+        return pretrain_rate_run(spec, folder)
     label_names = sorted({y for _, y in task["train"]})
     labeled = draw_labeled(task["train"], spec["k"], spec["seed"])
     if spec["method"] == "c7":
@@ -446,20 +516,58 @@ def finetune_run(spec, task, loaded, scratch_source, folder=None):
         return {"accuracy": float(np.mean(predictions == np.array(test_labels))), "seconds": time.time() - started}
     recipe = FinetuneOptions(freeze=spec["freeze"], epochs=spec["epochs"], lr=spec["lr"], warmup_fraction=spec["warmup"],
                              schedule=spec["schedule"], seed=spec["seed"], pool=spec.get("pool", "cls"),
+                             weight_decay=spec.get("weight_decay", 0.01),
                              remedies=Remedies(spec["l2_sp"], spec["aux_mlm"], spec["layer_lr_decay"]))
     # scratch: the same architecture and vocabulary, a random initialisation (C1's baseline)
     pretrained = spec["encoder"] != "scratch"
     info, scores = fine_tune_and_score(loaded if pretrained else scratch_source, labeled, label_names,
-                                       {"test": task["test"]}, recipe, pretrained)
+                                       {"test": task["test"]}, recipe, pretrained, dropout=spec.get("dropout"))
     result = {"accuracy": scores["test"]["accuracy"], "seconds": info["seconds"],
               "trainable_parameters": info["trainable_parameters"]}
-    for key in ("mlm_loss_before", "mlm_loss_after", "forgetting"):
+    for key in ("mlm_loss_before", "mlm_loss_after", "forgetting", "fill_mask_before", "fill_mask_after", "fill_mask_lost"):
         if key in info:
             result[key] = info[key]
     return result
 
 
-# C7's rows: each remedy's run folder, made from one teacher per seed by compress.py's commands
+def pretrain_rate_run(spec, folder):
+    """C4's pre-training half, one seed: pre-train on folder/unlabeled.txt at spec['lr'] for
+    spec['steps'] steps, clipping the gradient to norm 1 (as pretrain does) or not. The loop is
+    pretrain's (train.start_pretraining, step_batches, pretraining_step) with the clipping made
+    optional, the largest gradient norm kept, and a divergence recorded instead of raised.
+    Returns the held-out MLM loss (on pre-training's batches, sentence pairs) at the end (None if
+    diverged), the largest gradient norm before clipping, and the step it diverged at (or None)."""
+    recipe = PretrainOptions(corpus=[os.path.join(folder, "unlabeled.txt")], steps=spec["steps"], batch_size=spec["batch_size"],
+                             max_length=MLM_MAX_LENGTH, lr=spec["lr"], dropout=0.0, save_every=0, seed=spec["seed"],
+                             vocab_size=2048 if spec["corpus"] == "toy" else 8192, eval_every=spec["steps"], device="cpu")
+    out = os.path.join(folder, "pretrain-rates", f"lr-{spec['lr']:g}-clip-{spec['clip']}-seed-{spec['seed']}")
+    started = time.time()
+    run, _, encoded, held_out = train.start_pretraining(out, recipe, resume=False, force=True, log=lambda *a: None)
+    batches = train.step_batches(run, encoded, background=False)
+    warmup_steps = max(1, recipe.steps // 20)  # pretrain's default
+    largest, diverged = 0.0, None
+    run.model.train()
+    for step in range(recipe.steps):
+        for group in run.optimizer.param_groups:
+            group["lr"] = train.learning_rate(step, recipe.steps, recipe.lr, warmup_steps)  # C4
+        loss_mlm, loss_nsp, _ = train.pretraining_step(run, run.model, batches.next()[1])
+        # max_norm = inf: measures the norm and leaves the gradient as it is
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), 1.0 if spec["clip"] else math.inf).item()
+        if not all(math.isfinite(x) for x in (loss_mlm, loss_nsp, grad_norm)):
+            diverged = step + 1
+            break
+        largest = max(largest, grad_norm)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    batches.close()
+    loss = None if diverged else evaluation.mlm_evaluation(run.model, held_out, run.device)["mlm_loss"]
+    if loss is not None and not math.isfinite(loss):
+        loss, diverged = None, recipe.steps
+    return {"pretrain_loss": loss, "max_grad_norm": largest, "diverged": 0.0 if diverged is None else 1.0,
+            "seconds": time.time() - started}
+
+
+# C7's rows: each remedy's run folder, made from one teacher per seed by deploy.py's commands
 C7_NAMES = {"teacher": "teacher: pre-trained, full fine-tuning", "head": "head only (--freeze head)",
             "lora-4": "LoRA, rank 4 (--lora 4)", "int8": "teacher, int8 (quantize)",
             "pruned-50": "teacher, 50% of weights pruned + recovery (prune)",
@@ -536,6 +644,9 @@ def c7_run(spec, task, loaded, folder):
 # ----------------------------------------------------------------------------------------
 
 
+C5_NONE = f"full fine-tuning, lr {FULL_LR:g}, cosine, weight decay 0.01, no dropout (no remedy)"
+
+
 def tables_for(corpus, plan, task, encoders, num_layers, num_classes):
     k = plan["k"]
     epochs = epochs_for(k * num_classes, plan)
@@ -589,16 +700,27 @@ def tables_for(corpus, plan, task, encoders, num_layers, num_classes):
         rows += [(f"full, lr {lr:g}", {**full, "lr": lr}) for lr in plan["lr_grid"]]
         rows += [(f"full, lr {FULL_LR:g}, no warmup", {**full, "warmup": 0.0}),
                  (f"full, lr {FULL_LR:g}, constant (no cosine)", {**full, "schedule": "constant"})]
-        tables.append(("C4", f"learning rate, warmup, schedule (k={k})", rows + [("TF-IDF + logistic regression", baseline())]))
+        tables.append(("C4", f"fine-tuning learning rate, warmup, schedule (k={k})", rows + [("TF-IDF + logistic regression", baseline())]))
+        if plan["pretrain_lr_grid"]:
+            rows = [(f"pre-training lr {lr:g}, {'clipped at norm 1' if clip else 'no clipping'}",
+                     dict(method="pretrain-rate", corpus=corpus, lr=lr, clip=clip, steps=plan["pretrain_lr_steps"],
+                          batch_size=plan["pretrain_lr_batch_size"]))
+                    for clip in (True, False) for lr in plan["pretrain_lr_grid"]]
+            tables.append(("C4", f"pre-training learning rate, {plan['pretrain_lr_steps']} steps of "
+                           f"{plan['pretrain_lr_batch_size']} sequences", rows))
     if "C5" in plan["tables"][corpus]:
-        remedies = dict(l2_sp=plan["l2_sp"], aux_mlm=plan["aux_mlm"], layer_lr_decay=plan["layer_lr_decay"])
-        rows = [(f"full fine-tuning, lr {FULL_LR:g}, cosine (no remedy)", full),
-                (f"(a) --l2-sp {plan['l2_sp']:g}", {**full, "l2_sp": plan["l2_sp"]}),
-                (f"(b) --aux-mlm {plan['aux_mlm']:g}", {**full, "aux_mlm": plan["aux_mlm"]}),
-                (f"(c) --layer-lr-decay {plan['layer_lr_decay']:g}", {**full, "layer_lr_decay": plan["layer_lr_decay"]}),
-                ("(c) the other way: constant lr, no late lowering", {**full, "schedule": "constant"}),
-                (f"(d) --freeze top-1 (lr {FULL_LR:g})", {**full, "freeze": "top-1"}),
-                ("(a) + (b) + (c) combined", {**full, **remedies})]
+        rows = [(C5_NONE, full)]
+        rows += [(f"(a) L2: --weight-decay {wd:g}", {**full, "weight_decay": wd}) for wd in plan["weight_decays"]]
+        rows += [(f"(a) dropout {p:g}", {**full, "dropout": p}) for p in plan["dropouts"]]
+        rows += [(f"(b) --aux-mlm {plan['aux_mlm']:g}", {**full, "aux_mlm": plan["aux_mlm"]}),
+                 ("(c) cyclical schedule (--schedule cyclical)", {**full, "schedule": "cyclical"}),
+                 ("(c) the other way: constant lr, no late lowering", {**full, "schedule": "constant"}),
+                 (f"(d) --freeze top-1 (lr {FULL_LR:g})", {**full, "freeze": "top-1"}),
+                 ("(a) + (b) + (c) combined", {**full, "weight_decay": max(plan["weight_decays"]), "dropout": max(plan["dropouts"]),
+                                               "aux_mlm": plan["aux_mlm"], "schedule": "cyclical"}),
+                 (f"extra, not the document's: L2-SP --l2-sp {plan['l2_sp']:g}", {**full, "l2_sp": plan["l2_sp"]}),
+                 (f"extra, not the document's: --layer-lr-decay {plan['layer_lr_decay']:g}",
+                  {**full, "layer_lr_decay": plan["layer_lr_decay"]})]
         tables.append(("C5", f"forgetting: remedies for full fine-tuning (k={k})", rows + [("TF-IDF + logistic regression", baseline())]))
     if "C6" in plan["tables"][corpus]:
         rows = [("0 steps (from scratch)", scratch)]
@@ -629,37 +751,245 @@ def tables_for(corpus, plan, task, encoders, num_layers, num_classes):
 # ----------------------------------------------------------------------------------------
 
 
-def summarize(values):
-    values = [v for v in values if v is not None]
-    if not values:
+def summarize(values, seeds):
+    """Per-seed values (None: not measured) -> mean, the SAMPLE std (ddof = 1; None for one value),
+    n, and every value with its seed (the verdicts pair the rows by seed)."""
+    kept = [(seed, v) for seed, v in zip(seeds, values) if v is not None]
+    if not kept:
         return None
-    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "n": len(values), "values": values}
+    values = [v for _, v in kept]
+    return {"mean": float(np.mean(values)), "std": verdicts.sample_std(values), "n": len(values), "values": values,
+            "seeds": [seed for seed, _ in kept]}
 
 
 # The columns of each claim's table (keys of a run's result; the markdown shows those present)
 COLUMNS = {"C1": ["accuracy", "seconds"], "C2": ["accuracy", "seconds"],
-           "C3": ["accuracy", "trainable_parameters", "seconds", "forgetting"],
-           "C4": ["accuracy", "forgetting", "seconds"], "C5": ["accuracy", "forgetting", "seconds"],
+           "C3": ["accuracy", "trainable_parameters", "seconds", "forgetting", "fill_mask_lost"],
+           "C4": ["accuracy", "forgetting", "fill_mask_lost", "pretrain_loss", "max_grad_norm", "diverged", "seconds"],
+           "C5": ["accuracy", "forgetting", "fill_mask_lost", "seconds"],
            "C6": ["mlm_loss_before", "accuracy", "seconds"],
            "C7": ["accuracy", "parameters", "bytes_on_disk", "bytes_zipped", "task_bytes", "sentences_per_second_1",
                   "sentences_per_second_32"]}
-METRICS = [  # (key in a run's result, markdown header, format of mean ± std)
-    ("accuracy", "test accuracy %", lambda c: f"{100 * c['mean']:.1f} ± {100 * c['std']:.1f}"),
-    ("mlm_loss_before", "held-out MLM loss of the pre-trained encoder", lambda c: f"{c['mean']:.3f}"),
-    ("forgetting", "forgetting: Δ held-out MLM loss", lambda c: f"{c['mean']:+.3f} ± {c['std']:.3f}"),
+
+
+def spread(c, scale=1.0, digits=1, sign=""):
+    """'mean ± sample std' of a cell; one seed: the value and (n=1)."""
+    mean = f"{scale * c['mean']:{sign},.{digits}f}"
+    return f"{mean} ± {scale * c['std']:,.{digits}f}" if c["std"] is not None else f"{mean} (n=1)"
+
+
+# One name per measure. The held-out MLM loss is measured on two kinds of batches: pre-training's
+# own (sentence pairs, as NSP needs them) and the MLM-only batches fine-tuning's forgetting uses
+# (Loaded.held_out); the same checkpoint reads differently on the two, so each keeps its own name.
+METRICS = [  # (key in a run's result, markdown header, format of mean ± sample std)
+    ("accuracy", "test accuracy %", lambda c: spread(c, 100)),
+    ("mlm_loss_before", "held-out MLM loss on MLM-only batches, pre-trained encoder", lambda c: f"{c['mean']:.3f}"),
+    ("forgetting", "forgetting: Δ held-out MLM loss on MLM-only batches", lambda c: spread(c, digits=3, sign="+")),
+    ("fill_mask_lost", "forgetting: fill-mask top-1 accuracy lost, points", lambda c: spread(c, 100, sign="+")),
+    ("pretrain_loss", "held-out MLM loss on pre-training's batches (pairs) at the end", lambda c: spread(c, digits=3)),
+    ("max_grad_norm", "largest gradient norm (before clipping)", lambda c: spread(c, digits=2)),
+    ("diverged", "runs that diverged", lambda c: f"{round(c['mean'] * c['n'])} of {c['n']}"),
     ("trainable_parameters", "trainable parameters", lambda c: f"{c['mean']:,.0f}"),
-    ("seconds", "seconds per run", lambda c: f"{c['mean']:.1f} ± {c['std']:.1f}"),
+    ("seconds", "seconds per run", lambda c: spread(c)),
     ("parameters", "parameters", lambda c: f"{c['mean']:,.0f}"),
     ("bytes_on_disk", "checkpoint.pt bytes", lambda c: f"{c['mean']:,.0f}"),
     ("bytes_zipped", "zipped bytes", lambda c: f"{c['mean']:,.0f}"),
     ("task_bytes", "bytes per task", lambda c: f"{c['mean']:,.0f}"),
-    ("sentences_per_second_1", "CPU sentences/s, batch 1", lambda c: f"{c['mean']:,.0f} ± {c['std']:,.0f}"),
-    ("sentences_per_second_32", "CPU sentences/s, batch 32", lambda c: f"{c['mean']:,.0f} ± {c['std']:,.0f}"),
+    ("sentences_per_second_1", "CPU sentences/s, batch 1", lambda c: spread(c, digits=0)),
+    ("sentences_per_second_32", "CPU sentences/s, batch 32", lambda c: spread(c, digits=0)),
 ]
 
 
-def run(out="runs/experiments", plan_name="quick", seeds=None, resume=False, force=False, plan=None, log=print):
-    """Run the plan (PLANS[plan_name], or `plan` itself) and write runs.jsonl, results.json, results.md."""
+# ----------------------------------------------------------------------------------------
+# Verdicts: which rows each claim compares, and with what margin (verdicts.compare)
+# ----------------------------------------------------------------------------------------
+
+CLAIMS = {  # the document's claims (docs/claims.md), in a line each
+    "C1": "pre-training needs far fewer labels than training from scratch",
+    "C2": "fine-tuning needs only a few epochs",
+    "C3": "updating the head or top layers is enough",
+    "C4": "pre-train at a small rate (~1e-4), fine-tune at a larger one (~1e-3); warmup + cosine",
+    "C5": "forgetting, and remedies (a)–(d)",
+    "C6": "the pre-training task choice matters",
+    "C7": "large models cost much to store and deploy",
+    "C8": "applications beyond text",
+}
+AS_GOOD_AS = -0.02  # "as good as": within 2 accuracy points (a negative margin, verdicts.compare)
+CORPUS_SHORT = {"toy": "toy", "stdlib": "text"}
+
+
+def c5_short_name(setting):
+    """A C5 row's name, short enough for a verdict line: '(a) wd 0.1', '(c) cyclical', 'L2-SP'."""
+    for pattern, short in ((r"\(a\) L2: --weight-decay (\S+)", r"(a) wd \1"), (r"\(a\) dropout (\S+)", r"(a) dropout \1"),
+                           (r"\(b\).*", "(b)"), (r"\(c\) cyclical.*", "(c) cyclical"), (r"\(d\) --freeze (\S+).*", r"(d) \1"),
+                           (r"\(a\) \+ \(b\) \+ \(c\).*", "(a)+(b)+(c)"), (r".*L2-SP.*", "L2-SP"), (r".*layer-lr-decay.*", "layer decay")):
+        if re.fullmatch(pattern, setting):
+            return re.sub(pattern, short, setting)
+    return setting
+
+
+def comparisons_for(tables, plan):
+    """The comparisons the verdicts rest on, from one corpus's tables: (claim, setting, what it
+    asks, row A, row B, measure, margin) -- the verdict is on A - B > margin, paired by seed.
+    A comparison whose rows the plan did not run is left out."""
+    settings = {}
+    for table in tables:
+        settings.setdefault(table["claim"], set()).update(row["setting"] for row in table["rows"])
+    found = []
+
+    def add(table, claim, setting, what, a, b, metric, margin=0.0):
+        if {a, b} <= settings.get(table, set()):
+            found.append(dict(claim=claim, setting=setting, comparison=what, a=a, b=b, metric=metric, margin=margin))
+
+    for k in plan["labels_per_class"]:
+        add("C1", "C1", f"k={k}", "pre-trained full fine-tuning beats from scratch (accuracy)",
+            f"k={k}: pre-trained, full", f"k={k}: from scratch", "accuracy")
+        add("C1", "C3", f"k={k}", "head only as good as full fine-tuning, within 2 points (accuracy)",
+            f"k={k}: pre-trained, head only", f"k={k}: pre-trained, full", "accuracy", AS_GOOD_AS)
+    if "C1" not in settings:  # C3's own table, where C1's is absent
+        frozen = [name for name in sorted(settings.get("C3", [])) if name.endswith("(--freeze head)")]
+        none = [name for name in sorted(settings.get("C3", [])) if name.endswith("(--freeze none)")]
+        if frozen and none:
+            add("C3", "C3", f"k={plan['k']}", "head only as good as full fine-tuning, within 2 points (accuracy)",
+                frozen[0], none[0], "accuracy", AS_GOOD_AS)
+    few, most = max(e for e in plan["epoch_grid"] if e <= 5), max(plan["epoch_grid"])
+    if few < most:
+        add("C2", "C2", f"{few} epochs", f"full fine-tuning at {few} epochs as good as at {most}, within 2 points (accuracy)",
+            f"pre-trained, full, {few} epochs", f"pre-trained, full, {most} epochs", "accuracy", AS_GOOD_AS)
+    for variant in ("head only", "full"):
+        for bert in (2e-5, 5e-5):
+            add("C4", "C4", f"{variant.split()[0]} 1e-3 vs {bert:g}", f"fine-tuning {variant} at 1e-3 beats BERT's {bert:g} (accuracy)",
+                f"{variant}, lr 0.001", f"{variant}, lr {bert:g}", "accuracy")
+    add("C4", "C4", "warmup", "warmup helps (accuracy)", f"full, lr {FULL_LR:g}", f"full, lr {FULL_LR:g}, no warmup", "accuracy")
+    add("C4", "C4", "cosine", "cosine beats a constant rate (accuracy)", f"full, lr {FULL_LR:g}",
+        f"full, lr {FULL_LR:g}, constant (no cosine)", "accuracy")
+    for lr in plan["pretrain_lr_grid"]:
+        if lr != 1e-4:
+            add("C4", "C4", f"pre-train 1e-4 vs {lr:g}",
+                f"pre-training at 1e-4 ends at a lower held-out MLM loss (pairs) than at {lr:g}",
+                f"pre-training lr {lr:g}, clipped at norm 1", "pre-training lr 0.0001, clipped at norm 1", "pretrain_loss")
+    if plan["pretrain_lr_grid"]:
+        largest = max(plan["pretrain_lr_grid"])
+        add("C4", "C4", "grad norms", f"without clipping, pre-training at {largest:g} has larger gradient norms than at 1e-4",
+            f"pre-training lr {largest:g}, no clipping", "pre-training lr 0.0001, no clipping", "max_grad_norm")
+    for name in sorted(settings.get("C5", [])):
+        if name.startswith(("(a)", "(b)", "(c) cyclical", "(d)", "extra")):
+            short = c5_short_name(name)
+            add("C5", "C5", f"{short}: loss", f"{name} reduces forgetting (Δ held-out MLM loss on MLM-only batches)",
+                C5_NONE, name, "forgetting")
+            add("C5", "C5", f"{short}: fill-mask", f"{name} reduces the fill-mask accuracy lost", C5_NONE, name, "fill_mask_lost")
+    reference = [name for name in sorted(settings.get("C6", [])) if name.endswith("(reference)")]
+    for name in sorted(settings.get("C6", [])):
+        if reference and name.startswith(reference[0].split(",")[0] + ",") and name != reference[0]:
+            variant = name.split(", ", 1)[1]
+            add("C6", "C6", variant, f"BERT's recipe beats {variant} at the same budget (accuracy)", reference[0], name, "accuracy")
+    add("C7", "C7", "int8", "int8 weights as accurate as the teacher, within 1 point (accuracy)", C7_NAMES["int8"],
+        C7_NAMES["teacher"], "accuracy", -0.01)
+    add("C7", "C7", "distilled speed", "the distilled student serves more sentences/s at batch 32 than the teacher",
+        C7_NAMES["distilled"], C7_NAMES["teacher"], "sentences_per_second_32")
+    return found
+
+
+def decide(results):
+    """Every comparison of the plan's tables, decided by verdicts.compare (paired by seed)."""
+    decided = []
+    for corpus in results["settings"]["corpora"]:
+        tables = [t for t in results["tables"] if t["corpus"] == corpus]
+        rows = {row["setting"]: row for t in tables for row in t["rows"]}
+        for comparison in comparisons_for(tables, results["settings"]):
+            cells = []
+            for side in ("a", "b"):
+                cell = rows[comparison[side]]["cells"].get(comparison["metric"])
+                cells.append(dict(zip(cell["seeds"], cell["values"])) if cell else {})
+            outcome = verdicts.compare(cells[0], cells[1], comparison["margin"])
+            decided.append({**comparison, "corpus": corpus, "setting": f"{CORPUS_SHORT[corpus]} {comparison['setting']}",
+                            **{key: outcome[key] for key in ("verdict", "difference", "interval", "n")}})
+    return decided
+
+
+def gather_claims(folder):
+    """results/*.json (one per plan) -> each claim C1-C8's verdict (verdicts.combine over every row
+    it rests on), the rows, and the plans that test it but have no results file yet."""
+    plans = {}
+    for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
+        name = os.path.basename(path)[:-len(".json")]
+        if name != "claims":
+            with open(path, encoding="utf-8") as f:
+                plans[name] = json.load(f)
+    claims = {}
+    for claim, text in CLAIMS.items():
+        rows = [{"plan": name, **row} for name, results in plans.items() for row in results["verdicts"] if row["claim"] == claim]
+        several = len({row["plan"] for row in rows}) > 1
+        verdict = verdicts.combine([(f"{row['plan']} {row['setting']}" if several else row["setting"], row["verdict"])
+                                    for row in rows])
+        pending = sorted(name for name, plan in PLANS.items() if name not in plans and not plan.get("needs_gpu")
+                         and any(claim in plan["tables"][corpus] for corpus in plan["corpora"]))
+        if verdict == verdicts.NOT_TESTED and pending:
+            verdict = "not settled (re-run pending)"
+        claims[claim] = {"claim": text, "verdict": verdict, "plans": sorted({row["plan"] for row in rows}),
+                         "pending_plans": pending, "rows": rows}
+    return claims
+
+
+# ----------------------------------------------------------------------------------------
+# The stamp: what made a results file (commit, machine, command), so a stale one shows
+# ----------------------------------------------------------------------------------------
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def machine():
+    """The CPU model and its vector ISA (from /proc/cpuinfo), threads, and the GPU if one is used."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+    except OSError:
+        pass
+    isa = [flag for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if flag in flags]
+    described = {"cpu": model, "isa": isa, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                 "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                 "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+    if torch.cuda.is_available():
+        described["gpu"] = torch.cuda.get_device_name(0)
+    return described
+
+
+def stamp():
+    """Commit (and whether the work tree differed from it), date, machine, versions, the command."""
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return None
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": machine(), "torch": torch.__version__, "python": platform.python_version(),
+            "command": " ".join([os.path.basename(sys.executable), *sys.argv])}
+
+
+def stamp_line(results):
+    s, m = results["stamp"], results["stamp"]["machine"]
+    return (f"Written by `{s['command']}` at commit {s['commit']}{' (with uncommitted changes)' if s['dirty'] else ''}, "
+            f"{s['date']}, in {results['wall_clock_seconds'] / 60:.1f} minutes, on {m['cpu']} ({', '.join(m['isa']) or 'no AVX'}; "
+            f"torch CPU capability {m['torch_cpu_capability']}; {m['cpu_cores']} cores, {m['torch_threads']} torch threads, "
+            f"OMP_NUM_THREADS={m['OMP_NUM_THREADS']}){', GPU ' + m['gpu'] if m.get('gpu') else ''}, torch {s['torch']}, "
+            f"Python {s['python']}.")
+
+
+def run(out="runs/experiments", plan_name="quick", seeds=None, resume=False, force=False, plan=None, log=print,
+        results_folder=None):
+    """Run the plan (PLANS[plan_name], or `plan` itself) and write runs.jsonl, results.json, results.md
+    in OUT. A named plan (plan=None) also writes results/PLAN.json and results/PLAN.md in the
+    repository (or results_folder) and gathers results/claims.json from every plan there."""
+    if plan is None and results_folder is None:
+        results_folder = os.path.join(ROOT, "results")
     plan = dict(plan or PLANS[plan_name])
     if seeds is not None:
         if seeds < 1:
@@ -679,8 +1009,8 @@ def run(out="runs/experiments", plan_name="quick", seeds=None, resume=False, for
                     record = json.loads(line)
                     finished[record["key"]] = record["result"]
         log(f"resuming: {len(finished)} runs already in {runs_path}")
-    results = {"plan": plan_name, "settings": plan, "device": str(options.pick_device("auto")), "pretraining": {},
-               "tables": []}
+    results = {"plan": plan_name, "stamp": stamp(), "settings": json.loads(json.dumps(plan)),
+               "device": str(options.pick_device("auto")), "pretraining": {}, "tables": []}
     for corpus in plan["corpora"]:
         corpus_started = time.time()
         task = toy_task(plan["toy_documents"], plan["toy_labeled"]) if corpus == "toy" else stdlib_task(plan["stdlib_max_documents"])
@@ -690,7 +1020,7 @@ def run(out="runs/experiments", plan_name="quick", seeds=None, resume=False, for
         log(f"[{corpus}] {len(task['unlabeled'])} unlabeled documents, {len(task['train'])} labeled for training, "
             f"{len(task['test'])} for testing, {num_classes} classes")
         encoders = pretrain_encoders(out, corpus, task, plan, resume, log)
-        results["pretraining"][corpus] = {name: {"held_out_mlm_loss": loss, "seconds": seconds}
+        results["pretraining"][corpus] = {name: {"held_out_mlm_loss_on_pairs": loss, "seconds": seconds}
                                           for name, (_, loss, seconds) in encoders.items() if seconds is not None}
         loaded = {name: Loaded(path, plan["forgetting_batches"]) for name, (path, _, _) in encoders.items()}
         num_layers = loaded["final"].config.num_layers
@@ -707,20 +1037,28 @@ def run(out="runs/experiments", plan_name="quick", seeds=None, resume=False, for
                         with open(runs_path, "a") as f:
                             f.write(json.dumps({"key": key, "spec": spec_seed, "result": finished[key]}) + "\n")
                     outcomes.append(finished[key])
-                cells = {metric: summarize([o.get(metric) for o in outcomes]) for metric, _, _ in METRICS}
+                cells = {metric: summarize([o.get(metric) for o in outcomes], range(plan["seeds"])) for metric, _, _ in METRICS}
                 table["rows"].append({"claim": claim, "setting": setting,
                                       "cells": {m: c for m, c in cells.items() if c is not None}})
-                log(f"[{corpus}] {claim} {setting}: accuracy {100 * cells['accuracy']['mean']:.1f} "
-                    f"± {100 * cells['accuracy']['std']:.1f}")
+                shown = next(m for m in ("accuracy", "pretrain_loss", "diverged") if cells[m] or m == "diverged")
+                log(f"[{corpus}] {claim} {setting}: {shown} " + (spread(cells[shown], digits=3) if cells[shown] else "—"))
             results["tables"].append(table)
         results["pretraining"][corpus]["wall_clock_seconds"] = time.time() - corpus_started
+    results["verdicts"] = decide(results)
     results["wall_clock_seconds"] = time.time() - started
     write_json(os.path.join(out, "results.json"), results)
     with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as f:
         f.write(markdown(results))
     plot_labels_per_class(results, os.path.join(out, "labels_per_class.png"))
     plot_accuracy_against_size(results, os.path.join(out, "c7_accuracy_against_size.png"))
-    log(f"done in {results['wall_clock_seconds'] / 60:.1f} minutes: {out}/results.md, results.json, runs.jsonl")
+    if results_folder:
+        os.makedirs(results_folder, exist_ok=True)
+        write_json(os.path.join(results_folder, f"{plan_name}.json"), results)
+        with open(os.path.join(results_folder, f"{plan_name}.md"), "w", encoding="utf-8") as f:
+            f.write(markdown(results))
+        write_json(os.path.join(results_folder, "claims.json"), gather_claims(results_folder))
+    log(f"done in {results['wall_clock_seconds'] / 60:.1f} minutes: {out}/results.md, results.json, runs.jsonl"
+        + (f"; {results_folder}/{plan_name}.json, claims.json" if results_folder else ""))
     return results
 
 
@@ -728,12 +1066,14 @@ CORPUS_NAMES = {"toy": "toy world", "stdlib": "real text: stdlib docstrings"}
 
 
 def markdown(results):
-    lines = [f"Plan `{results['plan']}`, {results['settings']['seeds']} seeds, device {results['device']}; "
-             f"wall-clock {results['wall_clock_seconds'] / 60:.1f} minutes. Each cell: mean ± std over seeds.", ""]
+    lines = [stamp_line(results), "",
+             f"Plan `{results['plan']}`, {results['settings']['seeds']} seeds, device {results['device']}. Each cell: mean ± "
+             "the sample standard deviation (ddof = 1) over seeds; (n=1): one seed, no spread. Verdicts: the rule of "
+             "docs/claims.md (a paired 95% t interval against the claim's margin).", ""]
     for corpus, runs in results["pretraining"].items():
         lines.append(f"Pre-training on the {CORPUS_NAMES[corpus]}: " + "; ".join(
-            f"{name}: held-out MLM loss {run['held_out_mlm_loss']:.3f}, {run['seconds']:.0f} s"
-            for name, run in runs.items() if isinstance(run, dict))
+            f"{name}: held-out MLM loss on pre-training's batches (pairs) {run['held_out_mlm_loss_on_pairs']:.3f}, "
+            f"{run['seconds']:.0f} s" for name, run in runs.items() if isinstance(run, dict))
             + f"; everything on this corpus: {runs['wall_clock_seconds'] / 60:.1f} minutes.")
     for table in results["tables"]:
         present = [(m, header, show) for m, header, show in METRICS
@@ -744,6 +1084,14 @@ def markdown(results):
         for row in table["rows"]:
             cells = [show(row["cells"][m]) if m in row["cells"] else "—" for m, _, show in present]
             lines.append(f"| {row['claim']} | {row['setting']} | " + " | ".join(cells) + " |")
+    if results.get("verdicts"):
+        lines += ["", "### Verdicts", "", "| claim | setting | asks | A − B, mean | 95% interval | n | margin | verdict |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for v in results["verdicts"]:
+            interval = f"[{v['interval'][0]:+.4f}, {v['interval'][1]:+.4f}]" if v["interval"] else "—"
+            difference = f"{v['difference']:+.4f}" if v["difference"] is not None else "—"
+            lines.append(f"| {v['claim']} | {v['setting']} | {v['comparison']} | {difference} | {interval} | {v['n']} | "
+                         f"{v['margin']:+g} | {v['verdict']} |")
     return "\n".join(lines) + "\n"
 
 

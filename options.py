@@ -194,8 +194,13 @@ class FinetuneOptions:
     # the default: DEFAULT_FINETUNE_LR, by --freeze
     lr: float = setting(None, "peak learning rate (default: 1e-3 for head/top-K, 3e-4 for none)")
     batch_size: int = setting(16, "examples per step", least=1)
-    schedule: str = setting("cosine", "after warmup: cosine (to 0) or constant (C4, C5c)",
-                            choices=("cosine", "constant"))
+    schedule: str = setting("cosine", "after warmup: cosine (to 0), constant (C4), or cyclical: "
+                                      "cosine with warm restarts, each peak half the last, so "
+                                      "the rate is lowest late in training (C5c)",
+                            choices=("cosine", "constant", "cyclical"))
+    # C5a, L2 regularisation: AdamW's decoupled decay of the weight matrices (train.make_optimizer)
+    weight_decay: float = setting(0.01, "C5a: weight decay of the weight matrices (L2 "
+                                        "regularisation, AdamW's decoupled form)")
     warmup_fraction: float = setting(0.1, "fraction of the steps spent warming up (0: none)")
     remedies: Remedies = field(default_factory=Remedies)  # its fields are flags too
     lora: int = setting(None, "C7: freeze the encoder and train rank-R updates of its query and "
@@ -249,9 +254,10 @@ class FinetuneOptions:
 
     def check_remedies(self, scratch):
         remedies = self.remedies
-        if (remedies.l2_sp < 0 or remedies.aux_mlm < 0 or not 0 < remedies.layer_lr_decay <= 1
-                or not 0 <= self.warmup_fraction < 1):
-            raise InputError("--l2-sp and --aux-mlm must be >= 0, --layer-lr-decay in (0, 1], "
+        if (remedies.l2_sp < 0 or remedies.aux_mlm < 0 or self.weight_decay < 0
+                or not 0 < remedies.layer_lr_decay <= 1 or not 0 <= self.warmup_fraction < 1):
+            raise InputError("--l2-sp, --aux-mlm and --weight-decay must be >= 0, --layer-lr-decay "
+                             "in (0, 1], "
                              "--warmup-fraction in [0, 1)")
         if remedies.aux_mlm and self.freeze == "head":
             raise InputError("--aux-mlm with --freeze head: the encoder is frozen, an MLM loss on "

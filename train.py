@@ -413,7 +413,8 @@ def start_fine_tuning(config, num_labels, o, start):
     theta_0 = {name: p.detach().clone() for name, p in model.encoder.named_parameters()
                if p.requires_grad and not name.startswith("pooler.")} if o.remedies.l2_sp else None
     decay = o.remedies.layer_lr_decay
-    optimizer = make_optimizer(model, o.peak_lr(), lr_scales=layer_lr_scales(model, decay) if decay != 1.0 else None)
+    scales = layer_lr_scales(model, decay) if decay != 1.0 else None
+    optimizer = make_optimizer(model, o.peak_lr(), o.weight_decay, lr_scales=scales)  # C5a: weight decay
     training_model = data_parallel(model, processes, device)  # frozen weights are not handed to it: no gradient to share
     return FineTuningRun(options=o, start=start, model=model, frozen=frozen, training_model=training_model,
                          optimizer=optimizer, mlm_model=mlm_model, mlm_loss_before=mlm_loss_before, theta_0=theta_0,
@@ -576,14 +577,26 @@ def l2_sp_penalty(model, theta_0, strength):
 # ----------------------------------------------------------------------------------------
 
 
-def learning_rate(step, total_steps, peak, warmup_steps, schedule="cosine"):
+def learning_rate(step, total_steps, peak, warmup_steps, schedule="cosine", cycles=3, cycle_decay=0.5):
     """C4: linear warmup from 0 to `peak` over warmup_steps, then cosine annealing to 0
-    (or constant). `step` counts from 0; the rate is the one used for that step's update."""
+    (or constant). `step` counts from 0; the rate is the one used for that step's update.
+
+    C5c, "cyclical": the document's remedy against forgetting, a cyclical schedule that lowers the
+    rate late in training (循环学习率调度,在训练后期降低学习率). Cosine annealing with warm restarts
+    (SGDR, Loshchilov & Hutter 2017) whose peaks decay: after warmup the steps split into `cycles`
+    equal cycles; cycle c starts at peak * cycle_decay**c and anneals along a cosine to 0. Restarts
+    make it cyclical; the decaying peaks make every late step slower than the early ones (the last
+    cycle never exceeds peak * cycle_decay**(cycles - 1)). A triangular cycle would do the same
+    job; the cosine keeps one curve shape for all three schedules."""
     if step < warmup_steps:
         return peak * (step + 1) / warmup_steps
     if schedule == "constant":
         return peak
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if schedule == "cyclical":
+        cycle = min(cycles - 1, int(progress * cycles))
+        within = progress * cycles - cycle       # 0 .. 1 inside the current cycle
+        return peak * cycle_decay ** cycle * 0.5 * (1.0 + math.cos(math.pi * min(1.0, within)))
     return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 

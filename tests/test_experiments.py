@@ -1,8 +1,10 @@
 """experiments.py and the C5 remedies of train.py as a specification: every claim gets a table
-row with mean ± std; the remedies do what their formulas say; forgetting is reported."""
+row with mean ± sample std and a verdict by rule; every results file says what made it; the
+remedies do what their formulas say; forgetting is reported as a loss and as lost capability."""
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -13,8 +15,9 @@ import experiments
 import finetuning
 import toyworld
 import train
+import verdicts
 from common import InputError
-from conftest import assert_clear_error, quiet
+from conftest import ROOT, assert_clear_error, quiet
 from model import Classifier, make_config
 from options import FinetuneOptions, Remedies
 
@@ -27,7 +30,8 @@ TINY_PLAN = {**experiments.PLANS["quick"], "seeds": 3, "toy_documents": 300, "to
              "eval_every": {"toy": 10, "stdlib": 10}, "task_choice_steps": {"toy": 20, "stdlib": None},
              "tables": {"toy": CLAIMS, "stdlib": ["C1"]}, "labels_per_class": [2], "k": 2,
              "finetune_steps": 2, "max_epochs": 2, "epoch_grid": [1, 2], "lr_grid": [1e-3], "forgetting_batches": 1,
-             "c7_unlabeled": 50, "c7_recovery_epochs": 1, "c7_timing_seconds": 0.02, "adapt_steps": 3,
+             "c7_unlabeled": 50, "c7_recovery_epochs": 1, "c7_timing_seconds": 0.02, "adapt_steps": 3, "min_epochs": 1,
+             "pretrain_lr_grid": [1e-4, 3e-3], "pretrain_lr_steps": 3, "pretrain_lr_batch_size": 4,
              "c1_variants": {"toy": ["scratch", "head", "head-mean", "top-2", "full", "adapt-full"],
                              "stdlib": ["scratch", "head", "head-mean", "full"]}}
 
@@ -35,28 +39,34 @@ TINY_PLAN = {**experiments.PLANS["quick"], "seeds": 3, "toy_documents": 300, "to
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("experiments"))
-    results = experiments.run(out, plan=TINY_PLAN, log=quiet)
-    return out, results
+    results_folder = str(tmp_path_factory.mktemp("results"))
+    results = experiments.run(out, "tiny", plan=TINY_PLAN, log=quiet, results_folder=results_folder)
+    return out, results, results_folder
 
 
 def test_every_claim_has_a_row_with_mean_and_std_over_seeds(tiny_run):
-    out, results = tiny_run
+    out, results, _ = tiny_run
     assert json.load(open(os.path.join(out, "results.json")))["tables"] == results["tables"]
     for claim in CLAIMS:
         rows = [row for table in results["tables"] if table["claim"] == claim for row in table["rows"]]
         assert rows, f"{claim} has no row"
         for row in rows:
+            if row["setting"].startswith("pre-training lr"):  # C4's pre-training half: a loss, no accuracy
+                assert row["cells"]["max_grad_norm"]["n"] == 3 and row["cells"]["diverged"]["n"] == 3
+                continue
             accuracy = row["cells"]["accuracy"]
             assert accuracy["n"] == 3 and len(accuracy["values"]) == 3
             assert accuracy["mean"] == pytest.approx(np.mean(accuracy["values"]))
-            assert accuracy["std"] == pytest.approx(np.std(accuracy["values"]))
+            assert accuracy["std"] == pytest.approx(np.std(accuracy["values"], ddof=1))  # the sample std
+            assert accuracy["seeds"] == [0, 1, 2]
             assert 0.0 <= accuracy["mean"] <= 1.0
 
 
 def test_every_table_carries_the_tfidf_baseline_and_real_text_has_its_own_table(tiny_run):
-    _, results = tiny_run
+    _, results, _ = tiny_run
     for table in results["tables"]:
-        if table["claim"] != "C7":  # C7 compares models of one task with each other, not with counting words
+        # C7 compares models of one task with each other, C4's pre-training rates pre-trainings: not with counting words
+        if table["claim"] != "C7" and not table["title"].startswith("pre-training"):
             assert any(row["setting"].endswith("TF-IDF + logistic regression") for row in table["rows"]), table["title"]
     assert [t["claim"] for t in results["tables"] if t["corpus"] == "stdlib"] == ["C1"]
 
@@ -79,15 +89,15 @@ def test_every_plan_can_run_to_its_end(name):
 
 def test_labels_per_class_picture_is_drawn_when_matplotlib_is_installed(tiny_run):
     pytest.importorskip("matplotlib")  # optional dependency: without it only the tables are written
-    out, _ = tiny_run
+    out, _, _ = tiny_run
     with open(os.path.join(out, "labels_per_class.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_markdown_runs_and_snapshots_are_written(tiny_run):
-    out, results = tiny_run
+    out, results, _ = tiny_run
     markdown = open(os.path.join(out, "results.md"), encoding="utf-8").read()
-    assert "wall-clock" in markdown and "±" in markdown
+    assert "minutes" in markdown and "±" in markdown
     for claim in CLAIMS:
         assert f"### {claim} —" in markdown and f"| {claim} |" in markdown
     runs = [json.loads(line) for line in open(os.path.join(out, "runs.jsonl"))]
@@ -100,9 +110,9 @@ def test_markdown_runs_and_snapshots_are_written(tiny_run):
 
 
 def test_resume_skips_the_finished_runs(tiny_run):
-    out, results = tiny_run
+    out, results, _ = tiny_run
     lines_before = open(os.path.join(out, "runs.jsonl")).read()
-    resumed = experiments.run(out, plan=TINY_PLAN, resume=True, log=quiet)
+    resumed = experiments.run(out, "tiny", plan=TINY_PLAN, resume=True, log=quiet)
     assert open(os.path.join(out, "runs.jsonl")).read() == lines_before  # nothing ran again
     assert resumed["tables"] == results["tables"]
     with pytest.raises(InputError, match="not empty"):
@@ -149,9 +159,11 @@ def test_each_seed_draws_its_own_k_labeled_examples_per_class_and_the_same_seed_
     assert experiments.draw_labeled(examples, "all", 0) == examples
 
 
-def test_a_summary_counts_every_measured_value_zeros_included():
-    assert experiments.summarize([0.0, 0.5, None]) == {"mean": 0.25, "std": 0.25, "n": 2, "values": [0.0, 0.5]}
-    assert experiments.summarize([None]) is None
+def test_a_summary_counts_every_measured_value_zeros_included_and_keeps_each_seed():
+    summary = experiments.summarize([0.0, 0.5, None], [0, 1, 2])
+    assert summary == {"mean": 0.25, "std": pytest.approx(0.5 / 2 ** 0.5), "n": 2, "values": [0.0, 0.5], "seeds": [0, 1]}
+    assert experiments.summarize([0.7], [4])["std"] is None  # one seed: no spread, not a spread of 0
+    assert experiments.summarize([None], [0]) is None
 
 
 # ----------------------------------------------------------------------------------------
@@ -241,7 +253,7 @@ def test_every_plan_has_a_reference_encoder_for_its_task_choices():
 
 
 def test_c1_and_c3_compare_the_two_sentence_vectors(tiny_run):
-    _, results = tiny_run
+    _, results, _ = tiny_run
     for claim in ("C1", "C3"):
         settings = [row["setting"] for table in results["tables"] if table["claim"] == claim and table["corpus"] == "toy"
                     for row in table["rows"]]
@@ -250,7 +262,7 @@ def test_c1_and_c3_compare_the_two_sentence_vectors(tiny_run):
 
 
 def test_c7_measures_every_remedy_made_from_one_teacher(tiny_run):
-    _, results = tiny_run
+    _, results, _ = tiny_run
     (table,) = [t for t in results["tables"] if t["claim"] == "C7"]
     rows = {row["setting"]: row["cells"] for row in table["rows"]}
     assert set(rows) == {experiments.C7_NAMES[name] for name in experiments.PLANS["c7"]["c7_remedies"]}
@@ -266,7 +278,7 @@ def test_c7_measures_every_remedy_made_from_one_teacher(tiny_run):
 
 
 def test_c1_has_a_task_adaptive_row_whose_encoders_continued_mlm_on_each_draw(tiny_run):
-    out, results = tiny_run
+    out, results, _ = tiny_run
     (table,) = [t for t in results["tables"] if t["claim"] == "C1" and t["corpus"] == "toy"]
     assert any(row["setting"].endswith("+ task-adaptive MLM, full") for row in table["rows"])
     for seed in range(3):  # one adapted encoder per draw of the labeled examples, 3 MLM steps on their texts
@@ -279,3 +291,159 @@ def test_the_gpu_plan_refuses_to_start_on_a_machine_without_a_gpu(cli, tmp_path)
     assert_clear_error(cli("experiments", "--plan", "real-text-gpu", "--out", tmp_path / "gpu"), "real-text-gpu",
                        "no CUDA GPU", "--plan real-text")
     assert not (tmp_path / "gpu").exists()
+
+
+# ----------------------------------------------------------------------------------------
+# Verdicts by rule, stamped results, fair budgets
+# ----------------------------------------------------------------------------------------
+
+
+def test_each_verdict_is_the_rule_applied_to_the_rows_per_seed_values(tiny_run):
+    _, results, _ = tiny_run
+    assert {v["claim"] for v in results["verdicts"]} >= {"C1", "C3", "C4", "C5", "C6", "C7"}  # C2: the tiny grid has no "few"
+    rows = {(t["corpus"], row["setting"]): row for t in results["tables"] for row in t["rows"]}
+    for v in results["verdicts"]:
+        a, b = (rows[(v["corpus"], v[side])]["cells"].get(v["metric"]) for side in ("a", "b"))
+        by_seed = [dict(zip(cell["seeds"], cell["values"])) if cell else {} for cell in (a, b)]
+        assert v["verdict"] == verdicts.compare(*by_seed, v["margin"])["verdict"], v
+        assert v["verdict"] in ("holds", "does not hold", "not settled", "not tested")
+
+
+def test_results_files_open_with_the_stamp_and_record_the_settings(tiny_run):
+    out, results, results_folder = tiny_run  # (OUT's results.md is rewritten by the resume test: only its opening is checked)
+    written = json.load(open(os.path.join(results_folder, "tiny.json"), encoding="utf-8"))
+    assert written["settings"] == json.loads(json.dumps(TINY_PLAN)) and written["verdicts"] == results["verdicts"]
+    stamp = written["stamp"]
+    assert re.fullmatch(r"[0-9a-f]{40}", stamp["commit"]) and stamp["dirty"] in (True, False)
+    assert stamp["torch"] == torch.__version__ and stamp["machine"]["cpu"] and stamp["command"] and stamp["date"]
+    assert written["wall_clock_seconds"] > 0
+    markdown = open(os.path.join(results_folder, "tiny.md"), encoding="utf-8").read()
+    assert markdown.startswith(f"Written by `{stamp['command']}` at commit {stamp['commit']}")
+    assert "sample standard deviation" in markdown and "### Verdicts" in markdown
+    assert open(os.path.join(out, "results.md"), encoding="utf-8").read().startswith("Written by `")  # OUT's copy too
+
+
+def test_claims_json_lists_c1_to_c8_with_the_rows_each_verdict_rests_on(tiny_run):
+    _, results, results_folder = tiny_run
+    claims = json.load(open(os.path.join(results_folder, "claims.json"), encoding="utf-8"))
+    assert list(claims) == [f"C{i}" for i in range(1, 9)]
+    assert claims["C8"]["verdict"] == "not tested" and claims["C8"]["rows"] == []
+    for entry in claims.values():
+        expected = verdicts.combine([(row["setting"], row["verdict"]) for row in entry["rows"]])
+        assert entry["verdict"] == expected or (expected == "not tested" and entry["verdict"] == "not settled (re-run pending)")
+
+
+def readme_claims_table():
+    """README's "Claims at a glance": claim -> its verdict cell (the third column)."""
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    section = text.split("## Claims at a glance", 1)[1].split("\n## ", 1)[0]
+    cells = {}
+    for line in section.splitlines():
+        match = re.match(r"\| \[(C\d)\]\([^)]*\) \| [^|]* \| (.*) \|$", line)
+        if match:
+            cells[match.group(1)] = match.group(2)
+    return cells
+
+
+def test_readme_carries_the_verdicts_of_results_claims_json_word_for_word():
+    claims = json.load(open(os.path.join(ROOT, "results", "claims.json"), encoding="utf-8"))
+    assert readme_claims_table() == {claim: entry["verdict"] for claim, entry in claims.items()}
+
+
+def test_claims_json_is_what_the_committed_plan_results_give():
+    claims = json.load(open(os.path.join(ROOT, "results", "claims.json"), encoding="utf-8"))
+    assert claims == json.loads(json.dumps(experiments.gather_claims(os.path.join(ROOT, "results"))))
+
+
+COMMITTED = sorted(name for name in experiments.PLANS if os.path.exists(os.path.join(ROOT, "results", f"{name}.json")))
+NOT_YET_RUN = sorted(set(experiments.PLANS) - set(COMMITTED))
+
+
+@pytest.mark.parametrize("name", experiments.PLANS)
+def test_a_committed_results_file_was_made_by_the_plan_as_it_is_today(name):
+    if name in NOT_YET_RUN:
+        pytest.skip(f"results/{name}.json is not committed yet: the plan has not been re-run on this code")
+    written = json.load(open(os.path.join(ROOT, "results", f"{name}.json"), encoding="utf-8"))
+    assert written["settings"] == json.loads(json.dumps(experiments.PLANS[name])), \
+        f"plan {name} changed since results/{name}.json was made: re-run it"
+    assert re.fullmatch(r"[0-9a-f]{40}", written["stamp"]["commit"])
+    markdown = open(os.path.join(ROOT, "results", f"{name}.md"), encoding="utf-8").read()
+    assert markdown.startswith(f"Written by `{written['stamp']['command']}` at commit {written['stamp']['commit']}")
+
+
+def test_every_variant_of_a_comparison_gets_the_same_budget_and_a_floor_of_epochs():
+    quick = experiments.PLANS["quick"]
+    # every label of real text (221 steps an epoch): never a single pass
+    assert experiments.epochs_for(3525, quick) == quick["min_epochs"] == 5
+    assert experiments.epochs_for(16 * 8, quick) == 15   # 8 steps an epoch: capped at max_epochs
+    tables = experiments.tables_for("toy", quick, {"train": [("x", "a")] * 800}, {"final": None}, 2, 8)
+    (c1,) = [rows for claim, _, rows in tables if claim == "C1"]
+    for k in quick["labels_per_class"]:
+        budgets = {spec["epochs"] for setting, spec in c1 if setting.startswith(f"k={k}:") and spec["method"] == "finetune"}
+        assert len(budgets) == 1, (k, budgets)  # scratch, head, full: the same epochs
+
+
+def test_c5_varies_the_documents_remedies_and_labels_the_extras():
+    tables = experiments.tables_for("toy", experiments.PLANS["quick"], {"train": [("x", "a")] * 800}, {"final": None}, 2, 8)
+    (c5,) = [{setting: spec for setting, spec in rows} for claim, _, rows in tables if claim == "C5"]
+    assert {spec.get("weight_decay", 0.01) for spec in c5.values() if spec["method"] == "finetune"} >= {0.0, 0.01, 0.1}
+    assert any(spec.get("dropout") for spec in c5.values())
+    assert any(spec.get("schedule") == "cyclical" for setting, spec in c5.items() if setting.startswith("(c)"))
+    for setting, spec in c5.items():  # L2-SP and layer-wise decay are not the document's (a) and (c)
+        if spec.get("l2_sp") or spec.get("layer_lr_decay", 1.0) != 1.0:
+            assert setting.startswith("extra, not the document's"), setting
+
+
+def test_forgetting_is_also_measured_as_lost_fill_mask_accuracy(tiny_run):
+    _, results, _ = tiny_run
+    (c5,) = [t for t in results["tables"] if t["claim"] == "C5" and t["corpus"] == "toy"]
+    for row in c5["rows"]:
+        if not row["setting"].startswith("TF-IDF"):
+            lost = row["cells"]["fill_mask_lost"]
+            assert lost["n"] == 3 and all(-1.0 <= v <= 1.0 for v in lost["values"])
+    (c3,) = [t for t in results["tables"] if t["claim"] == "C3" and t["corpus"] == "toy"]
+    head = next(row for row in c3["rows"] if row["setting"].endswith("(--freeze head)"))
+    assert head["cells"]["fill_mask_lost"]["values"] == [0.0, 0.0, 0.0]  # a frozen encoder loses nothing
+
+
+def test_c4_pre_training_rates_record_the_largest_gradient_norm_with_and_without_clipping(tiny_run):
+    _, results, _ = tiny_run
+    (table,) = [t for t in results["tables"] if t["title"].startswith("pre-training learning rate")]
+    settings = [row["setting"] for row in table["rows"]]
+    assert settings == [f"pre-training lr {lr}, {clip}" for clip in ("clipped at norm 1", "no clipping") for lr in ("0.0001", "0.003")]
+    for row in table["rows"]:
+        assert all(norm > 0 for norm in row["cells"]["max_grad_norm"]["values"])
+
+
+def test_cyclical_schedule_restarts_with_decaying_peaks_and_is_lowest_late():
+    total, warmup, peak = 100, 10, 1e-3
+    rates = [train.learning_rate(step, total, peak, warmup, "cyclical") for step in range(total)]
+    assert rates[:warmup] == pytest.approx([peak * (s + 1) / warmup for s in range(warmup)])  # warmup as ever
+    starts = [warmup + 30 * c for c in range(3)]  # three cycles of 30 steps
+    for number, first in enumerate(starts):
+        cycle = rates[first:first + 30]
+        assert cycle[0] == pytest.approx(peak * 0.5 ** number)                  # each peak half the last
+        assert all(later <= earlier for earlier, later in zip(cycle, cycle[1:]))  # annealed within a cycle
+        assert cycle[-1] < 0.01 * cycle[0]
+        if number:
+            assert cycle[0] > rates[first - 1]                                   # a restart: the rate jumps up
+    assert max(rates[starts[-1]:]) <= peak / 4 and max(rates) <= peak
+    assert np.mean(rates[-30:]) < np.mean(rates[warmup:warmup + 30]) / 3      # lower late in training
+    # the same warmup and the same end as cosine; constant stays at the peak
+    assert train.learning_rate(total - 1, total, peak, warmup, "cosine") < 0.01 * peak
+    assert train.learning_rate(total - 1, total, peak, warmup, "constant") == peak
+
+
+def test_finetune_takes_schedule_cyclical_and_weight_decay_and_refuses_other_schedules(cli, labeled, tmp_path, monkeypatch):
+    pre, train_tsv, _ = labeled
+    decays, make_optimizer = [], train.make_optimizer
+    monkeypatch.setattr(train, "make_optimizer", lambda model, lr, weight_decay=0.01, **kw:
+                        decays.append(weight_decay) or make_optimizer(model, lr, weight_decay, **kw))
+    code, _, stderr = cli("finetune", "--init", pre, "--train", train_tsv, "--out", tmp_path / "c", "--epochs", "1",
+                          "--schedule", "cyclical", "--weight-decay", "0.2", "--device", "cpu")
+    assert code == 0, stderr
+    assert decays == [0.2]  # C5a: the flag reaches AdamW
+    assert_clear_error(cli("finetune", "--init", pre, "--train", train_tsv, "--out", tmp_path / "d", "--schedule", "step"),
+                       "--schedule", "cyclical")
+    assert_clear_error(cli("finetune", "--init", pre, "--train", train_tsv, "--out", tmp_path / "e", "--weight-decay", "-1"),
+                       "--weight-decay")

@@ -87,9 +87,9 @@ def test_every_minimum_a_flag_has_is_exactly_where_refusal_starts():
     minima = {"demo": {"--seeds": 1, "--labels-per-class": 1, "--pretrain-steps": 1, "--epochs": 1},
               "pretrain": {"--steps": 1, "--batch-size": 1, "--accum": 1, "--max-length": 8,
                            "--warmup-steps": 0, "--save-every": 0, "--eval-every": 1,
-                           "--vocab-size": 8},
+                           "--vocab-size": 8, "--collective-timeout": 1},
               "finetune": {"--epochs": 1, "--batch-size": 1, "--max-length": 8, "--vocab-size": 8,
-                           "--adapt-steps": 0},
+                           "--adapt-steps": 0, "--collective-timeout": 1},
               "distill": {"--epochs": 1, "--batch-size": 1, "--max-unlabeled": 0},
               "prune": {"--epochs": 0, "--batch-size": 1},
               "bench": {"--steps": 1, "--batch-size": 1, "--vocab-size": 8},
@@ -116,7 +116,7 @@ def test_every_minimum_a_flag_has_is_exactly_where_refusal_starts():
 
 def test_a_value_outside_a_fields_choices_is_refused_naming_the_flag_and_the_choices():
     cases = [(FinetuneOptions(pool="max"), "--pool: expected cls or mean, got 'max'"),
-             (FinetuneOptions(schedule="linear"), "--schedule: expected cosine or constant"),
+             (FinetuneOptions(schedule="linear"), "--schedule: expected cosine, constant or cyclical"),
              (PruneOptions(unit="heads", train="t.tsv"), "--unit: expected weights or ffn-units"),
              (BenchOptions(precision="fp16"),
               "--precision: expected auto, fp32 or bf16, got 'fp16'"),
