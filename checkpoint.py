@@ -39,7 +39,14 @@ import torch
 
 import data
 import hf
-from common import MARKER, TEMPORARY_SUFFIX, InputError, verify_records, write_atomic, write_text_atomic
+from common import (
+    MARKER,
+    TEMPORARY_SUFFIX,
+    InputError,
+    verify_records,
+    write_atomic,
+    write_text_atomic,
+)
 from compress import from_int8_rows
 from model import Classifier, Config, PreTrainingModel
 from options import SIZE_FIELDS, PretrainOptions
@@ -64,15 +71,18 @@ def prepare_out_folder(out, resume=False, force=False):
         lock_out_folder(out)  # before anything in it is read or deleted
         if folder_contents(out) and not resume:
             if not force:
-                raise InputError(f"{out}: folder exists and is not empty; pass --resume to continue that run or --force to start over")
+                raise InputError(f"{out}: folder exists and is not empty; pass --resume to "
+                                 f"continue that run or --force to start over")
             remove_made_folder(out)
     made = not os.path.isdir(out) or not folder_contents(out)
     os.makedirs(out, exist_ok=True)
     if made:
         with contextlib.suppress(FileExistsError):
-            os.close(os.open(os.path.join(out, MARKER), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644))
+            os.close(os.open(os.path.join(out, MARKER),
+                             os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644))
     lock_out_folder(out)
-    for name in os.listdir(out):  # what a killed writer left: only a lock holder may write here, so it is stale
+    # what a killed writer left: only a lock holder may write here, so it is stale
+    for name in os.listdir(out):
         if name.endswith(TEMPORARY_SUFFIX):
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(out, name))
@@ -95,15 +105,18 @@ def lock_out_folder(out):
         except OSError:
             pass
         os.close(HELD_LOCKS.pop(real))  # the folder was replaced (--force): lock the new one
-    if len(HELD_LOCKS) >= MAX_HELD_LOCKS:  # a long sweep in one process: let go of finished sub-runs
-        for held_path in [p for p in HELD_LOCKS if any(p.startswith(q + os.sep) for q in HELD_LOCKS)]:
+    # a long sweep in one process: let go of finished sub-runs
+    if len(HELD_LOCKS) >= MAX_HELD_LOCKS:
+        for held_path in [p for p in HELD_LOCKS
+                          if any(p.startswith(q + os.sep) for q in HELD_LOCKS)]:
             os.close(HELD_LOCKS.pop(held_path))
     descriptor = os.open(real, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(descriptor)
-        raise InputError(f"{out}: another ptft process is writing this folder; wait for it to end or choose another --out") from None
+        raise InputError(f"{out}: another ptft process is writing this folder; wait for it to "
+                         f"end or choose another --out") from None
     HELD_LOCKS[real] = descriptor
 
 
@@ -112,11 +125,13 @@ def remove_made_folder(out):
     (a repository, a home folder), never the working folder or a folder above it."""
     real, here = os.path.realpath(out), os.path.realpath(os.getcwd())
     if os.path.islink(out.rstrip(os.sep) or out):
-        raise InputError(f"{out}: is a symbolic link; --force does not delete through it (remove it yourself)")
+        raise InputError(f"{out}: is a symbolic link; --force does not delete through it "
+                         f"(remove it yourself)")
     if here == real or here.startswith(real.rstrip(os.sep) + os.sep):
         raise InputError(f"{out}: is the working folder or holds it; --force never deletes that")
     if not os.path.exists(os.path.join(out, MARKER)):
-        raise InputError(f"{out}: not a folder ptft made (it has no {MARKER}); --force deletes only those -- "
+        raise InputError(f"{out}: not a folder ptft made (it has no {MARKER}); "
+                         "--force deletes only those -- "
                          "remove it yourself or choose another --out")
     shutil.rmtree(out)
 
@@ -132,14 +147,17 @@ def refuse_force_over_inputs(args):
         for item in (value if isinstance(value, (list, tuple)) else [value]):
             if name != "out" and isinstance(item, str) and os.path.exists(item) \
                     and (os.path.realpath(item) + os.sep).startswith(real):
-                raise InputError(f"--out {out} --force would delete {item} (--{name.replace('_', '-')}), which this command reads")
+                raise InputError(f"--out {out} --force would delete {item} "
+                                 f"(--{name.replace('_', '-')}), which this command reads")
 
 
 def refuse_run_folder(out):
     """evaluate --out: a folder for the evaluation's metrics, never a run folder (its
     metrics.json holds the run's history)."""
-    if os.path.exists(os.path.join(out, "checkpoint.pt")) or os.path.exists(os.path.join(out, MARKER)):
-        raise InputError(f"--out {out}: is a run folder; its metrics.json would be overwritten -- choose another folder")
+    if (os.path.exists(os.path.join(out, "checkpoint.pt"))
+            or os.path.exists(os.path.join(out, MARKER))):
+        raise InputError(f"--out {out}: is a run folder; its metrics.json would be overwritten "
+                         f"-- choose another folder")
 
 
 # ----------------------------------------------------------------------------------------
@@ -163,16 +181,17 @@ def make_checkpoint(kind, state, config, tokenizer, **extra):
     in it is on the CPU, wherever it was trained: a run from a GPU opens with a plain torch.load
     on a machine without one, and compares with tensors loaded anywhere."""
     assert kind in ("pretraining", "classifier"), kind
-    return on_cpu({"kind": kind, "model": state, "config": config.to_dict(), "vocab": list(tokenizer.vocab),
-                   "lowercase": tokenizer.lowercase, **extra})
+    return on_cpu({"kind": kind, "model": state, "config": config.to_dict(),
+                   "vocab": list(tokenizer.vocab), "lowercase": tokenizer.lowercase, **extra})
 
 
 def save_classifier(out, model, tokenizer, label_names, metrics, run):
-    """A classifier run folder (finetune, distill, prune): vocab.txt, checkpoint.pt, metrics.json."""
+    """A classifier run folder (finetune, distill, prune): vocab.txt, checkpoint.pt,
+    metrics.json."""
     tokenizer.save(os.path.join(out, "vocab.txt"))
     save_atomic(os.path.join(out, "checkpoint.pt"), make_checkpoint(
-        "classifier", model.state_dict(), model.config, tokenizer, labels=label_names, pool=model.pool,
-        step=metrics.get("steps", 0), run=run))
+        "classifier", model.state_dict(), model.config, tokenizer, labels=label_names,
+        pool=model.pool, step=metrics.get("steps", 0), run=run))
     write_json(os.path.join(out, "metrics.json"), metrics)
 
 
@@ -195,12 +214,15 @@ def load_checkpoint(path, log=print):
     if hf.is_hf_folder(path) and not os.path.exists(os.path.join(path, "checkpoint.pt")):
         kind, state, config, tokenizer, extra = hf.read_folder(path)
         if extra["fresh"]:
-            log(f"{path}: the file has no weights for {', '.join(extra['fresh'])}: initialised fresh")
-        return refuse_non_finite(make_checkpoint(kind, state, config, tokenizer, step=0, **extra), path)
+            log(f"{path}: the file has no weights for {', '.join(extra['fresh'])}: "
+                f"initialised fresh")
+        return refuse_non_finite(make_checkpoint(kind, state, config, tokenizer, step=0, **extra),
+                                 path)
     if os.path.isdir(path):
         path = os.path.join(path, "checkpoint.pt")
     if not os.path.exists(path):
-        raise InputError(f"{path}: no checkpoint here (expected a run folder with checkpoint.pt, a Hugging Face "
+        raise InputError(f"{path}: no checkpoint here (expected a run folder with checkpoint.pt, "
+                         "a Hugging Face "
                          "BERT folder with config.json, or 'scratch')")
     verify_records(path)
     try:
@@ -218,7 +240,8 @@ def refuse_non_finite(checkpoint, path):
     """Weights that are NaN or infinite are refused on load: no command can make sense of them
     (a damaged file, or a run that diverged and was saved anyway)."""
     for name, value in checkpoint["model"].items():
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+        if (isinstance(value, torch.Tensor) and value.is_floating_point()
+                and not torch.isfinite(value).all()):
             raise InputError(f"{path}: weight {name} holds NaN or infinite values; refused")
     return checkpoint
 
@@ -228,25 +251,30 @@ def check_parts_fit(checkpoint, path):
     fails later with a traceback far from the cause: the config builds a Config, the vocabulary
     has the config's size, and the weights are exactly those a model of that config has."""
     if not isinstance(checkpoint, dict) or not {"model", "config", "vocab"} <= set(checkpoint):
-        raise InputError(f"{path}: not a ptft checkpoint (expected a dict with model, config and vocab)")
+        raise InputError(f"{path}: not a ptft checkpoint "
+                         f"(expected a dict with model, config and vocab)")
     if not (isinstance(checkpoint["config"], dict) and isinstance(checkpoint["model"], dict)
             and isinstance(checkpoint["vocab"], list)):
-        raise InputError(f"{path}: not a ptft checkpoint (config and model must be dicts, vocab a list)")
+        raise InputError(f"{path}: not a ptft checkpoint "
+                         f"(config and model must be dicts, vocab a list)")
     hf.check_config_values(checkpoint["config"], path)  # bounds before any allocation
     try:
         config = Config(**checkpoint["config"])
         with torch.device("meta"):  # shapes only: no memory, no time, and the RNG is not touched
             expected = empty_model(checkpoint, config).state_dict()
-    except (TypeError, ValueError) as error:  # e.g. an unknown field, a size that is not a whole number
+    # e.g. an unknown field, a size that is not a whole number
+    except (TypeError, ValueError) as error:
         raise InputError(f"{path}: the config is not valid ({error})") from None
     if len(checkpoint["vocab"]) != config.vocab_size:
-        raise InputError(f"{path}: the vocabulary has {len(checkpoint['vocab'])} tokens, config says vocab_size {config.vocab_size}")
+        raise InputError(f"{path}: the vocabulary has {len(checkpoint['vocab'])} tokens, "
+                         f"config says vocab_size {config.vocab_size}")
     for name, value in checkpoint["model"].items():
         if name not in expected:
             raise InputError(f"{path}: weight {name} is not part of a model with this config")
         if not isinstance(value, torch.Tensor) or value.shape != expected[name].shape:
             shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise InputError(f"{path}: weight {name} has shape {shape}, config says {tuple(expected[name].shape)}")
+            raise InputError(f"{path}: weight {name} has shape {shape}, "
+                             f"config says {tuple(expected[name].shape)}")
     missing = [name for name in expected if name not in checkpoint["model"]]
     if missing:
         raise InputError(f"{path}: weight {missing[0]} is missing"
@@ -264,20 +292,25 @@ def with_float_weights(checkpoint, path):
     scales, weights = checkpoint["int8_scales"], dict(checkpoint["model"])
     for name, scale in scales.items():
         quantized = weights.get(name)
-        if not (isinstance(quantized, torch.Tensor) and quantized.dtype == torch.int8 and quantized.ndim == 2
+        if not (isinstance(quantized, torch.Tensor) and quantized.dtype == torch.int8
+                and quantized.ndim == 2
                 and isinstance(scale, torch.Tensor) and scale.shape == (quantized.shape[0],)):
-            raise InputError(f"{path}: int8 weight {name} and its scales do not fit (expected an int8 matrix and one scale per row)")
+            raise InputError(f"{path}: int8 weight {name} and its scales do not fit "
+                             f"(expected an int8 matrix and one scale per row)")
         weights[name] = from_int8_rows(quantized, scale)
     unscaled = [name for name, value in weights.items() if not value.is_floating_point()]
     if unscaled:
-        raise InputError(f"{path}: weight {unscaled[0]} is {weights[unscaled[0]].dtype} and has no int8 scales")
-    return {**{k: v for k, v in checkpoint.items() if k != "int8_scales"}, "model": weights, "stored_as": "int8"}
+        raise InputError(f"{path}: weight {unscaled[0]} is {weights[unscaled[0]].dtype} "
+                         f"and has no int8 scales")
+    return {**{k: v for k, v in checkpoint.items() if k != "int8_scales"}, "model": weights,
+            "stored_as": "int8"}
 
 
 def empty_model(checkpoint, config):
     """The architecture a checkpoint's kind names, freshly initialised."""
     if checkpoint.get("kind") == "classifier":
-        return Classifier(config, len(checkpoint.get("labels") or []), checkpoint.get("pool", "cls"))
+        return Classifier(config, len(checkpoint.get("labels") or []),
+                          checkpoint.get("pool", "cls"))
     return PreTrainingModel(config)
 
 
@@ -316,28 +349,33 @@ class PretrainingRun:
     device: torch.device
     precision: str
     history: list
-    processes: Processes = field(default_factory=Processes)  # under torchrun: this process among N (parallel.py)
+    # under torchrun: this process among N (parallel.py)
+    processes: Processes = field(default_factory=Processes)
 
     def __post_init__(self):
         """Under torchrun, every process must train the same run on the same data: before the
         first step they compare their settings, the fingerprint of the text each read and their
         vocabularies, and all refuse, with the same line, if any differs."""
         settings = run_settings(self.options, self.corpus_name, self.processes.world_size)
-        settings["vocabulary"] = hashlib.sha256("\n".join(self.tokenizer.vocab).encode()).hexdigest()[:16]
+        vocabulary = "\n".join(self.tokenizer.vocab).encode()
+        settings["vocabulary"] = hashlib.sha256(vocabulary).hexdigest()[:16]
         refuse_differences(settings, self.processes)
 
     def rng_states(self, data_state=None):
         """Every generator's state now; data_state: the data generator's, where a background thread
         (fast.StepBatches) has drawn ahead of the step being trained."""
-        return {"numpy": data_state or self.data_rng.bit_generator.state, "python": random.getstate(),
-                "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []}
+        return {"numpy": data_state or self.data_rng.bit_generator.state,
+                "python": random.getstate(),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []}
 
     def restore(self, checkpoint):
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         if checkpoint.get("scaler"):
             self.scaler.load_state_dict(checkpoint["scaler"])
         self.history[:] = checkpoint.get("history", [])
-        rng = checkpoint["rng_by_rank"][self.processes.rank] if self.processes.world_size > 1 else checkpoint["rng"]
+        rng = (checkpoint["rng_by_rank"][self.processes.rank] if self.processes.world_size > 1
+               else checkpoint["rng"])
         self.data_rng.bit_generator.state = rng["numpy"]
         random.setstate(rng["python"])
         torch.set_rng_state(rng["torch"])
@@ -351,8 +389,9 @@ class PretrainingRun:
             return
         save_atomic(path, make_checkpoint(
             "pretraining", self.model.state_dict(), self.model.config, self.tokenizer, step=step,
-            optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(), history=self.history, rng=by_rank[0],
-            rng_by_rank=by_rank, run=run_settings(self.options, self.corpus_name, self.processes.world_size)))
+            optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
+            history=self.history, rng=by_rank[0], rng_by_rank=by_rank,
+            run=run_settings(self.options, self.corpus_name, self.processes.world_size)))
 
 
 def finished_run(out, steps):
@@ -360,10 +399,12 @@ def finished_run(out, steps):
     is written after it and may be missing, stale or damaged): the final metrics of a run that
     reached `steps` (already_finished); None for a run to continue (or a folder with no
     checkpoint yet); refused: a run already beyond `steps`, or metrics with no checkpoint."""
-    checkpoint_path, metrics_path = os.path.join(out, "checkpoint.pt"), os.path.join(out, "metrics.json")
+    checkpoint_path = os.path.join(out, "checkpoint.pt")
+    metrics_path = os.path.join(out, "metrics.json")
     if not os.path.exists(checkpoint_path):
         if os.path.exists(metrics_path):
-            raise InputError(f"{out}: has metrics.json but no checkpoint.pt: the run's state is gone, nothing to resume "
+            raise InputError(f"{out}: has metrics.json but no checkpoint.pt: the run's state "
+                             f"is gone, nothing to resume "
                              "(pass --force to start over)")
         return None
     checkpoint = load_checkpoint(checkpoint_path)
@@ -371,7 +412,8 @@ def finished_run(out, steps):
     if checkpoint.get("kind") != "pretraining" or not isinstance(step, int):
         raise InputError(f"{checkpoint_path}: not a pre-training checkpoint, cannot --resume it")
     if step > steps:
-        raise InputError(f"{checkpoint_path}: the run is at step {step}, beyond --steps {steps}; pass --steps {step} or more")
+        raise InputError(f"{checkpoint_path}: the run is at step {step}, beyond --steps {steps}; "
+                         f"pass --steps {step} or more")
     if step < steps:
         return None
     try:
@@ -379,7 +421,8 @@ def finished_run(out, steps):
             metrics = json.load(f)
         if not (isinstance(metrics, dict) and metrics.get("step") == step):
             raise ValueError("not this run's final metrics")
-    except (OSError, ValueError):  # missing (killed between the two writes), damaged or stale: rebuilt
+    # missing (killed between the two writes), damaged or stale: rebuilt
+    except (OSError, ValueError):
         metrics = final_metrics_from(checkpoint)
         lock_out_folder(out)  # a write: only the folder's one writer
         write_json(metrics_path, metrics)
@@ -391,23 +434,29 @@ def final_metrics_from(checkpoint):
     held-out evaluations; the speed of the run is not kept)."""
     history = checkpoint.get("history") or []
     last = history[-1] if history and history[-1].get("step") == checkpoint["step"] else {}
-    return {"step": checkpoint["step"], "final_train_mlm_loss": last.get("train_mlm_loss", float("nan")),
-            "held_out_mlm_loss": last.get("held_out_mlm_loss"), "ln_vocab": math.log(len(checkpoint["vocab"])),
-            "corpus": checkpoint.get("run", {}).get("corpus"), "history": history, "rebuilt_from": "checkpoint.pt"}
+    return {"step": checkpoint["step"],
+            "final_train_mlm_loss": last.get("train_mlm_loss", float("nan")),
+            "held_out_mlm_loss": last.get("held_out_mlm_loss"),
+            "ln_vocab": math.log(len(checkpoint["vocab"])),
+            "corpus": checkpoint.get("run", {}).get("corpus"),
+            "history": history,
+            "rebuilt_from": "checkpoint.pt"}
 
 
 def run_settings(o, corpus_name, world_size=1):
     """The settings a pre-training checkpoint records as its `run` (a resume compares some)."""
-    return dict(corpus=corpus_name, corpus_fingerprint=data.corpus_fingerprint(corpus_name), config=o.config, init=o.init,
-                nsp=o.nsp, max_length=o.max_length, batch_size=o.batch_size, vocab_size=o.model_config().vocab_size, lr=o.lr,
-                steps=o.steps, seed=o.seed, mask_probability=o.mask_probability, world_size=world_size)
+    return dict(corpus=corpus_name, corpus_fingerprint=data.corpus_fingerprint(corpus_name),
+                config=o.config, init=o.init, nsp=o.nsp, max_length=o.max_length,
+                batch_size=o.batch_size, vocab_size=o.model_config().vocab_size, lr=o.lr,
+                steps=o.steps, seed=o.seed, mask_probability=o.mask_probability,
+                world_size=world_size)
 
 
 # what a --resume must keep: the data (its name and its content: the fingerprint, size and
 # SHA-256, of the text read), the task and the batch (the rate and the step count may change);
 # under torchrun the number of processes too (each one's data stream is in the checkpoint)
-RESUME_MUST_MATCH = ("corpus", "corpus_fingerprint", "config", "init", "nsp", "max_length", "batch_size", "vocab_size",
-                     "world_size")
+RESUME_MUST_MATCH = ("corpus", "corpus_fingerprint", "config", "init", "nsp", "max_length",
+                     "batch_size", "vocab_size", "world_size")
 
 
 def check_resume_settings(checkpoint, o, corpus_name, path, world_size=1):
@@ -415,14 +464,16 @@ def check_resume_settings(checkpoint, o, corpus_name, path, world_size=1):
     refusal names each difference. With --init the sizes are the init's (compared through init)."""
     requested, settings = o.model_config(), run_settings(o, corpus_name, world_size)
     expected = {key: settings[key] for key in RESUME_MUST_MATCH}
-    found = {key: checkpoint.get("run", {}).get(key, 1 if key == "world_size" else None) for key in expected}
+    found = {key: checkpoint.get("run", {}).get(key, 1 if key == "world_size" else None)
+             for key in expected}
     if found["corpus_fingerprint"] is None:  # a checkpoint written before fingerprints were kept
         found["corpus_fingerprint"] = expected["corpus_fingerprint"]
     fields = ["dropout", "attention"] + ([] if o.init else list(SIZE_FIELDS))
     expected.update({f: getattr(requested, f) for f in fields})
     found.update({f: checkpoint["config"].get(f) for f in fields})
     if found != expected:
-        differing = ", ".join(f"{k}: checkpoint {found[k]!r} vs now {expected[k]!r}" for k in expected if found[k] != expected[k])
+        differing = ", ".join(f"{k}: checkpoint {found[k]!r} vs now {expected[k]!r}"
+                              for k in expected if found[k] != expected[k])
         raise InputError(f"{path}: --resume with different settings ({differing})")
 
 
@@ -433,9 +484,11 @@ if __name__ == "__main__":
         except InputError as error:
             sys.exit(f"error: {error}")
         print(f"kind: {loaded['kind']}, step {loaded.get('step')}, vocabulary {len(tokenizer)} "
-              f"(lowercase {tokenizer.lowercase}); {sum(p.numel() for p in model.parameters()):,} parameters")
+              f"(lowercase {tokenizer.lowercase}); "
+              f"{sum(p.numel() for p in model.parameters()):,} parameters")
         print(f"config: {model.config}")
-        print(f"other entries: {', '.join(sorted(set(loaded) - {'kind', 'model', 'config', 'vocab', 'lowercase'}))}")
+        shown = {"kind", "model", "config", "vocab", "lowercase"}
+        print(f"other entries: {', '.join(sorted(set(loaded) - shown))}")
         sys.exit(0)
     # self-check: a checkpoint written atomically loads back; one whose parts do not fit is refused
     import tempfile
@@ -447,11 +500,13 @@ if __name__ == "__main__":
     tokenizer = Tokenizer(SPECIAL_TOKENS + [f"w{i}" for i in range(45)])
     with tempfile.TemporaryDirectory() as folder:
         prepare_out_folder(folder)
-        payload = make_checkpoint("pretraining", PreTrainingModel(config).state_dict(), config, tokenizer, step=0)
+        payload = make_checkpoint("pretraining", PreTrainingModel(config).state_dict(), config,
+                                  tokenizer, step=0)
         save_atomic(os.path.join(folder, "checkpoint.pt"), payload)
         model, _, _ = open_model(folder)
         print(f"written and read back: {type(model).__name__}, {len(payload['model'])} tensors")
-        save_atomic(os.path.join(folder, "checkpoint.pt"), {**payload, "vocab": payload["vocab"][:10]})
+        save_atomic(os.path.join(folder, "checkpoint.pt"),
+                    {**payload, "vocab": payload["vocab"][:10]})
         try:
             load_checkpoint(folder)
         except InputError as error:

@@ -3,8 +3,10 @@
     InputError        bad input from the user: the command line prints its message as one line
                       and exits with status 2 -- never a traceback
     read_text_file    a whole UTF-8 file, or an InputError naming the line of the first bad byte
-    write_atomic      a file written whole or not at all (temporary file, fsync, rename), errors as OSError
-    verify_records    a zip archive's (a checkpoint's) CRC-32 of every record checked, or an InputError
+    write_atomic      a file written whole or not at all (temporary file, fsync, rename),
+                      errors as OSError
+    verify_records    a zip archive's (a checkpoint's) CRC-32 of every record checked,
+                      or an InputError
     label conventions IGNORE_INDEX, IS_NEXT, NOT_NEXT: BERT's and `transformers`' own values
 """
 
@@ -36,7 +38,8 @@ def read_text_file(path):
         return raw.decode("utf-8")
     except UnicodeDecodeError as error:
         line = raw[: error.start].count(b"\n") + 1
-        raise InputError(f"{path}:{line}: byte {error.start} is not valid UTF-8 (expected UTF-8 text)") from None
+        raise InputError(f"{path}:{line}: byte {error.start} is not valid UTF-8 "
+                         f"(expected UTF-8 text)") from None
 
 
 # ----------------------------------------------------------------------------------------
@@ -60,7 +63,8 @@ class RecordingFile:
     def write(self, data):
         try:
             return self.raw.write(data)
-        except BaseException as error:  # ENOSPC, EIO, ... and a KeyboardInterrupt arriving mid-write
+        # ENOSPC, EIO, ... and a KeyboardInterrupt arriving mid-write
+        except BaseException as error:
             self.error = self.error or error
             raise
 
@@ -90,8 +94,10 @@ def write_temporary(path, write):
     folder, name = os.path.split(os.path.abspath(path))
     temporary, raw, recorder = None, None, None
     try:
-        descriptor, temporary = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=TEMPORARY_SUFFIX)
-        os.fchmod(descriptor, 0o666 & ~UMASK)  # mkstemp makes it 0600; the file gets what open() would give
+        descriptor, temporary = tempfile.mkstemp(dir=folder, prefix=f".{name}.",
+                                                 suffix=TEMPORARY_SUFFIX)
+        # mkstemp makes it 0600; the file gets what open() would give
+        os.fchmod(descriptor, 0o666 & ~UMASK)
         raw = os.fdopen(descriptor, "wb")
         recorder = RecordingFile(raw)
         write(recorder)
@@ -135,13 +141,16 @@ def verify_records(path, required=True):
     try:
         if not zipfile.is_zipfile(path):
             if required:
-                raise InputError(f"{path}: not a ptft checkpoint (not the zip archive torch.save writes; truncated or damaged?)")
+                raise InputError(f"{path}: not a ptft checkpoint (not the zip archive "
+                                 f"torch.save writes; truncated or damaged?)")
             return
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip()  # reads every record, compares its CRC-32
     except InputError:
         raise
     except Exception as error:  # BadZipFile, zlib.error, a record header pointing nowhere, ...
-        raise InputError(f"{path}: damaged ({str(error)[:120] or type(error).__name__}); it fails its integrity check") from None
+        raise InputError(f"{path}: damaged ({str(error)[:120] or type(error).__name__}); "
+                         f"it fails its integrity check") from None
     if damaged is not None:
-        raise InputError(f"{path}: damaged: record {damaged} fails its CRC-32 check (the file changed after it was written)")
+        raise InputError(f"{path}: damaged: record {damaged} fails its CRC-32 check "
+                         f"(the file changed after it was written)")

@@ -29,7 +29,16 @@ from dataclasses import dataclass
 import numpy as np
 
 import toyworld
-from common import IGNORE_INDEX, IS_NEXT, NOT_NEXT, InputError, read_text_file, write_atomic, write_temporary, write_text_atomic
+from common import (
+    IGNORE_INDEX,
+    IS_NEXT,
+    NOT_NEXT,
+    InputError,
+    read_text_file,
+    write_atomic,
+    write_temporary,
+    write_text_atomic,
+)
 from tokenizer import Tokenizer, split_words
 
 # ----------------------------------------------------------------------------------------
@@ -40,7 +49,8 @@ from tokenizer import Tokenizer, split_words
 @dataclass(frozen=True)
 class MaskingRule:
     """B1's numbers: the share of tokens selected for prediction (the set M of E4), and of those
-    the shares set to [MASK] and to a random token (the rest stay unchanged). BERT: 15%, 80/10/10."""
+    the shares set to [MASK] and to a random token (the rest stay unchanged).
+    BERT: 15%, 80/10/10."""
     probability: float = 0.15
     mask_token_fraction: float = 0.8
     random_token_fraction: float = 0.1
@@ -62,7 +72,8 @@ def mask_tokens(input_ids, tokenizer, rng, rule=MaskingRule()):
     candidates = ~np.isin(input_ids, tokenizer.special_ids)  # never [CLS], [SEP], [PAD], ...
     num_candidates = candidates.sum(axis=1)
     num_selected = np.where(num_candidates > 0,
-                            np.maximum(1, np.rint(num_candidates * rule.probability)), 0).astype(np.int64)
+                            np.maximum(1, np.rint(num_candidates * rule.probability)),
+                            0).astype(np.int64)
     # a uniformly random subset of exactly num_selected candidates per row: give every candidate
     # a random key, non-candidates +inf, and select the num_selected smallest keys
     keys = np.where(candidates, rng.random(input_ids.shape), np.inf)
@@ -72,7 +83,8 @@ def mask_tokens(input_ids, tokenizer, rng, rule=MaskingRule()):
     mlm_labels = np.where(selected, input_ids, IGNORE_INDEX)
     action = rng.random(input_ids.shape)
     to_mask = selected & (action < rule.mask_token_fraction)
-    to_random = selected & (action >= rule.mask_token_fraction) & (action < rule.mask_token_fraction + rule.random_token_fraction)
+    to_random = (selected & (action >= rule.mask_token_fraction)
+                 & (action < rule.mask_token_fraction + rule.random_token_fraction))
     non_special = np.setdiff1d(np.arange(len(tokenizer)), tokenizer.special_ids)
     masked_ids = input_ids.copy()
     masked_ids[to_mask] = tokenizer.mask_id
@@ -129,7 +141,8 @@ def pretraining_example(documents, rng, max_length, use_nsp=True):
     return segment_a, segment_b, label
 
 
-def pretraining_batch(documents, tokenizer, rng, batch_size, max_length, use_nsp=True, masking=MaskingRule()):
+def pretraining_batch(documents, tokenizer, rng, batch_size, max_length, use_nsp=True,
+                      masking=MaskingRule()):
     """A batch of pre-training inputs as numpy arrays: input_ids, segment_ids, attention_mask,
     mlm_labels (IGNORE_INDEX where nothing is predicted) and nsp_labels."""
     rows, segments, nsp_labels = [], [], []
@@ -183,14 +196,16 @@ def nsp_possible(documents):
     return len(documents) >= 2 and any(len(document) >= 2 for document in documents)
 
 
-def held_out_batches(documents, tokenizer, max_length, use_nsp, batch_size=64, num_batches=8, seed=4321):
+def held_out_batches(documents, tokenizer, max_length, use_nsp, batch_size=64, num_batches=8,
+                     seed=4321):
     """A fixed set of masked held-out batches: the same masks at every evaluation, so the
     numbers are comparable across steps and runs."""
     if not documents:
         return []
     rng = np.random.default_rng(seed)
     use_nsp = use_nsp and nsp_possible(documents)
-    return [pretraining_batch(documents, tokenizer, rng, batch_size, max_length, use_nsp) for _ in range(num_batches)]
+    return [pretraining_batch(documents, tokenizer, rng, batch_size, max_length, use_nsp)
+            for _ in range(num_batches)]
 
 
 def mlm_batch_stream(documents, tokenizer, batch_size, max_length, seed):
@@ -212,7 +227,8 @@ def load_corpus(corpus):
         return "toy-world", with_fingerprint("toy-world", toyworld.toy_world(seed=0)["unlabeled"])
     if list(corpus) == ["stdlib"]:
         return "stdlib", with_fingerprint("stdlib", stdlib_corpus())
-    if len(corpus) == 1 and corpus[0].endswith(".tokens"):  # already tokenised (write_token_file): never in memory
+    # already tokenised (write_token_file): never in memory
+    if len(corpus) == 1 and corpus[0].endswith(".tokens"):
         if not os.path.exists(corpus[0]):
             raise InputError(f"{corpus[0]}: no such token file (ptft.py tokenize writes one)")
         return corpus[0], TokenFile(corpus[0][: -len(".tokens")])
@@ -223,8 +239,10 @@ def load_corpus(corpus):
 # A corpus's fingerprint: its size and SHA-256, to know it again (--resume, torchrun, finetune)
 # ----------------------------------------------------------------------------------------
 
-CORPUS_FINGERPRINTS = {}  # corpus name -> the fingerprint of the text read under that name, in this process
-RECORDED_FINGERPRINTS = {}  # corpus name -> the fingerprint a checkpoint loaded in this process recorded for it
+# corpus name -> the fingerprint of the text read under that name, in this process
+CORPUS_FINGERPRINTS = {}
+# corpus name -> the fingerprint a checkpoint loaded in this process recorded for it
+RECORDED_FINGERPRINTS = {}
 
 
 def fingerprint(chunks):
@@ -242,14 +260,16 @@ def corpus_fingerprint(name):
 
 
 def with_fingerprint(name, documents):
-    CORPUS_FINGERPRINTS[name] = fingerprint(("\x1e" + "\x1f".join(d)).encode("utf-8", "surrogatepass") for d in documents)
+    CORPUS_FINGERPRINTS[name] = fingerprint(
+        ("\x1e" + "\x1f".join(d)).encode("utf-8", "surrogatepass") for d in documents)
     return documents
 
 
 def remember_corpus(run):
     """A checkpoint's run settings -> the fingerprint it recorded for its corpus, kept for
     pretraining_text (which reads a corpus a checkpoint names only if it is that very text)."""
-    if isinstance(run, dict) and isinstance(run.get("corpus"), str) and isinstance(run.get("corpus_fingerprint"), str):
+    if (isinstance(run, dict) and isinstance(run.get("corpus"), str)
+            and isinstance(run.get("corpus_fingerprint"), str)):
         RECORDED_FINGERPRINTS[run["corpus"]] = run["corpus_fingerprint"]
 
 
@@ -261,7 +281,8 @@ def recorded_text_is_here(name):
     recorded = RECORDED_FINGERPRINTS.get(name)
     if recorded is None:
         return False
-    paths = token_set_files(name[: -len(".tokens")]) if name.endswith(".tokens") else name.split(",")
+    paths = (token_set_files(name[: -len(".tokens")]) if name.endswith(".tokens")
+             else name.split(","))
     try:
         states = [os.stat(path) for path in paths]
     except OSError:
@@ -288,16 +309,19 @@ def pretraining_text(pretrained_on, corpus=None):
     (training documents, held-out documents). corpus as pretrain's --corpus; by default the
     corpus it was pre-trained on (`pretrained_on`: the name its checkpoint records), when that
     is known and still the same text (a regular file of the size and SHA-256 the checkpoint
-    recorded: recorded_text_is_here; a Hugging Face folder's is unknown). None when there is no text."""
+    recorded: recorded_text_is_here; a Hugging Face folder's is unknown). None when there is no
+    text."""
     if not corpus:
         if pretrained_on == "stdlib":
             corpus = ["stdlib"]
-        elif pretrained_on and pretrained_on != "toy-world" and recorded_text_is_here(pretrained_on):
+        elif (pretrained_on and pretrained_on != "toy-world"
+              and recorded_text_is_here(pretrained_on)):
             corpus = pretrained_on.split(",")
         elif pretrained_on != "toy-world":
             return None
         name, documents = load_corpus(corpus)
-        if pretrained_on != "stdlib" and corpus_fingerprint(name) != RECORDED_FINGERPRINTS.get(name, corpus_fingerprint(name)):
+        if pretrained_on != "stdlib" and corpus_fingerprint(name) != RECORDED_FINGERPRINTS.get(
+                name, corpus_fingerprint(name)):
             return None  # a file of the same size but another text
         return split_held_out(documents)
     return split_held_out(load_corpus(corpus)[1])
@@ -320,13 +344,14 @@ def read_corpus(paths):
     return documents
 
 
-EMPTY_CORPUS = "empty corpus (only whitespace); expected UTF-8 text, documents separated by blank lines"
+EMPTY_CORPUS = ("empty corpus (only whitespace); expected UTF-8 text, "
+                "documents separated by blank lines")
 
 
 def text_lines(text):
     """A file's text -> its lines, the one rule of every reader (corpus and TSV alike): a line
-    ends at \\n, \\r\\n or \\r (as a file opened as text reads it) and nowhere else -- a form feed or
-    U+2028 inside a line is part of the line (str.splitlines would split there)."""
+    ends at \\n, \\r\\n or \\r (as a file opened as text reads it) and nowhere else -- a form
+    feed or U+2028 inside a line is part of the line (str.splitlines would split there)."""
     return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
 
 
@@ -335,7 +360,8 @@ def refuse_without_words(documents, path):
     would train and evaluate on nothing: refused. A word always gives a token ([UNK] at worst).
     Looks only as far as the first word."""
     if not any(split_words(line) for document in documents for line in document):
-        raise InputError(f"{path}: no words in the text (only characters the tokenizer drops, such as zero-width "
+        raise InputError(f"{path}: no words in the text (only characters the tokenizer drops, "
+                         f"such as zero-width "
                          "or control characters); expected UTF-8 text")
 
 def documents_in(lines):
@@ -363,7 +389,8 @@ def read_tsv(path):
         if "\t" not in line:
             raise InputError(f"{path}:{number}: expected 'text<TAB>label', found no tab")
         if line.count("\t") > 1:
-            raise InputError(f"{path}:{number}: expected 'text<TAB>label' (2 columns), found {line.count(chr(9)) + 1} "
+            raise InputError(f"{path}:{number}: expected 'text<TAB>label' (2 columns), "
+                             f"found {line.count(chr(9)) + 1} "
                              "columns; remove the extra tabs")
         text, label = line.split("\t")
         if not text.strip():
@@ -408,13 +435,15 @@ def stdlib_corpus():
 def stdlib_docstrings():
     """(module path relative to the stdlib, docstring lines) for every docstring, sorted.
     Parsed once per process (a few seconds), then shared: treat the result as read-only."""
-    return docstrings_under(sysconfig.get_paths()["stdlib"], ("site-packages", "idlelib", "lib2to3", "turtledemo"))
+    return docstrings_under(sysconfig.get_paths()["stdlib"],
+                            ("site-packages", "idlelib", "lib2to3", "turtledemo"))
 
 
 def package_docstrings():
     """More real English without a download: the docstrings of the installed third-party
     packages (site-packages: torch, numpy, transformers, ... whatever is installed), under each
-    package's own licence (for the main ones BSD, MIT or Apache-2.0). Same form as stdlib_docstrings."""
+    package's own licence (for the main ones BSD, MIT or Apache-2.0). Same form as
+    stdlib_docstrings."""
     return docstrings_under(sysconfig.get_paths()["purelib"], ())
 
 
@@ -436,9 +465,11 @@ def docstrings_under(root, skip):
             except (SyntaxError, UnicodeDecodeError, ValueError):
                 continue
             for node in ast.walk(tree):
-                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef,
+                                     ast.AsyncFunctionDef)):
                     docstring = ast.get_docstring(node)
-                    lines = [line.strip() for line in (docstring or "").splitlines() if line.strip()]
+                    lines = [line.strip() for line in (docstring or "").splitlines()
+                             if line.strip()]
                     if lines:
                         found.append((os.path.relpath(path, root), lines))
     return tuple(found)
@@ -448,11 +479,13 @@ def encode_labels(labels, label_names, path):
     """Label names -> their indices in label_names (the training file's classes, sorted); a
     label the training file never had is an error naming the file and the example."""
     index = {name: i for i, name in enumerate(label_names)}
-    unknown = [(number, label) for number, label in enumerate(labels, start=1) if label not in index]
+    unknown = [(number, label) for number, label in enumerate(labels, start=1)
+               if label not in index]
     if unknown:
         number, label = unknown[0]
-        raise InputError(f"{path}: example {number}: label {label!r} never appears in the training file "
-                         f"(known: {', '.join(label_names[:10])}{' ...' if len(label_names) > 10 else ''})")
+        raise InputError(f"{path}: example {number}: label {label!r} never appears in the "
+                         f"training file (known: {', '.join(label_names[:10])}"
+                         f"{' ...' if len(label_names) > 10 else ''})")
     return [index[label] for label in labels]
 
 
@@ -483,8 +516,10 @@ def encode_documents(tokenizer, documents, cache_dir=None):
     tokens, sentence_lengths, document_sizes = encode_flat(tokenizer, documents)
     if cache_dir:
         os.makedirs(cache_dir, exist_ok=True)
-        write_atomic(path, lambda f: np.savez(f, tokens=tokens.astype(np.int32), sentence_lengths=sentence_lengths,
-                                              document_sizes=document_sizes))  # whole, then renamed: never half a cache
+        # whole, then renamed: never half a cache
+        write_atomic(path, lambda f: np.savez(f, tokens=tokens.astype(np.int32),
+                                              sentence_lengths=sentence_lengths,
+                                              document_sizes=document_sizes))
     return unflatten_documents(tokens, sentence_lengths, document_sizes)
 
 
@@ -496,7 +531,8 @@ def flat_documents_fit(tokens, sentence_lengths, document_sizes, vocab_size):
     if len(tokens) and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
         return False
     return bool((sentence_lengths > 0).all() and (document_sizes > 0).all()
-                and int(sentence_lengths.sum()) == len(tokens) and int(document_sizes.sum()) == len(sentence_lengths))
+                and int(sentence_lengths.sum()) == len(tokens)
+                and int(document_sizes.sum()) == len(sentence_lengths))
 
 
 def encode_flat(tokenizer, documents):
@@ -506,7 +542,8 @@ def encode_flat(tokenizer, documents):
     encoded = [[ids for ids in map(tokenizer.encode, document) if ids] for document in documents]
     encoded = [document for document in encoded if document]
     lengths = np.array([len(s) for d in encoded for s in d], dtype=np.int64)
-    tokens = np.fromiter(itertools.chain.from_iterable(s for d in encoded for s in d), dtype=np.int64, count=int(lengths.sum()))
+    tokens = np.fromiter(itertools.chain.from_iterable(s for d in encoded for s in d),
+                         dtype=np.int64, count=int(lengths.sum()))
     return tokens, lengths, np.array([len(d) for d in encoded], dtype=np.int64)
 
 
@@ -521,13 +558,15 @@ def iter_documents(paths):
     for path in paths:
         found, words = 0, False
         try:
-            with open(path, encoding="utf-8") as f:  # text mode: lines end at \n, \r\n or \r, as text_lines ends them
+            # text mode: lines end at \n, \r\n or \r, as text_lines ends them
+            with open(path, encoding="utf-8") as f:
                 for document in documents_in(f):
                     found += 1
                     words = words or any(split_words(line) for line in document)
                     yield document
         except (OSError, UnicodeDecodeError) as error:
-            raise InputError(f"{path}: cannot be read as UTF-8 text ({type(error).__name__})") from None
+            raise InputError(f"{path}: cannot be read as UTF-8 text "
+                             f"({type(error).__name__})") from None
         if not found:
             raise InputError(f"{path}: {EMPTY_CORPUS}")
         if not words:
@@ -536,14 +575,16 @@ def iter_documents(paths):
 
 def token_set_files(prefix):
     """The four files of a token set, in the order they are fingerprinted."""
-    return [f"{prefix}.tokens", f"{prefix}.sentences.npy", f"{prefix}.documents.npy", f"{prefix}.vocab.txt"]
+    return [f"{prefix}.tokens", f"{prefix}.sentences.npy", f"{prefix}.documents.npy",
+            f"{prefix}.vocab.txt"]
 
 
 def refuse_existing_token_set(prefix, force=False):
     """An existing token set (any of its files) is replaced only with --force."""
     existing = [path for path in token_set_files(prefix) if os.path.lexists(path)]
     if existing and not force:
-        raise InputError(f"{existing[0]}: a token set exists under this prefix; pass --force to replace it")
+        raise InputError(f"{existing[0]}: a token set exists under this prefix; "
+                         f"pass --force to replace it")
 
 
 def write_token_file(paths, tokenizer, prefix, workers=1, chunk=2000, force=False):
@@ -557,15 +598,18 @@ def write_token_file(paths, tokenizer, prefix, workers=1, chunk=2000, force=Fals
     (a full disk) leaves the old set as it was. Returns the number of tokens."""
     refuse_existing_token_set(prefix, force)
     dtype = np.uint16 if len(tokenizer) <= 2 ** 16 else np.uint32
-    chunks = (list(itertools.islice(documents, chunk)) for documents in itertools.repeat(iter_documents(paths)))
+    chunks = (list(itertools.islice(documents, chunk))
+              for documents in itertools.repeat(iter_documents(paths)))
     chunks = itertools.takewhile(bool, chunks)
     sentence_ends, document_ends, counts = [], [], [0, 0]  # counts: tokens and sentences written
 
     def write_tokens(out):
-        with (multiprocessing.get_context("spawn").Pool(workers, initializer=set_worker_tokenizer, initargs=(tokenizer,))
+        with (multiprocessing.get_context("spawn").Pool(workers, initializer=set_worker_tokenizer,
+                                                        initargs=(tokenizer,))
               if workers > 1 else contextlib.nullcontext()) as pool:
             set_worker_tokenizer(tokenizer)
-            for tokens, sentence_lengths, document_sizes in (pool.imap(encode_chunk, chunks) if pool else map(encode_chunk, chunks)):
+            encoded = pool.imap(encode_chunk, chunks) if pool else map(encode_chunk, chunks)
+            for tokens, sentence_lengths, document_sizes in encoded:
                 out.write(tokens.astype(dtype).tobytes())
                 sentence_ends.append(counts[0] + np.cumsum(sentence_lengths))
                 document_ends.append(counts[1] + np.cumsum(document_sizes))
@@ -575,9 +619,12 @@ def write_token_file(paths, tokenizer, prefix, workers=1, chunk=2000, force=Fals
     try:
         for path, write in zip(token_set_files(prefix), [
                 write_tokens,
-                lambda f: np.save(f, np.concatenate(sentence_ends or [np.zeros(0)]).astype(np.int64)),
-                lambda f: np.save(f, np.concatenate(document_ends or [np.zeros(0)]).astype(np.int64)),
-                lambda f: f.write("".join(token + "\n" for token in tokenizer.vocab).encode("utf-8"))]):
+                lambda f: np.save(f, np.concatenate(sentence_ends or [np.zeros(0)])
+                                  .astype(np.int64)),
+                lambda f: np.save(f, np.concatenate(document_ends or [np.zeros(0)])
+                                  .astype(np.int64)),
+                lambda f: f.write("".join(token + "\n" for token in tokenizer.vocab)
+                                  .encode("utf-8"))]):
             written.append((write_temporary(path, write), path))
     except BaseException:
         for temporary, _ in written:
@@ -597,7 +644,8 @@ def set_worker_tokenizer(tokenizer):
 
 
 def encode_chunk(documents):
-    """encode_flat with the worker's tokenizer (a module-level function: a process pool can call it)."""
+    """encode_flat with the worker's tokenizer (a module-level function: a process pool can
+    call it)."""
     return encode_flat(WORKER_TOKENIZER[0], documents)
 
 
@@ -615,7 +663,8 @@ class TokenFile:
         self.document_ends = np.load(f"{prefix}.documents.npy", mmap_mode="r")
         total = int(self.sentence_ends[-1]) if len(self.sentence_ends) else 0
         itemsize = os.path.getsize(f"{prefix}.tokens") // max(total, 1)  # 2 (uint16) or 4 (uint32)
-        self.tokens = np.memmap(f"{prefix}.tokens", dtype=np.uint16 if itemsize == 2 else np.uint32, mode="r") if total else None
+        dtype = np.uint16 if itemsize == 2 else np.uint32
+        self.tokens = np.memmap(f"{prefix}.tokens", dtype=dtype, mode="r") if total else None
         self.indices = indices
 
     def __len__(self):
@@ -623,7 +672,8 @@ class TokenFile:
 
     def __getitem__(self, i):
         d = int(i if self.indices is None else self.indices[i])
-        first, last = (int(self.document_ends[d - 1]) if d else 0), int(self.document_ends[d])  # its sentences
+        # its sentences
+        first, last = (int(self.document_ends[d - 1]) if d else 0), int(self.document_ends[d])
         ends = self.sentence_ends[first:last].tolist()
         starts = [int(self.sentence_ends[first - 1]) if first else 0, *ends[:-1]]
         return [np.asarray(self.tokens[a:b], dtype=np.int64) for a, b in zip(starts, ends)]
@@ -639,7 +689,8 @@ class TokenFile:
         return int(sizes.sum() if self.indices is None else sizes[self.indices].sum())
 
     def subset(self, indices):
-        return TokenFile(self.prefix, np.asarray(indices) if self.indices is None else self.indices[np.asarray(indices)])
+        return TokenFile(self.prefix, np.asarray(indices) if self.indices is None
+                         else self.indices[np.asarray(indices)])
 
 
 def check_token_set(prefix, chunk_bytes=1 << 24):
@@ -651,46 +702,58 @@ def check_token_set(prefix, chunk_bytes=1 << 24):
     name = f"{prefix}.tokens"
     missing = [path for path in token_set_files(prefix) if not os.path.isfile(path)]
     if missing:
-        raise InputError(f"{missing[0]}: missing; a token set is 4 files (ptft.py tokenize writes them)")
+        raise InputError(f"{missing[0]}: missing; a token set is 4 files "
+                         f"(ptft.py tokenize writes them)")
     vocab_size = len(Tokenizer.load(f"{prefix}.vocab.txt"))
     ends = {}
     for kind in ("sentences", "documents"):
         try:
             ends[kind] = np.load(f"{prefix}.{kind}.npy", allow_pickle=False)
         except (OSError, ValueError, EOFError) as error:
-            raise InputError(f"{prefix}.{kind}.npy: damaged ({str(error)[:80]}); write the token set again") from None
+            raise InputError(f"{prefix}.{kind}.npy: damaged ({str(error)[:80]}); "
+                             f"write the token set again") from None
         values = ends[kind]
         if values.ndim == 1 and not len(values):
-            raise InputError(f"{prefix}.{kind}.npy: the token set holds no {kind} (its text had no words)")
+            raise InputError(f"{prefix}.{kind}.npy: the token set holds no {kind} "
+                             f"(its text had no words)")
         if values.ndim != 1 or values.dtype.kind not in "iu" or not len(values) or values[0] <= 0 \
                 or (len(values) > 1 and not (np.diff(values) > 0).all()):
-            raise InputError(f"{prefix}.{kind}.npy: not rising whole numbers; the token set is damaged, write it again")
+            raise InputError(f"{prefix}.{kind}.npy: not rising whole numbers; "
+                             f"the token set is damaged, write it again")
     if int(ends["documents"][-1]) != len(ends["sentences"]):
-        raise InputError(f"{prefix}.documents.npy: ends at sentence {int(ends['documents'][-1])}, but there are "
-                         f"{len(ends['sentences'])} sentences; the token set is damaged or mixed, write it again")
+        raise InputError(f"{prefix}.documents.npy: ends at sentence "
+                         f"{int(ends['documents'][-1])}, but there are "
+                         f"{len(ends['sentences'])} sentences; "
+                         f"the token set is damaged or mixed, write it again")
     total, itemsize = int(ends["sentences"][-1]), 2 if vocab_size <= 2 ** 16 else 4
     if os.path.getsize(name) != total * itemsize:
-        raise InputError(f"{name}: {os.path.getsize(name)} bytes, expected {total} tokens of {itemsize} bytes "
-                         f"({total * itemsize}); truncated or mixed with another set, write it again")
+        raise InputError(f"{name}: {os.path.getsize(name)} bytes, "
+                         f"expected {total} tokens of {itemsize} bytes "
+                         f"({total * itemsize}); "
+                         f"truncated or mixed with another set, write it again")
     largest = 0
 
-    def blocks():  # every byte of the set, for the fingerprint; the token file's ids checked on the way
+    # every byte of the set, for the fingerprint; the token file's ids checked on the way
+    def blocks():
         nonlocal largest
         for path in token_set_files(prefix):
             with open(path, "rb") as f:
                 while block := f.read(chunk_bytes):  # chunk_bytes is even: a block holds whole ids
                     if path == name:
-                        largest = max(largest, int(np.frombuffer(block, dtype=np.uint16 if itemsize == 2 else np.uint32).max()))
+                        ids = np.frombuffer(block, dtype=np.uint16 if itemsize == 2 else np.uint32)
+                        largest = max(largest, int(ids.max()))
                     yield block
 
     CORPUS_FINGERPRINTS[name] = fingerprint(blocks())
     if largest >= vocab_size:
-        raise InputError(f"{name}: holds id {largest}, but {prefix}.vocab.txt has {vocab_size} tokens; write the set again")
+        raise InputError(f"{name}: holds id {largest}, but {prefix}.vocab.txt has {vocab_size} "
+                         f"tokens; write the set again")
 
 
 def unflatten_documents(tokens, sentence_lengths, document_sizes):
     """One flat token array -> documents -> sentences (views into one int64 array)."""
-    sentences = np.split(tokens.astype(np.int64), np.cumsum(sentence_lengths)[:-1]) if len(sentence_lengths) else []
+    sentences = (np.split(tokens.astype(np.int64), np.cumsum(sentence_lengths)[:-1])
+                 if len(sentence_lengths) else [])
     ends = np.cumsum(document_sizes)
     return [sentences[end - size: end] for size, end in zip(document_sizes.tolist(), ends.tolist())]
 
@@ -702,11 +765,13 @@ if __name__ == "__main__":
     tokenizer = train_tokenizer((s for d in world["unlabeled"] for s in d), vocab_size=2048)
     rng = np.random.default_rng(0)
     print("a toy-world document:\n  " + "\n  ".join(world["unlabeled"][0]))
-    batch = pretraining_batch(encode_documents(tokenizer, world["unlabeled"]), tokenizer, rng, 2, 48)
+    documents = encode_documents(tokenizer, world["unlabeled"])
+    batch = pretraining_batch(documents, tokenizer, rng, 2, 48)
     for i in range(2):
         real = batch["attention_mask"][i]
         print(f"\nNSP label: {'IsNext' if batch['nsp_labels'][i] == IS_NEXT else 'NotNext'}")
         print("segment ids: " + "".join(map(str, batch["segment_ids"][i][real])))
         print("masked input: " + " ".join(tokenizer.vocab[t] for t in batch["input_ids"][i][real]))
         labels = batch["mlm_labels"][i]
-        print("labels:       " + ", ".join(f"{p}:{tokenizer.vocab[labels[p]]}" for p in np.flatnonzero(labels != IGNORE_INDEX)))
+        print("labels:       " + ", ".join(f"{p}:{tokenizer.vocab[labels[p]]}"
+                                           for p in np.flatnonzero(labels != IGNORE_INDEX)))

@@ -5,7 +5,8 @@ pytorch_model.bin from older releases), vocab.txt and usually tokenizer_config.j
 encoder is BERT's computation exactly (tests/test_hf.py checks every output against
 `transformers`), so reading such a folder is only a matter of names:
 
-    read_folder(folder)       -> the parts of a checkpoint (checkpoint.load_checkpoint makes the dict)
+    read_folder(folder)       -> the parts of a checkpoint (checkpoint.load_checkpoint makes
+                                 the dict)
     export(checkpoint, out)   -> the same layout back, readable by `from_pretrained`
 
 Everything else stays BERT's: the tied MLM decoder (it IS the token-embedding matrix, so the
@@ -29,7 +30,15 @@ import tempfile
 
 import torch
 
-from common import MARKER, TEMPORARY_SUFFIX, UMASK, InputError, read_text_file, verify_records, write_atomic
+from common import (
+    MARKER,
+    TEMPORARY_SUFFIX,
+    UMASK,
+    InputError,
+    read_text_file,
+    verify_records,
+    write_atomic,
+)
 from model import Classifier, Config, PreTrainingModel
 from tokenizer import CLS, MASK, PAD, SEP, UNK, Tokenizer
 
@@ -43,9 +52,12 @@ HF_NAMES = [
     (r"encoder\.embeddings\.position\.", "bert.embeddings.position_embeddings."),
     (r"encoder\.embeddings\.segment\.", "bert.embeddings.token_type_embeddings."),
     (r"encoder\.embeddings\.layer_norm\.", "bert.embeddings.LayerNorm."),
-    (r"encoder\.layers\.(\d+)\.attention\.(query|key|value)\.", r"bert.encoder.layer.\1.attention.self.\2."),
-    (r"encoder\.layers\.(\d+)\.attention\.output\.", r"bert.encoder.layer.\1.attention.output.dense."),
-    (r"encoder\.layers\.(\d+)\.attention_norm\.", r"bert.encoder.layer.\1.attention.output.LayerNorm."),
+    (r"encoder\.layers\.(\d+)\.attention\.(query|key|value)\.",
+     r"bert.encoder.layer.\1.attention.self.\2."),
+    (r"encoder\.layers\.(\d+)\.attention\.output\.",
+     r"bert.encoder.layer.\1.attention.output.dense."),
+    (r"encoder\.layers\.(\d+)\.attention_norm\.",
+     r"bert.encoder.layer.\1.attention.output.LayerNorm."),
     (r"encoder\.layers\.(\d+)\.feed_forward_in\.", r"bert.encoder.layer.\1.intermediate.dense."),
     (r"encoder\.layers\.(\d+)\.feed_forward_out\.", r"bert.encoder.layer.\1.output.dense."),
     (r"encoder\.layers\.(\d+)\.output_norm\.", r"bert.encoder.layer.\1.output.LayerNorm."),
@@ -69,7 +81,8 @@ def to_hf_name(name):
 
 def normalise_hf_name(name):
     """Any BERT layout -> BertForPreTraining's names. BertModel files have no "bert." prefix;
-    checkpoints converted from Google's TensorFlow release call LayerNorm's parameters gamma/beta."""
+    checkpoints converted from Google's TensorFlow release call LayerNorm's parameters
+    gamma/beta."""
     name = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", name)
     name = re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", name)
     if not name.startswith(("bert.", "cls.", "classifier.")):
@@ -106,22 +119,28 @@ def check_config_values(values, path):
     positive, and the weights' float32 bytes within the memory there is. One line if not."""
     for name, limit in SIZE_LIMITS.items():
         value = values.get(name)
-        if name in values and not (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= limit):
-            raise InputError(f"{path}: the config is not valid ({name} = {value!r}; expected a whole number from 1 to {limit:,})")
+        if name in values and not (isinstance(value, int) and not isinstance(value, bool)
+                                   and 1 <= value <= limit):
+            raise InputError(f"{path}: the config is not valid ({name} = {value!r}; "
+                             f"expected a whole number from 1 to {limit:,})")
     for name in ("dropout", "attention_dropout"):
         value = values.get(name, 0.0)
         if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1):
-            raise InputError(f"{path}: the config is not valid ({name} = {value!r}; expected a probability in [0, 1))")
+            raise InputError(f"{path}: the config is not valid ({name} = {value!r}; "
+                             f"expected a probability in [0, 1))")
     for name in ("layer_norm_eps", "initializer_range"):
         value = values.get(name, 0.02)
-        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0):
-            raise InputError(f"{path}: the config is not valid ({name} = {value!r}; expected a positive number)")
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                and math.isfinite(value) and value > 0):
+            raise InputError(f"{path}: the config is not valid ({name} = {value!r}; "
+                             f"expected a positive number)")
     check_memory(values, path)
 
 
 def parameter_count(values):
     """The weights a config implies (BERT's layout: embeddings, L layers, pooler and heads)."""
-    v, h, i, p, t, n = (values.get(k, 1) for k in ("vocab_size", "hidden_size", "intermediate_size", "max_positions",
+    v, h, i, p, t, n = (values.get(k, 1) for k in ("vocab_size", "hidden_size",
+                                                     "intermediate_size", "max_positions",
                                                      "type_vocab_size", "num_layers"))
     embeddings = (v + p + t) * h + 2 * h
     layer = 4 * (h * h + h) + 2 * h * i + i + h + 4 * h
@@ -134,7 +153,8 @@ def check_memory(values, path):
     needed = 4 * parameter_count(values)
     available = available_memory()
     if available is not None and needed > available:
-        raise InputError(f"{path}: the config's {parameter_count(values):,} weights need {needed / 2 ** 30:.1f} GiB; "
+        raise InputError(f"{path}: the config's {parameter_count(values):,} weights need "
+                         f"{needed / 2 ** 30:.1f} GiB; "
                          f"{available / 2 ** 30:.1f} GiB of memory is available")
 
 
@@ -151,23 +171,31 @@ def available_memory():
 
 
 def config_from_hf(hf, path):
-    """A parsed config.json -> our Config, or a one-line refusal (checked before anything is allocated)."""
+    """A parsed config.json -> our Config, or a one-line refusal (checked before anything is
+    allocated)."""
     for key, required in REQUIRED_VALUES.items():
         if key in hf and hf[key] != required:
-            raise InputError(f"{path}: {key} = {hf[key]!r} is not supported (ptft computes BERT with {key} = {required!r})")
+            raise InputError(f"{path}: {key} = {hf[key]!r} is not supported "
+                             f"(ptft computes BERT with {key} = {required!r})")
     if hf.get("embedding_size", hf.get("hidden_size")) != hf.get("hidden_size"):
-        raise InputError(f"{path}: embedding_size {hf['embedding_size']} differs from hidden_size (an ALBERT-style "
+        raise InputError(f"{path}: embedding_size {hf['embedding_size']} differs from hidden_size "
+                         f"(an ALBERT-style "
                          "factorised embedding); not supported")
-    missing = [key for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                               "intermediate_size", "max_position_embeddings") if key not in hf]
+    missing = [key for key in ("vocab_size", "hidden_size", "num_hidden_layers",
+                               "num_attention_heads", "intermediate_size",
+                               "max_position_embeddings")
+               if key not in hf]
     if missing:
         raise InputError(f"{path}: missing {', '.join(missing)}; expected a BERT config.json")
     values = dict(
-        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
-        num_heads=hf["num_attention_heads"], intermediate_size=hf["intermediate_size"],
-        max_positions=hf["max_position_embeddings"], type_vocab_size=hf.get("type_vocab_size", 2),
-        dropout=hf.get("hidden_dropout_prob", 0.1), attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
-        layer_norm_eps=hf.get("layer_norm_eps", 1e-12), initializer_range=hf.get("initializer_range", 0.02))
+        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
+        intermediate_size=hf["intermediate_size"], max_positions=hf["max_position_embeddings"],
+        type_vocab_size=hf.get("type_vocab_size", 2),
+        dropout=hf.get("hidden_dropout_prob", 0.1),
+        attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
+        layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
+        initializer_range=hf.get("initializer_range", 0.02))
     check_config_values(values, path)
     try:
         return Config(**values, attention="sdpa")
@@ -181,7 +209,8 @@ def config_to_hf(config, architecture, labels=None):
         "hidden_size": config.hidden_size, "num_hidden_layers": config.num_layers,
         "num_attention_heads": config.num_heads, "intermediate_size": config.intermediate_size,
         "max_position_embeddings": config.max_positions, "type_vocab_size": config.type_vocab_size,
-        "hidden_dropout_prob": config.dropout, "attention_probs_dropout_prob": config.attention_dropout,
+        "hidden_dropout_prob": config.dropout,
+        "attention_probs_dropout_prob": config.attention_dropout,
         "layer_norm_eps": config.layer_norm_eps, "initializer_range": config.initializer_range,
         "pad_token_id": 0, **REQUIRED_VALUES,
     }
@@ -219,20 +248,25 @@ def read_weights(folder):
         try:
             from safetensors.torch import load_file
         except ImportError:
-            raise InputError(f"{safetensors_path}: reading safetensors needs `pip install safetensors`") from None
+            raise InputError(f"{safetensors_path}: reading safetensors needs "
+                             f"`pip install safetensors`") from None
         try:
             return load_file(safetensors_path, device="cpu")
         except Exception as error:
-            raise InputError(f"{safetensors_path}: not a readable safetensors file ({str(error)[:120]})") from None
+            raise InputError(f"{safetensors_path}: not a readable safetensors file "
+                             f"({str(error)[:120]})") from None
     if os.path.exists(bin_path):
         verify_records(bin_path, required=False)  # the zip's CRC-32s, where the file is a zip
         try:
             return torch.load(bin_path, map_location="cpu", weights_only=True)
         except Exception as error:
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise InputError(f"{bin_path}: not a weights file we can trust ({reason[:120]})") from None
+            reason = (str(error).strip().splitlines()[0] if str(error).strip()
+                      else type(error).__name__)
+            raise InputError(f"{bin_path}: not a weights file we can trust "
+                             f"({reason[:120]})") from None
     if any(name.endswith(".index.json") for name in os.listdir(folder)):
-        raise InputError(f"{folder}: sharded weights are not supported (a BERT-size model fits in one file)")
+        raise InputError(f"{folder}: sharded weights are not supported "
+                         f"(a BERT-size model fits in one file)")
     raise InputError(f"{folder}: no model.safetensors or pytorch_model.bin")
 
 
@@ -246,8 +280,9 @@ def read_tokenizer(folder):
     lowercase = settings.get("do_lower_case", True)
     # BertTokenizer options we do not implement: refuse rather than tokenise differently
     if settings.get("strip_accents") not in (None, lowercase):
-        raise InputError(f"{settings_path}: strip_accents = {settings['strip_accents']} with do_lower_case = "
-                         f"{lowercase} is not supported (ptft strips accents exactly when it lower-cases)")
+        raise InputError(f"{settings_path}: strip_accents = {settings['strip_accents']} "
+                         f"with do_lower_case = {lowercase} is not supported "
+                         f"(ptft strips accents exactly when it lower-cases)")
     for key in ("tokenize_chinese_chars", "do_basic_tokenize"):
         if settings.get(key, True) is not True:
             raise InputError(f"{settings_path}: {key} = {settings[key]} is not supported")
@@ -265,7 +300,8 @@ def read_folder(folder, seed=0):
     config = config_from_hf(hf_config, config_path)
     tokenizer = read_tokenizer(folder)
     if len(tokenizer) != config.vocab_size:
-        raise InputError(f"{folder}: vocab.txt has {len(tokenizer)} tokens but config.json says vocab_size {config.vocab_size}")
+        raise InputError(f"{folder}: vocab.txt has {len(tokenizer)} tokens but config.json "
+                         f"says vocab_size {config.vocab_size}")
     weights_path = folder  # for messages
     state = {}
     for name, value in read_weights(folder).items():
@@ -276,8 +312,10 @@ def read_folder(folder, seed=0):
     decoder = state.pop("cls.predictions.decoder.weight", None)
     embedding = state.get("bert.embeddings.word_embeddings.weight")
     if decoder is not None and embedding is not None and not torch.equal(decoder, embedding):
-        raise InputError(f"{weights_path}: the MLM decoder is not tied to the word embeddings; not supported")
-    decoder_bias = state.pop("cls.predictions.decoder.bias", None)  # the same tensor as cls.predictions.bias
+        raise InputError(f"{weights_path}: the MLM decoder is not tied to the word embeddings; "
+                         f"not supported")
+    # the same tensor as cls.predictions.bias
+    decoder_bias = state.pop("cls.predictions.decoder.bias", None)
     if decoder_bias is not None:
         state.setdefault("cls.predictions.bias", decoder_bias)
 
@@ -285,7 +323,8 @@ def read_folder(folder, seed=0):
     with torch.random.fork_rng():  # fresh parts are seeded without touching the caller's RNG
         torch.manual_seed(seed)
         if classifier_weight is not None:
-            labels = [hf_config.get("id2label", {}).get(str(i), f"LABEL_{i}") for i in range(classifier_weight.shape[0])]
+            labels = [hf_config.get("id2label", {}).get(str(i), f"LABEL_{i}")
+                      for i in range(classifier_weight.shape[0])]
             model = Classifier(config, len(labels))
         else:
             labels, model = None, PreTrainingModel(config)
@@ -294,18 +333,23 @@ def read_folder(folder, seed=0):
     unexpected = [name for name in state if name not in hf_to_ours]
     if unexpected:
         raise InputError(f"{weights_path}: unexpected weight {unexpected[0]!r}"
-                         f"{f' (and {len(unexpected) - 1} more)' if len(unexpected) > 1 else ''}; not a BERT layout ptft knows")
+                         f"{f' (and {len(unexpected) - 1} more)' if len(unexpected) > 1 else ''}; "
+                         f"not a BERT layout ptft knows")
     for hf_name, value in state.items():
         name = hf_to_ours[hf_name]
         if value.shape != ours[name].shape:
-            raise InputError(f"{weights_path}: {hf_name} has shape {tuple(value.shape)}, config.json implies {tuple(ours[name].shape)}")
+            raise InputError(f"{weights_path}: {hf_name} has shape {tuple(value.shape)}, "
+                             f"config.json implies {tuple(ours[name].shape)}")
         ours[name] = value.float()
     absent = [name for hf_name, name in hf_to_ours.items() if hf_name not in state]
-    fresh = sorted({"encoder.pooler" if name.startswith("encoder.pooler") else name.split(".")[0] for name in absent})
+    fresh = sorted({"encoder.pooler" if name.startswith("encoder.pooler") else name.split(".")[0]
+                    for name in absent})
     if any(part.startswith("encoder") and part != "encoder.pooler" for part in fresh):
         first = next(name for name in absent if not name.startswith("encoder.pooler"))
-        raise InputError(f"{weights_path}: no weights for {to_hf_name(first)}; the encoder must be complete")
-    extra = {"source": f"huggingface:{os.path.abspath(folder)}", "fresh": fresh, **({"labels": labels} if labels else {})}
+        raise InputError(f"{weights_path}: no weights for {to_hf_name(first)}; "
+                         f"the encoder must be complete")
+    extra = {"source": f"huggingface:{os.path.abspath(folder)}", "fresh": fresh,
+             **({"labels": labels} if labels else {})}
     return ("classifier" if labels else "pretraining"), ours, config, tokenizer, extra
 
 
@@ -317,11 +361,13 @@ def read_folder(folder, seed=0):
 def check_exportable(checkpoint):
     """What a Hugging Face BERT folder cannot say is refused before anything is written."""
     if checkpoint.get("kind") == "classifier" and checkpoint.get("pool", "cls") != "cls":
-        raise InputError(f"a classifier with --pool {checkpoint['pool']} cannot be exported: transformers' "
+        raise InputError(f"a classifier with --pool {checkpoint['pool']} cannot be exported: "
+                         "transformers' "
                          "BertForSequenceClassification reads the pooler's [CLS] vector")
 
 
-CHECKSUMS = "ptft-checksums.sha256"  # written last in an exported folder: `sha256sum -c` reads it too
+# written last in an exported folder: `sha256sum -c` reads it too
+CHECKSUMS = "ptft-checksums.sha256"
 
 
 def verify_checksums(folder):
@@ -334,9 +380,11 @@ def verify_checksums(folder):
     for number, line in enumerate(read_text_file(path).splitlines(), start=1):
         digest, _, name = line.partition("  ")
         if len(digest) != 64 or not name or os.sep in name or name.startswith("."):
-            raise InputError(f"{path}:{number}: expected 'SHA256  FILE'; the checksum file is damaged")
+            raise InputError(f"{path}:{number}: expected 'SHA256  FILE'; "
+                             f"the checksum file is damaged")
         if file_sha256(os.path.join(folder, name)) != digest:
-            raise InputError(f"{folder}/{name}: does not match its SHA-256 in {CHECKSUMS}: damaged, or changed after it "
+            raise InputError(f"{folder}/{name}: does not match its SHA-256 in {CHECKSUMS}: "
+                             f"damaged, or changed after it "
                              f"was written (if on purpose, delete {CHECKSUMS})")
 
 
@@ -362,12 +410,15 @@ def export(checkpoint, out):
     config = Config(**checkpoint["config"])
     classifier = checkpoint.get("kind") == "classifier"
     architecture = "BertForSequenceClassification" if classifier else "BertForPreTraining"
-    state = {to_hf_name(name): value.detach().float().contiguous() for name, value in checkpoint["model"].items()}
+    state = {to_hf_name(name): value.detach().float().contiguous()
+             for name, value in checkpoint["model"].items()}
     if not classifier:
-        # the tied decoder: transformers re-ties it from the word embeddings; its bias is cls.predictions.bias
+        # the tied decoder: transformers re-ties it from the word embeddings; its bias is
+        # cls.predictions.bias
         state.pop("cls.predictions.decoder.weight", None)
     target = os.path.realpath(out)
-    files = {"config.json": json.dumps(config_to_hf(config, architecture, checkpoint.get("labels") if classifier else None),
+    labels = checkpoint.get("labels") if classifier else None
+    files = {"config.json": json.dumps(config_to_hf(config, architecture, labels),
                                        indent=2).encode()}
     try:
         from safetensors.torch import save
@@ -379,15 +430,20 @@ def export(checkpoint, out):
     files["vocab.txt"] = "".join(token + "\n" for token in checkpoint["vocab"]).encode("utf-8")
     files["tokenizer_config.json"] = json.dumps({
         "tokenizer_class": "BertTokenizer", "do_lower_case": checkpoint.get("lowercase", True),
-        "model_max_length": config.max_positions, "unk_token": UNK, "sep_token": SEP, "pad_token": PAD, "cls_token": CLS,
-        "mask_token": MASK}, indent=2).encode()
-    files[CHECKSUMS] = "".join(f"{hashlib.sha256(content).hexdigest()}  {name}\n" for name, content in files.items()).encode()
-    partial = tempfile.mkdtemp(dir=os.path.dirname(target), prefix=f".{os.path.basename(target)}.", suffix=TEMPORARY_SUFFIX)
+        "model_max_length": config.max_positions, "unk_token": UNK, "sep_token": SEP,
+        "pad_token": PAD, "cls_token": CLS, "mask_token": MASK}, indent=2).encode()
+    files[CHECKSUMS] = "".join(f"{hashlib.sha256(content).hexdigest()}  {name}\n"
+                               for name, content in files.items()).encode()
+    partial = tempfile.mkdtemp(dir=os.path.dirname(target), prefix=f".{os.path.basename(target)}.",
+                               suffix=TEMPORARY_SUFFIX)
     try:
-        os.chmod(partial, 0o777 & ~UMASK)  # mkdtemp makes it 0700; the folder gets what os.makedirs would give
-        for name, content in {**files, MARKER: b""}.items():  # the marker: a folder ptft made (checkpoint.remove_made_folder)
+        # mkdtemp makes it 0700; the folder gets what os.makedirs would give
+        os.chmod(partial, 0o777 & ~UMASK)
+        # the marker: a folder ptft made (checkpoint.remove_made_folder)
+        for name, content in {**files, MARKER: b""}.items():
             write_atomic(os.path.join(partial, name), lambda f, content=content: f.write(content))
-        if os.path.isdir(target):  # prepare_out_folder left it empty but for the marker (or it did not exist)
+        # prepare_out_folder left it empty but for the marker (or it did not exist)
+        if os.path.isdir(target):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(target, MARKER))
             os.rmdir(target)
@@ -399,7 +455,8 @@ def export(checkpoint, out):
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: python hf.py HF_FOLDER   (shows how a Hugging Face BERT folder maps onto ptft)")
+        sys.exit("usage: python hf.py HF_FOLDER   "
+                 "(shows how a Hugging Face BERT folder maps onto ptft)")
     try:
         kind, state, config, tokenizer, extra = read_folder(sys.argv[1])
     except InputError as error:

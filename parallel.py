@@ -43,7 +43,9 @@ class Processes:
 
     def device(self, device):
         """This process's device: under torchrun on GPUs, GPU LOCAL_RANK."""
-        return torch.device("cuda", self.local_rank) if device.type == "cuda" and self.world_size > 1 else device
+        if device.type == "cuda" and self.world_size > 1:
+            return torch.device("cuda", self.local_rank)
+        return device
 
     def log(self, log):
         """`log` on rank 0; silence on the others (one process speaks for all)."""
@@ -82,8 +84,10 @@ def lost_processes_said_in_one_line():
     try:
         yield
     except RuntimeError as error:  # torch.distributed.DistBackendError and its kin
-        reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
-        raise ProcessesLost(f"another process stopped or failed (collective timeout {collective_timeout().total_seconds():g} s): "
+        reason = (str(error).strip().splitlines()[0][:160] if str(error).strip()
+                  else type(error).__name__)
+        raise ProcessesLost(f"another process stopped or failed "
+                            f"(collective timeout {collective_timeout().total_seconds():g} s): "
                             f"{reason}") from None
 
 
@@ -101,7 +105,8 @@ def processes_from_environment(device, timeout_seconds=None):
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         with lost_processes_said_in_one_line():  # a process that never arrives: one line too
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=collective_timeout())
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                    timeout=collective_timeout())
     return Processes(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
@@ -145,8 +150,9 @@ def refuse_differences(value, processes):
         differing = [key for key in gathered[0] if other.get(key) != gathered[0].get(key)]
         if differing:
             key = differing[0]
-            raise InputError(f"under torchrun every process must run the same settings on the same data, but {key} "
-                             f"differs: rank 0 has {gathered[0].get(key)!r}, rank {rank} {other.get(key)!r}")
+            raise InputError(f"under torchrun every process must run the same settings on the "
+                             f"same data, but {key} differs: rank 0 has {gathered[0].get(key)!r}, "
+                             f"rank {rank} {other.get(key)!r}")
 
 
 def on_rank_0(processes, action):
@@ -166,7 +172,8 @@ def on_rank_0(processes, action):
 def sum_gradients(process_group, bucket):
     """A DistributedDataParallel communication hook: SUM each bucket of gradients across
     processes (the default hook averages them). See the module's docstring for why."""
-    return dist.all_reduce(bucket.buffer(), group=process_group, async_op=True).get_future().then(lambda f: f.value()[0])
+    summing = dist.all_reduce(bucket.buffer(), group=process_group, async_op=True)
+    return summing.get_future().then(lambda f: f.value()[0])
 
 
 def rows_of_this_process(index, processes):
@@ -187,13 +194,15 @@ def share_of_batch_mean(loss, rows, weight, batch_size, processes):
 
 
 def data_parallel(model, processes, device, unused_weights=False):
-    """model wrapped for data-parallel training (gradients summed across processes), or model itself.
+    """model wrapped for data-parallel training (gradients summed across processes), or model
+    itself.
     unused_weights: some trainable weights take no part in the loss (the pooler and the NSP head
     when NSP is off); DistributedDataParallel must then look for them every step, or it waits for
     their gradients and fails at the next step."""
     if processes.world_size == 1:
         return model
-    wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[processes.local_rank] if device.type == "cuda" else None,
+    device_ids = [processes.local_rank] if device.type == "cuda" else None
+    wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
                                                         find_unused_parameters=unused_weights)
     wrapped.register_comm_hook(None, sum_gradients)
     return wrapped

@@ -49,7 +49,8 @@ def is_punctuation(ch):
 def is_cjk(ch):
     code = ord(ch)
     return (0x4E00 <= code <= 0x9FFF or 0x3400 <= code <= 0x4DBF or 0x20000 <= code <= 0x2A6DF
-            or 0x2A700 <= code <= 0x2B73F or 0x2B740 <= code <= 0x2B81F or 0x2B820 <= code <= 0x2CEAF
+            or 0x2A700 <= code <= 0x2B73F or 0x2B740 <= code <= 0x2B81F
+            or 0x2B820 <= code <= 0x2CEAF
             or 0xF900 <= code <= 0xFAFF or 0x2F800 <= code <= 0x2FA1F)
 
 
@@ -64,12 +65,14 @@ def split_words(text, lowercase=True):
         if piece in SPECIAL_TOKENS:
             words.append(piece)
         elif piece.isascii():  # fast path, same result: no accents, no CJK, no Unicode spaces
-            words.extend(w for raw in piece.translate(ASCII_CONTROL).split() for w in split_word(raw, lowercase))
+            words.extend(w for raw in piece.translate(ASCII_CONTROL).split()
+                         for w in split_word(raw, lowercase))
         else:
             # drop NUL, U+FFFD and control characters; every whitespace becomes a space;
             # every CJK ideograph becomes its own word
             cleaned = []
-            for ch in piece:  # no Unicode normalisation here: BERT (and the Rust BertTokenizer) does none
+            # no Unicode normalisation here: BERT (and the Rust BertTokenizer) does none
+            for ch in piece:
                 if ord(ch) == 0 or ord(ch) == 0xFFFD or is_control(ch):
                     continue
                 if is_whitespace(ch):
@@ -89,15 +92,20 @@ def split_word(word, lowercase):
     """One whitespace-delimited word -> lower-cased, accent-stripped, split at punctuation.
     Words are remembered (most recur), except very long ones: a 5 MB "word" is split once and
     not kept."""
-    return split_word_remembered(word, lowercase) if len(word) <= 4 * MAX_WORD_CHARACTERS else split_word_once(word, lowercase)
+    if len(word) <= 4 * MAX_WORD_CHARACTERS:
+        return split_word_remembered(word, lowercase)
+    return split_word_once(word, lowercase)
 
 
 def split_word_once(word, lowercase):
-    if word.isascii():  # the same result, by a regular expression: no accents, and punctuation is ASCII_PUNCTUATION
-        return tuple(piece for piece in ASCII_PUNCTUATION.split(word.lower() if lowercase else word) if piece)
+    # the same result, by a regular expression: no accents, and punctuation is ASCII_PUNCTUATION
+    if word.isascii():
+        return tuple(piece for piece in ASCII_PUNCTUATION.split(word.lower() if lowercase else word)
+                     if piece)
     if lowercase:
         # lower-case, then strip accents: NFD splits "é" into "e" + a combining mark (Mn)
-        word = "".join(c for c in unicodedata.normalize("NFD", word.lower()) if unicodedata.category(c) != "Mn")
+        word = "".join(c for c in unicodedata.normalize("NFD", word.lower())
+                       if unicodedata.category(c) != "Mn")
     pieces, current = [], []
     for ch in word:
         if is_punctuation(ch):  # every punctuation character becomes its own word
@@ -135,7 +143,8 @@ class Tokenizer:
         return len(self.vocab)
 
     def wordpiece(self, word):
-        if len(word) > MAX_WORD_CHARACTERS:  # BERT's rule; not remembered (a long word rarely recurs)
+        # BERT's rule; not remembered (a long word rarely recurs)
+        if len(word) > MAX_WORD_CHARACTERS:
             return [UNK]
         if word in self._cache:
             return self._cache[word]
@@ -159,7 +168,8 @@ class Tokenizer:
         return pieces
 
     def tokenize(self, text):
-        return [piece for word in split_words(text, self.lowercase) for piece in self.wordpiece(word)]
+        return [piece for word in split_words(text, self.lowercase)
+                for piece in self.wordpiece(word)]
 
     def encode(self, text):
         """text -> token ids, without [CLS]/[SEP]."""
@@ -169,7 +179,8 @@ class Tokenizer:
         return " ".join(self.vocab[i] for i in ids).replace(" ##", "")
 
     def save(self, path):
-        """vocab.txt, BERT's format: one token per line, the line number is the id (written whole)."""
+        """vocab.txt, BERT's format: one token per line, the line number is the id
+        (written whole)."""
         write_text_atomic(path, "".join(token + "\n" for token in self.vocab))
 
     @classmethod
@@ -179,7 +190,8 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path, lowercase=True):
-        # one token per line, its id the line number; a vocab.txt written on Windows ends lines in \r\n
+        # one token per line, its id the line number; a vocab.txt written on Windows ends lines
+        # in \r\n
         tokens = [token.removesuffix("\r") for token in read_text_file(path).split("\n")]
         if tokens and tokens[-1] == "":
             tokens.pop()
@@ -194,7 +206,8 @@ def train_tokenizer(texts, vocab_size, lowercase=True, min_frequency=2):
     the vocabulary nothing -- and one 5 MB "word" would otherwise cost gigabytes of merges."""
     word_counts = Counter()
     for text in texts:
-        word_counts.update(w for w in split_words(text, lowercase) if w not in SPECIAL_TOKENS and len(w) <= MAX_WORD_CHARACTERS)
+        word_counts.update(w for w in split_words(text, lowercase)
+                           if w not in SPECIAL_TOKENS and len(w) <= MAX_WORD_CHARACTERS)
     if not word_counts:
         raise InputError("cannot build a vocabulary: the text has no words")
     words = sorted(word_counts)  # sorted: the same vocabulary on every run
@@ -205,7 +218,8 @@ def train_tokenizer(texts, vocab_size, lowercase=True, min_frequency=2):
         alphabet.update({piece: count for piece in pieces})
     room = vocab_size - len(SPECIAL_TOKENS)
     if room <= 0:
-        raise InputError(f"vocab size {vocab_size} leaves no room beyond the {len(SPECIAL_TOKENS)} special tokens")
+        raise InputError(f"vocab size {vocab_size} leaves no room beyond the "
+                         f"{len(SPECIAL_TOKENS)} special tokens")
     # keep the most frequent characters if the alphabet alone would not fit; the rest -> [UNK]
     vocab = SPECIAL_TOKENS + sorted(sorted(alphabet, key=lambda s: (-alphabet[s], s))[:room])
     known = set(vocab)
@@ -253,7 +267,8 @@ if __name__ == "__main__":
 
     world = toyworld.toy_world(seed=0, num_documents=300)
     tokenizer = train_tokenizer((s for d in world["unlabeled"] for s in d), vocab_size=2048)
-    print(f"a {len(tokenizer)}-token vocabulary from {len(world['unlabeled'])} toy-world documents; "
+    print(f"a {len(tokenizer)}-token vocabulary from {len(world['unlabeled'])} "
+          f"toy-world documents; "
           f"first entries: {' '.join(tokenizer.vocab[:12])}")
     for text in [world["train"][0][0], "The SALTY knives, naïvely re-stirred: [MASK] pots!"]:
         print(f"\ntext:   {text}")
