@@ -111,7 +111,7 @@ def time_ptft(model_config, batch, precision, attention, compiled, steps, device
                 sequence_output = encoder(batch["input_ids"], batch["segment_ids"], batch["attention_mask"])[0]
             else:
                 sequence_output = fast.encode_unpadded(model.encoder, batch["input_ids"], batch["segment_ids"],
-                                                       batch["attention_mask"], speed.unpadded)[0]
+                                                       batch["attention_mask"], speed.unpadded, speed.packed)[0]
             model.mlm_scores(sequence_output, batch["mlm_labels"])
 
     return time_step_and_forward(step, forward, steps, device)
@@ -197,12 +197,19 @@ def bench(o, log=print):
     ids[:, 0], ids[np.arange(batch_size), lengths - 1] = tokenizer.cls_id, tokenizer.sep_id
     masked_ids, mlm_labels = data.mask_tokens(ids, tokenizer, generator)
     padded = not real.all()
-    batch = {"input_ids": masked_ids, "segment_ids": np.zeros_like(ids), "attention_mask": real, "mlm_labels": mlm_labels}
-    batch = {key: torch.from_numpy(value).to(device) for key, value in batch.items()}
+    arrays = {"input_ids": masked_ids, "segment_ids": np.zeros_like(ids), "attention_mask": real, "mlm_labels": mlm_labels}
     # the fast rows use what pretrain would for this batch on this device (fast.speed_for): the
-    # real tokens only where there is padding, a fixed number of predictions on a GPU
+    # real tokens only where there is padding, a fixed number of predictions on a GPU, and the
+    # pairs packed several per row where --packing auto would (fast.packing_pays); with padding,
+    # a row "fast, packed" or "fast, not packed" shows the other choice
     max_predictions = data.MaskingRule().max_predictions(length)
-    speed = fast.speed_for({"attention_mask": real, "mlm_labels": mlm_labels}, device, max_predictions)
+    packed_arrays = fast.pack_pairs(arrays, length, tokenizer.pad_id) if padded else None
+    layouts = {False: arrays, True: packed_arrays}
+    speeds = {pack: fast.speed_for(layout, device, max_predictions) for pack, layout in layouts.items() if layout is not None}
+    batches = {pack: {key: torch.from_numpy(value).to(device) for key, value in layout.items()}
+               for pack, layout in layouts.items() if layout is not None}
+    pretrain_packs = padded and fast.packing_pays(arrays, length)
+    speed, batch = speeds[pretrain_packs], batches[pretrain_packs]
     selected = mlm_labels != IGNORE_INDEX
     num_masked, tokens = int(selected.sum()), int(lengths.sum())  # tokens/s counts real tokens
     # the fast rows' precisions; the reading path's row is always fp32
@@ -215,15 +222,19 @@ def bench(o, log=print):
         + ", ".join(f"{k} {v / 1e12:.2f} TFLOP/s" + (" (given)" if k in o.peaks() else "") for k, v in peaks.items()))
     # (name, precision, attention, compiled, speed devices): the reading path first; with padding,
     # the fast rows once more computing on it, to show what fast.Unpadded buys
-    computing_padding = replace(speed, unpadded=None)
-    variants = [("reading path", "fp32", "explicit", False, None)] + [("fast", p, "sdpa", False, speed) for p in precisions]
+    computing_padding = replace(speeds[False], unpadded=None)
+    fast_name = "fast, packed (as pretrain)" if pretrain_packs else "fast"
+    variants = [("reading path", "fp32", "explicit", False, None, batches[False])]
+    variants += [(fast_name, p, "sdpa", False, speed, batch) for p in precisions]
     if padded:
-        variants += [("fast, padding computed", p, "sdpa", False, computing_padding) for p in precisions]
+        other = "fast, not packed" if pretrain_packs else "fast, packed"
+        variants += [(other, p, "sdpa", False, speeds[not pretrain_packs], batches[not pretrain_packs]) for p in precisions]
+        variants += [("fast, padding computed", p, "sdpa", False, computing_padding, batches[False]) for p in precisions]
     if o.compile:
-        variants += [("fast", p, "sdpa", True, speed) for p in precisions]
+        variants += [(fast_name, p, "sdpa", True, speed, batch) for p in precisions]
     rows = []
-    for variant, precision, attention, compiled, row_speed in variants:
-        train_seconds, infer_seconds, peak = time_ptft(model_config, batch, precision, attention, compiled=compiled,
+    for variant, precision, attention, compiled, row_speed, row_batch in variants:
+        train_seconds, infer_seconds, peak = time_ptft(model_config, row_batch, precision, attention, compiled=compiled,
                                                        steps=o.steps, device=device, speed=row_speed)
         flops = training_flops(model_config, lengths, num_masked)
         fixed = row_speed is not None and row_speed.max_predictions
@@ -234,7 +245,7 @@ def bench(o, log=print):
                      "infer_tokens_per_s": tokens / infer_seconds, "mfu": flops / train_seconds / peaks[precision],
                      "peak_memory_gb": peak and peak / 2 ** 30})
         if o.compare_hf and row_speed is speed:  # transformers in the same precision, compiled alike
-            train_seconds, infer_seconds, peak = time_transformers(model_config, batch, precision, compiled=compiled,
+            train_seconds, infer_seconds, peak = time_transformers(model_config, batches[False], precision, compiled=compiled,
                                                                    steps=o.steps, device=device)
             rows.append({**rows[-1], "impl": "hf", "variant": "BertForMaskedLM (sdpa)",
                          "train_tokens_per_s": tokens / train_seconds, "infer_tokens_per_s": tokens / infer_seconds,

@@ -8,9 +8,10 @@ the reading path (tests/test_fast.py), in outputs and gradients:
     attention                      softmax(Q K^T / sqrt(d) + mask) V in torch's fused kernel, with
                                    Q, K and V from one matmul on a GPU
     Unpadded, encode_unpadded      the encoder's position-wise parts on the real tokens only
+    pack_pairs, Packed             several pre-training pairs per row, each attending to itself
     gather_fixed_predictions       a fixed number of MLM predictions per sequence (no GPU wait)
     scores_over_padded_vocabulary  the MLM decoder's matmul at a GPU-friendly size
-    Speed, pretraining_losses      the devices above, together, for one pre-training micro-batch
+    Speed, pretraining_scores      the devices above, together, for one pre-training micro-batch
     StepBatches                    the next steps' batches built in a background thread (a GPU)
     Throughput                     tokens per second, steady state apart from the first steps
 
@@ -72,7 +73,7 @@ def attention(module, x, mask):
     """model.SelfAttention's result: in torch's fused kernel (F.scaled_dot_product_attention, the
     softmax(Q K^T / sqrt(d) + mask) V lines in one kernel that never stores the (B, h, T, T)
     scores) where fused_attention_applies, else the written-out lines (SelfAttention.attend).
-    mask: the additive mask (B, 1, 1, T) or None -- or an Unpadded (encode_unpadded): x is then
+    mask: the additive mask (B, 1, 1, T) (or (B, 1, T, T), packed) or None -- or an Unpadded (encode_unpadded): x is then
     (N, H), the real tokens only, and attention runs in the (B, h, T, d) layout with the padding
     masked (mask.additive_mask)."""
     unpadded = mask if isinstance(mask, Unpadded) else None
@@ -151,18 +152,107 @@ class Unpadded:
         return padded.index_copy(0, self.index, x).view(*self.shape, *x.shape[1:])
 
 
-def encode_unpadded(encoder, input_ids, segment_ids, attention_mask, unpadded):
+def encode_unpadded(encoder, input_ids, segment_ids, attention_mask, unpadded, packed=None):
     """model.Encoder.forward on the real tokens only: (sequence output (B, T, H) with zeros at
     padding, pooled [CLS] output (B, H)). The same layers, called as in Encoder.forward; each is
     handed the Unpadded in place of the mask, and its SelfAttention then takes `attention` above
-    (the layers' position-wise parts need no change: they compute per token, on (N, H))."""
-    x = encoder.embeddings(input_ids, segment_ids)
-    unpadded.additive_mask = encoder.additive_mask(attention_mask, x.dtype)   # (B, 1, 1, T)
-    x = unpadded.unpad(x)                                                     # (N, H)
+    (the layers' position-wise parts need no change: they compute per token, on (N, H)).
+    packed: a Packed (rows of several pairs, below): its position ids, its block-diagonal mask
+    and its pairs' [CLS] positions in place of 0..T-1, the padding mask and position 0; the
+    pooled output is then one per pair (pairs, H)."""
+    positions = None if packed is None else packed.position_ids
+    x = encoder.embeddings(input_ids, segment_ids, positions)
+    if packed is None:
+        unpadded.additive_mask = encoder.additive_mask(attention_mask, x.dtype)   # (B, 1, 1, T)
+    else:
+        unpadded.additive_mask = packed.additive_mask(x.dtype)                    # (B, 1, T, T)
+    x = unpadded.unpad(x)                                                         # (N, H)
     for layer in encoder.layers:
         x = layer(x, unpadded)
-    x = unpadded.pad(x)                                                       # (B, T, H)
-    return x, encoder.pool(x)
+    x = unpadded.pad(x)                                                           # (B, T, H)
+    return x, encoder.pool(x, None if packed is None else packed.cls_positions)
+
+
+# ----------------------------------------------------------------------------------------
+# Packing: several pre-training pairs in one row
+# ----------------------------------------------------------------------------------------
+
+
+def pack_pairs(batch, max_length, pad_id):
+    """data.pretraining_batch's batch (numpy, one pair per row: [CLS] A [SEP] B [SEP], then
+    padding) with its pairs packed into as few rows of max_length as first-fit decreasing finds,
+    as MLPerf's BERT packs its pre-training data. Real text's pairs are often short (the stdlib
+    docstrings fill ~39% of 128 tokens): packed, nearly every position of a row is a real token,
+    and a step computes on fewer rows. Nothing is drawn at random: the same pairs, masks and
+    labels as the batch's, rearranged -- the data generator's stream is the same packed or not.
+
+    Each packed pair keeps its own computation (Packed, below, tells the model):
+      position_ids  (R, T) 0, 1, ... restarting at each pair's [CLS] (E1's positions, per pair)
+      pair_in_row   (R, T) 1, 2, ... for the row's first, second, ... pair, 0 at padding: a pair's
+                    tokens attend only to its own tokens (a block-diagonal attention mask)
+      cls_positions (pairs,) where each pair's [CLS] is in the flattened (R x T) rows, in the
+                    batch's order of pairs, so NSP (B2) reads each pair's own [CLS] against its
+                    own label (nsp_labels are unchanged)
+    segment ids, MLM labels (B1) and the attention mask move with their tokens. A step on the
+    packed batch computes the same losses and gradients as on the batch (tests/test_fast.py)."""
+    real = np.asarray(batch["attention_mask"]).astype(bool)                      # (pairs, T0)
+    lengths = real.sum(axis=1)       # each pair's tokens: a prefix of its row (pretraining_batch pads after)
+    rows, room = [], []              # rows: the pairs of each packed row, in the order they were placed
+    for pair in np.argsort(-lengths, kind="stable"):   # the longest first: first-fit decreasing
+        fits = next((r for r, left in enumerate(room) if left >= lengths[pair]), None)
+        if fits is None:
+            rows.append([]), room.append(max_length)
+            fits = len(rows) - 1
+        rows[fits].append(int(pair))
+        room[fits] -= int(lengths[pair])
+    width = max_length - min(room)                                               # T: the fullest row
+    shape = (len(rows), width)
+    packed = dict(input_ids=np.full(shape, pad_id, dtype=np.int64), segment_ids=np.zeros(shape, dtype=np.int64),
+                  attention_mask=np.zeros(shape, dtype=bool), mlm_labels=np.full(shape, IGNORE_INDEX, dtype=np.int64),
+                  position_ids=np.zeros(shape, dtype=np.int64), pair_in_row=np.zeros(shape, dtype=np.int64),
+                  cls_positions=np.zeros(len(lengths), dtype=np.int64))
+    for r, pairs in enumerate(rows):
+        start = 0
+        for number, pair in enumerate(pairs, start=1):
+            end = start + lengths[pair]
+            for key in ("input_ids", "segment_ids", "attention_mask", "mlm_labels"):
+                packed[key][r, start:end] = batch[key][pair, :lengths[pair]]
+            packed["position_ids"][r, start:end] = np.arange(lengths[pair])
+            packed["pair_in_row"][r, start:end] = number
+            packed["cls_positions"][pair] = r * width + start
+            start = end
+    if "nsp_labels" in batch:
+        packed["nsp_labels"] = batch["nsp_labels"]
+    return packed
+
+
+def packing_pays(batch, max_length):
+    """--packing auto: pack where it pays -- where packing needs at most PACKING_PAYS_BELOW of the
+    batch's rows (short pairs, real text); where rows are nearly full already (the toy world's)
+    packing saves little and costs a (R, 1, T, T) mask. docs/performance.md has the numbers."""
+    real = np.asarray(batch["attention_mask"]).astype(bool)
+    lower_bound = -(-int(real.sum()) // max_length)  # rows packing needs at least
+    return lower_bound <= PACKING_PAYS_BELOW * real.shape[0]
+
+
+PACKING_PAYS_BELOW = 0.5
+
+
+class Packed:
+    """The device side of a packed batch (pack_pairs): its position ids (R, T), its pairs' [CLS]
+    positions (pairs,) and, built when the dtype is known, the block-diagonal additive mask."""
+
+    def __init__(self, micro_batch, device):
+        as_tensor = lambda key: torch.as_tensor(np.asarray(micro_batch[key])).to(device, non_blocking=True)  # noqa: E731
+        self.position_ids, self.cls_positions = as_tensor("position_ids"), as_tensor("cls_positions")
+        self.pair_in_row = as_tensor("pair_in_row")                                       # (R, T)
+
+    def additive_mask(self, dtype):
+        # (R, T) -> (R, 1, T, T): query i may attend to key j only within its own pair (the same
+        # number in the row); padding (0) attends to padding, so no row of the softmax is empty
+        same_pair = self.pair_in_row[:, :, None] == self.pair_in_row[:, None, :]         # (R, T, T)
+        additive_mask = torch.zeros(same_pair.shape, dtype=dtype, device=same_pair.device)
+        return additive_mask.masked_fill(~same_pair, torch.finfo(dtype).min)[:, None]
 
 
 # ----------------------------------------------------------------------------------------
@@ -209,26 +299,33 @@ class Speed:
     unpadded           an Unpadded of the batch's mask, or None (no padding)
     max_predictions    gather_fixed_predictions' P, or None (the boolean gather of mlm_scores)
     padded_vocabulary  scores_over_padded_vocabulary (on a GPU)
-    no_mask            no padding on a GPU: no mask at all (SDPA may then pick FlashAttention)"""
+    no_mask            no padding on a GPU: no mask at all (SDPA may then pick FlashAttention)
+    packed             a Packed, or None: the batch's rows hold several pairs (pack_pairs)"""
     unpadded: Unpadded = None
     max_predictions: int = None
     padded_vocabulary: bool = False
     no_mask: bool = False
+    packed: Packed = None
 
 
 def speed_for(micro_batch, device, max_predictions):
     """The Speed of a micro-batch (numpy arrays, on the CPU, before they go to `device`): skip its
     padding where it has some; on a GPU a fixed number of predictions (max_predictions, from
-    data.MaskingRule) and the padded vocabulary."""
+    data.MaskingRule) and the padded vocabulary. A packed micro-batch (pack_pairs) always goes
+    through Unpadded (its block-diagonal mask rides there), and its rows' P is their largest
+    masked count: several short pairs may hold more masked tokens than one long one."""
     real = np.asarray(micro_batch["attention_mask"]).astype(bool)   # (B, T)
     on_gpu = torch.device(device).type == "cuda"
+    packed = Packed(micro_batch, device) if "cls_positions" in micro_batch else None
     if on_gpu:
-        masked = int((micro_batch["mlm_labels"] != IGNORE_INDEX).sum(axis=1).max())
-        if masked > max_predictions:  # a bug, not input: MaskingRule.max_predictions is the bound
+        masked = int((np.asarray(micro_batch["mlm_labels"]) != IGNORE_INDEX).sum(axis=1).max())
+        if packed is not None:
+            max_predictions = max(1, masked)
+        elif masked > max_predictions:  # a bug, not input: MaskingRule.max_predictions is the bound
             raise RuntimeError("a sequence has more masked tokens than MaskingRule.max_predictions allows")
-    padded = not real.all()
+    padded = not real.all() or packed is not None
     return Speed(unpadded=Unpadded(real, device) if padded else None, max_predictions=max_predictions if on_gpu else None,
-                 padded_vocabulary=on_gpu, no_mask=on_gpu and not padded)
+                 padded_vocabulary=on_gpu, no_mask=on_gpu and not padded, packed=packed)
 
 
 def pretraining_scores(model, input_ids, segment_ids, attention_mask, mlm_labels, speed):
@@ -236,7 +333,7 @@ def pretraining_scores(model, input_ids, segment_ids, attention_mask, mlm_labels
     with `speed`'s devices; the model turns them into B3's losses as on the reading path."""
     if speed.unpadded is not None:
         sequence_output, pooled = encode_unpadded(model.encoder, input_ids, segment_ids, attention_mask,
-                                                  speed.unpadded)
+                                                  speed.unpadded, speed.packed)
     else:
         sequence_output, pooled = model.encoder(input_ids, segment_ids, None if speed.no_mask else attention_mask)
     if speed.max_predictions is None:

@@ -95,11 +95,13 @@ class Embeddings(nn.Module):
         self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = fast.Dropout(config.dropout)
 
-    def forward(self, input_ids, segment_ids=None):
-        # input_ids, segment_ids: (B, T) -> (B, T, H); no segment ids: every token in segment "A"
+    def forward(self, input_ids, segment_ids=None, positions=None):
+        # input_ids, segment_ids: (B, T) -> (B, T, H); no segment ids: every token in segment "A";
+        # positions 0..T-1 unless given (B, T): a packed row's restart at each pair (fast.pack_pairs)
         if segment_ids is None:
             segment_ids = torch.zeros_like(input_ids)
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         x = self.token(input_ids) + self.position(positions) + self.segment(segment_ids)
         return self.dropout(self.layer_norm(x))
 
@@ -197,8 +199,10 @@ class Encoder(nn.Module):
         additive_mask = additive_mask.masked_fill(~attention_mask.bool(), torch.finfo(dtype).min)
         return additive_mask[:, None, None, :]
 
-    def pool(self, x):
-        return torch.tanh(self.pooler(x[:, 0]))  # [CLS] is always position 0       (B, H)
+    def pool(self, x, cls_positions=None):
+        # [CLS] is position 0 -- or, packed (fast.pack_pairs), each pair's [CLS] in the flattened rows
+        cls = x[:, 0] if cls_positions is None else x.flatten(0, 1)[cls_positions]
+        return torch.tanh(self.pooler(cls))                                         # (B, H)
 
 
 def init_weights(module, std):

@@ -184,8 +184,12 @@ def step_batches(run, encoded, background=None):
     o, on_gpu = run.options, run.device.type == "cuda"
 
     def build(rng):
-        return [data.pretraining_batch(encoded, run.tokenizer, rng, o.batch_size, o.max_length, use_nsp=o.nsp,
-                                       masking=o.masking_rule()) for _ in range(o.accumulation)]
+        return [packed(data.pretraining_batch(encoded, run.tokenizer, rng, o.batch_size, o.max_length, use_nsp=o.nsp,
+                                              masking=o.masking_rule())) for _ in range(o.accumulation)]
+
+    def packed(batch):  # --packing: the same pairs, several per row where they are short (fast.pack_pairs)
+        pack = o.packing == "on" or (o.packing == "auto" and fast.packing_pays(batch, o.max_length))
+        return fast.pack_pairs(batch, o.max_length, run.tokenizer.pad_id) if pack else batch
 
     background = on_gpu if background is None else background
     return fast.StepBatches(build, run.data_rng, background=background, pin=background and on_gpu)

@@ -16,7 +16,7 @@ from common import IGNORE_INDEX
 from conftest import quiet, random_batch, small_config
 from model import Encoder, Layer, PreTrainingModel, make_config
 from options import PretrainOptions
-from tokenizer import Tokenizer
+from tokenizer import SPECIAL_TOKENS, Tokenizer
 
 
 def test_explicit_and_fused_attention_agree_in_outputs_and_gradients(device):
@@ -280,3 +280,120 @@ def test_cpu_training_in_bf16_takes_the_written_out_attention():
         assert fused_attention_applies(attention.eval(), x)  # inference keeps the kernel
     attention.attention_dropout.p = 0.1
     assert not fused_attention_applies(attention.train(), x) and fused_attention_applies(attention.eval(), x)
+
+
+# ----------------------------------------------------------------------------------------
+# Packing: several pairs per row, the same losses and gradients
+# ----------------------------------------------------------------------------------------
+
+
+def random_pretraining_batches(seed, count, max_length=24):
+    """data.pretraining_batch's own batches (B2 pairs, B1 masks) from random documents of random
+    sentence lengths: pairs of every length from a few tokens to max_length."""
+    generator = np.random.default_rng(seed)
+    tokenizer = Tokenizer(SPECIAL_TOKENS + [f"w{i}" for i in range(55)])
+    documents = [[generator.integers(5, 60, int(generator.integers(1, max_length))) for _ in range(generator.integers(1, 5))]
+                 for _ in range(30)]
+    return tokenizer, [data.pretraining_batch(documents, tokenizer, generator, int(generator.integers(1, 9)), max_length)
+                       for _ in range(count)]
+
+
+def test_packing_puts_each_pair_whole_in_one_row_with_its_own_positions_and_labels():
+    for seed in range(20):
+        tokenizer, batches = random_pretraining_batches(seed, 3, max_length=24)
+        for batch in batches:
+            packed = fast.pack_pairs(batch, 24, tokenizer.pad_id)
+            real, lengths = batch["attention_mask"], batch["attention_mask"].sum(1)
+            rows, width = packed["input_ids"].shape
+            assert width <= 24 and rows <= len(lengths) and rows >= -(-lengths.sum() // 24)
+            assert packed["attention_mask"].sum() == real.sum() and np.array_equal(packed["nsp_labels"], batch["nsp_labels"])
+            for pair, (start, length) in enumerate(zip(packed["cls_positions"], lengths)):
+                row, column = divmod(int(start), width)
+                span = slice(column, column + length)
+                for key in ("input_ids", "segment_ids", "mlm_labels"):
+                    assert np.array_equal(packed[key][row, span], batch[key][pair, :length]), key
+                assert np.array_equal(packed["position_ids"][row, span], np.arange(length))
+                assert len(set(packed["pair_in_row"][row, span])) == 1 and packed["pair_in_row"][row, column] > 0
+            # first-fit: no row has room for a pair placed in a later row
+            room = 24 - packed["attention_mask"].sum(1)
+            first_rows = packed["cls_positions"] // width
+            for pair, row in enumerate(first_rows):
+                assert not (room[:row] >= lengths[pair]).any()
+
+
+@pytest.mark.parametrize("attention", ["explicit", "sdpa"])
+def test_a_packed_step_computes_the_unpacked_steps_losses_and_gradients(attention, device):
+    # many random steps (random pair lengths, hence random packings; 1 to 3 micro-batches
+    # accumulated as pretraining_step does): the reading path on the pairs one per row against
+    # fast.Speed on the same pairs packed -- MLM (E4 over all masked tokens), NSP (B2, each
+    # pair's own [CLS]) and every gradient, to float tolerance
+    config = make_config("tiny", vocab_size=60, max_positions=24, hidden_size=32, num_heads=2, intermediate_size=64,
+                         dropout=0.0, attention_dropout=0.0, attention=attention)
+    torch.manual_seed(0)
+    network = PreTrainingModel(config).to(device)
+    for trial in range(10):
+        tokenizer, micro_batches = random_pretraining_batches(100 + trial, 1 + trial % 3)
+        num_masked_total = sum(int((b["mlm_labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
+        results = []
+        for packing in (False, True):
+            network.zero_grad()
+            losses = torch.zeros(2, device=device)
+            for micro_batch in micro_batches:
+                if packing:
+                    micro_batch = fast.pack_pairs(micro_batch, 24, tokenizer.pad_id)
+                    speed = fast.speed_for(micro_batch, device, max_predictions=11)
+                else:
+                    speed = None
+                t = {key: torch.from_numpy(np.asarray(value)).to(device) for key, value in micro_batch.items()}
+                loss, loss_mlm, loss_nsp = network(t["input_ids"], t["segment_ids"], t["attention_mask"], t["mlm_labels"],
+                                                   t["nsp_labels"], nsp_weight=1 / len(micro_batches),
+                                                   num_masked_total=num_masked_total, speed=speed)
+                loss.backward()
+                losses += torch.stack([loss_mlm, loss_nsp]).detach()
+            gradient = torch.cat([p.grad.flatten() for p in network.parameters() if p.grad is not None])
+            results.append((losses, gradient))
+        (losses, gradient), (packed_losses, packed_gradient) = results
+        assert torch.allclose(losses, packed_losses, atol=1e-5, rtol=1e-5), trial
+        assert torch.allclose(gradient, packed_gradient, atol=1e-5, rtol=1e-4), trial
+
+
+def test_packing_rearranges_the_data_stream_never_draws_from_it_and_resumes_bit_identical(small_world, tmp_path):
+    # the same data generator states and pairs with --packing on and off (packing only rearranges);
+    # a packed run stopped and resumed from its checkpoint ends with the uninterrupted run's weights
+    common = dict(corpus=[small_world["corpus"]], batch_size=8, max_length=32, vocab_size=300, device="cpu")
+    states = {}
+    for packing in ("on", "off"):
+        recipe = PretrainOptions(**common, steps=2, save_every=0, packing=packing)
+        run, _, encoded, _ = train.start_pretraining(str(tmp_path / packing), recipe, False, False, quiet)
+        batches = train.step_batches(run, encoded, background=False)
+        states[packing] = [batches.next() for _ in range(3)]
+    for (on_state, on_batches), (off_state, off_batches) in zip(states["on"], states["off"]):
+        assert on_state == off_state
+        for on, off in zip(on_batches, off_batches):
+            assert "cls_positions" in on and "cls_positions" not in off
+            assert np.array_equal(on["nsp_labels"], off["nsp_labels"])
+            targets = [np.sort(b["mlm_labels"][b["mlm_labels"] != IGNORE_INDEX]) for b in (on, off)]
+            assert np.array_equal(*targets) and on["attention_mask"].sum() == off["attention_mask"].sum()
+    # killed in its 5th step (the checkpoint of step 2 written in the 3rd), resumed: the same weights
+    recipe = PretrainOptions(**common, steps=6, save_every=2, eval_every=6, packing="on", dropout=0.1)
+    train.pretrain(str(tmp_path / "whole"), recipe, log=quiet, progress=False)
+    step, calls = train.pretraining_step, []
+
+    def killed_in_the_fifth_step(*args):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return step(*args)
+
+    train.pretraining_step = killed_in_the_fifth_step
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train.pretrain(str(tmp_path / "killed"), recipe, log=quiet, progress=False)
+    finally:
+        train.pretraining_step = step
+    assert torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)["step"] == 2
+    train.pretrain(str(tmp_path / "killed"), recipe, resume=True, log=quiet, progress=False)
+    expected, found = (torch.load(tmp_path / name / "checkpoint.pt", weights_only=True) for name in ("whole", "killed"))
+    assert found["step"] == expected["step"] == 6
+    for name, value in expected["model"].items():
+        assert torch.equal(found["model"][name], value), name
