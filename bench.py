@@ -208,7 +208,7 @@ def bench(o, log=print):
     speeds = {pack: fast.speed_for(layout, device, max_predictions) for pack, layout in layouts.items() if layout is not None}
     batches = {pack: {key: torch.from_numpy(value).to(device) for key, value in layout.items()}
                for pack, layout in layouts.items() if layout is not None}
-    pretrain_packs = padded and fast.packing_pays(arrays, length)
+    pretrain_packs = padded and device.type == "cuda" and fast.packing_pays(arrays, length)  # as auto
     speed, batch = speeds[pretrain_packs], batches[pretrain_packs]
     selected = mlm_labels != IGNORE_INDEX
     num_masked, tokens = int(selected.sum()), int(lengths.sum())  # tokens/s counts real tokens

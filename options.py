@@ -122,8 +122,8 @@ class PretrainOptions:
                                      "bf16, or fp16 (with a GradScaler; for GPUs without bf16)")
     compile: bool = setting(False, "torch.compile the model (slow first steps; helps on GPUs)")
     packing: str = setting("auto", "several short pairs per row (fast.pack_pairs; the same losses "
-                                   "and gradients): on, off, or auto: where the pairs fill at "
-                                   "most half of the rows (short documents, real text)",
+                                   "and gradients): on, off, or auto: on a GPU, where the pairs "
+                                   "fill at most half of the rows (short documents, real text)",
                            choices=("on", "off", "auto"))
     deterministic: bool = setting(False, HELP["deterministic"])
     device: str = setting("auto", HELP["device"])

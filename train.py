@@ -188,7 +188,8 @@ def step_batches(run, encoded, background=None):
                                               masking=o.masking_rule())) for _ in range(o.accumulation)]
 
     def packed(batch):  # --packing: the same pairs, several per row where they are short (fast.pack_pairs)
-        pack = o.packing == "on" or (o.packing == "auto" and fast.packing_pays(batch, o.max_length))
+        pays = on_gpu and fast.packing_pays(batch, o.max_length)  # auto: on a GPU, where rows are short
+        pack = o.packing == "on" or (o.packing == "auto" and pays)
         return fast.pack_pairs(batch, o.max_length, run.tokenizer.pad_id) if pack else batch
 
     background = on_gpu if background is None else background
