@@ -69,9 +69,9 @@ PLANS = {
     "full": dict(
         seeds=5,
         corpora=["toy", "stdlib"],
-        toy_documents=20000,                     # the toy world's unlabeled documents (its default)
-        toy_labeled=(64, 32, 100),               # its labeled sentences per class: train, valid, test
-        stdlib_max_documents=None,               # None: every docstring
+        toy_documents=20000,             # the toy world's unlabeled documents (its default)
+        toy_labeled=(64, 32, 100),       # its labeled sentences per class: train, valid, test
+        stdlib_max_documents=None,       # None: every docstring
         pretrain_steps={"toy": 5000, "stdlib": 20000},
         pretrain_batch_size={"toy": 64, "stdlib": 8},
         snapshot_steps={"toy": [500, 1000, 1500, 2500], "stdlib": [1000, 3000, 10000]},
@@ -79,19 +79,21 @@ PLANS = {
         # C6's task variants are pre-trained this long: on the toy world the knee of the budget
         # curve (at 2500 steps every variant is near 100% and no choice could show)
         task_choice_steps={"toy": 1500, "stdlib": 10000},
-        tables={"toy": ["C1", "C2", "C3", "C4", "C5", "C6"], "stdlib": ["C1", "C2", "C3", "C4", "C5", "C6"]},
+        tables={"toy": ["C1", "C2", "C3", "C4", "C5", "C6"],
+                "stdlib": ["C1", "C2", "C3", "C4", "C5", "C6"]},
         labels_per_class=[4, 16, 64, "all"],
         c1_variants={"toy": ["scratch", "head", "head-mean", "top-2", "full"],
                      "stdlib": ["scratch", "head", "head-mean", "top-2", "full"]},
-        k=16,                                    # labels per class in the tables after C1
-        finetune_steps=240,                      # about this many steps per run (see epochs_for)
-        min_epochs=5,                            # ... but never fewer epochs than this, for every variant
+        k=16,                            # labels per class in the tables after C1
+        finetune_steps=240,              # about this many steps per run (see epochs_for)
+        min_epochs=5,                    # ... but never fewer epochs than this, for every variant
         max_epochs=30,
         epoch_grid=[1, 2, 5, 10, 30],
         lr_grid=[2e-5, 5e-5, 1e-4, 3e-4, 1e-3],
-        # C5's remedies as the document names them: (a) L2 regularisation (AdamW weight decay; 0.01 is
-        # every other row's) and dropout (0 elsewhere: the encoders are pre-trained without it), varied;
-        # (b) the auxiliary MLM loss; (c) the cyclical schedule. Extras, not the document's: L2-SP, layer-wise decay
+        # C5's remedies as the document names them: (a) L2 regularisation (AdamW weight decay;
+        # 0.01 is every other row's) and dropout (0 elsewhere: the encoders are pre-trained
+        # without it), varied; (b) the auxiliary MLM loss; (c) the cyclical schedule. Extras,
+        # not the document's: L2-SP, layer-wise decay
         weight_decays=[0.0, 0.1], dropouts=[0.1],
         l2_sp=0.01, aux_mlm=1.0, layer_lr_decay=0.5,
         forgetting_batches=8,
@@ -114,7 +116,8 @@ PLANS["quick"] = {
     "snapshot_steps": {"toy": [500, 1000, 1500], "stdlib": [1000, 2000]},
     "task_choice_steps": {"toy": None, "stdlib": None},
     "tables": {"toy": ["C1", "C2", "C3", "C4", "C5", "C6"], "stdlib": ["C1", "C6"]},
-    "c1_variants": {"toy": ["scratch", "head", "head-mean", "top-2", "full"], "stdlib": ["scratch", "head", "head-mean", "full"]},
+    "c1_variants": {"toy": ["scratch", "head", "head-mean", "top-2", "full"],
+                    "stdlib": ["scratch", "head", "head-mean", "full"]},
     "finetune_steps": 120,
     "max_epochs": 15,
     "epoch_grid": [1, 3, 10, 15],
@@ -158,7 +161,8 @@ PLANS["real-text-gpu"] = {
     "snapshot_steps": {"toy": [], "stdlib": [2500, 5000, 10000]},
     "eval_every": {"toy": 250, "stdlib": 1000},
     "tables": {"toy": [], "stdlib": ["C1", "C6"]},
-    "c1_variants": {"toy": [], "stdlib": ["scratch", "head", "head-mean", "adapt-head-mean", "full", "adapt-full"]},
+    "c1_variants": {"toy": [], "stdlib": ["scratch", "head", "head-mean", "adapt-head-mean",
+                                          "full", "adapt-full"]},
     "adapt_steps": 500,
 }
 
@@ -171,7 +175,8 @@ PLANS["task-adaptive"] = {
     "snapshot_steps": {"toy": [], "stdlib": []},
     "tables": {"toy": [], "stdlib": ["C1", "C3"]},
     "labels_per_class": [16, "all"],
-    "c1_variants": {"toy": [], "stdlib": ["scratch", "head", "head-mean", "adapt-head-mean", "full", "adapt-full"]},
+    "c1_variants": {"toy": [], "stdlib": ["scratch", "head", "head-mean", "adapt-head-mean",
+                                          "full", "adapt-full"]},
     "adapt_steps": 500,
     "finetune_steps": 1100,                      # 15 epochs at k=16, 5 over every label
 }
@@ -196,18 +201,20 @@ PLANS["c7"] = {
     "pretrain_steps": {"toy": 2500, "stdlib": 10000},
     "snapshot_steps": {"toy": [], "stdlib": []},
     "tables": {"toy": ["C7"], "stdlib": ["C7"]},
-    # real text at k=16 leaves the teacher near chance (~18%); with every label it has something to lose
+    # real text at k=16 leaves the teacher near chance (~18%); with every label it has
+    # something to lose
     "c7_labels_per_class": {"toy": 16, "stdlib": "all"},
     # 15 epochs at k=16 on the toy world, 10 over all of real text's labels: a teacher trained to
     # convergence, so that the remedies' own training (recovery, distillation) has nothing to add
     "finetune_steps": 2200,
 }
 for plan in PLANS.values():
-    plan.setdefault("c7_remedies", ["teacher", "head", "lora-4", "int8", "int8-arithmetic", "pruned-50", "pruned-50+int8",
-                                    "ffn-50", "distilled", "distilled+int8"])
-    plan.setdefault("c7_unlabeled", 2000)        # the distillation transfer set: unlabeled sentences
-    plan.setdefault("c7_recovery_epochs", 3)     # fine-tuning after pruning
-    plan.setdefault("c7_timing_seconds", 1.0)    # CPU inference timed this long per batch size
+    plan.setdefault("c7_remedies", ["teacher", "head", "lora-4", "int8", "int8-arithmetic",
+                                    "pruned-50", "pruned-50+int8", "ffn-50", "distilled",
+                                    "distilled+int8"])
+    plan.setdefault("c7_unlabeled", 2000)       # the distillation transfer set: unlabeled sentences
+    plan.setdefault("c7_recovery_epochs", 3)    # fine-tuning after pruning
+    plan.setdefault("c7_timing_seconds", 1.0)   # CPU inference timed this long per batch size
 
 # Default learning rates of fine-tuning: options.DEFAULT_FINETUNE_LR (head 1e-3, full 3e-4).
 HEAD_LR, FULL_LR = options.DEFAULT_FINETUNE_LR["head"], options.DEFAULT_FINETUNE_LR["none"]
@@ -222,19 +229,26 @@ AUX_BATCH_SIZE = 8           # unlabeled sequences per fine-tuning step with --a
 # Area of the standard library -> path prefixes (relative to the stdlib folder).
 STDLIB_AREAS = {
     "gui": ("tkinter/", "turtle.py"),
-    "concurrency": ("asyncio/", "multiprocessing/", "concurrent/", "threading.py", "queue.py", "sched.py"),
-    "mail": ("email/", "mailbox.py", "imaplib.py", "smtplib.py", "poplib.py", "nntplib.py", "mailcap.py"),
-    "web": ("http/", "urllib/", "wsgiref/", "xmlrpc/", "html/", "ftplib.py", "socketserver.py", "cgi.py"),
-    "imports": ("importlib/", "distutils/", "pkgutil.py", "zipimport.py", "modulefinder.py", "runpy.py"),
-    "numbers": ("_pydecimal.py", "fractions.py", "statistics.py", "numbers.py", "random.py", "datetime.py"),
-    "testing": ("unittest/", "doctest.py", "pdb.py", "bdb.py", "trace.py", "profile.py", "cProfile.py", "timeit.py"),
-    "files": ("tarfile.py", "zipfile", "pathlib.py", "shutil.py", "_pyio.py", "gzip.py", "bz2.py", "lzma.py",
-              "tempfile.py", "glob.py", "fnmatch.py", "filecmp.py"),
+    "concurrency": ("asyncio/", "multiprocessing/", "concurrent/", "threading.py", "queue.py",
+                    "sched.py"),
+    "mail": ("email/", "mailbox.py", "imaplib.py", "smtplib.py", "poplib.py", "nntplib.py",
+             "mailcap.py"),
+    "web": ("http/", "urllib/", "wsgiref/", "xmlrpc/", "html/", "ftplib.py", "socketserver.py",
+            "cgi.py"),
+    "imports": ("importlib/", "distutils/", "pkgutil.py", "zipimport.py", "modulefinder.py",
+                "runpy.py"),
+    "numbers": ("_pydecimal.py", "fractions.py", "statistics.py", "numbers.py", "random.py",
+                "datetime.py"),
+    "testing": ("unittest/", "doctest.py", "pdb.py", "bdb.py", "trace.py", "profile.py",
+                "cProfile.py", "timeit.py"),
+    "files": ("tarfile.py", "zipfile", "pathlib.py", "shutil.py", "_pyio.py", "gzip.py", "bz2.py",
+              "lzma.py", "tempfile.py", "glob.py", "fnmatch.py", "filecmp.py"),
 }
 
 
 def stdlib_area(path):
-    return next((area for area, prefixes in STDLIB_AREAS.items() if path.startswith(prefixes)), None)
+    return next((area for area, prefixes in STDLIB_AREAS.items() if path.startswith(prefixes)),
+                None)
 
 
 def stdlib_task(max_documents=None, test_fraction=0.3):
@@ -262,7 +276,8 @@ def stdlib_task(max_documents=None, test_fraction=0.3):
         if area:
             labeled["test" if path in test_files else "train"].append((" ".join(lines[:3]), area))
     train_texts = {text for text, _ in labeled["train"]}
-    test = [(text, area) for text, area in labeled["test"] if text not in train_texts]  # no text in both
+    # no text in both
+    test = [(text, area) for text, area in labeled["test"] if text not in train_texts]
     unlabeled = [lines for path, lines in docstrings if path not in test_files]
     return {"unlabeled": unlabeled, "train": labeled["train"], "test": test}
 
@@ -272,14 +287,17 @@ def package_text(task):
     the stdlib task, minus any docstring whose summary is a test text (a package may vendor a
     copy of a standard-library module)."""
     test_texts = {text for text, _ in task["test"]}
-    return [lines for _, lines in data.package_docstrings() if " ".join(lines[:3]) not in test_texts]
+    return [lines for _, lines in data.package_docstrings()
+            if " ".join(lines[:3]) not in test_texts]
 
 
 def toy_task(num_documents, labeled_per_class):
     """The toy world: pre-train on its unlabeled documents; its train + valid sentences are the
     pool the k labeled examples are drawn from; its test sentences are the test set."""
-    world = toyworld.toy_world(seed=0, num_documents=num_documents, labeled_per_class=labeled_per_class)
-    return {"unlabeled": world["unlabeled"], "train": world["train"] + world["valid"], "test": world["test"]}
+    world = toyworld.toy_world(seed=0, num_documents=num_documents,
+                               labeled_per_class=labeled_per_class)
+    return {"unlabeled": world["unlabeled"], "train": world["train"] + world["valid"],
+            "test": world["test"]}
 
 
 def draw_labeled(examples, k, seed):
@@ -299,9 +317,10 @@ def draw_labeled(examples, k, seed):
 # ----------------------------------------------------------------------------------------
 
 
-def tfidf_logistic_regression(train_texts, train_labels, test_texts, num_classes, max_words=5000, steps=200,
-                              l2=1e-3):
-    """Counts of words, weighted by rarity, then a linear softmax classifier. Returns test predictions.
+def tfidf_logistic_regression(train_texts, train_labels, test_texts, num_classes, max_words=5000,
+                              steps=200, l2=1e-3):
+    """Counts of words, weighted by rarity, then a linear softmax classifier. Returns test
+    predictions.
 
         tfidf(w, x) = count(w in x) * (ln((1 + n) / (1 + df(w))) + 1),  each row scaled to length 1
 
@@ -315,7 +334,8 @@ def tfidf_logistic_regression(train_texts, train_labels, test_texts, num_classes
             document_frequency[word] = document_frequency.get(word, 0) + 1
     vocabulary = sorted(document_frequency, key=lambda w: (-document_frequency[w], w))[:max_words]
     index = {word: i for i, word in enumerate(vocabulary)}
-    idf = np.array([math.log((1 + len(train_texts)) / (1 + document_frequency[w])) + 1 for w in vocabulary])
+    idf = np.array([math.log((1 + len(train_texts)) / (1 + document_frequency[w])) + 1
+                    for w in vocabulary])
 
     def features(word_lists):
         x = np.zeros((len(word_lists), len(vocabulary)), dtype=np.float32)
@@ -331,12 +351,14 @@ def tfidf_logistic_regression(train_texts, train_labels, test_texts, num_classes
     bias = torch.zeros(num_classes, requires_grad=True)
     optimizer = torch.optim.Adam([weight, bias], lr=0.1)
     for _ in range(steps):
-        loss = torch.nn.functional.cross_entropy(x_train @ weight + bias, y_train) + l2 * (weight ** 2).sum()
+        loss = (torch.nn.functional.cross_entropy(x_train @ weight + bias, y_train)
+                + l2 * (weight ** 2).sum())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     with torch.no_grad():
-        return (features([split_words(text) for text in test_texts]) @ weight + bias).argmax(-1).numpy()
+        x_test = features([split_words(text) for text in test_texts])
+        return (x_test @ weight + bias).argmax(-1).numpy()
 
 
 # ----------------------------------------------------------------------------------------
@@ -370,19 +392,24 @@ def pretrain_encoders(out, corpus, task, plan, resume, log):
         if not (resume and os.path.exists(os.path.join(path, "metrics.json"))):
             log(f"[{corpus}] pre-training '{name}' for {run_steps} steps {choice or ''}")
             # no dropout: at these budgets the model under-fits; dropout would only slow it down
-            recipe = PretrainOptions(corpus=[unlabeled_path], steps=run_steps, batch_size=plan["pretrain_batch_size"][corpus],
+            recipe = PretrainOptions(corpus=[unlabeled_path], steps=run_steps,
+                                     batch_size=plan["pretrain_batch_size"][corpus],
                                      config=plan.get("pretrain_config", "tiny"),
                                      max_length=MLM_MAX_LENGTH, lr=1e-3, dropout=0.0, save_every=0,
-                                     vocab_size=2048 if corpus == "toy" else 8192, eval_every=plan["eval_every"][corpus],
-                                     snapshot_steps=tuple(snapshots) if name == "final" else (), **choice)
+                                     vocab_size=2048 if corpus == "toy" else 8192,
+                                     eval_every=plan["eval_every"][corpus],
+                                     snapshot_steps=tuple(snapshots) if name == "final" else (),
+                                     **choice)
             train.pretrain(path, recipe, force=True, log=log, progress=False)
         with open(os.path.join(path, "metrics.json")) as f:
             metrics = json.load(f)
-        encoders[name] = (os.path.join(path, "checkpoint.pt"), metrics["held_out_mlm_loss"], metrics["seconds"])
+        encoders[name] = (os.path.join(path, "checkpoint.pt"), metrics["held_out_mlm_loss"],
+                          metrics["seconds"])
         if name == "final":
             for step in snapshots:
                 if step < steps:
-                    encoders[f"snapshot-{step}"] = (os.path.join(path, f"snapshot-{step}.pt"), None, None)
+                    snapshot_path = os.path.join(path, f"snapshot-{step}.pt")
+                    encoders[f"snapshot-{step}"] = (snapshot_path, None, None)
     return encoders
 
 
@@ -392,13 +419,15 @@ def pretrain_encoders(out, corpus, task, plan, resume, log):
 
 
 def epochs_for(num_examples, plan, batch_size=16):
-    """The budget rule (docs/claims.md): about plan['finetune_steps'] steps -- many epochs on a few
-    labels, fewer on many -- but never fewer than plan['min_epochs'] nor more than plan['max_epochs'].
-    It depends on the labeled set's size only, so every variant of a comparison (scratch, head,
-    full, each remedy) gets the same budget. The floor keeps a large labeled set from being seen
-    once: one epoch over every label left scratch, which learns slowest, far from converged."""
+    """The budget rule (docs/claims.md): about plan['finetune_steps'] steps -- many epochs on a
+    few labels, fewer on many -- but never fewer than plan['min_epochs'] nor more than
+    plan['max_epochs']. It depends on the labeled set's size only, so every variant of a
+    comparison (scratch, head, full, each remedy) gets the same budget. The floor keeps a large
+    labeled set from being seen once: one epoch over every label left scratch, which learns
+    slowest, far from converged."""
     steps_per_epoch = math.ceil(num_examples / batch_size)
-    return int(min(plan["max_epochs"], max(plan["min_epochs"], round(plan["finetune_steps"] / steps_per_epoch))))
+    epochs = round(plan["finetune_steps"] / steps_per_epoch)
+    return int(min(plan["max_epochs"], max(plan["min_epochs"], epochs)))
 
 
 class Loaded:
@@ -414,11 +443,15 @@ class Loaded:
         self.pretrained_state = model.state_dict()
         self.training_documents, self.held_out = None, None
         if forgetting_batches:
-            self.training_documents, held_out_documents = data.pretraining_text(checkpoint.get("run", {}).get("corpus"))
-            self.held_out = data.held_out_batches(data.encode_documents(self.tokenizer, held_out_documents), self.tokenizer,
-                                                  MLM_MAX_LENGTH, use_nsp=False, batch_size=32, num_batches=forgetting_batches)
+            corpus = checkpoint.get("run", {}).get("corpus")
+            self.training_documents, held_out_documents = data.pretraining_text(corpus)
+            encoded_held_out = data.encode_documents(self.tokenizer, held_out_documents)
+            self.held_out = data.held_out_batches(encoded_held_out, self.tokenizer, MLM_MAX_LENGTH,
+                                                  use_nsp=False, batch_size=32,
+                                                  num_batches=forgetting_batches)
         self.encoded_training_documents = None  # encoded when --aux-mlm first needs them
-        self.fill_mask_before = None  # the pre-trained MLM head's fill-mask accuracy on held_out, once measured
+        # the pre-trained MLM head's fill-mask accuracy on held_out, once measured
+        self.fill_mask_before = None
         self.rows = {}  # tokenized labeled texts -> their token ids
 
     def starting_point(self, finetune_options):
@@ -426,15 +459,20 @@ class Loaded:
         aux_batches = None
         if finetune_options.remedies.aux_mlm:
             if self.encoded_training_documents is None:
-                self.encoded_training_documents = data.encode_documents(self.tokenizer, self.training_documents)
-            aux_batches = data.mlm_batch_stream(self.encoded_training_documents, self.tokenizer, AUX_BATCH_SIZE,
-                                                MLM_MAX_LENGTH, finetune_options.seed)
-        return train.StartingPoint(self.encoder_state, self.pretrained_state, self.held_out, aux_batches)
+                self.encoded_training_documents = data.encode_documents(self.tokenizer,
+                                                                        self.training_documents)
+            aux_batches = data.mlm_batch_stream(self.encoded_training_documents, self.tokenizer,
+                                                AUX_BATCH_SIZE, MLM_MAX_LENGTH,
+                                                finetune_options.seed)
+        return train.StartingPoint(self.encoder_state, self.pretrained_state, self.held_out,
+                                   aux_batches)
 
     def inputs(self, texts):
         key = tuple(texts)
         if key not in self.rows:
-            self.rows[key] = data.classification_inputs(self.tokenizer, texts, CLASSIFIER_MAX_LENGTH, warn=lambda *a: None)
+            self.rows[key] = data.classification_inputs(self.tokenizer, texts,
+                                                        CLASSIFIER_MAX_LENGTH,
+                                                        warn=lambda *a: None)
         return self.rows[key]
 
 
@@ -442,12 +480,14 @@ ADAPTED = {}  # folder -> Loaded: each draw's adapted encoder, opened once
 
 
 def adapted(loaded, texts, spec, folder):
-    """The encoder of `loaded` after spec['adapt_steps'] steps of MLM on `texts` (finetuning.adapt_to_task)."""
+    """The encoder of `loaded` after spec['adapt_steps'] steps of MLM on `texts`
+    (finetuning.adapt_to_task)."""
     if folder not in ADAPTED:
         run = os.path.join(folder, "run")
         if not os.path.exists(os.path.join(run, "metrics.json")):
-            finetuning.adapt_to_task(folder, loaded.path, texts, FinetuneOptions(adapt_steps=spec["adapt_steps"], seed=spec["seed"],
-                                                                            mlm_max_length=MLM_MAX_LENGTH), log=lambda *a: None)
+            recipe = FinetuneOptions(adapt_steps=spec["adapt_steps"], seed=spec["seed"],
+                                     mlm_max_length=MLM_MAX_LENGTH)
+            finetuning.adapt_to_task(folder, loaded.path, texts, recipe, log=lambda *a: None)
         ADAPTED[folder] = Loaded(os.path.join(run, "checkpoint.pt"))
     return ADAPTED[folder]
 
@@ -461,39 +501,51 @@ def fill_mask_accuracy(mlm_model, batches, device):
     with torch.no_grad():
         for batch in batches:
             batch = evaluation.to_tensors(batch, device)
-            sequence_output, _ = mlm_model.encoder(batch["input_ids"], batch["segment_ids"], batch["attention_mask"])
-            scores = mlm_model.mlm_scores(sequence_output, batch["mlm_labels"])      # (masked, V)
+            sequence_output, _ = mlm_model.encoder(batch["input_ids"], batch["segment_ids"],
+                                                   batch["attention_mask"])
+            scores = mlm_model.mlm_scores(sequence_output, batch["mlm_labels"])  # (masked, V)
             targets = batch["mlm_labels"][batch["mlm_labels"] != IGNORE_INDEX]
             correct += int((scores.argmax(-1) == targets).sum())
             total += targets.numel()
     return correct / max(total, 1)
 
 
-def fine_tune_and_score(source, labeled, label_names, test_sets, finetune_options, pretrained=True, dropout=None):
-    """E3 on `labeled` ((text, label) pairs): from source's pre-trained encoder or, pretrained=False,
-    from a random initialisation of the same architecture and vocabulary (C1's baseline); then
-    scored on each test set (name -> (text, label) pairs). dropout: fine-tune with this dropout
-    rate (C5a) instead of the encoder's own. Returns (info, {name: metrics}); with held-out MLM
-    batches, info also holds the fill-mask accuracy before and after (fill_mask_accuracy).
-    The demo (ptft.py) and every table here fit and score their variants with this."""
+def fine_tune_and_score(source, labeled, label_names, test_sets, finetune_options, pretrained=True,
+                        dropout=None):
+    """E3 on `labeled` ((text, label) pairs): from source's pre-trained encoder or,
+    pretrained=False, from a random initialisation of the same architecture and vocabulary (C1's
+    baseline); then scored on each test set (name -> (text, label) pairs). dropout: fine-tune
+    with this dropout rate (C5a) instead of the encoder's own. Returns (info, {name: metrics});
+    with held-out MLM batches, info also holds the fill-mask accuracy before and after
+    (fill_mask_accuracy). The demo (ptft.py) and every table here fit and score their variants
+    with this."""
     labels = data.encode_labels([y for _, y in labeled], label_names, "train")
     start = source.starting_point(finetune_options) if pretrained else None
-    config = source.config if dropout is None else dataclasses.replace(source.config, dropout=dropout, attention_dropout=dropout)
-    model, info = train.fit_classifier(source.inputs([text for text, _ in labeled]), labels, len(label_names), config,
-                                       finetune_options, start=start, pad_id=source.tokenizer.pad_id)
+    if dropout is None:
+        config = source.config
+    else:
+        config = dataclasses.replace(source.config, dropout=dropout, attention_dropout=dropout)
+    model, info = train.fit_classifier(source.inputs([text for text, _ in labeled]), labels,
+                                       len(label_names), config, finetune_options, start=start,
+                                       pad_id=source.tokenizer.pad_id)
     device = options.pick_device(finetune_options.device)
     if start is not None and start.held_out and start.pretrained_state is not None:
         if source.fill_mask_before is None:
             pretrained_model = PreTrainingModel(source.config)
             pretrained_model.load_state_dict(start.pretrained_state)
-            source.fill_mask_before = fill_mask_accuracy(pretrained_model.to(device), start.held_out, device)
-        after = fill_mask_accuracy(train.mlm_model_sharing_encoder(model, start.pretrained_state, device), start.held_out, device)
+            source.fill_mask_before = fill_mask_accuracy(pretrained_model.to(device),
+                                                         start.held_out, device)
+        mlm_model = train.mlm_model_sharing_encoder(model, start.pretrained_state, device)
+        after = fill_mask_accuracy(mlm_model, start.held_out, device)
         info.update(fill_mask_before=source.fill_mask_before, fill_mask_after=after,
                     fill_mask_lost=source.fill_mask_before - after)
-    scores = {name: evaluation.classify(model, source.inputs([text for text, _ in examples]),
-                                   data.encode_labels([y for _, y in examples], label_names, name), device,
-                                   pad_id=source.tokenizer.pad_id)
-              for name, examples in test_sets.items() if examples}
+    scores = {}
+    for name, examples in test_sets.items():
+        if examples:
+            rows = source.inputs([text for text, _ in examples])
+            test_labels = data.encode_labels([y for _, y in examples], label_names, name)
+            scores[name] = evaluation.classify(model, rows, test_labels, device,
+                                               pad_id=source.tokenizer.pad_id)
     return info, scores
 
 
@@ -505,26 +557,34 @@ def finetune_run(spec, task, loaded, scratch_source, folder=None):
     labeled = draw_labeled(task["train"], spec["k"], spec["seed"])
     if spec["method"] == "c7":
         return c7_run(spec, task, loaded, folder)
-    if spec.get("adapt_steps"):  # task-adaptive: continue MLM on these labeled texts first (one run per draw)
-        loaded = adapted(loaded, [text for text, _ in labeled], spec, os.path.join(folder, "adapted", f"k-{spec['k']}-seed-{spec['seed']}"))
+    # task-adaptive: continue MLM on these labeled texts first (one run per draw)
+    if spec.get("adapt_steps"):
+        draw_folder = os.path.join(folder, "adapted", f"k-{spec['k']}-seed-{spec['seed']}")
+        loaded = adapted(loaded, [text for text, _ in labeled], spec, draw_folder)
     if spec["method"] == "tfidf":
         started = time.time()
         train_labels = data.encode_labels([y for _, y in labeled], label_names, "train")
         test_labels = data.encode_labels([y for _, y in task["test"]], label_names, "test")
         predictions = tfidf_logistic_regression([text for text, _ in labeled], train_labels,
-                                                [text for text, _ in task["test"]], len(label_names))
-        return {"accuracy": float(np.mean(predictions == np.array(test_labels))), "seconds": time.time() - started}
-    recipe = FinetuneOptions(freeze=spec["freeze"], epochs=spec["epochs"], lr=spec["lr"], warmup_fraction=spec["warmup"],
-                             schedule=spec["schedule"], seed=spec["seed"], pool=spec.get("pool", "cls"),
+                                                [text for text, _ in task["test"]],
+                                                len(label_names))
+        accuracy = float(np.mean(predictions == np.array(test_labels)))
+        return {"accuracy": accuracy, "seconds": time.time() - started}
+    recipe = FinetuneOptions(freeze=spec["freeze"], epochs=spec["epochs"], lr=spec["lr"],
+                             warmup_fraction=spec["warmup"], schedule=spec["schedule"],
+                             seed=spec["seed"], pool=spec.get("pool", "cls"),
                              weight_decay=spec.get("weight_decay", 0.01),
-                             remedies=Remedies(spec["l2_sp"], spec["aux_mlm"], spec["layer_lr_decay"]))
+                             remedies=Remedies(spec["l2_sp"], spec["aux_mlm"],
+                                               spec["layer_lr_decay"]))
     # scratch: the same architecture and vocabulary, a random initialisation (C1's baseline)
     pretrained = spec["encoder"] != "scratch"
-    info, scores = fine_tune_and_score(loaded if pretrained else scratch_source, labeled, label_names,
-                                       {"test": task["test"]}, recipe, pretrained, dropout=spec.get("dropout"))
+    info, scores = fine_tune_and_score(loaded if pretrained else scratch_source, labeled,
+                                       label_names, {"test": task["test"]}, recipe, pretrained,
+                                       dropout=spec.get("dropout"))
     result = {"accuracy": scores["test"]["accuracy"], "seconds": info["seconds"],
               "trainable_parameters": info["trainable_parameters"]}
-    for key in ("mlm_loss_before", "mlm_loss_after", "forgetting", "fill_mask_before", "fill_mask_after", "fill_mask_lost"):
+    for key in ("mlm_loss_before", "mlm_loss_after", "forgetting", "fill_mask_before",
+                "fill_mask_after", "fill_mask_lost"):
         if key in info:
             result[key] = info[key]
     return result
@@ -535,14 +595,19 @@ def pretrain_rate_run(spec, folder):
     spec['steps'] steps, clipping the gradient to norm 1 (as pretrain does) or not. The loop is
     pretrain's (train.start_pretraining, step_batches, pretraining_step) with the clipping made
     optional, the largest gradient norm kept, and a divergence recorded instead of raised.
-    Returns the held-out MLM loss (on pre-training's batches, sentence pairs) at the end (None if
-    diverged), the largest gradient norm before clipping, and the step it diverged at (or None)."""
-    recipe = PretrainOptions(corpus=[os.path.join(folder, "unlabeled.txt")], steps=spec["steps"], batch_size=spec["batch_size"],
-                             max_length=MLM_MAX_LENGTH, lr=spec["lr"], dropout=0.0, save_every=0, seed=spec["seed"],
-                             vocab_size=2048 if spec["corpus"] == "toy" else 8192, eval_every=spec["steps"], device="cpu")
-    out = os.path.join(folder, "pretrain-rates", f"lr-{spec['lr']:g}-clip-{spec['clip']}-seed-{spec['seed']}")
+    Returns the held-out MLM loss (on pre-training's batches, sentence pairs) at the end (None
+    if diverged), the largest gradient norm before clipping, and the step it diverged at (or
+    None)."""
+    recipe = PretrainOptions(corpus=[os.path.join(folder, "unlabeled.txt")], steps=spec["steps"],
+                             batch_size=spec["batch_size"], max_length=MLM_MAX_LENGTH,
+                             lr=spec["lr"], dropout=0.0, save_every=0, seed=spec["seed"],
+                             vocab_size=2048 if spec["corpus"] == "toy" else 8192,
+                             eval_every=spec["steps"], device="cpu")
+    out = os.path.join(folder, "pretrain-rates",
+                       f"lr-{spec['lr']:g}-clip-{spec['clip']}-seed-{spec['seed']}")
     started = time.time()
-    run, _, encoded, held_out = train.start_pretraining(out, recipe, resume=False, force=True, log=lambda *a: None)
+    run, _, encoded, held_out = train.start_pretraining(out, recipe, resume=False, force=True,
+                                                        log=lambda *a: None)
     batches = train.step_batches(run, encoded, background=False)
     warmup_steps = max(1, recipe.steps // 20)  # pretrain's default
     largest, diverged = 0.0, None
@@ -552,7 +617,8 @@ def pretrain_rate_run(spec, folder):
             group["lr"] = train.learning_rate(step, recipe.steps, recipe.lr, warmup_steps)  # C4
         loss_mlm, loss_nsp, _ = train.pretraining_step(run, run.model, batches.next()[1])
         # max_norm = inf: measures the norm and leaves the gradient as it is
-        grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), 1.0 if spec["clip"] else math.inf).item()
+        max_norm = 1.0 if spec["clip"] else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), max_norm).item()
         if not all(math.isfinite(x) for x in (loss_mlm, loss_nsp, grad_norm)):
             diverged = step + 1
             break
@@ -560,63 +626,90 @@ def pretrain_rate_run(spec, folder):
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
     batches.close()
-    loss = None if diverged else evaluation.mlm_evaluation(run.model, held_out, run.device)["mlm_loss"]
+    if diverged:
+        loss = None
+    else:
+        loss = evaluation.mlm_evaluation(run.model, held_out, run.device)["mlm_loss"]
     if loss is not None and not math.isfinite(loss):
         loss, diverged = None, recipe.steps
-    return {"pretrain_loss": loss, "max_grad_norm": largest, "diverged": 0.0 if diverged is None else 1.0,
-            "seconds": time.time() - started}
+    return {"pretrain_loss": loss, "max_grad_norm": largest,
+            "diverged": 0.0 if diverged is None else 1.0, "seconds": time.time() - started}
 
 
 # C7's rows: each remedy's run folder, made from one teacher per seed by deploy.py's commands
-C7_NAMES = {"teacher": "teacher: pre-trained, full fine-tuning", "head": "head only (--freeze head)",
+C7_NAMES = {"teacher": "teacher: pre-trained, full fine-tuning",
+            "head": "head only (--freeze head)",
             "lora-4": "LoRA, rank 4 (--lora 4)", "int8": "teacher, int8 (quantize)",
             "pruned-50": "teacher, 50% of weights pruned + recovery (prune)",
-            "int8-arithmetic": "teacher, int8, computed in int8 (PyTorch's dynamic quantisation kernels)",
-            "pruned-50+int8": "pruned 50%, then int8", "ffn-50": "teacher, 50% of feed-forward units removed + recovery",
-            "distilled": "distilled into half the layers (distill, every-other init, unlabeled transfer set)",
+            "int8-arithmetic": "teacher, int8, computed in int8 "
+                               "(PyTorch's dynamic quantisation kernels)",
+            "pruned-50+int8": "pruned 50%, then int8",
+            "ffn-50": "teacher, 50% of feed-forward units removed + recovery",
+            "distilled": "distilled into half the layers "
+                         "(distill, every-other init, unlabeled transfer set)",
             "distilled+int8": "distilled, then int8"}
+
+
+def made_c7_remedy(name, spec, loaded, folder, seed_folder, train_tsv):
+    """C7 remedy `name`'s run folder for one seed (seed_folder), made by its command unless it is
+    there already; what it is made from (the teacher, or X of "X+int8") is made first."""
+    path = os.path.join(seed_folder, name)
+    if os.path.exists(os.path.join(path, "metrics.json")):
+        return path
+
+    def made(source):
+        return made_c7_remedy(source, spec, loaded, folder, seed_folder, train_tsv)
+
+    seed, quiet = spec["seed"], (lambda *args: None)
+    tuned = dict(init=loaded.path, train=train_tsv, epochs=spec["epochs"], seed=seed,
+                 device="cpu")
+    recovery = dict(train=train_tsv, epochs=spec["recovery_epochs"], seed=seed, device="cpu")
+    quietly = dict(force=True, log=quiet, progress=False)
+    if name.endswith("int8"):  # "int8": the teacher quantised; "X+int8": X quantised
+        unquantised = made(name[:-len("+int8")] if "+" in name else "teacher")
+        deploy.quantize(path, unquantised, force=True, log=quiet)
+    elif name == "teacher":
+        finetuning.finetune(path, FinetuneOptions(lr=FULL_LR, **tuned), **quietly)
+    elif name == "head":
+        finetuning.finetune(path, FinetuneOptions(freeze="head", lr=HEAD_LR, **tuned),
+                            **quietly)
+    elif name.startswith("lora-"):
+        finetuning.finetune(path, FinetuneOptions(lora=int(name[5:]), lr=HEAD_LR, **tuned),
+                            **quietly)
+    elif name.startswith(("pruned-", "ffn-")):
+        if name.startswith("pruned-"):
+            unit, percent = "weights", name[7:]
+        else:
+            unit, percent = "ffn-units", name[4:]
+        deploy.prune(path, PruneOptions(init=made("teacher"), sparsity=int(percent) / 100,
+                                        unit=unit, **recovery),
+                     **quietly)
+    elif name == "distilled":
+        deploy.distill(path, DistillOptions(teacher=made("teacher"), train=train_tsv,
+                                            seed=seed, device="cpu",
+                                            unlabeled=[os.path.join(folder, "unlabeled.txt")],
+                                            max_unlabeled=spec["unlabeled"]),
+                       **quietly)
+    else:
+        raise ValueError(f"unknown C7 remedy {name!r}")
+    return path
 
 
 def c7_run(spec, task, loaded, folder):
     """One remedy on one seed, through the commands users run (finetuning.finetune, deploy.*), in
-    folder/c7/k-K-seed-S/NAME. The teacher is fine-tuned once per seed (everything trains, k labels
-    per class); every other remedy is made from it (or, head and LoRA, beside it). Measured:
-    test accuracy, parameters, bytes of checkpoint.pt (and zipped), the bytes a task adds to a
-    shared pre-trained encoder, and CPU sentences per second at batch 1 and 32."""
+    folder/c7/k-K-seed-S/NAME. The teacher is fine-tuned once per seed (everything trains, k
+    labels per class); every other remedy is made from it (or, head and LoRA, beside it).
+    Measured: test accuracy, parameters, bytes of checkpoint.pt (and zipped), the bytes a task
+    adds to a shared pre-trained encoder, and CPU sentences per second at batch 1 and 32."""
     seed, quiet = spec["seed"], (lambda *args: None)
     seed_folder = os.path.join(folder, "c7", f"k-{spec['k']}-seed-{seed}")
     os.makedirs(seed_folder, exist_ok=True)
-    train_tsv = os.path.join(seed_folder, "train.tsv")  # the draw the commands read (the test set is scored in memory)
+    # the draw the commands read (the test set is scored in memory)
+    train_tsv = os.path.join(seed_folder, "train.tsv")
     data.write_tsv(train_tsv, draw_labeled(task["train"], spec["k"], seed))
-
-    def made(name):
-        path = os.path.join(seed_folder, name)
-        if os.path.exists(os.path.join(path, "metrics.json")):
-            return path
-        tuned = dict(init=loaded.path, train=train_tsv, epochs=spec["epochs"], seed=seed, device="cpu")
-        recovery = dict(train=train_tsv, epochs=spec["recovery_epochs"], seed=seed, device="cpu")
-        if name.endswith("int8"):  # "int8": the teacher quantised; "X+int8": X quantised
-            deploy.quantize(path, made(name[:-len("+int8")] if "+" in name else "teacher"), force=True, log=quiet)
-        elif name == "teacher":
-            finetuning.finetune(path, FinetuneOptions(lr=FULL_LR, **tuned), force=True, log=quiet, progress=False)
-        elif name == "head":
-            finetuning.finetune(path, FinetuneOptions(freeze="head", lr=HEAD_LR, **tuned), force=True, log=quiet, progress=False)
-        elif name.startswith("lora-"):
-            finetuning.finetune(path, FinetuneOptions(lora=int(name[5:]), lr=HEAD_LR, **tuned), force=True, log=quiet, progress=False)
-        elif name.startswith(("pruned-", "ffn-")):
-            unit, percent = ("weights", name[7:]) if name.startswith("pruned-") else ("ffn-units", name[4:])
-            deploy.prune(path, PruneOptions(init=made("teacher"), sparsity=int(percent) / 100, unit=unit, **recovery),
-                           force=True, log=quiet, progress=False)
-        elif name == "distilled":
-            deploy.distill(path, DistillOptions(teacher=made("teacher"), train=train_tsv, seed=seed, device="cpu",
-                                                  unlabeled=[os.path.join(folder, "unlabeled.txt")],
-                                                  max_unlabeled=spec["unlabeled"]), force=True, log=quiet, progress=False)
-        else:
-            raise ValueError(f"unknown C7 remedy {name!r}")
-        return path
-
     arithmetic = spec["remedy"] == "int8-arithmetic"  # the int8 run, computed with int8 matmuls
-    path = made("int8" if arithmetic else spec["remedy"])
+    path = made_c7_remedy("int8" if arithmetic else spec["remedy"], spec, loaded, folder,
+                          seed_folder, train_tsv)
     model, tokenizer, checkpoint = open_model(path, quiet)
     parameters = count_parameters(model)  # the int8 layers' weights are no longer nn.Parameters
     model = compress.with_int8_arithmetic(model) if arithmetic else model
@@ -628,14 +721,18 @@ def c7_run(spec, task, loaded, folder):
     with open(checkpoint_path, "rb") as f:
         zipped = len(zlib.compress(f.read(), 6))
     shares_encoder = spec["remedy"] == "head" or spec["remedy"].startswith("lora-")
-    test_rows = data.classification_inputs(tokenizer, [text for text, _ in task["test"]], CLASSIFIER_MAX_LENGTH, warn=quiet)
+    test_rows = data.classification_inputs(tokenizer, [text for text, _ in task["test"]],
+                                           CLASSIFIER_MAX_LENGTH, warn=quiet)
     test_labels = data.encode_labels([y for _, y in task["test"]], checkpoint["labels"], "test")
-    return {"accuracy": evaluation.classify(model, test_rows, test_labels, "cpu", pad_id=tokenizer.pad_id)["accuracy"],
+    scored = evaluation.classify(model, test_rows, test_labels, "cpu", pad_id=tokenizer.pad_id)
+    return {"accuracy": scored["accuracy"],
             "parameters": parameters,
             "bytes_on_disk": os.path.getsize(checkpoint_path), "bytes_zipped": zipped,
-            "task_bytes": metrics["task_bytes"] if shares_encoder else os.path.getsize(checkpoint_path),
-            **{f"sentences_per_second_{size}": deploy.sentences_per_second(model, test_rows[:256], size, tokenizer.pad_id,
-                                                                              seconds=spec["timing_seconds"])
+            "task_bytes": (metrics["task_bytes"] if shares_encoder
+                           else os.path.getsize(checkpoint_path)),
+            **{f"sentences_per_second_{size}":
+               deploy.sentences_per_second(model, test_rows[:256], size, tokenizer.pad_id,
+                                           seconds=spec["timing_seconds"])
                for size in (1, 32)}}
 
 
@@ -645,15 +742,18 @@ def c7_run(spec, task, loaded, folder):
 
 
 C5_NONE = f"full fine-tuning, lr {FULL_LR:g}, cosine, weight decay 0.01, no dropout (no remedy)"
+TFIDF = "TF-IDF + logistic regression"  # the non-neural baseline's rows
 
 
 def tables_for(corpus, plan, task, encoders, num_layers, num_classes):
+    """The plan's tables for one corpus: [(claim, title, [(setting, run spec)])], in claim order."""
     k = plan["k"]
     epochs = epochs_for(k * num_classes, plan)
 
     def finetune_spec(**changes):
-        spec = dict(method="finetune", corpus=corpus, encoder="final", k=k, freeze="none", lr=FULL_LR,
-                    epochs=epochs, schedule="cosine", warmup=0.1, l2_sp=0.0, aux_mlm=0.0, layer_lr_decay=1.0)
+        spec = dict(method="finetune", corpus=corpus, encoder="final", k=k, freeze="none",
+                    lr=FULL_LR, epochs=epochs, schedule="cosine", warmup=0.1, l2_sp=0.0,
+                    aux_mlm=0.0, layer_lr_decay=1.0)
         spec.update(changes)
         if spec["k"] != k and "epochs" not in changes:
             size = len(task["train"]) if spec["k"] == "all" else spec["k"] * num_classes
@@ -663,87 +763,152 @@ def tables_for(corpus, plan, task, encoders, num_layers, num_classes):
     def baseline(k_value=k):
         return dict(method="tfidf", corpus=corpus, k=k_value)
 
-    scratch, head, full = finetune_spec(encoder="scratch"), finetune_spec(freeze="head", lr=HEAD_LR), finetune_spec()
+    scratch = finetune_spec(encoder="scratch")
+    head, full = finetune_spec(freeze="head", lr=HEAD_LR), finetune_spec()
+    baseline_row = (TFIDF, baseline())
+    claims = plan["tables"][corpus]
     tables = []
-    if "C1" in plan["tables"][corpus]:
-        rows = []
-        variants = {"scratch": ("from scratch", dict(encoder="scratch")),
-                    "head": ("pre-trained, head only", dict(freeze="head", lr=HEAD_LR)),
-                    "head-mean": ("pre-trained, head only, mean pooling", dict(freeze="head", lr=HEAD_LR, pool="mean")),
-                    "top-2": ("pre-trained, top-2 + head", dict(freeze="top-2", lr=HEAD_LR)),
-                    "full": ("pre-trained, full", {}),
-                    "adapt-head-mean": ("+ task-adaptive MLM, head only, mean pooling",
-                                        dict(freeze="head", lr=HEAD_LR, pool="mean", adapt_steps=plan.get("adapt_steps"))),
-                    "adapt-full": ("+ task-adaptive MLM, full", dict(adapt_steps=plan.get("adapt_steps")))}
-        for k_value in plan["labels_per_class"]:
-            rows += [(f"k={k_value}: {variants[v][0]}", finetune_spec(k=k_value, **variants[v][1]))
-                     for v in plan["c1_variants"][corpus]]
-            rows.append((f"k={k_value}: TF-IDF + logistic regression", baseline(k_value)))
-        tables.append(("C1", "labels per class: pre-trained vs from scratch", rows))
-    if "C2" in plan["tables"][corpus]:
-        rows = []
-        for name, spec in (("pre-trained, full", full), ("pre-trained, head only", head), ("from scratch", scratch)):
-            rows += [(f"{name}, {e} epochs", {**spec, "epochs": e}) for e in plan["epoch_grid"]]
-        tables.append(("C2", f"accuracy vs fine-tuning epochs (k={k})", rows + [("TF-IDF + logistic regression", baseline())]))
-    if "C3" in plan["tables"][corpus]:
-        rows = []
-        for frozen in range(num_layers + 1):
-            freeze = "none" if frozen == 0 else "head" if frozen == num_layers else f"top-{num_layers - frozen}"
-            rows.append((f"{frozen} of {num_layers} layers frozen (--freeze {freeze})",
-                         finetune_spec(freeze=freeze, lr=HEAD_LR if frozen else FULL_LR)))
-        rows.insert(1, (f"embeddings frozen (--freeze top-{num_layers})", finetune_spec(freeze=f"top-{num_layers}", lr=HEAD_LR)))
-        rows.append((f"{num_layers} of {num_layers} layers frozen, mean pooling (--freeze head --pool mean)",
-                     finetune_spec(freeze="head", lr=HEAD_LR, pool="mean")))
-        tables.append(("C3", f"freezing depth (k={k})", rows + [("TF-IDF + logistic regression", baseline())]))
-    if "C4" in plan["tables"][corpus]:
-        rows = [(f"head only, lr {lr:g}", {**head, "lr": lr}) for lr in plan["lr_grid"]]
-        rows += [(f"full, lr {lr:g}", {**full, "lr": lr}) for lr in plan["lr_grid"]]
-        rows += [(f"full, lr {FULL_LR:g}, no warmup", {**full, "warmup": 0.0}),
-                 (f"full, lr {FULL_LR:g}, constant (no cosine)", {**full, "schedule": "constant"})]
-        tables.append(("C4", f"fine-tuning learning rate, warmup, schedule (k={k})", rows + [("TF-IDF + logistic regression", baseline())]))
-        if plan["pretrain_lr_grid"]:
-            rows = [(f"pre-training lr {lr:g}, {'clipped at norm 1' if clip else 'no clipping'}",
-                     dict(method="pretrain-rate", corpus=corpus, lr=lr, clip=clip, steps=plan["pretrain_lr_steps"],
-                          batch_size=plan["pretrain_lr_batch_size"]))
-                    for clip in (True, False) for lr in plan["pretrain_lr_grid"]]
-            tables.append(("C4", f"pre-training learning rate, {plan['pretrain_lr_steps']} steps of "
-                           f"{plan['pretrain_lr_batch_size']} sequences", rows))
-    if "C5" in plan["tables"][corpus]:
-        rows = [(C5_NONE, full)]
-        rows += [(f"(a) L2: --weight-decay {wd:g}", {**full, "weight_decay": wd}) for wd in plan["weight_decays"]]
-        rows += [(f"(a) dropout {p:g}", {**full, "dropout": p}) for p in plan["dropouts"]]
-        rows += [(f"(b) --aux-mlm {plan['aux_mlm']:g}", {**full, "aux_mlm": plan["aux_mlm"]}),
-                 ("(c) cyclical schedule (--schedule cyclical)", {**full, "schedule": "cyclical"}),
-                 ("(c) the other way: constant lr, no late lowering", {**full, "schedule": "constant"}),
-                 (f"(d) --freeze top-1 (lr {FULL_LR:g})", {**full, "freeze": "top-1"}),
-                 ("(a) + (b) + (c) combined", {**full, "weight_decay": max(plan["weight_decays"]), "dropout": max(plan["dropouts"]),
-                                               "aux_mlm": plan["aux_mlm"], "schedule": "cyclical"}),
-                 (f"extra, not the document's: L2-SP --l2-sp {plan['l2_sp']:g}", {**full, "l2_sp": plan["l2_sp"]}),
-                 (f"extra, not the document's: --layer-lr-decay {plan['layer_lr_decay']:g}",
-                  {**full, "layer_lr_decay": plan["layer_lr_decay"]})]
-        tables.append(("C5", f"forgetting: remedies for full fine-tuning (k={k})", rows + [("TF-IDF + logistic regression", baseline())]))
-    if "C6" in plan["tables"][corpus]:
-        rows = [("0 steps (from scratch)", scratch)]
-        rows += [(f"{name.split('-')[1]} steps", {**full, "encoder": name}) for name in encoders if name.startswith("snapshot-")]
-        rows.append((f"{plan['pretrain_steps'][corpus]} steps", full))
-        choice_steps = plan["task_choice_steps"][corpus]
-        if choice_steps and any(name in encoders for name in TASK_CHOICES):
-            reference = "final" if choice_steps == plan["pretrain_steps"][corpus] else f"snapshot-{choice_steps}"
-            rows += [(f"{choice_steps} steps, MLM + NSP, 15%, 80/10/10 (reference)", {**full, "encoder": reference}),
-                     (f"{choice_steps} steps, MLM only (no NSP)", {**full, "encoder": "mlm-only"}),
-                     (f"{choice_steps} steps, 30% masked", {**full, "encoder": "mask-30"}),
-                     (f"{choice_steps} steps, 100% [MASK] (no 80/10/10)", {**full, "encoder": "all-mask"})]
-        tables.append(("C6", f"pre-training budget and task choices, full fine-tuning (k={k})",
-                       rows + [("TF-IDF + logistic regression", baseline())]))
-    if "C7" in plan["tables"][corpus]:
-        c7_k = plan.get("c7_labels_per_class", {}).get(corpus, k)
-        size = len(task["train"]) if c7_k == "all" else c7_k * num_classes
-        rows = [(C7_NAMES[name], dict(method="c7", corpus=corpus, remedy=name, k=c7_k, epochs=epochs_for(size, plan),
-                                      recovery_epochs=plan["c7_recovery_epochs"], unlabeled=plan["c7_unlabeled"],
-                                      timing_seconds=plan["c7_timing_seconds"]))
-                for name in plan["c7_remedies"]]
-        tables.append(("C7", f"smaller, cheaper models from one fine-tuned teacher per seed (k={c7_k})", rows))
+    if "C1" in claims:
+        tables.append(c1_table(corpus, plan, finetune_spec, baseline))
+    if "C2" in claims:
+        tables.append(c2_table(plan, k, scratch, head, full, baseline_row))
+    if "C3" in claims:
+        tables.append(c3_table(k, num_layers, finetune_spec, baseline_row))
+    if "C4" in claims:
+        tables += c4_tables(corpus, plan, k, head, full, baseline_row)
+    if "C5" in claims:
+        tables.append(c5_table(plan, k, full, baseline_row))
+    if "C6" in claims:
+        tables.append(c6_table(corpus, plan, k, encoders, scratch, full, baseline_row))
+    if "C7" in claims:
+        tables.append(c7_table(corpus, plan, task, k, num_classes))
     return tables
+
+
+def c1_table(corpus, plan, finetune_spec, baseline):
+    """C1: each variant of the plan (c1_variants) and the baseline, at each labels_per_class."""
+    head_only = dict(freeze="head", lr=HEAD_LR)
+    adapt_steps = plan.get("adapt_steps")
+    variants = {"scratch": ("from scratch", dict(encoder="scratch")),
+                "head": ("pre-trained, head only", head_only),
+                "head-mean": ("pre-trained, head only, mean pooling",
+                              dict(head_only, pool="mean")),
+                "top-2": ("pre-trained, top-2 + head", dict(freeze="top-2", lr=HEAD_LR)),
+                "full": ("pre-trained, full", {}),
+                "adapt-head-mean": ("+ task-adaptive MLM, head only, mean pooling",
+                                    dict(head_only, pool="mean", adapt_steps=adapt_steps)),
+                "adapt-full": ("+ task-adaptive MLM, full", dict(adapt_steps=adapt_steps))}
+    rows = []
+    for k_value in plan["labels_per_class"]:
+        rows += [(f"k={k_value}: {variants[v][0]}", finetune_spec(k=k_value, **variants[v][1]))
+                 for v in plan["c1_variants"][corpus]]
+        rows.append((f"k={k_value}: {TFIDF}", baseline(k_value)))
+    return ("C1", "labels per class: pre-trained vs from scratch", rows)
+
+
+def c2_table(plan, k, scratch, head, full, baseline_row):
+    """C2: pre-trained (full, head only) and from scratch, at each number of epochs."""
+    rows = []
+    for name, spec in (("pre-trained, full", full), ("pre-trained, head only", head),
+                       ("from scratch", scratch)):
+        rows += [(f"{name}, {e} epochs", {**spec, "epochs": e}) for e in plan["epoch_grid"]]
+    return ("C2", f"accuracy vs fine-tuning epochs (k={k})", rows + [baseline_row])
+
+
+def c3_table(k, num_layers, finetune_spec, baseline_row):
+    """C3: 0 ... all layers frozen, the embeddings alone frozen, and the head on mean pooling."""
+    rows = []
+    for frozen in range(num_layers + 1):
+        if frozen == 0:
+            freeze = "none"
+        elif frozen == num_layers:
+            freeze = "head"
+        else:
+            freeze = f"top-{num_layers - frozen}"
+        rows.append((f"{frozen} of {num_layers} layers frozen (--freeze {freeze})",
+                     finetune_spec(freeze=freeze, lr=HEAD_LR if frozen else FULL_LR)))
+    rows.insert(1, (f"embeddings frozen (--freeze top-{num_layers})",
+                    finetune_spec(freeze=f"top-{num_layers}", lr=HEAD_LR)))
+    rows.append((f"{num_layers} of {num_layers} layers frozen, mean pooling "
+                 "(--freeze head --pool mean)",
+                 finetune_spec(freeze="head", lr=HEAD_LR, pool="mean")))
+    return ("C3", f"freezing depth (k={k})", rows + [baseline_row])
+
+
+def c4_tables(corpus, plan, k, head, full, baseline_row):
+    """C4: fine-tuning rates, warmup and schedule; with pretrain_lr_grid, pre-training rates."""
+    rows = [(f"head only, lr {lr:g}", {**head, "lr": lr}) for lr in plan["lr_grid"]]
+    rows += [(f"full, lr {lr:g}", {**full, "lr": lr}) for lr in plan["lr_grid"]]
+    rows += [(f"full, lr {FULL_LR:g}, no warmup", {**full, "warmup": 0.0}),
+             (f"full, lr {FULL_LR:g}, constant (no cosine)", {**full, "schedule": "constant"})]
+    tables = [("C4", f"fine-tuning learning rate, warmup, schedule (k={k})",
+               rows + [baseline_row])]
+    if plan["pretrain_lr_grid"]:
+        rows = [(f"pre-training lr {lr:g}, {'clipped at norm 1' if clip else 'no clipping'}",
+                 dict(method="pretrain-rate", corpus=corpus, lr=lr, clip=clip,
+                      steps=plan["pretrain_lr_steps"], batch_size=plan["pretrain_lr_batch_size"]))
+                for clip in (True, False) for lr in plan["pretrain_lr_grid"]]
+        tables.append(("C4", f"pre-training learning rate, {plan['pretrain_lr_steps']} steps of "
+                       f"{plan['pretrain_lr_batch_size']} sequences", rows))
+    return tables
+
+
+def c5_table(plan, k, full, baseline_row):
+    """C5: full fine-tuning with no remedy, with each of the document's remedies, and extras."""
+    combined = {**full, "weight_decay": max(plan["weight_decays"]),
+                "dropout": max(plan["dropouts"]), "aux_mlm": plan["aux_mlm"],
+                "schedule": "cyclical"}
+    rows = [(C5_NONE, full)]
+    rows += [(f"(a) L2: --weight-decay {wd:g}", {**full, "weight_decay": wd})
+             for wd in plan["weight_decays"]]
+    rows += [(f"(a) dropout {p:g}", {**full, "dropout": p}) for p in plan["dropouts"]]
+    rows += [(f"(b) --aux-mlm {plan['aux_mlm']:g}", {**full, "aux_mlm": plan["aux_mlm"]}),
+             ("(c) cyclical schedule (--schedule cyclical)", {**full, "schedule": "cyclical"}),
+             ("(c) the other way: constant lr, no late lowering",
+              {**full, "schedule": "constant"}),
+             (f"(d) --freeze top-1 (lr {FULL_LR:g})", {**full, "freeze": "top-1"}),
+             ("(a) + (b) + (c) combined", combined),
+             (f"extra, not the document's: L2-SP --l2-sp {plan['l2_sp']:g}",
+              {**full, "l2_sp": plan["l2_sp"]}),
+             (f"extra, not the document's: --layer-lr-decay {plan['layer_lr_decay']:g}",
+              {**full, "layer_lr_decay": plan["layer_lr_decay"]})]
+    return ("C5", f"forgetting: remedies for full fine-tuning (k={k})", rows + [baseline_row])
+
+
+def c6_table(corpus, plan, k, encoders, scratch, full, baseline_row):
+    """C6: full fine-tuning from each pre-training budget (0 steps, each snapshot, the end) and,
+    where they were pre-trained, from each task choice beside the reference recipe."""
+    rows = [("0 steps (from scratch)", scratch)]
+    rows += [(f"{name.split('-')[1]} steps", {**full, "encoder": name})
+             for name in encoders if name.startswith("snapshot-")]
+    rows.append((f"{plan['pretrain_steps'][corpus]} steps", full))
+    choice_steps = plan["task_choice_steps"][corpus]
+    if choice_steps and any(name in encoders for name in TASK_CHOICES):
+        if choice_steps == plan["pretrain_steps"][corpus]:
+            reference = "final"
+        else:
+            reference = f"snapshot-{choice_steps}"
+        rows += [(f"{choice_steps} steps, MLM + NSP, 15%, 80/10/10 (reference)",
+                  {**full, "encoder": reference}),
+                 (f"{choice_steps} steps, MLM only (no NSP)", {**full, "encoder": "mlm-only"}),
+                 (f"{choice_steps} steps, 30% masked", {**full, "encoder": "mask-30"}),
+                 (f"{choice_steps} steps, 100% [MASK] (no 80/10/10)",
+                  {**full, "encoder": "all-mask"})]
+    return ("C6", f"pre-training budget and task choices, full fine-tuning (k={k})",
+            rows + [baseline_row])
+
+
+def c7_table(corpus, plan, task, k, num_classes):
+    """C7: each remedy of the plan (c7_remedies), at c7_labels_per_class (else k)."""
+    c7_k = plan.get("c7_labels_per_class", {}).get(corpus, k)
+    size = len(task["train"]) if c7_k == "all" else c7_k * num_classes
+    rows = [(C7_NAMES[name], dict(method="c7", corpus=corpus, remedy=name, k=c7_k,
+                                  epochs=epochs_for(size, plan),
+                                  recovery_epochs=plan["c7_recovery_epochs"],
+                                  unlabeled=plan["c7_unlabeled"],
+                                  timing_seconds=plan["c7_timing_seconds"]))
+            for name in plan["c7_remedies"]]
+    return ("C7", f"smaller, cheaper models from one fine-tuned teacher per seed (k={c7_k})", rows)
 
 
 # ----------------------------------------------------------------------------------------
@@ -752,24 +917,25 @@ def tables_for(corpus, plan, task, encoders, num_layers, num_classes):
 
 
 def summarize(values, seeds):
-    """Per-seed values (None: not measured) -> mean, the SAMPLE std (ddof = 1; None for one value),
-    n, and every value with its seed (the verdicts pair the rows by seed)."""
+    """Per-seed values (None: not measured) -> mean, the SAMPLE std (ddof = 1; None for one
+    value), n, and every value with its seed (the verdicts pair the rows by seed)."""
     kept = [(seed, v) for seed, v in zip(seeds, values) if v is not None]
     if not kept:
         return None
     values = [v for _, v in kept]
-    return {"mean": float(np.mean(values)), "std": verdicts.sample_std(values), "n": len(values), "values": values,
-            "seeds": [seed for seed, _ in kept]}
+    return {"mean": float(np.mean(values)), "std": verdicts.sample_std(values), "n": len(values),
+            "values": values, "seeds": [seed for seed, _ in kept]}
 
 
 # The columns of each claim's table (keys of a run's result; the markdown shows those present)
 COLUMNS = {"C1": ["accuracy", "seconds"], "C2": ["accuracy", "seconds"],
            "C3": ["accuracy", "trainable_parameters", "seconds", "forgetting", "fill_mask_lost"],
-           "C4": ["accuracy", "forgetting", "fill_mask_lost", "pretrain_loss", "max_grad_norm", "diverged", "seconds"],
+           "C4": ["accuracy", "forgetting", "fill_mask_lost", "pretrain_loss", "max_grad_norm",
+                  "diverged", "seconds"],
            "C5": ["accuracy", "forgetting", "fill_mask_lost", "seconds"],
            "C6": ["mlm_loss_before", "accuracy", "seconds"],
-           "C7": ["accuracy", "parameters", "bytes_on_disk", "bytes_zipped", "task_bytes", "sentences_per_second_1",
-                  "sentences_per_second_32"]}
+           "C7": ["accuracy", "parameters", "bytes_on_disk", "bytes_zipped", "task_bytes",
+                  "sentences_per_second_1", "sentences_per_second_32"]}
 
 
 def spread(c, scale=1.0, digits=1, sign=""):
@@ -783,10 +949,14 @@ def spread(c, scale=1.0, digits=1, sign=""):
 # (Loaded.held_out); the same checkpoint reads differently on the two, so each keeps its own name.
 METRICS = [  # (key in a run's result, markdown header, format of mean ± sample std)
     ("accuracy", "test accuracy %", lambda c: spread(c, 100)),
-    ("mlm_loss_before", "held-out MLM loss on MLM-only batches, pre-trained encoder", lambda c: f"{c['mean']:.3f}"),
-    ("forgetting", "forgetting: Δ held-out MLM loss on MLM-only batches", lambda c: spread(c, digits=3, sign="+")),
-    ("fill_mask_lost", "forgetting: fill-mask top-1 accuracy lost, points", lambda c: spread(c, 100, sign="+")),
-    ("pretrain_loss", "held-out MLM loss on pre-training's batches (pairs) at the end", lambda c: spread(c, digits=3)),
+    ("mlm_loss_before", "held-out MLM loss on MLM-only batches, pre-trained encoder",
+     lambda c: f"{c['mean']:.3f}"),
+    ("forgetting", "forgetting: Δ held-out MLM loss on MLM-only batches",
+     lambda c: spread(c, digits=3, sign="+")),
+    ("fill_mask_lost", "forgetting: fill-mask top-1 accuracy lost, points",
+     lambda c: spread(c, 100, sign="+")),
+    ("pretrain_loss", "held-out MLM loss on pre-training's batches (pairs) at the end",
+     lambda c: spread(c, digits=3)),
     ("max_grad_norm", "largest gradient norm (before clipping)", lambda c: spread(c, digits=2)),
     ("diverged", "runs that diverged", lambda c: f"{round(c['mean'] * c['n'])} of {c['n']}"),
     ("trainable_parameters", "trainable parameters", lambda c: f"{c['mean']:,.0f}"),
@@ -815,14 +985,22 @@ CLAIMS = {  # the document's claims (docs/claims.md), in a line each
     "C8": "applications beyond text",
 }
 AS_GOOD_AS = -0.02  # "as good as": within 2 accuracy points (a negative margin, verdicts.compare)
+HEAD_AS_GOOD_AS_FULL = "head only as good as full fine-tuning, within 2 points (accuracy)"
 CORPUS_SHORT = {"toy": "toy", "stdlib": "text"}
 
 
 def c5_short_name(setting):
-    """A C5 row's name, short enough for a verdict line: '(a) wd 0.1', '(c) cyclical', 'L2-SP'."""
-    for pattern, short in ((r"\(a\) L2: --weight-decay (\S+)", r"(a) wd \1"), (r"\(a\) dropout (\S+)", r"(a) dropout \1"),
-                           (r"\(b\).*", "(b)"), (r"\(c\) cyclical.*", "(c) cyclical"), (r"\(d\) --freeze (\S+).*", r"(d) \1"),
-                           (r"\(a\) \+ \(b\) \+ \(c\).*", "(a)+(b)+(c)"), (r".*L2-SP.*", "L2-SP"), (r".*layer-lr-decay.*", "layer decay")):
+    """A C5 row's name, short enough for a verdict line: '(a) wd 0.1', '(c) cyclical',
+    'L2-SP'."""
+    shortenings = ((r"\(a\) L2: --weight-decay (\S+)", r"(a) wd \1"),
+                   (r"\(a\) dropout (\S+)", r"(a) dropout \1"),
+                   (r"\(b\).*", "(b)"),
+                   (r"\(c\) cyclical.*", "(c) cyclical"),
+                   (r"\(d\) --freeze (\S+).*", r"(d) \1"),
+                   (r"\(a\) \+ \(b\) \+ \(c\).*", "(a)+(b)+(c)"),
+                   (r".*L2-SP.*", "L2-SP"),
+                   (r".*layer-lr-decay.*", "layer decay"))
+    for pattern, short in shortenings:
         if re.fullmatch(pattern, setting):
             return re.sub(pattern, short, setting)
     return setting
@@ -839,55 +1017,85 @@ def comparisons_for(tables, plan):
 
     def add(table, claim, setting, what, a, b, metric, margin=0.0):
         if {a, b} <= settings.get(table, set()):
-            found.append(dict(claim=claim, setting=setting, comparison=what, a=a, b=b, metric=metric, margin=margin))
+            found.append(dict(claim=claim, setting=setting, comparison=what, a=a, b=b,
+                              metric=metric, margin=margin))
 
+    add_c1_to_c3(add, plan, settings)
+    add_c4(add, plan)
+    add_c5_to_c7(add, settings)
+    return found
+
+
+def add_c1_to_c3(add, plan, settings):
+    """comparisons_for's comparisons of C1 and C3 (per labels per class) and of C2 (epochs)."""
     for k in plan["labels_per_class"]:
         add("C1", "C1", f"k={k}", "pre-trained full fine-tuning beats from scratch (accuracy)",
             f"k={k}: pre-trained, full", f"k={k}: from scratch", "accuracy")
-        add("C1", "C3", f"k={k}", "head only as good as full fine-tuning, within 2 points (accuracy)",
+        add("C1", "C3", f"k={k}", HEAD_AS_GOOD_AS_FULL,
             f"k={k}: pre-trained, head only", f"k={k}: pre-trained, full", "accuracy", AS_GOOD_AS)
     if "C1" not in settings:  # C3's own table, where C1's is absent
-        frozen = [name for name in sorted(settings.get("C3", [])) if name.endswith("(--freeze head)")]
-        none = [name for name in sorted(settings.get("C3", [])) if name.endswith("(--freeze none)")]
+        c3_settings = sorted(settings.get("C3", []))
+        frozen = [name for name in c3_settings if name.endswith("(--freeze head)")]
+        none = [name for name in c3_settings if name.endswith("(--freeze none)")]
         if frozen and none:
-            add("C3", "C3", f"k={plan['k']}", "head only as good as full fine-tuning, within 2 points (accuracy)",
+            add("C3", "C3", f"k={plan['k']}", HEAD_AS_GOOD_AS_FULL,
                 frozen[0], none[0], "accuracy", AS_GOOD_AS)
     few, most = max(e for e in plan["epoch_grid"] if e <= 5), max(plan["epoch_grid"])
     if few < most:
-        add("C2", "C2", f"{few} epochs", f"full fine-tuning at {few} epochs as good as at {most}, within 2 points (accuracy)",
-            f"pre-trained, full, {few} epochs", f"pre-trained, full, {most} epochs", "accuracy", AS_GOOD_AS)
+        add("C2", "C2", f"{few} epochs",
+            f"full fine-tuning at {few} epochs as good as at {most}, within 2 points (accuracy)",
+            f"pre-trained, full, {few} epochs", f"pre-trained, full, {most} epochs", "accuracy",
+            AS_GOOD_AS)
+
+
+def add_c4(add, plan):
+    """comparisons_for's comparisons of C4: fine-tuning rates, warmup, schedule, pre-training
+    rates."""
     for variant in ("head only", "full"):
         for bert in (2e-5, 5e-5):
-            add("C4", "C4", f"{variant.split()[0]} 1e-3 vs {bert:g}", f"fine-tuning {variant} at 1e-3 beats BERT's {bert:g} (accuracy)",
+            add("C4", "C4", f"{variant.split()[0]} 1e-3 vs {bert:g}",
+                f"fine-tuning {variant} at 1e-3 beats BERT's {bert:g} (accuracy)",
                 f"{variant}, lr 0.001", f"{variant}, lr {bert:g}", "accuracy")
-    add("C4", "C4", "warmup", "warmup helps (accuracy)", f"full, lr {FULL_LR:g}", f"full, lr {FULL_LR:g}, no warmup", "accuracy")
+    add("C4", "C4", "warmup", "warmup helps (accuracy)", f"full, lr {FULL_LR:g}",
+        f"full, lr {FULL_LR:g}, no warmup", "accuracy")
     add("C4", "C4", "cosine", "cosine beats a constant rate (accuracy)", f"full, lr {FULL_LR:g}",
         f"full, lr {FULL_LR:g}, constant (no cosine)", "accuracy")
     for lr in plan["pretrain_lr_grid"]:
         if lr != 1e-4:
             add("C4", "C4", f"pre-train 1e-4 vs {lr:g}",
                 f"pre-training at 1e-4 ends at a lower held-out MLM loss (pairs) than at {lr:g}",
-                f"pre-training lr {lr:g}, clipped at norm 1", "pre-training lr 0.0001, clipped at norm 1", "pretrain_loss")
+                f"pre-training lr {lr:g}, clipped at norm 1",
+                "pre-training lr 0.0001, clipped at norm 1", "pretrain_loss")
     if plan["pretrain_lr_grid"]:
         largest = max(plan["pretrain_lr_grid"])
-        add("C4", "C4", "grad norms", f"without clipping, pre-training at {largest:g} has larger gradient norms than at 1e-4",
-            f"pre-training lr {largest:g}, no clipping", "pre-training lr 0.0001, no clipping", "max_grad_norm")
+        add("C4", "C4", "grad norms",
+            f"without clipping, pre-training at {largest:g} has larger gradient norms than at 1e-4",
+            f"pre-training lr {largest:g}, no clipping", "pre-training lr 0.0001, no clipping",
+            "max_grad_norm")
+
+
+def add_c5_to_c7(add, settings):
+    """comparisons_for's comparisons of C5 (each remedy), C6 (each task choice) and C7."""
     for name in sorted(settings.get("C5", [])):
         if name.startswith(("(a)", "(b)", "(c) cyclical", "(d)", "extra")):
             short = c5_short_name(name)
-            add("C5", "C5", f"{short}: loss", f"{name} reduces forgetting (Δ held-out MLM loss on MLM-only batches)",
+            add("C5", "C5", f"{short}: loss",
+                f"{name} reduces forgetting (Δ held-out MLM loss on MLM-only batches)",
                 C5_NONE, name, "forgetting")
-            add("C5", "C5", f"{short}: fill-mask", f"{name} reduces the fill-mask accuracy lost", C5_NONE, name, "fill_mask_lost")
-    reference = [name for name in sorted(settings.get("C6", [])) if name.endswith("(reference)")]
-    for name in sorted(settings.get("C6", [])):
+            add("C5", "C5", f"{short}: fill-mask", f"{name} reduces the fill-mask accuracy lost",
+                C5_NONE, name, "fill_mask_lost")
+    c6_settings = sorted(settings.get("C6", []))
+    reference = [name for name in c6_settings if name.endswith("(reference)")]
+    for name in c6_settings:
         if reference and name.startswith(reference[0].split(",")[0] + ",") and name != reference[0]:
             variant = name.split(", ", 1)[1]
-            add("C6", "C6", variant, f"BERT's recipe beats {variant} at the same budget (accuracy)", reference[0], name, "accuracy")
-    add("C7", "C7", "int8", "int8 weights as accurate as the teacher, within 1 point (accuracy)", C7_NAMES["int8"],
-        C7_NAMES["teacher"], "accuracy", -0.01)
-    add("C7", "C7", "distilled speed", "the distilled student serves more sentences/s at batch 32 than the teacher",
+            add("C6", "C6", variant, f"BERT's recipe beats {variant} at the same budget (accuracy)",
+                reference[0], name, "accuracy")
+    add("C7", "C7", "int8", "int8 weights as accurate as the teacher, within 1 point (accuracy)",
+        C7_NAMES["int8"], C7_NAMES["teacher"], "accuracy", -0.01)
+    add("C7", "C7", "distilled speed",
+        "the distilled student serves more sentences/s at batch 32 than the teacher",
         C7_NAMES["distilled"], C7_NAMES["teacher"], "sentences_per_second_32")
-    return found
 
 
 def decide(results):
@@ -902,8 +1110,10 @@ def decide(results):
                 cell = rows[comparison[side]]["cells"].get(comparison["metric"])
                 cells.append(dict(zip(cell["seeds"], cell["values"])) if cell else {})
             outcome = verdicts.compare(cells[0], cells[1], comparison["margin"])
-            decided.append({**comparison, "corpus": corpus, "setting": f"{CORPUS_SHORT[corpus]} {comparison['setting']}",
-                            **{key: outcome[key] for key in ("verdict", "difference", "interval", "n")}})
+            setting = f"{CORPUS_SHORT[corpus]} {comparison['setting']}"
+            decided.append({**comparison, "corpus": corpus, "setting": setting,
+                            **{key: outcome[key]
+                               for key in ("verdict", "difference", "interval", "n")}})
     return decided
 
 
@@ -918,15 +1128,19 @@ def gather_claims(folder):
                 plans[name] = json.load(f)
     claims = {}
     for claim, text in CLAIMS.items():
-        rows = [{"plan": name, **row} for name, results in plans.items() for row in results["verdicts"] if row["claim"] == claim]
+        rows = [{"plan": name, **row} for name, results in plans.items()
+                for row in results["verdicts"] if row["claim"] == claim]
         several = len({row["plan"] for row in rows}) > 1
-        verdict = verdicts.combine([(f"{row['plan']} {row['setting']}" if several else row["setting"], row["verdict"])
+        verdict = verdicts.combine([(f"{row['plan']} {row['setting']}" if several
+                                     else row["setting"], row["verdict"])
                                     for row in rows])
-        pending = sorted(name for name, plan in PLANS.items() if name not in plans and not plan.get("needs_gpu")
+        pending = sorted(name for name, plan in PLANS.items()
+                         if name not in plans and not plan.get("needs_gpu")
                          and any(claim in plan["tables"][corpus] for corpus in plan["corpora"]))
         if verdict == verdicts.NOT_TESTED and pending:
             verdict = "not settled (re-run pending)"
-        claims[claim] = {"claim": text, "verdict": verdict, "plans": sorted({row["plan"] for row in rows}),
+        claims[claim] = {"claim": text, "verdict": verdict,
+                         "plans": sorted({row["plan"] for row in rows}),
                          "pending_plans": pending, "rows": rows}
     return claims
 
@@ -939,7 +1153,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def machine():
-    """The CPU model and its vector ISA (from /proc/cpuinfo), threads, and the GPU if one is used."""
+    """The CPU model and its vector ISA (from /proc/cpuinfo), threads, and the GPU if one is
+    used."""
     model, flags = platform.processor() or platform.machine(), set()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -951,8 +1166,10 @@ def machine():
                     flags = set(value.split())
     except OSError:
         pass
-    isa = [flag for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if flag in flags]
-    described = {"cpu": model, "isa": isa, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    isa = [flag for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+           if flag in flags]
+    described = {"cpu": model, "isa": isa,
+                 "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
                  "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                  "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
     if torch.cuda.is_available():
@@ -964,11 +1181,13 @@ def stamp():
     """Commit (and whether the work tree differed from it), date, machine, versions, the command."""
     def git(*args):
         try:
-            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
+                                  check=True).stdout.strip()
         except (OSError, subprocess.CalledProcessError):
             return None
     status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None,
+    return {"commit": git("rev-parse", "HEAD"),
+            "dirty": bool(status) if status is not None else None,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": machine(), "torch": torch.__version__, "python": platform.python_version(),
             "command": " ".join([os.path.basename(sys.executable), *sys.argv])}
@@ -976,31 +1195,61 @@ def stamp():
 
 def stamp_line(results):
     s, m = results["stamp"], results["stamp"]["machine"]
-    return (f"Written by `{s['command']}` at commit {s['commit']}{' (with uncommitted changes)' if s['dirty'] else ''}, "
-            f"{s['date']}, in {results['wall_clock_seconds'] / 60:.1f} minutes, on {m['cpu']} ({', '.join(m['isa']) or 'no AVX'}; "
-            f"torch CPU capability {m['torch_cpu_capability']}; {m['cpu_cores']} cores, {m['torch_threads']} torch threads, "
-            f"OMP_NUM_THREADS={m['OMP_NUM_THREADS']}){', GPU ' + m['gpu'] if m.get('gpu') else ''}, torch {s['torch']}, "
+    dirty = " (with uncommitted changes)" if s["dirty"] else ""
+    isa = ", ".join(m["isa"]) or "no AVX"
+    gpu = ", GPU " + m["gpu"] if m.get("gpu") else ""
+    return (f"Written by `{s['command']}` at commit {s['commit']}{dirty}, "
+            f"{s['date']}, in {results['wall_clock_seconds'] / 60:.1f} minutes, "
+            f"on {m['cpu']} ({isa}; "
+            f"torch CPU capability {m['torch_cpu_capability']}; {m['cpu_cores']} cores, "
+            f"{m['torch_threads']} torch threads, "
+            f"OMP_NUM_THREADS={m['OMP_NUM_THREADS']}){gpu}, torch {s['torch']}, "
             f"Python {s['python']}.")
 
 
-def run(out="runs/experiments", plan_name="quick", seeds=None, resume=False, force=False, plan=None, log=print,
-        results_folder=None):
-    """Run the plan (PLANS[plan_name], or `plan` itself) and write runs.jsonl, results.json, results.md
-    in OUT. A named plan (plan=None) also writes results/PLAN.json and results/PLAN.md in the
-    repository (or results_folder) and gathers results/claims.json from every plan there."""
+def run(out="runs/experiments", plan_name="quick", seeds=None, resume=False, force=False,
+        plan=None, log=print, results_folder=None):
+    """Run the plan (PLANS[plan_name], or `plan` itself) and write runs.jsonl, results.json,
+    results.md in OUT. A named plan (plan=None) also writes results/PLAN.json and results/PLAN.md
+    in the repository (or results_folder) and gathers results/claims.json from every plan
+    there."""
     if plan is None and results_folder is None:
         results_folder = os.path.join(ROOT, "results")
+    plan = checked_plan(plan_name, plan, seeds)
+    prepare_out_folder(out, resume, force)
+    started = time.time()
+    runs_path = os.path.join(out, "runs.jsonl")
+    finished = finished_runs(runs_path, resume, log)
+    results = {"plan": plan_name, "stamp": stamp(), "settings": json.loads(json.dumps(plan)),
+               "device": str(options.pick_device("auto")), "pretraining": {}, "tables": []}
+    for corpus in plan["corpora"]:
+        run_corpus(out, corpus, plan, resume, finished, runs_path, results, log)
+    results["verdicts"] = decide(results)
+    results["wall_clock_seconds"] = time.time() - started
+    write_results(results, out, plan_name, results_folder)
+    log(f"done in {results['wall_clock_seconds'] / 60:.1f} minutes: "
+        f"{out}/results.md, results.json, runs.jsonl"
+        + (f"; {results_folder}/{plan_name}.json, claims.json" if results_folder else ""))
+    return results
+
+
+def checked_plan(plan_name, plan, seeds):
+    """A copy of the plan (PLANS[plan_name], or `plan` itself) with `seeds` seeds if given;
+    InputError for a non-positive count, or for a GPU plan on a machine without CUDA."""
     plan = dict(plan or PLANS[plan_name])
     if seeds is not None:
         if seeds < 1:
             raise InputError(f"--seeds must be positive, got {seeds}")
         plan["seeds"] = seeds
     if plan.get("needs_gpu") and options.pick_device("auto").type != "cuda":
-        raise InputError(f"--plan {plan_name} pre-trains a small encoder for about 10 minutes of a GPU: hours on "
-                         "this machine, which has no CUDA GPU; on a CPU run --plan real-text (the tiny encoder, ~22 minutes)")
-    prepare_out_folder(out, resume, force)
-    started = time.time()
-    runs_path = os.path.join(out, "runs.jsonl")
+        raise InputError(f"--plan {plan_name} pre-trains a small encoder for about 10 minutes "
+                         "of a GPU: hours on this machine, which has no CUDA GPU; on a CPU run "
+                         "--plan real-text (the tiny encoder, ~22 minutes)")
+    return plan
+
+
+def finished_runs(runs_path, resume, log):
+    """With resume: runs.jsonl's finished runs, {key: result}; otherwise {}."""
     finished = {}
     if resume and os.path.exists(runs_path):
         with open(runs_path) as f:
@@ -1009,43 +1258,74 @@ def run(out="runs/experiments", plan_name="quick", seeds=None, resume=False, for
                     record = json.loads(line)
                     finished[record["key"]] = record["result"]
         log(f"resuming: {len(finished)} runs already in {runs_path}")
-    results = {"plan": plan_name, "stamp": stamp(), "settings": json.loads(json.dumps(plan)),
-               "device": str(options.pick_device("auto")), "pretraining": {}, "tables": []}
-    for corpus in plan["corpora"]:
-        corpus_started = time.time()
-        task = toy_task(plan["toy_documents"], plan["toy_labeled"]) if corpus == "toy" else stdlib_task(plan["stdlib_max_documents"])
-        if corpus == "stdlib" and plan.get("extra_text") == "packages":
-            task["unlabeled"] += package_text(task)
-        num_classes = len({y for _, y in task["train"]})
-        log(f"[{corpus}] {len(task['unlabeled'])} unlabeled documents, {len(task['train'])} labeled for training, "
-            f"{len(task['test'])} for testing, {num_classes} classes")
-        encoders = pretrain_encoders(out, corpus, task, plan, resume, log)
-        results["pretraining"][corpus] = {name: {"held_out_mlm_loss_on_pairs": loss, "seconds": seconds}
-                                          for name, (_, loss, seconds) in encoders.items() if seconds is not None}
-        loaded = {name: Loaded(path, plan["forgetting_batches"]) for name, (path, _, _) in encoders.items()}
-        num_layers = loaded["final"].config.num_layers
-        for claim, title, rows in tables_for(corpus, plan, task, encoders, num_layers, num_classes):
-            table = {"claim": claim, "title": title, "corpus": corpus, "classes": num_classes, "rows": []}
-            for setting, spec in rows:
-                outcomes = []
-                for seed in range(plan["seeds"]):
-                    spec_seed = {**spec, "seed": seed}
-                    key = json.dumps(spec_seed, sort_keys=True)
-                    if key not in finished:
-                        finished[key] = finetune_run(spec_seed, task, loaded.get(spec.get("encoder", "final")),
-                                                     loaded["final"], folder=os.path.join(out, corpus))
-                        with open(runs_path, "a") as f:
-                            f.write(json.dumps({"key": key, "spec": spec_seed, "result": finished[key]}) + "\n")
-                    outcomes.append(finished[key])
-                cells = {metric: summarize([o.get(metric) for o in outcomes], range(plan["seeds"])) for metric, _, _ in METRICS}
-                table["rows"].append({"claim": claim, "setting": setting,
-                                      "cells": {m: c for m, c in cells.items() if c is not None}})
-                shown = next(m for m in ("accuracy", "pretrain_loss", "diverged") if cells[m] or m == "diverged")
-                log(f"[{corpus}] {claim} {setting}: {shown} " + (spread(cells[shown], digits=3) if cells[shown] else "—"))
-            results["tables"].append(table)
-        results["pretraining"][corpus]["wall_clock_seconds"] = time.time() - corpus_started
-    results["verdicts"] = decide(results)
-    results["wall_clock_seconds"] = time.time() - started
+    return finished
+
+
+def run_corpus(out, corpus, plan, resume, finished, runs_path, results, log):
+    """One corpus of the plan: its task, its pre-training, then every row of its tables over
+    the seeds, into results["pretraining"][corpus] and results["tables"]."""
+    corpus_started = time.time()
+    if corpus == "toy":
+        task = toy_task(plan["toy_documents"], plan["toy_labeled"])
+    else:
+        task = stdlib_task(plan["stdlib_max_documents"])
+    if corpus == "stdlib" and plan.get("extra_text") == "packages":
+        task["unlabeled"] += package_text(task)
+    num_classes = len({y for _, y in task["train"]})
+    log(f"[{corpus}] {len(task['unlabeled'])} unlabeled documents, "
+        f"{len(task['train'])} labeled for training, "
+        f"{len(task['test'])} for testing, {num_classes} classes")
+    encoders = pretrain_encoders(out, corpus, task, plan, resume, log)
+    results["pretraining"][corpus] = {
+        name: {"held_out_mlm_loss_on_pairs": loss, "seconds": seconds}
+        for name, (_, loss, seconds) in encoders.items() if seconds is not None}
+    loaded = {name: Loaded(path, plan["forgetting_batches"])
+              for name, (path, _, _) in encoders.items()}
+    num_layers = loaded["final"].config.num_layers
+    for claim, title, rows in tables_for(corpus, plan, task, encoders, num_layers, num_classes):
+        table = {"claim": claim, "title": title, "corpus": corpus, "classes": num_classes,
+                 "rows": []}
+        for setting, spec in rows:
+            outcomes = outcomes_over_seeds(spec, task, loaded, plan["seeds"], finished,
+                                           runs_path, os.path.join(out, corpus))
+            table["rows"].append(table_row(corpus, claim, setting, outcomes, plan["seeds"], log))
+        results["tables"].append(table)
+    results["pretraining"][corpus]["wall_clock_seconds"] = time.time() - corpus_started
+
+
+def outcomes_over_seeds(spec, task, loaded, seeds, finished, runs_path, folder):
+    """Each seed's result of the run `spec`: from `finished` (runs.jsonl), or run now
+    (finetune_run) and appended to runs.jsonl."""
+    outcomes = []
+    for seed in range(seeds):
+        spec_seed = {**spec, "seed": seed}
+        key = json.dumps(spec_seed, sort_keys=True)
+        if key not in finished:
+            finished[key] = finetune_run(spec_seed, task, loaded.get(spec.get("encoder", "final")),
+                                         loaded["final"], folder=folder)
+            with open(runs_path, "a") as f:
+                record = {"key": key, "spec": spec_seed, "result": finished[key]}
+                f.write(json.dumps(record) + "\n")
+        outcomes.append(finished[key])
+    return outcomes
+
+
+def table_row(corpus, claim, setting, outcomes, seeds, log):
+    """A table's row: every measure over the seeds (summarize), logged by its headline one."""
+    cells = {metric: summarize([o.get(metric) for o in outcomes], range(seeds))
+             for metric, _, _ in METRICS}
+    row = {"claim": claim, "setting": setting,
+           "cells": {m: c for m, c in cells.items() if c is not None}}
+    shown = next(m for m in ("accuracy", "pretrain_loss", "diverged")
+                 if cells[m] or m == "diverged")
+    log(f"[{corpus}] {claim} {setting}: {shown} "
+        + (spread(cells[shown], digits=3) if cells[shown] else "—"))
+    return row
+
+
+def write_results(results, out, plan_name, results_folder):
+    """results.json, results.md and the plots in OUT; with results_folder, PLAN.json, PLAN.md
+    and claims.json (gather_claims) there."""
     write_json(os.path.join(out, "results.json"), results)
     with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as f:
         f.write(markdown(results))
@@ -1057,9 +1337,6 @@ def run(out="runs/experiments", plan_name="quick", seeds=None, resume=False, for
         with open(os.path.join(results_folder, f"{plan_name}.md"), "w", encoding="utf-8") as f:
             f.write(markdown(results))
         write_json(os.path.join(results_folder, "claims.json"), gather_claims(results_folder))
-    log(f"done in {results['wall_clock_seconds'] / 60:.1f} minutes: {out}/results.md, results.json, runs.jsonl"
-        + (f"; {results_folder}/{plan_name}.json, claims.json" if results_folder else ""))
-    return results
 
 
 CORPUS_NAMES = {"toy": "toy world", "stdlib": "real text: stdlib docstrings"}
@@ -1067,31 +1344,40 @@ CORPUS_NAMES = {"toy": "toy world", "stdlib": "real text: stdlib docstrings"}
 
 def markdown(results):
     lines = [stamp_line(results), "",
-             f"Plan `{results['plan']}`, {results['settings']['seeds']} seeds, device {results['device']}. Each cell: mean ± "
-             "the sample standard deviation (ddof = 1) over seeds; (n=1): one seed, no spread. Verdicts: the rule of "
+             f"Plan `{results['plan']}`, {results['settings']['seeds']} seeds, "
+             f"device {results['device']}. Each cell: mean ± the sample standard deviation "
+             "(ddof = 1) over seeds; (n=1): one seed, no spread. Verdicts: the rule of "
              "docs/claims.md (a paired 95% t interval against the claim's margin).", ""]
     for corpus, runs in results["pretraining"].items():
         lines.append(f"Pre-training on the {CORPUS_NAMES[corpus]}: " + "; ".join(
-            f"{name}: held-out MLM loss on pre-training's batches (pairs) {run['held_out_mlm_loss_on_pairs']:.3f}, "
+            f"{name}: held-out MLM loss on pre-training's batches (pairs) "
+            f"{run['held_out_mlm_loss_on_pairs']:.3f}, "
             f"{run['seconds']:.0f} s" for name, run in runs.items() if isinstance(run, dict))
             + f"; everything on this corpus: {runs['wall_clock_seconds'] / 60:.1f} minutes.")
     for table in results["tables"]:
         present = [(m, header, show) for m, header, show in METRICS
                    if m in COLUMNS[table["claim"]] and any(m in r["cells"] for r in table["rows"])]
-        lines += ["", f"### {table['claim']} — {table['title']} ({CORPUS_NAMES[table['corpus']]})", "",
+        title = f"### {table['claim']} — {table['title']} ({CORPUS_NAMES[table['corpus']]})"
+        lines += ["", title, "",
                   "| claim | setting | " + " | ".join(header for _, header, _ in present) + " |",
                   "|---|---|" + "---|" * len(present)]
         for row in table["rows"]:
-            cells = [show(row["cells"][m]) if m in row["cells"] else "—" for m, _, show in present]
+            cells = [show(row["cells"][m]) if m in row["cells"] else "—"
+                     for m, _, show in present]
             lines.append(f"| {row['claim']} | {row['setting']} | " + " | ".join(cells) + " |")
     if results.get("verdicts"):
-        lines += ["", "### Verdicts", "", "| claim | setting | asks | A − B, mean | 95% interval | n | margin | verdict |",
+        lines += ["", "### Verdicts", "",
+                  "| claim | setting | asks | A − B, mean | 95% interval | n | margin "
+                  "| verdict |",
                   "|---|---|---|---|---|---|---|---|"]
         for v in results["verdicts"]:
-            interval = f"[{v['interval'][0]:+.4f}, {v['interval'][1]:+.4f}]" if v["interval"] else "—"
+            if v["interval"]:
+                interval = f"[{v['interval'][0]:+.4f}, {v['interval'][1]:+.4f}]"
+            else:
+                interval = "—"
             difference = f"{v['difference']:+.4f}" if v["difference"] is not None else "—"
-            lines.append(f"| {v['claim']} | {v['setting']} | {v['comparison']} | {difference} | {interval} | {v['n']} | "
-                         f"{v['margin']:+g} | {v['verdict']} |")
+            lines.append(f"| {v['claim']} | {v['setting']} | {v['comparison']} | {difference} | "
+                         f"{interval} | {v['n']} | {v['margin']:+g} | {v['verdict']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -1110,8 +1396,10 @@ def plot_labels_per_class(results, path):
             rows = [r for r in table["rows"] if r["setting"].endswith(": " + variant)]
             means = [100 * r["cells"]["accuracy"]["mean"] for r in rows]
             stds = [100 * r["cells"]["accuracy"]["std"] for r in rows]
-            axis.errorbar([r["setting"].split(":")[0] for r in rows], means, yerr=stds, label=variant, capsize=3)
-        axis.axhline(100 / table["classes"], color="grey", linestyle=":", linewidth=1, label="chance")
+            axis.errorbar([r["setting"].split(":")[0] for r in rows], means, yerr=stds,
+                          label=variant, capsize=3)
+        axis.axhline(100 / table["classes"], color="grey", linestyle=":", linewidth=1,
+                     label="chance")
         axis.set_title(CORPUS_NAMES[table["corpus"]])
         axis.set_xlabel("labels per class")
         axis.set_ylabel("test accuracy %")
@@ -1121,7 +1409,8 @@ def plot_labels_per_class(results, path):
 
 
 def plot_accuracy_against_size(results, path):
-    """C7 as a picture, if matplotlib is installed: test accuracy against the bytes a task stores."""
+    """C7 as a picture, if matplotlib is installed: test accuracy against the bytes a task
+    stores."""
     tables = [t for t in results["tables"] if t["claim"] == "C7"]
     if not tables:
         return
@@ -1139,7 +1428,8 @@ def plot_accuracy_against_size(results, path):
                 continue
             x, y = cells["task_bytes"]["mean"], 100 * cells["accuracy"]["mean"]
             axis.errorbar([x], [y], yerr=[100 * cells["accuracy"]["std"]], fmt="o", capsize=3)
-            axis.annotate(row["setting"].split(" (")[0], (x, y), fontsize=6, xytext=(4, 3), textcoords="offset points")
+            axis.annotate(row["setting"].split(" (")[0], (x, y), fontsize=6, xytext=(4, 3),
+                          textcoords="offset points")
         axis.set_xscale("log")
         axis.set_title(CORPUS_NAMES[table["corpus"]])
         axis.set_xlabel("bytes stored per task (log scale)")
@@ -1155,12 +1445,15 @@ if __name__ == "__main__":
     import tempfile
 
     tiny = {**PLANS["quick"], "corpora": ["toy"], "toy_documents": 400, "toy_labeled": (4, 2, 8),
-            "pretrain_steps": {"toy": 40, "stdlib": None}, "pretrain_batch_size": {"toy": 8, "stdlib": 8},
+            "pretrain_steps": {"toy": 40, "stdlib": None},
+            "pretrain_batch_size": {"toy": 8, "stdlib": 8},
             "snapshot_steps": {"toy": [20], "stdlib": []}, "eval_every": {"toy": 20, "stdlib": 20},
             "task_choice_steps": {"toy": 20, "stdlib": None}, "labels_per_class": [2], "k": 2,
-            "tables": {"toy": ["C1", "C2", "C3", "C4", "C5", "C6", "C7"], "stdlib": []}, "c7_unlabeled": 50,
+            "tables": {"toy": ["C1", "C2", "C3", "C4", "C5", "C6", "C7"], "stdlib": []},
+            "c7_unlabeled": 50,
             "c7_timing_seconds": 0.05,
-            "finetune_steps": 2, "max_epochs": 2, "epoch_grid": [1, 2], "lr_grid": [1e-3], "forgetting_batches": 1}
+            "finetune_steps": 2, "max_epochs": 2, "epoch_grid": [1, 2], "lr_grid": [1e-3],
+            "forgetting_batches": 1}
     with tempfile.TemporaryDirectory() as folder:
         results = run(folder, "tiny", plan=tiny, force=True, log=lambda *a: None)
         print(markdown(results))

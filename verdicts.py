@@ -1,4 +1,5 @@
-"""verdicts.py -- a claim's verdict from per-seed numbers, by one rule (docs/claims.md, "The verdict rule").
+"""verdicts.py -- a claim's verdict from per-seed numbers, by one rule
+(docs/claims.md, "The verdict rule").
 
 A comparison asks whether variant A beats variant B on one measure (C1: pre-trained vs from
 scratch, accuracy; C5: no remedy vs a remedy, forgetting) by more than the claim's margin.
@@ -24,10 +25,12 @@ measured: "not tested".
 import math
 
 # t_{0.975, df}: the two-sided 95% quantile of Student's t, for df = 1..30 (standard tables)
-T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+         2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+         2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
 
-HOLDS, DOES_NOT_HOLD, NOT_SETTLED, NOT_TESTED = "holds", "does not hold", "not settled", "not tested"
+HOLDS, DOES_NOT_HOLD = "holds", "does not hold"
+NOT_SETTLED, NOT_TESTED = "not settled", "not tested"
 
 
 def t_quantile(df):
@@ -43,7 +46,8 @@ def t_quantile(df):
 
 
 def sample_std(values):
-    """sqrt(sum (v - mean)^2 / (n - 1)): the sample std (ddof = 1); None for fewer than 2 values."""
+    """sqrt(sum (v - mean)^2 / (n - 1)): the sample std (ddof = 1); None for fewer than 2
+    values."""
     if len(values) < 2:
         return None
     mean = sum(values) / len(values)
@@ -56,32 +60,35 @@ def paired_differences(a, b):
 
 
 def compare(a, b, margin=0.0):
-    """The verdict on "A beats B by more than margin", from {seed: value} of each (paired by seed).
-    Returns {"verdict", "difference" (mean d), "interval" ([low, high], None for one seed), "n",
-    "margin", "differences"}."""
+    """The verdict on "A beats B by more than margin", from {seed: value} of each (paired by
+    seed). Returns {"verdict", "difference" (mean d), "interval" ([low, high], None for one
+    seed), "n", "margin", "differences"}."""
     differences = paired_differences(a, b)
     n = len(differences)
     if n == 0:
-        return {"verdict": NOT_TESTED, "difference": None, "interval": None, "n": 0, "margin": margin, "differences": []}
+        return {"verdict": NOT_TESTED, "difference": None, "interval": None, "n": 0,
+                "margin": margin, "differences": []}
     mean = sum(differences) / n
     spread = sample_std(differences)
     if spread is None:  # one seed: a difference, but nothing says how much it would move
-        return {"verdict": NOT_SETTLED, "difference": mean, "interval": None, "n": 1, "margin": margin,
-                "differences": differences}
+        return {"verdict": NOT_SETTLED, "difference": mean, "interval": None, "n": 1,
+                "margin": margin, "differences": differences}
     half_width = t_quantile(n - 1) * spread / math.sqrt(n)
     low, high = mean - half_width, mean + half_width
     verdict = HOLDS if low > margin else DOES_NOT_HOLD if high < margin else NOT_SETTLED
-    return {"verdict": verdict, "difference": mean, "interval": [low, high], "n": n, "margin": margin,
-            "differences": differences}
+    return {"verdict": verdict, "difference": mean, "interval": [low, high], "n": n,
+            "margin": margin, "differences": differences}
 
 
 def shared_prefix_dropped(settings):
-    """['toy k=4', 'toy k=16', 'text k=4'] -> ['toy k=4', 'k=16', 'text k=4']: a setting's first word
-    is left out when the setting before it starts with the same word (the line stays readable)."""
+    """['toy k=4', 'toy k=16', 'text k=4'] -> ['toy k=4', 'k=16', 'text k=4']: a setting's
+    first word is left out when the setting before it starts with the same word (the line
+    stays readable)."""
     shortened = []
     for before, setting in zip([None, *settings], settings):
         first, _, rest = setting.partition(" ")
-        shortened.append(rest if before is not None and rest and before.partition(" ")[0] == first else setting)
+        same_first_word = before is not None and rest and before.partition(" ")[0] == first
+        shortened.append(rest if same_first_word else setting)
     return shortened
 
 
@@ -96,7 +103,8 @@ def combine(verdicts):
     if len(kinds) == 1:
         return kinds.pop()
     parts = []
-    for kind, words in ((HOLDS, "holds for"), (DOES_NOT_HOLD, "not for"), (NOT_SETTLED, "not settled for")):
+    wordings = ((HOLDS, "holds for"), (DOES_NOT_HOLD, "not for"), (NOT_SETTLED, "not settled for"))
+    for kind, words in wordings:
         settings = [setting for setting, verdict in verdicts if verdict == kind]
         if settings:
             parts.append(f"{words} {', '.join(shared_prefix_dropped(settings))}")
@@ -110,5 +118,7 @@ if __name__ == "__main__":
     worse = compare({s: 0.4 for s in range(5)}, {s: 0.6 + 0.01 * s for s in range(5)})
     for name, result in (("clear win", clear), ("close", close), ("clear loss", worse)):
         low, high = result["interval"]
-        print(f"{name}: d = {result['difference']:+.3f}, 95% [{low:+.3f}, {high:+.3f}] -> {result['verdict']}")
-    print(combine([("toy", clear["verdict"]), ("real text", close["verdict"]), ("other", worse["verdict"])]))
+        print(f"{name}: d = {result['difference']:+.3f}, "
+              f"95% [{low:+.3f}, {high:+.3f}] -> {result['verdict']}")
+    print(combine([("toy", clear["verdict"]), ("real text", close["verdict"]),
+                   ("other", worse["verdict"])]))
