@@ -665,6 +665,8 @@ def run(out="runs/experiments", plan_name="quick", seeds=None, resume=False, for
         if seeds < 1:
             raise InputError(f"--seeds must be positive, got {seeds}")
         plan["seeds"] = seeds
+    if plan.get("runner") == "c8":  # C8's own runner (run_c8, at the end of this file)
+        return run_c8(out, plan_name, plan, resume, force, log)
     if plan.get("needs_gpu") and options.pick_device("auto").type != "cuda":
         raise InputError(f"--plan {plan_name} pre-trains a small encoder for about 10 minutes of a GPU: hours on "
                          "this machine, which has no CUDA GPU; on a CPU run --plan real-text (the tiny encoder, ~22 minutes)")
@@ -816,3 +818,107 @@ if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as folder:
         results = run(folder, "tiny", plan=tiny, force=True, log=lambda *a: None)
         print(markdown(results))
+
+
+# ----------------------------------------------------------------------------------------
+# C8 (and a C6 row): the same encoder pre-trained with BERT's objective and with GPT's
+# ----------------------------------------------------------------------------------------
+
+# MLM + NSP vs causal LM at the same budget (steps, batch, length, model size, rate), on the toy
+# world; each fine-tuned the same ways at k labels per class. A causal encoder classifies from the
+# mean over real tokens (model.Classifier: [CLS] sees only itself), so MLM's head-only row is given
+# with mean pooling too: the difference between the two objectives is then not the pooling's.
+PLANS["c8"] = {
+    **PLANS["quick"],
+    "runner": "c8",
+    "corpora": ["toy"],
+    "pretrain_steps": {"toy": 2500, "stdlib": None},
+    "snapshot_steps": {"toy": [], "stdlib": []},
+    "task_choice_steps": {"toy": None, "stdlib": None},
+    "tables": {"toy": ["C6"], "stdlib": []},
+    "c1_variants": {"toy": [], "stdlib": []},
+}
+C8_OBJECTIVES = {"mlm": "MLM + NSP (BERT)", "causal": "causal LM (GPT-style)"}
+
+
+def c8_rows(plan, num_classes):
+    """(setting, spec) of the C8 table: each objective fine-tuned head-only and fully, scratch and TF-IDF."""
+    k = plan["k"]
+    base = dict(method="finetune", corpus="toy", k=k, freeze="none", lr=FULL_LR, epochs=epochs_for(k * num_classes, plan),
+                schedule="cosine", warmup=0.1, l2_sp=0.0, aux_mlm=0.0, layer_lr_decay=1.0)
+    head = dict(base, freeze="head", lr=HEAD_LR)
+    rows = [("from scratch (same architecture, full)", dict(base, encoder="scratch"))]
+    rows += [(f"{C8_OBJECTIVES['mlm']}, head only ([CLS] pooler)", dict(head, encoder="mlm")),
+             (f"{C8_OBJECTIVES['mlm']}, head only, mean pooling", dict(head, encoder="mlm", pool="mean")),
+             (f"{C8_OBJECTIVES['mlm']}, full", dict(base, encoder="mlm")),
+             (f"{C8_OBJECTIVES['causal']}, head only (mean pooling)", dict(head, encoder="causal", pool="mean")),
+             (f"{C8_OBJECTIVES['causal']}, full (mean pooling)", dict(base, encoder="causal", pool="mean")),
+             ("TF-IDF + logistic regression", dict(method="tfidf", corpus="toy", k=k))]
+    return rows
+
+
+def run_c8(out, plan_name, plan, resume, force, log):
+    """Pre-train the tiny encoder twice on the toy world (mlm, causal: the same steps, batch,
+    length, size and rate), fine-tune each per c8_rows over seeds, write runs.jsonl (--resume),
+    results.json and results.md. No verdict rule in the project yet: each cell keeps its per-seed
+    values, the mean and the sample std (n - 1)."""
+    prepare_out_folder(out, resume, force)
+    started = time.time()
+    runs_path = os.path.join(out, "runs.jsonl")
+    finished = {}
+    if resume and os.path.exists(runs_path):
+        with open(runs_path) as f:
+            finished = {record["key"]: record["result"] for record in map(json.loads, filter(str.strip, f))}
+    task = toy_task(plan["toy_documents"], plan["toy_labeled"])
+    folder = os.path.join(out, "toy")
+    os.makedirs(folder, exist_ok=True)
+    unlabeled_path = os.path.join(folder, "unlabeled.txt")
+    data.write_corpus(unlabeled_path, task["unlabeled"])
+    pretraining, loaded = {}, {}
+    for objective in C8_OBJECTIVES:
+        path = os.path.join(folder, f"pretrain-{objective}")
+        if not (resume and os.path.exists(os.path.join(path, "metrics.json"))):
+            log(f"[toy] pre-training '{objective}' for {plan['pretrain_steps']['toy']} steps")
+            recipe = PretrainOptions(corpus=[unlabeled_path], objective=objective, steps=plan["pretrain_steps"]["toy"],
+                                     batch_size=plan["pretrain_batch_size"]["toy"], config=plan.get("pretrain_config", "tiny"),
+                                     max_length=MLM_MAX_LENGTH, lr=1e-3, dropout=0.0, save_every=0, vocab_size=2048,
+                                     eval_every=plan["eval_every"]["toy"])
+            train.pretrain(path, recipe, force=True, log=log, progress=False)
+        with open(os.path.join(path, "metrics.json")) as f:
+            metrics = json.load(f)
+        pretraining[objective] = {key: metrics.get(key) for key in ("held_out_mlm_loss", "held_out_perplexity", "seconds")}
+        loaded[objective] = Loaded(os.path.join(path, "checkpoint.pt"))
+    num_classes = len({y for _, y in task["train"]})
+    table = {"claim": "C6", "title": f"pre-training objective: MLM vs causal LM at the same budget (k={plan['k']})",
+             "corpus": "toy", "classes": num_classes, "rows": []}
+    for setting, spec in c8_rows(plan, num_classes):
+        outcomes = []
+        for seed in range(plan["seeds"]):
+            spec_seed = {**spec, "seed": seed}
+            key = json.dumps(spec_seed, sort_keys=True)
+            if key not in finished:
+                finished[key] = finetune_run(spec_seed, task, loaded.get(spec.get("encoder")), loaded["mlm"], folder=folder)
+                with open(runs_path, "a") as f:
+                    f.write(json.dumps({"key": key, "spec": spec_seed, "result": finished[key]}) + "\n")
+            outcomes.append(finished[key])
+        cells = {metric: summarize([o.get(metric) for o in outcomes]) for metric, _, _ in METRICS}
+        cells = {m: c for m, c in cells.items() if c is not None}
+        values = cells["accuracy"]["values"]
+        cells["accuracy"]["sample_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
+        table["rows"].append({"claim": "C6", "setting": setting, "cells": cells})
+        log(f"[toy] C8 {setting}: accuracy {100 * cells['accuracy']['mean']:.1f} ± "
+            f"{100 * (cells['accuracy']['sample_std'] or 0):.1f} (seeds: {', '.join(f'{100 * v:.1f}' for v in values)})")
+    results = {"plan": plan_name, "settings": plan, "device": str(options.pick_device("auto")), "pretraining": {},
+               "c8_pretraining": pretraining, "tables": [table], "wall_clock_seconds": time.time() - started}
+    write_json(os.path.join(out, "results.json"), results)
+    lines = [f"Pre-training on the toy world, {plan['pretrain_steps']['toy']} steps each: " + "; ".join(
+        f"{name}: held-out loss {run['held_out_mlm_loss']:.3f}"
+        + (f" (perplexity {run['held_out_perplexity']:.2f})" if run.get("held_out_perplexity") else "")
+        + f", {run['seconds']:.0f} s" for name, run in pretraining.items()),
+        "Per-seed test accuracies (%): " + "; ".join(
+            f"{row['setting']}: {', '.join(f'{100 * v:.1f}' for v in row['cells']['accuracy']['values'])}"
+            for row in table["rows"]), ""]
+    with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + markdown(results))
+    log(f"done in {results['wall_clock_seconds'] / 60:.1f} minutes: {out}/results.md, results.json, runs.jsonl")
+    return results

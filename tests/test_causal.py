@@ -209,3 +209,28 @@ def test_causal_batches_predict_every_next_real_token_and_mask_nothing(small_wor
         n = int(real[row].sum())
         assert (labels[row, : n - 1] == ids[row, 1:n]).all() and (labels[row, n - 1:] == IGNORE_INDEX).all()
         assert ids[row, n - 1] == tokenizer.sep_id
+
+
+def test_the_c8_plan_writes_each_rows_per_seed_values_mean_and_sample_std_and_resumes(tmp_path):
+    import experiments
+    plan = {**experiments.PLANS["c8"], "seeds": 3, "toy_documents": 300, "toy_labeled": (4, 2, 8),
+            "pretrain_steps": {"toy": 8, "stdlib": None}, "pretrain_batch_size": {"toy": 8, "stdlib": 8},
+            "eval_every": {"toy": 4, "stdlib": 4}, "k": 2, "finetune_steps": 2, "max_epochs": 1}
+    out = str(tmp_path / "c8")
+    results = experiments.run(out, "c8", plan=plan, log=quiet)
+    assert results["c8_pretraining"]["causal"]["held_out_perplexity"] == pytest.approx(
+        math.exp(results["c8_pretraining"]["causal"]["held_out_mlm_loss"]))
+    (table,) = results["tables"]
+    settings = [row["setting"] for row in table["rows"]]
+    assert any(s.startswith("MLM") and s.endswith(", full") for s in settings)
+    assert any(s.startswith("causal") and "full" in s for s in settings)
+    for row in table["rows"]:
+        accuracy = row["cells"]["accuracy"]
+        assert len(accuracy["values"]) == 3
+        assert accuracy["sample_std"] == pytest.approx(np.std(accuracy["values"], ddof=1))
+    assert load_checkpoint(os.path.join(out, "toy", "pretrain-causal", "checkpoint.pt"))["config"]["causal"]
+    with open(os.path.join(out, "runs.jsonl")) as f:
+        runs = f.read()
+    assert experiments.run(out, "c8", plan=plan, resume=True, log=quiet)["tables"] == results["tables"]
+    with open(os.path.join(out, "runs.jsonl")) as f:
+        assert f.read() == runs  # nothing run twice
