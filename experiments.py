@@ -837,6 +837,7 @@ PLANS["c8"] = {
     "task_choice_steps": {"toy": None, "stdlib": None},
     "tables": {"toy": ["C6"], "stdlib": []},
     "c1_variants": {"toy": [], "stdlib": []},
+    "c8_prompts_per_topic": 10,                  # generation: prompts per topic for the on-topic share
 }
 C8_OBJECTIVES = {"mlm": "MLM + NSP (BERT)", "causal": "causal LM (GPT-style)"}
 
@@ -908,8 +909,12 @@ def run_c8(out, plan_name, plan, resume, force, log):
         table["rows"].append({"claim": "C6", "setting": setting, "cells": cells})
         log(f"[toy] C8 {setting}: accuracy {100 * cells['accuracy']['mean']:.1f} ± "
             f"{100 * (cells['accuracy']['sample_std'] or 0):.1f} (seeds: {', '.join(f'{100 * v:.1f}' for v in values)})")
+    generation = on_topic_share(loaded["causal"].path, plan.get("c8_prompts_per_topic", 10))
+    log(f"[toy] C8 generation: {100 * generation['on_topic_share']:.1f}% of {generation['content_words']} generated "
+        f"content words from the prompt's topic ({generation['prompts']} prompts)")
     results = {"plan": plan_name, "settings": plan, "device": str(options.pick_device("auto")), "pretraining": {},
-               "c8_pretraining": pretraining, "tables": [table], "wall_clock_seconds": time.time() - started}
+               "c8_pretraining": pretraining, "c8_generation": generation, "tables": [table],
+               "wall_clock_seconds": time.time() - started}
     write_json(os.path.join(out, "results.json"), results)
     lines = [f"Pre-training on the toy world, {plan['pretrain_steps']['toy']} steps each: " + "; ".join(
         f"{name}: held-out loss {run['held_out_mlm_loss']:.3f}"
@@ -917,8 +922,34 @@ def run_c8(out, plan_name, plan, resume, force, log):
         + f", {run['seconds']:.0f} s" for name, run in pretraining.items()),
         "Per-seed test accuracies (%): " + "; ".join(
             f"{row['setting']}: {', '.join(f'{100 * v:.1f}' for v in row['cells']['accuracy']['values'])}"
-            for row in table["rows"]), ""]
+            for row in table["rows"]),
+        f"Generation (causal run, sampled at temperature 1, {C8_NEW_TOKENS} new tokens, seed = prompt number): "
+        f"{100 * generation['on_topic_share']:.1f}% of {generation['content_words']} generated content words are from the "
+        f"prompt's topic, over {generation['prompts']} prompts `the ADJ NOUN` (chance: {100 * generation['chance']:.1f}%).", ""]
     with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + markdown(results))
     log(f"done in {results['wall_clock_seconds'] / 60:.1f} minutes: {out}/results.md, results.json, runs.jsonl")
     return results
+
+
+C8_NEW_TOKENS = 20
+
+
+def on_topic_share(causal_path, prompts_per_topic):
+    """Does the causal model write on its prompt's topic? For each topic, prompts `the ADJ NOUN`
+    from that topic's words (seeded); each continued by evaluation.generate (sampled, temperature
+    1, seed = the prompt's number); the share of the generated content words (toyworld's topic
+    words) that belong to the prompt's topic. Chance: 1 / the number of topics."""
+    word_topics, rng, quiet = toyworld.toy_word_topics(), np.random.default_rng(8), (lambda *args: None)
+    on_topic, content_words, prompts = 0, 0, 0
+    for topic, words in toyworld.TOPICS.items():
+        for _ in range(prompts_per_topic):
+            adjective, noun = words["adjectives"], words["nouns"]
+            prompt = f"the {adjective[rng.integers(len(adjective))]} {noun[rng.integers(len(noun))][0]}"
+            text, _ = evaluation.generate(causal_path, prompt, C8_NEW_TOKENS, seed=prompts, device="cpu", log=quiet)
+            topics = [word_topics[w] for w in split_words(text) if w in word_topics]
+            on_topic += sum(t == topic for t in topics)
+            content_words += len(topics)
+            prompts += 1
+    return {"on_topic_share": on_topic / max(content_words, 1), "content_words": content_words, "prompts": prompts,
+            "chance": 1 / len(toyworld.TOPICS)}

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import data
 import evaluation
 import fast
+import toyworld
 import train
 from checkpoint import check_resume_settings, load_checkpoint, open_model
 from common import IGNORE_INDEX, InputError
@@ -215,11 +216,14 @@ def test_the_c8_plan_writes_each_rows_per_seed_values_mean_and_sample_std_and_re
     import experiments
     plan = {**experiments.PLANS["c8"], "seeds": 3, "toy_documents": 300, "toy_labeled": (4, 2, 8),
             "pretrain_steps": {"toy": 8, "stdlib": None}, "pretrain_batch_size": {"toy": 8, "stdlib": 8},
-            "eval_every": {"toy": 4, "stdlib": 4}, "k": 2, "finetune_steps": 2, "max_epochs": 1}
+            "eval_every": {"toy": 4, "stdlib": 4}, "k": 2, "finetune_steps": 2, "max_epochs": 1,
+            "c8_prompts_per_topic": 1}
     out = str(tmp_path / "c8")
     results = experiments.run(out, "c8", plan=plan, log=quiet)
     assert results["c8_pretraining"]["causal"]["held_out_perplexity"] == pytest.approx(
         math.exp(results["c8_pretraining"]["causal"]["held_out_mlm_loss"]))
+    generation = results["c8_generation"]
+    assert generation["prompts"] == len(toyworld.TOPICS) and 0 <= generation["on_topic_share"] <= 1
     (table,) = results["tables"]
     settings = [row["setting"] for row in table["rows"]]
     assert any(s.startswith("MLM") and s.endswith(", full") for s in settings)
