@@ -449,14 +449,14 @@ def run_settings(o, corpus_name, world_size=1):
                 config=o.config, init=o.init, nsp=o.nsp, max_length=o.max_length,
                 batch_size=o.batch_size, vocab_size=o.model_config().vocab_size, lr=o.lr,
                 steps=o.steps, seed=o.seed, mask_probability=o.mask_probability,
-                world_size=world_size)
+                world_size=world_size, objective=o.objective)
 
 
 # what a --resume must keep: the data (its name and its content: the fingerprint, size and
 # SHA-256, of the text read), the task and the batch (the rate and the step count may change);
 # under torchrun the number of processes too (each one's data stream is in the checkpoint)
 RESUME_MUST_MATCH = ("corpus", "corpus_fingerprint", "config", "init", "nsp", "max_length",
-                     "batch_size", "vocab_size", "world_size")
+                     "batch_size", "vocab_size", "world_size", "objective")
 
 
 def check_resume_settings(checkpoint, o, corpus_name, path, world_size=1):
@@ -464,8 +464,9 @@ def check_resume_settings(checkpoint, o, corpus_name, path, world_size=1):
     refusal names each difference. With --init the sizes are the init's (compared through init)."""
     requested, settings = o.model_config(), run_settings(o, corpus_name, world_size)
     expected = {key: settings[key] for key in RESUME_MUST_MATCH}
-    found = {key: checkpoint.get("run", {}).get(key, 1 if key == "world_size" else None)
-             for key in expected}
+    # what a checkpoint from before the key was recorded ran
+    older = {"world_size": 1, "objective": "mlm"}
+    found = {key: checkpoint.get("run", {}).get(key, older.get(key)) for key in expected}
     if found["corpus_fingerprint"] is None:  # a checkpoint written before fingerprints were kept
         found["corpus_fingerprint"] = expected["corpus_fingerprint"]
     fields = ["dropout", "attention"] + ([] if o.init else list(SIZE_FIELDS))

@@ -197,12 +197,14 @@ def nsp_possible(documents):
 
 
 def held_out_batches(documents, tokenizer, max_length, use_nsp, batch_size=64, num_batches=8,
-                     seed=4321):
+                     seed=4321, causal=False):
     """A fixed set of masked held-out batches: the same masks at every evaluation, so the
-    numbers are comparable across steps and runs."""
+    numbers are comparable across steps and runs. causal: C8's next-token batches instead."""
     if not documents:
         return []
     rng = np.random.default_rng(seed)
+    if causal:
+        return [causal_batch(documents, tokenizer, rng, batch_size, max_length) for _ in range(num_batches)]
     use_nsp = use_nsp and nsp_possible(documents)
     return [pretraining_batch(documents, tokenizer, rng, batch_size, max_length, use_nsp)
             for _ in range(num_batches)]
@@ -756,6 +758,32 @@ def unflatten_documents(tokens, sentence_lengths, document_sizes):
                  if len(sentence_lengths) else [])
     ends = np.cumsum(document_sizes)
     return [sentences[end - size: end] for size, end in zip(document_sizes.tolist(), ends.tolist())]
+
+
+# ----------------------------------------------------------------------------------------
+# C8: the causal (GPT-style) objective's batches
+# ----------------------------------------------------------------------------------------
+
+
+def next_token_labels(input_ids, attention_mask):
+    """The causal objective as the MLM path's labelled positions: label[t] = x_{t+1} where x_{t+1}
+    is a real token, IGNORE_INDEX elsewhere (the last position, and before padding). The model
+    then gathers s(. | x_<=t) at every labelled t, and E4's mean over them is
+    model.causal_lm_loss: the same head, the same loss code, every position predicted."""
+    labels = np.full_like(input_ids, IGNORE_INDEX)                                # (B, T)
+    labels[:, :-1] = np.where(attention_mask[:, 1:], input_ids[:, 1:], IGNORE_INDEX)
+    return labels
+
+
+def causal_batch(documents, tokenizer, rng, batch_size, max_length):
+    """A batch for `pretrain --objective causal`: `[CLS] text [SEP]` rows drawn as MLM's without
+    NSP, nothing masked (input_ids are the text), mlm_labels the next token (next_token_labels)."""
+    rows = [[tokenizer.cls_id, *pretraining_example(documents, rng, max_length, use_nsp=False)[0], tokenizer.sep_id]
+            for _ in range(batch_size)]
+    input_ids, attention_mask = pad(rows, tokenizer.pad_id)
+    return dict(input_ids=input_ids, segment_ids=np.zeros_like(input_ids), attention_mask=attention_mask,
+                mlm_labels=next_token_labels(input_ids, attention_mask),
+                nsp_labels=np.full(batch_size, IS_NEXT, dtype=np.int64))
 
 
 if __name__ == "__main__":

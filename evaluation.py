@@ -4,6 +4,7 @@
     classify(model, rows, labels)    accuracy, macro-F1 and the mean cross-entropy of E3
     evaluate(init, data)             either of the two on a file, for a run folder (`ptft.py evaluate`)
     fill_mask(init, text)            E4's softmax at every [MASK] (`ptft.py fill-mask`)
+    generate(init, prompt)           C8: a causal run writes on, one token at a time (`ptft.py generate`)
 
 Run `python evaluation.py RUN TEXT_WITH_[MASK]` to see a pre-training run fill in a blank.
 """
@@ -88,8 +89,10 @@ def evaluate(init, data_path, device="auto", log=print):
     max_length = min(model.config.max_positions, checkpoint.get("run", {}).get("max_length", 128))
     # NSP accuracy only where the run trained its NSP head and the corpus allows B2's pairs
     use_nsp = checkpoint.get("run", {}).get("nsp", True) and data.nsp_possible(encoded)
-    batches = data.held_out_batches(encoded, tokenizer, max_length, use_nsp=use_nsp)
+    batches = data.held_out_batches(encoded, tokenizer, max_length, use_nsp=use_nsp, causal=model.config.causal)
     result = mlm_evaluation(model, batches, device)
+    if model.config.causal:  # C8: the mean -log P(x_t | x_<t); its exp is the perplexity
+        result["perplexity"] = float(np.exp(result["mlm_loss"]))
     if not use_nsp:
         del result["nsp_accuracy"]
     result["n"] = int(sum((b["mlm_labels"] != IGNORE_INDEX).sum() for b in batches))
@@ -128,6 +131,54 @@ def fill_mask(init, text, top_k=5, device="auto", log=print):
     best = probabilities.topk(min(top_k, len(tokenizer)), dim=-1)
     return [[(tokenizer.vocab[i], p) for i, p in zip(ids.tolist(), ps.tolist())]
             for ids, ps in zip(best.indices, best.values)]
+
+
+@torch.no_grad()
+def generate(init, prompt, max_new_tokens=20, temperature=1.0, top_k=None, greedy=False, seed=0, device="auto",
+             log=print):
+    """C8: a causal run continues PROMPT one token at a time: x_t ~ P(. | x_<t), the chain rule of
+    E2 read forwards. P is the softmax of the tied decoder's scores at the last position, divided by
+    `temperature` (below 1: sharper, above: flatter), restricted to the top_k best tokens if given;
+    greedy takes the most probable token (no randomness at all). Stops at [SEP] (where the
+    training rows end) or after max_new_tokens. Returns (the generated text, its token ids)."""
+    device = pick_device(device)
+    notes = []
+    model, tokenizer, checkpoint = open_model(init, notes.append)
+    if checkpoint.get("kind") != "pretraining" or not model.config.causal:
+        raise InputError(f"{init}: generate needs a causal pre-training run (ptft.py pretrain --objective causal)")
+    if max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be positive, got {max_new_tokens}")
+    if not (temperature > 0 and np.isfinite(temperature)):
+        raise InputError(f"--temperature must be a finite number above 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise InputError(f"--top-k must be positive, got {top_k}")
+    ids = [tokenizer.cls_id, *tokenizer.encode(prompt)]
+    if len(ids) >= model.config.max_positions:
+        raise InputError(f"the prompt is {len(ids)} tokens long; the model takes at most {model.config.max_positions - 1} "
+                         "before the first generated one")
+    for note in notes:
+        log(note)
+    model.to(device).eval()
+    generator = torch.Generator().manual_seed(seed)  # its own: the same seed, the same text
+    new = []
+    while len(new) < max_new_tokens and len(ids) < model.config.max_positions:
+        sequence_output, _ = model.encoder(torch.tensor([ids], device=device))     # (1, T, H)
+        # s(. | x_<=t) at the last position, through the MLM head tied to the embeddings       (V,)
+        scores = model.mlm_head(sequence_output[0, -1:], model.encoder.embeddings.token.weight)[0].float().cpu()
+        scores[tokenizer.pad_id] = float("-inf")  # never trained as a target
+        if greedy:
+            token = int(scores.argmax())
+        else:
+            scores = scores / temperature
+            if top_k is not None and top_k < len(scores):
+                threshold = scores.topk(top_k).values[-1]
+                scores = scores.masked_fill(scores < threshold, float("-inf"))
+            token = int(torch.multinomial(scores.softmax(-1), 1, generator=generator))
+        if token == tokenizer.sep_id:
+            break
+        ids.append(token)
+        new.append(token)
+    return tokenizer.decode(new), new
 
 
 def to_tensors(batch, device):

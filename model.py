@@ -48,6 +48,7 @@ class Config:
     layer_norm_eps: float = 1e-12  # BERT's value
     initializer_range: float = 0.02  # std of the normal initialisation (BERT's value)
     attention: str = "explicit"  # "explicit" = the formula written out; "sdpa" = torch's fused kernel
+    causal: bool = False  # C8: no position attends to a later one (GPT-style, `pretrain --objective causal`)
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads != 0:
@@ -184,6 +185,8 @@ class Encoder(nn.Module):
         """input_ids (B, T) -> (sequence output (B, T, H), pooled [CLS] output (B, H)).
         attention_mask (B, T) is True/1 at real tokens and False/0 at padding."""
         x = self.embeddings(input_ids, segment_ids)
+        if self.config.causal and attention_mask is None:  # the causal mask is needed even without padding
+            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
         additive_mask = self.additive_mask(attention_mask, x.dtype)
         for layer in self.layers:
             x = layer(x, additive_mask)
@@ -197,12 +200,25 @@ class Encoder(nn.Module):
             return None
         additive_mask = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
         additive_mask = additive_mask.masked_fill(~attention_mask.bool(), torch.finfo(dtype).min)
+        if self.config.causal:
+            return causal_additive_mask(additive_mask)
         return additive_mask[:, None, None, :]
 
     def pool(self, x, cls_positions=None):
         # [CLS] is position 0 -- or, packed (fast.pack_pairs), each pair's [CLS] in the flattened rows
         cls = x[:, 0] if cls_positions is None else x.flatten(0, 1)[cls_positions]
         return torch.tanh(self.pooler(cls))                                         # (B, H)
+
+
+def causal_additive_mask(padding_mask):
+    """C8: the padding mask (B, T) combined with the causal one -> (B, 1, T, T): query i may attend
+    to key j only if j <= i AND j is a real token. mask[b, 0, i, j] = min where j > i, so that
+    P(x_i | x_<i) below can be read off position i - 1 without position i - 1 having seen x_i.
+    masked_fill (not +) keeps a key that is both padding and future at min, never -inf."""
+    length = padding_mask.shape[-1]
+    future = torch.ones(length, length, dtype=torch.bool, device=padding_mask.device).triu(diagonal=1)  # j > i (T, T)
+    combined = padding_mask[:, None, None, :].expand(-1, 1, length, -1)                # (B, 1, T, T)
+    return combined.masked_fill(future, torch.finfo(padding_mask.dtype).min)
 
 
 def init_weights(module, std):
@@ -256,6 +272,32 @@ def mlm_loss(scores, targets, num_masked_total=None):
     else:
         num_masked_total = max(num_masked_total, 1)
     return -torch.where(in_m, log_probabilities, 0.0).sum() / num_masked_total
+
+
+# ----------------------------------------------------------------------------------------
+# C8: the causal (GPT-style) loss, term by term -- E2 computed exactly, by the chain rule
+# ----------------------------------------------------------------------------------------
+
+
+def causal_lm_loss(scores, input_ids, attention_mask=None):
+    """The next-token loss, written out beside E4. The chain rule factors E2's likelihood exactly:
+
+        log P(x) = sum_{t=1}^{T-1} log P(x_t | x_<t)          (x_0 = [CLS] is given, not predicted)
+        L_causal(theta) = - sum_t log( exp(s(x_t | x_<t)) / sum_{x' in V} exp(s(x' | x_<t)) )
+
+    where s(. | x_<t) is the score row at position t - 1, which under the causal mask has seen
+    x_0 .. x_{t-1} only. E4 predicts ~15% of tokens from both sides; this predicts EVERY token from
+    its left. scores: (B, T, V) at every position; input_ids, attention_mask: (B, T). Returns the
+    mean of -log P(x_t | x_<t) over the real predicted tokens (a target that is padding adds
+    nothing): exp of it is the perplexity.
+    """
+    scores = scores[:, :-1].float()                  # the row at t - 1 predicts x_t          (B, T-1, V)
+    targets = input_ids[:, 1:]                                                                # (B, T-1)
+    log_normaliser = torch.logsumexp(scores, dim=-1)                                          # (B, T-1)
+    true_scores = scores.gather(-1, targets[..., None]).squeeze(-1)                           # (B, T-1)
+    log_probabilities = true_scores - log_normaliser     # log P(x_t | x_<t)                 (B, T-1)
+    real = torch.ones_like(targets, dtype=torch.bool) if attention_mask is None else attention_mask[:, 1:].bool()
+    return -torch.where(real, log_probabilities, 0.0).sum() / real.sum().clamp(min=1)
 
 
 # ----------------------------------------------------------------------------------------
@@ -336,6 +378,9 @@ class Classifier(nn.Module):
         super().__init__()
         if pool not in POOLINGS:
             raise ValueError(f"pool must be one of {', '.join(POOLINGS)}, not {pool!r}")
+        # C8: under a causal mask [CLS] at position 0 sees only itself (the same vector for every
+        # input), so a causal encoder classifies from the mean over its real tokens
+        pool = "mean" if config.causal else pool
         self.config, self.pool = config, pool
         self.encoder = Encoder(config)
         self.dropout = fast.Dropout(config.dropout)

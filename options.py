@@ -106,6 +106,9 @@ class PretrainOptions:
     max_length: int = setting(64, "tokens per sequence, [CLS] and [SEP]s included", least=8)
     lr: float = setting(1e-3, "peak learning rate (linear warmup, then cosine decay; C4)")
     warmup_steps: int = setting(None, "warmup steps (default: 5% of --steps)", least=0)
+    objective: str = setting("mlm", "mlm (BERT's masked tokens, E4) or causal (GPT's next token "
+                                    "under a causal mask, C8; no NSP; reports perplexity)",
+                             choices=("mlm", "causal"))
     nsp: bool = setting(True, "MLM only, no next-sentence prediction (default: MLM + NSP, B2, B3)",
                         flag="--no-nsp")
     nsp_weight: float = setting(1.0, "lambda in L = L_MLM + lambda * L_NSP (B3)")
@@ -157,6 +160,10 @@ class PretrainOptions:
                              "with --init (continued pre-training keeps the size of the model it "
                              "starts from)")
 
+        if self.objective == "causal":
+            # B2 reads [CLS], which sees only itself under a causal mask: a causal run has no NSP
+            self.nsp = False
+
     def masking_rule(self):
         return MaskingRule(self.mask_probability, self.mask_token_fraction,
                            self.random_token_fraction)
@@ -165,7 +172,8 @@ class PretrainOptions:
         """The Config asked for (an --init brings its own sizes and vocabulary)."""
         return model_config(self, vocab_size=self.vocab_size or (8192 if self.corpus else 2048),
                             max_positions=max(128, self.max_length), attention=self.attention,
-                            dropout=self.dropout, attention_dropout=self.dropout)
+                            dropout=self.dropout, attention_dropout=self.dropout,
+                            causal=self.objective == "causal")
 
 
 @dataclass

@@ -152,7 +152,8 @@ def build_parser():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in (add_demo, add_pretrain, add_finetune, add_distill, add_quantize, add_prune,
-                add_tokenize, add_experiments, add_evaluate, add_fill_mask, add_export, add_bench):
+                add_tokenize, add_experiments, add_evaluate, add_fill_mask, add_generate, add_export,
+                add_bench):
         add(commands)
     return parser
 
@@ -358,6 +359,22 @@ def add_fill_mask(commands):
     add_device_flag(p)
 
 
+def add_generate(commands):
+    p = add_command(commands, "generate", "C8: a causal run writes on from a prompt",
+                    "Continue PROMPT with a run pre-trained with --objective causal: each new token "
+                    "is drawn from P(x_t | x_<t) (the softmax of the tied decoder's scores, divided "
+                    "by --temperature, over the --top-k best tokens), or with --greedy the most "
+                    "probable one. Stops at [SEP] or after --max-new-tokens. Prints the new text.")
+    p.add_argument("--init", required=True, help="a run folder of `pretrain --objective causal`")
+    p.add_argument("prompt", help='the text to continue, e.g. "the striker"')
+    p.add_argument("--max-new-tokens", type=int, default=20, help="tokens to add at most")
+    p.add_argument("--temperature", type=float, default=1.0, help="divides the scores (< 1: sharper)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the K best tokens only")
+    p.add_argument("--greedy", action="store_true", help="always the most probable token (no sampling)")
+    p.add_argument("--seed", type=int, default=0, help=options.HELP["seed"])
+    add_device_flag(p)
+
+
 def add_export(commands):
     p = add_command(commands, "export", "write a run as a Hugging Face BERT folder",
                     "Write config.json, model.safetensors, vocab.txt and tokenizer_config.json: a "
@@ -478,6 +495,13 @@ def run_fill_mask(args):
             print(f"{token}\t{probability:.6f}")
 
 
+def run_generate(args):
+    text, _ = evaluation.generate(args.init, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
+                                  args.greedy, args.seed, args.device,
+                                  log=lambda message: print(message, file=sys.stderr))
+    print(text)
+
+
 def run_export(args):
     checkpoint = load_checkpoint(args.init)
     hf.check_exportable(checkpoint)  # refused before the folder is made
@@ -500,6 +524,7 @@ COMMANDS = {
     "tokenize": run_tokenize,
     "evaluate": run_evaluate,
     "fill-mask": run_fill_mask,
+    "generate": run_generate,
     "export": run_export,
     "experiments": lambda args: experiments.run(args.out, "quick" if args.quick else args.plan,
                                                 seeds=args.seeds, resume=args.resume,

@@ -156,6 +156,7 @@ def model_to_train(run):
 def finish_pretraining(out, run, last, throughput, data_wait_seconds):
     """The run's metrics, written to OUT/metrics.json on rank 0, once the final checkpoint is saved."""
     metrics = {**last, "final_train_mlm_loss": last.get("train_mlm_loss"), "held_out_mlm_loss": last.get("held_out_mlm_loss"),
+               "objective": run.options.objective,
                "ln_vocab": math.log(len(run.tokenizer)), **throughput.metrics(),
                "data_wait_fraction": throughput.share(data_wait_seconds), "processes": run.processes.world_size,
                "corpus": run.corpus_name, "history": run.history}
@@ -170,12 +171,16 @@ def record_held_out(run, held_out, last, write):
     run's history, and one line on rank 0."""
     evaluation = mlm_evaluation(run.model, held_out, run.device, run.precision)
     last["held_out_mlm_loss"] = evaluation["mlm_loss"]
+    if run.options.objective == "causal":  # the loss is the mean -log P(x_t | x_<t): its exp is the perplexity
+        last["held_out_perplexity"] = math.exp(evaluation["mlm_loss"])
     if run.options.nsp:
         last["held_out_nsp_accuracy"] = evaluation["nsp_accuracy"]
     run.history.append(last)
     if run.processes.main:
-        write(f"step {last['step']}: train MLM {last['train_mlm_loss']:.3f}, held-out MLM {evaluation['mlm_loss']:.3f}"
-              + (f", held-out NSP accuracy {evaluation['nsp_accuracy']:.3f}" if run.options.nsp else ""))
+        name = "causal" if run.options.objective == "causal" else "MLM"
+        write(f"step {last['step']}: train {name} {last['train_mlm_loss']:.3f}, held-out {name} {evaluation['mlm_loss']:.3f}"
+              + (f", held-out NSP accuracy {evaluation['nsp_accuracy']:.3f}" if run.options.nsp else "")
+              + (f", held-out perplexity {last['held_out_perplexity']:.2f}" if "held_out_perplexity" in last else ""))
 
 
 def step_batches(run, encoded, background=None):
@@ -184,6 +189,9 @@ def step_batches(run, encoded, background=None):
     o, on_gpu = run.options, run.device.type == "cuda"
 
     def build(rng):
+        if o.objective == "causal":  # C8: every next token, nothing masked (never packed)
+            return [data.causal_batch(encoded, run.tokenizer, rng, o.batch_size, o.max_length)
+                    for _ in range(o.accumulation)]
         return [packed(data.pretraining_batch(encoded, run.tokenizer, rng, o.batch_size, o.max_length, use_nsp=o.nsp,
                                               masking=o.masking_rule())) for _ in range(o.accumulation)]
 
@@ -220,6 +228,8 @@ def pretraining_step(run, training_model, micro_batches):
                                               run.processes, run.device)[0])
     shares = o.accumulation * run.processes.world_size
     max_predictions = o.masking_rule().max_predictions(o.max_length)
+    if o.objective == "causal":  # C8: every position but the last predicts (its next token)
+        max_predictions = o.max_length
     loss_mlm_total, loss_nsp_total, tokens = 0.0, 0.0, 0
     for number, micro_batch in enumerate(micro_batches, start=1):
         # the speed devices that apply to this micro-batch (fast.py): the same losses, faster
@@ -277,7 +287,7 @@ def start_pretraining(out, o, resume, force, log):
     if processes.main:  # only once the inputs are known good: a refusal leaves nothing behind
         tokenizer.save(os.path.join(out, "vocab.txt"))
     held_out = data.held_out_batches(held_out_documents if tokenised else data.encode_documents(tokenizer, held_out_documents),
-                                     tokenizer, o.max_length, o.nsp)
+                                     tokenizer, o.max_length, o.nsp, causal=o.objective == "causal")
 
     data_rng = seed_everything(o.seed)
     model = PreTrainingModel(config).to(device)  # the same initialisation in every process
@@ -319,7 +329,8 @@ def model_and_tokenizer(o, out, resume_from, corpus_name, documents, log, world_
         initial = load_checkpoint(o.init, log)
         if initial.get("kind") != "pretraining":
             raise InputError(f"{o.init}: a classifier checkpoint; continued pre-training needs a pre-training run or a BERT folder")
-        config = replace(Config(**initial["config"]), attention=o.attention, dropout=o.dropout, attention_dropout=o.dropout)
+        config = replace(Config(**initial["config"]), attention=o.attention, dropout=o.dropout, attention_dropout=o.dropout,
+                         causal=o.objective == "causal")
         return config, Tokenizer.from_checkpoint(initial), initial["model"]
     if isinstance(documents, data.TokenFile):  # a token file brings its vocabulary
         tokenizer = documents.tokenizer()
