@@ -77,7 +77,8 @@ def time_step_and_forward(step, forward, steps, device):
     bytes -- weights, gradients, optimizer state and activations; None on a CPU), after 3 warm-up
     steps."""
     if device.type == "cuda":
-        gc.collect()  # the previous rows' models (compiled ones hold reference cycles) are gone before counting
+        # the previous rows' models (compiled ones hold reference cycles) are gone before counting
+        gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(3):  # warm-up: allocator, kernels, autotuning
@@ -99,8 +100,8 @@ def time_ptft(model_config, batch, precision, attention, compiled, steps, device
 
     def step():
         with options.autocast(device, precision):
-            loss = training_model(batch["input_ids"], batch["segment_ids"], batch["attention_mask"], batch["mlm_labels"],
-                                  speed=speed)[0]
+            loss = training_model(batch["input_ids"], batch["segment_ids"], batch["attention_mask"],
+                                  batch["mlm_labels"], speed=speed)[0]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -108,10 +109,12 @@ def time_ptft(model_config, batch, precision, attention, compiled, steps, device
     def forward():
         with options.autocast(device, precision):
             if speed is None or speed.unpadded is None:
-                sequence_output = encoder(batch["input_ids"], batch["segment_ids"], batch["attention_mask"])[0]
+                sequence_output = encoder(batch["input_ids"], batch["segment_ids"],
+                                          batch["attention_mask"])[0]
             else:
-                sequence_output = fast.encode_unpadded(model.encoder, batch["input_ids"], batch["segment_ids"],
-                                                       batch["attention_mask"], speed.unpadded, speed.packed)[0]
+                sequence_output = fast.encode_unpadded(
+                    model.encoder, batch["input_ids"], batch["segment_ids"],
+                    batch["attention_mask"], speed.unpadded, speed.packed)[0]
             model.mlm_scores(sequence_output, batch["mlm_labels"])
 
     return time_step_and_forward(step, forward, steps, device)
@@ -126,8 +129,9 @@ def time_transformers(model_config, batch, precision, compiled, steps, device):
     except ImportError:
         raise InputError("--compare-hf needs `transformers` (pip install transformers)") from None
     hf_config = transformers.BertConfig(
-        vocab_size=model_config.vocab_size, hidden_size=model_config.hidden_size, num_hidden_layers=model_config.num_layers,
-        num_attention_heads=model_config.num_heads, intermediate_size=model_config.intermediate_size,
+        vocab_size=model_config.vocab_size, hidden_size=model_config.hidden_size,
+        num_hidden_layers=model_config.num_layers, num_attention_heads=model_config.num_heads,
+        intermediate_size=model_config.intermediate_size,
         max_position_embeddings=model_config.max_positions, attn_implementation="sdpa")
     torch.manual_seed(0)
     hf_model = transformers.BertForMaskedLM(hf_config).to(device).train()
@@ -139,7 +143,8 @@ def time_transformers(model_config, batch, precision, compiled, steps, device):
 
     def step():
         with options.autocast(device, precision):
-            loss = run(input_ids=batch["input_ids"], attention_mask=attention_mask, labels=batch["mlm_labels"]).loss
+            loss = run(input_ids=batch["input_ids"], attention_mask=attention_mask,
+                       labels=batch["mlm_labels"]).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -173,11 +178,14 @@ def real_lengths(generator, batch_size, length, real_fraction):
 def data_path_speed(generator, batch_size, length, vocab_size=8192):
     """Tokens/s of the data path that feeds the step (B2 sentence pairs + B1 80/10/10 masking,
     numpy, one core) on random documents of 8-40 token sentences."""
-    tokenizer = Tokenizer(SPECIAL_TOKENS + [f"w{i}" for i in range(vocab_size - len(SPECIAL_TOKENS))])
-    documents = [[generator.integers(5, vocab_size, size) for size in generator.integers(8, 40, 12)] for _ in range(2000)]
+    words = [f"w{i}" for i in range(vocab_size - len(SPECIAL_TOKENS))]
+    tokenizer = Tokenizer(SPECIAL_TOKENS + words)
+    documents = [[generator.integers(5, vocab_size, size) for size in generator.integers(8, 40, 12)]
+                 for _ in range(2000)]
     started, produced = time.perf_counter(), 0
     for _ in range(20):
-        produced += int(data.pretraining_batch(documents, tokenizer, generator, batch_size, length)["attention_mask"].sum())
+        batch = data.pretraining_batch(documents, tokenizer, generator, batch_size, length)
+        produced += int(batch["attention_mask"].sum())
     return produced / (time.perf_counter() - started)
 
 
@@ -187,17 +195,22 @@ def bench(o, log=print):
     o.check()
     device = options.pick_device(o.device)
     batch_size, vocab_size, length = o.batch_size_on(device), o.vocab_size_of(), 128
-    model_config = options.model_config(options.PretrainOptions(config=o.config), vocab_size=vocab_size, max_positions=length)
+    model_config = options.model_config(options.PretrainOptions(config=o.config),
+                                        vocab_size=vocab_size, max_positions=length)
     generator = np.random.default_rng(0)
-    lengths = real_lengths(generator, batch_size, length, o.real_fraction)  # all `length` unless --real-fraction
+    # all `length` unless --real-fraction
+    lengths = real_lengths(generator, batch_size, length, o.real_fraction)
     real = np.arange(length)[None, :] < lengths[:, None]                     # (B, T)
     # B1 by data.mask_tokens itself: [CLS] w ... w [SEP], padding after; 15% selected, 80/10/10
-    tokenizer = Tokenizer(SPECIAL_TOKENS + [f"w{i}" for i in range(vocab_size - len(SPECIAL_TOKENS))])
-    ids = np.where(real, generator.integers(len(SPECIAL_TOKENS), vocab_size, (batch_size, length)), tokenizer.pad_id)
+    words = [f"w{i}" for i in range(vocab_size - len(SPECIAL_TOKENS))]
+    tokenizer = Tokenizer(SPECIAL_TOKENS + words)
+    ids = np.where(real, generator.integers(len(SPECIAL_TOKENS), vocab_size, (batch_size, length)),
+                   tokenizer.pad_id)
     ids[:, 0], ids[np.arange(batch_size), lengths - 1] = tokenizer.cls_id, tokenizer.sep_id
     masked_ids, mlm_labels = data.mask_tokens(ids, tokenizer, generator)
     padded = not real.all()
-    arrays = {"input_ids": masked_ids, "segment_ids": np.zeros_like(ids), "attention_mask": real, "mlm_labels": mlm_labels}
+    arrays = {"input_ids": masked_ids, "segment_ids": np.zeros_like(ids), "attention_mask": real,
+              "mlm_labels": mlm_labels}
     # the fast rows use what pretrain would for this batch on this device (fast.speed_for): the
     # real tokens only where there is padding, a fixed number of predictions on a GPU, and the
     # pairs packed several per row where --packing auto would (fast.packing_pays); with padding,
@@ -205,21 +218,28 @@ def bench(o, log=print):
     max_predictions = data.MaskingRule().max_predictions(length)
     packed_arrays = fast.pack_pairs(arrays, length, tokenizer.pad_id) if padded else None
     layouts = {False: arrays, True: packed_arrays}
-    speeds = {pack: fast.speed_for(layout, device, max_predictions) for pack, layout in layouts.items() if layout is not None}
+    speeds = {pack: fast.speed_for(layout, device, max_predictions)
+              for pack, layout in layouts.items() if layout is not None}
     batches = {pack: {key: torch.from_numpy(value).to(device) for key, value in layout.items()}
                for pack, layout in layouts.items() if layout is not None}
-    pretrain_packs = padded and device.type == "cuda" and fast.packing_pays(arrays, length)  # as auto
+    # as --packing auto would
+    pretrain_packs = padded and device.type == "cuda" and fast.packing_pays(arrays, length)
     speed, batch = speeds[pretrain_packs], batches[pretrain_packs]
     selected = mlm_labels != IGNORE_INDEX
     num_masked, tokens = int(selected.sum()), int(lengths.sum())  # tokens/s counts real tokens
     # the fast rows' precisions; the reading path's row is always fp32
-    precisions = {"auto": ["fp32"] + (["bf16"] if options.pick_precision("auto", device) == "bf16" else []),
+    auto_bf16 = options.pick_precision("auto", device) == "bf16"
+    precisions = {"auto": ["fp32"] + (["bf16"] if auto_bf16 else []),
                   "fp32": ["fp32"], "bf16": ["bf16"]}[o.precision]
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    peaks = {p: o.peaks().get(p) or matmul_peak(device, dtypes[p]) for p in dict.fromkeys(["fp32"] + precisions)}
-    log(f"{o.config}: {model_config.num_layers} layers, hidden {model_config.hidden_size}, vocab {vocab_size}, seq {length}, "
-        f"batch {batch_size}, {tokens / real.size:.0%} real tokens, {num_masked} masked; device {device_name(device)}; matmul peak "
-        + ", ".join(f"{k} {v / 1e12:.2f} TFLOP/s" + (" (given)" if k in o.peaks() else "") for k, v in peaks.items()))
+    peaks = {p: o.peaks().get(p) or matmul_peak(device, dtypes[p])
+             for p in dict.fromkeys(["fp32"] + precisions)}
+    log(f"{o.config}: {model_config.num_layers} layers, hidden {model_config.hidden_size}, "
+        f"vocab {vocab_size}, seq {length}, batch {batch_size}, "
+        f"{tokens / real.size:.0%} real tokens, {num_masked} masked; "
+        f"device {device_name(device)}; matmul peak "
+        + ", ".join(f"{k} {v / 1e12:.2f} TFLOP/s" + (" (given)" if k in o.peaks() else "")
+                    for k, v in peaks.items()))
     # (name, precision, attention, compiled, speed devices): the reading path first; with padding,
     # the fast rows once more computing on it, to show what fast.Unpadded buys
     computing_padding = replace(speeds[False], unpadded=None)
@@ -228,33 +248,45 @@ def bench(o, log=print):
     variants += [(fast_name, p, "sdpa", False, speed, batch) for p in precisions]
     if padded:
         other = "fast, not packed" if pretrain_packs else "fast, packed"
-        variants += [(other, p, "sdpa", False, speeds[not pretrain_packs], batches[not pretrain_packs]) for p in precisions]
-        variants += [("fast, padding computed", p, "sdpa", False, computing_padding, batches[False]) for p in precisions]
+        other_speed, other_batch = speeds[not pretrain_packs], batches[not pretrain_packs]
+        variants += [(other, p, "sdpa", False, other_speed, other_batch) for p in precisions]
+        variants += [("fast, padding computed", p, "sdpa", False, computing_padding, batches[False])
+                     for p in precisions]
     if o.compile:
         variants += [(fast_name, p, "sdpa", True, speed, batch) for p in precisions]
     rows = []
     for variant, precision, attention, compiled, row_speed, row_batch in variants:
-        train_seconds, infer_seconds, peak = time_ptft(model_config, row_batch, precision, attention, compiled=compiled,
-                                                       steps=o.steps, device=device, speed=row_speed)
+        train_seconds, infer_seconds, peak = time_ptft(
+            model_config, row_batch, precision, attention, compiled=compiled, steps=o.steps,
+            device=device, speed=row_speed)
         flops = training_flops(model_config, lengths, num_masked)
         fixed = row_speed is not None and row_speed.max_predictions
         prediction = f"fixed {fixed} per sequence" if fixed else "sparse"
-        rows.append({"impl": "ptft", "variant": f"{variant} ({attention} attention, {prediction} MLM)",
-                     "precision": precision, "compiled": compiled, "config": o.config, "device": device_name(device),
-                     "batch_size": batch_size, "train_tokens_per_s": tokens / train_seconds,
-                     "infer_tokens_per_s": tokens / infer_seconds, "mfu": flops / train_seconds / peaks[precision],
+        rows.append({"impl": "ptft",
+                     "variant": f"{variant} ({attention} attention, {prediction} MLM)",
+                     "precision": precision, "compiled": compiled, "config": o.config,
+                     "device": device_name(device), "batch_size": batch_size,
+                     "train_tokens_per_s": tokens / train_seconds,
+                     "infer_tokens_per_s": tokens / infer_seconds,
+                     "mfu": flops / train_seconds / peaks[precision],
                      "peak_memory_gb": peak and peak / 2 ** 30})
-        if o.compare_hf and row_speed is speed:  # transformers in the same precision, compiled alike
-            train_seconds, infer_seconds, peak = time_transformers(model_config, batches[False], precision, compiled=compiled,
-                                                                   steps=o.steps, device=device)
+        # transformers in the same precision, compiled alike
+        if o.compare_hf and row_speed is speed:
+            train_seconds, infer_seconds, peak = time_transformers(
+                model_config, batches[False], precision, compiled=compiled, steps=o.steps,
+                device=device)
+            hf_flops = training_flops(model_config, lengths, tokens)
             rows.append({**rows[-1], "impl": "hf", "variant": "BertForMaskedLM (sdpa)",
-                         "train_tokens_per_s": tokens / train_seconds, "infer_tokens_per_s": tokens / infer_seconds,
+                         "train_tokens_per_s": tokens / train_seconds,
+                         "infer_tokens_per_s": tokens / infer_seconds,
                          "peak_memory_gb": peak and peak / 2 ** 30,
-                         "mfu": training_flops(model_config, lengths, tokens) / train_seconds / peaks[precision]})
+                         "mfu": hf_flops / train_seconds / peaks[precision]})
     print_table(rows, log)
-    data_speed = data_path_speed(generator, batch_size, length, vocab_size)  # it must be far faster than any row above
+    # it must be far faster than any row above
+    data_speed = data_path_speed(generator, batch_size, length, vocab_size)
+    fastest = max(r["train_tokens_per_s"] for r in rows)
     log(f"data path (sentence pairs + masking): {data_speed:,.0f} tokens/s = "
-        f"{data_speed / max(r['train_tokens_per_s'] for r in rows):.0f}x the fastest training step above")
+        f"{data_speed / fastest:.0f}x the fastest training step above")
     if o.json:
         write_json(o.json, rows)
     return rows
@@ -269,16 +301,18 @@ def device_name(device):
     model = platform.processor() or "cpu"
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    return f"cpu: {model}, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"
+            model = next((line.split(":", 1)[1].strip() for line in f
+                          if line.startswith("model name")), model)
+    return (f"cpu: {model}, {torch.backends.cpu.get_cpu_capability()}, "
+            f"{torch.get_num_threads()} threads")
 
 
 def print_table(rows, log):
     """Markdown; "vs hf" compares each ptft row with transformers in the same precision and
     compilation: its speed, and (on a GPU) its peak training memory."""
     reference = {(r["precision"], r["compiled"]): r for r in rows if r["impl"] == "hf"}
-    log("| impl | variant | precision | compiled | train tokens/s | inference tokens/s | MFU | peak memory |"
-        + (" vs hf: speed | memory |" if reference else ""))
+    log("| impl | variant | precision | compiled | train tokens/s | inference tokens/s | MFU "
+        "| peak memory |" + (" vs hf: speed | memory |" if reference else ""))
     log("|---|---|---|---|---|---|---|---|" + ("---|---|" if reference else ""))
     for r in rows:
         hf = reference.get((r["precision"], r["compiled"]))
@@ -286,9 +320,12 @@ def print_table(rows, log):
         versus = ""
         if reference:
             speed = f"{r['train_tokens_per_s'] / hf['train_tokens_per_s']:.2f}x" if hf else "—"
-            versus = f" {speed} | " + (f"{r['peak_memory_gb'] / hf['peak_memory_gb']:.2f}x |" if hf and r["peak_memory_gb"] else "— |")
-        log(f"| {r['impl']} | {r['variant']} | {r['precision']} | {'yes' if r['compiled'] else 'no'} | "
-            f"{r['train_tokens_per_s']:,.0f} | {r['infer_tokens_per_s']:,.0f} | {100 * r['mfu']:.0f}% | {memory} |" + versus)
+            versus = f" {speed} | " + (f"{r['peak_memory_gb'] / hf['peak_memory_gb']:.2f}x |"
+                                       if hf and r["peak_memory_gb"] else "— |")
+        log(f"| {r['impl']} | {r['variant']} | {r['precision']} | "
+            f"{'yes' if r['compiled'] else 'no'} | "
+            f"{r['train_tokens_per_s']:,.0f} | {r['infer_tokens_per_s']:,.0f} | "
+            f"{100 * r['mfu']:.0f}% | {memory} |" + versus)
 
 if __name__ == "__main__":
     # `python bench.py`: the tiny config, a few steps -- a check that every row runs (numbers noisy)

@@ -2,9 +2,11 @@
 
     mlm_evaluation(model, batches)   held-out E4: the mean -log P(x_t | x~) over every masked token
     classify(model, rows, labels)    accuracy, macro-F1 and the mean cross-entropy of E3
-    evaluate(init, data)             either of the two on a file, for a run folder (`ptft.py evaluate`)
+    evaluate(init, data)             either of the two on a file, for a run folder
+                                     (`ptft.py evaluate`)
     fill_mask(init, text)            E4's softmax at every [MASK] (`ptft.py fill-mask`)
-    generate(init, prompt)           C8: a causal run writes on, one token at a time (`ptft.py generate`)
+    generate(init, prompt)           C8: a causal run writes on, one token at a time
+                                     (`ptft.py generate`)
 
 Run `python evaluation.py RUN TEXT_WITH_[MASK]` to see a pre-training run fill in a blank.
 """
@@ -36,7 +38,8 @@ def mlm_evaluation(model, batches, device, precision="fp32"):
     for batch in batches:
         batch = to_tensors(batch, device)
         with autocast(device, precision):
-            sequence_output, pooled = model.encoder(batch["input_ids"], batch["segment_ids"], batch["attention_mask"])
+            sequence_output, pooled = model.encoder(batch["input_ids"], batch["segment_ids"],
+                                                    batch["attention_mask"])
             scores = model.mlm_scores(sequence_output, batch["mlm_labels"])
             nsp_predictions = model.nsp_head(pooled).argmax(-1)
         targets = batch["mlm_labels"][batch["mlm_labels"] != IGNORE_INDEX]
@@ -45,17 +48,21 @@ def mlm_evaluation(model, batches, device, precision="fp32"):
         nsp_correct += (nsp_predictions == batch["nsp_labels"]).sum().item()
         nsp_total += len(batch["nsp_labels"])
     model.train(was_training)
-    return {"mlm_loss": total_loss / max(total_masked, 1), "nsp_accuracy": nsp_correct / max(nsp_total, 1)}
+    return {"mlm_loss": total_loss / max(total_masked, 1),
+            "nsp_accuracy": nsp_correct / max(nsp_total, 1)}
 
 
 @torch.no_grad()
 def classifier_logits(model, rows, device, batch_size=128, pad_id=0):
-    """The classifier's logits f_phi(x) for rows of ids, in eval mode: (len(rows), C) float32, on the CPU."""
+    """The classifier's logits f_phi(x) for rows of ids, in eval mode: (len(rows), C) float32,
+    on the CPU."""
     model.eval()
     logits = []
     for first in range(0, len(rows), batch_size):
         input_ids, mask = data.pad(rows[first:first + batch_size], pad_id)
-        logits.append(model(torch.from_numpy(input_ids).to(device), None, torch.from_numpy(mask).to(device)).float().cpu())
+        batch_logits = model(torch.from_numpy(input_ids).to(device), None,
+                             torch.from_numpy(mask).to(device))
+        logits.append(batch_logits.float().cpu())
     return torch.cat(logits) if logits else torch.zeros(0, model.classifier.out_features)
 
 
@@ -83,13 +90,15 @@ def evaluate(init, data_path, device="auto", log=print):
     if checkpoint.get("kind") == "classifier":
         texts, labels = data.read_tsv(data_path)
         label_ids = data.encode_labels(labels, checkpoint["labels"], data_path)
-        rows = data.classification_inputs(tokenizer, texts, model.config.max_positions, log, path=data_path)
+        rows = data.classification_inputs(tokenizer, texts, model.config.max_positions, log,
+                                          path=data_path)
         return classify(model, rows, label_ids, device, pad_id=tokenizer.pad_id)
     encoded = data.encode_documents(tokenizer, data.load_corpus([data_path])[1])
     max_length = min(model.config.max_positions, checkpoint.get("run", {}).get("max_length", 128))
     # NSP accuracy only where the run trained its NSP head and the corpus allows B2's pairs
     use_nsp = checkpoint.get("run", {}).get("nsp", True) and data.nsp_possible(encoded)
-    batches = data.held_out_batches(encoded, tokenizer, max_length, use_nsp=use_nsp, causal=model.config.causal)
+    batches = data.held_out_batches(encoded, tokenizer, max_length, use_nsp=use_nsp,
+                                    causal=model.config.causal)
     result = mlm_evaluation(model, batches, device)
     if model.config.causal:  # C8: the mean -log P(x_t | x_<t); its exp is the perplexity
         result["perplexity"] = float(np.exp(result["mlm_loss"]))
@@ -108,24 +117,29 @@ def fill_mask(init, text, top_k=5, device="auto", log=print):
     notes = []  # open_model's notes, said only if fill-mask goes on (a refusal is one line)
     model, tokenizer, checkpoint = open_model(init, notes.append)
     if checkpoint.get("kind") != "pretraining":
-        raise InputError(f"{init}: a classifier checkpoint has no MLM head; fill-mask needs a pre-trained one")
+        raise InputError(f"{init}: a classifier checkpoint has no MLM head; "
+                         "fill-mask needs a pre-trained one")
     if "mlm_head" in checkpoint.get("fresh", []):
-        raise InputError(f"{init}: the file has no MLM head weights (a sentence-embedding model?); fill-mask needs them")
+        raise InputError(f"{init}: the file has no MLM head weights (a sentence-embedding model?); "
+                         "fill-mask needs them")
     if top_k < 1:
         raise InputError(f"--top-k must be positive, got {top_k}")
     input_ids = [tokenizer.cls_id, *tokenizer.encode(text), tokenizer.sep_id]
     if tokenizer.mask_id not in input_ids:
         raise InputError(f"no {MASK} in the text; write {MASK} where a token should be predicted")
     if len(input_ids) > model.config.max_positions:
-        raise InputError(f"the text is {len(input_ids)} tokens long; the model takes at most {model.config.max_positions}")
+        raise InputError(f"the text is {len(input_ids)} tokens long; "
+                         f"the model takes at most {model.config.max_positions}")
     for note in notes:
         log(note)
     model.to(device).eval()
     input_ids = torch.tensor([input_ids], device=device)
     sequence_output, _ = model.encoder(input_ids)
     # mlm_scores reads the masked set M off the labels: any value but IGNORE_INDEX marks a position
-    masked = torch.where(input_ids == tokenizer.mask_id, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
-    scores = model.mlm_scores(sequence_output, masked).float()  # s_theta(x' | x~): (number of [MASK]s, V)
+    masked = torch.where(input_ids == tokenizer.mask_id, input_ids,
+                         torch.full_like(input_ids, IGNORE_INDEX))
+    # s_theta(x' | x~): (number of [MASK]s, V)
+    scores = model.mlm_scores(sequence_output, masked).float()
     # E4: P(x' | x~) = exp(s_theta(x' | x~)) / sum_{x'' in V} exp(s_theta(x'' | x~))
     probabilities = scores.softmax(dim=-1)
     best = probabilities.topk(min(top_k, len(tokenizer)), dim=-1)
@@ -134,8 +148,8 @@ def fill_mask(init, text, top_k=5, device="auto", log=print):
 
 
 @torch.no_grad()
-def generate(init, prompt, max_new_tokens=20, temperature=1.0, top_k=None, greedy=False, seed=0, device="auto",
-             log=print):
+def generate(init, prompt, max_new_tokens=20, temperature=1.0, top_k=None, greedy=False, seed=0,
+             device="auto", log=print):
     """C8: a causal run continues PROMPT one token at a time: x_t ~ P(. | x_<t), the chain rule of
     E2 read forwards. P is the softmax of the tied decoder's scores at the last position, divided by
     `temperature` (below 1: sharper, above: flatter), restricted to the top_k best tokens if given;
@@ -145,7 +159,8 @@ def generate(init, prompt, max_new_tokens=20, temperature=1.0, top_k=None, greed
     notes = []
     model, tokenizer, checkpoint = open_model(init, notes.append)
     if checkpoint.get("kind") != "pretraining" or not model.config.causal:
-        raise InputError(f"{init}: generate needs a causal pre-training run (ptft.py pretrain --objective causal)")
+        raise InputError(f"{init}: generate needs a causal pre-training run "
+                         "(ptft.py pretrain --objective causal)")
     if max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be positive, got {max_new_tokens}")
     if not (temperature > 0 and np.isfinite(temperature)):
@@ -154,7 +169,8 @@ def generate(init, prompt, max_new_tokens=20, temperature=1.0, top_k=None, greed
         raise InputError(f"--top-k must be positive, got {top_k}")
     ids = [tokenizer.cls_id, *tokenizer.encode(prompt)]
     if len(ids) >= model.config.max_positions:
-        raise InputError(f"the prompt is {len(ids)} tokens long; the model takes at most {model.config.max_positions - 1} "
+        raise InputError(f"the prompt is {len(ids)} tokens long; "
+                         f"the model takes at most {model.config.max_positions - 1} "
                          "before the first generated one")
     for note in notes:
         log(note)
@@ -163,8 +179,9 @@ def generate(init, prompt, max_new_tokens=20, temperature=1.0, top_k=None, greed
     new = []
     while len(new) < max_new_tokens and len(ids) < model.config.max_positions:
         sequence_output, _ = model.encoder(torch.tensor([ids], device=device))     # (1, T, H)
+        token_embedding = model.encoder.embeddings.token.weight
         # s(. | x_<=t) at the last position, through the MLM head tied to the embeddings       (V,)
-        scores = model.mlm_head(sequence_output[0, -1:], model.encoder.embeddings.token.weight)[0].float().cpu()
+        scores = model.mlm_head(sequence_output[0, -1:], token_embedding)[0].float().cpu()
         scores[tokenizer.pad_id] = float("-inf")  # never trained as a target
         if greedy:
             token = int(scores.argmax())
@@ -182,8 +199,10 @@ def generate(init, prompt, max_new_tokens=20, temperature=1.0, top_k=None, greed
 
 
 def to_tensors(batch, device):
-    """numpy arrays (or tensors) -> tensors on `device`; a pinned tensor is copied without blocking."""
-    return {key: (torch.from_numpy(value) if isinstance(value, np.ndarray) else value).to(device, non_blocking=True)
+    """numpy arrays (or tensors) -> tensors on `device`; a pinned tensor is copied without
+    blocking."""
+    return {key: (torch.from_numpy(value) if isinstance(value, np.ndarray) else value)
+            .to(device, non_blocking=True)
             for key, value in batch.items()}
 
 

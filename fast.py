@@ -73,9 +73,9 @@ def attention(module, x, mask):
     """model.SelfAttention's result: in torch's fused kernel (F.scaled_dot_product_attention, the
     softmax(Q K^T / sqrt(d) + mask) V lines in one kernel that never stores the (B, h, T, T)
     scores) where fused_attention_applies, else the written-out lines (SelfAttention.attend).
-    mask: the additive mask (B, 1, 1, T) (or (B, 1, T, T), packed) or None -- or an Unpadded (encode_unpadded): x is then
-    (N, H), the real tokens only, and attention runs in the (B, h, T, d) layout with the padding
-    masked (mask.additive_mask)."""
+    mask: the additive mask (B, 1, 1, T) (or (B, 1, T, T), packed) or None -- or an Unpadded
+    (encode_unpadded): x is then (N, H), the real tokens only, and attention runs in the
+    (B, h, T, d) layout with the padding masked (mask.additive_mask)."""
     unpadded = mask if isinstance(mask, Unpadded) else None
     additive_mask = unpadded.additive_mask if unpadded is not None else mask
     fused = module.use_sdpa and fused_attention_applies(module, x)
@@ -85,10 +85,12 @@ def attention(module, x, mask):
         q, k, v = module.query(x), module.key(x), module.value(x)
     if unpadded is not None:  # back to the (B, T) layout for attention: zeros at padding
         q, k, v = unpadded.pad(q), unpadded.pad(k), unpadded.pad(v)
-    q, k, v = module.split_heads(q), module.split_heads(k), module.split_heads(v)  # 3 x (B, h, T, d)
+    # 3 x (B, h, T, d)
+    q, k, v = module.split_heads(q), module.split_heads(k), module.split_heads(v)
     if fused:
         dropout_p = module.attention_dropout.p if module.training else 0.0
-        context = F.scaled_dot_product_attention(q, k, v, attn_mask=additive_mask, dropout_p=dropout_p)
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=additive_mask,
+                                                 dropout_p=dropout_p)
     else:
         context = module.attend(q, k, v, additive_mask)                            # (B, h, T, d)
     context = context.transpose(1, 2).flatten(2)                                   # (B, T, H)
@@ -101,16 +103,18 @@ def fused_attention_applies(module, x):
     falls back to the written-out lines with torch's slower dropout) or in bf16 (the CPU kernel's
     backward in bf16 is slower than the written-out lines; docs/performance.md measures it)."""
     training_on_cpu = module.training and x.device.type == "cpu"
-    return not (training_on_cpu and (module.attention_dropout.p > 0 or torch.is_autocast_enabled("cpu")))
+    return not (training_on_cpu
+                and (module.attention_dropout.p > 0 or torch.is_autocast_enabled("cpu")))
 
 
 def fused_projections(module, x):
     """Q, K and V from ONE matmul, x W_qkv^T + b_qkv with W_qkv = [W_q; W_k; W_v] (3H, H): one
     large matmul keeps a GPU busier than three small ones. The weights stay three nn.Linear (the
     names BERT's checkpoints use); their concatenation is cheap next to the matmul."""
-    weight = torch.cat([module.query.weight, module.key.weight, module.value.weight])   # (3H, H)
-    bias = torch.cat([module.query.bias, module.key.bias, module.value.bias])           # (3H,)
-    return F.linear(x, weight, bias).chunk(3, dim=-1)                                   # 3 x (B, T, H)
+    weight = torch.cat([module.query.weight, module.key.weight, module.value.weight])  # (3H, H)
+    bias = torch.cat([module.query.bias, module.key.bias, module.value.bias])          # (3H,)
+    qkv = F.linear(x, weight, bias)                                                    # (B, T, 3H)
+    return qkv.chunk(3, dim=-1)                                                     # 3 x (B, T, H)
 
 
 def fused_projections_apply(module, x):
@@ -134,11 +138,12 @@ class Unpadded:
     waits for it once."""
 
     def __init__(self, attention_mask, device=None):
-        mask = torch.as_tensor(attention_mask).bool()                    # (B, T)
+        mask = torch.as_tensor(attention_mask).bool()                # (B, T)
         self.shape = tuple(mask.shape)
-        index = mask.flatten().nonzero().squeeze(1)                      # (N,) real positions in B*T
-        if index.device.type == "cpu" and device is not None and torch.device(device).type == "cuda":
-            index = index.pin_memory()                                   # so the copy does not block
+        index = mask.flatten().nonzero().squeeze(1)                  # (N,) real positions in B*T
+        if (index.device.type == "cpu" and device is not None
+                and torch.device(device).type == "cuda"):
+            index = index.pin_memory()                               # so the copy does not block
         self.index = index.to(device or index.device, non_blocking=True)
         self.additive_mask = None  # the batch's attention mask (B, 1, 1, T), set by encode_unpadded
 
@@ -196,8 +201,10 @@ def pack_pairs(batch, max_length, pad_id):
     segment ids, MLM labels (B1) and the attention mask move with their tokens. A step on the
     packed batch computes the same losses and gradients as on the batch (tests/test_fast.py)."""
     real = np.asarray(batch["attention_mask"]).astype(bool)                      # (pairs, T0)
-    lengths = real.sum(axis=1)       # each pair's tokens: a prefix of its row (pretraining_batch pads after)
-    rows, room = [], []              # rows: the pairs of each packed row, in the order they were placed
+    # each pair's tokens: a prefix of its row (pretraining_batch pads after)
+    lengths = real.sum(axis=1)
+    # rows: the pairs of each packed row, in the order they were placed
+    rows, room = [], []
     for pair in np.argsort(-lengths, kind="stable"):   # the longest first: first-fit decreasing
         fits = next((r for r, left in enumerate(room) if left >= lengths[pair]), None)
         if fits is None:
@@ -205,11 +212,14 @@ def pack_pairs(batch, max_length, pad_id):
             fits = len(rows) - 1
         rows[fits].append(int(pair))
         room[fits] -= int(lengths[pair])
-    width = max_length - min(room)                                               # T: the fullest row
+    width = max_length - min(room)                                             # T: the fullest row
     shape = (len(rows), width)
-    packed = dict(input_ids=np.full(shape, pad_id, dtype=np.int64), segment_ids=np.zeros(shape, dtype=np.int64),
-                  attention_mask=np.zeros(shape, dtype=bool), mlm_labels=np.full(shape, IGNORE_INDEX, dtype=np.int64),
-                  position_ids=np.zeros(shape, dtype=np.int64), pair_in_row=np.zeros(shape, dtype=np.int64),
+    packed = dict(input_ids=np.full(shape, pad_id, dtype=np.int64),
+                  segment_ids=np.zeros(shape, dtype=np.int64),
+                  attention_mask=np.zeros(shape, dtype=bool),
+                  mlm_labels=np.full(shape, IGNORE_INDEX, dtype=np.int64),
+                  position_ids=np.zeros(shape, dtype=np.int64),
+                  pair_in_row=np.zeros(shape, dtype=np.int64),
                   cls_positions=np.zeros(len(lengths), dtype=np.int64))
     for r, pairs in enumerate(rows):
         start = 0
@@ -244,8 +254,11 @@ class Packed:
     positions (pairs,) and, built when the dtype is known, the block-diagonal additive mask."""
 
     def __init__(self, micro_batch, device):
-        as_tensor = lambda key: torch.as_tensor(np.asarray(micro_batch[key])).to(device, non_blocking=True)  # noqa: E731
-        self.position_ids, self.cls_positions = as_tensor("position_ids"), as_tensor("cls_positions")
+        def as_tensor(key):
+            return torch.as_tensor(np.asarray(micro_batch[key])).to(device, non_blocking=True)
+
+        self.position_ids = as_tensor("position_ids")                                     # (R, T)
+        self.cls_positions = as_tensor("cls_positions")                                   # (pairs,)
         self.pair_in_row = as_tensor("pair_in_row")                                       # (R, T)
 
     def additive_mask(self, dtype):
@@ -273,7 +286,8 @@ def gather_fixed_predictions(sequence_output, mlm_labels, max_predictions):
     max_predictions = min(max_predictions, mlm_labels.shape[1])
     # the masked positions first (key 1), then any others (key 0, their targets IGNORE_INDEX)
     positions = in_m.to(sequence_output.dtype).topk(max_predictions, dim=1).indices   # (B, P)
-    hidden = sequence_output.gather(1, positions[:, :, None].expand(-1, -1, sequence_output.shape[-1]))
+    index = positions[:, :, None].expand(-1, -1, sequence_output.shape[-1])          # (B, P, H)
+    hidden = sequence_output.gather(1, index)                                         # (B, P, H)
     return hidden.flatten(0, 1), mlm_labels.gather(1, positions).flatten()
 
 
@@ -285,7 +299,8 @@ def scores_over_padded_vocabulary(head, hidden, token_embedding, multiple=64):
     exports keep V rows."""
     transformed = head.transform(hidden)                                 # (N, H)
     vocab_size = token_embedding.shape[0]
-    padded = F.pad(token_embedding, (0, 0, 0, -vocab_size % multiple))  # (V', H), V' a multiple of 64
+    # (V', H), V' a multiple of 64
+    padded = F.pad(token_embedding, (0, 0, 0, -vocab_size % multiple))
     return (transformed @ padded.t())[..., :vocab_size] + head.bias     # (N, V)
 
 
@@ -323,9 +338,11 @@ def speed_for(micro_batch, device, max_predictions):
         if packed is not None:
             max_predictions = max(1, masked)
         elif masked > max_predictions:  # a bug, not input: MaskingRule.max_predictions is the bound
-            raise RuntimeError("a sequence has more masked tokens than MaskingRule.max_predictions allows")
+            raise RuntimeError("a sequence has more masked tokens than "
+                               "MaskingRule.max_predictions allows")
     padded = not real.all() or packed is not None
-    return Speed(unpadded=Unpadded(real, device) if padded else None, max_predictions=max_predictions if on_gpu else None,
+    return Speed(unpadded=Unpadded(real, device) if padded else None,
+                 max_predictions=max_predictions if on_gpu else None,
                  padded_vocabulary=on_gpu, no_mask=on_gpu and not padded, packed=packed)
 
 
@@ -333,15 +350,17 @@ def pretraining_scores(model, input_ids, segment_ids, attention_mask, mlm_labels
     """PreTrainingModel.forward's MLM scores (N, V), their targets (N,) and the pooled output,
     with `speed`'s devices; the model turns them into B3's losses as on the reading path."""
     if speed.unpadded is not None:
-        sequence_output, pooled = encode_unpadded(model.encoder, input_ids, segment_ids, attention_mask,
-                                                  speed.unpadded, speed.packed)
+        sequence_output, pooled = encode_unpadded(model.encoder, input_ids, segment_ids,
+                                                  attention_mask, speed.unpadded, speed.packed)
     else:
-        sequence_output, pooled = model.encoder(input_ids, segment_ids, None if speed.no_mask else attention_mask)
+        encoder_mask = None if speed.no_mask else attention_mask
+        sequence_output, pooled = model.encoder(input_ids, segment_ids, encoder_mask)
     if speed.max_predictions is None:
         hidden = sequence_output[mlm_labels != IGNORE_INDEX]                        # (N, H)
         targets = mlm_labels[mlm_labels != IGNORE_INDEX]
     else:
-        hidden, targets = gather_fixed_predictions(sequence_output, mlm_labels, speed.max_predictions)
+        hidden, targets = gather_fixed_predictions(sequence_output, mlm_labels,
+                                                   speed.max_predictions)
     embedding = model.encoder.embeddings.token.weight
     if speed.padded_vocabulary:
         scores = scores_over_padded_vocabulary(model.mlm_head, hidden, embedding)
@@ -378,7 +397,8 @@ class StepBatches:
         state = self.rng.bit_generator.state
         batches = self.build_batches(self.rng)
         if self.pin:
-            batches = [{key: torch.from_numpy(value).pin_memory() for key, value in b.items()} for b in batches]
+            batches = [{key: torch.from_numpy(value).pin_memory() for key, value in b.items()}
+                       for b in batches]
         return state, batches
 
     def fill(self):
@@ -397,7 +417,8 @@ class StepBatches:
     def next(self):
         """(data state, micro-batches) of the next step."""
         started = time.perf_counter()
-        item, self.pending = self.pending or (self.queue.get() if self.queue is not None else self.build()), None
+        item = self.pending or (self.queue.get() if self.queue is not None else self.build())
+        self.pending = None
         self.waited += time.perf_counter() - started
         if isinstance(item, Exception):
             raise item
@@ -411,7 +432,8 @@ class StepBatches:
         return self.pending[0] if not isinstance(self.pending, Exception) else None
 
     def close(self):
-        """Stop the thread and wait for it (it may be building a batch), so that none outlives the run."""
+        """Stop the thread and wait for it (it may be building a batch), so that none outlives
+        the run."""
         self.closed = True
         if self.worker is not None:
             self.worker.join(timeout=10)
@@ -427,7 +449,8 @@ class Throughput:
 
     def __init__(self, timing_warmup_steps):
         self.timing_warmup_steps, self.started = timing_warmup_steps, time.time()
-        self.steps = self.tokens = self.seconds = self.timing_warmup_tokens = self.timing_warmup_seconds = 0
+        self.steps = self.tokens = self.seconds = 0
+        self.timing_warmup_tokens = self.timing_warmup_seconds = 0
 
     def add(self, tokens, seconds):
         """One training step: its real tokens, and the seconds it took (data wait included)."""
@@ -450,29 +473,34 @@ class Throughput:
         metrics = {"seconds": self.elapsed(), "tokens_per_second": self.rate()}
         if self.steps > self.timing_warmup_steps:
             steady_seconds = max(self.seconds - self.timing_warmup_seconds, 1e-9)
+            steady_tokens = self.tokens - self.timing_warmup_tokens
             metrics.update(timing_warmup_steps=self.timing_warmup_steps,
                            timing_warmup_seconds=self.timing_warmup_seconds,
-                           steady_tokens_per_second=(self.tokens - self.timing_warmup_tokens) / steady_seconds)
+                           steady_tokens_per_second=steady_tokens / steady_seconds)
         return metrics
 
 
 if __name__ == "__main__":
     # `python fast.py`: each device against the reading path (model.py) on a random padded batch
-    import fast  # the module model.py uses (this file runs as __main__, a second copy of its classes)
+    # the module model.py uses (this file runs as __main__, a second copy of its classes)
+    import fast
     from model import PreTrainingModel, make_config
 
     torch.manual_seed(0)
-    config = make_config("tiny", vocab_size=300, max_positions=32, dropout=0.0, attention_dropout=0.0, attention="sdpa")
+    config = make_config("tiny", vocab_size=300, max_positions=32, dropout=0.0,
+                         attention_dropout=0.0, attention="sdpa")
     network = PreTrainingModel(config)
     input_ids = torch.randint(5, 300, (4, 32))
     mask = torch.arange(32)[None, :] < torch.tensor([[32], [20], [9], [3]])
-    labels = torch.where((torch.rand(4, 32) < 0.3) & mask, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+    labels = torch.where((torch.rand(4, 32) < 0.3) & mask, input_ids,
+                         torch.full_like(input_ids, IGNORE_INDEX))
     labels[:, 1] = input_ids[:, 1]
     reading = network(input_ids, None, mask, labels)[0]
-    for name, speed in (("real tokens only", fast.Speed(unpadded=fast.Unpadded(mask))),
-                        ("+ fixed predictions", fast.Speed(unpadded=fast.Unpadded(mask), max_predictions=12)),
-                        ("+ padded vocabulary", fast.Speed(unpadded=fast.Unpadded(mask), max_predictions=12,
-                                                           padded_vocabulary=True))):
+    for name, speed in (
+            ("real tokens only", fast.Speed(unpadded=fast.Unpadded(mask))),
+            ("+ fixed predictions", fast.Speed(unpadded=fast.Unpadded(mask), max_predictions=12)),
+            ("+ padded vocabulary", fast.Speed(unpadded=fast.Unpadded(mask), max_predictions=12,
+                                               padded_vocabulary=True))):
         difference = (network(input_ids, None, mask, labels, speed=speed)[0] - reading).abs().item()
         print(f"{name}: loss differs from the reading path's by {difference:.1e}")
         assert difference < 1e-5

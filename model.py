@@ -47,8 +47,10 @@ class Config:
     attention_dropout: float = 0.1  # on the attention probabilities
     layer_norm_eps: float = 1e-12  # BERT's value
     initializer_range: float = 0.02  # std of the normal initialisation (BERT's value)
-    attention: str = "explicit"  # "explicit" = the formula written out; "sdpa" = torch's fused kernel
-    causal: bool = False  # C8: no position attends to a later one (GPT-style, `pretrain --objective causal`)
+    # "explicit" = the formula written out; "sdpa" = torch's fused kernel
+    attention: str = "explicit"
+    # C8: no position attends to a later one (GPT-style, `pretrain --objective causal`)
+    causal: bool = False
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads != 0:
@@ -98,7 +100,8 @@ class Embeddings(nn.Module):
 
     def forward(self, input_ids, segment_ids=None, positions=None):
         # input_ids, segment_ids: (B, T) -> (B, T, H); no segment ids: every token in segment "A";
-        # positions 0..T-1 unless given (B, T): a packed row's restart at each pair (fast.pack_pairs)
+        # positions 0..T-1 unless given (B, T): a packed row's restart at each pair
+        # (fast.pack_pairs)
         if segment_ids is None:
             segment_ids = torch.zeros_like(input_ids)
         if positions is None:
@@ -140,9 +143,12 @@ class SelfAttention(nn.Module):
         # x: (B, T, H); additive_mask: (B, 1, 1, T), 0 where a key is a real token and a very
         # negative number where it is padding, so that padding gets probability ~0 (exp(-big));
         # None where no sequence has padding.
-        if self.use_sdpa or isinstance(additive_mask, fast.Unpadded):  # the same numbers, faster (fast.py)
+        # the same numbers, faster (fast.py)
+        if self.use_sdpa or isinstance(additive_mask, fast.Unpadded):
             return fast.attention(self, x, additive_mask)
-        q, k, v = self.split_heads(self.query(x)), self.split_heads(self.key(x)), self.split_heads(self.value(x))
+        q = self.split_heads(self.query(x))                                          # (B, h, T, d)
+        k = self.split_heads(self.key(x))                                            # (B, h, T, d)
+        v = self.split_heads(self.value(x))                                          # (B, h, T, d)
         context = self.attend(q, k, v, additive_mask)                                # (B, h, T, d)
         # concatenate the heads, then mix them with W_o                              (B, T, H)
         return self.output(context.transpose(1, 2).flatten(2))
@@ -185,7 +191,8 @@ class Encoder(nn.Module):
         """input_ids (B, T) -> (sequence output (B, T, H), pooled [CLS] output (B, H)).
         attention_mask (B, T) is True/1 at real tokens and False/0 at padding."""
         x = self.embeddings(input_ids, segment_ids)
-        if self.config.causal and attention_mask is None:  # the causal mask is needed even without padding
+        # the causal mask is needed even without padding
+        if self.config.causal and attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
         additive_mask = self.additive_mask(attention_mask, x.dtype)
         for layer in self.layers:
@@ -205,7 +212,8 @@ class Encoder(nn.Module):
         return additive_mask[:, None, None, :]
 
     def pool(self, x, cls_positions=None):
-        # [CLS] is position 0 -- or, packed (fast.pack_pairs), each pair's [CLS] in the flattened rows
+        # [CLS] is position 0 -- or, packed (fast.pack_pairs), each pair's [CLS] in the
+        # flattened rows
         cls = x[:, 0] if cls_positions is None else x.flatten(0, 1)[cls_positions]
         return torch.tanh(self.pooler(cls))                                         # (B, H)
 
@@ -216,8 +224,9 @@ def causal_additive_mask(padding_mask):
     P(x_i | x_<i) below can be read off position i - 1 without position i - 1 having seen x_i.
     masked_fill (not +) keeps a key that is both padding and future at min, never -inf."""
     length = padding_mask.shape[-1]
-    future = torch.ones(length, length, dtype=torch.bool, device=padding_mask.device).triu(diagonal=1)  # j > i (T, T)
-    combined = padding_mask[:, None, None, :].expand(-1, 1, length, -1)                # (B, 1, T, T)
+    future = torch.ones(length, length, dtype=torch.bool, device=padding_mask.device)
+    future = future.triu(diagonal=1)                                     # (T, T): j > i
+    combined = padding_mask[:, None, None, :].expand(-1, 1, length, -1)  # (B, 1, T, T)
     return combined.masked_fill(future, torch.finfo(padding_mask.dtype).min)
 
 
@@ -241,7 +250,8 @@ def init_weights(module, std):
 def mlm_loss(scores, targets, num_masked_total=None):
     """E4, written out.
 
-        L_MLM(theta) = E_{x ~ U} [ sum_{t in M} log( exp(s(x_t | x~)) / sum_{x' in V} exp(s(x' | x~)) ) ]
+        L_MLM(theta) = E_{x ~ U} [ sum_{t in M}
+                           log( exp(s(x_t | x~)) / sum_{x' in V} exp(s(x' | x~)) ) ]
 
     scores:  (N, V) s_theta(x' | x~) for every vocabulary entry x', at the N masked positions
              of the batch (only those: the set M of every sequence, concatenated).
@@ -291,12 +301,15 @@ def causal_lm_loss(scores, input_ids, attention_mask=None):
     mean of -log P(x_t | x_<t) over the real predicted tokens (a target that is padding adds
     nothing): exp of it is the perplexity.
     """
-    scores = scores[:, :-1].float()                  # the row at t - 1 predicts x_t          (B, T-1, V)
-    targets = input_ids[:, 1:]                                                                # (B, T-1)
-    log_normaliser = torch.logsumexp(scores, dim=-1)                                          # (B, T-1)
-    true_scores = scores.gather(-1, targets[..., None]).squeeze(-1)                           # (B, T-1)
-    log_probabilities = true_scores - log_normaliser     # log P(x_t | x_<t)                 (B, T-1)
-    real = torch.ones_like(targets, dtype=torch.bool) if attention_mask is None else attention_mask[:, 1:].bool()
+    scores = scores[:, :-1].float()         # the row at t - 1 predicts x_t       (B, T-1, V)
+    targets = input_ids[:, 1:]                                                     # (B, T-1)
+    log_normaliser = torch.logsumexp(scores, dim=-1)                               # (B, T-1)
+    true_scores = scores.gather(-1, targets[..., None]).squeeze(-1)                # (B, T-1)
+    log_probabilities = true_scores - log_normaliser     # log P(x_t | x_<t)         (B, T-1)
+    if attention_mask is None:
+        real = torch.ones_like(targets, dtype=torch.bool)
+    else:
+        real = attention_mask[:, 1:].bool()
     return -torch.where(real, log_probabilities, 0.0).sum() / real.sum().clamp(min=1)
 
 
@@ -340,19 +353,21 @@ class PreTrainingModel(nn.Module):
         then project to V: the (B, T, V) tensor is never built. Only ~15% of positions have a
         label, so this skips ~85% of the largest matmul of the model."""
         masked_positions = mlm_labels != IGNORE_INDEX  # (B, T) bool: the set M of each sequence
-        return self.mlm_head(sequence_output[masked_positions], self.encoder.embeddings.token.weight)
+        token_embedding = self.encoder.embeddings.token.weight
+        return self.mlm_head(sequence_output[masked_positions], token_embedding)
 
     def forward(self, input_ids, segment_ids, attention_mask, mlm_labels, nsp_labels=None,
                 nsp_weight=1.0, num_masked_total=None, speed=None):
         """Returns (total loss, MLM loss, NSP loss or None). Losses only: see mlm_scores for logits.
         speed: None (the lines below), or a fast.Speed: the same scores, faster (fast.py)."""
         if speed is None:
-            sequence_output, pooled = self.encoder(input_ids, segment_ids, attention_mask)  # (B, T, H), (B, H)
-            scores = self.mlm_scores(sequence_output, mlm_labels)                           # (N, V)
-            targets = mlm_labels[mlm_labels != IGNORE_INDEX]                                # (N,)
+            # (B, T, H), (B, H)
+            sequence_output, pooled = self.encoder(input_ids, segment_ids, attention_mask)
+            scores = self.mlm_scores(sequence_output, mlm_labels)                # (N, V)
+            targets = mlm_labels[mlm_labels != IGNORE_INDEX]                     # (N,)
         else:
-            scores, targets, pooled = fast.pretraining_scores(self, input_ids, segment_ids, attention_mask,
-                                                              mlm_labels, speed)
+            scores, targets, pooled = fast.pretraining_scores(
+                self, input_ids, segment_ids, attention_mask, mlm_labels, speed)
         loss_mlm = mlm_loss(scores, targets, num_masked_total)  # E4
         if nsp_labels is None or nsp_weight == 0:
             return loss_mlm, loss_mlm, None
@@ -387,21 +402,26 @@ class Classifier(nn.Module):
         self.classifier = nn.Linear(config.hidden_size, num_labels)
         init_weights(self, config.initializer_range)
         if pool == "mean":
-            self.encoder.pooler.requires_grad_(False)  # not on the path: it keeps its values, and trains nothing
+            # not on the path: it keeps its values, and trains nothing
+            self.encoder.pooler.requires_grad_(False)
 
     def forward(self, input_ids, segment_ids=None, attention_mask=None):
         # with padding, the encoder computes on the real tokens only (fast.Unpadded): the pooled
         # vector reads no padding position, so the scores are the lines' of Encoder.forward
         if attention_mask is not None and not bool(attention_mask.all()):
-            sequence_output, pooled = fast.encode_unpadded(self.encoder, input_ids, segment_ids, attention_mask,
-                                                           fast.Unpadded(attention_mask))
+            sequence_output, pooled = fast.encode_unpadded(
+                self.encoder, input_ids, segment_ids, attention_mask, fast.Unpadded(attention_mask))
         else:
-            sequence_output, pooled = self.encoder(input_ids, segment_ids, attention_mask)  # (B, T, H), (B, H)
+            # (B, T, H), (B, H)
+            sequence_output, pooled = self.encoder(input_ids, segment_ids, attention_mask)
         if self.pool == "mean":
-            # sum over the real tokens / their number: padding never enters the sentence vector   (B, H)
-            real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+            # sum over the real tokens / their number: padding never enters the sentence vector
+            if attention_mask is None:
+                real = torch.ones_like(input_ids, dtype=torch.bool)
+            else:
+                real = attention_mask.bool()
             real = real[:, :, None].to(sequence_output.dtype)
-            pooled = (sequence_output * real).sum(dim=1) / real.sum(dim=1).clamp(min=1)
+            pooled = (sequence_output * real).sum(dim=1) / real.sum(dim=1).clamp(min=1)  # (B, H)
         return self.classifier(self.dropout(pooled))  # (B, num_labels): f_phi(x) of E3
 
 
@@ -431,27 +451,36 @@ if __name__ == "__main__":
     sequence_output, pooled = model.encoder(input_ids, segment_ids, attention_mask)
     print(f"config: {config}")
     print(f"parameters: {count_parameters(model):,} (encoder {count_parameters(model.encoder):,})")
-    print(f"input {tuple(input_ids.shape)} -> sequence output {tuple(sequence_output.shape)}, pooled {tuple(pooled.shape)}")
+    print(f"input {tuple(input_ids.shape)} -> sequence output {tuple(sequence_output.shape)}, "
+          f"pooled {tuple(pooled.shape)}")
     scores = model.mlm_scores(sequence_output, mlm_labels)
-    print(f"MLM scores at the {int((mlm_labels != IGNORE_INDEX).sum())} masked positions: {tuple(scores.shape)}")
+    num_masked = int((mlm_labels != IGNORE_INDEX).sum())
+    print(f"MLM scores at the {num_masked} masked positions: {tuple(scores.shape)}")
     with torch.no_grad():
-        total, loss_mlm, loss_nsp = model(input_ids, segment_ids, attention_mask, mlm_labels, nsp_labels)
-    print(f"MLM loss at init {loss_mlm.item():.3f}  vs  ln|V| = {math.log(config.vocab_size):.3f}  (uniform guess)")
+        total, loss_mlm, loss_nsp = model(input_ids, segment_ids, attention_mask, mlm_labels,
+                                          nsp_labels)
+    print(f"MLM loss at init {loss_mlm.item():.3f}  "
+          f"vs  ln|V| = {math.log(config.vocab_size):.3f}  (uniform guess)")
     print(f"NSP loss at init {loss_nsp.item():.3f}  vs  ln 2   = {math.log(2):.3f}")
-    assert abs(loss_mlm.item() - math.log(config.vocab_size)) < 0.5, "MLM loss at init should be ~ln|V|"
-    reference = F.cross_entropy(scores, mlm_labels[mlm_labels != IGNORE_INDEX])
-    assert torch.allclose(mlm_loss(scores, mlm_labels[mlm_labels != IGNORE_INDEX]), reference, atol=1e-6)
+    assert abs(loss_mlm.item() - math.log(config.vocab_size)) < 0.5, (
+        "MLM loss at init should be ~ln|V|")
+    targets = mlm_labels[mlm_labels != IGNORE_INDEX]
+    reference = F.cross_entropy(scores, targets)
+    assert torch.allclose(mlm_loss(scores, targets), reference, atol=1e-6)
     print("E4 written out == F.cross_entropy: ok")
     sdpa_config = replace(config, attention="sdpa")
     fused = PreTrainingModel(sdpa_config).eval()
     fused.load_state_dict(model.state_dict())
     with torch.no_grad():
-        difference = (fused.encoder(input_ids, segment_ids, attention_mask)[0] - sequence_output).abs().max().item()
+        fused_output = fused.encoder(input_ids, segment_ids, attention_mask)[0]
+        difference = (fused_output - sequence_output).abs().max().item()
     print(f"explicit vs fused attention: max difference {difference:.2e}")
     assert difference < 1e-5
     with torch.no_grad():
-        unpadded = fast.encode_unpadded(model.encoder, input_ids, segment_ids, attention_mask, fast.Unpadded(attention_mask))[0]
+        unpadded = fast.encode_unpadded(model.encoder, input_ids, segment_ids, attention_mask,
+                                        fast.Unpadded(attention_mask))[0]
     difference = (unpadded - sequence_output)[attention_mask].abs().max().item()
-    print(f"real tokens only (Unpadded) vs all positions, at the real ones: max difference {difference:.2e}")
+    print(f"real tokens only (Unpadded) vs all positions, at the real ones: "
+          f"max difference {difference:.2e}")
     assert difference < 1e-5
     print("self-check passed")
