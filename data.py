@@ -204,7 +204,8 @@ def held_out_batches(documents, tokenizer, max_length, use_nsp, batch_size=64, n
         return []
     rng = np.random.default_rng(seed)
     if causal:
-        return [causal_batch(documents, tokenizer, rng, batch_size, max_length) for _ in range(num_batches)]
+        return [causal_batch(documents, tokenizer, rng, batch_size, max_length)
+                for _ in range(num_batches)]
     use_nsp = use_nsp and nsp_possible(documents)
     return [pretraining_batch(documents, tokenizer, rng, batch_size, max_length, use_nsp)
             for _ in range(num_batches)]
@@ -778,10 +779,12 @@ def next_token_labels(input_ids, attention_mask):
 def causal_batch(documents, tokenizer, rng, batch_size, max_length):
     """A batch for `pretrain --objective causal`: `[CLS] text [SEP]` rows drawn as MLM's without
     NSP, nothing masked (input_ids are the text), mlm_labels the next token (next_token_labels)."""
-    rows = [[tokenizer.cls_id, *pretraining_example(documents, rng, max_length, use_nsp=False)[0], tokenizer.sep_id]
+    rows = [[tokenizer.cls_id, *pretraining_example(documents, rng, max_length, use_nsp=False)[0],
+             tokenizer.sep_id]
             for _ in range(batch_size)]
     input_ids, attention_mask = pad(rows, tokenizer.pad_id)
-    return dict(input_ids=input_ids, segment_ids=np.zeros_like(input_ids), attention_mask=attention_mask,
+    return dict(input_ids=input_ids, segment_ids=np.zeros_like(input_ids),
+                attention_mask=attention_mask,
                 mlm_labels=next_token_labels(input_ids, attention_mask),
                 nsp_labels=np.full(batch_size, IS_NEXT, dtype=np.int64))
 

@@ -1478,23 +1478,28 @@ PLANS["c8"] = {
     "task_choice_steps": {"toy": None, "stdlib": None},
     "tables": {"toy": ["C6"], "stdlib": []},
     "c1_variants": {"toy": [], "stdlib": []},
-    "c8_prompts_per_topic": 10,                  # generation: prompts per topic for the on-topic share
+    "c8_prompts_per_topic": 10,                  # generation: prompts per topic (on-topic share)
 }
 C8_OBJECTIVES = {"mlm": "MLM + NSP (BERT)", "causal": "causal LM (GPT-style)"}
 
 
 def c8_rows(plan, num_classes):
-    """(setting, spec) of the C8 table: each objective fine-tuned head-only and fully, scratch and TF-IDF."""
+    """(setting, spec) of the C8 table: each objective fine-tuned head-only and fully, scratch
+    and TF-IDF."""
     k = plan["k"]
-    base = dict(method="finetune", corpus="toy", k=k, freeze="none", lr=FULL_LR, epochs=epochs_for(k * num_classes, plan),
+    base = dict(method="finetune", corpus="toy", k=k, freeze="none", lr=FULL_LR,
+                epochs=epochs_for(k * num_classes, plan),
                 schedule="cosine", warmup=0.1, l2_sp=0.0, aux_mlm=0.0, layer_lr_decay=1.0)
     head = dict(base, freeze="head", lr=HEAD_LR)
     rows = [("from scratch (same architecture, full)", dict(base, encoder="scratch"))]
     rows += [(f"{C8_OBJECTIVES['mlm']}, head only ([CLS] pooler)", dict(head, encoder="mlm")),
-             (f"{C8_OBJECTIVES['mlm']}, head only, mean pooling", dict(head, encoder="mlm", pool="mean")),
+             (f"{C8_OBJECTIVES['mlm']}, head only, mean pooling",
+              dict(head, encoder="mlm", pool="mean")),
              (f"{C8_OBJECTIVES['mlm']}, full", dict(base, encoder="mlm")),
-             (f"{C8_OBJECTIVES['causal']}, head only (mean pooling)", dict(head, encoder="causal", pool="mean")),
-             (f"{C8_OBJECTIVES['causal']}, full (mean pooling)", dict(base, encoder="causal", pool="mean")),
+             (f"{C8_OBJECTIVES['causal']}, head only (mean pooling)",
+              dict(head, encoder="causal", pool="mean")),
+             (f"{C8_OBJECTIVES['causal']}, full (mean pooling)",
+              dict(base, encoder="causal", pool="mean")),
              ("TF-IDF + logistic regression", dict(method="tfidf", corpus="toy", k=k))]
     return rows
 
@@ -1511,28 +1516,18 @@ def run_c8(out, plan_name, plan, resume, force, log):
     finished = {}
     if resume and os.path.exists(runs_path):
         with open(runs_path) as f:
-            finished = {record["key"]: record["result"] for record in map(json.loads, filter(str.strip, f))}
+            finished = {record["key"]: record["result"]
+                        for record in map(json.loads, filter(str.strip, f))}
     task = toy_task(plan["toy_documents"], plan["toy_labeled"])
     folder = os.path.join(out, "toy")
     os.makedirs(folder, exist_ok=True)
     unlabeled_path = os.path.join(folder, "unlabeled.txt")
     data.write_corpus(unlabeled_path, task["unlabeled"])
-    pretraining, loaded = {}, {}
-    for objective in C8_OBJECTIVES:
-        path = os.path.join(folder, f"pretrain-{objective}")
-        if not (resume and os.path.exists(os.path.join(path, "metrics.json"))):
-            log(f"[toy] pre-training '{objective}' for {plan['pretrain_steps']['toy']} steps")
-            recipe = PretrainOptions(corpus=[unlabeled_path], objective=objective, steps=plan["pretrain_steps"]["toy"],
-                                     batch_size=plan["pretrain_batch_size"]["toy"], config=plan.get("pretrain_config", "tiny"),
-                                     max_length=MLM_MAX_LENGTH, lr=1e-3, dropout=0.0, save_every=0, vocab_size=2048,
-                                     eval_every=plan["eval_every"]["toy"])
-            train.pretrain(path, recipe, force=True, log=log, progress=False)
-        with open(os.path.join(path, "metrics.json")) as f:
-            metrics = json.load(f)
-        pretraining[objective] = {key: metrics.get(key) for key in ("held_out_mlm_loss", "held_out_perplexity", "seconds")}
-        loaded[objective] = Loaded(os.path.join(path, "checkpoint.pt"))
+    pretraining, loaded = pretrain_c8_encoders(folder, unlabeled_path, plan, resume, log)
     num_classes = len({y for _, y in task["train"]})
-    table = {"claim": "C6", "title": f"pre-training objective: MLM vs causal LM at the same budget (k={plan['k']})",
+    table = {"claim": "C6",
+             "title": "pre-training objective: MLM vs causal LM at the same budget "
+                      f"(k={plan['k']})",
              "corpus": "toy", "classes": num_classes, "rows": []}
     for setting, spec in c8_rows(plan, num_classes):
         outcomes = []
@@ -1540,38 +1535,78 @@ def run_c8(out, plan_name, plan, resume, force, log):
             spec_seed = {**spec, "seed": seed}
             key = json.dumps(spec_seed, sort_keys=True)
             if key not in finished:
-                finished[key] = finetune_run(spec_seed, task, loaded.get(spec.get("encoder")), loaded["mlm"], folder=folder)
+                finished[key] = finetune_run(spec_seed, task, loaded.get(spec.get("encoder")),
+                                             loaded["mlm"], folder=folder)
                 with open(runs_path, "a") as f:
-                    f.write(json.dumps({"key": key, "spec": spec_seed, "result": finished[key]}) + "\n")
+                    record = {"key": key, "spec": spec_seed, "result": finished[key]}
+                    f.write(json.dumps(record) + "\n")
             outcomes.append(finished[key])
         seeds = list(range(plan["seeds"]))
-        cells = {metric: summarize([o.get(metric) for o in outcomes], seeds) for metric, _, _ in METRICS}
+        cells = {metric: summarize([o.get(metric) for o in outcomes], seeds)
+                 for metric, _, _ in METRICS}
         cells = {m: c for m, c in cells.items() if c is not None}
         table["rows"].append({"claim": "C6", "setting": setting, "cells": cells})
         log(f"[toy] C8 {setting}: accuracy {100 * cells['accuracy']['mean']:.1f} ± "
-            f"{100 * (cells['accuracy']['std'] or 0):.1f} (seeds: {', '.join(f'{100 * v:.1f}' for v in cells['accuracy']['values'])})")
+            f"{100 * (cells['accuracy']['std'] or 0):.1f} (seeds: "
+            f"{', '.join(f'{100 * v:.1f}' for v in cells['accuracy']['values'])})")
     generation = on_topic_share(loaded["causal"].path, plan.get("c8_prompts_per_topic", 10))
-    log(f"[toy] C8 generation: {100 * generation['on_topic_share']:.1f}% of {generation['content_words']} generated "
+    log(f"[toy] C8 generation: {100 * generation['on_topic_share']:.1f}% of "
+        f"{generation['content_words']} generated "
         f"content words from the prompt's topic ({generation['prompts']} prompts)")
-    results = {"plan": plan_name, "stamp": stamp(), "settings": plan, "device": str(options.pick_device("auto")),
-               "pretraining": {},
+    results = {"plan": plan_name, "stamp": stamp(), "settings": plan,
+               "device": str(options.pick_device("auto")), "pretraining": {},
                "c8_pretraining": pretraining, "c8_generation": generation, "tables": [table],
                "wall_clock_seconds": time.time() - started}
     write_json(os.path.join(out, "results.json"), results)
-    lines = [f"Pre-training on the toy world, {plan['pretrain_steps']['toy']} steps each: " + "; ".join(
-        f"{name}: held-out loss {run['held_out_mlm_loss']:.3f}"
-        + (f" (perplexity {run['held_out_perplexity']:.2f})" if run.get("held_out_perplexity") else "")
-        + f", {run['seconds']:.0f} s" for name, run in pretraining.items()),
-        "Per-seed test accuracies (%): " + "; ".join(
-            f"{row['setting']}: {', '.join(f'{100 * v:.1f}' for v in row['cells']['accuracy']['values'])}"
-            for row in table["rows"]),
-        f"Generation (causal run, sampled at temperature 1, {C8_NEW_TOKENS} new tokens, seed = prompt number): "
-        f"{100 * generation['on_topic_share']:.1f}% of {generation['content_words']} generated content words are from the "
-        f"prompt's topic, over {generation['prompts']} prompts `the ADJ NOUN` (chance: {100 * generation['chance']:.1f}%).", ""]
+    lines = c8_summary_lines(plan, pretraining, table, generation)
     with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + markdown(results))
-    log(f"done in {results['wall_clock_seconds'] / 60:.1f} minutes: {out}/results.md, results.json, runs.jsonl")
+    log(f"done in {results['wall_clock_seconds'] / 60:.1f} minutes: {out}/results.md, "
+        "results.json, runs.jsonl")
     return results
+
+
+def pretrain_c8_encoders(folder, unlabeled_path, plan, resume, log):
+    """run_c8's two pre-training runs (one per C8_OBJECTIVES key) under FOLDER, each skipped
+    under --resume once its metrics.json exists. Returns ({objective: its metrics},
+    {objective: Loaded})."""
+    pretraining, loaded = {}, {}
+    for objective in C8_OBJECTIVES:
+        path = os.path.join(folder, f"pretrain-{objective}")
+        if not (resume and os.path.exists(os.path.join(path, "metrics.json"))):
+            log(f"[toy] pre-training '{objective}' for {plan['pretrain_steps']['toy']} steps")
+            recipe = PretrainOptions(corpus=[unlabeled_path], objective=objective,
+                                     steps=plan["pretrain_steps"]["toy"],
+                                     batch_size=plan["pretrain_batch_size"]["toy"],
+                                     config=plan.get("pretrain_config", "tiny"),
+                                     max_length=MLM_MAX_LENGTH, lr=1e-3, dropout=0.0, save_every=0,
+                                     vocab_size=2048, eval_every=plan["eval_every"]["toy"])
+            train.pretrain(path, recipe, force=True, log=log, progress=False)
+        with open(os.path.join(path, "metrics.json")) as f:
+            metrics = json.load(f)
+        pretraining[objective] = {key: metrics.get(key) for key in
+                                  ("held_out_mlm_loss", "held_out_perplexity", "seconds")}
+        loaded[objective] = Loaded(os.path.join(path, "checkpoint.pt"))
+    return pretraining, loaded
+
+
+def c8_summary_lines(plan, pretraining, table, generation):
+    """The lines run_c8 writes at the top of results.md, before the tables."""
+    return [f"Pre-training on the toy world, {plan['pretrain_steps']['toy']} steps each: "
+            + "; ".join(
+                f"{name}: held-out loss {run['held_out_mlm_loss']:.3f}"
+                + (f" (perplexity {run['held_out_perplexity']:.2f})"
+                   if run.get("held_out_perplexity") else "")
+                + f", {run['seconds']:.0f} s" for name, run in pretraining.items()),
+            "Per-seed test accuracies (%): " + "; ".join(
+                f"{row['setting']}: "
+                f"{', '.join(f'{100 * v:.1f}' for v in row['cells']['accuracy']['values'])}"
+                for row in table["rows"]),
+            f"Generation (causal run, sampled at temperature 1, {C8_NEW_TOKENS} new tokens, "
+            f"seed = prompt number): {100 * generation['on_topic_share']:.1f}% of "
+            f"{generation['content_words']} generated content words are from the "
+            f"prompt's topic, over {generation['prompts']} prompts `the ADJ NOUN` "
+            f"(chance: {100 * generation['chance']:.1f}%).", ""]
 
 
 C8_NEW_TOKENS = 20
@@ -1582,16 +1617,19 @@ def on_topic_share(causal_path, prompts_per_topic):
     from that topic's words (seeded); each continued by evaluation.generate (sampled, temperature
     1, seed = the prompt's number); the share of the generated content words (toyworld's topic
     words) that belong to the prompt's topic. Chance: 1 / the number of topics."""
-    word_topics, rng, quiet = toyworld.toy_word_topics(), np.random.default_rng(8), (lambda *args: None)
+    word_topics, rng, quiet = (toyworld.toy_word_topics(), np.random.default_rng(8),
+                               (lambda *args: None))
     on_topic, content_words, prompts = 0, 0, 0
     for topic, words in toyworld.TOPICS.items():
         for _ in range(prompts_per_topic):
             adjective, noun = words["adjectives"], words["nouns"]
-            prompt = f"the {adjective[rng.integers(len(adjective))]} {noun[rng.integers(len(noun))][0]}"
-            text, _ = evaluation.generate(causal_path, prompt, C8_NEW_TOKENS, seed=prompts, device="cpu", log=quiet)
+            prompt = (f"the {adjective[rng.integers(len(adjective))]} "
+                      f"{noun[rng.integers(len(noun))][0]}")
+            text, _ = evaluation.generate(causal_path, prompt, C8_NEW_TOKENS, seed=prompts,
+                                          device="cpu", log=quiet)
             topics = [word_topics[w] for w in split_words(text) if w in word_topics]
             on_topic += sum(t == topic for t in topics)
             content_words += len(topics)
             prompts += 1
-    return {"on_topic_share": on_topic / max(content_words, 1), "content_words": content_words, "prompts": prompts,
-            "chance": 1 / len(toyworld.TOPICS)}
+    return {"on_topic_share": on_topic / max(content_words, 1), "content_words": content_words,
+            "prompts": prompts, "chance": 1 / len(toyworld.TOPICS)}

@@ -361,8 +361,8 @@ def read_folder(folder, seed=0):
 def check_exportable(checkpoint):
     """What a Hugging Face BERT folder cannot say is refused before anything is written."""
     if checkpoint.get("config", {}).get("causal"):  # C8: docs/huggingface.md says why
-        raise InputError("a causal (--objective causal) run cannot be exported: the BERT folders written here attend "
-                         "both ways (docs/huggingface.md: causal runs)")
+        raise InputError("a causal (--objective causal) run cannot be exported: the BERT folders "
+                         "written here attend both ways (docs/huggingface.md: causal runs)")
     if checkpoint.get("kind") == "classifier" and checkpoint.get("pool", "cls") != "cls":
         raise InputError(f"a classifier with --pool {checkpoint['pool']} cannot be exported: "
                          "transformers' "

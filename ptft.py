@@ -152,8 +152,8 @@ def build_parser():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in (add_demo, add_pretrain, add_finetune, add_distill, add_quantize, add_prune,
-                add_tokenize, add_experiments, add_evaluate, add_fill_mask, add_generate, add_export,
-                add_bench):
+                add_tokenize, add_experiments, add_evaluate, add_fill_mask, add_generate,
+                add_export, add_bench):
         add(commands)
     return parser
 
@@ -304,7 +304,8 @@ def add_tokenize(commands):
                     "corpus, and no run tokenises it again.")
     p.add_argument("--out", required=True, metavar="PREFIX",
                    help="where to write PREFIX.tokens and its companions")
-    p.add_argument("--force", action="store_true", help="replace an existing token set under PREFIX")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing token set under PREFIX")
     add_options(p, options.TokenizeOptions)
 
 
@@ -361,16 +362,19 @@ def add_fill_mask(commands):
 
 def add_generate(commands):
     p = add_command(commands, "generate", "C8: a causal run writes on from a prompt",
-                    "Continue PROMPT with a run pre-trained with --objective causal: each new token "
-                    "is drawn from P(x_t | x_<t) (the softmax of the tied decoder's scores, divided "
-                    "by --temperature, over the --top-k best tokens), or with --greedy the most "
-                    "probable one. Stops at [SEP] or after --max-new-tokens. Prints the new text.")
+                    "Continue PROMPT with a run pre-trained with --objective causal: each new "
+                    "token is drawn from P(x_t | x_<t) (the softmax of the tied decoder's scores, "
+                    "divided by --temperature, over the --top-k best tokens), or with --greedy the "
+                    "most probable one. Stops at [SEP] or after --max-new-tokens. Prints the new "
+                    "text.")
     p.add_argument("--init", required=True, help="a run folder of `pretrain --objective causal`")
     p.add_argument("prompt", help='the text to continue, e.g. "the striker"')
     p.add_argument("--max-new-tokens", type=int, default=20, help="tokens to add at most")
-    p.add_argument("--temperature", type=float, default=1.0, help="divides the scores (< 1: sharper)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="divides the scores (< 1: sharper)")
     p.add_argument("--top-k", type=int, default=None, help="sample among the K best tokens only")
-    p.add_argument("--greedy", action="store_true", help="always the most probable token (no sampling)")
+    p.add_argument("--greedy", action="store_true",
+                   help="always the most probable token (no sampling)")
     p.add_argument("--seed", type=int, default=0, help=options.HELP["seed"])
     add_device_flag(p)
 
@@ -469,7 +473,8 @@ def run_tokenize(args):
         sentences = (s for d in data.iter_documents(o.corpus) for s in d)
         tokenizer = train_tokenizer(sentences, o.vocab_size)
     vocabulary_seconds, started = time.time() - started, time.time()
-    tokens = data.write_token_file(o.corpus, tokenizer, args.out, workers=o.workers, force=args.force)
+    tokens = data.write_token_file(o.corpus, tokenizer, args.out, workers=o.workers,
+                                   force=args.force)
     print(f"done: {tokens:,} tokens in {args.out}.tokens (vocabulary {vocabulary_seconds:.1f} s, "
           f"tokenising {time.time() - started:.1f} s with {o.workers} processes); "
           f"pretrain --corpus {args.out}.tokens")
@@ -496,8 +501,8 @@ def run_fill_mask(args):
 
 
 def run_generate(args):
-    text, _ = evaluation.generate(args.init, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
-                                  args.greedy, args.seed, args.device,
+    text, _ = evaluation.generate(args.init, args.prompt, args.max_new_tokens, args.temperature,
+                                  args.top_k, args.greedy, args.seed, args.device,
                                   log=lambda message: print(message, file=sys.stderr))
     print(text)
 

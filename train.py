@@ -71,7 +71,8 @@ def pretrain(out, options, resume=False, force=False, log=print, progress=True):
     initialisation or, with options.init (a run folder or a Hugging Face BERT folder), continue
     pre-training an existing one with its vocabulary. Writes OUT/checkpoint.pt (also every
     save_every steps), OUT/vocab.txt, OUT/metrics.json and OUT/snapshot-N.pt at each snapshot step.
-    Returns the metrics dict; a --resume of a finished run returns its metrics (already_finished)."""
+    Returns the metrics dict; a --resume of a finished run returns its metrics
+    (already_finished)."""
     options.check()
     options.model_config()  # an impossible shape is refused before any work
     finished = finished_run(out, options.steps) if resume else None
@@ -89,54 +90,54 @@ def pretraining_loop(out, run, start_step, encoded, held_out, progress=True):
     training_model = model_to_train(run)
     warmup_steps = o.warmup_steps if o.warmup_steps is not None else max(1, o.steps // 20)
     model.train()
-    # the first steps (compilation with --compile, the allocator, kernel choice) are timed apart
-    throughput, last = fast.Throughput(timing_warmup_steps=max(1, min(10, (o.steps - start_step) // 10))), {}
-    # The checkpoint of step k is written only once step k+1's losses and gradient norm have come out
-    # finite (the last one: once every weight is): a diverging run never replaces a good checkpoint.
+    throughput, last = fast.Throughput(  # the first steps (compile, allocator) are timed apart
+        timing_warmup_steps=max(1, min(10, (o.steps - start_step) // 10))), {}
+    # step k's checkpoint waits for step k+1's finite losses and norm: divergence never replaces it
     save_pending, last_saved = False, start_step if start_step else None
     bar = tqdm(range(start_step, o.steps), initial=start_step, total=o.steps, desc="pre-train",
                disable=not (progress and run.processes.main), dynamic_ncols=True)
-    # each step's micro-batches (B2 pairs with B1 masks), and the data RNG's state before they were drawn
-    batches = step_batches(run, encoded)
+    batches = step_batches(run, encoded)  # per step: micro-batches (B2 pairs, B1 masks), RNG state
 
     def stop(step, what):
         bar.close()  # the progress bar's line ends before the error's
         batches.close()
-        kept = f"{checkpoint_path} (step {last_saved}) is untouched" if last_saved is not None else "no checkpoint was written"
+        kept = (f"{checkpoint_path} (step {last_saved}) is untouched" if last_saved is not None
+                else "no checkpoint was written")
         raise TrainingDiverged(f"step {step}: {what}; {kept} -- try a lower --lr")
 
     for step in bar:
         step_started = time.time()
         data_state, micro_batches = batches.next()
-        # nothing else draws between the end of the previous update and here: these are the RNG states
-        # a resume from the previous step's checkpoint needs to draw the same batches, masks and dropout
+        # no draws since the last update: a resume from its checkpoint restarts from these states
         rng_at_start = run.rng_states(data_state)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, o.steps, o.lr, warmup_steps)  # C4
         loss_mlm, loss_nsp, tokens = pretraining_step(run, training_model, micro_batches)
         scaler.unscale_(optimizer)  # the true gradients (fp16), for clipping and the norm check
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()  # before clipping
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()  # pre-clipping
         diverged = divergence(loss_mlm, loss_nsp, grad_norm, fp16_scaling=scaler.is_enabled())
         if diverged:
             stop(step + 1, diverged)
-        if save_pending:  # the weights after step `step` made finite losses and gradients: they are good
+        if save_pending:  # the weights after step `step` gave finite losses and gradients: good
             run.save(checkpoint_path, step, rng_at_start)
             save_pending, last_saved = False, step
         scaler.step(optimizer)  # = optimizer.step(), except a skipped fp16 step that overflowed
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         throughput.add(tokens, time.time() - step_started)
-        last = {"step": step + 1, "train_mlm_loss": loss_mlm, "train_nsp_loss": loss_nsp if o.nsp else None}
-        bar.set_postfix(mlm=f"{loss_mlm:.3f}", tok_s=f"{throughput.rate():,.0f}", data_wait=f"{throughput.share(batches.waited):.0%}")
+        last = {"step": step + 1, "train_mlm_loss": loss_mlm,
+                "train_nsp_loss": loss_nsp if o.nsp else None}
+        bar.set_postfix(mlm=f"{loss_mlm:.3f}", tok_s=f"{throughput.rate():,.0f}",
+                        data_wait=f"{throughput.share(batches.waited):.0%}")
         if held_out and ((step + 1) % o.eval_every == 0 or step + 1 == o.steps):
             record_held_out(run, held_out, last, bar.write)
         if o.save_every and (step + 1) % o.save_every == 0 and step + 1 < o.steps:
-            save_pending = True  # written during the next step, once its loss vouches for these weights
-        if step + 1 in o.snapshot_steps:  # C6's budget sweep (not vouched for: it is not resumed from)
-            run.save(os.path.join(out, f"snapshot-{step + 1}.pt"), step + 1, run.rng_states(batches.next_state()))
-    bar.close()
-    # no next step vouches for the last update: look at the weights themselves
-    not_finite = [name for name, value in model.named_parameters() if not torch.isfinite(value).all()]
+            save_pending = True  # written in the next step, once its loss vouches for these weights
+        if step + 1 in o.snapshot_steps:  # C6's budget sweep (not vouched for: not resumed from)
+            run.save(os.path.join(out, f"snapshot-{step + 1}.pt"), step + 1,
+                     run.rng_states(batches.next_state()))
+    bar.close()  # no next step vouches for the last update: look at the weights themselves
+    not_finite = [name for name, value in model.named_parameters() if not value.isfinite().all()]
     if not_finite:
         stop(o.steps, f"weight {not_finite[0]} is not finite after the last update")
     run.save(checkpoint_path, o.steps, run.rng_states(batches.next_state()))
@@ -149,16 +150,20 @@ def model_to_train(run):
     processes (parallel.py); with --compile, torch.compile's fused forward (slow first steps). It
     shares the model's weights; run.model is what we evaluate and save (clean names)."""
     o = run.options
-    training_model = data_parallel(run.model, run.processes, run.device, unused_weights=not (o.nsp and o.nsp_weight > 0))
+    training_model = data_parallel(run.model, run.processes, run.device,
+                                   unused_weights=not (o.nsp and o.nsp_weight > 0))
     return torch.compile(training_model) if o.compile else training_model
 
 
 def finish_pretraining(out, run, last, throughput, data_wait_seconds):
-    """The run's metrics, written to OUT/metrics.json on rank 0, once the final checkpoint is saved."""
-    metrics = {**last, "final_train_mlm_loss": last.get("train_mlm_loss"), "held_out_mlm_loss": last.get("held_out_mlm_loss"),
+    """The run's metrics, written to OUT/metrics.json on rank 0, once the final checkpoint is
+    saved."""
+    metrics = {**last, "final_train_mlm_loss": last.get("train_mlm_loss"),
+               "held_out_mlm_loss": last.get("held_out_mlm_loss"),
                "objective": run.options.objective,
                "ln_vocab": math.log(len(run.tokenizer)), **throughput.metrics(),
-               "data_wait_fraction": throughput.share(data_wait_seconds), "processes": run.processes.world_size,
+               "data_wait_fraction": throughput.share(data_wait_seconds),
+               "processes": run.processes.world_size,
                "corpus": run.corpus_name, "history": run.history}
     if run.processes.main:
         write_json(os.path.join(out, "metrics.json"), metrics)
@@ -171,16 +176,20 @@ def record_held_out(run, held_out, last, write):
     run's history, and one line on rank 0."""
     evaluation = mlm_evaluation(run.model, held_out, run.device, run.precision)
     last["held_out_mlm_loss"] = evaluation["mlm_loss"]
-    if run.options.objective == "causal":  # the loss is the mean -log P(x_t | x_<t): its exp is the perplexity
+    # causal: the loss is the mean -log P(x_t | x_<t), and its exp is the perplexity
+    if run.options.objective == "causal":
         last["held_out_perplexity"] = math.exp(evaluation["mlm_loss"])
     if run.options.nsp:
         last["held_out_nsp_accuracy"] = evaluation["nsp_accuracy"]
     run.history.append(last)
     if run.processes.main:
         name = "causal" if run.options.objective == "causal" else "MLM"
-        write(f"step {last['step']}: train {name} {last['train_mlm_loss']:.3f}, held-out {name} {evaluation['mlm_loss']:.3f}"
-              + (f", held-out NSP accuracy {evaluation['nsp_accuracy']:.3f}" if run.options.nsp else "")
-              + (f", held-out perplexity {last['held_out_perplexity']:.2f}" if "held_out_perplexity" in last else ""))
+        write(f"step {last['step']}: train {name} {last['train_mlm_loss']:.3f}, "
+              f"held-out {name} {evaluation['mlm_loss']:.3f}"
+              + (f", held-out NSP accuracy {evaluation['nsp_accuracy']:.3f}"
+                 if run.options.nsp else "")
+              + (f", held-out perplexity {last['held_out_perplexity']:.2f}"
+                 if "held_out_perplexity" in last else ""))
 
 
 def step_batches(run, encoded, background=None):
@@ -192,11 +201,13 @@ def step_batches(run, encoded, background=None):
         if o.objective == "causal":  # C8: every next token, nothing masked (never packed)
             return [data.causal_batch(encoded, run.tokenizer, rng, o.batch_size, o.max_length)
                     for _ in range(o.accumulation)]
-        return [packed(data.pretraining_batch(encoded, run.tokenizer, rng, o.batch_size, o.max_length, use_nsp=o.nsp,
-                                              masking=o.masking_rule())) for _ in range(o.accumulation)]
+        return [packed(data.pretraining_batch(encoded, run.tokenizer, rng, o.batch_size,
+                                              o.max_length, use_nsp=o.nsp,
+                                              masking=o.masking_rule()))
+                for _ in range(o.accumulation)]
 
-    def packed(batch):  # --packing: the same pairs, several per row where they are short (fast.pack_pairs)
-        pays = on_gpu and fast.packing_pays(batch, o.max_length)  # auto: on a GPU, where rows are short
+    def packed(batch):  # --packing: the same pairs, several per row where short (fast.pack_pairs)
+        pays = on_gpu and fast.packing_pays(batch, o.max_length)  # auto: on a GPU, short rows
         pack = o.packing == "on" or (o.packing == "auto" and pays)
         return fast.pack_pairs(batch, o.max_length, run.tokenizer.pad_id) if pack else batch
 
@@ -208,7 +219,8 @@ def divergence(loss_mlm, loss_nsp, grad_norm, fp16_scaling):
     """What says a pre-training step diverged ("" if nothing): a loss that is not finite, or a
     gradient norm that is not -- finite losses can still overflow in the backward pass; under fp16
     that is the scaler's business (an occasional skipped step), otherwise it is divergence."""
-    not_finite = [f"{name} loss is {value}" for name, value in (("MLM", loss_mlm), ("NSP", loss_nsp))
+    not_finite = [f"{name} loss is {value}"
+                  for name, value in (("MLM", loss_mlm), ("NSP", loss_nsp))
                   if not math.isfinite(value)]
     if not not_finite and not math.isfinite(grad_norm) and not fp16_scaling:
         not_finite = [f"the gradient norm is {grad_norm} (MLM loss {loss_mlm:.3f})"]
@@ -223,9 +235,10 @@ def pretraining_step(run, training_model, micro_batches):
     # gradient accumulation: every micro-batch's MLM loss is divided by the masked-token count of
     # ALL micro-batches, so the summed gradient is the one big batch would give (E4's normaliser)
     # under torchrun the same rule across processes: the count is summed over all of them, and so
-    # are the gradients (parallel.sum_gradients); NSP's per-process means are divided like micro-batches'
-    num_masked_total = int(sum_over_processes([sum(int((b["mlm_labels"] != IGNORE_INDEX).sum()) for b in micro_batches)],
-                                              run.processes, run.device)[0])
+    # are the gradients (parallel.sum_gradients); NSP's per-process means are divided like
+    # micro-batches'
+    num_masked = sum(int((b["mlm_labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
+    num_masked_total = int(sum_over_processes([num_masked], run.processes, run.device)[0])
     shares = o.accumulation * run.processes.world_size
     max_predictions = o.masking_rule().max_predictions(o.max_length)
     if o.objective == "causal":  # C8: every position but the last predicts (its next token)
@@ -234,22 +247,26 @@ def pretraining_step(run, training_model, micro_batches):
     for number, micro_batch in enumerate(micro_batches, start=1):
         # the speed devices that apply to this micro-batch (fast.py): the same losses, faster
         speed = fast.speed_for(micro_batch, run.device, max_predictions)
-        tokens += int(np.asarray(micro_batch["attention_mask"]).sum())  # real tokens (the mask, on the CPU)
+        tokens += int(np.asarray(micro_batch["attention_mask"]).sum())  # real tokens (mask, on CPU)
         micro_batch = to_tensors(micro_batch, run.device)
         # under torchrun, the gradients are summed across processes once, after the last micro-batch
-        later = training_model.no_sync if number < len(micro_batches) and hasattr(training_model, "no_sync") else nullcontext
+        defer_sync = number < len(micro_batches) and hasattr(training_model, "no_sync")
+        later = training_model.no_sync if defer_sync else nullcontext
         with later():
-            with autocast(run.device, run.precision), attention_backends(o.deterministic, run.device):
+            with (autocast(run.device, run.precision),
+                  attention_backends(o.deterministic, run.device)):
                 loss, loss_mlm, loss_nsp = training_model(
-                    micro_batch["input_ids"], micro_batch["segment_ids"], micro_batch["attention_mask"],
+                    micro_batch["input_ids"], micro_batch["segment_ids"],
+                    micro_batch["attention_mask"],
                     micro_batch["mlm_labels"], micro_batch["nsp_labels"] if o.nsp else None,
-                    nsp_weight=o.nsp_weight / shares, num_masked_total=num_masked_total, speed=speed)
+                    nsp_weight=o.nsp_weight / shares, num_masked_total=num_masked_total,
+                    speed=speed)
             run.scaler.scale(loss).backward()  # = loss.backward() unless fp16
         loss_mlm_total += loss_mlm.item()
         loss_nsp_total += 0.0 if loss_nsp is None else loss_nsp.item() / shares
     # the whole step's losses (each process's MLM share is already over the total count) and tokens
-    loss_mlm_total, loss_nsp_total, tokens = sum_over_processes([loss_mlm_total, loss_nsp_total, tokens], run.processes,
-                                                                run.device)
+    loss_mlm_total, loss_nsp_total, tokens = sum_over_processes(
+        [loss_mlm_total, loss_nsp_total, tokens], run.processes, run.device)
     return loss_mlm_total, loss_nsp_total, int(tokens)
 
 
@@ -262,33 +279,37 @@ def start_pretraining(out, o, resume, force, log):
     """Everything before the first step: the corpus, the tokenizer, the model (new, from --init,
     or resumed) and its optimizer. Returns (run, first step, encoded corpus, held-out batches)."""
     device = pick_device(o.device)
-    # under torchrun: this process among N (parallel.py)
-    processes = processes_from_environment(device, o.collective_timeout)
+    processes = processes_from_environment(device, o.collective_timeout)  # one of N, torchrun
     device, log = processes.device(device), processes.log(log)
     precision = pick_precision(o.precision, device)
     on_rank_0(processes, lambda: prepare_out_folder(out, resume, force))
     checkpoint_path = os.path.join(out, "checkpoint.pt")
-    resume_from = load_checkpoint(checkpoint_path) if resume and os.path.exists(checkpoint_path) else None
+    resumable = resume and os.path.exists(checkpoint_path)
+    resume_from = load_checkpoint(checkpoint_path) if resumable else None
     if resume_from is not None and resume_from.get("kind") != "pretraining":
         raise InputError(f"{checkpoint_path}: not a pre-training checkpoint, cannot --resume it")
     corpus_name, documents = data.load_corpus(o.corpus)
-    tokenised = isinstance(documents, data.TokenFile)  # --corpus PREFIX.tokens: read through a memory map
+    tokenised = isinstance(documents, data.TokenFile)  # --corpus PREFIX.tokens: memory-mapped
     training_documents, held_out_documents = data.split_held_out(documents)
-    config, tokenizer, weights = model_and_tokenizer(o, out, resume_from, corpus_name, training_documents, log,
-                                                     processes.world_size)
+    config, tokenizer, weights = model_and_tokenizer(o, out, resume_from, corpus_name,
+                                                     training_documents, log, processes.world_size)
     if o.max_length > config.max_positions:
-        raise InputError(f"--max-length {o.max_length} exceeds the position table ({config.max_positions})")
+        raise InputError(f"--max-length {o.max_length} exceeds the position table "
+                         f"({config.max_positions})")
     if tokenised and tokenizer.vocab != documents.tokenizer().vocab:
-        raise InputError(f"{corpus_name}: tokenised with another vocabulary than the model's (ptft.py tokenize --init RUN)")
-    encoded = training_documents if tokenised else data.encode_documents(tokenizer, training_documents, TOKEN_CACHE)
+        raise InputError(f"{corpus_name}: tokenised with another vocabulary than the model's "
+                         "(ptft.py tokenize --init RUN)")
+    encoded = (training_documents if tokenised
+               else data.encode_documents(tokenizer, training_documents, TOKEN_CACHE))
     if o.nsp and not data.nsp_possible(encoded):
-        raise InputError(f"{corpus_name}: next-sentence prediction needs at least 2 documents (separated by a blank line), "
-                         "one of them with 2 or more lines; or pass --no-nsp")
+        raise InputError(f"{corpus_name}: next-sentence prediction needs at least 2 documents "
+                         "(separated by a blank line), one of them with 2 or more lines; "
+                         "or pass --no-nsp")
     if processes.main:  # only once the inputs are known good: a refusal leaves nothing behind
         tokenizer.save(os.path.join(out, "vocab.txt"))
-    held_out = data.held_out_batches(held_out_documents if tokenised else data.encode_documents(tokenizer, held_out_documents),
-                                     tokenizer, o.max_length, o.nsp, causal=o.objective == "causal")
-
+    held_out = data.held_out_batches(
+        held_out_documents if tokenised else data.encode_documents(tokenizer, held_out_documents),
+        tokenizer, o.max_length, o.nsp, causal=o.objective == "causal")
     data_rng = seed_everything(o.seed)
     model = PreTrainingModel(config).to(device)  # the same initialisation in every process
     if weights is not None:
@@ -297,25 +318,33 @@ def start_pretraining(out, o, resume, force, log):
         data_rng = np.random.default_rng([o.seed, processes.rank])
         torch.manual_seed(o.seed + processes.rank)
     # fp16 keeps 5 exponent bits: small gradients would underflow to 0. The GradScaler multiplies
-    # the loss by S before backward, divides the gradients by S before the update, and skips a step
-    # whose scaled gradients overflowed (then halves S). bf16 has fp32's range: no scaler (disabled).
+    # the loss by S before backward, divides the gradients by S before the update, and skips a
+    # step whose scaled gradients overflowed (then halves S). bf16 has fp32's range: no scaler.
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     run = PretrainingRun(options=o, corpus_name=corpus_name, model=model, tokenizer=tokenizer,
-                         optimizer=make_optimizer(model, o.lr), scaler=scaler, data_rng=data_rng, device=device,
-                         precision=precision, history=[], processes=processes)
+                         optimizer=make_optimizer(model, o.lr), scaler=scaler, data_rng=data_rng,
+                         device=device, precision=precision, history=[], processes=processes)
     start_step = 0
     if resume_from is not None:
         run.restore(resume_from)
         start_step = resume_from["step"]
         log(f"resuming {out} at step {start_step}")
-    log(f"pre-training {f'from {o.init}' if o.init else f'a {o.config} encoder'} ({count_parameters(model.encoder):,} "
-        f"parameters, vocab {len(tokenizer)}) on {corpus_name}: {len(encoded)} documents, "
-        f"{encoded.num_tokens() if tokenised else sum(len(s) for d in encoded for s in d):,} tokens; "
-        f"{held_out_documents and len(held_out_documents) or 'no'} "
-        f"held out; {device}, {precision}"
-        + (f"; {processes.world_size} processes, {o.batch_size * processes.world_size * o.accumulation} sequences a step"
-           if processes.world_size > 1 else ""))
+    log(starting_line(run, encoded, tokenised, held_out_documents))
     return run, start_step, encoded, held_out
+
+
+def starting_line(run, encoded, tokenised, held_out_documents):
+    """What start_pretraining says it is about to do: model, data, device, processes."""
+    o, processes = run.options, run.processes
+    num_tokens = encoded.num_tokens() if tokenised else sum(len(s) for d in encoded for s in d)
+    return (f"pre-training {f'from {o.init}' if o.init else f'a {o.config} encoder'} "
+            f"({count_parameters(run.model.encoder):,} parameters, vocab {len(run.tokenizer)}) on "
+            f"{run.corpus_name}: {len(encoded)} documents, {num_tokens:,} tokens; "
+            f"{held_out_documents and len(held_out_documents) or 'no'} held out; "
+            f"{run.device}, {run.precision}"
+            + (f"; {processes.world_size} processes, "
+               f"{o.batch_size * processes.world_size * o.accumulation} sequences a step"
+               if processes.world_size > 1 else ""))
 
 
 def model_and_tokenizer(o, out, resume_from, corpus_name, documents, log, world_size=1):
@@ -323,25 +352,31 @@ def model_and_tokenizer(o, out, resume_from, corpus_name, documents, log, world_
     --init's, or a new WordPiece vocabulary and (weights None) a random initialisation."""
     requested = o.model_config()
     if resume_from is not None:
-        check_resume_settings(resume_from, o, corpus_name, os.path.join(out, "checkpoint.pt"), world_size)
-        return Config(**resume_from["config"]), Tokenizer.from_checkpoint(resume_from), resume_from["model"]
+        check_resume_settings(resume_from, o, corpus_name, os.path.join(out, "checkpoint.pt"),
+                              world_size)
+        return (Config(**resume_from["config"]), Tokenizer.from_checkpoint(resume_from),
+                resume_from["model"])
     if o.init:
         initial = load_checkpoint(o.init, log)
         if initial.get("kind") != "pretraining":
-            raise InputError(f"{o.init}: a classifier checkpoint; continued pre-training needs a pre-training run or a BERT folder")
-        config = replace(Config(**initial["config"]), attention=o.attention, dropout=o.dropout, attention_dropout=o.dropout,
-                         causal=o.objective == "causal")
+            raise InputError(f"{o.init}: a classifier checkpoint; continued pre-training needs a "
+                             "pre-training run or a BERT folder")
+        config = replace(Config(**initial["config"]), attention=o.attention, dropout=o.dropout,
+                         attention_dropout=o.dropout, causal=o.objective == "causal")
         return config, Tokenizer.from_checkpoint(initial), initial["model"]
     if isinstance(documents, data.TokenFile):  # a token file brings its vocabulary
         tokenizer = documents.tokenizer()
         return replace(requested, vocab_size=len(tokenizer)), tokenizer, None
     log(f"building a {requested.vocab_size}-token WordPiece vocabulary from {corpus_name} ...")
-    tokenizer = train_tokenizer((s for d in documents for s in d), requested.vocab_size, o.lowercase)
-    return replace(requested, vocab_size=len(tokenizer)), tokenizer, None  # a small corpus may give fewer tokens
+    tokenizer = train_tokenizer((s for d in documents for s in d), requested.vocab_size,
+                                o.lowercase)
+    # a small corpus may give fewer tokens than asked for
+    return replace(requested, vocab_size=len(tokenizer)), tokenizer, None
 
 
 class TrainingDiverged(Exception):
-    """A loss or the gradient norm became NaN or infinite. ptft.py reports it and exits with status 3."""
+    """A loss or the gradient norm became NaN or infinite. ptft.py reports it and exits with
+    status 3."""
 
 
 # ----------------------------------------------------------------------------------------
@@ -362,8 +397,8 @@ def fit_classifier(rows, labels, num_labels, config, options, start=None, pad_id
     total_steps = o.epochs * math.ceil(len(rows) / o.batch_size)
     warmup_steps = max(1, int(o.warmup_fraction * total_steps)) if o.warmup_fraction > 0 else 0
     step = 0
-    bar = tqdm(total=total_steps, desc=f"fine-tune ({o.freeze})", disable=not (progress and processes.main),
-               dynamic_ncols=True)
+    bar = tqdm(total=total_steps, desc=f"fine-tune ({o.freeze})",
+               disable=not (progress and processes.main), dynamic_ncols=True)
     with deterministic_algorithms(o.deterministic), attention_backends(o.deterministic, device):
         for _ in range(o.epochs):
             model.train()
@@ -372,25 +407,30 @@ def fit_classifier(rows, labels, num_labels, config, options, start=None, pad_id
             order = rng.permutation(len(rows))
             for first in range(0, len(order), o.batch_size):
                 index = order[first:first + o.batch_size]
-                mine, weight = rows_of_this_process(index, processes)  # under torchrun: every N-th row
-                input_ids, mask = (torch.from_numpy(a).to(device) for a in data.pad([rows[i] for i in mine], pad_id))
+                mine, weight = rows_of_this_process(index, processes)  # torchrun: every N-th row
+                padded = data.pad([rows[i] for i in mine], pad_id)
+                input_ids, mask = (torch.from_numpy(a).to(device) for a in padded)
                 target = torch.tensor([labels[i] for i in mine], device=device)
                 for group in run.optimizer.param_groups:
-                    group["lr"] = learning_rate(step, total_steps, o.peak_lr(), warmup_steps, o.schedule) * group["lr_scale"]
+                    group["lr"] = learning_rate(step, total_steps, o.peak_lr(), warmup_steps,
+                                                o.schedule) * group["lr_scale"]
                 logits = run.training_model(input_ids, None, mask).float()
                 if start.teacher is None:
                     # E3: l(f_phi(x), y) = cross-entropy, averaged over the batch
                     loss = F.cross_entropy(logits, target)
-                    loss = share_of_batch_mean(loss, mine, weight, len(index), processes)  # torchrun: this share
+                    # under torchrun: this process's share
+                    loss = share_of_batch_mean(loss, mine, weight, len(index), processes)
                 else:  # C7: the teacher's softened predictions as targets too (compress.Teacher)
                     loss = start.teacher.loss(logits, index, target)
                 loss = with_remedies(loss, run)  # C5
                 loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()  # before clipping
+                # the norm before clipping
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()
                 if not math.isfinite(loss.item()) or not math.isfinite(grad_norm):
                     bar.close()
-                    raise TrainingDiverged(f"fine-tuning step {step + 1}: loss is {loss.item()}, gradient "
-                                           f"norm {grad_norm}; nothing was written -- try a lower --lr")
+                    raise TrainingDiverged(f"fine-tuning step {step + 1}: loss is {loss.item()}, "
+                                           f"gradient norm {grad_norm}; nothing was written -- "
+                                           "try a lower --lr")
                 run.optimizer.step()
                 run.optimizer.zero_grad(set_to_none=True)
                 step += 1
@@ -409,7 +449,8 @@ class FineTuningRun:
     frozen: list             # the frozen modules, run in eval mode
     training_model: object   # the model, or its DistributedDataParallel wrapper under torchrun
     optimizer: torch.optim.Optimizer
-    mlm_model: PreTrainingModel = None  # the pre-trained heads on this encoder (forgetting, --aux-mlm)
+    mlm_model: PreTrainingModel = None  # the pre-trained heads on this encoder (forgetting,
+                                        # --aux-mlm)
     mlm_loss_before: float = None
     theta_0: dict = None     # C5a, L2-SP: the trainable encoder weights fine-tuning starts from
     processes: object = None
@@ -423,17 +464,21 @@ def start_fine_tuning(config, num_labels, o, start):
     classifier with what it starts from and what is frozen, the optimizer, and C5's references."""
     device, processes = fine_tuning_processes(o, start)
     model, frozen = classifier_to_fine_tune(config, num_labels, o, start, device)
-    # C5, forgetting: the pre-trained model with this encoder (for --aux-mlm) and its held-out E4 now
+    # C5, forgetting: the pre-trained model with this encoder (for --aux-mlm) and its held-out
+    # E4 now
     mlm_model, mlm_loss_before = pretrained_view(model, start, o, device)
     # the pooler is head: no theta_0 for it
     theta_0 = {name: p.detach().clone() for name, p in model.encoder.named_parameters()
                if p.requires_grad and not name.startswith("pooler.")} if o.remedies.l2_sp else None
     decay = o.remedies.layer_lr_decay
     scales = layer_lr_scales(model, decay) if decay != 1.0 else None
-    optimizer = make_optimizer(model, o.peak_lr(), o.weight_decay, lr_scales=scales)  # C5a: weight decay
-    training_model = data_parallel(model, processes, device)  # frozen weights are not handed to it: no gradient to share
-    return FineTuningRun(options=o, start=start, model=model, frozen=frozen, training_model=training_model,
-                         optimizer=optimizer, mlm_model=mlm_model, mlm_loss_before=mlm_loss_before, theta_0=theta_0,
+    # C5a: weight decay
+    optimizer = make_optimizer(model, o.peak_lr(), o.weight_decay, lr_scales=scales)
+    # frozen weights are not handed to it: no gradient to share
+    training_model = data_parallel(model, processes, device)
+    return FineTuningRun(options=o, start=start, model=model, frozen=frozen,
+                         training_model=training_model, optimizer=optimizer, mlm_model=mlm_model,
+                         mlm_loss_before=mlm_loss_before, theta_0=theta_0,
                          processes=processes, device=device, started=time.time(),
                          trainable=count_parameters(model, trainable_only=True))
 
@@ -463,11 +508,13 @@ def with_remedies(loss, run):
     Under torchrun every process adds the L2-SP term; their gradients are summed, hence / N."""
     remedies = run.options.remedies
     if remedies.l2_sp:
-        loss = loss + l2_sp_penalty(run.model, run.theta_0, remedies.l2_sp) / run.processes.world_size
+        loss = loss + (l2_sp_penalty(run.model, run.theta_0, remedies.l2_sp)
+                       / run.processes.world_size)
     if remedies.aux_mlm:
         batch = to_tensors(next(run.start.aux_batches), run.device)
         loss = loss + remedies.aux_mlm * run.mlm_model(batch["input_ids"], batch["segment_ids"],
-                                                       batch["attention_mask"], batch["mlm_labels"])[1]
+                                                       batch["attention_mask"],
+                                                       batch["mlm_labels"])[1]
     return loss
 
 
@@ -476,8 +523,8 @@ def fine_tuning_processes(o, start):
     device = pick_device(o.device)
     processes = processes_from_environment(device, o.collective_timeout)
     if processes.world_size > 1 and (o.remedies.aux_mlm or start.teacher is not None):
-        raise InputError("under torchrun, fine-tuning runs without --aux-mlm and without distillation "
-                         "(one process runs both)")
+        raise InputError("under torchrun, fine-tuning runs without --aux-mlm and without "
+                         "distillation (one process runs both)")
     return processes.device(device), processes
 
 
@@ -487,7 +534,8 @@ def pretrained_view(model, start, o, device):
     if start.pretrained_state is None or not (start.held_out or o.remedies.aux_mlm):
         return None, None
     mlm_model = mlm_model_sharing_encoder(model, start.pretrained_state, device)
-    return mlm_model, mlm_evaluation(mlm_model, start.held_out, device)["mlm_loss"] if start.held_out else None
+    return mlm_model, (mlm_evaluation(mlm_model, start.held_out, device)["mlm_loss"]
+                       if start.held_out else None)
 
 
 def classifier_to_fine_tune(config, num_labels, o, start, device):
@@ -497,19 +545,24 @@ def classifier_to_fine_tune(config, num_labels, o, start, device):
     seed_everything(o.seed)
     model = Classifier(config, num_labels, o.pool)
     if start.encoder_state is not None:
-        model.encoder.load_state_dict(start.encoder_state)  # strict: every encoder weight must be there
+        model.encoder.load_state_dict(start.encoder_state)  # strict: every encoder weight
     if start.head_state is not None:
         model.classifier.load_state_dict(start.head_state)
     trainable_layers = parse_freeze(o.freeze, config.num_layers)
     if o.remedies.aux_mlm and (trainable_layers == 0 or start.pretrained_state is None):
-        raise InputError("--aux-mlm: needs a trainable encoder (not --freeze head) and an init with an MLM head")
+        raise InputError("--aux-mlm: needs a trainable encoder (not --freeze head) and an init "
+                         "with an MLM head")
     frozen = freeze_below(model, trainable_layers)
-    if o.lora:  # C7: the encoder's own weights stay theta_0; low-rank updates of query and value train, and the head
+    # C7: the encoder's own weights stay theta_0; low-rank updates of query and value train, and
+    # the head
+    if o.lora:
         model.encoder.embeddings.requires_grad_(False)
         model.encoder.layers.requires_grad_(False)
         add_low_rank_updates(model, o.lora)
     model.to(device)
-    if start.pruned:  # C7: a weight pruned to zero gets no gradient, so AdamW never moves it (and decay keeps 0 at 0)
+    # C7: a weight pruned to zero gets no gradient, so AdamW never moves it (and decay keeps 0
+    # at 0)
+    if start.pruned:
         for weight in (p for p in model.encoder.layers.parameters() if p.ndim == 2):
             weight.register_hook(lambda grad, kept=weight != 0: grad * kept)
     return model, frozen
@@ -533,7 +586,8 @@ class StartingPoint:
     C1's baseline) and, when the pre-trained model has an MLM head (pretrained_state: encoder +
     heads), unlabeled batches for --aux-mlm (aux_batches) and for measuring forgetting (held_out).
     C7's commands (deploy.py) start from a fine-tuned classifier: head_state is its linear
-    layer; teacher makes the loss distillation_loss; pruned keeps weights that start at zero at zero."""
+    layer; teacher makes the loss distillation_loss; pruned keeps weights that start at zero at
+    zero."""
     encoder_state: dict = None
     pretrained_state: dict = None
     held_out: list = None
@@ -580,11 +634,13 @@ def freeze_below(model, trainable_layers):
 def l2_sp_penalty(model, theta_0, strength):
     """C5a, L2-SP: an L2 penalty toward the pre-trained weights theta_0, not toward zero.
 
-        Omega(phi) = strength / 2 * sum_j || phi_j - theta_0,j ||^2      (j: trainable encoder weights)
+        Omega(phi) = strength / 2 * sum_j || phi_j - theta_0,j ||^2
+                                                  (j: the trainable encoder weights)
 
     theta_0 maps encoder parameter names to their pre-trained values (the head is new and
     has no theta_0). Its gradient is strength * (phi_j - theta_0,j): a spring back to theta_0."""
-    terms = [((p - theta_0[name]) ** 2).sum() for name, p in model.encoder.named_parameters() if name in theta_0]
+    terms = [((p - theta_0[name]) ** 2).sum() for name, p in model.encoder.named_parameters()
+             if name in theta_0]
     return strength / 2 * torch.stack(terms).sum() if terms else torch.zeros(())
 
 
@@ -593,17 +649,18 @@ def l2_sp_penalty(model, theta_0, strength):
 # ----------------------------------------------------------------------------------------
 
 
-def learning_rate(step, total_steps, peak, warmup_steps, schedule="cosine", cycles=3, cycle_decay=0.5):
+def learning_rate(step, total_steps, peak, warmup_steps, schedule="cosine", cycles=3,
+                  cycle_decay=0.5):
     """C4: linear warmup from 0 to `peak` over warmup_steps, then cosine annealing to 0
     (or constant). `step` counts from 0; the rate is the one used for that step's update.
 
     C5c, "cyclical": the document's remedy against forgetting, a cyclical schedule that lowers the
-    rate late in training (循环学习率调度,在训练后期降低学习率). Cosine annealing with warm restarts
-    (SGDR, Loshchilov & Hutter 2017) whose peaks decay: after warmup the steps split into `cycles`
-    equal cycles; cycle c starts at peak * cycle_decay**c and anneals along a cosine to 0. Restarts
-    make it cyclical; the decaying peaks make every late step slower than the early ones (the last
-    cycle never exceeds peak * cycle_decay**(cycles - 1)). A triangular cycle would do the same
-    job; the cosine keeps one curve shape for all three schedules."""
+    rate late in training (循环学习率调度,在训练后期降低学习率). Cosine annealing
+    with warm restarts (SGDR, Loshchilov & Hutter 2017) whose peaks decay: after warmup the steps
+    split into `cycles` equal cycles; cycle c starts at peak * cycle_decay**c and anneals along a
+    cosine to 0. Restarts make it cyclical; the decaying peaks make every late step slower than the
+    early ones (the last cycle never exceeds peak * cycle_decay**(cycles - 1)). A triangular cycle
+    would do the same job; the cosine keeps one curve shape for all three schedules."""
     if step < warmup_steps:
         return peak * (step + 1) / warmup_steps
     if schedule == "constant":
@@ -627,11 +684,14 @@ def make_optimizer(model, lr, weight_decay=0.01, lr_scales=None):
     for name, p in trainable:
         decay = weight_decay if p.ndim >= 2 else 0.0
         scale = lr_scales.get(name, 1.0)
-        groups.setdefault((decay, scale), {"params": [], "weight_decay": decay, "lr_scale": scale, "lr": lr * scale})
+        groups.setdefault((decay, scale), {"params": [], "weight_decay": decay, "lr_scale": scale,
+                                           "lr": lr * scale})
         groups[(decay, scale)]["params"].append(p)
-    # fused: one kernel for the whole update instead of a dozen passes over every tensor (same formula)
+    # fused: one kernel for the whole update instead of a dozen passes over every tensor (same
+    # formula)
     fused = all(p.device.type in ("cpu", "cuda") for _, p in trainable)
-    return torch.optim.AdamW(list(groups.values()), lr=lr, betas=(0.9, 0.999), eps=1e-6, fused=fused)
+    return torch.optim.AdamW(list(groups.values()), lr=lr, betas=(0.9, 0.999), eps=1e-6,
+                             fused=fused)
 
 
 def layer_lr_scales(model, decay):
@@ -674,14 +734,17 @@ if __name__ == "__main__":
 
     with tempfile.TemporaryDirectory() as folder:
         files = data.write_world(folder, toyworld.toy_world(seed=0, num_documents=3000))
-        pre = pretrain(os.path.join(folder, "pre"), PretrainOptions(corpus=[files["unlabeled.txt"]], steps=300,
-                                                                      vocab_size=1024), progress=False)
-        print(f"pre-training: held-out MLM loss {pre['held_out_mlm_loss']:.3f} (ln|V| = {pre['ln_vocab']:.3f})")
+        pre_options = PretrainOptions(corpus=[files["unlabeled.txt"]], steps=300, vocab_size=1024)
+        pre = pretrain(os.path.join(folder, "pre"), pre_options, progress=False)
+        print(f"pre-training: held-out MLM loss {pre['held_out_mlm_loss']:.3f} "
+              f"(ln|V| = {pre['ln_vocab']:.3f})")
         texts, names = data.read_tsv(files["train.tsv"])
         model, tokenizer, _ = open_model(os.path.join(folder, "pre"))
         rows = data.classification_inputs(tokenizer, texts, model.config.max_positions, print)
         label_ids = data.encode_labels(names, sorted(set(names)), files["train.tsv"])
         start = StartingPoint(encoder_state=model.encoder.state_dict())
         tuned, info = fit_classifier(rows, label_ids, len(set(names)), model.config,
-                                     FinetuneOptions(freeze="head", epochs=5), start=start, pad_id=tokenizer.pad_id)
-        print(f"fine-tuning the head: {info['steps']} steps, last batch loss {info['last_batch_loss']:.3f}")
+                                     FinetuneOptions(freeze="head", epochs=5), start=start,
+                                     pad_id=tokenizer.pad_id)
+        print(f"fine-tuning the head: {info['steps']} steps, "
+              f"last batch loss {info['last_batch_loss']:.3f}")
