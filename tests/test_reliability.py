@@ -32,7 +32,15 @@ from common import InputError
 from conftest import ROOT, assert_clear_error, quiet
 from model import PreTrainingModel, make_config
 from options import PretrainOptions
-from tokenizer import MAX_WORD_CHARACTERS, SPECIAL_TOKENS, UNK, Tokenizer, is_punctuation, split_word, train_tokenizer
+from tokenizer import (
+    MAX_WORD_CHARACTERS,
+    SPECIAL_TOKENS,
+    UNK,
+    Tokenizer,
+    is_punctuation,
+    split_word,
+    train_tokenizer,
+)
 
 TRIALS = int(os.environ.get("PTFT_RELIABILITY_TRIALS", "60"))
 
