@@ -232,7 +232,6 @@ def load_checkpoint(path, log=print):
         raise InputError(f"{path}: not a ptft checkpoint ({reason[:120]})") from None
     check_parts_fit(checkpoint, path)
     checkpoint = with_float_weights(checkpoint, path) if "int8_scales" in checkpoint else checkpoint
-    data.remember_corpus(checkpoint.get("run"))  # the text it was trained on, to recognise it later
     return refuse_non_finite(checkpoint, path)
 
 

@@ -21,7 +21,6 @@ import hashlib
 import itertools
 import multiprocessing
 import os
-import stat
 import sysconfig
 import zipfile
 from dataclasses import dataclass
@@ -244,8 +243,6 @@ def load_corpus(corpus):
 
 # corpus name -> the fingerprint of the text read under that name, in this process
 CORPUS_FINGERPRINTS = {}
-# corpus name -> the fingerprint a checkpoint loaded in this process recorded for it
-RECORDED_FINGERPRINTS = {}
 
 
 def fingerprint(chunks):
@@ -268,33 +265,6 @@ def with_fingerprint(name, documents):
     return documents
 
 
-def remember_corpus(run):
-    """A checkpoint's run settings -> the fingerprint it recorded for its corpus, kept for
-    pretraining_text (which reads a corpus a checkpoint names only if it is that very text)."""
-    if (isinstance(run, dict) and isinstance(run.get("corpus"), str)
-            and isinstance(run.get("corpus_fingerprint"), str)):
-        RECORDED_FINGERPRINTS[run["corpus"]] = run["corpus_fingerprint"]
-
-
-def recorded_text_is_here(name):
-    """Is the corpus a checkpoint names (`name`, paths joined by ",") still the text it recorded?
-    Checked without reading anything but regular files of the recorded size: a checkpoint is
-    input, and the paths in it are never opened on its word alone (not a FIFO, a device, or a
-    file of another size); the content is compared once read (pretraining_text)."""
-    recorded = RECORDED_FINGERPRINTS.get(name)
-    if recorded is None:
-        return False
-    paths = (token_set_files(name[: -len(".tokens")]) if name.endswith(".tokens")
-             else name.split(","))
-    try:
-        states = [os.stat(path) for path in paths]
-    except OSError:
-        return False
-    if not all(stat.S_ISREG(state.st_mode) for state in states):
-        return False
-    return sum(state.st_size for state in states) == int(recorded.split()[0])
-
-
 def split_held_out(documents, fraction=0.02, seed=1234):
     """Documents -> (training, held-out). The held-out documents (2%, at most 500) measure
     the MLM loss on text the model never trains on. None are held out below 20 documents."""
@@ -309,24 +279,15 @@ def split_held_out(documents, fraction=0.02, seed=1234):
 
 def pretraining_text(pretrained_on, corpus=None):
     """The unlabeled text behind a pre-trained model, split as pre-training split it:
-    (training documents, held-out documents). corpus as pretrain's --corpus; by default the
-    corpus it was pre-trained on (`pretrained_on`: the name its checkpoint records), when that
-    is known and still the same text (a regular file of the size and SHA-256 the checkpoint
-    recorded: recorded_text_is_here; a Hugging Face folder's is unknown). None when there is no
-    text."""
+    (training documents, held-out documents). corpus: as pretrain's --corpus, named by the user
+    (or by the program that wrote it). Without it, only the built-in corpora a checkpoint may
+    name are used ("stdlib", "toy-world"): a path stored in a checkpoint is input, and is never
+    opened on the checkpoint's word (it could name a device, a FIFO or any file). None when
+    there is no text."""
     if not corpus:
-        if pretrained_on == "stdlib":
-            corpus = ["stdlib"]
-        elif (pretrained_on and pretrained_on != "toy-world"
-              and recorded_text_is_here(pretrained_on)):
-            corpus = pretrained_on.split(",")
-        elif pretrained_on != "toy-world":
+        if pretrained_on not in ("stdlib", "toy-world"):
             return None
-        name, documents = load_corpus(corpus)
-        if pretrained_on != "stdlib" and corpus_fingerprint(name) != RECORDED_FINGERPRINTS.get(
-                name, corpus_fingerprint(name)):
-            return None  # a file of the same size but another text
-        return split_held_out(documents)
+        corpus = ["stdlib"] if pretrained_on == "stdlib" else None  # None: the toy world
     return split_held_out(load_corpus(corpus)[1])
 
 

@@ -432,10 +432,11 @@ def epochs_for(num_examples, plan, batch_size=16):
 
 class Loaded:
     """A pre-trained checkpoint, opened once: config, tokenizer, weights and, with
-    forgetting_batches > 0, its unlabeled text (data.pretraining_text): held-out batches
-    measure forgetting, the rest feeds --aux-mlm."""
+    forgetting_batches > 0, its unlabeled text (data.pretraining_text; `corpus`: the files this
+    plan wrote and pre-trained it on -- a path stored in the checkpoint is never opened on its
+    word): held-out batches measure forgetting, the rest feeds --aux-mlm."""
 
-    def __init__(self, path, forgetting_batches=0):
+    def __init__(self, path, forgetting_batches=0, corpus=None):
         self.path = path
         model, self.tokenizer, checkpoint = open_model(path)
         self.config = model.config
@@ -443,8 +444,9 @@ class Loaded:
         self.pretrained_state = model.state_dict()
         self.training_documents, self.held_out = None, None
         if forgetting_batches:
-            corpus = checkpoint.get("run", {}).get("corpus")
-            self.training_documents, held_out_documents = data.pretraining_text(corpus)
+            pretrained_on = checkpoint.get("run", {}).get("corpus")
+            self.training_documents, held_out_documents = data.pretraining_text(pretrained_on,
+                                                                                corpus)
             encoded_held_out = data.encode_documents(self.tokenizer, held_out_documents)
             self.held_out = data.held_out_batches(encoded_held_out, self.tokenizer, MLM_MAX_LENGTH,
                                                   use_nsp=False, batch_size=32,
@@ -1281,7 +1283,8 @@ def run_corpus(out, corpus, plan, resume, finished, runs_path, results, log):
     results["pretraining"][corpus] = {
         name: {"held_out_mlm_loss_on_pairs": loss, "seconds": seconds}
         for name, (_, loss, seconds) in encoders.items() if seconds is not None}
-    loaded = {name: Loaded(path, plan["forgetting_batches"])
+    unlabeled = [os.path.join(out, corpus, "unlabeled.txt")]  # what pretrain_encoders wrote
+    loaded = {name: Loaded(path, plan["forgetting_batches"], unlabeled)
               for name, (path, _, _) in encoders.items()}
     num_layers = loaded["final"].config.num_layers
     for claim, title, rows in tables_for(corpus, plan, task, encoders, num_layers, num_classes):

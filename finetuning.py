@@ -124,8 +124,9 @@ def adapt_to_task(folder, init, texts, o, log=print):
 
 def starting_point(init, checkpoint, model, tokenizer, o, log):
     """finetune's StartingPoint from a loaded init: theta_0 and, when the init has a pre-trained
-    MLM head and its unlabeled text is known (o.unlabeled, or the corpus it was pre-trained on),
-    held-out batches for forgetting (C5) and a stream of batches for --aux-mlm."""
+    MLM head and its unlabeled text is known (o.unlabeled; without it, a built-in corpus the
+    checkpoint names, stdlib or the toy world -- never a path stored in the checkpoint), held-out
+    batches for forgetting (C5) and a stream of batches for --aux-mlm."""
     mlm_head = has_mlm_head(checkpoint)
     if o.remedies.aux_mlm and not mlm_head:
         raise InputError(f"--aux-mlm: {init} has no pre-trained MLM head "
@@ -145,7 +146,8 @@ def starting_point(init, checkpoint, model, tokenizer, o, log):
             start.aux_batches = data.mlm_batch_stream(data.encode_documents(tokenizer, text[0]),
                                                       tokenizer, o.batch_size, length, o.seed)
     elif mlm_head:
-        log(f"{init}: its pre-training text is unknown; pass --unlabeled to measure forgetting")
+        log(f"{init}: its pre-training text is not named (a path a checkpoint stores is not "
+            "opened on its word); pass --unlabeled to measure forgetting")
     return start
 
 

@@ -223,7 +223,9 @@ class FinetuneOptions:
                                   "training texts without their labels, continuing the init's "
                                   "pre-training (0: none)", least=0, metavar="N")
     unlabeled: list[str] = setting(None, "unlabeled text for --aux-mlm and forgetting (default: "
-                                         "the init's pre-training corpus)",
+                                         "the init's pre-training corpus where that is stdlib "
+                                         "or the toy world; a file is never opened on a "
+                                         "checkpoint's word: name it here)",
                                    nargs="+", metavar="FILE")
     mlm_max_length: int = setting(64, "tokens per sequence of the unlabeled text",
                                   command_line=False)

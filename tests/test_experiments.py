@@ -232,8 +232,9 @@ def test_aux_mlm_is_refused_with_a_frozen_encoder_or_without_an_mlm_head(labeled
 def test_finetune_reports_forgetting_when_the_init_has_an_mlm_head(labeled, tmp_path):
     pre, train_tsv, valid_tsv = labeled
     out = str(tmp_path / "ft")
+    unlabeled = [os.path.join(os.path.dirname(pre), "unlabeled.txt")]  # what the plan pre-trained on, named
     finetune(out, pre, train_tsv, valid_tsv, epochs=2, lr=1e-3, remedies=Remedies(l2_sp=0.01, aux_mlm=1.0, layer_lr_decay=0.5),
-             schedule="constant", warmup_fraction=0.0)
+             schedule="constant", warmup_fraction=0.0, unlabeled=unlabeled)
     metrics = json.load(open(os.path.join(out, "metrics.json")))
     assert metrics["forgetting"] == pytest.approx(metrics["mlm_loss_after"] - metrics["mlm_loss_before"])
     assert metrics["mlm_loss_after"] != metrics["mlm_loss_before"]  # the encoder did train

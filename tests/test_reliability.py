@@ -511,21 +511,23 @@ def test_the_parameter_count_estimate_is_exact_for_bert():
 # ----------------------------------------------------------------------------------------
 
 
-def test_a_corpus_path_in_a_checkpoint_is_not_opened_on_its_word(tmp_path):
+def test_a_corpus_path_in_a_checkpoint_is_never_opened_on_its_word(tmp_path, monkeypatch):
+    # the text behind a pre-trained run is read only where the user names it (--unlabeled) or the
+    # checkpoint names a built-in corpus; any path it stores -- the very file, a device, a FIFO,
+    # /etc/passwd -- is not opened at all (open and os.stat are watched)
     text = tmp_path / "corpus.txt"
     data.write_corpus(str(text), toyworld.toy_world(seed=6, num_documents=30)["unlabeled"])
-    name, _ = data.load_corpus([str(text)])
-    data.remember_corpus({"corpus": name, "corpus_fingerprint": data.corpus_fingerprint(name)})
-    assert data.pretraining_text(name) is not None  # the very text: read
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
-    for hostile in ["/dev/zero", str(fifo), "/etc/passwd", str(tmp_path / "missing")]:
-        data.remember_corpus({"corpus": hostile, "corpus_fingerprint": data.corpus_fingerprint(name)})
-        assert data.pretraining_text(hostile) is None  # returns at once: a FIFO would hang a read
-    same_size = tmp_path / "same-size.txt"
-    same_size.write_bytes(text.read_bytes()[::-1].replace(b"\n", b" ") + b"")
-    data.remember_corpus({"corpus": str(same_size), "corpus_fingerprint": data.corpus_fingerprint(name)})
-    assert data.pretraining_text(str(same_size)) is None
+    opened = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: opened.append(str(path)) or real_open(path, *a, **k))
+    for stored in [str(text), "/dev/zero", str(fifo), "/etc/passwd", str(tmp_path / "missing")]:
+        assert data.pretraining_text(stored) is None
+    assert not [path for path in opened if str(tmp_path) in path or path.startswith(("/dev", "/etc"))]
+    training, held_out = data.pretraining_text(str(text), [str(text)])  # named by the user: read
+    assert len(training) + len(held_out) == 30
+    assert data.pretraining_text("toy-world") is not None  # a built-in corpus may be named
 
 
 # ----------------------------------------------------------------------------------------
