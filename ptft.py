@@ -6,13 +6,14 @@
     python ptft.py finetune ...    a classifier from a pre-trained run (or from scratch)
     python ptft.py evaluate ...    accuracy / macro-F1 / loss on a TSV, or MLM loss on text
     python ptft.py fill-mask ...   the MLM head's top candidates for each [MASK] in a text
+    python ptft.py generate ...    C8: text written by a `pretrain --objective causal` run
     python ptft.py export ...      a run as a Hugging Face BERT folder (from_pretrained opens it)
     python ptft.py distill ...     C7: a smaller student trained on a classifier's soft predictions
     python ptft.py quantize ...    C7: a run's weight matrices as int8 (about 4x smaller on disk)
     python ptft.py prune ...       C7: remove the smallest weights or feed-forward units, recover
     python ptft.py tokenize ...    a corpus larger than memory, once, into a token file for pretrain
     python ptft.py bench ...       MLM training/inference tokens/s and MFU (vs transformers)
-    python ptft.py experiments     every claim C1-C7 as a table with error bars (experiments.py)
+    python ptft.py experiments     the claims as tables with per-seed values and verdicts
 
 `torchrun --nproc_per_node N ptft.py pretrain|finetune ...` trains data-parallel (parallel.py).
 Wherever a command takes --init, a Hugging Face BERT folder (config.json, model.safetensors or
