@@ -11,7 +11,6 @@ Run `python finetuning.py` to pre-train briefly on a small toy world, then fine-
 """
 
 import dataclasses
-import hashlib
 import json
 import os
 from dataclasses import replace
@@ -75,8 +74,9 @@ def finetune(out, options, force=False, log=print, progress=True):
     train_ids = data.encode_labels(train_label_names, label_names, o.train)
     # under torchrun every process fine-tunes the same model on the same rows, or all refuse
     rows = [list(map(int, row)) for row in train_rows] + [train_ids]
-    refuse_differences({**dataclasses.asdict(o), "vocabulary": fingerprint(tokenizer.vocab),
-                        "training rows": fingerprint(rows)}, processes)
+    refuse_differences({**dataclasses.asdict(o),
+                        "vocabulary": data.fingerprint([json.dumps(tokenizer.vocab).encode()]),
+                        "training rows": data.fingerprint([json.dumps(rows).encode()])}, processes)
     log(f"fine-tuning from {o.init} with --freeze {o.freeze}: {len(train_rows)} examples, "
         f"{len(label_names)} classes, {o.epochs} epochs, lr {o.peak_lr():g}, device {device}")
     model, info = fit_classifier(train_rows, train_ids, len(label_names), config, o, start=start,
@@ -96,11 +96,6 @@ def finetune(out, options, force=False, log=print, progress=True):
                          "epochs": o.epochs, "seed": o.seed})
     finish(processes)
     return metrics
-
-
-def fingerprint(value):
-    """A short SHA-256 of a JSON-able value: what processes compare instead of the value itself."""
-    return hashlib.sha256(json.dumps(value).encode()).hexdigest()[:16]
 
 
 def adapt_to_task(folder, init, texts, o, log=print):
