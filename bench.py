@@ -20,10 +20,10 @@ import torch
 import data
 import fast
 import options
-import train
+import schedule
 from checkpoint import write_json
 from common import IGNORE_INDEX, InputError
-from model import PreTrainingModel
+from model import PreTrainingModel, mlm_loss
 from tokenizer import SPECIAL_TOKENS, Tokenizer
 
 
@@ -94,14 +94,16 @@ def time_ptft(model_config, batch, precision, attention, compiled, steps, device
     (the reading path) or the fast.Speed pretrain would use for it."""
     torch.manual_seed(0)
     model = PreTrainingModel(replace(model_config, attention=attention)).to(device).train()
-    optimizer = train.make_optimizer(model, 1e-4)
+    optimizer = schedule.make_optimizer(model, 1e-4)
     training_model = torch.compile(model) if compiled else model
     encoder = torch.compile(model.encoder) if compiled else model.encoder
 
     def step():
         with options.autocast(device, precision):
-            loss = training_model(batch["input_ids"], batch["segment_ids"], batch["attention_mask"],
-                                  batch["mlm_labels"], speed=speed)[0]
+            scores, targets, _ = training_model(batch["input_ids"], batch["segment_ids"],
+                                                batch["attention_mask"], batch["mlm_labels"],
+                                                with_nsp=False, speed=speed)
+            loss = mlm_loss(scores, targets)  # E4
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -135,7 +137,7 @@ def time_transformers(model_config, batch, precision, compiled, steps, device):
         max_position_embeddings=model_config.max_positions, attn_implementation="sdpa")
     torch.manual_seed(0)
     hf_model = transformers.BertForMaskedLM(hf_config).to(device).train()
-    optimizer = train.make_optimizer(hf_model, 1e-4)
+    optimizer = schedule.make_optimizer(hf_model, 1e-4)
     run = torch.compile(hf_model) if compiled else hf_model
     # no padding on a GPU: no mask at all, as ptft's fast rows do (SDPA may pick FlashAttention)
     no_padding_on_gpu = device.type == "cuda" and bool(batch["attention_mask"].all())

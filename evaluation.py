@@ -21,7 +21,7 @@ import data
 from checkpoint import open_model
 from common import IGNORE_INDEX, InputError
 from model import mlm_loss
-from options import autocast, pick_device
+from options import GenerateOptions, autocast, pick_device
 from tokenizer import MASK
 
 # ----------------------------------------------------------------------------------------
@@ -148,25 +148,21 @@ def fill_mask(init, text, top_k=5, device="auto", log=print):
 
 
 @torch.no_grad()
-def generate(init, prompt, max_new_tokens=20, temperature=1.0, top_k=None, greedy=False, seed=0,
-             device="auto", log=print):
+def generate(init, prompt, options=None, log=print):
     """C8: a causal run continues PROMPT one token at a time: x_t ~ P(. | x_<t), the chain rule of
     E2 read forwards. P is the softmax of the tied decoder's scores at the last position, divided by
     `temperature` (below 1: sharper, above: flatter), restricted to the top_k best tokens if given;
     greedy takes the most probable token (no randomness at all). Stops at [SEP] (where the
-    training rows end) or after max_new_tokens. Returns (the generated text, its token ids)."""
-    device = pick_device(device)
+    training rows end) or after max_new_tokens. options: a GenerateOptions. Returns (the generated
+    text, its token ids)."""
+    o = options or GenerateOptions()
+    o.check()
+    device = pick_device(o.device)
     notes = []
     model, tokenizer, checkpoint = open_model(init, notes.append)
     if checkpoint.get("kind") != "pretraining" or not model.config.causal:
         raise InputError(f"{init}: generate needs a causal pre-training run "
                          "(ptft.py pretrain --objective causal)")
-    if max_new_tokens < 1:
-        raise InputError(f"--max-new-tokens must be positive, got {max_new_tokens}")
-    if not (temperature > 0 and np.isfinite(temperature)):
-        raise InputError(f"--temperature must be a finite number above 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise InputError(f"--top-k must be positive, got {top_k}")
     ids = [tokenizer.cls_id, *tokenizer.encode(prompt)]
     if len(ids) >= model.config.max_positions:
         raise InputError(f"the prompt is {len(ids)} tokens long; "
@@ -175,20 +171,20 @@ def generate(init, prompt, max_new_tokens=20, temperature=1.0, top_k=None, greed
     for note in notes:
         log(note)
     model.to(device).eval()
-    generator = torch.Generator().manual_seed(seed)  # its own: the same seed, the same text
+    generator = torch.Generator().manual_seed(o.seed)  # its own: the same seed, the same text
     new = []
-    while len(new) < max_new_tokens and len(ids) < model.config.max_positions:
+    while len(new) < o.max_new_tokens and len(ids) < model.config.max_positions:
         sequence_output, _ = model.encoder(torch.tensor([ids], device=device))     # (1, T, H)
         token_embedding = model.encoder.embeddings.token.weight
         # s(. | x_<=t) at the last position, through the MLM head tied to the embeddings       (V,)
         scores = model.mlm_head(sequence_output[0, -1:], token_embedding)[0].float().cpu()
         scores[tokenizer.pad_id] = float("-inf")  # never trained as a target
-        if greedy:
+        if o.greedy:
             token = int(scores.argmax())
         else:
-            scores = scores / temperature
-            if top_k is not None and top_k < len(scores):
-                threshold = scores.topk(top_k).values[-1]
+            scores = scores / o.temperature
+            if o.top_k is not None and o.top_k < len(scores):
+                threshold = scores.topk(o.top_k).values[-1]
                 scores = scores.masked_fill(scores < threshold, float("-inf"))
             token = int(torch.multinomial(scores.softmax(-1), 1, generator=generator))
         if token == tokenizer.sep_id:

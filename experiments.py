@@ -593,49 +593,26 @@ def finetune_run(spec, task, loaded, scratch_source, folder=None):
 
 
 def pretrain_rate_run(spec, folder):
-    """C4's pre-training half, one seed: pre-train on folder/unlabeled.txt at spec['lr'] for
-    spec['steps'] steps, clipping the gradient to norm 1 (as pretrain does) or not. The loop is
-    pretrain's (train.start_pretraining, step_batches, pretraining_step) with the clipping made
-    optional, the largest gradient norm kept, and a divergence recorded instead of raised.
-    Returns the held-out MLM loss (on pre-training's batches, sentence pairs) at the end (None
-    if diverged), the largest gradient norm before clipping, and the step it diverged at (or
-    None)."""
+    """C4's pre-training half, one seed: `pretrain` on folder/unlabeled.txt at spec['lr'] for
+    spec['steps'] steps, with the gradient clipped to norm 1 (its default) or never
+    (--clip-norm 0). Returns the held-out MLM loss on pairs at the end (None if the run
+    diverged), the largest gradient norm before clipping (None if it diverged: the norm or a loss
+    was not finite), and whether it diverged."""
     recipe = PretrainOptions(corpus=[os.path.join(folder, "unlabeled.txt")], steps=spec["steps"],
                              batch_size=spec["batch_size"], max_length=MLM_MAX_LENGTH,
-                             lr=spec["lr"], dropout=0.0, save_every=0, seed=spec["seed"],
-                             vocab_size=2048 if spec["corpus"] == "toy" else 8192,
-                             eval_every=spec["steps"], device="cpu")
+                             lr=spec["lr"], clip_norm=1.0 if spec["clip"] else 0.0, dropout=0.0,
+                             save_every=0, seed=spec["seed"], eval_every=spec["steps"],
+                             vocab_size=2048 if spec["corpus"] == "toy" else 8192, device="cpu")
     out = os.path.join(folder, "pretrain-rates",
                        f"lr-{spec['lr']:g}-clip-{spec['clip']}-seed-{spec['seed']}")
     started = time.time()
-    run, _, encoded, held_out = train.start_pretraining(out, recipe, resume=False, force=True,
-                                                        log=lambda *a: None)
-    batches = train.step_batches(run, encoded, background=False)
-    warmup_steps = max(1, recipe.steps // 20)  # pretrain's default
-    largest, diverged = 0.0, None
-    run.model.train()
-    for step in range(recipe.steps):
-        for group in run.optimizer.param_groups:
-            group["lr"] = train.learning_rate(step, recipe.steps, recipe.lr, warmup_steps)  # C4
-        loss_mlm, loss_nsp, _ = train.pretraining_step(run, run.model, batches.next()[1])
-        # max_norm = inf: measures the norm and leaves the gradient as it is
-        max_norm = 1.0 if spec["clip"] else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), max_norm).item()
-        if not all(math.isfinite(x) for x in (loss_mlm, loss_nsp, grad_norm)):
-            diverged = step + 1
-            break
-        largest = max(largest, grad_norm)
-        run.optimizer.step()
-        run.optimizer.zero_grad(set_to_none=True)
-    batches.close()
-    if diverged:
-        loss = None
-    else:
-        loss = evaluation.mlm_evaluation(run.model, held_out, run.device)["mlm_loss"]
-    if loss is not None and not math.isfinite(loss):
-        loss, diverged = None, recipe.steps
-    return {"pretrain_loss": loss, "max_grad_norm": largest,
-            "diverged": 0.0 if diverged is None else 1.0, "seconds": time.time() - started}
+    try:
+        metrics = train.pretrain(out, recipe, force=True, log=lambda *a: None, progress=False)
+    except train.TrainingDiverged:
+        return {"pretrain_loss": None, "max_grad_norm": None, "diverged": 1.0,
+                "seconds": time.time() - started}
+    return {"pretrain_loss": metrics["held_out_mlm_loss"], "max_grad_norm":
+            metrics["max_grad_norm"], "diverged": 0.0, "seconds": time.time() - started}
 
 
 # C7's rows: each remedy's run folder, made from one teacher per seed by deploy.py's commands
@@ -1628,8 +1605,8 @@ def on_topic_share(causal_path, prompts_per_topic):
             adjective, noun = words["adjectives"], words["nouns"]
             prompt = (f"the {adjective[rng.integers(len(adjective))]} "
                       f"{noun[rng.integers(len(noun))][0]}")
-            text, _ = evaluation.generate(causal_path, prompt, C8_NEW_TOKENS, seed=prompts,
-                                          device="cpu", log=quiet)
+            text, _ = evaluation.generate(causal_path, prompt, options.GenerateOptions(
+                C8_NEW_TOKENS, seed=prompts, device="cpu"), log=quiet)
             topics = [word_topics[w] for w in split_words(text) if w in word_topics]
             on_topic += sum(t == topic for t in topics)
             content_words += len(topics)

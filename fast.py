@@ -431,6 +431,12 @@ class StepBatches:
         self.pending = self.pending or self.queue.get()
         return self.pending[0] if not isinstance(self.pending, Exception) else None
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *error):
+        self.close()
+
     def close(self):
         """Stop the thread and wait for it (it may be building a batch), so that none outlives
         the run."""

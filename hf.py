@@ -289,6 +289,24 @@ def read_tokenizer(folder):
     return Tokenizer.load(vocab_path, lowercase)
 
 
+def hf_weights(folder):
+    """The folder's weights under normalised Hugging Face names, without the copies BERT's layout
+    may carry: position_ids (a buffer holding 0..T-1) and the MLM decoder, which is tied to the
+    token embedding (a decoder that differs from it is refused)."""
+    state = {normalise_hf_name(name): value for name, value in read_weights(folder).items()
+             if not name.endswith("position_ids")}
+    decoder = state.pop("cls.predictions.decoder.weight", None)
+    embedding = state.get("bert.embeddings.word_embeddings.weight")
+    if decoder is not None and embedding is not None and not torch.equal(decoder, embedding):
+        raise InputError(f"{folder}: the MLM decoder is not tied to the word embeddings; "
+                         f"not supported")
+    # the same tensor as cls.predictions.bias
+    decoder_bias = state.pop("cls.predictions.decoder.bias", None)
+    if decoder_bias is not None:
+        state.setdefault("cls.predictions.bias", decoder_bias)
+    return state
+
+
 def read_folder(folder, seed=0):
     """A Hugging Face BERT folder -> (kind, state dict in our names, Config, Tokenizer, extra):
     kind is "pretraining" or "classifier"; extra holds labels (a classifier's), source, and
@@ -303,22 +321,7 @@ def read_folder(folder, seed=0):
         raise InputError(f"{folder}: vocab.txt has {len(tokenizer)} tokens but config.json "
                          f"says vocab_size {config.vocab_size}")
     weights_path = folder  # for messages
-    state = {}
-    for name, value in read_weights(folder).items():
-        if name.endswith("position_ids"):
-            continue  # a buffer holding 0..T-1, not a weight
-        state[normalise_hf_name(name)] = value
-    # The decoder of the MLM head is tied to the token embedding: the file may carry a copy.
-    decoder = state.pop("cls.predictions.decoder.weight", None)
-    embedding = state.get("bert.embeddings.word_embeddings.weight")
-    if decoder is not None and embedding is not None and not torch.equal(decoder, embedding):
-        raise InputError(f"{weights_path}: the MLM decoder is not tied to the word embeddings; "
-                         f"not supported")
-    # the same tensor as cls.predictions.bias
-    decoder_bias = state.pop("cls.predictions.decoder.bias", None)
-    if decoder_bias is not None:
-        state.setdefault("cls.predictions.bias", decoder_bias)
-
+    state = hf_weights(folder)
     classifier_weight = state.get("classifier.weight")
     with torch.random.fork_rng():  # fresh parts are seeded without touching the caller's RNG
         torch.manual_seed(seed)

@@ -8,19 +8,15 @@ with three heads on top:
     NSP head         (B2)      predicts whether segment B follows segment A
     classifier head  (B4, E3)  the task head that fine-tuning puts in place of the above
 
-Equation numbers (E1-E4, B1-B4) refer to docs/equations.md, which writes each one out.
+Equation numbers (E1-E4, B1-B4) refer to docs/equations.md. `python model.py` checks itself.
 
 Tensor shape legend used in comments:
     B batch size, T sequence length, H hidden size, h heads, d = H / h per-head size,
     V vocabulary size, I intermediate (feed-forward) size, N number of masked tokens.
 
-The speed devices live in fast.py, each tested equal to the lines here. This file reaches them
-through two switches: SelfAttention's `if self.use_sdpa or ...:` (torch's fused kernel, `--attention
-sdpa`, or a batch computed on its real tokens only) and PreTrainingModel.forward's `speed` (None:
-the lines below). Dropout is fast.Dropout:
-nn.Dropout's distribution, from fewer random numbers on the CPU.
-
-Run `python model.py` for a self-check.
+The speed devices live in fast.py, each tested equal to the lines here, behind two switches:
+SelfAttention's `if self.use_sdpa or ...:` (the fused kernel, or real tokens only) and
+PreTrainingModel.forward's `speed` (None: the lines below). fast.Dropout is nn.Dropout's law.
 """
 
 import math
@@ -54,9 +50,8 @@ class Config:
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads != 0:
-            raise ValueError(
-                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
-            )
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads "
+                             f"{self.num_heads}")
         if self.attention not in ("explicit", "sdpa"):
             raise ValueError(f"attention must be 'explicit' or 'sdpa', not {self.attention!r}")
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
@@ -100,8 +95,7 @@ class Embeddings(nn.Module):
 
     def forward(self, input_ids, segment_ids=None, positions=None):
         # input_ids, segment_ids: (B, T) -> (B, T, H); no segment ids: every token in segment "A";
-        # positions 0..T-1 unless given (B, T): a packed row's restart at each pair
-        # (fast.pack_pairs)
+        # positions 0..T-1 unless given (B, T): a packed row restarts them (fast.pack_pairs)
         if segment_ids is None:
             segment_ids = torch.zeros_like(input_ids)
         if positions is None:
@@ -142,8 +136,7 @@ class SelfAttention(nn.Module):
     def forward(self, x, additive_mask):
         # x: (B, T, H); additive_mask: (B, 1, 1, T), 0 where a key is a real token and a very
         # negative number where it is padding, so that padding gets probability ~0 (exp(-big));
-        # None where no sequence has padding.
-        # the same numbers, faster (fast.py)
+        # None where no sequence has padding. The same numbers, faster: fast.py
         if self.use_sdpa or isinstance(additive_mask, fast.Unpadded):
             return fast.attention(self, x, additive_mask)
         q = self.split_heads(self.query(x))                                          # (B, h, T, d)
@@ -212,8 +205,7 @@ class Encoder(nn.Module):
         return additive_mask[:, None, None, :]
 
     def pool(self, x, cls_positions=None):
-        # [CLS] is position 0 -- or, packed (fast.pack_pairs), each pair's [CLS] in the
-        # flattened rows
+        # [CLS] is position 0 -- or, packed (fast.pack_pairs), each pair's [CLS] in the flat rows
         cls = x[:, 0] if cls_positions is None else x.flatten(0, 1)[cls_positions]
         return torch.tanh(self.pooler(cls))                                         # (B, H)
 
@@ -221,8 +213,8 @@ class Encoder(nn.Module):
 def causal_additive_mask(padding_mask):
     """C8: the padding mask (B, T) combined with the causal one -> (B, 1, T, T): query i may attend
     to key j only if j <= i AND j is a real token. mask[b, 0, i, j] = min where j > i, so that
-    P(x_i | x_<i) below can be read off position i - 1 without position i - 1 having seen x_i.
-    masked_fill (not +) keeps a key that is both padding and future at min, never -inf."""
+    P(x_i | x_<i) is read off position i - 1, which has not seen x_i. masked_fill (not +) keeps a
+    key that is both padding and future at min, never -inf."""
     length = padding_mask.shape[-1]
     future = torch.ones(length, length, dtype=torch.bool, device=padding_mask.device)
     future = future.triu(diagonal=1)                                     # (T, T): j > i
@@ -328,9 +320,8 @@ class MLMHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
 
     def forward(self, hidden, token_embedding):
-        # hidden: (N, H) at the masked positions only -> scores s_theta: (N, V)
-        # The decoder's weight IS the input embedding matrix (weight tying, as in BERT): the
-        # score of token x' is the dot product of the transformed hidden state with x''s embedding.
+        # hidden (N, H) at the masked positions -> s_theta (N, V). The decoder's weight IS the
+        # input embedding (BERT's weight tying): s(x') = transformed hidden . embedding of x'
         return self.transform(hidden) @ token_embedding.t() + self.bias
 
     def transform(self, hidden):
@@ -338,7 +329,8 @@ class MLMHead(nn.Module):
 
 
 class PreTrainingModel(nn.Module):
-    """Encoder + MLM head + NSP head. Its loss is B3: L = L_MLM + nsp_weight * L_NSP."""
+    """Encoder + MLM head + NSP head: the scores of E4 and B2, whose weighted sum is B3's loss
+    L = L_MLM + nsp_weight * L_NSP (train.pretraining_step)."""
 
     def __init__(self, config):
         super().__init__()
@@ -356,9 +348,11 @@ class PreTrainingModel(nn.Module):
         token_embedding = self.encoder.embeddings.token.weight
         return self.mlm_head(sequence_output[masked_positions], token_embedding)
 
-    def forward(self, input_ids, segment_ids, attention_mask, mlm_labels, nsp_labels=None,
-                nsp_weight=1.0, num_masked_total=None, speed=None):
-        """Returns (total loss, MLM loss, NSP loss or None). Losses only: see mlm_scores for logits.
+    def forward(self, input_ids, segment_ids, attention_mask, mlm_labels, with_nsp=True,
+                speed=None):
+        """The scores the pre-training losses are made of (train.pretraining_step writes E4 and
+        B3 out): s_theta at the masked positions (N, V), their original tokens x_t (N,), and B2's
+        IsNext/NotNext scores of the pooled [CLS] vector (B, 2), or None without NSP.
         speed: None (the lines below), or a fast.Speed: the same scores, faster (fast.py)."""
         if speed is None:
             # (B, T, H), (B, H)
@@ -368,13 +362,7 @@ class PreTrainingModel(nn.Module):
         else:
             scores, targets, pooled = fast.pretraining_scores(
                 self, input_ids, segment_ids, attention_mask, mlm_labels, speed)
-        loss_mlm = mlm_loss(scores, targets, num_masked_total)  # E4
-        if nsp_labels is None or nsp_weight == 0:
-            return loss_mlm, loss_mlm, None
-        # B2: NSP is a 2-way classification of the pooled [CLS] vector (0 = IsNext, 1 = NotNext)
-        loss_nsp = F.cross_entropy(self.nsp_head(pooled).float(), nsp_labels)
-        # B3: the pre-training loss is a weighted sum of the two
-        return loss_mlm + nsp_weight * loss_nsp, loss_mlm, loss_nsp
+        return scores, targets, self.nsp_head(pooled) if with_nsp else None     # ..., (B, 2)
 
 
 class Classifier(nn.Module):
@@ -386,7 +374,6 @@ class Classifier(nn.Module):
               task, and BERT's fine-tuning retrains it.
       "mean"  the mean of the last layer over the real tokens (Sentence-BERT's pooling): a frozen
               encoder's sentence features without the NSP-trained pooler in between.
-    The encoder is embeddings + layers.
     """
 
     def __init__(self, config, num_labels, pool="cls"):
@@ -416,11 +403,8 @@ class Classifier(nn.Module):
             sequence_output, pooled = self.encoder(input_ids, segment_ids, attention_mask)
         if self.pool == "mean":
             # sum over the real tokens / their number: padding never enters the sentence vector
-            if attention_mask is None:
-                real = torch.ones_like(input_ids, dtype=torch.bool)
-            else:
-                real = attention_mask.bool()
-            real = real[:, :, None].to(sequence_output.dtype)
+            real = (torch.ones_like(input_ids) if attention_mask is None else attention_mask)
+            real = real[:, :, None].to(sequence_output.dtype)                       # (B, T, 1)
             pooled = (sequence_output * real).sum(dim=1) / real.sum(dim=1).clamp(min=1)  # (B, H)
         return self.classifier(self.dropout(pooled))  # (B, num_labels): f_phi(x) of E3
 
@@ -448,39 +432,18 @@ if __name__ == "__main__":
     mlm_labels = torch.full((batch, length), IGNORE_INDEX)
     mlm_labels[:, 3:8] = input_ids[:, 3:8]
     nsp_labels = torch.tensor([IS_NEXT, NOT_NEXT, IS_NEXT, NOT_NEXT])
-    sequence_output, pooled = model.encoder(input_ids, segment_ids, attention_mask)
     print(f"config: {config}")
     print(f"parameters: {count_parameters(model):,} (encoder {count_parameters(model.encoder):,})")
-    print(f"input {tuple(input_ids.shape)} -> sequence output {tuple(sequence_output.shape)}, "
-          f"pooled {tuple(pooled.shape)}")
-    scores = model.mlm_scores(sequence_output, mlm_labels)
-    num_masked = int((mlm_labels != IGNORE_INDEX).sum())
-    print(f"MLM scores at the {num_masked} masked positions: {tuple(scores.shape)}")
     with torch.no_grad():
-        total, loss_mlm, loss_nsp = model(input_ids, segment_ids, attention_mask, mlm_labels,
-                                          nsp_labels)
+        scores, targets, nsp_scores = model(input_ids, segment_ids, attention_mask, mlm_labels)
+    print(f"input {tuple(input_ids.shape)} -> MLM scores at the {len(targets)} masked positions "
+          f"{tuple(scores.shape)}, NSP scores {tuple(nsp_scores.shape)}")
+    loss_mlm, loss_nsp = mlm_loss(scores, targets), F.cross_entropy(nsp_scores, nsp_labels)
     print(f"MLM loss at init {loss_mlm.item():.3f}  "
           f"vs  ln|V| = {math.log(config.vocab_size):.3f}  (uniform guess)")
     print(f"NSP loss at init {loss_nsp.item():.3f}  vs  ln 2   = {math.log(2):.3f}")
     assert abs(loss_mlm.item() - math.log(config.vocab_size)) < 0.5, (
         "MLM loss at init should be ~ln|V|")
-    targets = mlm_labels[mlm_labels != IGNORE_INDEX]
-    reference = F.cross_entropy(scores, targets)
-    assert torch.allclose(mlm_loss(scores, targets), reference, atol=1e-6)
-    print("E4 written out == F.cross_entropy: ok")
-    sdpa_config = replace(config, attention="sdpa")
-    fused = PreTrainingModel(sdpa_config).eval()
-    fused.load_state_dict(model.state_dict())
-    with torch.no_grad():
-        fused_output = fused.encoder(input_ids, segment_ids, attention_mask)[0]
-        difference = (fused_output - sequence_output).abs().max().item()
-    print(f"explicit vs fused attention: max difference {difference:.2e}")
-    assert difference < 1e-5
-    with torch.no_grad():
-        unpadded = fast.encode_unpadded(model.encoder, input_ids, segment_ids, attention_mask,
-                                        fast.Unpadded(attention_mask))[0]
-    difference = (unpadded - sequence_output)[attention_mask].abs().max().item()
-    print(f"real tokens only (Unpadded) vs all positions, at the real ones: "
-          f"max difference {difference:.2e}")
-    assert difference < 1e-5
+    assert torch.allclose(loss_mlm, F.cross_entropy(scores, targets), atol=1e-6)
+    print("E4 written out == F.cross_entropy: ok (the fast paths check themselves: python fast.py)")
     print("self-check passed")

@@ -106,6 +106,8 @@ class PretrainOptions:
     max_length: int = setting(64, "tokens per sequence, [CLS] and [SEP]s included", least=8)
     lr: float = setting(1e-3, "peak learning rate (linear warmup, then cosine decay; C4)")
     warmup_steps: int = setting(None, "warmup steps (default: 5% of --steps)", least=0)
+    clip_norm: float = setting(1.0, "clip the gradient to this norm before each update (C4: a "
+                                    "large rate's gradients can explode); 0: never clip", least=0)
     objective: str = setting("mlm", "mlm (BERT's masked tokens, E4) or causal (GPT's next token "
                                     "under a causal mask, C8; no NSP; reports perplexity)",
                              choices=("mlm", "causal"))
@@ -210,7 +212,7 @@ class FinetuneOptions:
                                       "cosine with warm restarts, each peak half the last, so "
                                       "the rate is lowest late in training (C5c)",
                             choices=("cosine", "constant", "cyclical"))
-    # C5a, L2 regularisation: AdamW's decoupled decay of the weight matrices (train.make_optimizer)
+    # C5a, L2 regularisation: AdamW's decoupled decay of weight matrices (schedule.make_optimizer)
     weight_decay: float = setting(0.01, "C5a: weight decay of the weight matrices (L2 "
                                         "regularisation, AdamW's decoupled form)")
     warmup_fraction: float = setting(0.1, "fraction of the steps spent warming up (0: none)")
@@ -282,7 +284,16 @@ class FinetuneOptions:
 
 
 @dataclass
-class DistillOptions:
+class Execution:
+    """Where and how repeatably a command that trains runs: its seed, deterministic kernels, and
+    the device. The commands of C7 (distill, prune) share these fields by inheriting them."""
+    seed: int = setting(0, HELP["seed"])
+    deterministic: bool = setting(False, HELP["deterministic"])
+    device: str = setting("auto", HELP["device"])
+
+
+@dataclass
+class DistillOptions(Execution):
     """C7, `ptft.py distill`: a smaller student trained on a fine-tuned teacher's soft
     predictions."""
     teacher: str = setting(None, "a fine-tuned classifier run folder", required=True)
@@ -311,9 +322,6 @@ class DistillOptions:
     epochs: int = setting(5, "passes over the transfer set", least=1)
     lr: float = setting(5e-4, "peak learning rate (warmup, then cosine)")
     batch_size: int = setting(32, "sentences per step", least=1)
-    seed: int = setting(0, HELP["seed"])
-    deterministic: bool = setting(False, HELP["deterministic"])
-    device: str = setting("auto", HELP["device"])
 
     def check(self):
         check_settings(self)
@@ -335,7 +343,7 @@ PRUNE_UNITS = ("weights", "ffn-units")
 
 
 @dataclass
-class PruneOptions:
+class PruneOptions(Execution):
     """C7, `ptft.py prune`: remove the least important part of a fine-tuned classifier, then
     recover."""
     init: str = setting(None, "a fine-tuned classifier run folder", required=True)
@@ -348,9 +356,6 @@ class PruneOptions:
     epochs: int = setting(3, "recovery fine-tuning epochs (0: none)", least=0)
     lr: float = setting(1e-4, "peak learning rate of the recovery")
     batch_size: int = setting(16, "examples per step", least=1)
-    seed: int = setting(0, HELP["seed"])
-    deterministic: bool = setting(False, HELP["deterministic"])
-    device: str = setting("auto", HELP["device"])
 
     def check(self):
         if not 0 <= self.sparsity < 1:
@@ -449,6 +454,23 @@ class BenchOptions:
                 raise InputError(f"--peak-tflops: expected PRECISION=TFLOPS with fp32 or bf16 "
                                  f"and a positive number (e.g. bf16=989), got {given!r}")
         return peaks
+
+
+@dataclass
+class GenerateOptions:
+    """`ptft.py generate`: how a causal run (C8) continues a prompt (evaluation.generate)."""
+    max_new_tokens: int = setting(20, "tokens to add at most", least=1)
+    temperature: float = setting(1.0, "divides the scores before the softmax (< 1: sharper)")
+    top_k: int = setting(None, "sample among the K best tokens only", least=1)
+    greedy: bool = setting(False, "always the most probable token (no sampling)")
+    seed: int = setting(0, HELP["seed"])
+    device: str = setting("auto", HELP["device"])
+
+    def check(self):
+        check_settings(self)
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise InputError(f"--temperature must be a finite number above 0, "
+                             f"got {self.temperature}")
 
 
 @dataclass

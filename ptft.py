@@ -221,6 +221,11 @@ def add_run_flags(p, out_default=None, resume=False):
                    help="delete an existing --out folder and start over")
 
 
+def add_init_flag(p, what):
+    """--init, the run (or Hugging Face folder) a command reads: `what` says which kinds."""
+    p.add_argument("--init", required=True, help=what)
+
+
 def add_device_flag(p):
     p.add_argument("--device", default="auto", help=options.HELP["device"])
 
@@ -279,9 +284,8 @@ def add_quantize(commands):
                     "s_r). About 4x smaller on disk; every command reads it (turning the matrices "
                     "back into float32). Writes OUT/checkpoint.pt, OUT/vocab.txt and "
                     "OUT/metrics.json (sizes, largest weight error).")
-    p.add_argument("--init", required=True, help="a run folder or a Hugging Face BERT folder")
-    p.add_argument("--out", required=True, help="the folder to write")
-    p.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    add_init_flag(p, "a run folder or a Hugging Face BERT folder")
+    add_run_flags(p)
 
 
 def add_prune(commands):
@@ -340,8 +344,7 @@ def add_evaluate(commands):
                     "A classifier run on a TSV: accuracy, macro-F1, loss, n. A pre-training run on "
                     "a text file (or 'stdlib'): MLM loss and NSP accuracy on fixed masked batches. "
                     "Prints JSON; with --out also writes OUT/metrics.json.")
-    p.add_argument("--init", required=True,
-                   help="a run folder (or its checkpoint.pt), or a Hugging Face BERT folder")
+    add_init_flag(p, "a run folder (or its checkpoint.pt), or a Hugging Face BERT folder")
     p.add_argument("--data", required=True,
                    help="a TSV (classifier) or a text file / 'stdlib' (pre-training run)")
     p.add_argument("--out", help="folder to write metrics.json in")
@@ -354,8 +357,7 @@ def add_fill_mask(commands):
                     "best first, one per line: token<TAB>probability. The probability is the "
                     "softmax over the vocabulary of the MLM scores (E4's distribution). With "
                     "several [MASK]s, a line '# [MASK] i' precedes each list.")
-    p.add_argument("--init", required=True,
-                   help="a pre-training run folder or a Hugging Face BERT folder with an MLM head")
+    add_init_flag(p, "a pre-training run folder or a Hugging Face BERT folder with an MLM head")
     p.add_argument("text", help='text containing [MASK], e.g. "the cat sat on the [MASK]."')
     p.add_argument("--top-k", type=int, default=5, help="candidates per [MASK]")
     add_device_flag(p)
@@ -368,16 +370,9 @@ def add_generate(commands):
                     "divided by --temperature, over the --top-k best tokens), or with --greedy the "
                     "most probable one. Stops at [SEP] or after --max-new-tokens. Prints the new "
                     "text.")
-    p.add_argument("--init", required=True, help="a run folder of `pretrain --objective causal`")
+    add_init_flag(p, "a run folder of `pretrain --objective causal`")
     p.add_argument("prompt", help='the text to continue, e.g. "the striker"')
-    p.add_argument("--max-new-tokens", type=int, default=20, help="tokens to add at most")
-    p.add_argument("--temperature", type=float, default=1.0,
-                   help="divides the scores (< 1: sharper)")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the K best tokens only")
-    p.add_argument("--greedy", action="store_true",
-                   help="always the most probable token (no sampling)")
-    p.add_argument("--seed", type=int, default=0, help=options.HELP["seed"])
-    add_device_flag(p)
+    add_options(p, options.GenerateOptions)
 
 
 def add_export(commands):
@@ -385,11 +380,8 @@ def add_export(commands):
                     "Write config.json, model.safetensors, vocab.txt and tokenizer_config.json: a "
                     "pre-training run opens with transformers' BertForPreTraining.from_pretrained, "
                     "a fine-tuned classifier with BertForSequenceClassification.from_pretrained.")
-    p.add_argument("--init", required=True,
-                   help="a run folder (pre-training or classifier), or a Hugging Face BERT folder")
-    p.add_argument("--out", required=True,
-                   help="the folder to write (must not exist or be empty, unless --force)")
-    p.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    add_init_flag(p, "a run folder (pre-training or classifier), or a Hugging Face BERT folder")
+    add_run_flags(p)  # --out must not exist or be empty, unless --force
 
 
 def add_bench(commands):
@@ -502,8 +494,8 @@ def run_fill_mask(args):
 
 
 def run_generate(args):
-    text, _ = evaluation.generate(args.init, args.prompt, args.max_new_tokens, args.temperature,
-                                  args.top_k, args.greedy, args.seed, args.device,
+    recipe = options_from(options.GenerateOptions, args)
+    text, _ = evaluation.generate(args.init, args.prompt, recipe,
                                   log=lambda message: print(message, file=sys.stderr))
     print(text)
 

@@ -249,17 +249,22 @@ def train_tokenizer(texts, vocab_size, lowercase=True, min_frequency=2):
             known.add(merged)
         for index in list(pair_words.pop(pair, ())):
             add_pairs(index, -1)
-            pieces, merged_pieces, i = symbols[index], [], 0
-            while i < len(pieces):
-                if i + 1 < len(pieces) and (pieces[i], pieces[i + 1]) == pair:
-                    merged_pieces.append(merged)
-                    i += 2
-                else:
-                    merged_pieces.append(pieces[i])
-                    i += 1
-            symbols[index] = merged_pieces
+            symbols[index] = merge_pair(symbols[index], pair, merged)
             add_pairs(index, +1)
     return Tokenizer(vocab, lowercase)
+
+
+def merge_pair(pieces, pair, merged):
+    """One word's pieces with every occurrence of `pair`, left to right, replaced by `merged`."""
+    merged_pieces, i = [], 0
+    while i < len(pieces):
+        if i + 1 < len(pieces) and (pieces[i], pieces[i + 1]) == pair:
+            merged_pieces.append(merged)
+            i += 2
+        else:
+            merged_pieces.append(pieces[i])
+            i += 1
+    return merged_pieces
 
 
 if __name__ == "__main__":

@@ -1,13 +1,12 @@
-"""Training: the pre-training loop (E2 through E4, + B2/B3), the fine-tuning loop (E3, B4 and
-section 3.2 of the document), and evaluation. docs/equations.md writes every formula out.
+"""Training: the pre-training loop (E2 through E4, + B2/B3) and the fine-tuning loop (E3, B4 and
+section 3.2 of the document). docs/equations.md writes every formula out.
 
     pretrain(out, PretrainOptions(...))   MLM (+ NSP) on unlabeled text -> a run folder
     fit_classifier(rows, labels, ...)     the fine-tuning loop itself, on data in memory
-    finetune(out, FinetuneOptions(...))   fit_classifier on TSV files -> a run folder
-    evaluate(init, data) / fill_mask(init, text)
 
-Each loop is a straight loop. Its settings are the small dataclasses of options.py, which
-check themselves before any work.
+Each loop is a straight loop; C4's schedule and optimizer are schedule.py's. Its settings are the
+small dataclasses of options.py, which check themselves before any work. The finetune command
+(files in, a run folder out) is finetuning.py's; held-out scoring is evaluation.py's.
 
 Run `python train.py` to run both loops end to end on a small toy world.
 """
@@ -38,7 +37,7 @@ from checkpoint import (
 from common import IGNORE_INDEX, InputError
 from compress import add_low_rank_updates, merge_low_rank_updates
 from evaluation import mlm_evaluation, to_tensors
-from model import Classifier, Config, PreTrainingModel, count_parameters
+from model import Classifier, Config, PreTrainingModel, count_parameters, mlm_loss
 from options import (
     attention_backends,
     autocast,
@@ -55,6 +54,7 @@ from parallel import (
     share_of_batch_mean,
     sum_over_processes,
 )
+from schedule import layer_lr_scales, learning_rate, make_optimizer
 from tokenizer import Tokenizer, train_tokenizer
 
 # where tokenised corpora are cached (data.encode_documents); PTFT_CACHE="" turns it off
@@ -71,78 +71,90 @@ def pretrain(out, options, resume=False, force=False, log=print, progress=True):
     initialisation or, with options.init (a run folder or a Hugging Face BERT folder), continue
     pre-training an existing one with its vocabulary. Writes OUT/checkpoint.pt (also every
     save_every steps), OUT/vocab.txt, OUT/metrics.json and OUT/snapshot-N.pt at each snapshot step.
-    Returns the metrics dict; a --resume of a finished run returns its metrics
-    (already_finished)."""
-    options.check()
-    options.model_config()  # an impossible shape is refused before any work
-    finished = finished_run(out, options.steps) if resume else None
+    Returns the metrics dict; a --resume of a finished run returns its metrics."""
+    o = options
+    o.check()
+    o.model_config()  # an impossible shape is refused before any work
+    finished = finished_run(out, o.steps) if resume else None
     if finished:
         return finished
-    with deterministic_algorithms(options.deterministic):
-        run, start_step, encoded, held_out = start_pretraining(out, options, resume, force, log)
-        return pretraining_loop(out, run, start_step, encoded, held_out, progress)
+    with deterministic_algorithms(o.deterministic):
+        run, start_step, encoded, held_out = start_pretraining(out, o, resume, force, log)
+        model, optimizer, scaler = run.model, run.optimizer, run.scaler
+        training_model = model_to_train(run)
+        warmup_steps = o.warmup_steps if o.warmup_steps is not None else max(1, o.steps // 20)
+        throughput, last = fast.Throughput(  # the first steps (compile, allocator) timed apart
+            timing_warmup_steps=max(1, min(10, (o.steps - start_step) // 10))), {}
+        bar = tqdm(range(start_step, o.steps), initial=start_step, total=o.steps, desc="pre-train",
+                   disable=not (progress and run.processes.main), dynamic_ncols=True)
+        batches = step_batches(run, encoded)  # per step: micro-batches (B2 pairs, B1 masks)
+        saving = Saving(os.path.join(out, "checkpoint.pt"), start_step)
+        model.train()
+        with bar, batches:  # both closed before an error's message is printed
+            for step in bar:
+                step_started = time.time()
+                data_state, micro_batches = batches.next()
+                # no draws since the last update: a resume from its checkpoint restarts from here
+                rng_at_start = run.rng_states(data_state)
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(step, o.steps, o.lr, warmup_steps)  # C4
+                loss_mlm, loss_nsp, tokens = pretraining_step(run, training_model, micro_batches)
+                scaler.unscale_(optimizer)  # the true gradients (fp16), for clipping and the check
+                grad_norm = torch.nn.utils.clip_grad_norm_(  # the norm before clipping
+                    model.parameters(), o.clip_norm or math.inf).item()
+                saving.vouch(step, divergence(loss_mlm, loss_nsp, grad_norm, scaler.is_enabled()),
+                             run, rng_at_start)
+                scaler.step(optimizer)  # = optimizer.step(), except a skipped fp16 step (overflow)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                throughput.add(tokens, time.time() - step_started)
+                last = {"step": step + 1, "train_mlm_loss": loss_mlm,  # C4: largest norm seen
+                        "train_nsp_loss": loss_nsp if o.nsp else None,
+                        "max_grad_norm": max(grad_norm, last.get("max_grad_norm", 0.0))}
+                bar.set_postfix(mlm=f"{loss_mlm:.3f}", tok_s=f"{throughput.rate():,.0f}",
+                                data_wait=f"{throughput.share(batches.waited):.0%}")
+                if held_out and ((step + 1) % o.eval_every == 0 or step + 1 == o.steps):
+                    record_held_out(run, held_out, last, bar.write)
+                # saved in the next step, once its loss vouches for these weights (Saving)
+                saving.pending = bool(o.save_every) and (step + 1) % o.save_every == 0
+                if step + 1 in o.snapshot_steps:  # C6's budget sweep (not resumed from)
+                    run.save(os.path.join(out, f"snapshot-{step + 1}.pt"), step + 1,
+                             run.rng_states(batches.next_state()))
+            saving.last(o.steps, run, run.rng_states(batches.next_state()))
+        return finish_pretraining(out, run, last, throughput, batches.waited)
 
 
-def pretraining_loop(out, run, start_step, encoded, held_out, progress=True):
-    """The loop of pretrain, from start_step to the last step; returns the metrics."""
-    o, model, optimizer, scaler = run.options, run.model, run.optimizer, run.scaler
-    checkpoint_path = os.path.join(out, "checkpoint.pt")
-    training_model = model_to_train(run)
-    warmup_steps = o.warmup_steps if o.warmup_steps is not None else max(1, o.steps // 20)
-    model.train()
-    throughput, last = fast.Throughput(  # the first steps (compile, allocator) are timed apart
-        timing_warmup_steps=max(1, min(10, (o.steps - start_step) // 10))), {}
-    # step k's checkpoint waits for step k+1's finite losses and norm: divergence never replaces it
-    save_pending, last_saved = False, start_step if start_step else None
-    bar = tqdm(range(start_step, o.steps), initial=start_step, total=o.steps, desc="pre-train",
-               disable=not (progress and run.processes.main), dynamic_ncols=True)
-    batches = step_batches(run, encoded)  # per step: micro-batches (B2 pairs, B1 masks), RNG state
+class Saving:
+    """When pretrain writes OUT/checkpoint.pt: step k's weights only once step k+1's losses and
+    gradient norm are finite, so a divergence never replaces the last good checkpoint -- and the
+    last weights once every one of them is finite."""
 
-    def stop(step, what):
-        bar.close()  # the progress bar's line ends before the error's
-        batches.close()
-        kept = (f"{checkpoint_path} (step {last_saved}) is untouched" if last_saved is not None
+    def __init__(self, path, start_step):
+        self.path, self.pending = path, False
+        self.last_saved = start_step if start_step else None
+
+    def vouch(self, step, diverged, run, rng_at_start):
+        """After step `step`'s backward pass: `diverged` (divergence's text, "" if fine) stops the
+        run; else the weights before this step are good, and saved if a save is pending.
+        rng_at_start: the generators before this step's draws (a resume restarts from them)."""
+        if diverged:
+            self.stop(step + 1, diverged)
+        if self.pending:
+            run.save(self.path, step, rng_at_start)
+            self.pending, self.last_saved = False, step
+
+    def last(self, steps, run, rng_states):
+        """No next step vouches for the last update: look at the weights themselves."""
+        not_finite = [name for name, value in run.model.named_parameters()
+                      if not value.isfinite().all()]
+        if not_finite:
+            self.stop(steps, f"weight {not_finite[0]} is not finite after the last update")
+        run.save(self.path, steps, rng_states)
+
+    def stop(self, step, what):
+        kept = (f"{self.path} (step {self.last_saved}) is untouched" if self.last_saved is not None
                 else "no checkpoint was written")
         raise TrainingDiverged(f"step {step}: {what}; {kept} -- try a lower --lr")
-
-    for step in bar:
-        step_started = time.time()
-        data_state, micro_batches = batches.next()
-        # no draws since the last update: a resume from its checkpoint restarts from these states
-        rng_at_start = run.rng_states(data_state)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, o.steps, o.lr, warmup_steps)  # C4
-        loss_mlm, loss_nsp, tokens = pretraining_step(run, training_model, micro_batches)
-        scaler.unscale_(optimizer)  # the true gradients (fp16), for clipping and the norm check
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()  # pre-clipping
-        diverged = divergence(loss_mlm, loss_nsp, grad_norm, fp16_scaling=scaler.is_enabled())
-        if diverged:
-            stop(step + 1, diverged)
-        if save_pending:  # the weights after step `step` gave finite losses and gradients: good
-            run.save(checkpoint_path, step, rng_at_start)
-            save_pending, last_saved = False, step
-        scaler.step(optimizer)  # = optimizer.step(), except a skipped fp16 step that overflowed
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        throughput.add(tokens, time.time() - step_started)
-        last = {"step": step + 1, "train_mlm_loss": loss_mlm,
-                "train_nsp_loss": loss_nsp if o.nsp else None}
-        bar.set_postfix(mlm=f"{loss_mlm:.3f}", tok_s=f"{throughput.rate():,.0f}",
-                        data_wait=f"{throughput.share(batches.waited):.0%}")
-        if held_out and ((step + 1) % o.eval_every == 0 or step + 1 == o.steps):
-            record_held_out(run, held_out, last, bar.write)
-        if o.save_every and (step + 1) % o.save_every == 0 and step + 1 < o.steps:
-            save_pending = True  # written in the next step, once its loss vouches for these weights
-        if step + 1 in o.snapshot_steps:  # C6's budget sweep (not vouched for: not resumed from)
-            run.save(os.path.join(out, f"snapshot-{step + 1}.pt"), step + 1,
-                     run.rng_states(batches.next_state()))
-    bar.close()  # no next step vouches for the last update: look at the weights themselves
-    not_finite = [name for name, value in model.named_parameters() if not value.isfinite().all()]
-    if not_finite:
-        stop(o.steps, f"weight {not_finite[0]} is not finite after the last update")
-    run.save(checkpoint_path, o.steps, run.rng_states(batches.next_state()))
-    batches.close()
-    return finish_pretraining(out, run, last, throughput, batches.waited)
 
 
 def model_to_train(run):
@@ -243,27 +255,32 @@ def pretraining_step(run, training_model, micro_batches):
     max_predictions = o.masking_rule().max_predictions(o.max_length)
     if o.objective == "causal":  # C8: every position but the last predicts (its next token)
         max_predictions = o.max_length
+    with_nsp = o.nsp and o.nsp_weight != 0
     loss_mlm_total, loss_nsp_total, tokens = 0.0, 0.0, 0
     for number, micro_batch in enumerate(micro_batches, start=1):
-        # the speed devices that apply to this micro-batch (fast.py): the same losses, faster
+        # the speed devices that apply to this micro-batch (fast.py): the same scores, faster
         speed = fast.speed_for(micro_batch, run.device, max_predictions)
         tokens += int(np.asarray(micro_batch["attention_mask"]).sum())  # real tokens (mask, on CPU)
-        micro_batch = to_tensors(micro_batch, run.device)
+        batch = to_tensors(micro_batch, run.device)
         # under torchrun, the gradients are summed across processes once, after the last micro-batch
         defer_sync = number < len(micro_batches) and hasattr(training_model, "no_sync")
         later = training_model.no_sync if defer_sync else nullcontext
         with later():
             with (autocast(run.device, run.precision),
                   attention_backends(o.deterministic, run.device)):
-                loss, loss_mlm, loss_nsp = training_model(
-                    micro_batch["input_ids"], micro_batch["segment_ids"],
-                    micro_batch["attention_mask"],
-                    micro_batch["mlm_labels"], micro_batch["nsp_labels"] if o.nsp else None,
-                    nsp_weight=o.nsp_weight / shares, num_masked_total=num_masked_total,
-                    speed=speed)
+                # s_theta at the masked positions (N, V), their tokens x_t (N,), NSP's (B, 2)
+                scores, targets, nsp_scores = training_model(
+                    batch["input_ids"], batch["segment_ids"], batch["attention_mask"],
+                    batch["mlm_labels"], with_nsp=with_nsp, speed=speed)
+                loss = loss_mlm = mlm_loss(scores, targets, num_masked_total)  # E4
+                if with_nsp:
+                    # B2: IsNext or NotNext, a 2-way classification of the pooled [CLS] vector
+                    loss_nsp = F.cross_entropy(nsp_scores.float(), batch["nsp_labels"])
+                    # B3: the pre-training loss is a weighted sum of the two
+                    loss = loss_mlm + o.nsp_weight / shares * loss_nsp
+                    loss_nsp_total += loss_nsp.item() / shares
             run.scaler.scale(loss).backward()  # = loss.backward() unless fp16
         loss_mlm_total += loss_mlm.item()
-        loss_nsp_total += 0.0 if loss_nsp is None else loss_nsp.item() / shares
     # the whole step's losses (each process's MLM share is already over the total count) and tokens
     loss_mlm_total, loss_nsp_total, tokens = sum_over_processes(
         [loss_mlm_total, loss_nsp_total, tokens], run.processes, run.device)
@@ -512,9 +529,10 @@ def with_remedies(loss, run):
                        / run.processes.world_size)
     if remedies.aux_mlm:
         batch = to_tensors(next(run.start.aux_batches), run.device)
-        loss = loss + remedies.aux_mlm * run.mlm_model(batch["input_ids"], batch["segment_ids"],
-                                                       batch["attention_mask"],
-                                                       batch["mlm_labels"])[1]
+        scores, targets, _ = run.mlm_model(batch["input_ids"], batch["segment_ids"],
+                                           batch["attention_mask"], batch["mlm_labels"],
+                                           with_nsp=False)
+        loss = loss + remedies.aux_mlm * mlm_loss(scores, targets)  # E4 on unlabeled text
     return loss
 
 
@@ -642,74 +660,6 @@ def l2_sp_penalty(model, theta_0, strength):
     terms = [((p - theta_0[name]) ** 2).sum() for name, p in model.encoder.named_parameters()
              if name in theta_0]
     return strength / 2 * torch.stack(terms).sum() if terms else torch.zeros(())
-
-
-# ----------------------------------------------------------------------------------------
-# C4: the schedule; the optimizer (C5c: layer-wise rates)
-# ----------------------------------------------------------------------------------------
-
-
-def learning_rate(step, total_steps, peak, warmup_steps, schedule="cosine", cycles=3,
-                  cycle_decay=0.5):
-    """C4: linear warmup from 0 to `peak` over warmup_steps, then cosine annealing to 0
-    (or constant). `step` counts from 0; the rate is the one used for that step's update.
-
-    C5c, "cyclical": the document's remedy against forgetting, a cyclical schedule that lowers the
-    rate late in training (循环学习率调度,在训练后期降低学习率). Cosine annealing
-    with warm restarts (SGDR, Loshchilov & Hutter 2017) whose peaks decay: after warmup the steps
-    split into `cycles` equal cycles; cycle c starts at peak * cycle_decay**c and anneals along a
-    cosine to 0. Restarts make it cyclical; the decaying peaks make every late step slower than the
-    early ones (the last cycle never exceeds peak * cycle_decay**(cycles - 1)). A triangular cycle
-    would do the same job; the cosine keeps one curve shape for all three schedules."""
-    if step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
-    if schedule == "constant":
-        return peak
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    if schedule == "cyclical":
-        cycle = min(cycles - 1, int(progress * cycles))
-        within = progress * cycles - cycle       # 0 .. 1 inside the current cycle
-        return peak * cycle_decay ** cycle * 0.5 * (1.0 + math.cos(math.pi * min(1.0, within)))
-    return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def make_optimizer(model, lr, weight_decay=0.01, lr_scales=None):
-    """AdamW over the TRAINABLE parameters only (frozen ones are never handed to it).
-    As in BERT, biases and LayerNorm weights (the 1-D parameters) get no weight decay.
-    lr_scales (parameter name -> factor, see layer_lr_scales) gives each group the rate
-    lr * group["lr_scale"]; the training loops multiply their schedule by it."""
-    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    lr_scales = lr_scales or {}
-    groups = {}
-    for name, p in trainable:
-        decay = weight_decay if p.ndim >= 2 else 0.0
-        scale = lr_scales.get(name, 1.0)
-        groups.setdefault((decay, scale), {"params": [], "weight_decay": decay, "lr_scale": scale,
-                                           "lr": lr * scale})
-        groups[(decay, scale)]["params"].append(p)
-    # fused: one kernel for the whole update instead of a dozen passes over every tensor (same
-    # formula)
-    fused = all(p.device.type in ("cpu", "cuda") for _, p in trainable)
-    return torch.optim.AdamW(list(groups.values()), lr=lr, betas=(0.9, 0.999), eps=1e-6,
-                             fused=fused)
-
-
-def layer_lr_scales(model, decay):
-    """C5c, layer-wise learning-rate decay: the layer `depth` steps below the top gets
-    lr * decay**depth. The head (pooler + classifier) has depth 0, the top encoder layer 1,
-    ..., the bottom layer L, the embeddings L + 1 -- the most general features, lowest rate."""
-    num_layers = len(model.encoder.layers)
-    scales = {}
-    for name, _ in model.named_parameters():
-        match = re.match(r"encoder\.layers\.(\d+)\.", name)
-        if match:
-            depth = num_layers - int(match.group(1))
-        elif name.startswith("encoder.embeddings."):
-            depth = num_layers + 1
-        else:
-            depth = 0
-        scales[name] = decay ** depth
-    return scales
 
 
 # ----------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 # the project's files are flat at the top level: make them importable from tests/
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,7 +26,7 @@ import ptft  # noqa: E402
 import toyworld  # noqa: E402
 import train  # noqa: E402
 from common import IGNORE_INDEX  # noqa: E402
-from model import Config  # noqa: E402
+from model import Config, mlm_loss  # noqa: E402
 from options import PretrainOptions  # noqa: E402
 
 
@@ -110,3 +111,16 @@ def random_batch(config, batch=5, length=17, seed=0):
     mlm_labels = torch.where(selected, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
     nsp_labels = torch.randint(0, 2, (batch,), generator=generator)
     return input_ids, segment_ids, attention_mask, mlm_labels, nsp_labels
+
+
+def pretraining_losses(model, input_ids, segment_ids, attention_mask, mlm_labels, nsp_labels=None,
+                       nsp_weight=1.0, num_masked_total=None, speed=None):
+    """(B3's total, E4's MLM loss, the NSP loss or None) from PreTrainingModel's scores, the lines
+    of train.pretraining_step."""
+    scores, targets, nsp_scores = model(input_ids, segment_ids, attention_mask, mlm_labels,
+                                        with_nsp=nsp_labels is not None, speed=speed)
+    loss_mlm = mlm_loss(scores, targets, num_masked_total)
+    if nsp_labels is None:
+        return loss_mlm, loss_mlm, None
+    loss_nsp = F.cross_entropy(nsp_scores.float(), nsp_labels)
+    return loss_mlm + nsp_weight * loss_nsp, loss_mlm, loss_nsp

@@ -17,9 +17,9 @@ import toyworld
 import train
 from checkpoint import check_resume_settings, load_checkpoint, open_model
 from common import IGNORE_INDEX, InputError
-from conftest import assert_clear_error, quiet, random_batch, small_config
+from conftest import assert_clear_error, pretraining_losses, quiet, random_batch, small_config
 from model import Classifier, PreTrainingModel, causal_lm_loss
-from options import PretrainOptions
+from options import GenerateOptions, PretrainOptions
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_the_training_batches_loss_is_the_written_out_causal_loss():
         input_ids, segment_ids, attention_mask, _, _ = random_batch(model.config, seed=seed)
         labels = torch.from_numpy(data.next_token_labels(input_ids.numpy(), attention_mask.numpy()))
         with torch.no_grad():
-            loss, _, nsp = model(input_ids, None, attention_mask, labels)
+            loss, _, nsp = pretraining_losses(model, input_ids, None, attention_mask, labels)
             written_out = causal_lm_loss(all_scores(model, input_ids, attention_mask), input_ids, attention_mask)
         assert nsp is None
         assert torch.allclose(loss, written_out, atol=1e-5)
@@ -128,8 +128,8 @@ def test_a_causal_run_reports_exp_of_its_held_out_per_token_loss_as_perplexity(c
 
 def test_greedy_generation_is_deterministic_and_takes_the_most_probable_token(causal_run):
     out, _ = causal_run
-    first = evaluation.generate(out, "the", max_new_tokens=8, greedy=True, seed=1, device="cpu", log=quiet)
-    second = evaluation.generate(out, "the", max_new_tokens=8, greedy=True, seed=2, device="cpu", log=quiet)
+    first = evaluation.generate(out, "the", GenerateOptions(max_new_tokens=8, greedy=True, seed=1, device="cpu"), log=quiet)
+    second = evaluation.generate(out, "the", GenerateOptions(max_new_tokens=8, greedy=True, seed=2, device="cpu"), log=quiet)
     assert first == second
     model, tokenizer, _ = open_model(out, quiet)
     model.eval()
@@ -144,16 +144,16 @@ def test_greedy_generation_is_deterministic_and_takes_the_most_probable_token(ca
 
 def test_sampling_repeats_with_its_seed_and_top_k_1_is_greedy(causal_run):
     out, _ = causal_run
-    sample = [evaluation.generate(out, "the", max_new_tokens=10, seed=3, device="cpu", log=quiet) for _ in range(2)]
+    sample = [evaluation.generate(out, "the", GenerateOptions(max_new_tokens=10, seed=3, device="cpu"), log=quiet) for _ in range(2)]
     assert sample[0] == sample[1]
-    greedy = evaluation.generate(out, "the", max_new_tokens=10, greedy=True, device="cpu", log=quiet)
-    assert evaluation.generate(out, "the", max_new_tokens=10, top_k=1, seed=5, device="cpu", log=quiet) == greedy
+    greedy = evaluation.generate(out, "the", GenerateOptions(max_new_tokens=10, greedy=True, device="cpu"), log=quiet)
+    assert evaluation.generate(out, "the", GenerateOptions(max_new_tokens=10, top_k=1, seed=5, device="cpu"), log=quiet) == greedy
 
 
 def test_the_generate_command_prints_text_and_refuses_bad_input_in_one_line(cli, causal_run, small_world):
     out, _ = causal_run
     status, printed, _ = cli("generate", "--init", out, "the", "--greedy", "--max-new-tokens", 5, "--device", "cpu")
-    assert status == 0 and printed.strip() == evaluation.generate(out, "the", 5, greedy=True, device="cpu", log=quiet)[0]
+    assert status == 0 and printed.strip() == evaluation.generate(out, "the", GenerateOptions(max_new_tokens=5, greedy=True, device="cpu"), log=quiet)[0]
     assert_clear_error(cli("generate", "--init", small_world["pre"], "the"), "--objective causal")
     assert_clear_error(cli("generate", "--init", out, "the", "--temperature", 0), "--temperature")
     assert_clear_error(cli("generate", "--init", out, "the", "--top-k", 0), "--top-k")

@@ -13,6 +13,7 @@ import torch
 import data
 import experiments
 import finetuning
+import schedule
 import toyworld
 import train
 import verdicts
@@ -190,7 +191,7 @@ def test_l2_sp_penalty_is_zero_at_theta_0_and_its_gradient_is_lambda_times_the_d
 
 def test_layer_lr_decay_gives_lower_layers_smaller_rates():
     model = Classifier(make_config("tiny", vocab_size=50, max_positions=16), num_labels=2)  # 2 layers
-    optimizer = train.make_optimizer(model, 1e-3, lr_scales=train.layer_lr_scales(model, 0.5))
+    optimizer = schedule.make_optimizer(model, 1e-3, lr_scales=schedule.layer_lr_scales(model, 0.5))
     rate = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
     expected = {"classifier.": 1e-3, "encoder.pooler.": 1e-3, "encoder.layers.1.": 5e-4,
                 "encoder.layers.0.": 2.5e-4, "encoder.embeddings.": 1.25e-4}
@@ -198,7 +199,7 @@ def test_layer_lr_decay_gives_lower_layers_smaller_rates():
         prefix = next(prefix for prefix in expected if name.startswith(prefix))
         assert rate[id(p)] == pytest.approx(expected[prefix]), name
     # without decay: one rate for all
-    optimizer = train.make_optimizer(model, 1e-3)
+    optimizer = schedule.make_optimizer(model, 1e-3)
     assert {group["lr"] for group in optimizer.param_groups} == {1e-3}
 
 
@@ -418,7 +419,7 @@ def test_c4_pre_training_rates_record_the_largest_gradient_norm_with_and_without
 
 def test_cyclical_schedule_restarts_with_decaying_peaks_and_is_lowest_late():
     total, warmup, peak = 100, 10, 1e-3
-    rates = [train.learning_rate(step, total, peak, warmup, "cyclical") for step in range(total)]
+    rates = [schedule.learning_rate(step, total, peak, warmup, "cyclical") for step in range(total)]
     assert rates[:warmup] == pytest.approx([peak * (s + 1) / warmup for s in range(warmup)])  # warmup as ever
     starts = [warmup + 30 * c for c in range(3)]  # three cycles of 30 steps
     for number, first in enumerate(starts):
@@ -431,8 +432,8 @@ def test_cyclical_schedule_restarts_with_decaying_peaks_and_is_lowest_late():
     assert max(rates[starts[-1]:]) <= peak / 4 and max(rates) <= peak
     assert np.mean(rates[-30:]) < np.mean(rates[warmup:warmup + 30]) / 3      # lower late in training
     # the same warmup and the same end as cosine; constant stays at the peak
-    assert train.learning_rate(total - 1, total, peak, warmup, "cosine") < 0.01 * peak
-    assert train.learning_rate(total - 1, total, peak, warmup, "constant") == peak
+    assert schedule.learning_rate(total - 1, total, peak, warmup, "cosine") < 0.01 * peak
+    assert schedule.learning_rate(total - 1, total, peak, warmup, "constant") == peak
 
 
 def test_finetune_takes_schedule_cyclical_and_weight_decay_and_refuses_other_schedules(cli, labeled, tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ import data
 import fast
 import train
 from common import IGNORE_INDEX
-from conftest import quiet, random_batch, small_config
+from conftest import pretraining_losses, quiet, random_batch, small_config
 from model import Encoder, Layer, PreTrainingModel, make_config
 from options import PretrainOptions
 from tokenizer import SPECIAL_TOKENS, Tokenizer
@@ -27,7 +27,7 @@ def test_explicit_and_fused_attention_agree_in_outputs_and_gradients(device):
         fused = PreTrainingModel(replace(config, attention="sdpa")).to(device)
         fused.load_state_dict(explicit.state_dict())
         batch = [tensor.to(device) for tensor in random_batch(config, seed=seed)]
-        losses = [model(*batch)[0] for model in (explicit, fused)]
+        losses = [pretraining_losses(model, *batch)[0] for model in (explicit, fused)]
         assert torch.allclose(losses[0], losses[1], atol=1e-5)
         for loss in losses:
             loss.backward()
@@ -76,7 +76,7 @@ def test_the_fixed_shape_mlm_prediction_equals_the_boolean_index_in_loss_and_gra
         for max_predictions in (None, max(1, largest), largest + 3):
             model.zero_grad()
             speed = None if max_predictions is None else fast.Speed(max_predictions=max_predictions)
-            loss = model(input_ids, None, mask, labels, num_masked_total=max(1, int(selected.sum())), speed=speed)[1]
+            loss = pretraining_losses(model, input_ids, None, mask, labels, num_masked_total=max(1, int(selected.sum())), speed=speed)[1]
             loss.backward()
             losses.append(loss.detach())
             gradients.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
@@ -148,7 +148,7 @@ def test_computing_on_real_tokens_only_gives_the_reading_paths_outputs_loss_and_
                 sequence_output, pooled = fast.encode_unpadded(network.encoder, tensors[0], None, tensors[1], unpadded)
                 speed = fast.Speed(unpadded=unpadded, max_predictions=int(selected.sum(1).max()) if trial % 2 else None,
                                    padded_vocabulary=trial % 3 == 0)
-            loss = network(tensors[0], None, tensors[1], tensors[2], tensors[3], speed=speed)[0]
+            loss = pretraining_losses(network, tensors[0], None, tensors[1], tensors[2], tensors[3], speed=speed)[0]
             loss.backward()
             gradient = torch.cat([p.grad.flatten() for p in network.parameters() if p.grad is not None])
             results.append((sequence_output[tensors[1]], pooled, loss, gradient))
@@ -345,7 +345,7 @@ def test_a_packed_step_computes_the_unpacked_steps_losses_and_gradients(attentio
                 else:
                     speed = None
                 t = {key: torch.from_numpy(np.asarray(value)).to(device) for key, value in micro_batch.items()}
-                loss, loss_mlm, loss_nsp = network(t["input_ids"], t["segment_ids"], t["attention_mask"], t["mlm_labels"],
+                loss, loss_mlm, loss_nsp = pretraining_losses(network, t["input_ids"], t["segment_ids"], t["attention_mask"], t["mlm_labels"],
                                                    t["nsp_labels"], nsp_weight=1 / len(micro_batches),
                                                    num_masked_total=num_masked_total, speed=speed)
                 loss.backward()

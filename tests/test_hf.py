@@ -16,6 +16,7 @@ import hf
 import toyworld
 from checkpoint import load_checkpoint, open_model
 from common import IGNORE_INDEX
+from conftest import pretraining_losses
 from model import Classifier, Config, PreTrainingModel
 from tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer
 
@@ -72,7 +73,7 @@ def ours_outputs(model, batch):
     real = batch["attention_mask"].bool()
     sequence, pooled = model.encoder(batch["input_ids"], batch["segment_ids"], real)
     scores = model.mlm_scores(sequence, batch["mlm_labels"])
-    _, loss_mlm, loss_nsp = model(batch["input_ids"], batch["segment_ids"], real, batch["mlm_labels"], batch["nsp_labels"])
+    _, loss_mlm, loss_nsp = pretraining_losses(model, batch["input_ids"], batch["segment_ids"], real, batch["mlm_labels"], batch["nsp_labels"])
     return dict(sequence=sequence[real], pooled=pooled, mlm_logits=scores, nsp_logits=model.nsp_head(pooled),
                 mlm_loss=loss_mlm, nsp_loss=loss_nsp)
 

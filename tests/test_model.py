@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import data
 import fast
 from common import IGNORE_INDEX
-from conftest import random_batch, small_config
+from conftest import pretraining_losses, random_batch, small_config
 from model import Classifier, Config, Encoder, PreTrainingModel, make_config, mlm_loss
 from tokenizer import SPECIAL_TOKENS, Tokenizer
 
@@ -40,7 +40,7 @@ def test_loss_at_initialisation_is_about_ln_vocab():
     model = PreTrainingModel(config).eval()
     input_ids, segment_ids, attention_mask, mlm_labels, nsp_labels = random_batch(config, 8, 40)
     with torch.no_grad():
-        _, loss_mlm, loss_nsp = model(input_ids, segment_ids, attention_mask, mlm_labels, nsp_labels)
+        _, loss_mlm, loss_nsp = pretraining_losses(model, input_ids, segment_ids, attention_mask, mlm_labels, nsp_labels)
     assert abs(loss_mlm.item() - math.log(2048)) < 0.3
     assert abs(loss_nsp.item() - math.log(2)) < 0.1
 
@@ -129,14 +129,14 @@ def test_accumulated_gradients_equal_one_big_batch_when_masked_counts_differ():
     model = PreTrainingModel(config).double()
     input_ids, segment_ids, attention_mask, mlm_labels, nsp_labels = random_batch(config, batch=6, length=17)
     mlm_labels[:2, 2:] = IGNORE_INDEX  # the first micro-batch has far fewer masked tokens
-    model(input_ids, segment_ids, attention_mask, mlm_labels, nsp_labels)[0].backward()
+    pretraining_losses(model, input_ids, segment_ids, attention_mask, mlm_labels, nsp_labels)[0].backward()
     big_batch = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     num_masked_total = int((mlm_labels != IGNORE_INDEX).sum())
     for part in (slice(0, 2), slice(2, 6)):  # unequal micro-batches; NSP weighted by its share of rows
-        loss_mlm = model(input_ids[part], segment_ids[part], attention_mask[part], mlm_labels[part],
+        loss_mlm = pretraining_losses(model, input_ids[part], segment_ids[part], attention_mask[part], mlm_labels[part],
                          num_masked_total=num_masked_total)[1]
-        _, _, loss_nsp = model(input_ids[part], segment_ids[part], attention_mask[part], mlm_labels[part], nsp_labels[part])
+        _, _, loss_nsp = pretraining_losses(model, input_ids[part], segment_ids[part], attention_mask[part], mlm_labels[part], nsp_labels[part])
         (loss_mlm + loss_nsp * (part.stop - part.start) / 6).backward()
     for accumulated, reference in zip((p.grad for p in model.parameters()), big_batch):
         assert torch.allclose(accumulated, reference, atol=1e-10)
@@ -149,7 +149,7 @@ def test_training_with_attention_dropout_runs_on_every_device(device):
     torch.manual_seed(0)
     model = PreTrainingModel(replace(config, attention="sdpa")).to(device).train()
     batch = [tensor.to(device) for tensor in random_batch(config)]
-    losses = [model(*batch)[0] for _ in range(2)]
+    losses = [pretraining_losses(model, *batch)[0] for _ in range(2)]
     assert losses[0].item() != losses[1].item()  # dropout: two draws, two losses
     losses[0].backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

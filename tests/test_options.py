@@ -86,7 +86,7 @@ def test_every_minimum_a_flag_has_is_exactly_where_refusal_starts():
     # room; 0 means "none"
     minima = {"demo": {"--seeds": 1, "--labels-per-class": 1, "--pretrain-steps": 1, "--epochs": 1},
               "pretrain": {"--steps": 1, "--batch-size": 1, "--accum": 1, "--max-length": 8,
-                           "--warmup-steps": 0, "--save-every": 0, "--eval-every": 1,
+                           "--warmup-steps": 0, "--clip-norm": 0, "--save-every": 0, "--eval-every": 1,
                            "--vocab-size": 8, "--collective-timeout": 1},
               "finetune": {"--epochs": 1, "--batch-size": 1, "--max-length": 8, "--vocab-size": 8,
                            "--adapt-steps": 0, "--collective-timeout": 1},

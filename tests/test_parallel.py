@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 import data
 import parallel
 import ptft
+import schedule
 import toyworld
 import train
 from common import IGNORE_INDEX
@@ -51,7 +52,7 @@ def train_steps(processes, rows):
     batches, config = step_batches()
     torch.manual_seed(0)
     model = PreTrainingModel(config)
-    optimizer = train.make_optimizer(model, 1e-2)
+    optimizer = schedule.make_optimizer(model, 1e-2)
     run = SimpleNamespace(options=PretrainOptions(), device=torch.device("cpu"), precision="fp32", processes=processes,
                           scaler=torch.amp.GradScaler("cpu", enabled=False))
     training_model = parallel.data_parallel(model, processes, run.device)

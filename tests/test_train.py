@@ -20,6 +20,7 @@ import finetuning
 import model
 import options
 import ptft
+import schedule
 import toyworld
 import train
 from common import IGNORE_INDEX, InputError
@@ -174,7 +175,7 @@ def test_every_fine_tuning_step_uses_the_schedule_times_each_layers_rate_scale(m
     assert {scale for _, scale in rates[0]} == {1.0, 0.5, 0.25, 0.125}  # head, layer 1, layer 0, embeddings
     for step, groups in enumerate(rates):
         for lr, scale in groups:
-            assert lr == pytest.approx(train.learning_rate(step, total, 1e-3, warmup) * scale)
+            assert lr == pytest.approx(schedule.learning_rate(step, total, 1e-3, warmup) * scale)
 
 
 def test_pretraining_updates_with_gradients_clipped_to_norm_1(small_world, tmp_path, monkeypatch):
@@ -303,7 +304,7 @@ def test_optimizer_holds_only_trainable_parameters_and_counts_match():
     for freeze, expected in [("head", head), ("top-1", head + layer), ("top-2", head + 2 * layer)]:
         model = Classifier(config, labels)
         train.freeze_below(model, train.parse_freeze(freeze, config.num_layers))
-        optimizer = train.make_optimizer(model, 1e-3)
+        optimizer = schedule.make_optimizer(model, 1e-3)
         in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
         trainable = {id(p) for p in model.parameters() if p.requires_grad}
         assert in_optimizer == trainable
@@ -312,19 +313,19 @@ def test_optimizer_holds_only_trainable_parameters_and_counts_match():
 
 def test_no_weight_decay_on_biases_and_layer_norms():
     model = PreTrainingModel(make_config("tiny", vocab_size=100, max_positions=16))
-    optimizer = train.make_optimizer(model, 1e-3, weight_decay=0.01)
+    optimizer = schedule.make_optimizer(model, 1e-3, weight_decay=0.01)
     decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     for name, p in model.named_parameters():
         assert (id(p) in decayed) == (not (name.endswith("bias") or "norm" in name)), name
 
 
 def test_warmup_then_cosine_schedule():
-    rates = [train.learning_rate(s, 100, 1e-3, 10) for s in range(100)]
+    rates = [schedule.learning_rate(s, 100, 1e-3, 10) for s in range(100)]
     assert rates[0] == pytest.approx(1e-4) and rates[9] == pytest.approx(1e-3)
     assert all(a < b for a, b in zip(rates[:9], rates[1:10]))  # rising during warmup
     assert all(a >= b for a, b in zip(rates[9:], rates[10:]))  # then never rising
     assert rates[55] == pytest.approx(0.5e-3, rel=0.05) and rates[-1] < 1e-6 + 1e-3 * 0.001
-    assert train.learning_rate(50, 100, 1e-3, 10, "constant") == 1e-3
+    assert schedule.learning_rate(50, 100, 1e-3, 10, "constant") == 1e-3
 
 
 def test_same_seed_same_numbers(small_world, tmp_path, device):
