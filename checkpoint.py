@@ -446,7 +446,7 @@ def run_settings(o, corpus_name, world_size=1):
     """The settings a pre-training checkpoint records as its `run` (a resume compares some)."""
     return dict(corpus=corpus_name, corpus_fingerprint=data.corpus_fingerprint(corpus_name),
                 config=o.config, init=o.init, nsp=o.nsp, max_length=o.max_length,
-                batch_size=o.batch_size, vocab_size=o.model_config().vocab_size, lr=o.lr,
+                batch_size=o.batch_size, vocab_size=o.vocab_size_asked(), lr=o.lr,
                 steps=o.steps, seed=o.seed, mask_probability=o.mask_probability,
                 world_size=world_size, objective=o.objective)
 
@@ -458,10 +458,11 @@ RESUME_MUST_MATCH = ("corpus", "corpus_fingerprint", "config", "init", "nsp", "m
                      "batch_size", "vocab_size", "world_size", "objective")
 
 
-def check_resume_settings(checkpoint, o, corpus_name, path, world_size=1):
-    """A --resume must agree with the checkpoint on the data, the task and the model; the
-    refusal names each difference. With --init the sizes are the init's (compared through init)."""
-    requested, settings = o.model_config(), run_settings(o, corpus_name, world_size)
+def check_resume_settings(checkpoint, o, requested, corpus_name, path, world_size=1):
+    """A --resume must agree with the checkpoint on the data, the task and the model (requested:
+    the Config these options ask for); the refusal names each difference. With --init the sizes
+    are the init's (compared through init)."""
+    settings = run_settings(o, corpus_name, world_size)
     expected = {key: settings[key] for key in RESUME_MUST_MATCH}
     # what a checkpoint from before the key was recorded ran
     older = {"world_size": 1, "objective": "mlm"}

@@ -165,14 +165,20 @@ class PretrainOptions:
         if self.objective == "causal":
             # B2 reads [CLS], which sees only itself under a causal mask: a causal run has no NSP
             self.nsp = False
+        self.model_config()  # an impossible shape is refused before any work
 
     def masking_rule(self):
         return MaskingRule(self.mask_probability, self.mask_token_fraction,
                            self.random_token_fraction)
 
+    def vocab_size_asked(self):
+        """--vocab-size, or its default: 8192 on a text corpus, 2048 on the toy world."""
+        return self.vocab_size or (8192 if self.corpus else 2048)
+
     def model_config(self):
-        """The Config asked for (an --init brings its own sizes and vocabulary)."""
-        return model_config(self, vocab_size=self.vocab_size or (8192 if self.corpus else 2048),
+        """The Config asked for (an --init brings its own sizes and vocabulary): built once per
+        run, by train.model_and_tokenizer (check() builds one only to refuse a bad shape)."""
+        return model_config(self, vocab_size=self.vocab_size_asked(),
                             max_positions=max(128, self.max_length), attention=self.attention,
                             dropout=self.dropout, attention_dropout=self.dropout,
                             causal=self.objective == "causal")

@@ -73,8 +73,7 @@ def pretrain(out, options, resume=False, force=False, log=print, progress=True):
     save_every steps), OUT/vocab.txt, OUT/metrics.json and OUT/snapshot-N.pt at each snapshot step.
     Returns the metrics dict; a --resume of a finished run returns its metrics."""
     o = options
-    o.check()
-    o.model_config()  # an impossible shape is refused before any work
+    o.check()  # every setting, the model's shape too, before any work
     finished = finished_run(out, o.steps) if resume else None
     if finished:
         return finished
@@ -369,8 +368,8 @@ def model_and_tokenizer(o, out, resume_from, corpus_name, documents, log, world_
     --init's, or a new WordPiece vocabulary and (weights None) a random initialisation."""
     requested = o.model_config()
     if resume_from is not None:
-        check_resume_settings(resume_from, o, corpus_name, os.path.join(out, "checkpoint.pt"),
-                              world_size)
+        check_resume_settings(resume_from, o, requested, corpus_name,
+                              os.path.join(out, "checkpoint.pt"), world_size)
         return (Config(**resume_from["config"]), Tokenizer.from_checkpoint(resume_from),
                 resume_from["model"])
     if o.init:

@@ -197,7 +197,7 @@ def test_objective_is_a_choice_causal_turns_nsp_off_and_resume_keeps_it(small_wo
     mlm = PretrainOptions(corpus=[small_world["corpus"]], batch_size=16, max_length=32, device="cpu")
     mlm.check()
     with pytest.raises(InputError, match="objective"):
-        check_resume_settings(checkpoint, mlm, checkpoint["run"]["corpus"], "checkpoint.pt")
+        check_resume_settings(checkpoint, mlm, mlm.model_config(), checkpoint["run"]["corpus"], "checkpoint.pt")
 
 
 def test_causal_batches_predict_every_next_real_token_and_mask_nothing(small_world):
