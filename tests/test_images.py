@@ -161,3 +161,28 @@ def test_the_digits_ship_inside_scikit_learn():
     assert data["image_size"] == 8 and data["classes"] == 10
     assert len(data["unlabeled"]) + len(data["test"][0]) == 1797
     assert 0 <= data["unlabeled"].min() and data["unlabeled"].max() <= 1
+
+
+def test_the_c8_plans_image_tables_keep_per_seed_values_get_verdicts_and_resume(small_world,
+                                                                                tmp_path):
+    import experiments
+    plan = {"image_data": ["world"], "image_pretrain_steps": 10, "image_labels_per_class": [2],
+            "image_finetune_steps": 2, "seeds": 2}
+    runs_path = str(tmp_path / "runs.jsonl")
+    quiet = lambda *a: None  # noqa: E731
+    tables, pretraining, decided = experiments.run_c8_images(str(tmp_path), plan, {}, runs_path,
+                                                             quiet)
+    (table,) = tables
+    assert [row["setting"] for row in table["rows"]] == [
+        f"k=2: {name}" for name in experiments.IMAGE_ROWS.values()]
+    for row in table["rows"]:
+        accuracy = row["cells"]["accuracy"]
+        assert len(accuracy["values"]) == 2 and accuracy["seeds"] == [0, 1]
+        assert accuracy["std"] == pytest.approx(np.std(accuracy["values"], ddof=1))
+    assert {v["verdict"] for v in decided} <= {"holds", "does not hold", "not settled"}
+    assert any(v["margin"] == experiments.IMAGE_TARGET for v in decided)
+    assert len(pretraining["world"]["held_out_loss"]) >= 2
+    runs = open(runs_path).read()
+    again = experiments.run_c8_images(str(tmp_path), plan, experiments.finished_runs(
+        runs_path, True, quiet), runs_path, quiet)
+    assert again[0] == tables and open(runs_path).read() == runs  # nothing run twice
