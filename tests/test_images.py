@@ -166,8 +166,8 @@ def test_the_digits_ship_inside_scikit_learn():
 def test_the_c8_plans_image_tables_keep_per_seed_values_get_verdicts_and_resume(small_world,
                                                                                 tmp_path):
     import experiments
-    plan = {"image_data": ["world"], "image_pretrain_steps": 10, "image_labels_per_class": [2],
-            "image_finetune_steps": 2, "seeds": 2}
+    plan = {"image_data": ["world"], "image_pretrain_steps": {"world": 10},
+            "image_labels_per_class": [2], "image_finetune_steps": 2, "seeds": 2}
     runs_path = str(tmp_path / "runs.jsonl")
     quiet = lambda *a: None  # noqa: E731
     tables, pretraining, decided = experiments.run_c8_images(str(tmp_path), plan, {}, runs_path,
