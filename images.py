@@ -42,7 +42,15 @@ import fast
 import train
 from checkpoint import prepare_out_folder, save_atomic, write_json
 from common import InputError, verify_records
-from model import Classifier, Config, Encoder, count_parameters, init_weights, make_config
+from model import (
+    PRESETS,
+    Classifier,
+    Config,
+    Encoder,
+    count_parameters,
+    init_weights,
+    make_config,
+)
 from options import check_learning_rate, check_settings, pick_device, setting
 
 # ----------------------------------------------------------------------------------------
@@ -291,7 +299,8 @@ class ImagePretrainOptions:
     image_size: int = setting(None, "side of the world's images (default 16; digits: 8)", least=2)
     patch_size: int = setting(None, "patch side P (default 4 on the world, 2 on digits)", least=1)
     mask_ratio: float = setting(0.5, "share of each image's patches hidden behind [MASK]")
-    config: str = setting("tiny", "encoder size: tiny, small or base (model.PRESETS)")
+    config: str = setting("tiny", "encoder size: tiny, small or base (model.PRESETS)",
+                          choices=tuple(PRESETS))
     intermediate_size: int = setting(256, "feed-forward size I, overriding the preset", least=1)
     steps: int = setting(2000, "optimizer steps", least=1)
     batch_size: int = setting(64, "images per step", least=1)
@@ -405,6 +414,8 @@ def pretrain_images(out, o, resume=False, force=False, log=print):
                "data": o.data, "history": history}
     write_json(os.path.join(out, "metrics.json"), metrics)
     write_reconstructions(os.path.join(out, "reconstructions.png"), model, images, patch, o)
+    log(f"done: held-out masked-patch loss {metrics['held_out_loss']:.4f}; {out}/checkpoint.pt, "
+        f"{out}/reconstructions.png")
     return metrics
 
 
@@ -581,18 +592,23 @@ FOLDS = 4
 
 
 def choose_l2(images, labels, num_classes, steps):
-    """The L2_GRID value with the best mean accuracy over FOLDS folds of the labeled images (fold
-    f: each class's f-th, (f + FOLDS)-th, ... image); a tie goes to the larger penalty."""
+    """The L2_GRID value with the best accuracy over FOLDS folds of the labeled images (fold f:
+    each class's f-th, (f + FOLDS)-th, ... image; fewer folds where a class has fewer images);
+    a tie goes to the larger penalty."""
     labels = np.asarray(labels)
     rank = np.zeros(len(labels), dtype=int)
     for c in np.unique(labels):
         rank[labels == c] = np.arange((labels == c).sum())
-    folds = rank % FOLDS
+    # a class with fewer images than FOLDS: fewer folds
+    count = min(FOLDS, int(np.bincount(labels)[np.unique(labels)].min()))
+    if count < 2:
+        return 0.1  # one image per class: nothing to hold out
+    folds = rank % count
     scores = []
     for l2 in L2_GRID:
         right = sum(int((pixel_logistic_regression(images[folds != f], labels[folds != f],
                                                    images[folds == f], num_classes, l2, steps)
-                         == labels[folds == f]).sum()) for f in range(FOLDS))
+                         == labels[folds == f]).sum()) for f in range(count))
         scores.append((right, l2))
     return max(scores)[1]
 
