@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 import fast
 import train
-from checkpoint import prepare_out_folder, save_atomic, write_json
+from checkpoint import on_cpu, prepare_out_folder, save_atomic, write_json
 from common import InputError, verify_records
 from model import (
     PRESETS,
@@ -336,7 +336,7 @@ class ImageFinetuneOptions:
     batch_size: int = setting(16, "images per step", least=1)
     dropout: float = setting(0.1, "dropout in the encoder and before the classifier")
     seed: int = setting(0, "random seed: the draw of the labeled images and the training")
-    device: str = setting("auto", "auto (cuda, then mps, then cpu), cpu, cuda or mps")
+    # no --device: tens of images train in seconds on the CPU
 
     def check(self):
         check_settings(self)
@@ -373,10 +373,10 @@ def pretrain_images(out, o, resume=False, force=False, log=print):
     (also every save_every steps), OUT/metrics.json and OUT/reconstructions.png. --resume
     continues from the checkpoint (the same batches and masks as an uninterrupted run)."""
     o.check()
-    images = image_data(o.data, o.image_size)
+    data_set = image_data(o.data, o.image_size)
     prepare_out_folder(out, resume, force)
     patch = o.patch_or_default()
-    unlabeled = torch.from_numpy(patchify(images["unlabeled"], patch))              # (U, N, D)
+    unlabeled = torch.from_numpy(patchify(data_set["unlabeled"], patch))              # (U, N, D)
     device = pick_device(o.device)
     train.seed_everything(o.seed)  # the initialisation and dropout; the data: `generator`
     model = MaskedPatchModel(image_config(o, unlabeled.shape[1]), unlabeled.shape[2]).to(device)
@@ -396,16 +396,17 @@ def pretrain_images(out, o, resume=False, force=False, log=print):
         for group in optimizer.param_groups:
             group["lr"] = train.learning_rate(step, o.steps, o.lr, max(1, o.steps // 20))
         loss, _ = model(batch.to(device), masked.to(device))
+        if not math.isfinite(loss.item()):  # before the update: the last checkpoint stays good
+            raise train.TrainingDiverged(f"step {step + 1}: the masked-patch loss is "
+                                         f"{loss.item()}; try a lower --lr")
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        if not math.isfinite(loss.item()):
-            raise train.TrainingDiverged(f"step {step}: the masked-patch loss is {loss.item()}")
         if step % max(1, o.steps // 10) == 0 or step == o.steps:
             history.append({"step": step, "train_loss": loss.item(),
-                            "held_out_loss": held_out_loss(model, images, patch, o, device)})
+                            "held_out_loss": held_out_loss(model, data_set, patch, o, device)})
             log(f"step {step}: masked-patch loss {loss.item():.4f}, held-out "
                 f"{history[-1]['held_out_loss']:.4f}")
         if step == o.steps or (o.save_every and step % o.save_every == 0):
@@ -413,16 +414,16 @@ def pretrain_images(out, o, resume=False, force=False, log=print):
     metrics = {"step": step, "held_out_loss": history[-1]["held_out_loss"] if history else None,
                "data": o.data, "history": history}
     write_json(os.path.join(out, "metrics.json"), metrics)
-    write_reconstructions(os.path.join(out, "reconstructions.png"), model, images, patch, o)
+    write_reconstructions(os.path.join(out, "reconstructions.png"), model, data_set, patch, o)
     log(f"done: held-out masked-patch loss {metrics['held_out_loss']:.4f}; {out}/checkpoint.pt, "
         f"{out}/reconstructions.png")
     return metrics
 
 
-def held_out_loss(model, images, patch, o, device, count=500):
+def held_out_loss(model, data_set, patch, o, device, count=500):
     """E-img on the first `count` test images, with masks from a fixed seed (comparable across
     steps and runs); the model goes back to training mode."""
-    test = torch.from_numpy(patchify(images["test"][0][:count], patch))
+    test = torch.from_numpy(patchify(data_set["test"][0][:count], patch))
     masked = random_patch_mask(len(test), test.shape[1], o.mask_ratio,
                                torch.Generator().manual_seed(12345))
     model.eval()
@@ -433,15 +434,11 @@ def held_out_loss(model, images, patch, o, device, count=500):
 
 
 def save(path, o, model, optimizer, generator, step, history):
-    save_atomic(path, {"kind": "image-pretraining", "model": fast_cpu(model.state_dict()),
+    save_atomic(path, {"kind": "image-pretraining", "model": on_cpu(model.state_dict()),
                        "config": model.config.to_dict(), "patch_dim": model.head[-1].out_features,
                        "run": asdict(o), "step": step, "history": history,
                        "optimizer": optimizer.state_dict(), "rng": generator.get_state(),
                        "torch_rng": torch.get_rng_state()})  # dropout's masks
-
-
-def fast_cpu(state):
-    return {name: value.detach().cpu() for name, value in state.items()}
 
 
 def load_image_checkpoint(path):
@@ -537,24 +534,24 @@ def finetune_images(out, o, force=False, log=print):
                          f"not --data {o.data}")
     # the pre-training run's image settings (scratch: the defaults a pre-training would have)
     pre = ImagePretrainOptions(**source["run"]) if source else ImagePretrainOptions(data=o.data)
-    images = image_data(o.data, pre.image_size)
+    data_set = image_data(o.data, pre.image_size)
     prepare_out_folder(out, force=force)
     patch = pre.patch_or_default()
-    pool_images, pool_labels = images["pool"]
+    pool_images, pool_labels = data_set["pool"]
     chosen = draw_per_class(pool_labels, o.labels_per_class, o.seed)
     patches = torch.from_numpy(patchify(pool_images[chosen], patch))
     config = Config(**source["config"]) if source else image_config(pre, patches.shape[1])
     encoder = ({k[len("encoder."):]: v for k, v in source["model"].items()
                 if k.startswith("encoder.")} if source else None)
-    model = fit_image_classifier(patches, pool_labels[chosen], images["classes"], config, o,
+    model = fit_image_classifier(patches, pool_labels[chosen], data_set["classes"], config, o,
                                  encoder)
-    test_images, test_labels = images["test"]
+    test_images, test_labels = data_set["test"]
     metrics = {"accuracy": accuracy(model, torch.from_numpy(patchify(test_images, patch)),
                                     test_labels),
                "n": len(test_labels), "labeled": len(chosen), "init": o.init,
                "trainable_parameters": count_parameters(model, trainable_only=True)}
     save_atomic(os.path.join(out, "checkpoint.pt"),
-                {"kind": "image-classifier", "model": fast_cpu(model.state_dict()),
+                {"kind": "image-classifier", "model": on_cpu(model.state_dict()),
                  "config": config.to_dict(), "run": asdict(o)})
     write_json(os.path.join(out, "metrics.json"), metrics)
     log(f"test accuracy {metrics['accuracy']:.3f} on {metrics['n']} {o.data} images "
@@ -634,18 +631,19 @@ def write_png(path, gray):
                 + chunk(b"IDAT", zlib.compress(rows, 9)) + chunk(b"IEND", b""))
 
 
-def write_reconstructions(path, model, images, patch, o, count=8, scale=8):
+def write_reconstructions(path, model, data_set, patch, o, count=8, scale=8):
     """Three rows of `count` test images: the image, its masked version (hidden patches grey),
     the reconstruction (visible patches as they are, hidden ones as the model predicts them);
     each pixel drawn as scale x scale."""
-    test = images["test"][0][:count]
-    size = images["image_size"]
+    test = data_set["test"][0][:count]
+    size = data_set["image_size"]
     patches = torch.from_numpy(patchify(test, patch))
     masked = random_patch_mask(count, patches.shape[1], o.mask_ratio,
                                torch.Generator().manual_seed(7))
     model.eval()
     with torch.no_grad():
-        predicted = model(patches, masked)[1]
+        device = next(model.parameters()).device
+        predicted = model(patches.to(device), masked.to(device))[1].cpu()
     hidden = masked[..., None]
     grey = torch.full_like(patches, 0.5)
     rows = [patches, torch.where(hidden, grey, patches), torch.where(hidden, predicted, patches)]
