@@ -14,6 +14,8 @@
     python ptft.py tokenize ...    a corpus larger than memory, once, into a token file for pretrain
     python ptft.py bench ...       MLM training/inference tokens/s and MFU (vs transformers)
     python ptft.py experiments     the claims as tables with per-seed values and verdicts
+    python ptft.py pretrain-images C8: masked-patch pre-training on images (images.py)
+    python ptft.py finetune-images C8: an image classifier from it (or from scratch)
 
 `torchrun --nproc_per_node N ptft.py pretrain|finetune ...` trains data-parallel (parallel.py).
 Wherever a command takes --init, a Hugging Face BERT folder (config.json, model.safetensors or
@@ -39,6 +41,7 @@ import evaluation
 import experiments
 import finetuning
 import hf
+import images
 import options
 import toyworld
 import train
@@ -154,7 +157,7 @@ def build_parser():
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in (add_demo, add_pretrain, add_finetune, add_distill, add_quantize, add_prune,
                 add_tokenize, add_experiments, add_evaluate, add_fill_mask, add_generate,
-                add_export, add_bench):
+                add_export, add_bench, add_images):
         add(commands)
     return parser
 
@@ -384,6 +387,23 @@ def add_export(commands):
     add_run_flags(p)  # --out must not exist or be empty, unless --force
 
 
+def add_images(commands):
+    p = add_command(commands, "pretrain-images", "C8: masked-patch pre-training on images",
+                    "Cut images into patches, hide --mask-ratio of them behind a learned [MASK] "
+                    "vector and train the encoder (model.py's layers) to reconstruct the hidden "
+                    "pixels: mean squared error on the masked patches only (E-img). --data world: "
+                    "generated textured images (numpy); digits: scikit-learn's 8x8 digits. Writes "
+                    "OUT/checkpoint.pt, OUT/metrics.json, OUT/reconstructions.png.")
+    add_run_flags(p, resume=True)
+    add_options(p, images.ImagePretrainOptions)
+    p = add_command(commands, "finetune-images", "C8: classify images from k labels per class",
+                    "Fine-tune an image classifier on k labeled images per class (drawn by "
+                    "--seed) from a pretrain-images run or from scratch, with --freeze as for "
+                    "text; prints the test accuracy. Writes OUT/checkpoint.pt, OUT/metrics.json.")
+    add_run_flags(p)
+    add_options(p, images.ImageFinetuneOptions)
+
+
 def add_bench(commands):
     p = add_command(commands, "bench", "tokens/s and MFU of MLM training",
                     "Time one MLM training step (forward + backward + AdamW) and an inference "
@@ -528,6 +548,10 @@ COMMANDS = {
                                                 seeds=args.seeds, resume=args.resume,
                                                 force=args.force),
     "bench": lambda args: bench.bench(options_from(options.BenchOptions, args)),
+    "pretrain-images": lambda args: images.pretrain_images(
+        args.out, options_from(images.ImagePretrainOptions, args), args.resume, args.force),
+    "finetune-images": lambda args: images.finetune_images(
+        args.out, options_from(images.ImageFinetuneOptions, args), args.force),
 }
 
 

@@ -217,7 +217,7 @@ def test_the_c8_plan_writes_each_rows_per_seed_values_mean_and_sample_std_and_re
     plan = {**experiments.PLANS["c8"], "seeds": 3, "toy_documents": 300, "toy_labeled": (4, 2, 8),
             "pretrain_steps": {"toy": 8, "stdlib": None}, "pretrain_batch_size": {"toy": 8, "stdlib": 8},
             "eval_every": {"toy": 4, "stdlib": 4}, "k": 2, "finetune_steps": 2, "max_epochs": 1,
-            "c8_prompts_per_topic": 1}
+            "c8_prompts_per_topic": 1, "image_data": []}  # the images: tests/test_images.py
     out = str(tmp_path / "c8")
     results = experiments.run(out, "c8", plan=plan, log=quiet)
     assert results["c8_pretraining"]["causal"]["held_out_perplexity"] == pytest.approx(

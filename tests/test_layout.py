@@ -14,7 +14,7 @@ from conftest import ROOT
 
 # README's layout, bottom to top: each file imports only files before it (no import circles)
 STACK = ["common", "fast", "model", "tokenizer", "toyworld", "data", "hf", "options", "parallel", "compress", "checkpoint",
-         "evaluation", "schedule", "train", "finetuning", "deploy", "bench", "verdicts", "experiments", "ptft"]
+         "evaluation", "schedule", "train", "images", "finetuning", "deploy", "bench", "verdicts", "experiments", "ptft"]
 
 
 def top_level_imports(name):
