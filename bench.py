@@ -23,6 +23,7 @@ import options
 import train
 from checkpoint import write_json
 from common import IGNORE_INDEX, InputError
+from evaluation import to_tensors
 from model import PreTrainingModel
 from tokenizer import SPECIAL_TOKENS, Tokenizer
 
@@ -91,19 +92,21 @@ def time_step_and_forward(step, forward, steps, device):
 
 def time_ptft(model_config, batch, precision, attention, compiled, steps, device, speed=None):
     """One ptft row: seconds per training step and per inference forward on `batch`; speed: None
-    (the reading path) or the fast.Speed pretrain would use for it."""
+    (the reading path) or the fast.Speed pretrain would use for it; compiled: pretrain's --compile
+    (off, model, step: the optimizer's update too, graphs: step as CUDA graphs on a GPU)."""
     torch.manual_seed(0)
     model = PreTrainingModel(replace(model_config, attention=attention)).to(device).train()
     optimizer = train.make_optimizer(model, 1e-4)
-    training_model = torch.compile(model) if compiled else model
-    encoder = torch.compile(model.encoder) if compiled else model.encoder
+    training_model = fast.compiled_model(model, compiled)
+    encoder = model.encoder if compiled == "off" else torch.compile(model.encoder)
+    update = fast.Update(optimizer, torch.amp.GradScaler(device.type, enabled=False), compiled)
 
     def step():
         with options.autocast(device, precision):
             loss = training_model(batch["input_ids"], batch["segment_ids"], batch["attention_mask"],
                                   batch["mlm_labels"], speed=speed)[0]
         loss.backward()
-        optimizer.step()
+        update()
         optimizer.zero_grad(set_to_none=True)
 
     def forward():
@@ -154,6 +157,49 @@ def time_transformers(model_config, batch, precision, compiled, steps, device):
             run(input_ids=batch["input_ids"], attention_mask=attention_mask)
 
     return time_step_and_forward(step, forward, steps, device)
+
+
+def profile_fast_row(batch, precision, device, log):
+    """--profile: one step of pretrain's fast row, after two warm-up steps, split by the PyTorch
+    profiler (fast.profile_step) into data wait -- here the batch's arrays to the device and their
+    fast.Speed, what pretrain's loop does each step once a batch is built (building it is
+    pretrain's data_wait_fraction) --, forward+backward, and optimizer (fused AdamW, zero_grad).
+    Logs the split and the operators that took longest; returns (split, step seconds)."""
+    torch.manual_seed(0)
+    model = PreTrainingModel(replace(batch.model_config, attention="sdpa")).to(device).train()
+    optimizer = train.make_optimizer(model, 1e-4)
+    arrays = batch.layouts[batch.pretrain_packs]
+    max_predictions = data.MaskingRule().max_predictions(batch.length)
+    loaded = {}
+
+    def load():
+        loaded["speed"] = fast.speed_for(arrays, device, max_predictions)
+        loaded["batch"] = to_tensors(arrays, device)
+
+    def forward_backward():
+        b = loaded["batch"]
+        with options.autocast(device, precision):
+            loss = model(b["input_ids"], b["segment_ids"], b["attention_mask"], b["mlm_labels"],
+                         speed=loaded["speed"])[0]
+        loss.backward()
+
+    def update():
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    parts = [("data wait", load), ("forward+backward", forward_backward), ("optimizer", update)]
+    for _ in range(2):  # warm-up: allocator, kernels
+        for _, function in parts:
+            function()
+    split, step_seconds, profiler = fast.profile_step(parts, device)
+    log(f"profile of one step ({'fast, packed' if batch.pretrain_packs else 'fast'}, "
+        f"{precision}): " + ", ".join(f"{name} {1000 * seconds:.1f} ms "
+                                     f"({seconds / step_seconds:.0%})"
+                                     for name, seconds in split.items())
+        + f"; the step {1000 * step_seconds:.1f} ms")
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    log(profiler.key_averages().table(sort_by=sort_by, row_limit=12))
+    return split, step_seconds
 
 
 def real_lengths(generator, batch_size, length, real_fraction):
@@ -211,6 +257,8 @@ def bench(o, log=print):
     for variant in bench_variants(batch, precisions, o.compile):
         rows += time_variant(o, batch, variant, peaks, device)
     print_table(rows, log)
+    if o.profile:
+        profile_fast_row(batch, precisions[-1], device, log)
     # it must be far faster than any row above
     data_speed = data_path_speed(generator, batch.batch_size, batch.length,
                                  config.vocab_size)
@@ -228,8 +276,10 @@ class BenchBatch:
     model_config        the --config preset at the bench's vocabulary and length
     lengths             each sequence's real tokens (B,); tokens: their sum, counted as work
     num_masked          the MLM targets (B1's 15%)
+    layouts             {packed?: the numpy arrays}: False, one pair per row; True (only with
+                        padding), pack_pairs'
     batches, speeds     {packed?: tensors on the device}, {packed?: fast.Speed as pretrain would
-                        give it}: False, one pair per row; True (only with padding), pack_pairs'
+                        give it}
     pretrain_packs      whether pretrain's --packing auto would pack this batch here"""
     model_config: object
     batch_size: int
@@ -238,6 +288,7 @@ class BenchBatch:
     tokens: int
     num_masked: int
     padded: bool
+    layouts: dict
     batches: dict
     speeds: dict
     pretrain_packs: bool
@@ -275,7 +326,9 @@ def bench_batch(o, device, generator):
     return BenchBatch(
         model_config=model_config, batch_size=batch_size, length=length, lengths=lengths,
         tokens=int(lengths.sum()),  # tokens/s counts real tokens
-        num_masked=int((mlm_labels != IGNORE_INDEX).sum()), padded=padded, batches=batches,
+        num_masked=int((mlm_labels != IGNORE_INDEX).sum()), padded=padded,
+        layouts={pack: layout for pack, layout in layouts.items() if layout is not None},
+        batches=batches,
         speeds=speeds,  # as --packing auto would:
         pretrain_packs=padded and device.type == "cuda" and fast.packing_pays(arrays, length))
 
@@ -288,34 +341,39 @@ def fast_row_precisions(precision, device):
 
 
 def bench_variants(batch, precisions, compiled):
-    """The rows to time, (name, precision, attention, compiled, speed devices, batch): the
-    reading path first, then the fast rows as pretrain would run them; with padding, the fast
-    rows once more with the other packing choice and once computing on the padding, to show what
-    packing and fast.Unpadded buy; with --compile, pretrain's fast rows compiled."""
+    """The rows to time, (name, precision, attention, --compile's off/model/step/graphs, speed
+    devices, batch): the reading path first, then the fast rows as pretrain would run them; with
+    padding, the fast rows once more with the other packing choice and once computing on the
+    padding, to show what packing and fast.Unpadded buy; with --compile, pretrain's fast rows
+    compiled: the model, the whole step (the update too), and on a GPU the step replayed as CUDA
+    graphs."""
     speed, tensors = batch.speeds[batch.pretrain_packs], batch.batches[batch.pretrain_packs]
     computing_padding = replace(batch.speeds[False], unpadded=None)
     fast_name = "fast, packed (as pretrain)" if batch.pretrain_packs else "fast"
-    variants = [("reading path", "fp32", "explicit", False, None, batch.batches[False])]
-    variants += [(fast_name, p, "sdpa", False, speed, tensors) for p in precisions]
+    variants = [("reading path", "fp32", "explicit", "off", None, batch.batches[False])]
+    variants += [(fast_name, p, "sdpa", "off", speed, tensors) for p in precisions]
     if batch.padded:
         other = "fast, not packed" if batch.pretrain_packs else "fast, packed"
         other_speed = batch.speeds[not batch.pretrain_packs]
         other_tensors = batch.batches[not batch.pretrain_packs]
-        variants += [(other, p, "sdpa", False, other_speed, other_tensors) for p in precisions]
-        variants += [("fast, padding computed", p, "sdpa", False, computing_padding,
+        variants += [(other, p, "sdpa", "off", other_speed, other_tensors) for p in precisions]
+        variants += [("fast, padding computed", p, "sdpa", "off", computing_padding,
                       batch.batches[False]) for p in precisions]
-    if compiled:
-        variants += [(fast_name, p, "sdpa", True, speed, tensors) for p in precisions]
+    if compiled:  # pretrain's --compile model, step and (on a GPU) graphs
+        modes = [("", "model"), (", whole step", "step")] + (
+            [(", CUDA graphs", "graphs")] if tensors["input_ids"].is_cuda else [])
+        variants += [(fast_name + suffix, p, "sdpa", how, speed, tensors)
+                     for suffix, how in modes for p in precisions]
     return variants
 
 
 def time_variant(o, batch, variant, peaks, device):
     """One variant's row, and (--compare-hf, for pretrain's own fast rows) transformers' row in
     the same precision, compiled alike."""
-    name, precision, attention, compiled, speed, tensors = variant
-    config = batch.model_config
+    name, precision, attention, how, speed, tensors = variant
+    config, compiled = batch.model_config, how != "off"
     train_seconds, infer_seconds, peak = time_ptft(
-        config, tensors, precision, attention, compiled=compiled, steps=o.steps, device=device,
+        config, tensors, precision, attention, compiled=how, steps=o.steps, device=device,
         speed=speed)
     fixed = speed is not None and speed.max_predictions
     prediction = f"fixed {fixed} per sequence" if fixed else "sparse"
@@ -327,7 +385,9 @@ def time_variant(o, batch, variant, peaks, device):
            "mfu": training_flops(config, batch.lengths, batch.num_masked) / train_seconds
            / peaks[precision],
            "peak_memory_gb": peak and peak / 2 ** 30}
-    if not (o.compare_hf and speed is batch.speeds[batch.pretrain_packs]):
+    # transformers once per precision and compilation: beside the eager and the model-compiled row
+    if not (o.compare_hf and speed is batch.speeds[batch.pretrain_packs]
+            and how in ("off", "model")):
         return [row]
     train_seconds, infer_seconds, peak = time_transformers(
         config, batch.batches[False], precision, compiled=compiled, steps=o.steps, device=device)

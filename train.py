@@ -97,6 +97,7 @@ def pretraining_loop(out, run, start_step, encoded, held_out, progress=True):
     bar = tqdm(range(start_step, o.steps), initial=start_step, total=o.steps, desc="pre-train",
                disable=not (progress and run.processes.main), dynamic_ncols=True)
     batches = step_batches(run, encoded)  # per step: micro-batches (B2 pairs, B1 masks), RNG state
+    update = fast.Update(optimizer, scaler, o.compile)  # scaler.step(optimizer), compiled or not
 
     def stop(step, what):
         bar.close()  # the progress bar's line ends before the error's
@@ -121,7 +122,7 @@ def pretraining_loop(out, run, start_step, encoded, held_out, progress=True):
         if save_pending:  # the weights after step `step` gave finite losses and gradients: good
             run.save(checkpoint_path, step, rng_at_start)
             save_pending, last_saved = False, step
-        scaler.step(optimizer)  # = optimizer.step(), except a skipped fp16 step that overflowed
+        update()  # = optimizer.step(), except a skipped fp16 step that overflowed
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         throughput.add(tokens, time.time() - step_started)
@@ -152,7 +153,7 @@ def model_to_train(run):
     o = run.options
     training_model = data_parallel(run.model, run.processes, run.device,
                                    unused_weights=not (o.nsp and o.nsp_weight > 0))
-    return torch.compile(training_model) if o.compile else training_model
+    return fast.compiled_model(training_model, o.compile)  # --compile: off, model, step, graphs
 
 
 def finish_pretraining(out, run, last, throughput, data_wait_seconds):
@@ -254,7 +255,7 @@ def pretraining_step(run, training_model, micro_batches):
         later = training_model.no_sync if defer_sync else nullcontext
         with later():
             with (autocast(run.device, run.precision),
-                  attention_backends(o.deterministic, run.device)):
+                  attention_backends(o.deterministic, run.device, o.deterministic_attention)):
                 loss, loss_mlm, loss_nsp = training_model(
                     micro_batch["input_ids"], micro_batch["segment_ids"],
                     micro_batch["attention_mask"],
