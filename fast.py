@@ -8,6 +8,7 @@ the reading path (tests/test_fast.py), in outputs and gradients:
     attention                      softmax(Q K^T / sqrt(d) + mask) V in torch's fused kernel, with
                                    Q, K and V from one matmul on a GPU
     Unpadded, encode_unpadded      the encoder's position-wise parts on the real tokens only
+    GatherRows                     Unpadded's pad and unpad: gathers forward and backward
     pack_pairs, Packed             several pre-training pairs per row, each attending to itself
     gather_fixed_predictions       a fixed number of MLM predictions per sequence (no GPU wait)
     scores_over_padded_vocabulary  the MLM decoder's matmul at a GPU-friendly size
