@@ -12,7 +12,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ import options
 import schedule
 from checkpoint import write_json
 from common import IGNORE_INDEX, InputError
+from evaluation import to_tensors
 from model import PreTrainingModel, mlm_loss
 from tokenizer import SPECIAL_TOKENS, Tokenizer
 
@@ -91,12 +92,14 @@ def time_step_and_forward(step, forward, steps, device):
 
 def time_ptft(model_config, batch, precision, attention, compiled, steps, device, speed=None):
     """One ptft row: seconds per training step and per inference forward on `batch`; speed: None
-    (the reading path) or the fast.Speed pretrain would use for it."""
+    (the reading path) or the fast.Speed pretrain would use for it; compiled: pretrain's --compile
+    (off, model, step: the optimizer's update too, graphs: step as CUDA graphs on a GPU)."""
     torch.manual_seed(0)
     model = PreTrainingModel(replace(model_config, attention=attention)).to(device).train()
     optimizer = schedule.make_optimizer(model, 1e-4)
-    training_model = torch.compile(model) if compiled else model
-    encoder = torch.compile(model.encoder) if compiled else model.encoder
+    training_model = fast.compiled_model(model, compiled)
+    encoder = model.encoder if compiled == "off" else torch.compile(model.encoder)
+    update = fast.Update(optimizer, torch.amp.GradScaler(device.type, enabled=False), compiled)
 
     def step():
         with options.autocast(device, precision):
@@ -105,7 +108,7 @@ def time_ptft(model_config, batch, precision, attention, compiled, steps, device
                                                 with_nsp=False, speed=speed)
             loss = mlm_loss(scores, targets)  # E4
         loss.backward()
-        optimizer.step()
+        update()
         optimizer.zero_grad(set_to_none=True)
 
     def forward():
@@ -158,6 +161,50 @@ def time_transformers(model_config, batch, precision, compiled, steps, device):
     return time_step_and_forward(step, forward, steps, device)
 
 
+def profile_fast_row(batch, precision, device, log):
+    """--profile: one step of pretrain's fast row, after two warm-up steps, split by the PyTorch
+    profiler (fast.profile_step) into data wait -- here the batch's arrays to the device and their
+    fast.Speed, what pretrain's loop does each step once a batch is built (building it is
+    pretrain's data_wait_fraction) --, forward+backward, and optimizer (fused AdamW, zero_grad).
+    Logs the split and the operators that took longest; returns (split, step seconds)."""
+    torch.manual_seed(0)
+    model = PreTrainingModel(replace(batch.model_config, attention="sdpa")).to(device).train()
+    optimizer = schedule.make_optimizer(model, 1e-4)
+    arrays = batch.layouts[batch.pretrain_packs]
+    max_predictions = data.MaskingRule().max_predictions(batch.length)
+    loaded = {}
+
+    def load():
+        loaded["speed"] = fast.speed_for(arrays, device, max_predictions)
+        loaded["batch"] = to_tensors(arrays, device)
+
+    def forward_backward():
+        b = loaded["batch"]
+        with options.autocast(device, precision):
+            scores, targets, _ = model(b["input_ids"], b["segment_ids"], b["attention_mask"],
+                                       b["mlm_labels"], with_nsp=False, speed=loaded["speed"])
+            loss = mlm_loss(scores, targets)  # E4
+        loss.backward()
+
+    def update():
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    parts = [("data wait", load), ("forward+backward", forward_backward), ("optimizer", update)]
+    for _ in range(2):  # warm-up: allocator, kernels
+        for _, function in parts:
+            function()
+    split, step_seconds, profiler = fast.profile_step(parts, device)
+    log(f"profile of one step ({'fast, packed' if batch.pretrain_packs else 'fast'}, "
+        f"{precision}): " + ", ".join(f"{name} {1000 * seconds:.1f} ms "
+                                     f"({seconds / step_seconds:.0%})"
+                                     for name, seconds in split.items())
+        + f"; the step {1000 * step_seconds:.1f} ms")
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    log(profiler.key_averages().table(sort_by=sort_by, row_limit=12))
+    return split, step_seconds
+
+
 def real_lengths(generator, batch_size, length, real_fraction):
     """Each sequence's real tokens: all `length` at real_fraction 1; otherwise uniform draws around
     real_fraction x length, as short documents leave real text's batches (at least 3: [CLS], one
@@ -196,14 +243,69 @@ def bench(o, log=print):
     masked, dropout 0.1; o: options.BenchOptions). Returns the rows (and writes them as JSON)."""
     o.check()
     device = options.pick_device(o.device)
+    generator = np.random.default_rng(0)
+    batch = bench_batch(o, device, generator)
+    precisions = fast_row_precisions(o.precision, device)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    peaks = {p: o.peaks().get(p) or matmul_peak(device, dtypes[p])
+             for p in dict.fromkeys(["fp32"] + precisions)}
+    config = batch.model_config
+    log(f"{o.config}: {config.num_layers} layers, hidden {config.hidden_size}, "
+        f"vocab {config.vocab_size}, seq {batch.length}, batch {batch.batch_size}, "
+        f"{batch.tokens / batch.lengths.size / batch.length:.0%} real tokens, "
+        f"{batch.num_masked} masked; device {device_name(device)}; matmul peak "
+        + ", ".join(f"{k} {v / 1e12:.2f} TFLOP/s" + (" (given)" if k in o.peaks() else "")
+                    for k, v in peaks.items()))
+    rows = []
+    for variant in bench_variants(batch, precisions, o.compile):
+        rows += time_variant(o, batch, variant, peaks, device)
+    print_table(rows, log)
+    if o.profile:
+        profile_fast_row(batch, precisions[-1], device, log)
+    # it must be far faster than any row above
+    data_speed = data_path_speed(generator, batch.batch_size, batch.length,
+                                 config.vocab_size)
+    fastest = max(r["train_tokens_per_s"] for r in rows)
+    log(f"data path (sentence pairs + masking): {data_speed:,.0f} tokens/s = "
+        f"{data_speed / fastest:.0f}x the fastest training step above")
+    if o.json:
+        write_json(o.json, rows)
+    return rows
+
+
+@dataclass
+class BenchBatch:
+    """The one batch every row times, in the layouts the rows use:
+    model_config        the --config preset at the bench's vocabulary and length
+    lengths             each sequence's real tokens (B,); tokens: their sum, counted as work
+    num_masked          the MLM targets (B1's 15%)
+    layouts             {packed?: the numpy arrays}: False, one pair per row; True (only with
+                        padding), pack_pairs'
+    batches, speeds     {packed?: tensors on the device}, {packed?: fast.Speed as pretrain would
+                        give it}
+    pretrain_packs      whether pretrain's --packing auto would pack this batch here"""
+    model_config: object
+    batch_size: int
+    length: int
+    lengths: np.ndarray
+    tokens: int
+    num_masked: int
+    padded: bool
+    layouts: dict
+    batches: dict
+    speeds: dict
+    pretrain_packs: bool
+
+
+def bench_batch(o, device, generator):
+    """The bench's batch: --real-fraction's share of real tokens ([CLS] w ... w [SEP], padding
+    after), 15% of them selected and masked 80/10/10 by data.mask_tokens itself (B1)."""
     batch_size, vocab_size, length = o.batch_size_on(device), o.vocab_size_of(), 128
     model_config = options.model_config(options.PretrainOptions(config=o.config),
                                         vocab_size=vocab_size, max_positions=length)
-    generator = np.random.default_rng(0)
     # all `length` unless --real-fraction
     lengths = real_lengths(generator, batch_size, length, o.real_fraction)
     real = np.arange(length)[None, :] < lengths[:, None]                     # (B, T)
-    # B1 by data.mask_tokens itself: [CLS] w ... w [SEP], padding after; 15% selected, 80/10/10
     words = [f"w{i}" for i in range(vocab_size - len(SPECIAL_TOKENS))]
     tokenizer = Tokenizer(SPECIAL_TOKENS + words)
     ids = np.where(real, generator.integers(len(SPECIAL_TOKENS), vocab_size, (batch_size, length)),
@@ -224,74 +326,80 @@ def bench(o, log=print):
               for pack, layout in layouts.items() if layout is not None}
     batches = {pack: {key: torch.from_numpy(value).to(device) for key, value in layout.items()}
                for pack, layout in layouts.items() if layout is not None}
-    # as --packing auto would
-    pretrain_packs = padded and device.type == "cuda" and fast.packing_pays(arrays, length)
-    speed, batch = speeds[pretrain_packs], batches[pretrain_packs]
-    selected = mlm_labels != IGNORE_INDEX
-    num_masked, tokens = int(selected.sum()), int(lengths.sum())  # tokens/s counts real tokens
-    # the fast rows' precisions; the reading path's row is always fp32
+    return BenchBatch(
+        model_config=model_config, batch_size=batch_size, length=length, lengths=lengths,
+        tokens=int(lengths.sum()),  # tokens/s counts real tokens
+        num_masked=int((mlm_labels != IGNORE_INDEX).sum()), padded=padded,
+        layouts={pack: layout for pack, layout in layouts.items() if layout is not None},
+        batches=batches,
+        speeds=speeds,  # as --packing auto would:
+        pretrain_packs=padded and device.type == "cuda" and fast.packing_pays(arrays, length))
+
+
+def fast_row_precisions(precision, device):
+    """The fast rows' precisions (--precision); the reading path's row is always fp32."""
     auto_bf16 = options.pick_precision("auto", device) == "bf16"
-    precisions = {"auto": ["fp32"] + (["bf16"] if auto_bf16 else []),
-                  "fp32": ["fp32"], "bf16": ["bf16"]}[o.precision]
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    peaks = {p: o.peaks().get(p) or matmul_peak(device, dtypes[p])
-             for p in dict.fromkeys(["fp32"] + precisions)}
-    log(f"{o.config}: {model_config.num_layers} layers, hidden {model_config.hidden_size}, "
-        f"vocab {vocab_size}, seq {length}, batch {batch_size}, "
-        f"{tokens / real.size:.0%} real tokens, {num_masked} masked; "
-        f"device {device_name(device)}; matmul peak "
-        + ", ".join(f"{k} {v / 1e12:.2f} TFLOP/s" + (" (given)" if k in o.peaks() else "")
-                    for k, v in peaks.items()))
-    # (name, precision, attention, compiled, speed devices): the reading path first; with padding,
-    # the fast rows once more computing on it, to show what fast.Unpadded buys
-    computing_padding = replace(speeds[False], unpadded=None)
-    fast_name = "fast, packed (as pretrain)" if pretrain_packs else "fast"
-    variants = [("reading path", "fp32", "explicit", False, None, batches[False])]
-    variants += [(fast_name, p, "sdpa", False, speed, batch) for p in precisions]
-    if padded:
-        other = "fast, not packed" if pretrain_packs else "fast, packed"
-        other_speed, other_batch = speeds[not pretrain_packs], batches[not pretrain_packs]
-        variants += [(other, p, "sdpa", False, other_speed, other_batch) for p in precisions]
-        variants += [("fast, padding computed", p, "sdpa", False, computing_padding, batches[False])
-                     for p in precisions]
-    if o.compile:
-        variants += [(fast_name, p, "sdpa", True, speed, batch) for p in precisions]
-    rows = []
-    for variant, precision, attention, compiled, row_speed, row_batch in variants:
-        train_seconds, infer_seconds, peak = time_ptft(
-            model_config, row_batch, precision, attention, compiled=compiled, steps=o.steps,
-            device=device, speed=row_speed)
-        flops = training_flops(model_config, lengths, num_masked)
-        fixed = row_speed is not None and row_speed.max_predictions
-        prediction = f"fixed {fixed} per sequence" if fixed else "sparse"
-        rows.append({"impl": "ptft",
-                     "variant": f"{variant} ({attention} attention, {prediction} MLM)",
-                     "precision": precision, "compiled": compiled, "config": o.config,
-                     "device": device_name(device), "batch_size": batch_size,
-                     "train_tokens_per_s": tokens / train_seconds,
-                     "infer_tokens_per_s": tokens / infer_seconds,
-                     "mfu": flops / train_seconds / peaks[precision],
-                     "peak_memory_gb": peak and peak / 2 ** 30})
-        # transformers in the same precision, compiled alike
-        if o.compare_hf and row_speed is speed:
-            train_seconds, infer_seconds, peak = time_transformers(
-                model_config, batches[False], precision, compiled=compiled, steps=o.steps,
-                device=device)
-            hf_flops = training_flops(model_config, lengths, tokens)
-            rows.append({**rows[-1], "impl": "hf", "variant": "BertForMaskedLM (sdpa)",
-                         "train_tokens_per_s": tokens / train_seconds,
-                         "infer_tokens_per_s": tokens / infer_seconds,
-                         "peak_memory_gb": peak and peak / 2 ** 30,
-                         "mfu": hf_flops / train_seconds / peaks[precision]})
-    print_table(rows, log)
-    # it must be far faster than any row above
-    data_speed = data_path_speed(generator, batch_size, length, vocab_size)
-    fastest = max(r["train_tokens_per_s"] for r in rows)
-    log(f"data path (sentence pairs + masking): {data_speed:,.0f} tokens/s = "
-        f"{data_speed / fastest:.0f}x the fastest training step above")
-    if o.json:
-        write_json(o.json, rows)
-    return rows
+    return {"auto": ["fp32"] + (["bf16"] if auto_bf16 else []),
+            "fp32": ["fp32"], "bf16": ["bf16"]}[precision]
+
+
+def bench_variants(batch, precisions, compiled):
+    """The rows to time, (name, precision, attention, --compile's off/model/step/graphs, speed
+    devices, batch): the reading path first, then the fast rows as pretrain would run them; with
+    padding, the fast rows once more with the other packing choice and once computing on the
+    padding, to show what packing and fast.Unpadded buy; with --compile, pretrain's fast rows
+    compiled: the model, the whole step (the update too), and on a GPU the step replayed as CUDA
+    graphs."""
+    speed, tensors = batch.speeds[batch.pretrain_packs], batch.batches[batch.pretrain_packs]
+    computing_padding = replace(batch.speeds[False], unpadded=None)
+    fast_name = "fast, packed (as pretrain)" if batch.pretrain_packs else "fast"
+    variants = [("reading path", "fp32", "explicit", "off", None, batch.batches[False])]
+    variants += [(fast_name, p, "sdpa", "off", speed, tensors) for p in precisions]
+    if batch.padded:
+        other = "fast, not packed" if batch.pretrain_packs else "fast, packed"
+        other_speed = batch.speeds[not batch.pretrain_packs]
+        other_tensors = batch.batches[not batch.pretrain_packs]
+        variants += [(other, p, "sdpa", "off", other_speed, other_tensors) for p in precisions]
+        variants += [("fast, padding computed", p, "sdpa", "off", computing_padding,
+                      batch.batches[False]) for p in precisions]
+    if compiled:  # pretrain's --compile model, step and (on a GPU) graphs
+        modes = [("", "model"), (", whole step", "step")] + (
+            [(", CUDA graphs", "graphs")] if tensors["input_ids"].is_cuda else [])
+        variants += [(fast_name + suffix, p, "sdpa", how, speed, tensors)
+                     for suffix, how in modes for p in precisions]
+    return variants
+
+
+def time_variant(o, batch, variant, peaks, device):
+    """One variant's row, and (--compare-hf, for pretrain's own fast rows) transformers' row in
+    the same precision, compiled alike."""
+    name, precision, attention, how, speed, tensors = variant
+    config, compiled = batch.model_config, how != "off"
+    train_seconds, infer_seconds, peak = time_ptft(
+        config, tensors, precision, attention, compiled=how, steps=o.steps, device=device,
+        speed=speed)
+    fixed = speed is not None and speed.max_predictions
+    prediction = f"fixed {fixed} per sequence" if fixed else "sparse"
+    row = {"impl": "ptft", "variant": f"{name} ({attention} attention, {prediction} MLM)",
+           "precision": precision, "compiled": compiled, "config": o.config,
+           "device": device_name(device), "batch_size": batch.batch_size,
+           "train_tokens_per_s": batch.tokens / train_seconds,
+           "infer_tokens_per_s": batch.tokens / infer_seconds,
+           "mfu": training_flops(config, batch.lengths, batch.num_masked) / train_seconds
+           / peaks[precision],
+           "peak_memory_gb": peak and peak / 2 ** 30}
+    # transformers once per precision and compilation: beside the eager and the model-compiled row
+    if not (o.compare_hf and speed is batch.speeds[batch.pretrain_packs]
+            and how in ("off", "model")):
+        return [row]
+    train_seconds, infer_seconds, peak = time_transformers(
+        config, batch.batches[False], precision, compiled=compiled, steps=o.steps, device=device)
+    hf_flops = training_flops(config, batch.lengths, batch.tokens)
+    return [row, {**row, "impl": "hf", "variant": "BertForMaskedLM (sdpa)",
+                  "train_tokens_per_s": batch.tokens / train_seconds,
+                  "infer_tokens_per_s": batch.tokens / infer_seconds,
+                  "peak_memory_gb": peak and peak / 2 ** 30,
+                  "mfu": hf_flops / train_seconds / peaks[precision]}]
 
 
 def device_name(device):

@@ -8,10 +8,13 @@ the reading path (tests/test_fast.py), in outputs and gradients:
     attention                      softmax(Q K^T / sqrt(d) + mask) V in torch's fused kernel, with
                                    Q, K and V from one matmul on a GPU
     Unpadded, encode_unpadded      the encoder's position-wise parts on the real tokens only
+    GatherRows                     Unpadded's pad and unpad: gathers forward and backward
     pack_pairs, Packed             several pre-training pairs per row, each attending to itself
     gather_fixed_predictions       a fixed number of MLM predictions per sequence (no GPU wait)
     scores_over_padded_vocabulary  the MLM decoder's matmul at a GPU-friendly size
     Speed, pretraining_scores      the devices above, together, for one pre-training micro-batch
+    compiled_model, Update         --compile: the model, or the whole step with the update
+    profile_step                   one step's time split (data wait, forward+backward, optimizer)
     StepBatches                    the next steps' batches built in a background thread (a GPU)
     Throughput                     tokens per second, steady state apart from the first steps
 
@@ -135,26 +138,56 @@ class Unpadded:
     targets and [CLS] are real tokens: data.mask_tokens never picks padding) and the classifier
     ([CLS], or the mean over real tokens). Built from a mask on the CPU, where pretrain's data is,
     nothing waits for a GPU; from a mask on a GPU (the classifier's), finding the real tokens
-    waits for it once."""
+    waits for it once.
+
+    Both directions, forward and backward, are gathers (GatherRows): no scatter, whose CUDA
+    kernels add with atomics and, under --deterministic, take a slower sorting path."""
 
     def __init__(self, attention_mask, device=None):
         mask = torch.as_tensor(attention_mask).bool()                # (B, T)
         self.shape = tuple(mask.shape)
-        index = mask.flatten().nonzero().squeeze(1)                  # (N,) real positions in B*T
-        if (index.device.type == "cpu" and device is not None
-                and torch.device(device).type == "cuda"):
-            index = index.pin_memory()                               # so the copy does not block
+        flat = mask.flatten()
+        index = flat.nonzero().squeeze(1)                            # (N,) real positions in B*T
+        # (B*T,) each position's row among the N real tokens; padding's: N, a zero row
+        row_of = torch.full_like(flat, len(index), dtype=torch.int64)
+        row_of[index] = torch.arange(len(index), device=index.device)
+        on_gpu = device is not None and torch.device(device).type == "cuda"
+        if index.device.type == "cpu" and on_gpu:                   # so the copy does not block
+            index, row_of = index.pin_memory(), row_of.pin_memory()
         self.index = index.to(device or index.device, non_blocking=True)
+        self.row_of = row_of.to(device or index.device, non_blocking=True)
         self.additive_mask = None  # the batch's attention mask (B, 1, 1, T), set by encode_unpadded
 
     def unpad(self, x):
         # (B, T, ...) -> (N, ...)
-        return x.flatten(0, 1).index_select(0, self.index)
+        return GatherRows.apply(x.flatten(0, 1), self.index, self.row_of)
 
     def pad(self, x):
         # (N, ...) -> (B, T, ...), zeros at padding
-        padded = x.new_zeros((self.shape[0] * self.shape[1], *x.shape[1:]))
-        return padded.index_copy(0, self.index, x).view(*self.shape, *x.shape[1:])
+        padded = GatherRows.apply(x, self.row_of, self.index)
+        return padded.view(*self.shape, *x.shape[1:])
+
+
+class GatherRows(torch.autograd.Function):
+    """y = [x; 0][rows] (a zero row appended to x, so that a row number len(x) reads zeros), whose
+    gradient is again a gather, [dy; 0][inverse], where `inverse` says where each row of x went
+    in y (len(y): nowhere). Unpadded's rows are each taken once, so this is the exact gradient
+    index_select's backward (a scatter-add) would give."""
+
+    @staticmethod
+    def forward(ctx, x, rows, inverse):
+        ctx.save_for_backward(inverse)
+        return with_zero_row(x).index_select(0, rows)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return with_zero_row(grad).index_select(0, inverse), None, None
+
+
+def with_zero_row(x):
+    # (M, ...) -> (M + 1, ...)
+    return torch.cat([x, x.new_zeros((1, *x.shape[1:]))])
 
 
 def encode_unpadded(encoder, input_ids, segment_ids, attention_mask, unpadded, packed=None):
@@ -367,6 +400,86 @@ def pretraining_scores(model, input_ids, segment_ids, attention_mask, mlm_labels
     else:
         scores = model.mlm_head(hidden, embedding)                                  # (N, V)
     return scores, targets, pooled
+
+
+# ----------------------------------------------------------------------------------------
+# The whole step compiled: --compile model | step | graphs
+# ----------------------------------------------------------------------------------------
+
+# --compile's choices: what torch.compile covers, and its mode (None: the default)
+COMPILE_MODES = {"model": None, "step": None, "graphs": "reduce-overhead"}
+
+
+def compiled_model(model, how, backend="inductor"):
+    """The model the loop calls, under --compile `how`: "off", the model itself; "model" and
+    "step", torch.compile's model -- its forward, and through AOTAutograd its backward, fused
+    (bias + GELU, dropout + residual + LayerNorm: what nothing here fuses by hand); "graphs", the
+    same in mode "reduce-overhead", which on CUDA records the compiled kernels as CUDA graphs and
+    replays them, one launch for many kernels (what a small model's launch-bound step wants; a
+    new shape records a new graph). backend: "inductor" (the compiler); the tests take
+    "aot_eager", the same graphs run by eager kernels, to test the plumbing in seconds."""
+    if how == "off":
+        return model
+    mode = COMPILE_MODES[how] if backend == "inductor" else None
+    return torch.compile(model, mode=mode, backend=backend)
+
+
+class Update:
+    """The step's update, scaler.step(optimizer) (= optimizer.step() but under fp16), and with
+    --compile step or graphs optimizer.step() itself under torch.compile: then forward, backward
+    and AdamW's update all run compiled. C4's schedule changes the learning rate every step, and
+    torch.compile would recompile for each new float it meets in the optimizer's groups; so the
+    compiled update reads it from one tensor per group, filled each step (PyTorch's recipe for a
+    compiled optimizer: a tensor lr), and each group's float is put back after, so that the
+    loop, checkpoints and a resume see the float they always saw. Under fp16 the update stays
+    eager: the scaler decides on the CPU whether a step is skipped."""
+
+    def __init__(self, optimizer, scaler, how, backend="inductor"):
+        self.optimizer, self.scaler = optimizer, scaler
+        self.compiled = None
+        if how in ("step", "graphs") and not scaler.is_enabled():
+            self.learning_rates = [torch.tensor(float(group["lr"]),
+                                                device=group["params"][0].device)
+                                   for group in optimizer.param_groups]
+            mode = COMPILE_MODES[how] if backend == "inductor" else None
+            self.compiled = torch.compile(optimizer.step, mode=mode, backend=backend)
+
+    def __call__(self):
+        if self.compiled is None:
+            self.scaler.step(self.optimizer)
+            return
+        floats = [group["lr"] for group in self.optimizer.param_groups]
+        for group, tensor, value in zip(self.optimizer.param_groups, self.learning_rates, floats):
+            tensor.fill_(value)
+            group["lr"] = tensor
+        try:
+            self.compiled()
+        finally:
+            for group, value in zip(self.optimizer.param_groups, floats):
+                group["lr"] = value
+
+
+def profile_step(parts, device):
+    """One step split into its parts by the PyTorch profiler: parts, (name, function) in order --
+    e.g. data wait, forward+backward, optimizer -- each run inside record_function(name) and
+    ended by a synchronize on a GPU, so that its span holds the device's work, not just its
+    launch. Returns ({name: seconds}, the whole step's seconds, the profiler: its key_averages()
+    name the operators inside each part)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
+                                           else [])
+    with profile(activities=activities) as profiler:
+        started = time.perf_counter()
+        for name, function in parts:
+            with record_function(name):
+                function()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+        step_seconds = time.perf_counter() - started
+    names = [name for name, _ in parts]
+    spans = {event.key: event.cpu_time_total / 1e6 for event in profiler.key_averages()
+             if event.key in names}
+    return {name: spans.get(name, 0.0) for name in names}, step_seconds, profiler
 
 
 # ----------------------------------------------------------------------------------------

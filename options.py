@@ -125,12 +125,20 @@ class PretrainOptions:
     attention: str = setting("sdpa", "explicit (the formula, written out) or sdpa (fused kernel)")
     precision: str = setting("auto", "auto (bf16 where the hardware has it, else fp32), fp32, "
                                      "bf16, or fp16 (with a GradScaler; for GPUs without bf16)")
-    compile: bool = setting(False, "torch.compile the model (slow first steps; helps on GPUs)")
+    compile: str = setting("off", "torch.compile (slow first steps; helps on GPUs): model (the "
+                                  "forward and backward; --compile alone), step (the optimizer's "
+                                  "update too), graphs (step, replayed as CUDA graphs on a GPU) "
+                                  "or off (fast.compiled_model, fast.Update)",
+                           choices=("off", "model", "step", "graphs"), nargs="?", const="model")
     packing: str = setting("auto", "several short pairs per row (fast.pack_pairs; the same losses "
                                    "and gradients): on, off, or auto: on a GPU, where the pairs "
                                    "fill at most half of the rows (short documents, real text)",
                            choices=("on", "off", "auto"))
     deterministic: bool = setting(False, HELP["deterministic"])
+    deterministic_attention: str = setting(
+        "math", "with --deterministic on a GPU, SDPA's backends: math (the written-out lines) or "
+                "fused (flash / memory-efficient, whose backward PyTorch makes deterministic "
+                "under --deterministic; not yet measured on a GPU)", choices=("math", "fused"))
     device: str = setting("auto", HELP["device"])
     collective_timeout: float = setting(300.0, HELP["collective_timeout"], least=1)
     seed: int = setting(0, HELP["seed"])
@@ -419,6 +427,8 @@ class BenchOptions:
     compare_hf: bool = setting(False, "also time transformers' BertForMaskedLM, same precision")
     compile: bool = setting(False, "also time the fast rows (and transformers) under "
                                    "torch.compile")
+    profile: bool = setting(False, "also split one step of pretrain's fast row into data wait, "
+                                   "forward+backward and optimizer with the PyTorch profiler")
     precision: str = setting("auto", "the fast rows' (and transformers') precision: fp32, bf16, "
                                      "or auto: fp32, and bf16 where the hardware has it (the "
                                      "reading path's row is always fp32)",
@@ -636,10 +646,13 @@ def deterministic_algorithms(enabled):
         torch.backends.cudnn.benchmark = before[1]
 
 
-def attention_backends(deterministic, device):
+def attention_backends(deterministic, device, backends="math"):
     """Where --deterministic runs on a GPU: SDPA's math backend (plain matmuls and softmax, whose
-    backward has deterministic kernels) instead of the flash / memory-efficient kernels."""
-    if not (deterministic and device.type == "cuda"):
+    backward has deterministic kernels) instead of the flash / memory-efficient kernels -- or,
+    backends="fused" (--deterministic-attention fused), SDPA's own choice: under
+    torch.use_deterministic_algorithms PyTorch already leaves cuDNN attention out and runs the
+    flash and memory-efficient backwards in their deterministic variants (docs/performance.md)."""
+    if not (deterministic and device.type == "cuda") or backends == "fused":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
     return sdpa_kernel([SDPBackend.MATH])

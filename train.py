@@ -88,6 +88,7 @@ def pretrain(out, options, resume=False, force=False, log=print, progress=True):
                    disable=not (progress and run.processes.main), dynamic_ncols=True)
         batches = step_batches(run, encoded)  # per step: micro-batches (B2 pairs, B1 masks)
         saving = Saving(os.path.join(out, "checkpoint.pt"), start_step)
+        update = fast.Update(optimizer, scaler, o.compile)  # scaler.step, compiled or not
         model.train()
         with bar, batches:  # both closed before an error's message is printed
             for step in bar:
@@ -103,7 +104,7 @@ def pretrain(out, options, resume=False, force=False, log=print, progress=True):
                     model.parameters(), o.clip_norm or math.inf).item()
                 saving.vouch(step, divergence(loss_mlm, loss_nsp, grad_norm, scaler.is_enabled()),
                              run, rng_at_start)
-                scaler.step(optimizer)  # = optimizer.step(), except a skipped fp16 step (overflow)
+                update()  # = optimizer.step(), except a skipped fp16 step (overflow)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 throughput.add(tokens, time.time() - step_started)
@@ -163,7 +164,7 @@ def model_to_train(run):
     o = run.options
     training_model = data_parallel(run.model, run.processes, run.device,
                                    unused_weights=not (o.nsp and o.nsp_weight > 0))
-    return torch.compile(training_model) if o.compile else training_model
+    return fast.compiled_model(training_model, o.compile)  # --compile: off, model, step, graphs
 
 
 def finish_pretraining(out, run, last, throughput, data_wait_seconds):
@@ -266,7 +267,7 @@ def pretraining_step(run, training_model, micro_batches):
         later = training_model.no_sync if defer_sync else nullcontext
         with later():
             with (autocast(run.device, run.precision),
-                  attention_backends(o.deterministic, run.device)):
+                  attention_backends(o.deterministic, run.device, o.deterministic_attention)):
                 # s_theta at the masked positions (N, V), their tokens x_t (N,), NSP's (B, 2)
                 scores, targets, nsp_scores = training_model(
                     batch["input_ids"], batch["segment_ids"], batch["attention_mask"],

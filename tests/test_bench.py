@@ -1,6 +1,7 @@
 """bench.py: what it counts. (How fast things are is what it prints, never what a test asserts.)"""
 
 import numpy as np
+import torch
 
 import bench
 from model import make_config
@@ -63,3 +64,17 @@ def test_the_precision_flag_chooses_the_fast_rows_precision_and_the_reading_path
                                         peak_tflops=["fp32=1", "bf16=1"], device="cpu"), log=lambda line: None)
         assert [row["precision"] for row in rows] == expected
         assert rows[0]["variant"].startswith("reading path")
+
+
+def test_the_profile_splits_one_step_into_data_wait_forward_backward_and_optimizer_summing_to_the_step():
+    options = BenchOptions(config="tiny", batch_size=4, vocab_size=200, steps=1, real_fraction=0.5, device="cpu")
+    device = torch.device("cpu")
+    batch = bench.bench_batch(options, device, np.random.default_rng(0))
+    lines = []
+    split, step_seconds = bench.profile_fast_row(batch, "fp32", device, lines.append)
+    assert list(split) == ["data wait", "forward+backward", "optimizer"]
+    assert all(seconds > 0 for seconds in split.values())
+    # each part's span lies inside the step; between them only the loop's own few instructions
+    assert 0.8 * step_seconds <= sum(split.values()) <= step_seconds * 1.001
+    assert lines[0].startswith("profile of one step (fast, fp32): data wait ")
+    assert "forward+backward" in lines[0] and "optimizer" in lines[0]

@@ -11,8 +11,10 @@ import torch
 
 import data
 import fast
+import ptft
+import schedule
 import train
-from common import IGNORE_INDEX
+from common import IGNORE_INDEX, InputError
 from conftest import pretraining_losses, quiet, random_batch, small_config
 from model import Encoder, Layer, PreTrainingModel, make_config
 from options import PretrainOptions
@@ -164,6 +166,29 @@ def test_computing_on_real_tokens_only_leaves_zeros_at_padding_and_pads_back_exa
     assert flat.shape == (7, 5) and torch.equal(flat, x[mask])
     back = unpadded.pad(flat)
     assert torch.equal(back[mask], x[mask]) and torch.equal(back[~mask], torch.zeros(5, 5))
+
+
+def test_unpadding_and_padding_back_are_gathers_with_index_select_and_index_copys_values_and_gradients():
+    # fast.GatherRows in both directions (no scatter: deterministic without atomics) against torch's
+    # index_select / index_copy, on random masks -- all real, all padding but one token, and between
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        batch, length = int(torch.randint(1, 6, (1,), generator=generator)), int(torch.randint(1, 9, (1,), generator=generator))
+        mask = torch.rand(batch, length, generator=generator) < [1.0, 0.5, 0.05][trial % 3]
+        mask[0, 0] = True
+        unpadded, index = fast.Unpadded(mask), mask.flatten().nonzero().squeeze(1)
+        x = torch.randn(batch, length, 3, generator=generator, dtype=torch.float64, requires_grad=True)
+        upstream = torch.randn(len(index), 3, generator=generator, dtype=torch.float64)
+        (unpadded.unpad(x) * upstream).sum().backward()
+        expected = torch.zeros_like(x).flatten(0, 1).index_add(0, index, upstream).view_as(x)
+        assert torch.equal(x.grad, expected)
+        flat = torch.randn(len(index), 3, generator=generator, dtype=torch.float64, requires_grad=True)
+        upstream = torch.randn(batch, length, 3, generator=generator, dtype=torch.float64)
+        padded = unpadded.pad(flat)
+        assert torch.equal(padded.flatten(0, 1), torch.zeros(batch * length, 3, dtype=torch.float64).index_copy(0, index, flat))
+        (padded * upstream).sum().backward()
+        assert torch.equal(flat.grad, upstream.flatten(0, 1).index_select(0, index))
+    assert torch.autograd.gradcheck(lambda v: unpadded.pad(unpadded.unpad(v)), (x.detach().requires_grad_(),))
 
 
 def test_scores_over_a_padded_vocabulary_equal_the_plain_scores_and_gradients():
@@ -397,3 +422,71 @@ def test_packing_rearranges_the_data_stream_never_draws_from_it_and_resumes_bit_
     assert found["step"] == expected["step"] == 6
     for name, value in expected["model"].items():
         assert torch.equal(found["model"][name], value), name
+
+
+def compiled_and_eager_runs(how, backend, learning_rates, device="cpu"):
+    """The same tiny model trained a few steps eagerly and with --compile `how` (fast.compiled_model
+    + fast.Update): each run's losses and final weights."""
+    config = make_config("tiny", vocab_size=100, max_positions=16, intermediate_size=32, dropout=0.0,
+                         attention_dropout=0.0, attention="sdpa")
+    runs = {}
+    for name in ("off", how):
+        torch.manual_seed(0)
+        model = PreTrainingModel(config).to(device)
+        optimizer = schedule.make_optimizer(model, 1e-3)
+        training_model = fast.compiled_model(model, name, backend=backend)
+        update = fast.Update(optimizer, torch.amp.GradScaler(device, enabled=False), name, backend=backend)
+        generator = torch.Generator().manual_seed(1)
+        losses, weights = [], []
+        for lr in learning_rates:
+            ids = torch.randint(5, 100, (4, 16), generator=generator)
+            labels = torch.where(torch.rand(4, 16, generator=generator) < 0.3, ids, torch.full_like(ids, IGNORE_INDEX))
+            labels[:, 1] = ids[:, 1]
+            for group in optimizer.param_groups:
+                group["lr"] = lr  # C4's schedule: a new float every step
+            mask = torch.ones(4, 16, dtype=torch.bool, device=device)
+            loss = pretraining_losses(training_model, ids.to(device), None, mask, labels.to(device))[0]
+            loss.backward()
+            update()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            weights.append([p.detach().clone() for p in model.parameters()])
+        assert all(isinstance(group["lr"], float) for group in optimizer.param_groups)  # the loop's floats back
+        runs[name] = losses, weights
+    return runs["off"], runs[how]
+
+
+def test_a_compiled_step_gives_the_eager_steps_losses_and_weights_and_reads_each_steps_learning_rate():
+    # on the CPU the plumbing (torch.compile's graphs of the model and of AdamW's update, the learning rate
+    # as a tensor) is run by eager kernels (aot_eager), compiling in seconds; on CUDA see the [cuda] test
+    learning_rates = [1e-3, 3e-3, 0.0, 2e-3]
+    (eager_losses, eager_weights), (losses, weights) = compiled_and_eager_runs("step", "aot_eager", learning_rates)
+    assert np.allclose(losses, eager_losses, rtol=1e-5, atol=1e-6)
+    for eager, compiled in zip(eager_weights[-1], weights[-1]):
+        assert torch.allclose(eager, compiled, rtol=1e-4, atol=1e-5)
+    # learning rate 0 at the third step: the compiled update changed nothing then (no rate baked in at compile)
+    assert all(torch.equal(a, b) for a, b in zip(weights[1], weights[2]))
+    assert not all(torch.equal(a, b) for a, b in zip(weights[2], weights[3]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor's compile of a step takes minutes on a CPU")
+@pytest.mark.parametrize("how", ["step", "graphs"])
+def test_a_step_compiled_by_inductor_gives_the_eager_steps_losses_and_weights_cuda(how):
+    # the real compiler on CUDA (graphs: its kernels replayed as CUDA graphs), fp32: its fused kernels sum in
+    # other orders than eager's, so a few steps of AdamW agree to float tolerance, not bit for bit
+    (eager_losses, eager_weights), (losses, weights) = compiled_and_eager_runs(how, "inductor", [1e-3, 3e-3, 2e-3],
+                                                                               device="cuda")
+    assert np.allclose(losses, eager_losses, rtol=1e-4, atol=1e-5)
+    for eager, compiled in zip(eager_weights[-1], weights[-1]):
+        assert torch.allclose(eager, compiled, rtol=1e-3, atol=2e-4)
+
+
+def test_the_compile_flag_alone_compiles_the_model_and_names_a_mode_otherwise():
+    parser = ptft.build_parser()
+    for argv, expected in (([], "off"), (["--compile"], "model"), (["--compile", "step"], "step"),
+                           (["--compile", "graphs"], "graphs")):
+        args = parser.parse_args(["pretrain", "--out", "x", *argv])
+        assert args.compile == expected
+    with pytest.raises(InputError, match="--compile: expected off, model, step or graphs"):
+        PretrainOptions(compile="fast").check()
+    assert fast.compiled_model(model := torch.nn.Linear(2, 2), "off") is model
