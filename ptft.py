@@ -342,6 +342,7 @@ def add_evaluate(commands):
                     "Prints JSON; with --out also writes OUT/metrics.json.")
     p.add_argument("--init", required=True,
                    help="a run folder (or its checkpoint.pt), or a Hugging Face BERT folder")
+    p.add_argument("--base", help=options.HELP["base"])
     p.add_argument("--data", required=True,
                    help="a TSV (classifier) or a text file / 'stdlib' (pre-training run)")
     p.add_argument("--out", help="folder to write metrics.json in")
@@ -356,6 +357,7 @@ def add_fill_mask(commands):
                     "several [MASK]s, a line '# [MASK] i' precedes each list.")
     p.add_argument("--init", required=True,
                    help="a pre-training run folder or a Hugging Face BERT folder with an MLM head")
+    p.add_argument("--base", help=options.HELP["base"])
     p.add_argument("text", help='text containing [MASK], e.g. "the cat sat on the [MASK]."')
     p.add_argument("--top-k", type=int, default=5, help="candidates per [MASK]")
     add_device_flag(p)
@@ -387,6 +389,7 @@ def add_export(commands):
                     "a fine-tuned classifier with BertForSequenceClassification.from_pretrained.")
     p.add_argument("--init", required=True,
                    help="a run folder (pre-training or classifier), or a Hugging Face BERT folder")
+    p.add_argument("--base", help=options.HELP["base"])
     p.add_argument("--out", required=True,
                    help="the folder to write (must not exist or be empty, unless --force)")
     p.add_argument("--force", action="store_true", help="replace an existing --out folder")
@@ -430,7 +433,9 @@ def run_finetune(args):
     metrics = finetuning.finetune(args.out, options_from(FinetuneOptions, args), args.force)
     summary = {k: metrics[k] for k in ("accuracy", "macro_f1", "loss", "n", "forgetting")
                if k in metrics}
-    print(f"done: {json.dumps(summary)}; {args.out}/checkpoint.pt")
+    saved = (f"{args.out}/{metrics['saved_as']} ({metrics['saved_bytes']:,} bytes)"
+             if "saved_as" in metrics else args.out)  # under torchrun, rank 0 saves
+    print(f"done: {json.dumps(summary)}; {saved}")
 
 
 def run_distill(args):
@@ -484,7 +489,7 @@ def run_tokenize(args):
 def run_evaluate(args):
     if args.out:
         refuse_run_folder(args.out)
-    metrics = evaluation.evaluate(args.init, args.data, args.device)
+    metrics = evaluation.evaluate(args.init, args.data, args.device, base=args.base)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         write_json(os.path.join(args.out, "metrics.json"), metrics)
@@ -493,7 +498,8 @@ def run_evaluate(args):
 
 def run_fill_mask(args):
     candidates = evaluation.fill_mask(args.init, args.text, args.top_k, args.device,
-                                 log=lambda message: print(message, file=sys.stderr))
+                                      log=lambda message: print(message, file=sys.stderr),
+                                      base=args.base)
     for number, best in enumerate(candidates, start=1):
         if len(candidates) > 1:
             print(f"# {MASK} {number}")
@@ -509,7 +515,7 @@ def run_generate(args):
 
 
 def run_export(args):
-    checkpoint = load_checkpoint(args.init)
+    checkpoint = load_checkpoint(args.init, base=args.base)
     hf.check_exportable(checkpoint)  # refused before the folder is made
     prepare_out_folder(args.out, force=args.force)
     hf.export(checkpoint, args.out)
