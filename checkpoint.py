@@ -18,6 +18,10 @@ A run folder holds checkpoint.pt, vocab.txt and metrics.json. checkpoint.pt is a
                          against each other (a bad or damaged file is one line, exit 2)
     finished_run         what a --resume finds, decided from the checkpoint (never metrics.json)
     open_model           -> (model with its weights, tokenizer, checkpoint)
+    save_task_file       C7: finetune --save delta's task.safetensors -- only what trained, with
+                         the base's fingerprint; load_checkpoint(TASK_RUN, base=RUN) reads it on
+                         top of its base, the same bits as the full checkpoint, and refuses any
+                         other base (base_fingerprint) or a damaged file (task_fingerprint)
     PretrainingRun       what a pre-training checkpoint holds, saved and restored (bit-exact resume)
 
 Run `python checkpoint.py RUN_FOLDER` to see what a checkpoint holds (without one: a self-check).
