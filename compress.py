@@ -6,6 +6,7 @@ each as a command that writes a run folder; docs/equations.md writes every formu
     every_other_layer              DistilBERT's student: one teacher layer in two
     to_int8_rows, from_int8_rows   every weight matrix as int8, one scale per row: ~4x less on disk
     prune_smallest_weights         zero the smallest weights of every matrix (magnitude pruning)
+    zero_shares                    the zeros as a share of the layer matrices and of the model
     remove_feed_forward_units      remove whole feed-forward units: a smaller dense model
     LowRankUpdate                  LoRA: a task stores low-rank matrices, not an encoder
     with_int8_arithmetic           a speed device: int8 matmuls on the CPU
@@ -142,6 +143,16 @@ def zero_fraction(model):
     """The fraction of the prunable weights that are exactly 0."""
     matrices = [p for _, p in prunable_matrices(model)]
     return sum(int((p == 0).sum()) for p in matrices) / max(1, sum(p.numel() for p in matrices))
+
+
+def zero_shares(model):
+    """The zeros of the prunable matrices (zero_fraction) as two shares: of those matrices, and
+    of every parameter of the model. "50% pruned" means the first; where the embedding table is
+    most of the model (a small model, a large vocabulary) the second is far smaller."""
+    matrices = [p for _, p in prunable_matrices(model)]
+    zeros = sum(int((p == 0).sum()) for p in matrices)
+    return {"zeros_of_layers": zeros / max(1, sum(p.numel() for p in matrices)),
+            "zeros_of_model": zeros / max(1, sum(p.numel() for p in model.parameters()))}
 
 
 @torch.no_grad()
