@@ -18,6 +18,10 @@ A run folder holds checkpoint.pt, vocab.txt and metrics.json. checkpoint.pt is a
                          against each other (a bad or damaged file is one line, exit 2)
     finished_run         what a --resume finds, decided from the checkpoint (never metrics.json)
     open_model           -> (model with its weights, tokenizer, checkpoint)
+    save_task_file       C7: finetune --save delta's task.safetensors -- only what trained, with
+                         the base's fingerprint; load_checkpoint(TASK_RUN, base=RUN) reads it on
+                         top of its base, the same bits as the full checkpoint, and refuses any
+                         other base (base_fingerprint) or a damaged file (task_fingerprint)
     PretrainingRun       what a pre-training checkpoint holds, saved and restored (bit-exact resume)
 
 Run `python checkpoint.py RUN_FOLDER` to see what a checkpoint holds (without one: a self-check).
@@ -47,7 +51,7 @@ from common import (
     write_atomic,
     write_text_atomic,
 )
-from compress import from_int8_rows
+from compress import from_int8_rows, merged_weight
 from model import Classifier, Config, PreTrainingModel
 from options import SIZE_FIELDS, PretrainOptions
 from parallel import Processes, gather_from_processes, refuse_differences
@@ -206,11 +210,18 @@ def on_cpu(value):
     return value
 
 
-def load_checkpoint(path, log=print):
+def load_checkpoint(path, log=print, base=None):
     """A run folder, a checkpoint file or a Hugging Face BERT folder -> the checkpoint dict,
     always on the CPU (a resume never needs the GPU memory of the run that wrote it).
     weights_only=True: tensors and plain values only -- a file carrying pickled code is
-    refused, never executed."""
+    refused, never executed. A task file (finetune --save delta) is read on top of `base`, the
+    run it was trained from (checkpoint_with_task)."""
+    task_path = task_file_in(path)
+    if task_path:
+        return checkpoint_with_task(task_path, base, log)
+    if base is not None:
+        raise InputError(f"--base {base}: {path} is not a task file (only a task file, "
+                         "finetune --save delta, is read on top of a base)")
     if hf.is_hf_folder(path) and not os.path.exists(os.path.join(path, "checkpoint.pt")):
         kind, state, config, tokenizer, extra = hf.read_folder(path)
         if extra["fresh"]:
@@ -305,6 +316,128 @@ def with_float_weights(checkpoint, path):
             "stored_as": "int8"}
 
 
+# ----------------------------------------------------------------------------------------
+# C7: a task file -- only what fine-tuning trained, on top of a base it names by fingerprint
+# ----------------------------------------------------------------------------------------
+
+TASK_FILE = "task.safetensors"  # a run folder of `finetune --save delta` holds it, no checkpoint.pt
+TASK_FORMAT = "ptft task file 1"
+
+
+def tensor_chunks(tensors):
+    """{name: tensor} -> bytes to fingerprint: each tensor's name, dtype, shape and raw bytes, in
+    name order (the same tensors, the same chunks, wherever they were computed)."""
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        yield f"{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode()
+        yield tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def base_fingerprint(checkpoint):
+    """What a task file reuses of the run it was fine-tuned from -- the config, the vocabulary
+    and the encoder's weights -- as one data.fingerprint: a base with any of them different (a
+    different run, a resumed or re-quantised one) is not the base."""
+    config = Config(**checkpoint["config"]).to_dict()
+    words = json.dumps([config, checkpoint["vocab"], checkpoint.get("lowercase", True)],
+                       sort_keys=True).encode()
+    encoder = {name: value for name, value in checkpoint["model"].items()
+               if name.startswith("encoder.")}
+    return data.fingerprint([words, *tensor_chunks(encoder)])
+
+
+def task_fingerprint(tensors, metadata):
+    """A task file's own integrity check (safetensors stores no checksum): the fingerprint of its
+    metadata (all but this entry) and of every tensor."""
+    words = json.dumps({k: v for k, v in metadata.items() if k != "fingerprint"}, sort_keys=True)
+    return data.fingerprint([words.encode(), *tensor_chunks(tensors)])
+
+
+def save_task_file(path, tensors, base, details):
+    """Write `tensors` (what fine-tuning trained: {name: tensor}; LoRA's as LAYER.A and LAYER.B)
+    as a safetensors file, atomically, with the base's fingerprint and `details` (labels, pool,
+    lora_scale, step, run) as its metadata. Returns its size in bytes."""
+    from safetensors.torch import save
+
+    tensors = {name: value.detach().cpu().contiguous() for name, value in tensors.items()}
+    metadata = {"format": TASK_FORMAT, "base": base_fingerprint(base),
+                **{key: json.dumps(value) for key, value in details.items()}}
+    metadata["fingerprint"] = task_fingerprint(tensors, metadata)
+    write_atomic(path, lambda f: f.write(save(tensors, metadata=metadata)))
+    return os.path.getsize(path)
+
+
+def task_file_in(path):
+    """The task file `path` names (a run folder holding one and no checkpoint.pt, or the file
+    itself), or None."""
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "checkpoint.pt")):
+        path = os.path.join(path, TASK_FILE)
+    return path if path.endswith(".safetensors") and os.path.isfile(path) else None
+
+
+def read_task_file(path):
+    """A task file -> ({name: tensor}, metadata), refused in one line unless it is a ptft task
+    file whose metadata and tensors still match the fingerprint it was written with."""
+    from safetensors.torch import load
+
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        header_size = int.from_bytes(raw[:8], "little")
+        metadata = json.loads(raw[8:8 + header_size]).get("__metadata__") or {}
+        tensors = load(raw)
+    except Exception as error:  # a header pointing nowhere, bad JSON, a tensor cut short, ...
+        raise InputError(f"{path}: damaged or not a safetensors file "
+                         f"({str(error)[:120] or type(error).__name__})") from None
+    if metadata.get("format") != TASK_FORMAT:
+        raise InputError(f"{path}: not a ptft task file (finetune --save delta writes one)")
+    if task_fingerprint(tensors, metadata) != metadata.get("fingerprint"):
+        raise InputError(f"{path}: damaged: its tensors or metadata no longer match the "
+                         "fingerprint it was written with")
+    return tensors, metadata
+
+
+def with_task_applied(base_state, tensors, lora_scale):
+    """The classifier's state: the base's encoder weights, each trained tensor in place of its
+    base value, and LoRA's LAYER.A / LAYER.B merged into LAYER.weight by compress.merged_weight
+    (the very operation that merged them after fine-tuning: the same bits)."""
+    state = {name: value for name, value in base_state.items() if name.startswith("encoder.")}
+    for name, value in tensors.items():
+        if name.endswith(".A"):
+            layer = name[:-len(".A")]
+            state[layer + ".weight"] = merged_weight(base_state[layer + ".weight"], value,
+                                                     tensors[layer + ".B"], lora_scale)
+        elif not name.endswith(".B"):
+            state[name] = value
+    return state
+
+
+def checkpoint_with_task(task_path, base, log=print):
+    """A task file and the run it was trained from (--base) -> the classifier's checkpoint dict,
+    as if the full checkpoint had been saved. A base with another fingerprint is refused."""
+    tensors, metadata = read_task_file(task_path)
+    if base is None:
+        raise InputError(f"{task_path}: a task file (only the weights fine-tuning trained); name "
+                         f"the run it was trained from with --base (base {metadata['base']})")
+    base_checkpoint = load_checkpoint(base, log)
+    found = base_fingerprint(base_checkpoint)
+    if found != metadata["base"]:
+        raise InputError(f"--base {base}: not the run {task_path} was trained from (base "
+                         f"fingerprint {found}; the task file needs {metadata['base']})")
+    details = {key: json.loads(value) for key, value in metadata.items()
+               if key not in ("format", "base", "fingerprint")}
+    try:
+        state = with_task_applied(base_checkpoint["model"], tensors, details["lora_scale"])
+    except (KeyError, RuntimeError) as error:  # a LoRA pair without its layer, shapes that differ
+        raise InputError(f"{task_path}: does not fit its base ({str(error)[:120]})") from None
+    checkpoint = {"kind": "classifier", "model": state, "config": base_checkpoint["config"],
+                  "vocab": base_checkpoint["vocab"],
+                  "lowercase": base_checkpoint.get("lowercase", True),
+                  "labels": details["labels"], "pool": details["pool"], "step": details["step"],
+                  "run": details["run"], "task_file": task_path}
+    check_parts_fit(checkpoint, task_path)
+    return refuse_non_finite(checkpoint, task_path)
+
+
 def empty_model(checkpoint, config):
     """The architecture a checkpoint's kind names, freshly initialised."""
     if checkpoint.get("kind") == "classifier":
@@ -319,11 +452,12 @@ def has_mlm_head(checkpoint):
     return checkpoint.get("kind") == "pretraining" and "mlm_head" not in checkpoint.get("fresh", [])
 
 
-def open_model(source, log=print, **config_changes):
+def open_model(source, log=print, base=None, **config_changes):
     """A run folder, a checkpoint file, a Hugging Face BERT folder (or a checkpoint dict already
-    loaded) -> (model with its weights, on the CPU; tokenizer; checkpoint dict).
+    loaded) -> (model with its weights, on the CPU; tokenizer; checkpoint dict); a task file
+    with `base`, the run it was trained from (load_checkpoint).
     config_changes replace fields that do not change the weights' shapes (dropout, attention)."""
-    checkpoint = source if isinstance(source, dict) else load_checkpoint(source, log)
+    checkpoint = source if isinstance(source, dict) else load_checkpoint(source, log, base)
     try:
         config = Config(**{**checkpoint["config"], **config_changes})
     except (TypeError, ValueError) as error:

@@ -6,6 +6,7 @@ each as a command that writes a run folder; docs/equations.md writes every formu
     every_other_layer              DistilBERT's student: one teacher layer in two
     to_int8_rows, from_int8_rows   every weight matrix as int8, one scale per row: ~4x less on disk
     prune_smallest_weights         zero the smallest weights of every matrix (magnitude pruning)
+    zero_shares                    the zeros as a share of the layer matrices and of the model
     remove_feed_forward_units      remove whole feed-forward units: a smaller dense model
     LowRankUpdate                  LoRA: a task stores low-rank matrices, not an encoder
     with_int8_arithmetic           a speed device: int8 matmuls on the CPU
@@ -144,6 +145,16 @@ def zero_fraction(model):
     return sum(int((p == 0).sum()) for p in matrices) / max(1, sum(p.numel() for p in matrices))
 
 
+def zero_shares(model):
+    """The zeros of the prunable matrices (zero_fraction) as two shares: of those matrices, and
+    of every parameter of the model. "50% pruned" means the first; where the embedding table is
+    most of the model (a small model, a large vocabulary) the second is far smaller."""
+    matrices = [p for _, p in prunable_matrices(model)]
+    zeros = sum(int((p == 0).sum()) for p in matrices)
+    return {"zeros_of_layers": zeros / max(1, sum(p.numel() for p in matrices)),
+            "zeros_of_model": zeros / max(1, sum(p.numel() for p in model.parameters()))}
+
+
 @torch.no_grad()
 def remove_feed_forward_units(model, fraction):
     """Structured pruning: a feed-forward unit j computes W_out[:, j] * GELU(W_in[j] . x + b_j);
@@ -174,46 +185,73 @@ def remove_feed_forward_units(model, fraction):
 
 
 class LowRankUpdate(nn.Module):
-    """A frozen linear layer plus a trainable low-rank update:
+    """A frozen linear layer plus a trainable low-rank update (LoRA's equation, Hu et al. 2021):
 
-        y = W x + b + B (A x)        W: (out, in) frozen; A: (r, in), B: (out, r) trained
+        y = W x + b + (alpha / r) B (A x)      W: (out, in) frozen; A: (r, in), B: (out, r) trained
 
     B starts at zero, so at the start the layer computes exactly what the frozen one did; a task
-    then stores r * (in + out) numbers per layer instead of out * in. merged() folds the update
-    back: W' = W + B A, one plain nn.Linear, so the fine-tuned model is an ordinary checkpoint."""
+    then stores r * (in + out) numbers per layer instead of out * in. alpha / r (the paper's
+    scale; alpha = r by default, a scale of 1) keeps the update's size from growing with r, so
+    a rate tuned at one rank holds at another. merged() folds the update back: W' = W +
+    (alpha / r) B A (merged_weight), one plain nn.Linear, so the fine-tuned model is an ordinary
+    checkpoint."""
 
-    def __init__(self, linear, rank):
+    def __init__(self, linear, rank, alpha=None):
         super().__init__()
         self.linear = linear.requires_grad_(False)
         self.A = nn.Parameter(torch.randn(rank, linear.in_features) / math.sqrt(linear.in_features))
         self.B = nn.Parameter(torch.zeros(linear.out_features, rank))
+        self.scale = 1.0 if alpha is None or rank == 0 else alpha / rank
 
     def forward(self, x):
-        return self.linear(x) + (x @ self.A.t()) @ self.B.t()
+        return self.linear(x) + self.scale * ((x @ self.A.t()) @ self.B.t())
 
     def merged(self):
         merged = nn.Linear(self.linear.in_features, self.linear.out_features)
         with torch.no_grad():
-            merged.weight.copy_(self.linear.weight + self.B @ self.A)
+            merged.weight.copy_(merged_weight(self.linear.weight, self.A, self.B, self.scale))
             merged.bias.copy_(self.linear.bias)
         return merged.to(self.linear.weight.device)
 
 
-def add_low_rank_updates(model, rank):
-    """LoRA's choice: a LowRankUpdate on every layer's query and value projection of a
-    Classifier."""
+@torch.no_grad()
+def merged_weight(weight, A, B, scale):
+    """W' = W + scale * B A, always computed on the CPU in float32: a task file's A and B,
+    merged into its base when it is loaded (checkpoint.py), give the very bits the fine-tuned
+    model was merged to, wherever it trained."""
+    return weight.detach().float().cpu() + scale * (B.detach().float().cpu()
+                                                    @ A.detach().float().cpu())
+
+
+# which linear layers of every encoder layer get an update: LoRA's own choice (query and value),
+# or every one (the four attention projections and the feed-forward pair)
+LORA_TARGETS = {"q,v": ("attention.query", "attention.value"),
+                "all": ("attention.query", "attention.key", "attention.value", "attention.output",
+                        "feed_forward_in", "feed_forward_out")}
+
+
+def add_low_rank_updates(model, rank, alpha=None, targets="q,v"):
+    """A LowRankUpdate on the `targets` (LORA_TARGETS) of every layer of a Classifier."""
     for layer in model.encoder.layers:
-        layer.attention.query = LowRankUpdate(layer.attention.query, rank)
-        layer.attention.value = LowRankUpdate(layer.attention.value, rank)
+        for path in LORA_TARGETS[targets]:
+            parent, _, name = path.rpartition(".")
+            owner = layer.get_submodule(parent) if parent else layer
+            setattr(owner, name, LowRankUpdate(getattr(owner, name), rank, alpha))
 
 
 def merge_low_rank_updates(model):
     """Every LowRankUpdate replaced by its merged nn.Linear: the state dict's names are BERT's
-    again."""
-    for layer in model.encoder.layers:
-        for name in ("query", "value"):
-            if isinstance(getattr(layer.attention, name), LowRankUpdate):
-                setattr(layer.attention, name, getattr(layer.attention, name).merged())
+    again. What was merged stays readable as model.merged_low_rank, {the layer's name: (A, B,
+    scale)} -- what a task file keeps instead of the merged weights (finetune --save delta)."""
+    updates = [(name, module) for name, module in model.named_modules()
+               if isinstance(module, LowRankUpdate)]
+    merged_low_rank = {}
+    for name, module in updates:
+        parent, _, attribute = name.rpartition(".")
+        setattr(model.get_submodule(parent), attribute, module.merged())
+        merged_low_rank[name] = (module.A.detach().cpu(), module.B.detach().cpu(), module.scale)
+    if updates:
+        model.merged_low_rank = merged_low_rank
 
 
 # ----------------------------------------------------------------------------------------

@@ -8,7 +8,9 @@ metrics.json) that evaluate, export and finetune --init accept. The formulas are
     prune(out, PruneOptions(...))       zero the smallest weights of every matrix, or remove whole
                                         feed-forward units; then a short recovery fine-tune
     finetune --lora R                   (compress.LowRankUpdate, in train.fit_classifier) a task
-                                        stores its head and low-rank matrices, not an encoder
+                                        stores its head and low-rank matrices, not an encoder:
+                                        with --save delta, a task file of only those
+                                        (checkpoint.save_task_file)
 
 What each buys -- parameters, bytes on disk, CPU sentences per second, accuracy -- is measured
 by experiments.py's C7 table (size_on_disk and sentences_per_second below); docs/claims.md reads it.

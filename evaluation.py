@@ -81,11 +81,12 @@ def classify(model, rows, labels, device, batch_size=128, pad_id=0):
             "loss": total_loss / len(labels), "n": int(len(labels))}
 
 
-def evaluate(init, data_path, device="auto", log=print):
+def evaluate(init, data_path, device="auto", log=print, base=None):
     """A classifier checkpoint on a TSV -> accuracy, macro-F1, loss, n.
-    A pre-training checkpoint on a text corpus -> held-out MLM loss (E4) and NSP accuracy."""
+    A pre-training checkpoint on a text corpus -> held-out MLM loss (E4) and NSP accuracy.
+    base: the run a task file (finetune --save delta) was fine-tuned from."""
     device = pick_device(device)
-    model, tokenizer, checkpoint = open_model(init, log)
+    model, tokenizer, checkpoint = open_model(init, log, base)
     model.to(device)
     if checkpoint.get("kind") == "classifier":
         texts, labels = data.read_tsv(data_path)
@@ -109,13 +110,13 @@ def evaluate(init, data_path, device="auto", log=print):
 
 
 @torch.no_grad()
-def fill_mask(init, text, top_k=5, device="auto", log=print):
+def fill_mask(init, text, top_k=5, device="auto", log=print, base=None):
     """The MLM head's prediction at every [MASK] of TEXT: a list with, per [MASK], the top_k
     (token, probability) pairs, best first. The probability is E4's softmax over the vocabulary
     -- the distribution whose log the MLM loss sums over the masked set M."""
     device = pick_device(device)
     notes = []  # open_model's notes, said only if fill-mask goes on (a refusal is one line)
-    model, tokenizer, checkpoint = open_model(init, notes.append)
+    model, tokenizer, checkpoint = open_model(init, notes.append, base)
     if checkpoint.get("kind") != "pretraining":
         raise InputError(f"{init}: a classifier checkpoint has no MLM head; "
                          "fill-mask needs a pre-trained one")

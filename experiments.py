@@ -56,7 +56,7 @@ import options
 import toyworld
 import train
 import verdicts
-from checkpoint import open_model, prepare_out_folder, write_json
+from checkpoint import TASK_FILE, open_model, prepare_out_folder, write_json
 from common import IGNORE_INDEX, InputError
 from model import Config, PreTrainingModel, count_parameters
 from options import DistillOptions, FinetuneOptions, PretrainOptions, PruneOptions, Remedies
@@ -211,8 +211,11 @@ PLANS["c7"] = {
     "finetune_steps": 2200,
 }
 for plan in PLANS.values():
+    # each remedy beside its control (comparisons_for): distillation beside the same student
+    # trained on the labels alone, pruning at four sparsities beside the teacher
     plan.setdefault("c7_remedies", ["teacher", "head", "lora-4", "int8", "int8-arithmetic",
-                                    "pruned-50", "pruned-50+int8", "ffn-50", "distilled",
+                                    "pruned-30", "pruned-50", "pruned-70", "pruned-90",
+                                    "pruned-50+int8", "ffn-50", "distilled", "student-no-teacher",
                                     "distilled+int8"])
     plan.setdefault("c7_unlabeled", 2000)       # the distillation transfer set: unlabeled sentences
     plan.setdefault("c7_recovery_epochs", 3)    # fine-tuning after pruning
@@ -619,15 +622,19 @@ def pretrain_rate_run(spec, folder):
 
 # C7's rows: each remedy's run folder, made from one teacher per seed by deploy.py's commands
 C7_NAMES = {"teacher": "teacher: pre-trained, full fine-tuning",
-            "head": "head only (--freeze head)",
-            "lora-4": "LoRA, rank 4 (--lora 4)", "int8": "teacher, int8 (quantize)",
-            "pruned-50": "teacher, 50% of weights pruned + recovery (prune)",
+            "head": "head only (--freeze head, task file)",
+            "lora-4": "LoRA, rank 4 (--lora 4, task file)", "int8": "teacher, int8 (quantize)",
+            **{f"pruned-{percent}": f"teacher, {percent}% of the layer matrices' weights pruned "
+                                    "+ recovery (prune)" for percent in (30, 50, 70, 90)},
             "int8-arithmetic": "teacher, int8, computed in int8 "
                                "(PyTorch's dynamic quantisation kernels)",
             "pruned-50+int8": "pruned 50%, then int8",
             "ffn-50": "teacher, 50% of feed-forward units removed + recovery",
             "distilled": "distilled into half the layers "
                          "(distill, every-other init, unlabeled transfer set)",
+            # distillation's control: alpha 1 gives the teacher's predictions no weight
+            "student-no-teacher": "student, no teacher (the distilled student's init, transfer "
+                                  "set and steps; labels only: --alpha 1)",
             "distilled+int8": "distilled, then int8"}
 
 
@@ -651,12 +658,12 @@ def made_c7_remedy(name, spec, loaded, folder, seed_folder, train_tsv):
         deploy.quantize(path, unquantised, force=True, log=quiet)
     elif name == "teacher":
         finetuning.finetune(path, FinetuneOptions(lr=FULL_LR, **tuned), **quietly)
-    elif name == "head":
-        finetuning.finetune(path, FinetuneOptions(freeze="head", lr=HEAD_LR, **tuned),
-                            **quietly)
+    elif name == "head":  # head and LoRA save a task file: only what trained
+        finetuning.finetune(path, FinetuneOptions(freeze="head", lr=HEAD_LR, save="delta",
+                                                  **tuned), **quietly)
     elif name.startswith("lora-"):
-        finetuning.finetune(path, FinetuneOptions(lora=int(name[5:]), lr=HEAD_LR, **tuned),
-                            **quietly)
+        finetuning.finetune(path, FinetuneOptions(lora=int(name[5:]), lr=HEAD_LR, save="delta",
+                                                  **tuned), **quietly)
     elif name.startswith(("pruned-", "ffn-")):
         if name.startswith("pruned-"):
             unit, percent = "weights", name[7:]
@@ -665,11 +672,12 @@ def made_c7_remedy(name, spec, loaded, folder, seed_folder, train_tsv):
         deploy.prune(path, PruneOptions(init=made("teacher"), sparsity=int(percent) / 100,
                                         unit=unit, **recovery),
                      **quietly)
-    elif name == "distilled":
+    elif name in ("distilled", "student-no-teacher"):
+        labels_only = {"alpha": 1.0} if name == "student-no-teacher" else {}
         deploy.distill(path, DistillOptions(teacher=made("teacher"), train=train_tsv,
                                             seed=seed, device="cpu",
                                             unlabeled=[os.path.join(folder, "unlabeled.txt")],
-                                            max_unlabeled=spec["unlabeled"]),
+                                            max_unlabeled=spec["unlabeled"], **labels_only),
                        **quietly)
     else:
         raise ValueError(f"unknown C7 remedy {name!r}")
@@ -679,9 +687,11 @@ def made_c7_remedy(name, spec, loaded, folder, seed_folder, train_tsv):
 def c7_run(spec, task, loaded, folder):
     """One remedy on one seed, through the commands users run (finetuning.finetune, deploy.*), in
     folder/c7/k-K-seed-S/NAME. The teacher is fine-tuned once per seed (everything trains, k
-    labels per class); every other remedy is made from it (or, head and LoRA, beside it).
-    Measured: test accuracy, parameters, bytes of checkpoint.pt (and zipped), the bytes a task
-    adds to a shared pre-trained encoder, and CPU sentences per second at batch 1 and 32."""
+    labels per class); every other remedy is made from it (or, head and LoRA, beside it, saved
+    as task files read on top of the pre-trained run). Measured: test accuracy, parameters, the
+    bytes of the file the run saved (task_bytes; zipped too; bytes_on_disk adds, for a task file,
+    the float32 bytes of its base's encoder), the zero weights as shares of the layer matrices
+    and of the model, and CPU sentences per second at batch 1 and 32."""
     seed, quiet = spec["seed"], (lambda *args: None)
     seed_folder = os.path.join(folder, "c7", f"k-{spec['k']}-seed-{seed}")
     os.makedirs(seed_folder, exist_ok=True)
@@ -691,26 +701,27 @@ def c7_run(spec, task, loaded, folder):
     arithmetic = spec["remedy"] == "int8-arithmetic"  # the int8 run, computed with int8 matmuls
     path = made_c7_remedy("int8" if arithmetic else spec["remedy"], spec, loaded, folder,
                           seed_folder, train_tsv)
-    model, tokenizer, checkpoint = open_model(path, quiet)
+    with open(os.path.join(path, "metrics.json")) as f:
+        saved = os.path.join(path, json.load(f).get("saved_as", "checkpoint.pt"))
+    base = loaded.path if saved.endswith(TASK_FILE) else None
+    model, tokenizer, checkpoint = open_model(path, quiet, base=base)
     parameters = count_parameters(model)  # the int8 layers' weights are no longer nn.Parameters
+    zeros = compress.zero_shares(model)
     model = compress.with_int8_arithmetic(model) if arithmetic else model
     if model is None:
         return {}  # this torch has no int8 kernels: the row stays empty
-    with open(os.path.join(path, "metrics.json")) as f:
-        metrics = json.load(f)
-    checkpoint_path = os.path.join(path, "checkpoint.pt")
-    with open(checkpoint_path, "rb") as f:
+    with open(saved, "rb") as f:
         zipped = len(zlib.compress(f.read(), 6))
-    shares_encoder = spec["remedy"] == "head" or spec["remedy"].startswith("lora-")
+    # a task file serves with its base's encoder below the pooler (computed: float32 bytes)
+    base_bytes = 4 * sum(p.numel() for name, p in model.encoder.named_parameters()
+                         if not name.startswith("pooler.")) if base else 0
     test_rows = data.classification_inputs(tokenizer, [text for text, _ in task["test"]],
                                            CLASSIFIER_MAX_LENGTH, warn=quiet)
     test_labels = data.encode_labels([y for _, y in task["test"]], checkpoint["labels"], "test")
     scored = evaluation.classify(model, test_rows, test_labels, "cpu", pad_id=tokenizer.pad_id)
-    return {"accuracy": scored["accuracy"],
-            "parameters": parameters,
-            "bytes_on_disk": os.path.getsize(checkpoint_path), "bytes_zipped": zipped,
-            "task_bytes": (metrics["task_bytes"] if shares_encoder
-                           else os.path.getsize(checkpoint_path)),
+    return {"accuracy": scored["accuracy"], "parameters": parameters, **zeros,
+            "bytes_on_disk": os.path.getsize(saved) + base_bytes, "bytes_zipped": zipped,
+            "task_bytes": os.path.getsize(saved),
             **{f"sentences_per_second_{size}":
                deploy.sentences_per_second(model, test_rows[:256], size, tokenizer.pad_id,
                                            seconds=spec["timing_seconds"])
@@ -915,8 +926,9 @@ COLUMNS = {"C1": ["accuracy", "seconds"], "C2": ["accuracy", "seconds"],
                   "diverged", "seconds"],
            "C5": ["accuracy", "forgetting", "fill_mask_lost", "seconds"],
            "C6": ["mlm_loss_before", "accuracy", "seconds"],
-           "C7": ["accuracy", "parameters", "bytes_on_disk", "bytes_zipped", "task_bytes",
-                  "sentences_per_second_1", "sentences_per_second_32"]}
+           "C7": ["accuracy", "parameters", "task_bytes", "bytes_zipped", "bytes_on_disk",
+                  "zeros_of_layers", "zeros_of_model", "sentences_per_second_1",
+                  "sentences_per_second_32"]}
 
 
 def spread(c, scale=1.0, digits=1, sign=""):
@@ -943,9 +955,13 @@ METRICS = [  # (key in a run's result, markdown header, format of mean ± sample
     ("trainable_parameters", "trainable parameters", lambda c: f"{c['mean']:,.0f}"),
     ("seconds", "seconds per run", lambda c: spread(c)),
     ("parameters", "parameters", lambda c: f"{c['mean']:,.0f}"),
-    ("bytes_on_disk", "checkpoint.pt bytes", lambda c: f"{c['mean']:,.0f}"),
-    ("bytes_zipped", "zipped bytes", lambda c: f"{c['mean']:,.0f}"),
-    ("task_bytes", "bytes per task", lambda c: f"{c['mean']:,.0f}"),
+    ("task_bytes", "bytes saved (checkpoint.pt, or a task file)",
+     lambda c: f"{c['mean']:,.0f}"),
+    ("bytes_zipped", "bytes saved, zipped", lambda c: f"{c['mean']:,.0f}"),
+    ("bytes_on_disk", "bytes to serve it alone (a task file: + 4 per base encoder weight)",
+     lambda c: f"{c['mean']:,.0f}"),
+    ("zeros_of_layers", "zero weights, % of the layer matrices", lambda c: spread(c, 100)),
+    ("zeros_of_model", "zero weights, % of all parameters", lambda c: spread(c, 100)),
     ("sentences_per_second_1", "CPU sentences/s, batch 1", lambda c: spread(c, digits=0)),
     ("sentences_per_second_32", "CPU sentences/s, batch 32", lambda c: spread(c, digits=0)),
 ]
@@ -1077,6 +1093,15 @@ def add_c5_to_c7(add, settings):
     add("C7", "C7", "distilled speed",
         "the distilled student serves more sentences/s at batch 32 than the teacher",
         C7_NAMES["distilled"], C7_NAMES["teacher"], "sentences_per_second_32")
+    # each remedy against its control, by the same rule
+    add("C7", "C7", "distillation vs no teacher",
+        "the distilled student beats the same student trained without the teacher (accuracy)",
+        C7_NAMES["distilled"], C7_NAMES["student-no-teacher"], "accuracy")
+    for percent in (30, 50, 70, 90):
+        add("C7", "C7", f"pruned {percent}%",
+            f"{percent}% of the layer matrices pruned (+ recovery) as accurate as the teacher, "
+            "within 1 point (accuracy)",
+            C7_NAMES[f"pruned-{percent}"], C7_NAMES["teacher"], "accuracy", -0.01)
 
 
 def decide(results):

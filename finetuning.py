@@ -15,9 +15,20 @@ import json
 import os
 from dataclasses import replace
 
+import torch
+
 import data
 import toyworld
-from checkpoint import has_mlm_head, open_model, prepare_out_folder, save_classifier
+from checkpoint import (
+    TASK_FILE,
+    has_mlm_head,
+    open_model,
+    prepare_out_folder,
+    save_classifier,
+    save_task_file,
+    with_task_applied,
+    write_json,
+)
 from common import InputError
 from evaluation import classify
 from options import FinetuneOptions, PretrainOptions, model_config, pick_device
@@ -28,9 +39,10 @@ from train import StartingPoint, fit_classifier, parse_freeze, pretrain
 
 def finetune(out, options, force=False, log=print, progress=True):
     """Fine-tune a classifier on options.train (TSV) from options.init (a pre-training run, a
-    Hugging Face BERT folder) or 'scratch'. Writes OUT/checkpoint.pt, OUT/vocab.txt and
-    OUT/metrics.json: metrics on options.valid (or on the training set without it) and, when the
-    init has an MLM head, forgetting (C5)."""
+    Hugging Face BERT folder) or 'scratch'. Writes OUT/vocab.txt, OUT/metrics.json -- metrics on
+    options.valid (or on the training set without it) and, when the init has an MLM head,
+    forgetting (C5) -- and OUT/checkpoint.pt, or with --save delta OUT/task.safetensors (C7:
+    only what trained, read on top of the init: save_fine_tuned)."""
     o = options
     o.check()
     device = pick_device(o.device)
@@ -39,13 +51,7 @@ def finetune(out, options, force=False, log=print, progress=True):
     log = processes.log(log)
     if processes.world_size > 1 and o.adapt_steps:
         raise InputError("--adapt-steps under torchrun: run the task-adaptive step as one process")
-    train_texts, train_label_names = data.read_tsv(o.train)
-    label_names = sorted(set(train_label_names))
-    if len(label_names) < 2:
-        raise InputError(f"{o.train}: only one class ({label_names[0]!r}); "
-                         "a classifier needs at least two")
-    valid_texts, valid_labels = data.read_tsv(o.valid) if o.valid else ([], [])
-    valid_ids = data.encode_labels(valid_labels, label_names, o.valid) if o.valid else []
+    train_texts, train_label_names, label_names, valid_texts, valid_ids = read_labeled(o)
     if o.init == "scratch":
         tokenizer = train_tokenizer(train_texts, o.vocab_size)
         config = model_config(o, vocab_size=len(tokenizer), max_positions=o.max_length)
@@ -59,14 +65,9 @@ def finetune(out, options, force=False, log=print, progress=True):
         raise InputError("--adapt-steps continues MLM, which needs a pre-trained MLM head; "
                          f"{o.init} has none")
     on_rank_0(processes, lambda: prepare_out_folder(out, resume=False, force=force))
-    # theta_0 becomes the adapted encoder; forgetting is still measured on the init's text
+    base = None if o.init == "scratch" else checkpoint  # what a task file is read on top of
     if o.adapt_steps:
-        fitting = replace(o, mlm_max_length=min(o.mlm_max_length, config.max_positions))
-        adapted_run = adapt_to_task(os.path.join(out, "adapted"), o.init, train_texts, fitting, log)
-        adapted, _, _ = open_model(adapted_run, log)
-        start.encoder_state = adapted.encoder.state_dict()
-        start.pretrained_state = (adapted.state_dict() if start.pretrained_state is not None
-                                  else None)
+        base = adapted_start(start, os.path.join(out, "adapted"), train_texts, o, config, log)
     train_rows = data.classification_inputs(tokenizer, train_texts, config.max_positions, log,
                                             path=o.train)
     valid_rows = data.classification_inputs(tokenizer, valid_texts, config.max_positions, log,
@@ -84,18 +85,87 @@ def finetune(out, options, force=False, log=print, progress=True):
     metrics = {**info, "init": o.init, "freeze": o.freeze, "lr": o.peak_lr(), "epochs": o.epochs,
                "labels": label_names, "schedule": o.schedule,
                "warmup_fraction": o.warmup_fraction, **vars(o.remedies), "lora": o.lora,
+               "lora_alpha": o.lora_alpha, "lora_targets": o.lora_targets,
                "adapt_steps": o.adapt_steps,
                "scored_on": o.valid or f"{o.train} (training set: no --valid given)"}
     scored = (valid_rows, valid_ids) if o.valid else (train_rows, train_ids)
     metrics.update(classify(model, *scored, device, pad_id=tokenizer.pad_id))
-    if not processes.main:
-        finish(processes)
-        return metrics
-    save_classifier(out, model, tokenizer, label_names, metrics,
-                    run={"init": str(o.init), "freeze": o.freeze, "lr": o.peak_lr(),
-                         "epochs": o.epochs, "seed": o.seed})
+    if processes.main:
+        save_fine_tuned(out, (model, tokenizer, label_names), metrics, o, base, log)
     finish(processes)
     return metrics
+
+
+def read_labeled(o):
+    """The labeled files: (training texts, their label names, the sorted classes, validation
+    texts, their class ids); a training file with one class is refused."""
+    train_texts, train_label_names = data.read_tsv(o.train)
+    label_names = sorted(set(train_label_names))
+    if len(label_names) < 2:
+        raise InputError(f"{o.train}: only one class ({label_names[0]!r}); "
+                         "a classifier needs at least two")
+    valid_texts, valid_labels = data.read_tsv(o.valid) if o.valid else ([], [])
+    valid_ids = data.encode_labels(valid_labels, label_names, o.valid) if o.valid else []
+    return train_texts, train_label_names, label_names, valid_texts, valid_ids
+
+
+def save_fine_tuned(out, classifier, metrics, o, base, log=print):
+    """The run folder: vocab.txt, metrics.json and the weights -- checkpoint.pt (--save full), or
+    (--save delta, C7) task.safetensors: only the tensors that trained (trained_tensors), with
+    the base's fingerprint. A task file is written only once base + it gives this model's every
+    weight bit for bit (checkpoint.with_task_applied, the loader's own merge); metrics.json
+    records which file holds the weights and its size in bytes (saved_as, saved_bytes)."""
+    model, tokenizer, label_names = classifier
+    run = {"init": str(o.init), "freeze": o.freeze, "lr": o.peak_lr(), "epochs": o.epochs,
+           "seed": o.seed, "lora": o.lora, "lora_alpha": o.lora_alpha,
+           "lora_targets": o.lora_targets}
+    if o.save == "delta":
+        tensors, lora_scale = trained_tensors(model)
+        applied = with_task_applied(base["model"], tensors, lora_scale)
+        state = model.state_dict()
+        if applied.keys() == state.keys() and all(torch.equal(applied[name], value.cpu())
+                                                   for name, value in state.items()):
+            path = os.path.join(out, TASK_FILE)
+            metrics.update(saved_as=TASK_FILE, saved_bytes=None)
+            tokenizer.save(os.path.join(out, "vocab.txt"))
+            metrics["saved_bytes"] = save_task_file(path, tensors, base, {
+                "labels": label_names, "pool": model.pool, "lora_scale": lora_scale,
+                "step": metrics.get("steps", 0), "run": run})
+            write_json(os.path.join(out, "metrics.json"), metrics)
+            return
+        log("--save delta: the base and the trained tensors do not give this model's weights "
+            "exactly; the whole model is saved instead")
+    metrics.update(saved_as="checkpoint.pt", saved_bytes=None)
+    save_classifier(out, model, tokenizer, label_names, metrics, run=run)
+    metrics["saved_bytes"] = os.path.getsize(os.path.join(out, "checkpoint.pt"))
+    write_json(os.path.join(out, "metrics.json"), metrics)
+
+
+def trained_tensors(model):
+    """What fine-tuning changed, after fit_classifier: every parameter that trained
+    (requires_grad) -- the head, the top-K layers -- and for LoRA each layer's A and B as
+    LAYER.A, LAYER.B in place of the merged LAYER.weight (compress.merge_low_rank_updates kept
+    them). Returns ({name: tensor}, LoRA's alpha / r scale, 1.0 without LoRA)."""
+    merged = getattr(model, "merged_low_rank", {})
+    merged_weights = {f"{layer}.weight" for layer in merged} | {f"{layer}.bias" for layer in merged}
+    tensors = {name: p.detach().cpu() for name, p in model.named_parameters()
+               if p.requires_grad and name not in merged_weights}
+    scales = {scale for _, _, scale in merged.values()}
+    for layer, (A, B, _) in merged.items():
+        tensors[f"{layer}.A"], tensors[f"{layer}.B"] = A, B
+    return tensors, scales.pop() if scales else 1.0
+
+
+def adapted_start(start, folder, texts, o, config, log=print):
+    """--adapt-steps: theta_0 becomes the encoder adapted to the task's texts (adapt_to_task, in
+    `folder`); forgetting is still measured on the init's text. Returns the adapted run's
+    checkpoint: the base a task file of this run is read on top of."""
+    fitting = replace(o, mlm_max_length=min(o.mlm_max_length, config.max_positions))
+    adapted, _, checkpoint = open_model(adapt_to_task(folder, o.init, texts, fitting, log), log)
+    start.encoder_state = adapted.encoder.state_dict()
+    start.pretrained_state = (adapted.state_dict() if start.pretrained_state is not None
+                              else None)
+    return checkpoint
 
 
 def adapt_to_task(folder, init, texts, o, log=print):

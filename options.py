@@ -70,6 +70,7 @@ HELP = {
     "deterministic": "the same numbers from the same seed on a GPU too (deterministic kernels; "
                      "slower there)",  # deterministic_algorithms, below
     "device": "auto (cuda, then mps, then cpu), cpu, cuda or mps",
+    "base": "with --init a task file (finetune --save delta): the run it was fine-tuned from",
     "collective_timeout": "under torchrun: seconds a process waits for the others at a gradient "
                           "sum or gather before every process stops with one line",
 }
@@ -234,6 +235,18 @@ class FinetuneOptions:
     lora: int = setting(None, "C7: freeze the encoder and train rank-R updates of its query and "
                               "value projections (merged into the weights at the end) with the "
                               "head (default: off)", metavar="R")  # compress.LowRankUpdate
+    lora_alpha: float = setting(None, "C7: LoRA's alpha: the update is (alpha / R) B A "
+                                      "(default: alpha = R, a scale of 1)", metavar="ALPHA")
+    lora_targets: str = setting("q,v", "C7: the linear layers --lora updates in every layer: q,v "
+                                       "(query and value, LoRA's choice) or all (the attention "
+                                       "projections and the feed-forward pair)",
+                                choices=("q,v", "all"))
+    # finetuning.save_fine_tuned
+    save: str = setting("full", "C7: what the run folder keeps -- full: checkpoint.pt, the whole "
+                                "classifier; delta: task.safetensors, only what trained (the "
+                                "head, the top-K layers, LoRA's A and B), read on top of --init "
+                                "(evaluate, fill-mask and export take it as --base)",
+                        choices=("full", "delta"))
     # finetuning.adapt_to_task
     adapt_steps: int = setting(0, "task-adaptive pre-training: first N steps of MLM on the "
                                   "training texts without their labels, continuing the init's "
@@ -277,6 +290,12 @@ class FinetuneOptions:
         if self.lora and (scratch or self.freeze != "none"):
             raise InputError("--lora: low-rank updates of a pre-trained encoder, which they "
                              "freeze themselves; not with --init scratch or --freeze")
+        if self.lora_alpha is not None and not (self.lora and 0 < self.lora_alpha < float("inf")):
+            raise InputError(f"--lora-alpha: a positive number, with --lora; got {self.lora_alpha}")
+        if self.save == "delta" and (scratch or (self.freeze == "none" and not self.lora)):
+            raise InputError("--save delta: only with a pre-trained --init and a part that "
+                             "trains alone (--freeze head or top-K, or --lora); here every "
+                             "weight trains, so the whole model is the delta (--save full)")
         if self.adapt_steps and scratch:
             raise InputError("--adapt-steps continues a pre-trained model's MLM; --init scratch "
                              "has none")

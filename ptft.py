@@ -224,9 +224,12 @@ def add_run_flags(p, out_default=None, resume=False):
                    help="delete an existing --out folder and start over")
 
 
-def add_init_flag(p, what):
-    """--init, the run (or Hugging Face folder) a command reads: `what` says which kinds."""
+def add_init_flag(p, what, base=False):
+    """--init, the run (or Hugging Face folder) a command reads: `what` says which kinds; with
+    base, --base: the run a task file (finetune --save delta) was trained from."""
     p.add_argument("--init", required=True, help=what)
+    if base:
+        p.add_argument("--base", help=options.HELP["base"])
 
 
 def add_device_flag(p):
@@ -347,7 +350,8 @@ def add_evaluate(commands):
                     "A classifier run on a TSV: accuracy, macro-F1, loss, n. A pre-training run on "
                     "a text file (or 'stdlib'): MLM loss and NSP accuracy on fixed masked batches. "
                     "Prints JSON; with --out also writes OUT/metrics.json.")
-    add_init_flag(p, "a run folder (or its checkpoint.pt), or a Hugging Face BERT folder")
+    add_init_flag(p, "a run folder (or its checkpoint.pt), or a Hugging Face BERT folder",
+                  base=True)
     p.add_argument("--data", required=True,
                    help="a TSV (classifier) or a text file / 'stdlib' (pre-training run)")
     p.add_argument("--out", help="folder to write metrics.json in")
@@ -360,7 +364,8 @@ def add_fill_mask(commands):
                     "best first, one per line: token<TAB>probability. The probability is the "
                     "softmax over the vocabulary of the MLM scores (E4's distribution). With "
                     "several [MASK]s, a line '# [MASK] i' precedes each list.")
-    add_init_flag(p, "a pre-training run folder or a Hugging Face BERT folder with an MLM head")
+    add_init_flag(p, "a pre-training run folder or a Hugging Face BERT folder with an MLM head",
+                  base=True)
     p.add_argument("text", help='text containing [MASK], e.g. "the cat sat on the [MASK]."')
     p.add_argument("--top-k", type=int, default=5, help="candidates per [MASK]")
     add_device_flag(p)
@@ -383,7 +388,8 @@ def add_export(commands):
                     "Write config.json, model.safetensors, vocab.txt and tokenizer_config.json: a "
                     "pre-training run opens with transformers' BertForPreTraining.from_pretrained, "
                     "a fine-tuned classifier with BertForSequenceClassification.from_pretrained.")
-    add_init_flag(p, "a run folder (pre-training or classifier), or a Hugging Face BERT folder")
+    add_init_flag(p, "a run folder (pre-training or classifier), or a Hugging Face BERT folder",
+                  base=True)
     add_run_flags(p)  # --out must not exist or be empty, unless --force
 
 
@@ -442,7 +448,9 @@ def run_finetune(args):
     metrics = finetuning.finetune(args.out, options_from(FinetuneOptions, args), args.force)
     summary = {k: metrics[k] for k in ("accuracy", "macro_f1", "loss", "n", "forgetting")
                if k in metrics}
-    print(f"done: {json.dumps(summary)}; {args.out}/checkpoint.pt")
+    saved = (f"{args.out}/{metrics['saved_as']} ({metrics['saved_bytes']:,} bytes)"
+             if "saved_as" in metrics else args.out)  # under torchrun, rank 0 saves
+    print(f"done: {json.dumps(summary)}; {saved}")
 
 
 def run_distill(args):
@@ -496,7 +504,7 @@ def run_tokenize(args):
 def run_evaluate(args):
     if args.out:
         refuse_run_folder(args.out)
-    metrics = evaluation.evaluate(args.init, args.data, args.device)
+    metrics = evaluation.evaluate(args.init, args.data, args.device, base=args.base)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         write_json(os.path.join(args.out, "metrics.json"), metrics)
@@ -505,7 +513,8 @@ def run_evaluate(args):
 
 def run_fill_mask(args):
     candidates = evaluation.fill_mask(args.init, args.text, args.top_k, args.device,
-                                 log=lambda message: print(message, file=sys.stderr))
+                                      log=lambda message: print(message, file=sys.stderr),
+                                      base=args.base)
     for number, best in enumerate(candidates, start=1):
         if len(candidates) > 1:
             print(f"# {MASK} {number}")
@@ -521,7 +530,7 @@ def run_generate(args):
 
 
 def run_export(args):
-    checkpoint = load_checkpoint(args.init)
+    checkpoint = load_checkpoint(args.init, base=args.base)
     hf.check_exportable(checkpoint)  # refused before the folder is made
     prepare_out_folder(args.out, force=args.force)
     hf.export(checkpoint, args.out)

@@ -576,7 +576,7 @@ def classifier_to_fine_tune(config, num_labels, o, start, device):
     if o.lora:
         model.encoder.embeddings.requires_grad_(False)
         model.encoder.layers.requires_grad_(False)
-        add_low_rank_updates(model, o.lora)
+        add_low_rank_updates(model, o.lora, o.lora_alpha, o.lora_targets)
     model.to(device)
     # C7: a weight pruned to zero gets no gradient, so AdamW never moves it (and decay keeps 0
     # at 0)

@@ -274,3 +274,84 @@ def test_a_low_rank_update_starts_as_the_frozen_layer_and_merges_into_it_exactly
         assert not torch.allclose(updated[0], before, atol=1e-2)
         assert torch.allclose(merged[0], updated[0], atol=1e-5) and torch.allclose(merged[1], updated[1], atol=1e-6)
         assert set(model.state_dict()) == set(Classifier(config, num_labels=3).state_dict())  # BERT's names again
+
+
+def test_lora_alpha_scales_the_update_and_every_target_merges_into_the_same_forward():
+    # LoRA's W + (alpha / r) B A: the update at alpha = 2r is twice the update at alpha = r, and merged
+    # weights compute what the unmerged layers do, for query and value or for every linear layer
+    config = make_config("tiny", vocab_size=97, hidden_size=24, num_heads=3, intermediate_size=40, max_positions=32,
+                         dropout=0.0, attention_dropout=0.0)
+    layer_names = {"q,v": 2, "all": 6}
+    for seed, (targets, count) in enumerate(layer_names.items()):
+        generator = torch.Generator().manual_seed(seed)
+        input_ids = torch.randint(5, 97, (4, 17), generator=generator)
+        linear = torch.nn.Linear(24, 40)
+        x = torch.randn(6, 24, generator=generator)
+        updates = {}
+        for alpha in (None, 8.0):  # alpha = r (a scale of 1), alpha = 2r
+            update = compress.LowRankUpdate(linear, rank=4, alpha=alpha)
+            with torch.no_grad():
+                update.A.copy_(torch.randn(4, 24, generator=torch.Generator().manual_seed(1)))
+                update.B.copy_(torch.randn(40, 4, generator=torch.Generator().manual_seed(2)))
+                updates[alpha] = update(x) - linear(x)
+        assert torch.allclose(updates[8.0], 2 * updates[None], atol=1e-5)
+        torch.manual_seed(seed)
+        model = Classifier(config, num_labels=3).eval()
+        with torch.no_grad():
+            compress.add_low_rank_updates(model, rank=3, alpha=12.0, targets=targets)
+            wrapped = [m for m in model.modules() if isinstance(m, compress.LowRankUpdate)]
+            assert len(wrapped) == count * config.num_layers and all(m.scale == 4.0 for m in wrapped)
+            for module in wrapped:
+                module.B.normal_(0, 0.05, generator=generator)
+            unmerged = model(input_ids)
+            compress.merge_low_rank_updates(model)
+            merged = model(input_ids)
+        assert not any(isinstance(m, compress.LowRankUpdate) for m in model.modules())
+        assert torch.allclose(merged, unmerged, atol=1e-5), targets
+        assert set(model.merged_low_rank) == {name for name, _ in Classifier(config, 3).named_modules()
+                                              if name.endswith(tuple(compress.LORA_TARGETS[targets]))
+                                              and name.startswith("encoder.layers.")}
+
+
+def test_lora_alpha_and_targets_reach_fine_tuning_and_the_task_file(small_world, tmp_path):
+    out = str(tmp_path / "lora-all")
+    metrics = finetuning.finetune(out, FinetuneOptions(init=small_world["pre"], train=small_world["train"], epochs=1,
+                                                       lora=2, lora_alpha=8.0, lora_targets="all", save="delta",
+                                                       device="cpu"), log=quiet, progress=False)
+    from checkpoint import TASK_FILE, read_task_file
+    tensors, metadata = read_task_file(os.path.join(out, TASK_FILE))
+    assert json.loads(metadata["lora_scale"]) == 4.0 and metrics["lora_targets"] == "all"
+    assert "encoder.layers.0.feed_forward_in.A" in tensors and "encoder.layers.1.attention.key.B" in tensors
+    assert not any(name.endswith(".weight") and ".layers." in name for name in tensors)  # never a merged matrix
+
+
+def test_lora_alpha_needs_lora_and_a_positive_value(small_world, cli, tmp_path):
+    for flags in (["--lora-alpha", 8], ["--lora", 4, "--lora-alpha", 0], ["--lora", 4, "--lora-alpha", "nan"]):
+        assert_clear_error(cli("finetune", "--init", small_world["pre"], "--train", small_world["train"], *flags,
+                               "--out", tmp_path / "x"), "--lora-alpha")
+
+
+def test_pruning_is_reported_as_a_share_of_the_layer_matrices_and_of_the_whole_model():
+    model = Classifier(make_config("tiny", vocab_size=400, max_positions=16), num_labels=3)
+    layers = sum(p.numel() for _, p in compress.prunable_matrices(model))
+    everything = sum(p.numel() for p in model.parameters())
+    for sparsity in (0.3, 0.5, 0.7, 0.9):
+        shares = compress.zero_shares(compress.prune_smallest_weights(model, sparsity))
+        assert shares["zeros_of_layers"] == pytest.approx(sparsity, abs=1e-3)
+        # the embeddings, norms, pooler and head are never pruned: the model's share is smaller
+        assert shares["zeros_of_model"] == pytest.approx(shares["zeros_of_layers"] * layers / everything)
+
+
+def test_c7_compares_distillation_with_the_untaught_student_and_each_pruning_with_the_teacher():
+    import experiments
+
+    names = experiments.C7_NAMES
+    table = {"claim": "C7", "rows": [{"setting": names[key]} for key in experiments.PLANS["c7"]["c7_remedies"]]}
+    found = {(c["a"], c["b"], c["margin"]) for c in experiments.comparisons_for([table], experiments.PLANS["c7"])}
+    assert (names["distilled"], names["student-no-teacher"], 0.0) in found
+    for percent in (30, 50, 70, 90):
+        assert (names[f"pruned-{percent}"], names["teacher"], -0.01) in found
+    # a control the plan did not run leaves its comparison out
+    table["rows"] = [row for row in table["rows"] if row["setting"] != names["student-no-teacher"]]
+    assert not any(c["b"] == names["student-no-teacher"]
+                   for c in experiments.comparisons_for([table], experiments.PLANS["c7"]))
