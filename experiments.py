@@ -1411,7 +1411,9 @@ def markdown(results):
              f"Plan `{results['plan']}`, {results['settings']['seeds']} seeds, "
              f"device {results['device']}. Each cell: mean ± the sample standard deviation "
              "(ddof = 1) over seeds; (n=1): one seed, no spread. Verdicts: the rule of "
-             "docs/claims.md (a paired 95% t interval against the claim's margin).", ""]
+             "docs/claims.md (a paired 95% t interval against the claim's margin)."
+             + (f" Scored on the {results['settings']['evaluate_on']} split."
+                if results["settings"].get("evaluate_on") else ""), ""]
     for corpus, runs in results["pretraining"].items():
         lines.append(f"Pre-training on the {CORPUS_NAMES[corpus]}: " + "; ".join(
             f"{name}: held-out MLM loss on pre-training's batches (pairs) "

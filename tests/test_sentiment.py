@@ -191,8 +191,8 @@ def test_a_tiny_sentiment_plan_runs_to_its_verdicts_and_resumes_without_running_
         experiments.TFIDF)]
     assert {v["setting"] for v in results["verdicts"] if v["claim"] == "C1"} == {
         "sentiment k=2", "sentiment k=all"}
-    assert "real text: movie-review sentiment" in open(os.path.join(out, "results.md"),
-                                                       encoding="utf-8").read()
+    markdown = open(os.path.join(out, "results.md"), encoding="utf-8").read()
+    assert "real text: movie-review sentiment" in markdown and "Scored on the valid split" in markdown
     runs = open(os.path.join(out, "runs.jsonl")).read()
     resumed = experiments.run(out, "sentiment", plan=plan, resume=True, log=lambda *a: None)
     assert open(os.path.join(out, "runs.jsonl")).read() == runs  # nothing ran again
