@@ -203,7 +203,8 @@ PLANS["sentiment"] = {
     "labels_per_class": [16, 64, "all"],
     "c1_variants": {"sentiment": ["scratch", "head", "head-mean", "full"]},
 }
-# The same plan scored once on the held-out test split: run it when the validation tables are final.
+# The same plan scored once on the held-out test split, when the validation tables are final:
+# `--plan sentiment-final --out OUT --resume` in sentiment's OUT reuses its pre-training.
 PLANS["sentiment-final"] = {**PLANS["sentiment"], "evaluate_on": "test"}
 
 # C4, both halves, on the toy world: pre-training at 1e-4 ... 3e-3 with and without gradient
@@ -805,10 +806,14 @@ def tables_for(corpus, plan, task, encoders, num_layers, num_classes):
     k = plan["k"]
     epochs = epochs_for(k * num_classes, plan)
 
+    # the split a run is scored on, where a plan names one (sentiment): in every run's key, so that
+    # a --resume of sentiment-final in sentiment's folder reuses its pre-training, never its scores
+    split = {"evaluate_on": plan["evaluate_on"]} if plan.get("evaluate_on") else {}
+
     def finetune_spec(**changes):
         spec = dict(method="finetune", corpus=corpus, encoder="final", k=k, freeze="none",
                     lr=FULL_LR, epochs=epochs, schedule="cosine", warmup=0.1, l2_sp=0.0,
-                    aux_mlm=0.0, layer_lr_decay=1.0)
+                    aux_mlm=0.0, layer_lr_decay=1.0, **split)
         spec.update(changes)
         if spec["k"] != k and "epochs" not in changes:
             size = len(task["train"]) if spec["k"] == "all" else spec["k"] * num_classes
@@ -816,7 +821,7 @@ def tables_for(corpus, plan, task, encoders, num_layers, num_classes):
         return spec
 
     def baseline(k_value=k):
-        return dict(method="tfidf", corpus=corpus, k=k_value)
+        return dict(method="tfidf", corpus=corpus, k=k_value, **split)
 
     scratch = finetune_spec(encoder="scratch")
     head, full = finetune_spec(freeze="head", lr=HEAD_LR), finetune_spec()

@@ -197,3 +197,19 @@ def test_a_tiny_sentiment_plan_runs_to_its_verdicts_and_resumes_without_running_
     resumed = experiments.run(out, "sentiment", plan=plan, resume=True, log=lambda *a: None)
     assert open(os.path.join(out, "runs.jsonl")).read() == runs  # nothing ran again
     assert json.dumps(resumed["tables"]) == json.dumps(results["tables"])
+
+
+def test_the_final_plan_resumed_in_the_validation_plans_folder_scores_every_run_again(tmp_path,
+                                                                                    monkeypatch):
+    archive, sha256 = fake_archive(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    data.prepare_sentiment(experiments.SENTIMENT_FOLDER, archive, sha256, log=lambda *a: None)
+    task = experiments.sentiment_task({**experiments.PLANS["sentiment"], "sentiment_extra_text": []})
+    keys = {}
+    for name in ("sentiment", "sentiment-final"):
+        tables = experiments.tables_for("sentiment", experiments.PLANS[name], task, {"final": None},
+                                        2, 2)
+        keys[name] = {json.dumps(spec, sort_keys=True) for _, _, rows in tables for _, spec in rows}
+    # the same runs, told apart by the split they are scored on: no valid score is reused as test
+    assert len(keys["sentiment"]) == len(keys["sentiment-final"])
+    assert not keys["sentiment"] & keys["sentiment-final"]
