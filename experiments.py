@@ -3,12 +3,14 @@ and a verdict on each by the rule of verdicts.py.
 
     python ptft.py experiments --plan quick   (a tiny plan end to end: python experiments.py)
 
-Two corpora, the same protocol on each:
+Two corpora (and an optional third), the same protocol on each:
   toy     the embedded toy world (toyworld.toy_world): which of 8 topics a sentence is about.
   stdlib  real text: the docstrings of Python's standard library. The task: which of 8 areas of
           the library (GUI, concurrency, mail, web, imports, numbers, testing, files) a
           docstring documents. Train and test are split BY SOURCE FILE (no file in both), and
           the test files' docstrings are kept out of pre-training.
+  sentiment  optional, a real task that is not topic: movie-review sentences labeled by the sign
+          of people's ratings (data.prepare_sentiment; `python ptft.py data sentiment` first).
 
 For each corpus: one pre-training run (E2/E4), with snapshots along the way so that the same
 run serves C6's budget sweep; then many short fine-tuning runs (E3, train.fit_classifier) on
@@ -183,6 +185,30 @@ PLANS["task-adaptive"] = {
     "finetune_steps": 1100,                      # 15 epochs at k=16, 5 over every label
 }
 
+# C1 on a real task that is not topic: the sentiment of movie-review sentences, labeled by people
+# (data.prepare_sentiment; prepared once by `python ptft.py data sentiment`, refused without it).
+# Pre-trained on the archive's other snippets, the train texts and the stdlib docstrings; scored
+# on the validation split -- the test split is read only by sentiment-final, once the tables are
+# final. C6's budget rows (k=16, full) give the snapshots' curve.
+PLANS["sentiment"] = {
+    **PLANS["quick"],
+    "corpora": ["sentiment"],
+    "needs_data": "sentiment",
+    "evaluate_on": "valid",
+    "sentiment_extra_text": ["stdlib"],
+    "pretrain_steps": {"sentiment": 30000},
+    "pretrain_batch_size": {"sentiment": 8},
+    "snapshot_steps": {"sentiment": [3000, 10000, 20000]},
+    "eval_every": {"sentiment": 1000},
+    "task_choice_steps": {"sentiment": None},
+    "tables": {"sentiment": ["C1", "C6"]},
+    "labels_per_class": [16, 64, "all"],
+    "c1_variants": {"sentiment": ["scratch", "head", "head-mean", "full"]},
+}
+# The same plan scored once on the held-out test split, when the validation tables are final:
+# `--plan sentiment-final --out OUT --resume` in sentiment's OUT reuses its pre-training.
+PLANS["sentiment-final"] = {**PLANS["sentiment"], "evaluate_on": "test"}
+
 # C4, both halves, on the toy world: pre-training at 1e-4 ... 3e-3 with and without gradient
 # clipping (the document's reason for a small rate is exploding gradients: the largest gradient
 # norm and any divergence are recorded), 600 steps of 32 sequences per seed; and fine-tuning
@@ -294,6 +320,34 @@ def package_text(task):
     test_texts = {text for text, _ in task["test"]}
     return [lines for _, lines in data.package_docstrings()
             if " ".join(lines[:3]) not in test_texts]
+
+
+SENTIMENT_FOLDER = os.path.join("runs", "data", "sentiment")  # where `ptft.py data` writes
+
+
+def sentiment_task(plan, folder=SENTIMENT_FOLDER):
+    """The prepared sentiment data (data.prepare_sentiment) -> {unlabeled, train, test}: the
+    train split is the pool the k labels are drawn from; `test` is the split the plan is scored
+    on (plan['evaluate_on']: valid, or test only when the tables are final). Unlabeled: the
+    folder's unlabeled.txt (no valid or test text in it) plus plan['sentiment_extra_text']."""
+    refuse_unprepared(folder)
+    split = {}
+    for name in ("train", plan["evaluate_on"]):
+        texts, labels = data.read_tsv(os.path.join(folder, f"{name}.tsv"))
+        split[name] = list(zip(texts, labels))
+    unlabeled = data.read_corpus([os.path.join(folder, "unlabeled.txt")])
+    for extra in plan.get("sentiment_extra_text", []):
+        unlabeled += data.load_corpus([extra])[1]
+    return {"unlabeled": unlabeled, "train": split["train"], "test": split[plan["evaluate_on"]]}
+
+
+def refuse_unprepared(folder=SENTIMENT_FOLDER):
+    """A plan on the sentiment data refuses, in one line, before anything runs if it is absent."""
+    missing = [name for name in data.SENTIMENT_FILES
+               if not os.path.isfile(os.path.join(folder, name))]
+    if missing:
+        raise InputError(f"{os.path.join(folder, missing[0])}: missing; prepare the data first: "
+                         f"python ptft.py data sentiment")
 
 
 def toy_task(num_documents, labeled_per_class):
@@ -742,10 +796,14 @@ def tables_for(corpus, plan, task, encoders, num_layers, num_classes):
     k = plan["k"]
     epochs = epochs_for(k * num_classes, plan)
 
+    # the split a run is scored on, where a plan names one (sentiment): in every run's key, so that
+    # a --resume of sentiment-final in sentiment's folder reuses its pre-training, never its scores
+    split = {"evaluate_on": plan["evaluate_on"]} if plan.get("evaluate_on") else {}
+
     def finetune_spec(**changes):
         spec = dict(method="finetune", corpus=corpus, encoder="final", k=k, freeze="none",
                     lr=FULL_LR, epochs=epochs, schedule="cosine", warmup=0.1, l2_sp=0.0,
-                    aux_mlm=0.0, layer_lr_decay=1.0)
+                    aux_mlm=0.0, layer_lr_decay=1.0, **split)
         spec.update(changes)
         if spec["k"] != k and "epochs" not in changes:
             size = len(task["train"]) if spec["k"] == "all" else spec["k"] * num_classes
@@ -753,7 +811,7 @@ def tables_for(corpus, plan, task, encoders, num_layers, num_classes):
         return spec
 
     def baseline(k_value=k):
-        return dict(method="tfidf", corpus=corpus, k=k_value)
+        return dict(method="tfidf", corpus=corpus, k=k_value, **split)
 
     scratch = finetune_spec(encoder="scratch")
     head, full = finetune_spec(freeze="head", lr=HEAD_LR), finetune_spec()
@@ -983,7 +1041,7 @@ CLAIMS = {  # the document's claims (docs/claims.md), in a line each
 }
 AS_GOOD_AS = -0.02  # "as good as": within 2 accuracy points (a negative margin, verdicts.compare)
 HEAD_AS_GOOD_AS_FULL = "head only as good as full fine-tuning, within 2 points (accuracy)"
-CORPUS_SHORT = {"toy": "toy", "stdlib": "text"}
+CORPUS_SHORT = {"toy": "toy", "stdlib": "text", "sentiment": "sentiment"}
 
 
 def c5_short_name(setting):
@@ -1142,6 +1200,7 @@ def gather_claims(folder):
                                     for row in rows])
         pending = sorted(name for name, plan in PLANS.items()
                          if name not in plans and not plan.get("needs_gpu")
+                         and not plan.get("needs_data")
                          and any(claim in plan["tables"][corpus] for corpus in plan["corpora"]))
         if verdict == verdicts.NOT_TESTED and pending:
             verdict = "not settled (re-run pending)"
@@ -1253,6 +1312,8 @@ def checked_plan(plan_name, plan, seeds):
         raise InputError(f"--plan {plan_name} pre-trains a small encoder for about 10 minutes "
                          "of a GPU: hours on this machine, which has no CUDA GPU; on a CPU run "
                          "--plan real-text (the tiny encoder, ~22 minutes)")
+    if plan.get("needs_data") == "sentiment":
+        refuse_unprepared()
     return plan
 
 
@@ -1275,6 +1336,8 @@ def run_corpus(out, corpus, plan, resume, finished, runs_path, results, log):
     corpus_started = time.time()
     if corpus == "toy":
         task = toy_task(plan["toy_documents"], plan["toy_labeled"])
+    elif corpus == "sentiment":
+        task = sentiment_task(plan)
     else:
         task = stdlib_task(plan["stdlib_max_documents"])
     if corpus == "stdlib" and plan.get("extra_text") == "packages":
@@ -1348,7 +1411,8 @@ def write_results(results, out, plan_name, results_folder):
         write_json(os.path.join(results_folder, "claims.json"), gather_claims(results_folder))
 
 
-CORPUS_NAMES = {"toy": "toy world", "stdlib": "real text: stdlib docstrings"}
+CORPUS_NAMES = {"toy": "toy world", "stdlib": "real text: stdlib docstrings",
+                "sentiment": "real text: movie-review sentiment, rated by people"}
 
 
 def markdown(results):
@@ -1356,7 +1420,9 @@ def markdown(results):
              f"Plan `{results['plan']}`, {results['settings']['seeds']} seeds, "
              f"device {results['device']}. Each cell: mean ± the sample standard deviation "
              "(ddof = 1) over seeds; (n=1): one seed, no spread. Verdicts: the rule of "
-             "docs/claims.md (a paired 95% t interval against the claim's margin).", ""]
+             "docs/claims.md (a paired 95% t interval against the claim's margin)."
+             + (f" Scored on the {results['settings']['evaluate_on']} split."
+                if results["settings"].get("evaluate_on") else ""), ""]
     for corpus, runs in results["pretraining"].items():
         lines.append(f"Pre-training on the {CORPUS_NAMES[corpus]}: " + "; ".join(
             f"{name}: held-out MLM loss on pre-training's batches (pairs) "

@@ -523,6 +523,26 @@ class TokenizeOptions:
         check_settings(self)
 
 
+@dataclass
+class DataOptions:
+    """`ptft.py data sentiment`: a real labeled task that is not topic, from a registry package
+    (data.prepare_sentiment)."""
+    archive: str = setting(None, "read this copy of vaderSentiment-3.3.2.tar.gz (fetched "
+                                 "elsewhere) instead of running pip download; its SHA-256 is "
+                                 "checked all the same", metavar="FILE")
+    valid_fraction: float = setting(0.1, "share of each label's examples held out for "
+                                         "validation", least=0.0)
+    test_fraction: float = setting(0.1, "share of each label's examples held out for the final "
+                                        "test", least=0.0)
+    split_seed: int = setting(0, "seed of the split (the same seed writes the same files)")
+
+    def check(self):
+        check_settings(self)
+        if self.valid_fraction + self.test_fraction >= 1:
+            raise InputError(f"--valid-fraction + --test-fraction must be below 1, got "
+                             f"{self.valid_fraction + self.test_fraction:g}")
+
+
 def check_settings(options):
     """The bounds the fields declare (setting's least and choices), for every field of `options`
     and of the options grouped in it (FinetuneOptions.remedies); None, "the code chooses",

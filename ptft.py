@@ -16,6 +16,7 @@
     python ptft.py experiments     the claims as tables with per-seed values and verdicts
     python ptft.py pretrain-images C8: masked-patch pre-training on images (images.py)
     python ptft.py finetune-images C8: an image classifier from it (or from scratch)
+    python ptft.py data sentiment  optional: a real task that is not topic, fetched with pip
 
 `torchrun --nproc_per_node N ptft.py pretrain|finetune ...` trains data-parallel (parallel.py).
 Wherever a command takes --init, a Hugging Face BERT folder (config.json, model.safetensors or
@@ -157,7 +158,7 @@ def build_parser():
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in (add_demo, add_pretrain, add_finetune, add_distill, add_quantize, add_prune,
                 add_tokenize, add_experiments, add_evaluate, add_fill_mask, add_generate,
-                add_export, add_bench, add_images):
+                add_export, add_bench, add_images, add_data):
         add(commands)
     return parser
 
@@ -337,12 +338,37 @@ def add_experiments(commands):
                    "leaves out), c7 (C7's remedies -- distillation, int8, pruning, LoRA -- on both "
                    "corpora), task-adaptive (C1 on real text with task-adaptive pre-training), "
                    "real-text-gpu (the small encoder on real text, ~10 GPU minutes; refused "
-                   "without a CUDA GPU); docs/claims.md gives each plan's time on a measured "
-                   "machine")
+                   "without a CUDA GPU), sentiment (C1 on human-rated movie-review sentences, "
+                   "scored on validation; sentiment-final: on test; `ptft.py data sentiment` "
+                   "first); docs/claims.md gives each plan's time on a measured machine")
     p.add_argument("--out", default="runs/experiments", help="output folder")
     p.add_argument("--resume", action="store_true", help="skip the runs already in OUT/runs.jsonl")
     p.add_argument("--force", action="store_true",
                    help="delete an existing --out folder and start over")
+
+
+def add_data(commands):
+    p = add_command(commands, "data", "optional: prepare a real data set from a registry package",
+                    "sentiment: pip-download vaderSentiment 3.3.2's source distribution (MIT), "
+                    "check its SHA-256, and write its 10,568 human-rated movie-review sentences "
+                    "(label: the sign of the mean rating) as OUT/train.tsv, valid.tsv and test.tsv "
+                    "(split per label, deterministic), with OUT/unlabeled.txt (its other snippets "
+                    "and the train texts) and OUT/SOURCE.txt. `experiments --plan sentiment` reads "
+                    "it from runs/data/sentiment.")
+    p.add_argument("name", choices=["sentiment"], help="the data set")
+    p.add_argument("--out", default=experiments.SENTIMENT_FOLDER, help="the folder to write")
+    p.add_argument("--force", action="store_true", help="replace the files in --out")
+    add_options(p, options.DataOptions)
+
+
+def run_data(args):
+    o = options_from(options.DataOptions, args)
+    o.check()
+    counts = data.prepare_sentiment(args.out, o.archive, valid_fraction=o.valid_fraction,
+                                    test_fraction=o.test_fraction, seed=o.split_seed,
+                                    force=args.force)
+    print(f"wrote {args.out}/: " + ", ".join(f"{name} {n:,}" for name, n in counts.items())
+          + " (SOURCE.txt: origin, licence, checksum)")
 
 
 def add_evaluate(commands):
@@ -561,6 +587,7 @@ COMMANDS = {
         args.out, options_from(images.ImagePretrainOptions, args), args.resume, args.force),
     "finetune-images": lambda args: images.finetune_images(
         args.out, options_from(images.ImageFinetuneOptions, args), args.force),
+    "data": run_data,
 }
 
 
