@@ -235,13 +235,18 @@ PLANS["c7"] = {
     # 15 epochs at k=16 on the toy world, 10 over all of real text's labels: a teacher trained to
     # convergence, so that the remedies' own training (recovery, distillation) has nothing to add
     "finetune_steps": 2200,
+    # every remedy beside its control: pruning at four sparsities against the teacher, the
+    # distilled student against the same student trained without the teacher
+    "c7_remedies": ["teacher", "head", "lora-4", "int8", "int8-arithmetic", "pruned-30",
+                    "pruned-50", "pruned-70", "pruned-90", "pruned-50+int8", "ffn-50", "distilled",
+                    "student-no-teacher", "distilled+int8"],
 }
 for plan in PLANS.values():
     # each remedy beside its control (comparisons_for): distillation beside the same student
     # trained on the labels alone, pruning at four sparsities beside the teacher
+    # (only the c7 plan runs C7's table: what the others record here does not reach their numbers)
     plan.setdefault("c7_remedies", ["teacher", "head", "lora-4", "int8", "int8-arithmetic",
-                                    "pruned-30", "pruned-50", "pruned-70", "pruned-90",
-                                    "pruned-50+int8", "ffn-50", "distilled", "student-no-teacher",
+                                    "pruned-50", "pruned-50+int8", "ffn-50", "distilled",
                                     "distilled+int8"])
     plan.setdefault("c7_unlabeled", 2000)       # the distillation transfer set: unlabeled sentences
     plan.setdefault("c7_recovery_epochs", 3)    # fine-tuning after pruning

@@ -31,7 +31,7 @@ TINY_PLAN = {**experiments.PLANS["quick"], "seeds": 3, "toy_documents": 300, "to
              "eval_every": {"toy": 10, "stdlib": 10}, "task_choice_steps": {"toy": 20, "stdlib": None},
              "tables": {"toy": CLAIMS, "stdlib": ["C1"]}, "labels_per_class": [2], "k": 2,
              "finetune_steps": 2, "max_epochs": 2, "epoch_grid": [1, 2], "lr_grid": [1e-3], "forgetting_batches": 1,
-             "c7_unlabeled": 50, "c7_recovery_epochs": 1, "c7_timing_seconds": 0.02, "adapt_steps": 3, "min_epochs": 1,
+             "c7_remedies": experiments.PLANS["c7"]["c7_remedies"], "c7_unlabeled": 50, "c7_recovery_epochs": 1, "c7_timing_seconds": 0.02, "adapt_steps": 3, "min_epochs": 1,
              "pretrain_lr_grid": [1e-4, 3e-3], "pretrain_lr_steps": 3, "pretrain_lr_batch_size": 4,
              "c1_variants": {"toy": ["scratch", "head", "head-mean", "top-2", "full", "adapt-full"],
                              "stdlib": ["scratch", "head", "head-mean", "full"]}}
