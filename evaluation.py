@@ -22,7 +22,6 @@ from checkpoint import open_model
 from common import IGNORE_INDEX, InputError
 from model import mlm_loss
 from options import GenerateOptions, autocast, pick_device
-from tokenizer import MASK
 
 # ----------------------------------------------------------------------------------------
 # The two measures: held-out E4 and a classifier's scores
@@ -127,7 +126,7 @@ def fill_mask(init, text, top_k=5, device="auto", log=print, base=None):
         raise InputError(f"--top-k must be positive, got {top_k}")
     input_ids = [tokenizer.cls_id, *tokenizer.encode(text), tokenizer.sep_id]
     if tokenizer.mask_id not in input_ids:
-        raise InputError(f"no {MASK} in the text; write {MASK} where a token should be predicted")
+        raise InputError("no [MASK] in the text; write [MASK] where a token should be predicted")
     if len(input_ids) > model.config.max_positions:
         raise InputError(f"the text is {len(input_ids)} tokens long; "
                          f"the model takes at most {model.config.max_positions}")
