@@ -73,3 +73,13 @@ def layer_lr_scales(model, decay):
             depth = 0
         scales[name] = decay ** depth
     return scales
+
+
+if __name__ == "__main__":
+    # `python schedule.py`: the three schedules' rates over 100 steps with 10 of warmup (C4, C5c)
+    peak, total, warmup = 1e-3, 100, 10
+    for schedule in ("cosine", "constant", "cyclical"):
+        rates = [learning_rate(step, total, peak, warmup, schedule) for step in range(total)]
+        assert max(rates) == peak and rates[warmup - 1] == peak  # warmup ends at the peak
+        print(f"{schedule:>9}: " + " ".join(f"{rates[s]:.1e}" for s in range(0, total, 10)))
+    print("self-check passed")

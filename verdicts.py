@@ -122,3 +122,6 @@ if __name__ == "__main__":
               f"95% [{low:+.3f}, {high:+.3f}] -> {result['verdict']}")
     print(combine([("toy", clear["verdict"]), ("real text", close["verdict"]),
                    ("other", worse["verdict"])]))
+    assert (clear["verdict"], close["verdict"], worse["verdict"]) == (
+        "holds", "not settled", "does not hold")
+    print("self-check passed")

@@ -6,6 +6,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 
 import pytest
 
@@ -140,3 +141,12 @@ def test_functions_fit_on_a_page_and_lines_in_a_window():
                                 f"{count} parameters")
     assert not too_long, too_long
     assert wide <= 0.02 * lines
+
+
+@pytest.mark.parametrize("module", ["model", "fast", "schedule", "compress", "verdicts"])
+def test_a_file_that_checks_itself_passes_its_own_check(module):
+    # README: `python model.py` (or fast.py, compress.py) checks itself -- a change that breaks the
+    # check must not land with a green suite
+    result = subprocess.run([sys.executable, f"{module}.py"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0 and "self-check passed" in result.stdout, result.stderr[-2000:]
