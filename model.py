@@ -348,7 +348,7 @@ class PreTrainingModel(nn.Module):
         token_embedding = self.encoder.embeddings.token.weight
         return self.mlm_head(sequence_output[masked_positions], token_embedding)
 
-    def forward(self, input_ids, segment_ids, attention_mask, mlm_labels, with_nsp=True,
+    def forward(self, input_ids, segment_ids, attention_mask, mlm_labels, *, with_nsp=True,
                 speed=None):
         """The scores the pre-training losses are made of (train.pretraining_step writes E4 and
         B3 out): s_theta at the masked positions (N, V), their original tokens x_t (N,), and B2's

@@ -82,8 +82,8 @@ def pretrain(out, options, resume=False, force=False, log=print, progress=True):
         model, optimizer, scaler = run.model, run.optimizer, run.scaler
         training_model = model_to_train(run)
         warmup_steps = o.warmup_steps if o.warmup_steps is not None else max(1, o.steps // 20)
-        throughput, last = fast.Throughput(  # the first steps (compile, allocator) timed apart
-            timing_warmup_steps=max(1, min(10, (o.steps - start_step) // 10))), {}
+        throughput, last, largest_norm = fast.Throughput(  # the first steps timed apart
+            timing_warmup_steps=max(1, min(10, (o.steps - start_step) // 10))), {}, 0.0
         bar = tqdm(range(start_step, o.steps), initial=start_step, total=o.steps, desc="pre-train",
                    disable=not (progress and run.processes.main), dynamic_ncols=True)
         batches = step_batches(run, encoded)  # per step: micro-batches (B2 pairs, B1 masks)
@@ -108,20 +108,19 @@ def pretrain(out, options, resume=False, force=False, log=print, progress=True):
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 throughput.add(tokens, time.time() - step_started)
-                last = {"step": step + 1, "train_mlm_loss": loss_mlm,  # C4: largest norm seen
-                        "train_nsp_loss": loss_nsp if o.nsp else None,
-                        "max_grad_norm": max(grad_norm, last.get("max_grad_norm", 0.0))}
+                last = {"step": step + 1, "train_mlm_loss": loss_mlm,
+                        "train_nsp_loss": loss_nsp if o.nsp else None}
+                largest_norm = max(largest_norm, grad_norm)  # C4: what a large rate does
                 bar.set_postfix(mlm=f"{loss_mlm:.3f}", tok_s=f"{throughput.rate():,.0f}",
                                 data_wait=f"{throughput.share(batches.waited):.0%}")
                 if held_out and ((step + 1) % o.eval_every == 0 or step + 1 == o.steps):
                     record_held_out(run, held_out, last, bar.write)
-                # saved in the next step, once its loss vouches for these weights (Saving)
-                saving.pending = bool(o.save_every) and (step + 1) % o.save_every == 0
+                saving.pending = bool(o.save_every) and (step + 1) % o.save_every == 0  # Saving
                 if step + 1 in o.snapshot_steps:  # C6's budget sweep (not resumed from)
                     run.save(os.path.join(out, f"snapshot-{step + 1}.pt"), step + 1,
                              run.rng_states(batches.next_state()))
             saving.last(o.steps, run, run.rng_states(batches.next_state()))
-        return finish_pretraining(out, run, last, throughput, batches.waited)
+        return finish_pretraining(out, run, last, throughput, batches.waited, largest_norm)
 
 
 class Saving:
@@ -167,10 +166,11 @@ def model_to_train(run):
     return fast.compiled_model(training_model, o.compile)  # --compile: off, model, step, graphs
 
 
-def finish_pretraining(out, run, last, throughput, data_wait_seconds):
-    """The run's metrics, written to OUT/metrics.json on rank 0, once the final checkpoint is
-    saved."""
-    metrics = {**last, "final_train_mlm_loss": last.get("train_mlm_loss"),
+def finish_pretraining(out, run, last, throughput, data_wait_seconds, largest_norm):
+    """The run's metrics, written to OUT/metrics.json on rank 0. largest_norm (C4): the largest
+    gradient norm before clipping of the steps this process ran (after a --resume: since)."""
+    metrics = {**last, "max_grad_norm": largest_norm,
+               "final_train_mlm_loss": last.get("train_mlm_loss"),
                "held_out_mlm_loss": last.get("held_out_mlm_loss"),
                "objective": run.options.objective,
                "ln_vocab": math.log(len(run.tokenizer)), **throughput.metrics(),

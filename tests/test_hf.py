@@ -288,8 +288,8 @@ def test_one_training_step_gives_the_same_loss_and_gradients(tmp_path, device):
     ours.to(device).train()
     theirs.to(device).train()
     batch = {name: value.to(device) for name, value in make_batch(config, 0).items()}
-    loss_ours = ours(batch["input_ids"], batch["segment_ids"], batch["attention_mask"].bool(),
-                     batch["mlm_labels"], batch["nsp_labels"])[0]
+    loss_ours = pretraining_losses(ours, batch["input_ids"], batch["segment_ids"], batch["attention_mask"].bool(),
+                                   batch["mlm_labels"], batch["nsp_labels"])[0]
     loss_theirs = theirs(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                          token_type_ids=batch["segment_ids"], labels=batch["mlm_labels"],
                          next_sentence_label=batch["nsp_labels"]).loss
