@@ -322,9 +322,9 @@ def add_tokenize(commands):
 
 
 def add_experiments(commands):
-    p = add_command(commands, "experiments", "test the document's claims C1-C7",
+    p = add_command(commands, "experiments", "test the document's claims C1-C8",
                     "Run the experiments of experiments.py on the toy world and on the standard "
-                    "library's docstrings: one table per claim (C1-C7), each cell mean ± std over "
+                    "library's docstrings: one table per claim (C1-C8), each cell mean ± std over "
                     "seeds, with a TF-IDF + logistic-regression baseline. Writes OUT/results.json, "
                     "OUT/results.md and OUT/runs.jsonl (one line per finished run).")
     p.add_argument("--quick", action="store_true", help="= --plan quick")
