@@ -2,6 +2,7 @@
 
     mlm_evaluation(model, batches)   held-out E4: the mean -log P(x_t | x~) over every masked token
     classify(model, rows, labels)    accuracy, macro-F1 and the mean cross-entropy of E3
+    linear_softmax(x, y)             the baselines' classifier on fixed features (TF-IDF, pixels)
     evaluate(init, data)             either of the two on a file, for a run folder
                                      (`ptft.py evaluate`)
     fill_mask(init, text)            E4's softmax at every [MASK] (`ptft.py fill-mask`)
@@ -49,6 +50,26 @@ def mlm_evaluation(model, batches, device, precision="fp32"):
     model.train(was_training)
     return {"mlm_loss": total_loss / max(total_masked, 1),
             "nsp_accuracy": nsp_correct / max(nsp_total, 1)}
+
+
+def linear_softmax(x_train, y_train, num_classes, l2, steps, lr):
+    """The non-neural baselines' classifier (TF-IDF words, raw pixels) on fixed features x (n, D):
+    softmax(W x + b), cross-entropy + l2 * ||W||^2, full-batch Adam from zero -- a convex
+    problem, so the optimizer matters little. Returns predict(x_test) -> the argmax classes."""
+    weight = torch.zeros(x_train.shape[1], num_classes, requires_grad=True)
+    bias = torch.zeros(num_classes, requires_grad=True)
+    optimizer = torch.optim.Adam([weight, bias], lr=lr)
+    for _ in range(steps):
+        loss = F.cross_entropy(x_train @ weight + bias, y_train) + l2 * (weight ** 2).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    @torch.no_grad()
+    def predict(x_test):
+        return (x_test @ weight + bias).argmax(-1).numpy()
+
+    return predict
 
 
 @torch.no_grad()

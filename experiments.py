@@ -60,7 +60,7 @@ import train
 import verdicts
 from checkpoint import TASK_FILE, open_model, prepare_out_folder, write_json
 from common import IGNORE_INDEX, InputError
-from model import Config, PreTrainingModel, count_parameters
+from model import PRESETS, Config, PreTrainingModel, count_parameters
 from options import DistillOptions, FinetuneOptions, PretrainOptions, PruneOptions, Remedies
 from tokenizer import split_words
 
@@ -239,7 +239,12 @@ PLANS["c7"] = {
     # distilled student against the same student trained without the teacher
     "c7_remedies": ["teacher", "head", "lora-4", "int8", "int8-arithmetic", "pruned-30",
                     "pruned-50", "pruned-70", "pruned-90", "pruned-50+int8", "ffn-50", "distilled",
-                    "student-no-teacher", "distilled+int8"],
+                    "student-no-teacher", "distilled+int8",
+                    # LoRA's rank, its targets and its rate (LORA_ROWS), toward full fine-tuning
+                    "lora-1", "lora-16", "lora-8-all", "lora-8-all-lr3e-3",
+                    # the student initialised from a smaller pre-trained run (same steps, half
+                    # the layers), distilled and not: does the teacher add to pre-training?
+                    "distilled-small", "small-no-teacher"],
 }
 for plan in PLANS.values():
     # each remedy beside its control (comparisons_for): distillation beside the same student
@@ -389,8 +394,7 @@ def tfidf_logistic_regression(train_texts, train_labels, test_texts, num_classes
         tfidf(w, x) = count(w in x) * (ln((1 + n) / (1 + df(w))) + 1),  each row scaled to length 1
 
     n: training texts, df(w): training texts containing w. Words: the same basic tokenizer as
-    BERT's (tokenizer.split_words). The classifier: softmax(W x + b), cross-entropy + l2 * ||W||^2,
-    full-batch Adam -- a convex problem, so the optimizer matters little."""
+    BERT's (tokenizer.split_words). The classifier: evaluation.linear_softmax."""
     train_words = [split_words(text) for text in train_texts]
     document_frequency = {}
     for words in train_words:
@@ -410,19 +414,9 @@ def tfidf_logistic_regression(train_texts, train_labels, test_texts, num_classes
         x *= idf
         return torch.from_numpy(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12))
 
-    x_train, y_train = features(train_words), torch.tensor(train_labels)
-    weight = torch.zeros(len(vocabulary), num_classes, requires_grad=True)
-    bias = torch.zeros(num_classes, requires_grad=True)
-    optimizer = torch.optim.Adam([weight, bias], lr=0.1)
-    for _ in range(steps):
-        loss = (torch.nn.functional.cross_entropy(x_train @ weight + bias, y_train)
-                + l2 * (weight ** 2).sum())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    with torch.no_grad():
-        x_test = features([split_words(text) for text in test_texts])
-        return (x_test @ weight + bias).argmax(-1).numpy()
+    predict = evaluation.linear_softmax(features(train_words), torch.tensor(train_labels),
+                                        num_classes, l2, steps, lr=0.1)
+    return predict(features([split_words(text) for text in test_texts]))
 
 
 # ----------------------------------------------------------------------------------------
@@ -450,6 +444,10 @@ def pretrain_encoders(out, corpus, task, plan, resume, log):
     if plan["task_choice_steps"][corpus] and "C6" in plan["tables"][corpus]:
         for name, choice in TASK_CHOICES.items():
             runs[name] = (f"pretrain-{name}", plan["task_choice_steps"][corpus], choice)
+    if "C7" in plan["tables"][corpus] and "distilled-small" in plan["c7_remedies"]:
+        # C7's smaller student: half the layers, pre-trained as long on the same text
+        half = max(1, PRESETS[plan.get("pretrain_config", "tiny")]["num_layers"] // 2)
+        runs["half-depth"] = (SMALL_PRETRAINED, steps, {"num_layers": half})
     encoders = {}
     for name, (run_folder, run_steps, choice) in runs.items():
         path = os.path.join(folder, run_folder)
@@ -682,7 +680,7 @@ def pretrain_rate_run(spec, folder):
 # C7's rows: each remedy's run folder, made from one teacher per seed by deploy.py's commands
 C7_NAMES = {"teacher": "teacher: pre-trained, full fine-tuning",
             "head": "head only (--freeze head, task file)",
-            "lora-4": "LoRA, rank 4 (--lora 4, task file)", "int8": "teacher, int8 (quantize)",
+            "int8": "teacher, int8 (quantize)",
             **{f"pruned-{percent}": f"teacher, {percent}% of the layer matrices' weights pruned "
                                     "+ recovery (prune)" for percent in (30, 50, 70, 90)},
             "int8-arithmetic": "teacher, int8, computed in int8 "
@@ -694,7 +692,20 @@ C7_NAMES = {"teacher": "teacher: pre-trained, full fine-tuning",
             # distillation's control: alpha 1 gives the teacher's predictions no weight
             "student-no-teacher": "student, no teacher (the distilled student's init, transfer "
                                   "set and steps; labels only: --alpha 1)",
-            "distilled+int8": "distilled, then int8"}
+            "distilled+int8": "distilled, then int8",
+            "distilled-small": "distilled into a smaller pre-trained run (half the layers, "
+                               "pre-trained as long; --student-init RUN)",
+            "small-no-teacher": "the smaller pre-trained run, no teacher (its init, transfer "
+                                "set and steps; labels only: --alpha 1)"}
+# C7's LoRA rows: FinetuneOptions' LoRA settings (rate: HEAD_LR unless given)
+LORA_ROWS = {"lora-1": dict(lora=1), "lora-4": dict(lora=4), "lora-16": dict(lora=16),
+             "lora-8-all": dict(lora=8, lora_targets="all"),
+             "lora-8-all-lr3e-3": dict(lora=8, lora_targets="all", lr=3e-3)}
+C7_NAMES.update({name: f"LoRA, rank {o['lora']}"
+                       + (", every projection (--lora-targets all)" if "lora_targets" in o else "")
+                       + (f", lr {o['lr']:g}" if "lr" in o else "") + " (task file)"
+                 for name, o in LORA_ROWS.items()})
+SMALL_PRETRAINED = "pretrain-half-depth"  # the corpus folder's run for the smaller student
 
 
 def made_c7_remedy(name, spec, loaded, folder, seed_folder, train_tsv):
@@ -720,9 +731,9 @@ def made_c7_remedy(name, spec, loaded, folder, seed_folder, train_tsv):
     elif name == "head":  # head and LoRA save a task file: only what trained
         finetuning.finetune(path, FinetuneOptions(freeze="head", lr=HEAD_LR, save="delta",
                                                   **tuned), **quietly)
-    elif name.startswith("lora-"):
-        finetuning.finetune(path, FinetuneOptions(lora=int(name[5:]), lr=HEAD_LR, save="delta",
-                                                  **tuned), **quietly)
+    elif name in LORA_ROWS:
+        finetuning.finetune(path, FinetuneOptions(**{"lr": HEAD_LR, **LORA_ROWS[name]},
+                                                  save="delta", **tuned), **quietly)
     elif name.startswith(("pruned-", "ffn-")):
         if name.startswith("pruned-"):
             unit, percent = "weights", name[7:]
@@ -731,12 +742,15 @@ def made_c7_remedy(name, spec, loaded, folder, seed_folder, train_tsv):
         deploy.prune(path, PruneOptions(init=made("teacher"), sparsity=int(percent) / 100,
                                         unit=unit, **recovery),
                      **quietly)
-    elif name in ("distilled", "student-no-teacher"):
-        labels_only = {"alpha": 1.0} if name == "student-no-teacher" else {}
+    elif name in ("distilled", "student-no-teacher", "distilled-small", "small-no-teacher"):
+        labels_only = {"alpha": 1.0} if name.endswith("no-teacher") else {}
+        small = os.path.join(folder, SMALL_PRETRAINED)
+        init = {"student_init": small} if "small" in name else {}
         deploy.distill(path, DistillOptions(teacher=made("teacher"), train=train_tsv,
                                             seed=seed, device="cpu",
                                             unlabeled=[os.path.join(folder, "unlabeled.txt")],
-                                            max_unlabeled=spec["unlabeled"], **labels_only),
+                                            max_unlabeled=spec["unlabeled"], **labels_only,
+                                            **init),
                        **quietly)
     else:
         raise ValueError(f"unknown C7 remedy {name!r}")
@@ -1160,6 +1174,12 @@ def add_c5_to_c7(add, settings):
     add("C7", "C7", "distillation vs no teacher",
         "the distilled student beats the same student trained without the teacher (accuracy)",
         C7_NAMES["distilled"], C7_NAMES["student-no-teacher"], "accuracy")
+    add("C7", "C7", "distilling a smaller pre-trained run",
+        "distilling the smaller pre-trained run beats fine-tuning it without the teacher "
+        "(accuracy)", C7_NAMES["distilled-small"], C7_NAMES["small-no-teacher"], "accuracy")
+    for name in LORA_ROWS:
+        add("C7", "C7", name, f"{C7_NAMES[name]} as accurate as full fine-tuning, within 1 point "
+            "(accuracy)", C7_NAMES[name], C7_NAMES["teacher"], "accuracy", -0.01)
     for percent in (30, 50, 70, 90):
         add("C7", "C7", f"pruned {percent}%",
             f"{percent}% of the layer matrices pruned (+ recovery) as accurate as the teacher, "
@@ -1408,6 +1428,7 @@ def write_results(results, out, plan_name, results_folder):
         f.write(markdown(results))
     plot_labels_per_class(results, os.path.join(out, "labels_per_class.png"))
     plot_accuracy_against_size(results, os.path.join(out, "c7_accuracy_against_size.png"))
+    plot_compute_curve(results, os.path.join(out, "c6_pretraining_compute.png"))
     if results_folder:
         os.makedirs(results_folder, exist_ok=True)
         write_json(os.path.join(results_folder, f"{plan_name}.json"), results)
@@ -1461,13 +1482,31 @@ def markdown(results):
     return "\n".join(lines) + "\n"
 
 
-def plot_labels_per_class(results, path):
-    """C1's learning curve as a picture, if matplotlib is installed (optional)."""
+def pyplot():
+    """matplotlib.pyplot drawing to files, or None where matplotlib is not installed (the
+    pictures are optional: pip install matplotlib)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def label_axes(axis, table, title, xlabel):
+    """A picture's common parts: chance's level, the title, the axes' names, the legend."""
+    axis.axhline(100 / table["classes"], color="grey", linestyle=":", linewidth=1, label="chance")
+    axis.set_title(title, fontsize=8)
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel("test accuracy %")
+    axis.legend(fontsize=7)
+
+
+def plot_labels_per_class(results, path):
+    """C1's learning curve as a picture, if matplotlib is installed (optional)."""
+    plt = pyplot()
+    if plt is None:
         return
     tables = [t for t in results["tables"] if t["claim"] == "C1"]
     figure, axes = plt.subplots(1, len(tables), figsize=(6 * len(tables), 4), squeeze=False)
@@ -1478,12 +1517,36 @@ def plot_labels_per_class(results, path):
             stds = [100 * r["cells"]["accuracy"]["std"] for r in rows]
             axis.errorbar([r["setting"].split(":")[0] for r in rows], means, yerr=stds,
                           label=variant, capsize=3)
-        axis.axhline(100 / table["classes"], color="grey", linestyle=":", linewidth=1,
-                     label="chance")
-        axis.set_title(CORPUS_NAMES[table["corpus"]])
-        axis.set_xlabel("labels per class")
-        axis.set_ylabel("test accuracy %")
-        axis.legend(fontsize=7)
+        label_axes(axis, table, CORPUS_NAMES[table["corpus"]], "labels per class")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+def plot_compute_curve(results, path):
+    """C6's budget rows as a picture, if matplotlib is installed: fine-tuned accuracy against the
+    pre-training steps the encoder had (0: from scratch), with the baseline's level."""
+    tables = [t for t in results["tables"] if t["claim"] == "C6"
+              and sum(re.fullmatch(r"\d+ steps( \(from scratch\))?", r["setting"]) is not None
+                      for r in t["rows"]) > 2]
+    if not tables:
+        return
+    plt = pyplot()
+    if plt is None:
+        return
+    figure, axes = plt.subplots(1, len(tables), figsize=(6 * len(tables), 4), squeeze=False)
+    for axis, table in zip(axes[0], tables):
+        budget = [(int(r["setting"].split()[0]), r["cells"]["accuracy"]) for r in table["rows"]
+                  if re.fullmatch(r"\d+ steps( \(from scratch\))?", r["setting"])]
+        axis.errorbar([steps for steps, _ in budget], [100 * c["mean"] for _, c in budget],
+                      yerr=[100 * (c["std"] or 0) for _, c in budget], marker="o", capsize=3,
+                      label="pre-trained, full fine-tuning")
+        for row in table["rows"]:
+            if row["setting"].startswith(TFIDF):
+                axis.axhline(100 * row["cells"]["accuracy"]["mean"], color="C1", linestyle="--",
+                             linewidth=1, label=TFIDF)
+        axis.set_ylim(0, 100)  # the whole scale: seed noise does not look like structure
+        label_axes(axis, table, f"{CORPUS_NAMES[table['corpus']]}: {table['title']}",
+                   "pre-training steps (0: from scratch)")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
 
@@ -1494,11 +1557,8 @@ def plot_accuracy_against_size(results, path):
     tables = [t for t in results["tables"] if t["claim"] == "C7"]
     if not tables:
         return
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     figure, axes = plt.subplots(1, len(tables), figsize=(7 * len(tables), 4.5), squeeze=False)
     for axis, table in zip(axes[0], tables):
@@ -1559,6 +1619,7 @@ PLANS["c8"] = {
     "c8_prompts_per_topic": 10,                  # generation: prompts per topic (on-topic share)
 }
 C8_OBJECTIVES = {"mlm": "MLM + NSP (BERT)", "causal": "causal LM (GPT-style)"}
+C8_ROWS_SCRATCH = "from scratch (same architecture, full)"
 
 
 def c8_rows(plan, num_classes):
@@ -1569,7 +1630,7 @@ def c8_rows(plan, num_classes):
                 epochs=epochs_for(k * num_classes, plan),
                 schedule="cosine", warmup=0.1, l2_sp=0.0, aux_mlm=0.0, layer_lr_decay=1.0)
     head = dict(base, freeze="head", lr=HEAD_LR)
-    rows = [("from scratch (same architecture, full)", dict(base, encoder="scratch"))]
+    rows = [(C8_ROWS_SCRATCH, dict(base, encoder="scratch"))]
     rows += [(f"{C8_OBJECTIVES['mlm']}, head only ([CLS] pooler)", dict(head, encoder="mlm")),
              (f"{C8_OBJECTIVES['mlm']}, head only, mean pooling",
               dict(head, encoder="mlm", pool="mean")),
@@ -1588,8 +1649,8 @@ def run_c8(out, plan_name, plan, resume, force, log, results_folder=None):
     (run_c8_images). Writes runs.jsonl (--resume), results.json and results.md, stamped; with
     results_folder (a named plan) also c8.json, c8.md, claims.json and the reconstruction
     pictures there. Each cell keeps its per-seed values, the mean and the sample std (n - 1);
-    verdicts.py's rule is applied to the image rows (image_verdicts), not yet to the text
-    table's (comparisons_for does not name them)."""
+    verdicts.py's rule decides the text table (objective_verdicts) and the image rows
+    (image_verdicts)."""
     prepare_out_folder(out, resume, force)
     started = time.time()
     runs_path = os.path.join(out, "runs.jsonl")
@@ -1635,7 +1696,8 @@ def run_c8(out, plan_name, plan, resume, force, log, results_folder=None):
                "device": str(options.pick_device("auto")), "pretraining": {},
                "c8_pretraining": pretraining, "c8_generation": generation,
                "c8_image_pretraining": image_pretraining, "tables": [table] + image_tables,
-               "verdicts": image_decided, "wall_clock_seconds": time.time() - started}
+               "verdicts": objective_verdicts(table) + image_decided,
+               "wall_clock_seconds": time.time() - started}
     lines = (c8_summary_lines(plan, pretraining, table, generation)
              + c8_image_lines(image_pretraining))
     write_c8_results(results, lines, out, plan_name, results_folder)
@@ -1822,24 +1884,49 @@ def image_verdicts(table, plan):
     """verdicts.compare on an image table, paired by seed: at each k, pre-trained (head only;
     full) vs scratch and vs the pixels; on the world at the smallest k, the issue's target
     (beats scratch by more than IMAGE_TARGET)."""
-    rows = {row["setting"]: row["cells"]["accuracy"] for row in table["rows"]}
-    name, decided = table["corpus"], []
+    name, asked = table["corpus"], []
     for k in plan["image_labels_per_class"]:
         asks = [(variant, other, 0.0) for variant in ("head", "full")
                 for other in ("scratch", "pixels")]
         if name == "world" and k == min(plan["image_labels_per_class"]):
             asks += [(variant, "scratch", IMAGE_TARGET) for variant in ("head", "full")]
         for variant, other, margin in asks:
-            a, b = f"k={k}: {IMAGE_ROWS[variant]}", f"k={k}: {IMAGE_ROWS[other]}"
-            outcome = verdicts.compare(dict(zip(rows[a]["seeds"], rows[a]["values"])),
-                                       dict(zip(rows[b]["seeds"], rows[b]["values"])), margin)
             what = f"{IMAGE_ROWS[variant]} beats {IMAGE_ROWS[other]}" + (
                 f" by more than {100 * margin:.0f} points" if margin else "") + " (accuracy)"
-            decided.append(dict(claim="C8", setting=f"{name} k={k}", comparison=what, a=a, b=b,
-                                metric="accuracy", margin=margin, corpus=name,
-                                **{key: outcome[key]
-                                   for key in ("verdict", "difference", "interval", "n")}))
+            asked.append((f"{name} k={k}", what, f"k={k}: {IMAGE_ROWS[variant]}",
+                          f"k={k}: {IMAGE_ROWS[other]}", margin))
+    return paired_verdicts(table, asked)
+
+
+def paired_verdicts(table, asked):
+    """verdicts.compare, paired by seed on accuracy, for each (setting, what it asks, row A,
+    row B, margin) of one C8 table."""
+    rows = {row["setting"]: row["cells"]["accuracy"] for row in table["rows"]}
+    decided = []
+    for setting, what, a, b, margin in asked:
+        outcome = verdicts.compare(dict(zip(rows[a]["seeds"], rows[a]["values"])),
+                                   dict(zip(rows[b]["seeds"], rows[b]["values"])), margin)
+        decided.append(dict(claim="C8", setting=setting, comparison=what, a=a, b=b,
+                            metric="accuracy", margin=margin, corpus=table["corpus"],
+                            **{key: outcome[key]
+                               for key in ("verdict", "difference", "interval", "n")}))
     return decided
+
+
+def objective_verdicts(table):
+    """C8's text half, by the same rule: GPT's objective pre-trained on the toy world beats
+    scratch, and fine-tunes as well as BERT's at the same budget, within 1 point -- head only
+    (both mean-pooled: a causal [CLS] sees only itself) and full."""
+    mlm, causal, scratch = C8_OBJECTIVES["mlm"], C8_OBJECTIVES["causal"], C8_ROWS_SCRATCH
+    pairs = {"full": (f"{causal}, full (mean pooling)", f"{mlm}, full"),
+             "head only": (f"{causal}, head only (mean pooling)",
+                           f"{mlm}, head only, mean pooling")}
+    asked = []
+    for how, (a, b) in pairs.items():
+        asked.append((f"toy causal {how}", f"{a} beats {scratch} (accuracy)", a, scratch, 0.0))
+        asked.append((f"toy causal {how}", f"{a} as accurate as {b}, within 1 point (accuracy)",
+                      a, b, -0.01))
+    return paired_verdicts(table, asked)
 
 
 def write_c8_results(results, lines, out, plan_name, results_folder):

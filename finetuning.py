@@ -31,10 +31,16 @@ from checkpoint import (
 )
 from common import InputError
 from evaluation import classify
-from options import FinetuneOptions, PretrainOptions, model_config, pick_device
+from options import (
+    FinetuneOptions,
+    PretrainOptions,
+    model_config,
+    pick_device,
+    trainable_layers,
+)
 from parallel import finish, on_rank_0, processes_from_environment, refuse_differences
 from tokenizer import train_tokenizer
-from train import StartingPoint, fit_classifier, parse_freeze, pretrain
+from train import StartingPoint, fit_classifier, pretrain
 
 
 def finetune(out, options, force=False, log=print, progress=True):
@@ -58,7 +64,7 @@ def finetune(out, options, force=False, log=print, progress=True):
     else:
         model, tokenizer, checkpoint = open_model(o.init)
         config = model.config
-    parse_freeze(o.freeze, config.num_layers)  # refuse a bad value before any work
+    trainable_layers(o.freeze, config.num_layers)  # a too-deep top-K, refused before any work
     start = (StartingPoint() if o.init == "scratch"
              else starting_point(o.init, checkpoint, model, tokenizer, o, log))
     if o.adapt_steps and not has_mlm_head(checkpoint):

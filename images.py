@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import evaluation
 import fast
 import schedule
 import train
@@ -52,7 +53,7 @@ from model import (
     init_weights,
     make_config,
 )
-from options import check_learning_rate, check_settings, pick_device, setting
+from options import check_learning_rate, check_settings, pick_device, setting, trainable_layers
 
 # ----------------------------------------------------------------------------------------
 # Patches: an image as a sequence of tokens
@@ -343,7 +344,7 @@ class ImageFinetuneOptions:
         check_settings(self)
         if self.pool not in ("mean", "cls"):
             raise InputError(f"--pool: expected mean or cls, got {self.pool!r}")
-        train.parse_freeze(self.freeze, 1 << 30)  # the form only; the depth once the model is known
+        trainable_layers(self.freeze)  # the form; the depth where the model is built
 
     def peak_lr(self):
         # above text's defaults (options.DEFAULT_FINETUNE_LR): on the image world at k=4, ~160
@@ -487,14 +488,15 @@ def restore(path, o, model, optimizer, generator):
 def fit_image_classifier(patches, labels, num_labels, config, o, encoder_state=None):
     """E3 on images: the mean cross-entropy of image_classifier over (patches (n, N, D), labels),
     from encoder_state (None: a random initialisation, C1's scratch). --freeze as for text:
-    train.parse_freeze / freeze_below (frozen modules in eval mode, never in the optimizer).
+    options.trainable_layers / train.freeze_below (frozen modules in eval mode, never in the
+    optimizer).
     Returns the model (in eval mode)."""
     train.seed_everything(o.seed)
     model = image_classifier(replace(config, dropout=o.dropout, attention_dropout=o.dropout),
                              patches.shape[2], num_labels, o.pool)
     if encoder_state is not None:
         model.encoder.load_state_dict(encoder_state)
-    frozen = train.freeze_below(model, train.parse_freeze(o.freeze, config.num_layers))
+    frozen = train.freeze_below(model, trainable_layers(o.freeze, config.num_layers))
     optimizer = schedule.make_optimizer(model, o.peak_lr())
     rng = np.random.default_rng(o.seed)
     labels = torch.as_tensor(labels)
@@ -563,26 +565,18 @@ def finetune_images(out, o, force=False, log=print):
 def pixel_logistic_regression(train_images, train_labels, test_images, num_classes, l2=None,
                               steps=300):
     """C1's baseline on images: softmax(W x + b) on the raw pixels x (standardised with the
-    training images' mean and std), cross-entropy + l2 * ||W||^2, full-batch Adam (a convex
-    problem). l2=None: chosen from L2_GRID by cross-validation on the labeled images themselves
-    (choose_l2) -- 256 pixels and 40 images over-fit without it. Returns test predictions."""
+    training images' mean and std), by evaluation.linear_softmax. l2=None: chosen from L2_GRID
+    by cross-validation on the labeled images themselves (choose_l2) -- 256 pixels and 40 images
+    over-fit without it. Returns test predictions."""
     if l2 is None:
         l2 = choose_l2(train_images, train_labels, num_classes, steps)
     x_train = torch.from_numpy(train_images.reshape(len(train_images), -1)).float()
     mean, std = x_train.mean(0), x_train.std(0).clamp(min=1e-3)
     x_train = (x_train - mean) / std
-    y_train = torch.as_tensor(train_labels)
-    weight = torch.zeros(x_train.shape[1], num_classes, requires_grad=True)
-    bias = torch.zeros(num_classes, requires_grad=True)
-    optimizer = torch.optim.Adam([weight, bias], lr=0.05)
-    for _ in range(steps):
-        loss = F.cross_entropy(x_train @ weight + bias, y_train) + l2 * (weight ** 2).sum()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    with torch.no_grad():
-        x_test = (torch.from_numpy(test_images.reshape(len(test_images), -1)).float() - mean) / std
-        return (x_test @ weight + bias).argmax(-1).numpy()
+    predict = evaluation.linear_softmax(x_train, torch.as_tensor(train_labels), num_classes, l2,
+                                        steps, lr=0.05)
+    x_test = (torch.from_numpy(test_images.reshape(len(test_images), -1)).float() - mean) / std
+    return predict(x_test)
 
 
 L2_GRID = (1e-3, 1e-2, 1e-1, 1.0)

@@ -276,6 +276,7 @@ class FinetuneOptions:
 
     def check(self):
         check_settings(self)
+        trainable_layers(self.freeze)  # the form; the depth once the model is known
         if self.lr is not None:
             check_learning_rate(self.lr)
         scratch = self.init == "scratch"
@@ -541,6 +542,27 @@ class DataOptions:
         if self.valid_fraction + self.test_fraction >= 1:
             raise InputError(f"--valid-fraction + --test-fraction must be below 1, got "
                              f"{self.valid_fraction + self.test_fraction:g}")
+
+
+def trainable_layers(freeze, num_layers=None):
+    """--freeze head | top-K | none -> the number of encoder layers that train (from the top).
+
+    head:  the encoder (embeddings + all layers) is frozen; the head (pooler + classifier) trains
+    top-K: the top K layers and the head train; embeddings and lower layers are frozen
+    none:  everything trains (full fine-tuning)
+    Without num_layers (the options' check(), before the model is known) only the form is
+    checked; the depth is checked where the model is built."""
+    if freeze == "head":
+        return 0
+    if freeze == "none":
+        return None
+    match = re.fullmatch(r"top-(\d+)", freeze or "")
+    if not match:
+        raise InputError(f"--freeze: expected head, top-K (e.g. top-2) or none, got {freeze!r}")
+    k = int(match.group(1))
+    if num_layers is not None and k > num_layers:
+        raise InputError(f"--freeze top-{k}: the model has only {num_layers} layers")
+    return k
 
 
 def check_settings(options):

@@ -14,7 +14,6 @@ Run `python train.py` to run both loops end to end on a small toy world.
 import math
 import os
 import random
-import re
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -44,6 +43,7 @@ from options import (
     deterministic_algorithms,
     pick_device,
     pick_precision,
+    trainable_layers,
 )
 from parallel import (
     data_parallel,
@@ -566,11 +566,11 @@ def classifier_to_fine_tune(config, num_labels, o, start, device):
         model.encoder.load_state_dict(start.encoder_state)  # strict: every encoder weight
     if start.head_state is not None:
         model.classifier.load_state_dict(start.head_state)
-    trainable_layers = parse_freeze(o.freeze, config.num_layers)
-    if o.remedies.aux_mlm and (trainable_layers == 0 or start.pretrained_state is None):
+    trainable = trainable_layers(o.freeze, config.num_layers)
+    if o.remedies.aux_mlm and (trainable == 0 or start.pretrained_state is None):
         raise InputError("--aux-mlm: needs a trainable encoder (not --freeze head) and an init "
                          "with an MLM head")
-    frozen = freeze_below(model, trainable_layers)
+    frozen = freeze_below(model, trainable)
     # C7: the encoder's own weights stay theta_0; low-rank updates of query and value train, and
     # the head
     if o.lora:
@@ -613,25 +613,6 @@ class StartingPoint:
     head_state: dict = None
     teacher: object = None  # a compress.Teacher
     pruned: bool = False
-
-
-def parse_freeze(freeze, num_layers):
-    """--freeze head | top-K | none -> the number of encoder layers that train (from the top).
-
-    head:  the encoder (embeddings + all layers) is frozen; the head (pooler + classifier) trains
-    top-K: the top K layers and the head train; embeddings and lower layers are frozen
-    none:  everything trains (full fine-tuning)"""
-    if freeze == "head":
-        return 0
-    if freeze == "none":
-        return None
-    match = re.fullmatch(r"top-(\d+)", freeze or "")
-    if not match:
-        raise InputError(f"--freeze: expected head, top-K (e.g. top-2) or none, got {freeze!r}")
-    k = int(match.group(1))
-    if k > num_layers:
-        raise InputError(f"--freeze top-{k}: the model has only {num_layers} layers")
-    return k
 
 
 def freeze_below(model, trainable_layers):

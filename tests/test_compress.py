@@ -349,6 +349,9 @@ def test_c7_compares_distillation_with_the_untaught_student_and_each_pruning_wit
     table = {"claim": "C7", "rows": [{"setting": names[key]} for key in experiments.PLANS["c7"]["c7_remedies"]]}
     found = {(c["a"], c["b"], c["margin"]) for c in experiments.comparisons_for([table], experiments.PLANS["c7"])}
     assert (names["distilled"], names["student-no-teacher"], 0.0) in found
+    assert (names["distilled-small"], names["small-no-teacher"], 0.0) in found
+    for lora in experiments.LORA_ROWS:
+        assert (names[lora], names["teacher"], -0.01) in found
     for percent in (30, 50, 70, 90):
         assert (names[f"pruned-{percent}"], names["teacher"], -0.01) in found
     # a control the plan did not run leaves its comparison out

@@ -275,6 +275,13 @@ def test_c7_measures_every_remedy_made_from_one_teacher(tiny_run):
     assert rows[names["distilled"]]["parameters"]["mean"] < teacher["parameters"]["mean"]
     assert rows[names["ffn-50"]]["parameters"]["mean"] < teacher["parameters"]["mean"]
     assert rows[names["head"]]["task_bytes"]["mean"] < rows[names["lora-4"]]["task_bytes"]["mean"] < teacher["task_bytes"]["mean"]
+    # LoRA's task file grows with its rank and its targets, and stays far below the model
+    lora_bytes = [rows[names[name]]["task_bytes"]["mean"] for name in ("lora-1", "lora-4", "lora-16")]
+    assert lora_bytes == sorted(lora_bytes) and lora_bytes[-1] < teacher["task_bytes"]["mean"]
+    assert rows[names["lora-8-all"]]["task_bytes"]["mean"] > rows[names["lora-4"]]["task_bytes"]["mean"]
+    # the smaller pre-trained student, distilled and not: the same size, below the teacher's
+    small = [rows[names[name]]["parameters"]["mean"] for name in ("distilled-small", "small-no-teacher")]
+    assert small[0] == small[1] < teacher["parameters"]["mean"]
     # pruned weights are zeros: the same file size, but it compresses further
     assert rows[names["pruned-50"]]["bytes_zipped"]["mean"] < 0.9 * teacher["bytes_zipped"]["mean"]
 

@@ -269,12 +269,12 @@ def test_freeze_top_k_trains_exactly_the_top_k_layers_and_no_more_than_there_are
     config = make_config("tiny", vocab_size=60, max_positions=16, num_layers=4)
     for k in range(5):
         model = Classifier(config, 2)
-        frozen = train.freeze_below(model, train.parse_freeze(f"top-{k}", 4))
+        frozen = train.freeze_below(model, options.trainable_layers(f"top-{k}", 4))
         assert frozen == [model.encoder.embeddings, *model.encoder.layers[:4 - k]]
         assert [all(p.requires_grad for p in layer.parameters()) for layer in model.encoder.layers] == [i >= 4 - k for i in range(4)]
     for k in (5, 9):
         with pytest.raises(InputError, match="only 4 layers"):
-            train.parse_freeze(f"top-{k}", 4)
+            options.trainable_layers(f"top-{k}", 4)
 
 
 def test_the_default_fine_tuning_rate_follows_what_trains():
@@ -303,7 +303,7 @@ def test_optimizer_holds_only_trainable_parameters_and_counts_match():
     layer = sum(p.numel() for p in Classifier(config, labels).encoder.layers[0].parameters())
     for freeze, expected in [("head", head), ("top-1", head + layer), ("top-2", head + 2 * layer)]:
         model = Classifier(config, labels)
-        train.freeze_below(model, train.parse_freeze(freeze, config.num_layers))
+        train.freeze_below(model, options.trainable_layers(freeze, config.num_layers))
         optimizer = schedule.make_optimizer(model, 1e-3)
         in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
         trainable = {id(p) for p in model.parameters() if p.requires_grad}
