@@ -291,20 +291,25 @@ def size_on_disk(payload):
 
 
 @torch.inference_mode()
-def sentences_per_second(model, rows, batch_size, pad_id=0, seconds=2.0):
+def sentences_per_second(model, rows, batch_size, pad_id=0, seconds=2.0, repeats=5):
     """CPU inference speed: forward passes over `rows` in batches (padded to each batch's
-    longest), repeated for about `seconds` after one warm-up batch. Returns sentences / second."""
+    longest), after one warm-up batch, timed `repeats` times for about seconds / repeats each.
+    Returns {"median", "low", "high"} sentences / second over the repeats: one timing moves
+    with whatever else the machine does; the median and the range say how much."""
     model.eval()
     batches = [data.pad(rows[first:first + batch_size], pad_id)
                for first in range(0, len(rows), batch_size)]
     batches = [(torch.from_numpy(ids), torch.from_numpy(mask)) for ids, mask in batches]
     model(batches[0][0], None, batches[0][1])  # warm-up
-    done, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        for ids, mask in batches:
-            model(ids, None, mask)
-            done += len(ids)
-    return done / (time.perf_counter() - started)
+    rates = []
+    for _ in range(repeats):
+        done, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds / repeats:
+            for ids, mask in batches:
+                model(ids, None, mask)
+                done += len(ids)
+        rates.append(done / (time.perf_counter() - started))
+    return {"median": float(np.median(rates)), "low": min(rates), "high": max(rates)}
 
 
 if __name__ == "__main__":

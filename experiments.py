@@ -241,7 +241,7 @@ PLANS["c7"] = {
                     "pruned-50", "pruned-70", "pruned-90", "pruned-50+int8", "ffn-50", "distilled",
                     "student-no-teacher", "distilled+int8",
                     # LoRA's rank, its targets and its rate (LORA_ROWS), toward full fine-tuning
-                    "lora-1", "lora-16", "lora-8-all", "lora-8-all-lr3e-3",
+                    "lora-1", "lora-16", "lora-4-all", "lora-4-all-lr3e-3",
                     # the student initialised from a smaller pre-trained run (same steps, half
                     # the layers), distilled and not: does the teacher add to pre-training?
                     "distilled-small", "small-no-teacher"],
@@ -699,8 +699,8 @@ C7_NAMES = {"teacher": "teacher: pre-trained, full fine-tuning",
                                 "set and steps; labels only: --alpha 1)"}
 # C7's LoRA rows: FinetuneOptions' LoRA settings (rate: HEAD_LR unless given)
 LORA_ROWS = {"lora-1": dict(lora=1), "lora-4": dict(lora=4), "lora-16": dict(lora=16),
-             "lora-8-all": dict(lora=8, lora_targets="all"),
-             "lora-8-all-lr3e-3": dict(lora=8, lora_targets="all", lr=3e-3)}
+             "lora-4-all": dict(lora=4, lora_targets="all"),
+             "lora-4-all-lr3e-3": dict(lora=4, lora_targets="all", lr=3e-3)}
 C7_NAMES.update({name: f"LoRA, rank {o['lora']}"
                        + (", every projection (--lora-targets all)" if "lora_targets" in o else "")
                        + (f", lr {o['lr']:g}" if "lr" in o else "") + " (task file)"
@@ -795,10 +795,18 @@ def c7_run(spec, task, loaded, folder):
     return {"accuracy": scored["accuracy"], "parameters": parameters, **zeros,
             "bytes_on_disk": os.path.getsize(saved) + base_bytes, "bytes_zipped": zipped,
             "task_bytes": os.path.getsize(saved),
-            **{f"sentences_per_second_{size}":
-               deploy.sentences_per_second(model, test_rows[:256], size, tokenizer.pad_id,
-                                           seconds=spec["timing_seconds"])
-               for size in (1, 32)}}
+            **inference_speeds(model, test_rows[:256], tokenizer.pad_id, spec["timing_seconds"])}
+
+
+def inference_speeds(model, rows, pad_id, seconds):
+    """C7's speed columns: the median CPU sentences/s at batch 1 and 32 over 5 repeats, and the
+    repeats' range as a share of that median (how far one timing is from the next)."""
+    speeds = {}
+    for size in (1, 32):
+        speed = deploy.sentences_per_second(model, rows, size, pad_id, seconds=seconds)
+        speeds[f"sentences_per_second_{size}"] = speed["median"]
+        speeds[f"speed_range_{size}"] = (speed["high"] - speed["low"]) / speed["median"]
+    return speeds
 
 
 # ----------------------------------------------------------------------------------------
@@ -1005,7 +1013,7 @@ COLUMNS = {"C1": ["accuracy", "seconds"], "C2": ["accuracy", "seconds"],
            "C6": ["mlm_loss_before", "accuracy", "seconds"],
            "C7": ["accuracy", "parameters", "task_bytes", "bytes_zipped", "bytes_on_disk",
                   "zeros_of_layers", "zeros_of_model", "sentences_per_second_1",
-                  "sentences_per_second_32"]}
+                  "speed_range_1", "sentences_per_second_32", "speed_range_32"]}
 
 
 def spread(c, scale=1.0, digits=1, sign=""):
@@ -1039,8 +1047,12 @@ METRICS = [  # (key in a run's result, markdown header, format of mean ± sample
      lambda c: f"{c['mean']:,.0f}"),
     ("zeros_of_layers", "zero weights, % of the layer matrices", lambda c: spread(c, 100)),
     ("zeros_of_model", "zero weights, % of all parameters", lambda c: spread(c, 100)),
-    ("sentences_per_second_1", "CPU sentences/s, batch 1", lambda c: spread(c, digits=0)),
-    ("sentences_per_second_32", "CPU sentences/s, batch 32", lambda c: spread(c, digits=0)),
+    ("sentences_per_second_1", "CPU sentences/s, batch 1 (median of 5)",
+     lambda c: spread(c, digits=0)),
+    ("speed_range_1", "batch 1: range of the 5, % of the median", lambda c: spread(c, 100)),
+    ("sentences_per_second_32", "CPU sentences/s, batch 32 (median of 5)",
+     lambda c: spread(c, digits=0)),
+    ("speed_range_32", "batch 32: range of the 5, % of the median", lambda c: spread(c, 100)),
 ]
 
 
@@ -1482,21 +1494,30 @@ def markdown(results):
     return "\n".join(lines) + "\n"
 
 
-def pyplot():
-    """matplotlib.pyplot drawing to files, or None where matplotlib is not installed (the
-    pictures are optional: pip install matplotlib)."""
+def draw(path, tables, draw_panel, width=6, height=4):
+    """A picture at `path`, one panel per table, each drawn by draw_panel(axis, table); nothing
+    when there is no table or matplotlib is not installed (optional: pip install matplotlib)."""
+    if not tables:
+        return
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return None
-    return plt
+        return
+    figure, axes = plt.subplots(1, len(tables), figsize=(width * len(tables), height),
+                                squeeze=False)
+    for axis, table in zip(axes[0], tables):
+        draw_panel(axis, table)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
 
 
-def label_axes(axis, table, title, xlabel):
-    """A picture's common parts: chance's level, the title, the axes' names, the legend."""
+def finish_panel(axis, table, title, xlabel):
+    """A panel's common parts: chance's level, accuracy on its whole scale (seed noise does not
+    look like structure), the title, the axes' names, the legend."""
     axis.axhline(100 / table["classes"], color="grey", linestyle=":", linewidth=1, label="chance")
+    axis.set_ylim(0, 100)
     axis.set_title(title, fontsize=8)
     axis.set_xlabel(xlabel)
     axis.set_ylabel("test accuracy %")
@@ -1504,39 +1525,28 @@ def label_axes(axis, table, title, xlabel):
 
 
 def plot_labels_per_class(results, path):
-    """C1's learning curve as a picture, if matplotlib is installed (optional)."""
-    plt = pyplot()
-    if plt is None:
-        return
-    tables = [t for t in results["tables"] if t["claim"] == "C1"]
-    figure, axes = plt.subplots(1, len(tables), figsize=(6 * len(tables), 4), squeeze=False)
-    for axis, table in zip(axes[0], tables):
+    """C1's learning curve: accuracy against labels per class, one line per variant."""
+    def panel(axis, table):
         for variant in sorted({r["setting"].split(": ", 1)[1] for r in table["rows"]}):
             rows = [r for r in table["rows"] if r["setting"].endswith(": " + variant)]
-            means = [100 * r["cells"]["accuracy"]["mean"] for r in rows]
-            stds = [100 * r["cells"]["accuracy"]["std"] for r in rows]
-            axis.errorbar([r["setting"].split(":")[0] for r in rows], means, yerr=stds,
+            axis.errorbar([r["setting"].split(":")[0] for r in rows],
+                          [100 * r["cells"]["accuracy"]["mean"] for r in rows],
+                          yerr=[100 * (r["cells"]["accuracy"]["std"] or 0) for r in rows],
                           label=variant, capsize=3)
-        label_axes(axis, table, CORPUS_NAMES[table["corpus"]], "labels per class")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
+        finish_panel(axis, table, CORPUS_NAMES[table["corpus"]], "labels per class")
+
+    draw(path, [t for t in results["tables"] if t["claim"] == "C1"], panel)
+
+
+BUDGET_ROW = r"\d+ steps( \(from scratch\))?"  # C6's budget rows: "0 steps (from scratch)", ...
 
 
 def plot_compute_curve(results, path):
-    """C6's budget rows as a picture, if matplotlib is installed: fine-tuned accuracy against the
-    pre-training steps the encoder had (0: from scratch), with the baseline's level."""
-    tables = [t for t in results["tables"] if t["claim"] == "C6"
-              and sum(re.fullmatch(r"\d+ steps( \(from scratch\))?", r["setting"]) is not None
-                      for r in t["rows"]) > 2]
-    if not tables:
-        return
-    plt = pyplot()
-    if plt is None:
-        return
-    figure, axes = plt.subplots(1, len(tables), figsize=(6 * len(tables), 4), squeeze=False)
-    for axis, table in zip(axes[0], tables):
+    """C6's budget rows: fine-tuned accuracy against the pre-training steps the encoder had (0:
+    from scratch), with the TF-IDF baseline's level drawn across."""
+    def panel(axis, table):
         budget = [(int(r["setting"].split()[0]), r["cells"]["accuracy"]) for r in table["rows"]
-                  if re.fullmatch(r"\d+ steps( \(from scratch\))?", r["setting"])]
+                  if re.fullmatch(BUDGET_ROW, r["setting"])]
         axis.errorbar([steps for steps, _ in budget], [100 * c["mean"] for _, c in budget],
                       yerr=[100 * (c["std"] or 0) for _, c in budget], marker="o", capsize=3,
                       label="pre-trained, full fine-tuning")
@@ -1544,38 +1554,29 @@ def plot_compute_curve(results, path):
             if row["setting"].startswith(TFIDF):
                 axis.axhline(100 * row["cells"]["accuracy"]["mean"], color="C1", linestyle="--",
                              linewidth=1, label=TFIDF)
-        axis.set_ylim(0, 100)  # the whole scale: seed noise does not look like structure
-        label_axes(axis, table, f"{CORPUS_NAMES[table['corpus']]}: {table['title']}",
-                   "pre-training steps (0: from scratch)")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
+        finish_panel(axis, table, f"{CORPUS_NAMES[table['corpus']]}: {table['title']}",
+                     "pre-training steps (0: from scratch)")
+
+    draw(path, [t for t in results["tables"] if t["claim"] == "C6" and sum(
+        re.fullmatch(BUDGET_ROW, r["setting"]) is not None for r in t["rows"]) > 2], panel)
 
 
 def plot_accuracy_against_size(results, path):
-    """C7 as a picture, if matplotlib is installed: test accuracy against the bytes a task
-    stores."""
-    tables = [t for t in results["tables"] if t["claim"] == "C7"]
-    if not tables:
-        return
-    plt = pyplot()
-    if plt is None:
-        return
-    figure, axes = plt.subplots(1, len(tables), figsize=(7 * len(tables), 4.5), squeeze=False)
-    for axis, table in zip(axes[0], tables):
+    """C7: test accuracy against the bytes a task stores, one point per remedy."""
+    def panel(axis, table):
         for row in table["rows"]:
             cells = row["cells"]
-            if "task_bytes" not in cells:
-                continue
-            x, y = cells["task_bytes"]["mean"], 100 * cells["accuracy"]["mean"]
-            axis.errorbar([x], [y], yerr=[100 * cells["accuracy"]["std"]], fmt="o", capsize=3)
-            axis.annotate(row["setting"].split(" (")[0], (x, y), fontsize=6, xytext=(4, 3),
-                          textcoords="offset points")
+            if "task_bytes" in cells:
+                x, y = cells["task_bytes"]["mean"], 100 * cells["accuracy"]["mean"]
+                axis.errorbar([x], [y], yerr=[100 * (cells["accuracy"]["std"] or 0)], fmt="o",
+                              capsize=3)
+                axis.annotate(row["setting"].split(" (")[0], (x, y), fontsize=6,
+                              xytext=(4, 3), textcoords="offset points")
         axis.set_xscale("log")
-        axis.set_title(CORPUS_NAMES[table["corpus"]])
-        axis.set_xlabel("bytes stored per task (log scale)")
-        axis.set_ylabel("test accuracy %")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
+        finish_panel(axis, table, CORPUS_NAMES[table["corpus"]],
+                     "bytes stored per task (log scale)")
+
+    draw(path, [t for t in results["tables"] if t["claim"] == "C7"], panel, 7, 4.5)
 
 
 if __name__ == "__main__":

@@ -271,6 +271,7 @@ def test_c7_measures_every_remedy_made_from_one_teacher(tiny_run):
     teacher, names = rows[experiments.C7_NAMES["teacher"]], experiments.C7_NAMES
     for cells in rows.values():
         assert cells["accuracy"]["n"] == 3 and cells["sentences_per_second_32"]["mean"] > 0
+        assert cells["speed_range_1"]["mean"] >= 0 and cells["speed_range_32"]["mean"] >= 0  # 5 repeats
     assert rows[names["int8"]]["bytes_on_disk"]["mean"] < 0.35 * teacher["bytes_on_disk"]["mean"]
     assert rows[names["distilled"]]["parameters"]["mean"] < teacher["parameters"]["mean"]
     assert rows[names["ffn-50"]]["parameters"]["mean"] < teacher["parameters"]["mean"]
@@ -278,7 +279,7 @@ def test_c7_measures_every_remedy_made_from_one_teacher(tiny_run):
     # LoRA's task file grows with its rank and its targets, and stays far below the model
     lora_bytes = [rows[names[name]]["task_bytes"]["mean"] for name in ("lora-1", "lora-4", "lora-16")]
     assert lora_bytes == sorted(lora_bytes) and lora_bytes[-1] < teacher["task_bytes"]["mean"]
-    assert rows[names["lora-8-all"]]["task_bytes"]["mean"] > rows[names["lora-4"]]["task_bytes"]["mean"]
+    assert rows[names["lora-4-all"]]["task_bytes"]["mean"] > rows[names["lora-4"]]["task_bytes"]["mean"]
     # the smaller pre-trained student, distilled and not: the same size, below the teacher's
     small = [rows[names[name]]["parameters"]["mean"] for name in ("distilled-small", "small-no-teacher")]
     assert small[0] == small[1] < teacher["parameters"]["mean"]
