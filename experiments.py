@@ -1649,9 +1649,8 @@ def run_c8(out, plan_name, plan, resume, force, log, results_folder=None):
     length, size and rate), fine-tune each per c8_rows over seeds; then the images' tables
     (run_c8_images). Writes runs.jsonl (--resume), results.json and results.md, stamped; with
     results_folder (a named plan) also c8.json, c8.md, claims.json and the reconstruction
-    pictures there. Each cell keeps its per-seed values, the mean and the sample std (n - 1);
-    verdicts.py's rule decides the text table (objective_verdicts) and the image rows
-    (image_verdicts)."""
+    pictures there. Each cell: per-seed values, mean, sample std (n - 1); verdicts.py's rule
+    decides the text table (objective_verdicts) and the image rows (image_verdicts)."""
     prepare_out_folder(out, resume, force)
     started = time.time()
     runs_path = os.path.join(out, "runs.jsonl")
