@@ -1229,8 +1229,16 @@ def gather_claims(folder):
                 plans[name] = json.load(f)
     claims = {}
     for claim, text in CLAIMS.items():
-        rows = [{"plan": name, **row} for name, results in plans.items()
-                for row in results["verdicts"] if row["claim"] == claim]
+        rows, seen = [], set()
+        for name, results in plans.items():
+            for row in results["verdicts"]:
+                # the same comparison with the same outcome in two plans (quick's and
+                # learning-rates' fine-tuning rates: one encoder, the same seeds) counts once
+                same = json.dumps({key: value for key, value in row.items() if key != "setting"},
+                                  sort_keys=True)
+                if row["claim"] == claim and same not in seen:
+                    seen.add(same)
+                    rows.append({"plan": name, **row})
         several = len({row["plan"] for row in rows}) > 1
         # "quick toy k=4": the plan named where several plans test the claim (once, where
         # the setting starts with it already: "sentiment k=16")
@@ -1290,7 +1298,8 @@ def stamp():
                                   check=True).stdout.strip()
         except (OSError, subprocess.CalledProcessError):
             return None
-    status = git("status", "--porcelain", "--untracked-files=no")
+    # the code as committed? (results/ is what the plans themselves write: not the code)
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!results")
     return {"commit": git("rev-parse", "HEAD"),
             "dirty": bool(status) if status is not None else None,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
