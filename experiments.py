@@ -1710,9 +1710,7 @@ def run_c8(out, plan_name, plan, resume, force, log, results_folder=None):
                "c8_image_pretraining": image_pretraining, "tables": [table] + image_tables,
                "verdicts": objective_verdicts(table) + image_decided,
                "wall_clock_seconds": time.time() - started}
-    lines = (c8_summary_lines(plan, pretraining, table, generation)
-             + c8_image_lines(image_pretraining))
-    write_c8_results(results, lines, out, plan_name, results_folder)
+    write_c8_results(results, out, plan_name, results_folder)
     log(f"done in {results['wall_clock_seconds'] / 60:.1f} minutes: {out}/results.md, "
         "results.json, runs.jsonl")
     return results
@@ -1941,16 +1939,25 @@ def objective_verdicts(table):
     return paired_verdicts(table, asked)
 
 
-def write_c8_results(results, lines, out, plan_name, results_folder):
-    """run_c8's results.json and results.md (the summary lines, then markdown) in OUT; with
-    results_folder, PLAN.json, PLAN.md, claims.json and the image runs' reconstruction
-    pictures (c8-reconstructions-DATA.png) there too."""
+def c8_markdown(results):
+    """run_c8's results.md, from its results alone: the stamp, the summary lines, the tables."""
+    stamp, tables = markdown(results).split("\n", 1)
+    lines = (c8_summary_lines(results["settings"], results["c8_pretraining"],
+                              results["tables"][0], results["c8_generation"])
+             + c8_image_lines(results["c8_image_pretraining"]))
+    return stamp + "\n\n" + "\n".join(lines) + tables
+
+
+def write_c8_results(results, out, plan_name, results_folder):
+    """run_c8's results.json and results.md (c8_markdown) in OUT; with results_folder, PLAN.json,
+    PLAN.md, claims.json and the image runs' reconstruction pictures (c8-reconstructions-DATA.png)
+    there too."""
     for folder, name in [(out, "results")] + ([(results_folder, plan_name)] if results_folder
                                                else []):
         os.makedirs(folder, exist_ok=True)
         write_json(os.path.join(folder, f"{name}.json"), results)
         with open(os.path.join(folder, f"{name}.md"), "w", encoding="utf-8") as f:
-            f.write("\n".join(lines) + markdown(results))
+            f.write(c8_markdown(results))
     if results_folder:
         write_json(os.path.join(results_folder, "claims.json"), gather_claims(results_folder))
         for name in results["c8_image_pretraining"]:
