@@ -744,8 +744,7 @@ def made_c7_remedy(name, spec, loaded, folder, seed_folder, train_tsv):
                      **quietly)
     elif name in ("distilled", "student-no-teacher", "distilled-small", "small-no-teacher"):
         labels_only = {"alpha": 1.0} if name.endswith("no-teacher") else {}
-        small = os.path.join(folder, SMALL_PRETRAINED)
-        init = {"student_init": small} if "small" in name else {}
+        init = {"student_init": os.path.join(folder, SMALL_PRETRAINED)} if "small" in name else {}
         deploy.distill(path, DistillOptions(teacher=made("teacher"), train=train_tsv,
                                             seed=seed, device="cpu",
                                             unlabeled=[os.path.join(folder, "unlabeled.txt")],
@@ -1231,12 +1230,12 @@ def gather_claims(folder):
     for claim, text in CLAIMS.items():
         rows, seen = [], set()
         for name, results in plans.items():
-            for row in results["verdicts"]:
+            for row in (row for row in results["verdicts"] if row["claim"] == claim):
                 # the same comparison with the same outcome in two plans (quick's and
                 # learning-rates' fine-tuning rates: one encoder, the same seeds) counts once
                 same = json.dumps({key: value for key, value in row.items() if key != "setting"},
                                   sort_keys=True)
-                if row["claim"] == claim and same not in seen:
+                if same not in seen:
                     seen.add(same)
                     rows.append({"plan": name, **row})
         several = len({row["plan"] for row in rows}) > 1
@@ -1550,15 +1549,17 @@ def plot_labels_per_class(results, path):
     draw(path, [t for t in results["tables"] if t["claim"] == "C1"], panel)
 
 
-BUDGET_ROW = r"\d+ steps( \(from scratch\))?"  # C6's budget rows: "0 steps (from scratch)", ...
+def budget_rows(table):
+    """C6's budget rows ("0 steps (from scratch)", "1000 steps", ...): [(steps, accuracy cell)]."""
+    return [(int(r["setting"].split()[0]), r["cells"]["accuracy"]) for r in table["rows"]
+            if re.fullmatch(r"\d+ steps( \(from scratch\))?", r["setting"])]
 
 
 def plot_compute_curve(results, path):
     """C6's budget rows: fine-tuned accuracy against the pre-training steps the encoder had (0:
     from scratch), with the TF-IDF baseline's level drawn across."""
     def panel(axis, table):
-        budget = [(int(r["setting"].split()[0]), r["cells"]["accuracy"]) for r in table["rows"]
-                  if re.fullmatch(BUDGET_ROW, r["setting"])]
+        budget = budget_rows(table)
         axis.errorbar([steps for steps, _ in budget], [100 * c["mean"] for _, c in budget],
                       yerr=[100 * (c["std"] or 0) for _, c in budget], marker="o", capsize=3,
                       label="pre-trained, full fine-tuning")
@@ -1569,8 +1570,8 @@ def plot_compute_curve(results, path):
         finish_panel(axis, table, f"{CORPUS_NAMES[table['corpus']]}\n{table['title']}",
                      "pre-training steps (0: from scratch)")
 
-    draw(path, [t for t in results["tables"] if t["claim"] == "C6" and sum(
-        re.fullmatch(BUDGET_ROW, r["setting"]) is not None for r in t["rows"]) > 2], panel)
+    draw(path, [t for t in results["tables"] if t["claim"] == "C6" and len(budget_rows(t)) > 2],
+         panel)
 
 
 def plot_accuracy_against_size(results, path):
