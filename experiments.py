@@ -432,6 +432,18 @@ TASK_CHOICES = {
 }
 
 
+def pretraining_recipe(plan, corpus, unlabeled_path, steps, **choice):
+    """Every plan's pre-training run on `corpus`, but for `choice` (C6's task variants, C7's half
+    depth, C8's objective): the plan's batch and model size, rate 1e-3, no dropout (at these
+    budgets the model under-fits; dropout would only slow it down), one checkpoint at the end."""
+    return PretrainOptions(corpus=[unlabeled_path], steps=steps,
+                           batch_size=plan["pretrain_batch_size"][corpus],
+                           config=plan.get("pretrain_config", "tiny"),
+                           max_length=MLM_MAX_LENGTH, lr=1e-3, dropout=0.0, save_every=0,
+                           vocab_size=2048 if corpus == "toy" else 8192,
+                           eval_every=plan["eval_every"][corpus], **choice)
+
+
 def pretrain_encoders(out, corpus, task, plan, resume, log):
     """Pre-train on the task's unlabeled text -> {encoder name: (checkpoint path, held-out MLM
     loss at the end, seconds)}. Names: 'final', 'snapshot-N', and C6's task choices."""
@@ -453,15 +465,9 @@ def pretrain_encoders(out, corpus, task, plan, resume, log):
         path = os.path.join(folder, run_folder)
         if not (resume and os.path.exists(os.path.join(path, "metrics.json"))):
             log(f"[{corpus}] pre-training '{name}' for {run_steps} steps {choice or ''}")
-            # no dropout: at these budgets the model under-fits; dropout would only slow it down
-            recipe = PretrainOptions(corpus=[unlabeled_path], steps=run_steps,
-                                     batch_size=plan["pretrain_batch_size"][corpus],
-                                     config=plan.get("pretrain_config", "tiny"),
-                                     max_length=MLM_MAX_LENGTH, lr=1e-3, dropout=0.0, save_every=0,
-                                     vocab_size=2048 if corpus == "toy" else 8192,
-                                     eval_every=plan["eval_every"][corpus],
-                                     snapshot_steps=tuple(snapshots) if name == "final" else (),
-                                     **choice)
+            recipe = pretraining_recipe(plan, corpus, unlabeled_path, run_steps,
+                                        snapshot_steps=tuple(snapshots) if name == "final" else (),
+                                        **choice)
             train.pretrain(path, recipe, force=True, log=log, progress=False)
         with open(os.path.join(path, "metrics.json")) as f:
             metrics = json.load(f)
@@ -1382,14 +1388,7 @@ def run_corpus(out, corpus, plan, resume, finished, runs_path, results, log):
     """One corpus of the plan: its task, its pre-training, then every row of its tables over
     the seeds, into results["pretraining"][corpus] and results["tables"]."""
     corpus_started = time.time()
-    if corpus == "toy":
-        task = toy_task(plan["toy_documents"], plan["toy_labeled"])
-    elif corpus == "sentiment":
-        task = sentiment_task(plan)
-    else:
-        task = stdlib_task(plan["stdlib_max_documents"])
-    if corpus == "stdlib" and plan.get("extra_text") == "packages":
-        task["unlabeled"] += package_text(task)
+    task = corpus_task(corpus, plan)
     num_classes = len({y for _, y in task["train"]})
     log(f"[{corpus}] {len(task['unlabeled'])} unlabeled documents, "
         f"{len(task['train'])} labeled for training, "
@@ -1411,6 +1410,18 @@ def run_corpus(out, corpus, plan, resume, finished, runs_path, results, log):
             table["rows"].append(table_row(corpus, claim, setting, outcomes, plan["seeds"], log))
         results["tables"].append(table)
     results["pretraining"][corpus]["wall_clock_seconds"] = time.time() - corpus_started
+
+
+def corpus_task(corpus, plan):
+    """The corpus's task as the plan sizes it: {unlabeled, train, test}."""
+    if corpus == "toy":
+        return toy_task(plan["toy_documents"], plan["toy_labeled"])
+    if corpus == "sentiment":
+        return sentiment_task(plan)
+    task = stdlib_task(plan["stdlib_max_documents"])
+    if plan.get("extra_text") == "packages":
+        task["unlabeled"] += package_text(task)
+    return task
 
 
 def outcomes_over_seeds(spec, task, loaded, seeds, finished, runs_path, folder):
@@ -1636,11 +1647,11 @@ C8_OBJECTIVES = {"mlm": "MLM + NSP (BERT)", "causal": "causal LM (GPT-style)"}
 C8_ROWS_SCRATCH = "from scratch (same architecture, full)"
 
 
-def c8_rows(plan, num_classes):
+def c8_rows(plan, num_classes, corpus):
     """(setting, spec) of the C8 table: each objective fine-tuned head-only and fully, scratch
     and TF-IDF."""
     k = plan["k"]
-    base = dict(method="finetune", corpus="toy", k=k, freeze="none", lr=FULL_LR,
+    base = dict(method="finetune", corpus=corpus, k=k, freeze="none", lr=FULL_LR,
                 epochs=epochs_for(k * num_classes, plan),
                 schedule="cosine", warmup=0.1, l2_sp=0.0, aux_mlm=0.0, layer_lr_decay=1.0)
     head = dict(base, freeze="head", lr=HEAD_LR)
@@ -1653,33 +1664,35 @@ def c8_rows(plan, num_classes):
               dict(head, encoder="causal", pool="mean")),
              (f"{C8_OBJECTIVES['causal']}, full (mean pooling)",
               dict(base, encoder="causal", pool="mean")),
-             ("TF-IDF + logistic regression", dict(method="tfidf", corpus="toy", k=k))]
+             ("TF-IDF + logistic regression", dict(method="tfidf", corpus=corpus, k=k))]
     return rows
 
 
 def run_c8(out, plan_name, plan, resume, force, log, results_folder=None):
-    """Pre-train the tiny encoder twice on the toy world (mlm, causal: the same steps, batch,
-    length, size and rate), fine-tune each per c8_rows over seeds; then the images' tables
-    (run_c8_images). Writes runs.jsonl (--resume), results.json and results.md, stamped; with
-    results_folder (a named plan) also c8.json, c8.md, claims.json and the reconstruction
-    pictures there. Each cell: per-seed values, mean, sample std (n - 1); verdicts.py's rule
-    decides the text table (objective_verdicts) and the image rows (image_verdicts)."""
+    """Pre-train the tiny encoder twice on the plan's one text corpus (mlm, causal: the same
+    steps, batch, length, size and rate), fine-tune each per c8_rows over seeds; then the
+    images' tables (run_c8_images). Writes runs.jsonl (--resume), results.json and results.md,
+    stamped; with results_folder (a named plan) also PLAN.json, PLAN.md, claims.json and the
+    reconstruction pictures there. Each cell: per-seed values, mean, sample std (n - 1);
+    verdicts.py's rule decides the text table (objective_verdicts) and the image rows
+    (image_verdicts)."""
     prepare_out_folder(out, resume, force)
     started = time.time()
     runs_path = os.path.join(out, "runs.jsonl")
     finished = finished_runs(runs_path, resume, log)
-    task = toy_task(plan["toy_documents"], plan["toy_labeled"])
-    folder = os.path.join(out, "toy")
+    (corpus,) = plan["corpora"]
+    task = corpus_task(corpus, plan)
+    folder = os.path.join(out, corpus)
     os.makedirs(folder, exist_ok=True)
     unlabeled_path = os.path.join(folder, "unlabeled.txt")
     data.write_corpus(unlabeled_path, task["unlabeled"])
-    pretraining, loaded = pretrain_c8_encoders(folder, unlabeled_path, plan, resume, log)
+    pretraining, loaded = pretrain_c8_encoders(folder, unlabeled_path, corpus, plan, resume, log)
     num_classes = len({y for _, y in task["train"]})
     table = {"claim": "C6",
              "title": "pre-training objective: MLM vs causal LM at the same budget "
                       f"(k={plan['k']})",
-             "corpus": "toy", "classes": num_classes, "rows": []}
-    for setting, spec in c8_rows(plan, num_classes):
+             "corpus": corpus, "classes": num_classes, "rows": []}
+    for setting, spec in c8_rows(plan, num_classes, corpus):
         outcomes = []
         for seed in range(plan["seeds"]):
             spec_seed = {**spec, "seed": seed}
@@ -1696,13 +1709,10 @@ def run_c8(out, plan_name, plan, resume, force, log, results_folder=None):
                  for metric, _, _ in METRICS}
         cells = {m: c for m, c in cells.items() if c is not None}
         table["rows"].append({"claim": "C6", "setting": setting, "cells": cells})
-        log(f"[toy] C8 {setting}: accuracy {100 * cells['accuracy']['mean']:.1f} ± "
+        log(f"[{corpus}] C8 {setting}: accuracy {100 * cells['accuracy']['mean']:.1f} ± "
             f"{100 * (cells['accuracy']['std'] or 0):.1f} (seeds: "
             f"{', '.join(f'{100 * v:.1f}' for v in cells['accuracy']['values'])})")
-    generation = on_topic_share(loaded["causal"].path, plan.get("c8_prompts_per_topic", 10))
-    log(f"[toy] C8 generation: {100 * generation['on_topic_share']:.1f}% of "
-        f"{generation['content_words']} generated "
-        f"content words from the prompt's topic ({generation['prompts']} prompts)")
+    generation = c8_generation(corpus, loaded["causal"].path, plan, log)
     image_tables, image_pretraining, image_decided = run_c8_images(out, plan, finished,
                                                                    runs_path, log)
     results = {"plan": plan_name, "stamp": stamp(), "settings": plan,
@@ -1717,21 +1727,35 @@ def run_c8(out, plan_name, plan, resume, force, log, results_folder=None):
     return results
 
 
-def pretrain_c8_encoders(folder, unlabeled_path, plan, resume, log):
-    """run_c8's two pre-training runs (one per C8_OBJECTIVES key) under FOLDER, each skipped
-    under --resume once its metrics.json exists. Returns ({objective: its metrics},
-    {objective: Loaded})."""
+def c8_generation(corpus, causal_path, plan, log):
+    """What the causal run writes. The toy world: the share of generated content words on the
+    prompt's topic (on_topic_share). Real text: greedy continuations of plan['c8_prompts'], to
+    read."""
+    if corpus == "toy":
+        generation = on_topic_share(causal_path, plan.get("c8_prompts_per_topic", 10))
+        log(f"[toy] C8 generation: {100 * generation['on_topic_share']:.1f}% of "
+            f"{generation['content_words']} generated "
+            f"content words from the prompt's topic ({generation['prompts']} prompts)")
+        return generation
+    samples = {}
+    for prompt in plan["c8_prompts"]:
+        samples[prompt], _ = evaluation.generate(causal_path, prompt, options.GenerateOptions(
+            C8_NEW_TOKENS, greedy=True, device="cpu"), log=lambda *args: None)
+        log(f"[{corpus}] C8 generation, greedy: {prompt} -> {samples[prompt]}")
+    return {"greedy": samples}
+
+
+def pretrain_c8_encoders(folder, unlabeled_path, corpus, plan, resume, log):
+    """run_c8's two pre-training runs on `corpus` (one per C8_OBJECTIVES key, pretraining_recipe
+    for both) under FOLDER, each skipped under --resume once its metrics.json exists. Returns
+    ({objective: its metrics}, {objective: Loaded})."""
     pretraining, loaded = {}, {}
+    steps = plan["pretrain_steps"][corpus]
     for objective in C8_OBJECTIVES:
         path = os.path.join(folder, f"pretrain-{objective}")
         if not (resume and os.path.exists(os.path.join(path, "metrics.json"))):
-            log(f"[toy] pre-training '{objective}' for {plan['pretrain_steps']['toy']} steps")
-            recipe = PretrainOptions(corpus=[unlabeled_path], objective=objective,
-                                     steps=plan["pretrain_steps"]["toy"],
-                                     batch_size=plan["pretrain_batch_size"]["toy"],
-                                     config=plan.get("pretrain_config", "tiny"),
-                                     max_length=MLM_MAX_LENGTH, lr=1e-3, dropout=0.0, save_every=0,
-                                     vocab_size=2048, eval_every=plan["eval_every"]["toy"])
+            log(f"[{corpus}] pre-training '{objective}' for {steps} steps")
+            recipe = pretraining_recipe(plan, corpus, unlabeled_path, steps, objective=objective)
             train.pretrain(path, recipe, force=True, log=log, progress=False)
         with open(os.path.join(path, "metrics.json")) as f:
             metrics = json.load(f)
@@ -1743,8 +1767,9 @@ def pretrain_c8_encoders(folder, unlabeled_path, plan, resume, log):
 
 def c8_summary_lines(plan, pretraining, table, generation):
     """The lines run_c8 writes at the top of results.md, before the tables."""
-    return [f"Pre-training on the toy world, {plan['pretrain_steps']['toy']} steps each: "
-            + "; ".join(
+    corpus = table["corpus"]
+    return [f"Pre-training on the {CORPUS_NAMES[corpus]}, {plan['pretrain_steps'][corpus]} "
+            "steps each: " + "; ".join(
                 f"{name}: held-out loss {run['held_out_mlm_loss']:.3f}"
                 + (f" (perplexity {run['held_out_perplexity']:.2f})"
                    if run.get("held_out_perplexity") else "")
@@ -1753,11 +1778,19 @@ def c8_summary_lines(plan, pretraining, table, generation):
                 f"{row['setting']}: "
                 f"{', '.join(f'{100 * v:.1f}' for v in row['cells']['accuracy']['values'])}"
                 for row in table["rows"]),
-            f"Generation (causal run, sampled at temperature 1, {C8_NEW_TOKENS} new tokens, "
+            *c8_generation_lines(generation), ""]
+
+
+def c8_generation_lines(generation):
+    """c8_generation's result as results.md says it."""
+    if "greedy" in generation:
+        return [f"Generation (causal run, greedy, {C8_NEW_TOKENS} new tokens at most):", ""] + [
+            f"- `{prompt}` → `{text}`" for prompt, text in generation["greedy"].items()]
+    return [f"Generation (causal run, sampled at temperature 1, {C8_NEW_TOKENS} new tokens, "
             f"seed = prompt number): {100 * generation['on_topic_share']:.1f}% of "
             f"{generation['content_words']} generated content words are from the "
             f"prompt's topic, over {generation['prompts']} prompts `the ADJ NOUN` "
-            f"(chance: {100 * generation['chance']:.1f}%).", ""]
+            f"(chance: {100 * generation['chance']:.1f}%)."]
 
 
 C8_NEW_TOKENS = 20
@@ -1798,6 +1831,16 @@ PLANS["c8"].update({
     "image_labels_per_class": [4, 16],
     "image_finetune_steps": 160,                 # per run, every variant alike (image_epochs)
 })
+# C8's text half on real text: the two objectives on the stdlib docstrings, 10000 steps each (the
+# budget where, in the real-text plan's curve, full fine-tuning first beats scratch), no images
+PLANS["c8-real-text"] = {
+    **PLANS["c8"],
+    "corpora": ["stdlib"],
+    "pretrain_steps": {"toy": None, "stdlib": 10000},
+    "tables": {"toy": [], "stdlib": ["C6"]},
+    "image_data": [],
+    "c8_prompts": ["Return the", "This module provides", "Create a new", "If the file"],
+}
 IMAGE_ROWS = {"scratch": "from scratch (same architecture, full)", "head": "pre-trained, head only",
               "full": "pre-trained, full", "pixels": "pixels + logistic regression"}
 IMAGE_TARGET = 0.20  # issue 28: on the image world, pre-training beats scratch by >= 20 points
@@ -1925,7 +1968,7 @@ def paired_verdicts(table, asked):
 
 
 def objective_verdicts(table):
-    """C8's text half, by the same rule: GPT's objective pre-trained on the toy world beats
+    """C8's text half, by the same rule: GPT's objective pre-trained on the table's corpus beats
     scratch, and fine-tunes as well as BERT's at the same budget, within 1 point -- head only
     (both mean-pooled: a causal [CLS] sees only itself) and full."""
     mlm, causal, scratch = C8_OBJECTIVES["mlm"], C8_OBJECTIVES["causal"], C8_ROWS_SCRATCH
@@ -1934,9 +1977,10 @@ def objective_verdicts(table):
                            f"{mlm}, head only, mean pooling")}
     asked = []
     for how, (a, b) in pairs.items():
-        asked.append((f"toy causal {how}", f"{a} beats {scratch} (accuracy)", a, scratch, 0.0))
-        asked.append((f"toy causal {how}", f"{a} as accurate as {b}, within 1 point (accuracy)",
-                      a, b, -0.01))
+        setting = f"{table['corpus']} causal {how}"
+        asked.append((setting, f"{a} beats {scratch} (accuracy)", a, scratch, 0.0))
+        asked.append((setting, f"{a} as accurate as {b}, within 1 point (accuracy)", a, b,
+                      -0.01))
     return paired_verdicts(table, asked)
 
 

@@ -216,11 +216,13 @@ def add_command(commands, name, summary, description):
 
 
 def add_run_flags(p, out_default=None, resume=False):
-    """Where a run goes (not how it computes, so not an option): --out, --resume, --force."""
+    """Where a run goes (not how it computes, so not an option): --out, --resume, --force.
+    resume: True adds --resume from the run's checkpoint; a string, --resume with that help."""
     p.add_argument("--out", required=out_default is None, default=out_default, help="run folder")
     if resume:
         p.add_argument("--resume", action="store_true",
-                       help="continue the run in --out from its checkpoint")
+                       help=resume if isinstance(resume, str)
+                       else "continue the run in --out from its checkpoint")
     p.add_argument("--force", action="store_true",
                    help="delete an existing --out folder and start over")
 
@@ -314,11 +316,12 @@ def add_tokenize(commands):
                     "OUT.sentences.npy, OUT.documents.npy and OUT.vocab.txt. `pretrain --corpus "
                     "OUT.tokens` then reads it through a memory map: memory does not grow with the "
                     "corpus, and no run tokenises it again.")
+    add_options(p, options.TokenizeOptions)
+    # not a run folder (add_run_flags): a prefix the token set's files share
     p.add_argument("--out", required=True, metavar="PREFIX",
                    help="where to write PREFIX.tokens and its companions")
     p.add_argument("--force", action="store_true",
                    help="replace an existing token set under PREFIX")
-    add_options(p, options.TokenizeOptions)
 
 
 def add_experiments(commands):
@@ -340,11 +343,12 @@ def add_experiments(commands):
                    "real-text-gpu (the small encoder on real text, ~10 GPU minutes; refused "
                    "without a CUDA GPU), sentiment (C1 on human-rated movie-review sentences, "
                    "scored on validation; sentiment-final: on test; `ptft.py data sentiment` "
-                   "first); docs/claims.md gives each plan's time on a measured machine")
-    p.add_argument("--out", default="runs/experiments", help="output folder")
-    p.add_argument("--resume", action="store_true", help="skip the runs already in OUT/runs.jsonl")
-    p.add_argument("--force", action="store_true",
-                   help="delete an existing --out folder and start over")
+                   "first), learning-rates (C4's two halves on the toy world), c8 (GPT's "
+                   "objective beside BERT's on the toy world; masked-patch images), "
+                   "c8-real-text (the two objectives on the stdlib docstrings); docs/claims.md "
+                   "gives each plan's time on a measured machine")
+    add_run_flags(p, out_default="runs/experiments",
+                  resume="skip the runs already in OUT/runs.jsonl")
 
 
 def add_data(commands):

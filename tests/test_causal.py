@@ -238,3 +238,19 @@ def test_the_c8_plan_writes_each_rows_per_seed_values_mean_and_sample_std_and_re
     assert experiments.run(out, "c8", plan=plan, resume=True, log=quiet)["tables"] == results["tables"]
     with open(os.path.join(out, "runs.jsonl")) as f:
         assert f.read() == runs  # nothing run twice
+
+
+def test_the_c8_plan_on_real_text_compares_the_two_objectives_there_and_writes_greedy_samples(tmp_path):
+    import experiments
+    plan = {**experiments.PLANS["c8-real-text"], "seeds": 2, "stdlib_max_documents": 400,
+            "pretrain_steps": {"toy": None, "stdlib": 6}, "pretrain_batch_size": {"toy": 8, "stdlib": 8},
+            "eval_every": {"toy": 3, "stdlib": 3}, "k": 2, "finetune_steps": 2, "max_epochs": 1,
+            "c8_prompts": ["Return the"]}
+    results = experiments.run(str(tmp_path / "c8"), "c8-real-text", plan=plan, log=quiet)
+    (table,) = results["tables"]
+    assert table["corpus"] == "stdlib" and set(results["c8_pretraining"]) == {"mlm", "causal"}
+    (sample,) = results["c8_generation"]["greedy"].values()
+    assert isinstance(sample, str)
+    assert {v["setting"] for v in results["verdicts"]} == {"stdlib causal full", "stdlib causal head only"}
+    assert "real text: stdlib docstrings" in experiments.c8_markdown(results)
+    assert "`Return the` →" in experiments.c8_markdown(results)
