@@ -1223,6 +1223,16 @@ def decide(results):
     return decided
 
 
+def claim_group(row, rows):
+    """A verdict row's (group, setting) for verdicts.combine_groups: the group is the setting's
+    first word, its corpus ("toy", "text"), after the plan's name where several plans test the
+    claim ("quick toy"; once, where the setting starts with it already: "sentiment")."""
+    first, _, rest = row["setting"].partition(" ")
+    several = len({other["plan"] for other in rows}) > 1
+    group = f"{row['plan']} {first}" if several and first != row["plan"] else first
+    return group, rest or first
+
+
 def gather_claims(folder):
     """results/*.json (one per plan) -> each claim C1-C8's verdict (verdicts.combine over every row
     it rests on), the rows, and the plans that test it but have no results file yet."""
@@ -1244,13 +1254,8 @@ def gather_claims(folder):
                 if same not in seen:
                     seen.add(same)
                     rows.append({"plan": name, **row})
-        several = len({row["plan"] for row in rows}) > 1
-        # "quick toy k=4": the plan named where several plans test the claim (once, where
-        # the setting starts with it already: "sentiment k=16")
-        verdict = verdicts.combine([(f"{row['plan']} {row['setting']}" if several and
-                                     row["setting"].split()[0] != row["plan"]
-                                     else row["setting"], row["verdict"])
-                                    for row in rows])
+        verdict = verdicts.combine_groups([claim_group(row, rows) + (row["verdict"],)
+                                           for row in rows])
         pending = sorted(name for name, plan in PLANS.items()
                          if name not in plans and not plan.get("needs_gpu")
                          and not plan.get("needs_data")
@@ -1945,10 +1950,11 @@ def image_verdicts(table, plan):
         if name == "world" and k == min(plan["image_labels_per_class"]):
             asks += [(variant, "scratch", IMAGE_TARGET) for variant in ("head", "full")]
         for variant, other, margin in asks:
-            what = f"{IMAGE_ROWS[variant]} beats {IMAGE_ROWS[other]}" + (
-                f" by more than {100 * margin:.0f} points" if margin else "") + " (accuracy)"
-            asked.append((f"{name} k={k}", what, f"k={k}: {IMAGE_ROWS[variant]}",
-                          f"k={k}: {IMAGE_ROWS[other]}", margin))
+            by = f" by more than {100 * margin:.0f} points" if margin else ""
+            what = f"{IMAGE_ROWS[variant]} beats {IMAGE_ROWS[other]}{by} (accuracy)"
+            # the setting names the pair: one k holds several comparisons
+            asked.append((f"{name} k={k} {variant} vs {other}{by}", what,
+                          f"k={k}: {IMAGE_ROWS[variant]}", f"k={k}: {IMAGE_ROWS[other]}", margin))
     return paired_verdicts(table, asked)
 
 
@@ -1978,9 +1984,10 @@ def objective_verdicts(table):
     asked = []
     for how, (a, b) in pairs.items():
         setting = f"{table['corpus']} causal {how}"
-        asked.append((setting, f"{a} beats {scratch} (accuracy)", a, scratch, 0.0))
-        asked.append((setting, f"{a} as accurate as {b}, within 1 point (accuracy)", a, b,
-                      -0.01))
+        asked.append((f"{setting} vs scratch", f"{a} beats {scratch} (accuracy)", a, scratch,
+                      0.0))
+        asked.append((f"{setting} vs MLM within 1 point",
+                      f"{a} as accurate as {b}, within 1 point (accuracy)", a, b, -0.01))
     return paired_verdicts(table, asked)
 
 

@@ -18,8 +18,9 @@ the draw, not in which variant got the luckier one.
 A margin of 0 asks "better"; a negative margin asks "as good as, within |margin|" (C3: head
 only within 2 points of full fine-tuning). Over several settings (corpora, label counts,
 remedies) the verdicts combine into one line: the same verdict everywhere is that verdict,
-different ones read "mixed: holds for ...; not for ...; not settled for ...". No setting
-measured: "not tested".
+different ones read "mixed: holds for ...; not for ...; not settled for ..." -- or, group by group
+(a plan's corpus), "mixed. quick toy: holds. real-text text: holds for k=4; not for k=all.".
+No setting measured: "not tested".
 """
 
 import math
@@ -105,13 +106,46 @@ def combine(verdicts):
     kinds = {verdict for _, verdict in verdicts}
     if len(kinds) == 1:
         return kinds.pop()
+    return "mixed: " + listing(verdicts)
+
+
+# a mixed line names at most this many settings of one verdict among more than MANY; past
+# that it counts them ("holds for 11 of 18 settings"): every row stays in results/claims.json
+FEW, MANY = 5, 8
+
+
+def listing(verdicts):
+    """[(setting, verdict)] (measured, each once) -> "holds for X, Y; not for Z; not settled for
+    W"; a verdict with more than FEW settings among more than MANY is counted, not named."""
     parts = []
     wordings = ((HOLDS, "holds for"), (DOES_NOT_HOLD, "not for"), (NOT_SETTLED, "not settled for"))
     for kind, words in wordings:
         settings = [setting for setting, verdict in verdicts if verdict == kind]
-        if settings:
+        if len(settings) > FEW and len(verdicts) > MANY:
+            parts.append(f"{words} {len(settings)} of {len(verdicts)} settings")
+        elif settings:
             parts.append(f"{words} {', '.join(shared_prefix_dropped(settings))}")
-    return "mixed: " + "; ".join(parts)
+    return "; ".join(parts)
+
+
+def combine_groups(verdicts):
+    """[(group, setting, verdict)] -> one line, group by group (a group: a plan's corpus, e.g.
+    "quick toy"). The same verdict everywhere: that verdict; otherwise "mixed. G1: holds. G2:
+    holds for k=4; not settled for k=all." -- each group's own verdict, or its listing with the
+    group's words left out of its settings."""
+    measured = [(group, setting, verdict) for group, setting, verdict
+                in dict.fromkeys(verdicts) if verdict != NOT_TESTED]
+    overall = combine([(f"{group} {setting}", verdict) for group, setting, verdict in measured])
+    if not overall.startswith("mixed"):
+        return overall
+    groups = {}
+    for group, setting, verdict in measured:
+        groups.setdefault(group, []).append((setting, verdict))
+    parts = []
+    for group, items in groups.items():
+        one = combine(items)
+        parts.append(f"{group}: {listing(items) if one.startswith('mixed') else one}.")
+    return "mixed. " + " ".join(parts)
 
 
 if __name__ == "__main__":

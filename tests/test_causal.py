@@ -251,6 +251,7 @@ def test_the_c8_plan_on_real_text_compares_the_two_objectives_there_and_writes_g
     assert table["corpus"] == "stdlib" and set(results["c8_pretraining"]) == {"mlm", "causal"}
     (sample,) = results["c8_generation"]["greedy"].values()
     assert isinstance(sample, str)
-    assert {v["setting"] for v in results["verdicts"]} == {"stdlib causal full", "stdlib causal head only"}
+    assert {v["setting"] for v in results["verdicts"]} == {
+        f"stdlib causal {how} vs {other}" for how in ("full", "head only") for other in ("scratch", "MLM within 1 point")}
     assert "real text: stdlib docstrings" in experiments.c8_markdown(results)
     assert "`Return the` →" in experiments.c8_markdown(results)

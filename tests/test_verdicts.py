@@ -78,6 +78,23 @@ def test_settings_combine_into_one_verdict_or_a_mixed_line_that_names_them():
         "mixed: holds for toy k=4, k=16; not for real text k=4; not settled for real text k=16"
 
 
+def test_a_long_mixed_line_counts_a_verdicts_settings_past_a_few_and_names_the_rest():
+    many = [(f"remedy {i}", "holds") for i in range(7)] + [("int8", "does not hold"), ("lora", "not settled")]
+    assert verdicts.combine(many) == "mixed: holds for 7 of 9 settings; not for int8; not settled for lora"
+    few = [(f"remedy {i}", "holds") for i in range(5)] + [("int8", "does not hold")]
+    assert verdicts.combine(few) == "mixed: holds for remedy 0, 1, 2, 3, 4; not for int8"
+
+
+def test_groups_read_one_by_one_each_with_its_own_verdict_or_listing():
+    rows = [("quick toy", "k=4", "holds"), ("quick toy", "k=all", "not settled"),
+            ("real-text text", "k=4", "holds"), ("real-text text", "k=all", "holds"),
+            ("sentiment", "k=16", "not settled"), ("sentiment", "k=16", "not settled"), ("C8", "x", "not tested")]
+    assert verdicts.combine_groups(rows) == ("mixed. quick toy: holds for k=4; not settled for k=all. "
+                                             "real-text text: holds. sentiment: not settled.")
+    assert verdicts.combine_groups([("toy", "k=4", "holds"), ("text", "k=4", "holds")]) == "holds"
+    assert verdicts.combine_groups([("toy", "k=4", "not tested")]) == "not tested"
+
+
 def test_t_quantiles_match_the_tables_and_approach_the_normal():
     assert verdicts.t_quantile(1) == 12.706 and verdicts.t_quantile(2) == 4.303 and verdicts.t_quantile(30) == 2.042
     assert 2.03 < verdicts.t_quantile(31) < 2.042 and verdicts.t_quantile(10_000) == pytest.approx(1.96, abs=1e-3)
