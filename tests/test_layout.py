@@ -2,6 +2,7 @@
 and docs/equations.md point a reader at exists."""
 
 import ast
+import json
 import os
 import re
 import shlex
@@ -61,7 +62,12 @@ def test_every_file_and_function_a_page_points_at_exists(page):
 
 
 def test_readme_is_a_front_page():
-    assert len(open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()) <= 12_000
+    # the verdict cells are results/claims.json's, generated (verdicts.combine_groups bounds
+    # them); the hand-written rest is what must stay a front page
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    claims = json.load(open(os.path.join(ROOT, "results", "claims.json"), encoding="utf-8"))
+    generated = sum(len(entry["verdict"]) for entry in claims.values())
+    assert len(text) - generated <= 10_500
 
 
 def heading_anchors(path):
