@@ -418,9 +418,9 @@ def add_export(commands):
                     "Write config.json, model.safetensors, vocab.txt and tokenizer_config.json: a "
                     "pre-training run opens with transformers' BertForPreTraining.from_pretrained, "
                     "a fine-tuned classifier with BertForSequenceClassification.from_pretrained.")
+    add_run_flags(p)  # --out must not exist or be empty, unless --force
     add_init_flag(p, "a run folder (pre-training or classifier), or a Hugging Face BERT folder",
                   base=True)
-    add_run_flags(p)  # --out must not exist or be empty, unless --force
 
 
 def add_images(commands):
