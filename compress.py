@@ -254,6 +254,27 @@ def merge_low_rank_updates(model):
         model.merged_low_rank = merged_low_rank
 
 
+def where_the_bytes_are(config, num_labels=8):
+    """C7: a classifier's parameters by part -- {"parameters", "embeddings", "layers", "head"
+    (pooler + classifier), "half the layers" (DistilBERT's student), and LoRA's A and B at rank 4
+    for each of LORA_TARGETS}, counted on the meta device (nothing is allocated, so BERT-base
+    costs nothing)."""
+    with torch.device("meta"):
+        model = Classifier(config, num_labels)
+    total = sum(p.numel() for p in model.parameters())
+    embeddings = sum(p.numel() for p in model.encoder.embeddings.parameters())
+    layers = sum(p.numel() for p in model.encoder.layers.parameters())
+    parts = {"parameters": total, "embeddings": embeddings, "layers": layers,
+             "head": total - embeddings - layers, "half the layers": total - layers // 2}
+    for targets in LORA_TARGETS:
+        with torch.device("meta"):
+            lora = Classifier(config, num_labels)
+            add_low_rank_updates(lora, 4, targets=targets)
+        parts[f"LoRA r=4 ({targets})"] = sum(p.numel() for name, p in lora.named_parameters()
+                                             if name.endswith((".A", ".B")))
+    return parts
+
+
 # ----------------------------------------------------------------------------------------
 # A speed device, set apart: int8 arithmetic on the CPU
 # ----------------------------------------------------------------------------------------
@@ -309,4 +330,12 @@ if __name__ == "__main__":
           f" (and from the start by {(updated - before).abs().max().item():.1e})")
     prune_smallest_weights(model, 0.5)
     print(f"pruned: {zero_fraction(model):.0%} of the layer matrices are zero")
+    # where the bytes are (docs/claims.md, C7): the real-text model here and BERT-base
+    for name, config in (("tiny, vocab 8192", make_config("tiny", vocab_size=8192)),
+                         ("base, vocab 30522", make_config("base", vocab_size=30522,
+                                                           max_positions=512))):
+        parts = where_the_bytes_are(config)
+        assert sum(parts[key] for key in ("embeddings", "layers", "head")) == parts["parameters"]
+        print(f"{name}: {parts['parameters'] / 1e6:.2f} M parameters; " + ", ".join(
+            f"{key} {parts[key] / parts['parameters']:.2%}" for key in list(parts)[1:]))
     print("self-check passed")

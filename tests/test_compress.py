@@ -358,3 +358,16 @@ def test_c7_compares_distillation_with_the_untaught_student_and_each_pruning_wit
     table["rows"] = [row for row in table["rows"] if row["setting"] != names["student-no-teacher"]]
     assert not any(c["b"] == names["student-no-teacher"]
                    for c in experiments.comparisons_for([table], experiments.PLANS["c7"]))
+
+
+@pytest.mark.parametrize("preset,vocab", [("tiny", 8192), ("base", 30522)])
+def test_where_the_bytes_are_counts_every_parameter_once_and_lora_as_its_formula(preset, vocab):
+    config = make_config(preset, vocab_size=vocab)
+    parts = compress.where_the_bytes_are(config)
+    assert parts["embeddings"] + parts["layers"] + parts["head"] == parts["parameters"]
+    if preset == "tiny":  # the meta-device count is a real model's
+        assert parts["parameters"] == sum(p.numel() for p in Classifier(config, 8).parameters())
+    h, i, n = config.hidden_size, config.intermediate_size, config.num_layers
+    assert parts["LoRA r=4 (q,v)"] == n * 2 * 4 * (h + h)                 # A (r x in) + B (out x r)
+    assert parts["LoRA r=4 (all)"] == n * 4 * (4 * (h + h) + (h + i) + (i + h))
+    assert parts["head"] == h * h + h + h * 8 + 8                          # pooler + classifier
