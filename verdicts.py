@@ -95,9 +95,9 @@ def shared_prefix_dropped(settings):
 
 def combine(verdicts):
     """[(setting, verdict)] -> one line. The same verdict everywhere: that verdict; otherwise
-    "mixed: holds for X, Y; not for Z; not settled for W" (settings in the order given, each
-    once per verdict; a setting's first word is said once for a run of settings that share it:
-    "toy k=4, k=16")."""
+    "mixed: holds for X, Y; not for Z; not settled for W" (listing: settings in the order given,
+    each once per verdict; a setting's first word is said once for a run of settings that share
+    it, "toy k=4, k=16"; a verdict with many settings counted)."""
     # a setting with several comparisons of one verdict is named once (the rows keep each one)
     verdicts = [(setting, verdict) for setting, verdict in dict.fromkeys(verdicts)
                 if verdict != NOT_TESTED]
