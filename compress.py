@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import IGNORE_INDEX
-from model import Classifier
+from model import Classifier, count_parameters
 
 # ----------------------------------------------------------------------------------------
 # Distillation: a smaller student, trained on the teacher's soft predictions
@@ -261,9 +261,9 @@ def where_the_bytes_are(config, num_labels=8):
     costs nothing)."""
     with torch.device("meta"):
         model = Classifier(config, num_labels)
-    total = sum(p.numel() for p in model.parameters())
-    embeddings = sum(p.numel() for p in model.encoder.embeddings.parameters())
-    layers = sum(p.numel() for p in model.encoder.layers.parameters())
+    total = count_parameters(model)
+    embeddings = count_parameters(model.encoder.embeddings)
+    layers = count_parameters(model.encoder.layers)
     parts = {"parameters": total, "embeddings": embeddings, "layers": layers,
              "head": total - embeddings - layers, "half the layers": total - layers // 2}
     for targets in LORA_TARGETS:

@@ -33,6 +33,7 @@ PLANS below is the only knob: the sizes of the full and the quick run (tests shr
 
 import dataclasses
 import datetime
+import functools
 import glob
 import json
 import math
@@ -1223,12 +1224,11 @@ def decide(results):
     return decided
 
 
-def claim_group(row, rows):
+def claim_group(row, several):
     """A verdict row's (group, setting) for verdicts.combine_groups: the group is the setting's
-    first word, its corpus ("toy", "text"), after the plan's name where several plans test the
+    first word, its corpus ("toy", "text"), after the plan's name where `several` plans test the
     claim ("quick toy"; once, where the setting starts with it already: "sentiment")."""
     first, _, rest = row["setting"].partition(" ")
-    several = len({other["plan"] for other in rows}) > 1
     group = f"{row['plan']} {first}" if several and first != row["plan"] else first
     return group, rest or first
 
@@ -1254,7 +1254,8 @@ def gather_claims(folder):
                 if same not in seen:
                     seen.add(same)
                     rows.append({"plan": name, **row})
-        verdict = verdicts.combine_groups([claim_group(row, rows) + (row["verdict"],)
+        several = len({row["plan"] for row in rows}) > 1
+        verdict = verdicts.combine_groups([claim_group(row, several) + (row["verdict"],)
                                            for row in rows])
         pending = sorted(name for name, plan in PLANS.items()
                          if name not in plans and not plan.get("needs_gpu")
@@ -1429,21 +1430,25 @@ def corpus_task(corpus, plan):
     return task
 
 
-def outcomes_over_seeds(spec, task, loaded, seeds, finished, runs_path, folder):
-    """Each seed's result of the run `spec`: from `finished` (runs.jsonl), or run now
-    (finetune_run) and appended to runs.jsonl."""
-    outcomes = []
-    for seed in range(seeds):
-        spec_seed = {**spec, "seed": seed}
-        key = json.dumps(spec_seed, sort_keys=True)
-        if key not in finished:
-            finished[key] = finetune_run(spec_seed, task, loaded.get(spec.get("encoder", "final")),
-                                         loaded["final"], folder=folder)
-            with open(runs_path, "a") as f:
-                record = {"key": key, "spec": spec_seed, "result": finished[key]}
-                f.write(json.dumps(record) + "\n")
-        outcomes.append(finished[key])
-    return outcomes
+def outcomes_over_seeds(spec, task, loaded, seeds, finished, runs_path, folder, scratch="final"):
+    """Each seed's result of the run `spec` (finetune_run; a run from scratch takes the
+    vocabulary of loaded[scratch]), remembered in runs.jsonl (remembered_run)."""
+    encoder = loaded.get(spec.get("encoder", "final"))
+    return [remembered_run({**spec, "seed": seed}, finished, runs_path,
+                           lambda spec_seed: finetune_run(spec_seed, task, encoder,
+                                                          loaded[scratch], folder=folder))
+            for seed in range(seeds)]
+
+
+def remembered_run(spec, finished, runs_path, run):
+    """spec's result: from runs.jsonl (`finished`, for --resume), or run(spec) now and appended
+    to it."""
+    key = json.dumps(spec, sort_keys=True)
+    if key not in finished:
+        finished[key] = run(spec)
+        with open(runs_path, "a") as f:
+            f.write(json.dumps({"key": key, "spec": spec, "result": finished[key]}) + "\n")
+    return finished[key]
 
 
 def table_row(corpus, claim, setting, outcomes, seeds, log):
@@ -1698,25 +1703,10 @@ def run_c8(out, plan_name, plan, resume, force, log, results_folder=None):
                       f"(k={plan['k']})",
              "corpus": corpus, "classes": num_classes, "rows": []}
     for setting, spec in c8_rows(plan, num_classes, corpus):
-        outcomes = []
-        for seed in range(plan["seeds"]):
-            spec_seed = {**spec, "seed": seed}
-            key = json.dumps(spec_seed, sort_keys=True)
-            if key not in finished:
-                finished[key] = finetune_run(spec_seed, task, loaded.get(spec.get("encoder")),
-                                             loaded["mlm"], folder=folder)
-                with open(runs_path, "a") as f:
-                    record = {"key": key, "spec": spec_seed, "result": finished[key]}
-                    f.write(json.dumps(record) + "\n")
-            outcomes.append(finished[key])
-        seeds = list(range(plan["seeds"]))
-        cells = {metric: summarize([o.get(metric) for o in outcomes], seeds)
-                 for metric, _, _ in METRICS}
-        cells = {m: c for m, c in cells.items() if c is not None}
-        table["rows"].append({"claim": "C6", "setting": setting, "cells": cells})
-        log(f"[{corpus}] C8 {setting}: accuracy {100 * cells['accuracy']['mean']:.1f} ± "
-            f"{100 * (cells['accuracy']['std'] or 0):.1f} (seeds: "
-            f"{', '.join(f'{100 * v:.1f}' for v in cells['accuracy']['values'])})")
+        # from scratch: the MLM run's vocabulary
+        outcomes = outcomes_over_seeds(spec, task, loaded, plan["seeds"], finished, runs_path,
+                                       folder, scratch="mlm")
+        table["rows"].append(table_row(corpus, "C6", setting, outcomes, plan["seeds"], log))
     generation = c8_generation(corpus, loaded["causal"].path, plan, log)
     image_tables, image_pretraining, image_decided = run_c8_images(out, plan, finished,
                                                                    runs_path, log)
@@ -1890,24 +1880,15 @@ def run_c8_images(out, plan, finished, runs_path, log):
                 spec = dict(method="image", data=name, k=k, variant=variant,
                             epochs=image_epochs(k * data_set["classes"], plan),
                             pretrain_steps=plan["image_pretrain_steps"][name])
-                outcomes = [image_outcome({**spec, "seed": seed}, data_set, checkpoint, finished,
-                                          runs_path) for seed in range(plan["seeds"])]
+                run = functools.partial(image_run, data_set=data_set, checkpoint=checkpoint)
+                outcomes = [remembered_run({**spec, "seed": seed}, finished, runs_path, run)
+                            for seed in range(plan["seeds"])]
                 table["rows"].append(table_row(name, "C8", f"k={k}: {setting}", outcomes,
                                                plan["seeds"], log))
         tables.append(table)
         decided += image_verdicts(table, plan)
         pretraining[name]["wall_clock_seconds"] = time.time() - started
     return tables, pretraining, decided
-
-
-def image_outcome(spec, data_set, checkpoint, finished, runs_path):
-    """One seed of one image row: from runs.jsonl (finished), or run now and appended to it."""
-    key = json.dumps(spec, sort_keys=True)
-    if key not in finished:
-        finished[key] = image_run(spec, data_set, checkpoint)
-        with open(runs_path, "a") as f:
-            f.write(json.dumps({"key": key, "spec": spec, "result": finished[key]}) + "\n")
-    return finished[key]
 
 
 def image_run(spec, data_set, checkpoint):

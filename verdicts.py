@@ -143,8 +143,8 @@ def combine_groups(verdicts):
         groups.setdefault(group, []).append((setting, verdict))
     parts = []
     for group, items in groups.items():
-        one = combine(items)
-        parts.append(f"{group}: {listing(items) if one.startswith('mixed') else one}.")
+        kinds = {verdict for _, verdict in items}
+        parts.append(f"{group}: {kinds.pop() if len(kinds) == 1 else listing(items)}.")
     return "mixed. " + " ".join(parts)
 
 
