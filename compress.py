@@ -8,12 +8,14 @@ each as a command that writes a run folder; docs/equations.md writes every formu
     prune_smallest_weights         zero the smallest weights of every matrix (magnitude pruning)
     zero_shares                    the zeros as a share of the layer matrices and of the model
     remove_feed_forward_units      remove whole feed-forward units: a smaller dense model
+    remove_heads                   remove whole attention heads: a smaller dense model
     LowRankUpdate                  LoRA: a task stores low-rank matrices, not an encoder
     with_int8_arithmetic           a speed device: int8 matmuls on the CPU
 
 Run `python deploy.py` to run every remedy on a small toy world.
 """
 
+import copy
 import math
 from dataclasses import dataclass, replace
 
@@ -164,7 +166,6 @@ def remove_feed_forward_units(model, fraction):
     dense model: intermediate_size I - round(fraction * I)."""
     intermediate_size = model.config.intermediate_size
     keep_count = max(1, intermediate_size - round(fraction * intermediate_size))
-    config = replace(model.config, intermediate_size=keep_count)
     state = model.state_dict()
     for i, layer in enumerate(model.encoder.layers):
         importance = (layer.feed_forward_in.weight.norm(dim=1)
@@ -174,6 +175,39 @@ def remove_feed_forward_units(model, fraction):
         state[prefix + "feed_forward_in.weight"] = layer.feed_forward_in.weight[kept]
         state[prefix + "feed_forward_in.bias"] = layer.feed_forward_in.bias[kept]
         state[prefix + "feed_forward_out.weight"] = layer.feed_forward_out.weight[:, kept]
+    return smaller_classifier(model, replace(model.config, intermediate_size=keep_count), state)
+
+
+@torch.no_grad()
+def remove_heads(model, fraction):
+    """Structured pruning of attention: head n reads its values through rows n*d..(n+1)*d of W_v
+    and writes through the same columns of W_o, so its importance here is ||W_v[n]|| * ||W_o[:,
+    n]|| (the FFN units' rule). The round(fraction * h) least important heads of every layer go
+    -- their rows of W_q, W_k, W_v (and biases), their columns of W_o -- which computes exactly
+    what the full model computes with those columns of W_o set to 0 (tested), in a smaller dense
+    model: num_heads h - round(fraction * h), each still d = head_size wide (h * d < H)."""
+    heads, size = model.config.num_heads, model.encoder.layers[0].attention.head_size
+    keep_count = max(1, heads - round(fraction * heads))
+    state = model.state_dict()
+    for i, layer in enumerate(model.encoder.layers):
+        attention = layer.attention
+        importance = (attention.value.weight.view(heads, size, -1).flatten(1).norm(dim=1)
+                      * attention.output.weight.view(-1, heads, size).transpose(0, 1)
+                      .flatten(1).norm(dim=1))  # (h,)
+        kept_heads = importance.argsort(descending=True, stable=True)[:keep_count].sort().values
+        kept = (kept_heads[:, None] * size + torch.arange(size)).flatten()  # their h' * d rows
+        prefix = f"encoder.layers.{i}.attention."
+        for name in ("query", "key", "value"):
+            state[prefix + name + ".weight"] = getattr(attention, name).weight[kept]
+            state[prefix + name + ".bias"] = getattr(attention, name).bias[kept]
+        state[prefix + "output.weight"] = attention.output.weight[:, kept]
+    config = replace(model.config, num_heads=keep_count, head_size=size)
+    return smaller_classifier(model, config, state)
+
+
+def smaller_classifier(model, config, state):
+    """A Classifier of `config` holding `state` (model's, with some units removed), on model's
+    device: what the structured prunings return."""
     smaller = Classifier(config, model.classifier.out_features, model.pool)
     smaller.load_state_dict(state)
     return smaller.to(model.classifier.weight.device)
@@ -185,33 +219,36 @@ def remove_feed_forward_units(model, fraction):
 
 
 class LowRankUpdate(nn.Module):
-    """A frozen linear layer plus a trainable low-rank update (LoRA's equation, Hu et al. 2021):
+    """A frozen layer plus a trainable low-rank update (LoRA's equation, Hu et al. 2021):
 
         y = W x + b + (alpha / r) B (A x)      W: (out, in) frozen; A: (r, in), B: (out, r) trained
 
     B starts at zero, so at the start the layer computes exactly what the frozen one did; a task
     then stores r * (in + out) numbers per layer instead of out * in. alpha / r (the paper's
     scale; alpha = r by default, a scale of 1) keeps the update's size from growing with r, so
-    a rate tuned at one rank holds at another. merged() folds the update back: W' = W +
-    (alpha / r) B A (merged_weight), one plain nn.Linear, so the fine-tuned model is an ordinary
-    checkpoint."""
+    a rate tuned at one rank holds at another. The token-embedding table E (V, H) takes the same
+    update read by row instead of multiplied: token i's vector is E_i + (alpha / r) B_i A.
+    merged() folds the update back: W' = W + (alpha / r) B A (merged_weight), one plain layer,
+    so the fine-tuned model is an ordinary checkpoint."""
 
-    def __init__(self, linear, rank, alpha=None):
+    def __init__(self, layer, rank, alpha=None):
         super().__init__()
-        self.linear = linear.requires_grad_(False)
-        self.A = nn.Parameter(torch.randn(rank, linear.in_features) / math.sqrt(linear.in_features))
-        self.B = nn.Parameter(torch.zeros(linear.out_features, rank))
+        out_features, in_features = layer.weight.shape  # nn.Linear (out, in); nn.Embedding (V, H)
+        self.frozen = layer.requires_grad_(False)
+        self.A = nn.Parameter(torch.randn(rank, in_features) / math.sqrt(in_features))
+        self.B = nn.Parameter(torch.zeros(out_features, rank))
         self.scale = 1.0 if alpha is None or rank == 0 else alpha / rank
 
     def forward(self, x):
-        return self.linear(x) + self.scale * ((x @ self.A.t()) @ self.B.t())
+        if isinstance(self.frozen, nn.Embedding):  # x: token ids (B, T) -> (B, T, H)
+            return self.frozen(x) + self.scale * (self.B[x] @ self.A)
+        return self.frozen(x) + self.scale * ((x @ self.A.t()) @ self.B.t())
 
     def merged(self):
-        merged = nn.Linear(self.linear.in_features, self.linear.out_features)
+        merged = copy.deepcopy(self.frozen).requires_grad_(True)
         with torch.no_grad():
-            merged.weight.copy_(merged_weight(self.linear.weight, self.A, self.B, self.scale))
-            merged.bias.copy_(self.linear.bias)
-        return merged.to(self.linear.weight.device)
+            merged.weight.copy_(merged_weight(self.frozen.weight, self.A, self.B, self.scale))
+        return merged
 
 
 @torch.no_grad()
@@ -224,19 +261,26 @@ def merged_weight(weight, A, B, scale):
 
 
 # which linear layers of every encoder layer get an update: LoRA's own choice (query and value),
-# or every one (the four attention projections and the feed-forward pair)
+# or every one (the four attention projections and the feed-forward pair); "+embeddings" adds an
+# update of the token-embedding table, "+embedding-table" trains the embedding layer whole
+# (train.classifier_to_fine_tune): what a frozen table costs LoRA, at the table's bytes
 LORA_TARGETS = {"q,v": ("attention.query", "attention.value"),
                 "all": ("attention.query", "attention.key", "attention.value", "attention.output",
                         "feed_forward_in", "feed_forward_out")}
+LORA_TARGETS["all+embeddings"] = LORA_TARGETS["all+embedding-table"] = LORA_TARGETS["all"]
 
 
 def add_low_rank_updates(model, rank, alpha=None, targets="q,v"):
-    """A LowRankUpdate on the `targets` (LORA_TARGETS) of every layer of a Classifier."""
+    """A LowRankUpdate on the `targets` (LORA_TARGETS) of every layer of a Classifier, and with
+    "all+embeddings" on its token-embedding table."""
     for layer in model.encoder.layers:
         for path in LORA_TARGETS[targets]:
             parent, _, name = path.rpartition(".")
             owner = layer.get_submodule(parent) if parent else layer
             setattr(owner, name, LowRankUpdate(getattr(owner, name), rank, alpha))
+    if targets == "all+embeddings":
+        embeddings = model.encoder.embeddings
+        embeddings.token = LowRankUpdate(embeddings.token, rank, alpha)
 
 
 def merge_low_rank_updates(model):
@@ -266,7 +310,7 @@ def where_the_bytes_are(config, num_labels=8):
     layers = count_parameters(model.encoder.layers)
     parts = {"parameters": total, "embeddings": embeddings, "layers": layers,
              "head": total - embeddings - layers, "half the layers": total - layers // 2}
-    for targets in LORA_TARGETS:
+    for targets in ("q,v", "all", "all+embeddings"):  # (+embedding-table: "embeddings" whole)
         with torch.device("meta"):
             lora = Classifier(config, num_labels)
             add_low_rank_updates(lora, 4, targets=targets)

@@ -6,7 +6,8 @@ metrics.json) that evaluate, export and finetune --init accept. The formulas are
     quantize(out, init)                 every weight matrix as int8, one scale per row: ~4x less
                                         on disk (compress.to_int8_rows)
     prune(out, PruneOptions(...))       zero the smallest weights of every matrix, or remove whole
-                                        feed-forward units; then a short recovery fine-tune
+                                        feed-forward units or attention heads; then a short
+                                        recovery fine-tune
     finetune --lora R                   (compress.LowRankUpdate, in train.fit_classifier) a task
                                         stores its head and low-rank matrices, not an encoder:
                                         with --save delta, a task file of only those
@@ -44,6 +45,7 @@ from compress import (
     prune_smallest_weights,
     quantized_state,
     remove_feed_forward_units,
+    remove_heads,
     zero_fraction,
 )
 from evaluation import classifier_logits, classify
@@ -221,10 +223,11 @@ def quantize(out, init, force=False, log=print):
 
 def prune(out, options, force=False, log=print, progress=True):
     """o.unit "weights": zero the o.sparsity smallest-|w| of every weight matrix of the encoder's
-    layers (magnitude pruning); "ffn-units": remove that fraction of every layer's feed-forward
-    units (a smaller dense model). Then o.epochs of fine-tuning on o.train to recover, the pruned
-    weights held at zero. Unstructured zeros save bytes only when compressed and time only with
-    sparse kernels; removed units save both (the C7 table measures which)."""
+    layers (magnitude pruning); "ffn-units" or "heads": remove that fraction of every layer's
+    feed-forward units or attention heads (a smaller dense model). Then o.epochs of fine-tuning
+    on o.train to recover, the pruned weights held at zero. Unstructured zeros save bytes only
+    when compressed and time only with sparse kernels; removed units save both (the C7 table
+    measures which)."""
     o = options
     o.check()
     device = pick_device(o.device)
@@ -243,8 +246,9 @@ def prune(out, options, force=False, log=print, progress=True):
                 if scored_on else {})
 
     before = score(model.to(device))
-    model = (prune_smallest_weights(model, o.sparsity) if o.unit == "weights"
-             else remove_feed_forward_units(model, o.sparsity))
+    remove = {"weights": prune_smallest_weights, "ffn-units": remove_feed_forward_units,
+              "heads": remove_heads}[o.unit]
+    model = remove(model, o.sparsity)
     metrics = {"pruned_from": str(o.init), "unit": o.unit, "sparsity": o.sparsity,
                "before_pruning": before, "after_pruning": score(model.to(device)),
                "scored_on": scored_on, "steps": 0}
@@ -310,6 +314,62 @@ def sentences_per_second(model, rows, batch_size, pad_id=0, seconds=2.0, repeats
                 done += len(ids)
         rates.append(done / (time.perf_counter() - started))
     return {"median": float(np.median(rates)), "low": min(rates), "high": max(rates)}
+
+
+def tensor_bytes(model):
+    """The bytes of a model's tensors as they sit in memory: parameters and buffers, and an int8
+    layer's packed weights (PyTorch's dynamic quantisation keeps them outside nn.Parameter)."""
+    def size(value):
+        if isinstance(value, torch.Tensor):
+            return value.numel() * value.element_size()
+        return sum(size(item) for item in value) if isinstance(value, (tuple, list)) else 0
+    return sum(size(value) for value in model.state_dict().values())
+
+
+@torch.inference_mode()
+def peak_memory(model, rows, batch_size=32, pad_id=0):
+    """Peak memory of serving one batch of `rows` (padded to its longest): the model's tensors
+    (tensor_bytes; an int8 run read back for float32 arithmetic is float32 here) plus the most
+    bytes the forward pass holds at once. On the CPU the second is read from PyTorch's profiler,
+    which reports the allocator's running total at each allocation and free made while it
+    records; on a GPU it is torch.cuda.max_memory_allocated over the pass. Returns
+    {"model_bytes", "activation_bytes", "peak_bytes"}; the same model and batch give the same
+    numbers every time (no timing is involved)."""
+    model.eval()
+    device = next(model.parameters()).device if any(True for _ in model.parameters()) else "cpu"
+    ids, mask = (torch.from_numpy(array).to(device) for array in data.pad(rows[:batch_size],
+                                                                          pad_id))
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        model(ids, None, mask)
+        activations = torch.cuda.max_memory_allocated() - before
+    else:
+        from torch._C._profiler import _EventType
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as recorded:
+            model(ids, None, mask)
+        allocations = sorted((event.start_time_ns, event.extra_fields) for event in
+                             all_events(recorded.profiler.kineto_results.experimental_event_tree())
+                             if event.tag == _EventType.Allocation)
+        if not allocations:
+            activations = 0
+        else:  # the running total before the first allocation of the pass is the baseline
+            first = allocations[0][1]
+            baseline = first.total_allocated - first.alloc_size
+            activations = max(fields.total_allocated for _, fields in allocations) - baseline
+    model_bytes = tensor_bytes(model)
+    return {"model_bytes": model_bytes, "activation_bytes": int(activations),
+            "peak_bytes": model_bytes + int(activations)}
+
+
+def all_events(events):
+    """Every event of the profiler's event tree, children included."""
+    for event in events:
+        yield event
+        yield from all_events(event.children)
 
 
 if __name__ == "__main__":

@@ -239,10 +239,12 @@ PLANS["c7"] = {
     # every remedy beside its control: pruning at four sparsities against the teacher, the
     # distilled student against the same student trained without the teacher
     "c7_remedies": ["teacher", "head", "lora-4", "int8", "int8-arithmetic", "pruned-30",
-                    "pruned-50", "pruned-70", "pruned-90", "pruned-50+int8", "ffn-50", "distilled",
+                    "pruned-50", "pruned-70", "pruned-90", "pruned-50+int8", "ffn-50", "heads-50",
+                    "vocab-quarter", "distilled",
                     "student-no-teacher", "distilled+int8",
                     # LoRA's rank, its targets and its rate (LORA_ROWS), toward full fine-tuning
-                    "lora-1", "lora-16", "lora-4-all", "lora-4-all-lr3e-3",
+                    "lora-1", "lora-16", "lora-4-all", "lora-4-all-lr3e-3", "lora-16-all-lr3e-3",
+                    "lora-4-all+embeddings-lr3e-3", "lora-4-all+embedding-table-lr3e-3",
                     # the student initialised from a smaller pre-trained run (same steps, half
                     # the layers), distilled and not: does the teacher add to pre-training?
                     "distilled-small", "small-no-teacher"],
@@ -435,14 +437,15 @@ TASK_CHOICES = {
 
 def pretraining_recipe(plan, corpus, unlabeled_path, steps, **choice):
     """Every plan's pre-training run on `corpus`, but for `choice` (C6's task variants, C7's half
-    depth, C8's objective): the plan's batch and model size, rate 1e-3, no dropout (at these
-    budgets the model under-fits; dropout would only slow it down), one checkpoint at the end."""
-    return PretrainOptions(corpus=[unlabeled_path], steps=steps,
+    depth and smaller vocabulary, C8's objective): the plan's batch and model size, rate 1e-3,
+    no dropout (at these budgets the model under-fits; dropout would only slow it down), one
+    checkpoint at the end."""
+    return PretrainOptions(**{"vocab_size": 2048 if corpus == "toy" else 8192, **choice},
+                           corpus=[unlabeled_path], steps=steps,
                            batch_size=plan["pretrain_batch_size"][corpus],
                            config=plan.get("pretrain_config", "tiny"),
                            max_length=MLM_MAX_LENGTH, lr=1e-3, dropout=0.0, save_every=0,
-                           vocab_size=2048 if corpus == "toy" else 8192,
-                           eval_every=plan["eval_every"][corpus], **choice)
+                           eval_every=plan["eval_every"][corpus])
 
 
 def pretrain_encoders(out, corpus, task, plan, resume, log):
@@ -461,6 +464,10 @@ def pretrain_encoders(out, corpus, task, plan, resume, log):
         # C7's smaller student: half the layers, pre-trained as long on the same text
         half = max(1, PRESETS[plan.get("pretrain_config", "tiny")]["num_layers"] // 2)
         runs["half-depth"] = (SMALL_PRETRAINED, steps, {"num_layers": half})
+    if "C7" in plan["tables"][corpus] and "vocab-quarter" in plan["c7_remedies"]:
+        # C7's smaller table: a quarter of the vocabulary, pre-trained as long on the same text
+        vocabulary = pretraining_recipe(plan, corpus, unlabeled_path, steps).vocab_size // 4
+        runs["quarter-vocabulary"] = (SMALL_VOCABULARY, steps, {"vocab_size": vocabulary})
     encoders = {}
     for name, (run_folder, run_steps, choice) in runs.items():
         path = os.path.join(folder, run_folder)
@@ -694,6 +701,10 @@ C7_NAMES = {"teacher": "teacher: pre-trained, full fine-tuning",
                                "(PyTorch's dynamic quantisation kernels)",
             "pruned-50+int8": "pruned 50%, then int8",
             "ffn-50": "teacher, 50% of feed-forward units removed + recovery",
+            "heads-50": "teacher, 50% of attention heads removed + recovery",
+            # where the bytes are: the token-embedding table, a quarter the size
+            "vocab-quarter": "pre-trained with a quarter of the vocabulary (as long), full "
+                             "fine-tuning",
             "distilled": "distilled into half the layers "
                          "(distill, every-other init, unlabeled transfer set)",
             # distillation's control: alpha 1 gives the teacher's predictions no weight
@@ -707,12 +718,22 @@ C7_NAMES = {"teacher": "teacher: pre-trained, full fine-tuning",
 # C7's LoRA rows: FinetuneOptions' LoRA settings (rate: HEAD_LR unless given)
 LORA_ROWS = {"lora-1": dict(lora=1), "lora-4": dict(lora=4), "lora-16": dict(lora=16),
              "lora-4-all": dict(lora=4, lora_targets="all"),
-             "lora-4-all-lr3e-3": dict(lora=4, lora_targets="all", lr=3e-3)}
-C7_NAMES.update({name: f"LoRA, rank {o['lora']}"
-                       + (", every projection (--lora-targets all)" if "lora_targets" in o else "")
+             "lora-4-all-lr3e-3": dict(lora=4, lora_targets="all", lr=3e-3),
+             "lora-16-all-lr3e-3": dict(lora=16, lora_targets="all", lr=3e-3),
+             # what limits LoRA: the frozen token-embedding table? (its own update; trained whole)
+             "lora-4-all+embeddings-lr3e-3": dict(lora=4, lora_targets="all+embeddings", lr=3e-3),
+             "lora-4-all+embedding-table-lr3e-3": dict(lora=4, lora_targets="all+embedding-table",
+                                                       lr=3e-3)}
+LORA_TARGET_NAMES = {"q,v": "", "all": ", every projection (--lora-targets all)",
+                     "all+embeddings": ", every projection and the token-embedding table "
+                                       "(--lora-targets all+embeddings)",
+                     "all+embedding-table": ", every projection, the embedding layer trained "
+                                            "whole (--lora-targets all+embedding-table)"}
+C7_NAMES.update({name: f"LoRA, rank {o['lora']}" + LORA_TARGET_NAMES[o.get("lora_targets", "q,v")]
                        + (f", lr {o['lr']:g}" if "lr" in o else "") + " (task file)"
                  for name, o in LORA_ROWS.items()})
 SMALL_PRETRAINED = "pretrain-half-depth"  # the corpus folder's run for the smaller student
+SMALL_VOCABULARY = "pretrain-quarter-vocabulary"  # and for vocab-quarter
 
 
 def made_c7_remedy(name, spec, loaded, folder, seed_folder, train_tsv):
@@ -741,11 +762,12 @@ def made_c7_remedy(name, spec, loaded, folder, seed_folder, train_tsv):
     elif name in LORA_ROWS:
         finetuning.finetune(path, FinetuneOptions(**{"lr": HEAD_LR, **LORA_ROWS[name]},
                                                   save="delta", **tuned), **quietly)
-    elif name.startswith(("pruned-", "ffn-")):
-        if name.startswith("pruned-"):
-            unit, percent = "weights", name[7:]
-        else:
-            unit, percent = "ffn-units", name[4:]
+    elif name == "vocab-quarter":
+        finetuning.finetune(path, FinetuneOptions(**{**tuned, "init": os.path.join(
+            folder, SMALL_VOCABULARY)}, lr=FULL_LR), **quietly)
+    elif name.startswith(("pruned-", "ffn-", "heads-")):
+        unit = {"pruned": "weights", "ffn": "ffn-units", "heads": "heads"}[name.split("-")[0]]
+        percent = name.split("-")[1]
         deploy.prune(path, PruneOptions(init=made("teacher"), sparsity=int(percent) / 100,
                                         unit=unit, **recovery),
                      **quietly)
@@ -770,7 +792,8 @@ def c7_run(spec, task, loaded, folder):
     as task files read on top of the pre-trained run). Measured: test accuracy, parameters, the
     bytes of the file the run saved (task_bytes; zipped too; bytes_on_disk adds, for a task file,
     the float32 bytes of its base's encoder), the zero weights as shares of the layer matrices
-    and of the model, and CPU sentences per second at batch 1 and 32."""
+    and of the model, CPU sentences per second at batch 1 and 32, and the peak memory of serving
+    the first 32 test sentences (deploy.peak_memory)."""
     seed, quiet = spec["seed"], (lambda *args: None)
     seed_folder = os.path.join(folder, "c7", f"k-{spec['k']}-seed-{seed}")
     os.makedirs(seed_folder, exist_ok=True)
@@ -801,7 +824,9 @@ def c7_run(spec, task, loaded, folder):
     return {"accuracy": scored["accuracy"], "parameters": parameters, **zeros,
             "bytes_on_disk": os.path.getsize(saved) + base_bytes, "bytes_zipped": zipped,
             "task_bytes": os.path.getsize(saved),
-            **inference_speeds(model, test_rows[:256], tokenizer.pad_id, spec["timing_seconds"])}
+            **inference_speeds(model, test_rows[:256], tokenizer.pad_id, spec["timing_seconds"]),
+            "peak_memory_32": deploy.peak_memory(model, test_rows, 32,
+                                                 tokenizer.pad_id)["peak_bytes"]}
 
 
 def inference_speeds(model, rows, pad_id, seconds):
@@ -1019,7 +1044,8 @@ COLUMNS = {"C1": ["accuracy", "seconds"], "C2": ["accuracy", "seconds"],
            "C6": ["mlm_loss_before", "accuracy", "seconds"],
            "C7": ["accuracy", "parameters", "task_bytes", "bytes_zipped", "bytes_on_disk",
                   "zeros_of_layers", "zeros_of_model", "sentences_per_second_1",
-                  "speed_range_1", "sentences_per_second_32", "speed_range_32"]}
+                  "speed_range_1", "sentences_per_second_32", "speed_range_32",
+                  "peak_memory_32"]}
 
 
 def spread(c, scale=1.0, digits=1, sign=""):
@@ -1059,6 +1085,8 @@ METRICS = [  # (key in a run's result, markdown header, format of mean ± sample
     ("sentences_per_second_32", "CPU sentences/s, batch 32 (median of 5)",
      lambda c: spread(c, digits=0)),
     ("speed_range_32", "batch 32: range of the 5, % of the median", lambda c: spread(c, 100)),
+    ("peak_memory_32", "peak memory serving a batch of 32, MB (model + forward pass)",
+     lambda c: spread(c, 1e-6)),
 ]
 
 
@@ -1198,6 +1226,11 @@ def add_c5_to_c7(add, settings):
     for name in LORA_ROWS:
         add("C7", "C7", name, f"{C7_NAMES[name]} as accurate as full fine-tuning, within 1 point "
             "(accuracy)", C7_NAMES[name], C7_NAMES["teacher"], "accuracy", -0.01)
+    for name, removed in (("ffn-50", "50% of the feed-forward units"),
+                          ("heads-50", "50% of the attention heads"),
+                          ("vocab-quarter", "a quarter of the vocabulary")):
+        add("C7", "C7", name, f"{removed} as accurate as the teacher, within 1 point (accuracy)",
+            C7_NAMES[name], C7_NAMES["teacher"], "accuracy", -0.01)
     for percent in (30, 50, 70, 90):
         add("C7", "C7", f"pruned {percent}%",
             f"{percent}% of the layer matrices pruned (+ recovery) as accurate as the teacher, "

@@ -110,7 +110,8 @@ REQUIRED_VALUES = {
 # 512 positions, a 30522-token vocabulary): far beyond any BERT, and each refused before a byte
 # is allocated. A model within them must still fit the memory there is (check_memory).
 SIZE_LIMITS = {"vocab_size": 1_000_000, "hidden_size": 16_384, "num_layers": 256, "num_heads": 256,
-               "intermediate_size": 65_536, "max_positions": 65_536, "type_vocab_size": 1_024}
+               "intermediate_size": 65_536, "max_positions": 65_536, "type_vocab_size": 1_024,
+               "head_size": 16_384}  # head_size may also be None: H / h
 
 
 def check_config_values(values, path):
@@ -119,6 +120,8 @@ def check_config_values(values, path):
     positive, and the weights' float32 bytes within the memory there is. One line if not."""
     for name, limit in SIZE_LIMITS.items():
         value = values.get(name)
+        if name == "head_size" and value is None:
+            continue
         if name in values and not (isinstance(value, int) and not isinstance(value, bool)
                                    and 1 <= value <= limit):
             raise InputError(f"{path}: the config is not valid ({name} = {value!r}; "
@@ -142,8 +145,10 @@ def parameter_count(values):
     v, h, i, p, t, n = (values.get(k, 1) for k in ("vocab_size", "hidden_size",
                                                      "intermediate_size", "max_positions",
                                                      "type_vocab_size", "num_layers"))
+    # attention's projections are h * d wide: H, unless heads were removed (config head_size)
+    a = values.get("num_heads", 1) * values["head_size"] if values.get("head_size") else h
     embeddings = (v + p + t) * h + 2 * h
-    layer = 4 * (h * h + h) + 2 * h * i + i + h + 4 * h
+    layer = 3 * (h * a + a) + (a * h + h) + 2 * h * i + i + h + 4 * h
     return embeddings + n * layer + (h * h + h) + (h * h + 3 * h + v) + 2 * h + 2
 
 
@@ -366,6 +371,11 @@ def check_exportable(checkpoint):
     if checkpoint.get("config", {}).get("causal"):  # C8: docs/huggingface.md says why
         raise InputError("a causal (--objective causal) run cannot be exported: the BERT folders "
                          "written here attend both ways (docs/huggingface.md: causal runs)")
+    config = checkpoint.get("config", {})
+    if config.get("head_size") is not None:  # C7's prune --unit heads
+        raise InputError("a classifier with heads removed (prune --unit heads) cannot be "
+                         "exported: a BERT folder's heads are hidden_size / num_attention_heads "
+                         "wide")
     if checkpoint.get("kind") == "classifier" and checkpoint.get("pool", "cls") != "cls":
         raise InputError(f"a classifier with --pool {checkpoint['pool']} cannot be exported: "
                          "transformers' "

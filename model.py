@@ -47,9 +47,12 @@ class Config:
     attention: str = "explicit"
     # C8: no position attends to a later one (GPT-style, `pretrain --objective causal`)
     causal: bool = False
+    # C7: d, each head's size; None: H / h. Removing whole heads (prune --unit heads) keeps d,
+    # so then h * d < H
+    head_size: int = None
 
     def __post_init__(self):
-        if self.hidden_size % self.num_heads != 0:
+        if self.head_size is None and self.hidden_size % self.num_heads != 0:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads "
                              f"{self.num_heads}")
         if self.attention not in ("explicit", "sdpa"):
@@ -58,6 +61,10 @@ class Config:
                      "max_positions", "type_vocab_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        heads_size = self.num_heads * (self.head_size or 1)
+        if self.head_size is not None and not 0 < heads_size <= self.hidden_size:
+            raise ValueError(f"head_size {self.head_size} x num_heads {self.num_heads} must be "
+                             f"in [1, hidden_size {self.hidden_size}]")
 
     def to_dict(self):
         return asdict(self)
@@ -110,12 +117,13 @@ class SelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.num_heads = config.num_heads
-        self.head_size = config.hidden_size // config.num_heads
+        self.head_size = config.head_size or config.hidden_size // config.num_heads
         self.use_sdpa = config.attention == "sdpa"
-        self.query = nn.Linear(config.hidden_size, config.hidden_size)
-        self.key = nn.Linear(config.hidden_size, config.hidden_size)
-        self.value = nn.Linear(config.hidden_size, config.hidden_size)
-        self.output = nn.Linear(config.hidden_size, config.hidden_size)
+        heads_size = self.num_heads * self.head_size  # h * d: H, unless heads were removed
+        self.query = nn.Linear(config.hidden_size, heads_size)
+        self.key = nn.Linear(config.hidden_size, heads_size)
+        self.value = nn.Linear(config.hidden_size, heads_size)
+        self.output = nn.Linear(heads_size, config.hidden_size)
         self.attention_dropout = fast.Dropout(config.attention_dropout)
 
     def split_heads(self, x):

@@ -239,8 +239,12 @@ class FinetuneOptions:
                                       "(default: alpha = R, a scale of 1)", metavar="ALPHA")
     lora_targets: str = setting("q,v", "C7: the linear layers --lora updates in every layer: q,v "
                                        "(query and value, LoRA's choice) or all (the attention "
-                                       "projections and the feed-forward pair)",
-                                choices=("q,v", "all"))
+                                       "projections and the feed-forward pair); "
+                                       "all+embeddings: and the token-embedding table; "
+                                       "all+embedding-table: and the embedding layer trains "
+                                       "whole (its bytes join the task file)",
+                                choices=("q,v", "all", "all+embeddings",
+                                         "all+embedding-table"))  # compress.LORA_TARGETS
     # finetuning.save_fine_tuned
     save: str = setting("full", "C7: what the run folder keeps -- full: checkpoint.pt, the whole "
                                 "classifier; delta: task.safetensors, only what trained (the "
@@ -373,7 +377,7 @@ class DistillOptions(Execution):
                                deterministic=self.deterministic, device=self.device)
 
 
-PRUNE_UNITS = ("weights", "ffn-units")
+PRUNE_UNITS = ("weights", "ffn-units", "heads")
 
 
 @dataclass
@@ -383,7 +387,8 @@ class PruneOptions(Execution):
     init: str = setting(None, "a fine-tuned classifier run folder", required=True)
     sparsity: float = setting(0.5, "the fraction removed, in [0, 1)")
     unit: str = setting("weights", "what is removed: weights (the smallest |w| of each matrix, "
-                                   "zeroed) or ffn-units (whole feed-forward units)",
+                                   "zeroed), ffn-units (whole feed-forward units) or heads "
+                                   "(whole attention heads)",
                         choices=PRUNE_UNITS)
     train: str = setting(None, "labeled TSV for the recovery fine-tuning")
     valid: str = setting(None, "validation TSV: scored before pruning, after, and after recovery")

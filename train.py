@@ -571,10 +571,10 @@ def classifier_to_fine_tune(config, num_labels, o, start, device):
         raise InputError("--aux-mlm: needs a trainable encoder (not --freeze head) and an init "
                          "with an MLM head")
     frozen = freeze_below(model, trainable)
-    # C7: the encoder's own weights stay theta_0; low-rank updates of query and value train, and
-    # the head
+    # C7: the encoder's own weights stay theta_0; low-rank updates of query and value (or
+    # --lora-targets) train, and the head -- and with all+embedding-table the embedding layer
     if o.lora:
-        model.encoder.embeddings.requires_grad_(False)
+        model.encoder.embeddings.requires_grad_(o.lora_targets == "all+embedding-table")
         model.encoder.layers.requires_grad_(False)
         add_low_rank_updates(model, o.lora, o.lora_alpha, o.lora_targets)
     model.to(device)

@@ -189,7 +189,7 @@ def test_bad_c7_input_is_one_line_naming_it(small_world, teacher, cli, tmp_path)
     for sparsity in (1.0, -0.1, 2):
         assert_clear_error(cli("prune", "--init", teacher, "--sparsity", sparsity, "--train", small_world["train"],
                                "--out", out), "--sparsity must be in [0, 1)")
-    assert_clear_error(cli("prune", "--init", teacher, "--unit", "heads", "--train", small_world["train"], "--out", out),
+    assert_clear_error(cli("prune", "--init", teacher, "--unit", "layers", "--train", small_world["train"], "--out", out),
                        "--unit")
     assert_clear_error(cli("prune", "--init", small_world["pre"], "--train", small_world["train"], "--out", out),
                        "expected a fine-tuned classifier")
@@ -281,7 +281,7 @@ def test_lora_alpha_scales_the_update_and_every_target_merges_into_the_same_forw
     # weights compute what the unmerged layers do, for query and value or for every linear layer
     config = make_config("tiny", vocab_size=97, hidden_size=24, num_heads=3, intermediate_size=40, max_positions=32,
                          dropout=0.0, attention_dropout=0.0)
-    layer_names = {"q,v": 2, "all": 6}
+    layer_names = {"q,v": 2, "all": 6, "all+embeddings": 6}
     for seed, (targets, count) in enumerate(layer_names.items()):
         generator = torch.Generator().manual_seed(seed)
         input_ids = torch.randint(5, 97, (4, 17), generator=generator)
@@ -300,7 +300,8 @@ def test_lora_alpha_scales_the_update_and_every_target_merges_into_the_same_forw
         with torch.no_grad():
             compress.add_low_rank_updates(model, rank=3, alpha=12.0, targets=targets)
             wrapped = [m for m in model.modules() if isinstance(m, compress.LowRankUpdate)]
-            assert len(wrapped) == count * config.num_layers and all(m.scale == 4.0 for m in wrapped)
+            table = int(targets == "all+embeddings")  # the token-embedding table's own update
+            assert len(wrapped) == count * config.num_layers + table and all(m.scale == 4.0 for m in wrapped)
             for module in wrapped:
                 module.B.normal_(0, 0.05, generator=generator)
             unmerged = model(input_ids)
@@ -310,7 +311,9 @@ def test_lora_alpha_scales_the_update_and_every_target_merges_into_the_same_forw
         assert torch.allclose(merged, unmerged, atol=1e-5), targets
         assert set(model.merged_low_rank) == {name for name, _ in Classifier(config, 3).named_modules()
                                               if name.endswith(tuple(compress.LORA_TARGETS[targets]))
-                                              and name.startswith("encoder.layers.")}
+                                              and name.startswith("encoder.layers.")} | (
+            {"encoder.embeddings.token"} if table else set())
+        assert isinstance(model.encoder.embeddings.token, torch.nn.Embedding)
 
 
 def test_lora_alpha_and_targets_reach_fine_tuning_and_the_task_file(small_world, tmp_path):
@@ -370,4 +373,67 @@ def test_where_the_bytes_are_counts_every_parameter_once_and_lora_as_its_formula
     h, i, n = config.hidden_size, config.intermediate_size, config.num_layers
     assert parts["LoRA r=4 (q,v)"] == n * 2 * 4 * (h + h)                 # A (r x in) + B (out x r)
     assert parts["LoRA r=4 (all)"] == n * 4 * (4 * (h + h) + (h + i) + (i + h))
+    assert parts["LoRA r=4 (all+embeddings)"] == parts["LoRA r=4 (all)"] + 4 * (config.vocab_size + h)
     assert parts["head"] == h * h + h + h * 8 + 8                          # pooler + classifier
+
+
+def test_the_lora_targets_a_user_can_name_are_the_ones_compress_knows():
+    from dataclasses import fields
+
+    from options import FinetuneOptions
+    targets = next(f for f in fields(FinetuneOptions) if f.name == "lora_targets")
+    assert set(targets.metadata["choices"]) == set(compress.LORA_TARGETS)
+
+
+def test_peak_memory_holds_the_largest_intermediate_grows_with_the_batch_and_repeats_exactly():
+    import deploy
+
+    torch.manual_seed(0)
+    config = make_config("tiny", vocab_size=300, max_positions=64)
+    model = Classifier(config, num_labels=3)
+    rows = [list(range(5, 5 + n)) for n in torch.randint(5, 64, (40,)).tolist()]
+    peaks = {}
+    for batch in (1, 8, 32):
+        peaks[batch] = deploy.peak_memory(model, rows, batch)
+        assert deploy.peak_memory(model, rows, batch) == peaks[batch]  # no timing: the same bytes
+        longest = max(len(row) for row in rows[:batch])
+        scores = batch * config.num_heads * longest * longest * 4  # one layer's attention, float32
+        assert peaks[batch]["activation_bytes"] >= scores
+        assert peaks[batch]["model_bytes"] == 4 * sum(p.numel() for p in model.state_dict().values())
+    assert peaks[1]["activation_bytes"] < peaks[8]["activation_bytes"] < peaks[32]["activation_bytes"]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_removing_attention_heads_equals_zeroing_their_output_columns(seed):
+    torch.manual_seed(seed)
+    heads, size = 4, 6
+    model = Classifier(make_config("tiny", vocab_size=40, max_positions=16, hidden_size=heads * size, num_heads=heads,
+                                   intermediate_size=48, dropout=0.0, attention_dropout=0.0), 3).eval()
+    fraction = [0.25, 0.5, 0.75, 0.5][seed]
+    smaller = compress.remove_heads(model, fraction).eval()
+    assert smaller.config.num_heads == heads - round(fraction * heads) and smaller.config.head_size == size
+    assert compress.count_parameters(smaller) < compress.count_parameters(model)
+    with torch.no_grad():
+        for layer, small in zip(model.encoder.layers, smaller.encoder.layers):
+            attention = layer.attention
+            rows = attention.value.weight.view(heads, size, -1)
+            kept = [next(n for n in range(heads) if torch.equal(rows[n], block))
+                    for block in small.attention.value.weight.view(-1, size, rows.shape[-1])]
+            removed = sorted(set(range(heads)) - set(kept))
+            # the heads kept are the most important: ||W_v[n]|| * ||W_o[:, n]|| above every removed one's
+            importance = rows.flatten(1).norm(dim=1) * attention.output.weight.view(-1, heads, size).transpose(0, 1).flatten(1).norm(dim=1)
+            assert importance[kept].min() >= importance[removed].max()
+            for n in removed:
+                attention.output.weight[:, n * size:(n + 1) * size] = 0.0
+        input_ids = torch.randint(0, 40, (6, 12))
+        assert torch.allclose(smaller(input_ids), model(input_ids), atol=1e-5)
+
+
+def test_a_model_with_heads_removed_saves_loads_and_refuses_export_in_one_line(teacher, cli, tmp_path):
+    out = tmp_path / "heads"
+    code, _, stderr = cli("prune", "--init", teacher, "--unit", "heads", "--sparsity", 0.5, "--epochs", 0,
+                          "--out", out, "--device", "cpu")
+    assert code == 0, stderr
+    model, _, _ = open_model(str(out))
+    assert model.config.head_size is not None and model.config.num_heads * model.config.head_size < model.config.hidden_size
+    assert_clear_error(cli("export", "--init", out, "--out", tmp_path / "hf"), "heads removed")

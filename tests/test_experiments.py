@@ -275,6 +275,13 @@ def test_c7_measures_every_remedy_made_from_one_teacher(tiny_run):
     assert rows[names["int8"]]["bytes_on_disk"]["mean"] < 0.35 * teacher["bytes_on_disk"]["mean"]
     assert rows[names["distilled"]]["parameters"]["mean"] < teacher["parameters"]["mean"]
     assert rows[names["ffn-50"]]["parameters"]["mean"] < teacher["parameters"]["mean"]
+    # whole heads and a quarter of the vocabulary: smaller dense models; peak memory follows the bytes
+    assert rows[names["heads-50"]]["parameters"]["mean"] < teacher["parameters"]["mean"]
+    assert rows[names["vocab-quarter"]]["bytes_on_disk"]["mean"] < teacher["bytes_on_disk"]["mean"]
+    assert rows[names["heads-50"]]["peak_memory_32"]["mean"] < teacher["peak_memory_32"]["mean"]
+    # LoRA on the token-embedding table adds its A and B; the table trained whole joins the task file
+    with_table = [rows[names[f"lora-4-all+{part}-lr3e-3"]]["task_bytes"]["mean"] for part in ("embeddings", "embedding-table")]
+    assert rows[names["lora-4-all"]]["task_bytes"]["mean"] < with_table[0] < with_table[1] < teacher["task_bytes"]["mean"]
     assert rows[names["head"]]["task_bytes"]["mean"] < rows[names["lora-4"]]["task_bytes"]["mean"] < teacher["task_bytes"]["mean"]
     # LoRA's task file grows with its rank and its targets, and stays far below the model
     lora_bytes = [rows[names[name]]["task_bytes"]["mean"] for name in ("lora-1", "lora-4", "lora-16")]

@@ -117,7 +117,7 @@ def test_every_minimum_a_flag_has_is_exactly_where_refusal_starts():
 def test_a_value_outside_a_fields_choices_is_refused_naming_the_flag_and_the_choices():
     cases = [(FinetuneOptions(pool="max"), "--pool: expected cls or mean, got 'max'"),
              (FinetuneOptions(schedule="linear"), "--schedule: expected cosine, constant or cyclical"),
-             (PruneOptions(unit="heads", train="t.tsv"), "--unit: expected weights or ffn-units"),
+             (PruneOptions(unit="layers", train="t.tsv"), "--unit: expected weights, ffn-units or heads"),
              (BenchOptions(precision="fp16"),
               "--precision: expected auto, fp32 or bf16, got 'fp16'"),
              (DistillOptions(student_config="huge"),

@@ -17,8 +17,11 @@ from conftest import assert_clear_error, quiet
 from evaluation import classifier_logits
 from options import FinetuneOptions
 
-# what trains in each run: --freeze head, --freeze top-2, --lora 4 (everything else is the base)
-KINDS = {"head": dict(freeze="head"), "top-2": dict(freeze="top-2"), "lora-4": dict(lora=4)}
+# what trains in each run: --freeze head, --freeze top-2, --lora 4, LoRA on every projection and the
+# token-embedding table, LoRA with the embedding layer trained whole (everything else is the base)
+KINDS = {"head": dict(freeze="head"), "top-2": dict(freeze="top-2"), "lora-4": dict(lora=4),
+         "lora-embeddings": dict(lora=2, lora_targets="all+embeddings"),
+         "lora-table": dict(lora=2, lora_targets="all+embedding-table")}
 
 
 @pytest.fixture(scope="module")
@@ -70,11 +73,19 @@ def test_a_task_file_holds_exactly_the_tensors_that_trained(runs, kind):
     elif kind == "top-2":  # the small world's model has 2 layers: both train, embeddings do not
         assert rest and all(name.startswith(("encoder.layers.0.", "encoder.layers.1."))
                             for name in rest)
-    else:  # LoRA: A and B of every layer's query and value, never the merged weights
+    elif kind == "lora-4":  # LoRA: A and B of every layer's query and value, never the merged weights
         assert rest == {f"encoder.layers.{i}.attention.{p}.{m}" for i in range(2)
                         for p in ("query", "value") for m in "AB"}
         assert tensors["encoder.layers.0.attention.query.A"].shape[0] == 4
         assert json.loads(metadata["lora_scale"]) == 1.0  # alpha = r by default
+    else:  # every projection's A and B; the table's own A and B, or the embedding layer whole
+        projections = {f"encoder.layers.{i}.{p}.{m}" for i in range(2) for m in "AB"
+                       for p in ("attention.query", "attention.key", "attention.value", "attention.output",
+                                 "feed_forward_in", "feed_forward_out")}
+        embeddings = ({"encoder.embeddings.token.A", "encoder.embeddings.token.B"} if kind == "lora-embeddings"
+                      else {f"encoder.embeddings.{name}" for name in ("token.weight", "position.weight",
+                            "segment.weight", "layer_norm.weight", "layer_norm.bias")})
+        assert rest == projections | embeddings
 
 
 @pytest.mark.parametrize("kind", ["head", "lora-4"])
