@@ -437,6 +437,72 @@ def print_table(rows, log):
             f"{r['train_tokens_per_s']:,.0f} | {r['infer_tokens_per_s']:,.0f} | "
             f"{100 * r['mfu']:.0f}% | {memory} |" + versus)
 
+# ----------------------------------------------------------------------------------------
+# C7 at a size the C7 table cannot train on a CPU: what each remedy buys in serving (--serving)
+# ----------------------------------------------------------------------------------------
+
+
+def serving(o, log=print, rows_count=64):
+    """C7's serving costs at --config's size (bench --serving): a classifier with random weights
+    -- speed, memory and bytes do not depend on what was learned; accuracy does, and only
+    experiments' C7 table measures it -- and each remedy made from it: int8 (bytes of quantize's
+    file; on the CPU also computed in int8), half the layers, 50% of the feed-forward units, 50%
+    of the heads. rows_count random sentences of 8 to 128 tokens. Per row: parameters, bytes on
+    disk (torch.save), sentences/s at batch 1 and 32 (the median of 5, and their range), and the
+    peak memory of serving a batch of 32 (deploy.peak_memory). Returns the rows."""
+    import compress
+    import deploy
+    from model import Classifier, make_config
+
+    o.check()
+    device = options.pick_device(o.device)
+    torch.manual_seed(0)
+    vocab_size = o.vocab_size or (30522 if o.config == "base" else 8192)
+    config = make_config(o.config, vocab_size=vocab_size, max_positions=128, dropout=0.0,
+                         attention_dropout=0.0)
+    teacher = Classifier(config, 2).eval()
+    generator = np.random.default_rng(0)
+    sentences = [generator.integers(5, vocab_size, generator.integers(8, 129)).tolist()
+                 for _ in range(rows_count)]
+    variants = {"float32 (the model as trained)": teacher,
+                "int8 weights, float32 arithmetic (quantize)": teacher,
+                "half the layers (distill's student)": Classifier(
+                    replace(config, num_layers=max(1, config.num_layers // 2)), 2).eval(),
+                "50% of feed-forward units removed": compress.remove_feed_forward_units(teacher,
+                                                                                         0.5),
+                "50% of attention heads removed": compress.remove_heads(teacher, 0.5)}
+    if device.type == "cpu":
+        variants["int8 weights, int8 arithmetic (CPU)"] = compress.with_int8_arithmetic(teacher)
+    log(f"{o.config}, vocab {vocab_size}: {rows_count} random sentences of 8-128 tokens, "
+        f"random weights; device {device_name(device)}")
+    log("| variant | parameters | bytes on disk | sentences/s, batch 1 (range %) | "
+        "sentences/s, batch 32 (range %) | peak memory, batch 32 |")
+    log("|---|---|---|---|---|---|")
+    results = []
+    for name, model in variants.items():
+        if model is None:
+            continue  # this torch has no int8 kernels
+        model = model.to(device)
+        int8 = name.startswith("int8")
+        state = teacher.state_dict() if int8 else model.state_dict()
+        row = {"variant": name, "parameters": sum(p.numel() for p in (teacher if int8 else model)
+                                                  .parameters()),
+               "bytes": deploy.size_on_disk(compress.quantized_state(state) if int8 else state),
+               "peak_memory": deploy.peak_memory(model, sentences, 32)["peak_bytes"]}
+        cells = []
+        for size in (1, 32):  # each of the 5 repeats runs every sentence at least once
+            row[f"speed_{size}"] = speed = deploy.sentences_per_second(model, sentences, size,
+                                                                       seconds=1.0)
+            cells.append(f"{speed['median']:,.1f} "
+                         f"({100 * (speed['high'] - speed['low']) / speed['median']:.0f}%)")
+        results.append(row)
+        log(f"| {name} | {row['parameters']:,} | {row['bytes'] / 1e6:,.1f} MB | "
+            f"{cells[0]} | {cells[1]} | {row['peak_memory'] / 1e6:,.0f} MB |")
+    if o.json:
+        write_json(o.json, results)
+    return results
+
+
 if __name__ == "__main__":
     # `python bench.py`: the tiny config, a few steps -- a check that every row runs (numbers noisy)
     try:

@@ -24,6 +24,8 @@ import io
 import itertools
 import multiprocessing
 import os
+import re
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -929,6 +931,113 @@ def prepare_sentiment(folder, archive=None, sha256=SENTIMENT_SHA256, valid_fract
                       f"split: seed {seed}, valid {valid_fraction:g}, test {test_fraction:g} "
                       f"per label\n" + "".join(f"{name}: {n}\n" for name, n in counts.items()))
     return counts
+
+
+# ----------------------------------------------------------------------------------------
+# General English to pre-train on: text8 (Wikipedia, lower case), from a package of PyPI
+# ----------------------------------------------------------------------------------------
+# text8 is Matt Mahoney's first 10^8 bytes of an English Wikipedia dump (March 2006), cleaned to
+# the letters a-z and single spaces: 17,005,207 words, no digits, no punctuation, no sentence
+# ends. gensim 3.0.0's source distribution on PyPI carries it (docs/notebooks/text8.zip), so the
+# registry's file host is the only fetch (`pip download` would build gensim; the file is read as
+# it is). Licences: gensim LGPL-2.1+; the text is Wikipedia's (GFDL / CC BY-SA 3.0: attribution,
+# share-alike). With no sentence ends, ptft cuts it into "sentences" of TEXT8_SENTENCE_WORDS
+# words and documents of TEXT8_DOCUMENT_SENTENCES of them: NSP then asks whether one run of
+# words continues another.
+
+TEXT8_URL = ("https://files.pythonhosted.org/packages/e5/c8/"
+             "613eda948a786370e05e0f96817eb7d60a30fc15b9796c4d46b4fc839574/gensim-3.0.0.tar.gz")
+TEXT8_ARCHIVE_SHA256 = "076c677bcb5335ce286cdb4a16eb98fe2a0dac3c005502c8984f70e1488ac48f"
+TEXT8_MEMBER = "gensim-3.0.0/docs/notebooks/text8.zip"
+TEXT8_SHA256 = "6e890197040d37d85beb962ae1f041ff1d9a9ca8d20c7d99c85027eebf51dca7"  # of text8
+TEXT8_SOURCE = ("text8 (Matt Mahoney: the first 10^8 bytes of English Wikipedia, March 2006, "
+                "cleaned to a-z and spaces), from gensim 3.0.0's source distribution on PyPI "
+                "(docs/notebooks/text8.zip). gensim: LGPL-2.1+; text: Wikipedia, GFDL / "
+                "CC BY-SA 3.0 (attribution, share-alike).")
+TEXT8_SENTENCE_WORDS, TEXT8_DOCUMENT_SENTENCES = 24, 16
+
+
+def download_file(url, path, log=print):
+    """One file of a registry's file host -> path (written whole or not at all). A failure (no
+    network, a moved file) is one line naming the URL."""
+    import urllib.request
+
+    log(f"downloading {url} ...")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            write_atomic(path, lambda f: shutil.copyfileobj(response, f, 1 << 20))
+    except OSError as error:
+        raise InputError(f"{url}: download failed ({str(error)[:160]}); or pass --archive FILE, "
+                         f"the file downloaded elsewhere") from None
+    return path
+
+
+def text8_text(archive, sha256s=(TEXT8_ARCHIVE_SHA256, TEXT8_SHA256)):
+    """gensim 3.0.0's source distribution, its SHA-256 checked (sha256s: the archive's, the
+    text's), -> text8 (the text's SHA-256 checked too). Read in memory: nothing of the archive
+    is written to disk."""
+    if not os.path.isfile(archive):
+        raise InputError(f"{archive}: no such file")
+    found = sha256_of(archive)
+    if found != sha256s[0]:
+        raise InputError(f"{archive}: SHA-256 {found[:16]}..., expected {sha256s[0][:16]}... "
+                         f"(gensim 3.0.0's source distribution); a different or damaged file, "
+                         f"refused")
+    try:
+        with tarfile.open(archive, "r:gz") as outer:
+            names = set(outer.getnames())
+            member = outer.extractfile(TEXT8_MEMBER) if TEXT8_MEMBER in names else None
+            zipped = member.read() if member is not None else None
+        if zipped is None:
+            raise InputError(f"{archive}: has no file {TEXT8_MEMBER}")
+        text = zipfile.ZipFile(io.BytesIO(zipped)).read("text8")
+    except (tarfile.TarError, zipfile.BadZipFile, KeyError, OSError, EOFError) as error:
+        raise InputError(f"{archive}: not a readable archive holding text8 "
+                         f"({type(error).__name__})") from None
+    if hashlib.sha256(text).hexdigest() != sha256s[1]:
+        raise InputError(f"{archive}: its text8 is not the expected text (SHA-256); refused")
+    return text.decode("ascii")
+
+
+def text8_documents(text, max_words=None):
+    """text8 (words between single spaces) -> documents of TEXT8_DOCUMENT_SENTENCES "sentences"
+    of TEXT8_SENTENCE_WORDS words each (the last ones shorter), the first max_words words only.
+    The sentences are cut from the text as it is, never held as 17 M separate words."""
+    sentences = re.findall(r"\S+(?: \S+){0,%d}" % (TEXT8_SENTENCE_WORDS - 1), text)
+    if max_words:
+        whole, rest = divmod(max_words, TEXT8_SENTENCE_WORDS)
+        sentences = sentences[:whole] + ([" ".join(sentences[whole].split()[:rest])]
+                                         if rest and whole < len(sentences) else [])
+    return [sentences[i:i + TEXT8_DOCUMENT_SENTENCES]
+            for i in range(0, len(sentences), TEXT8_DOCUMENT_SENTENCES)]
+
+
+def prepare_text8(folder, archive=None, max_words=None, force=False, log=print,
+                  sha256s=(TEXT8_ARCHIVE_SHA256, TEXT8_SHA256)):
+    """`ptft.py data text8`: fetch gensim 3.0.0's source distribution (or read `archive`, the same
+    file fetched elsewhere), check its SHA-256 and text8's, and write in folder unlabeled.txt
+    (text8_documents: BERT's corpus format) and SOURCE.txt (origin, licences, checksums).
+    Returns {file name: number of words}."""
+    existing = [name for name in ("unlabeled.txt", "SOURCE.txt")
+                if os.path.exists(os.path.join(folder, name))]
+    if existing and not force:
+        raise InputError(f"{os.path.join(folder, existing[0])}: exists; pass --force to "
+                         f"prepare the data again")
+    with tempfile.TemporaryDirectory() as downloads:
+        if archive is None:
+            archive = download_file(TEXT8_URL, os.path.join(downloads, "gensim-3.0.0.tar.gz"),
+                                    log)
+        text = text8_text(archive, sha256s)
+    documents = text8_documents(text, max_words)
+    count = sum(len(sentence.split()) for document in documents for sentence in document)
+    os.makedirs(folder, exist_ok=True)
+    write_corpus(os.path.join(folder, "unlabeled.txt"), documents)
+    write_text_atomic(os.path.join(folder, "SOURCE.txt"),
+                      f"{TEXT8_SOURCE}\nfile: {TEXT8_URL}, sha256 {sha256s[0]}\n"
+                      f"text8: sha256 {sha256s[1]}\nunlabeled.txt: {count:,} words in "
+                      f"{len(documents):,} documents of {TEXT8_DOCUMENT_SENTENCES} sentences of "
+                      f"{TEXT8_SENTENCE_WORDS} words\n")
+    return {"unlabeled.txt": count}
 
 
 if __name__ == "__main__":

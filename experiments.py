@@ -206,6 +206,19 @@ PLANS["sentiment"] = {
     "labels_per_class": [16, 64, "all"],
     "c1_variants": {"sentiment": ["scratch", "head", "head-mean", "full"]},
 }
+# The same task pre-trained on general English: text8's 17 M words of Wikipedia
+# (data.prepare_text8; `python ptft.py data text8` first) beside the task's own unlabeled
+# snippets, 20,000 steps of 32 pairs (~2 passes over text8), snapshots along the way: C6's
+# budget rows are the compute curve at k=16.
+TEXT8_CORPUS = os.path.join("runs", "data", "text8", "unlabeled.txt")
+PLANS["sentiment-text8"] = {
+    **PLANS["sentiment"],
+    "needs_data": "sentiment+text8",
+    "sentiment_extra_text": [TEXT8_CORPUS],
+    "pretrain_steps": {"sentiment": 20000},
+    "pretrain_batch_size": {"sentiment": 32},
+    "snapshot_steps": {"sentiment": [2000, 5000, 10000]},
+}
 # The same plan scored once on the held-out test split, when the validation tables are final:
 # `--plan sentiment-final --out OUT --resume` in sentiment's OUT reuses its pre-training.
 PLANS["sentiment-final"] = {**PLANS["sentiment"], "evaluate_on": "test"}
@@ -349,7 +362,7 @@ def sentiment_task(plan, folder=SENTIMENT_FOLDER):
         texts, labels = data.read_tsv(os.path.join(folder, f"{name}.tsv"))
         split[name] = list(zip(texts, labels))
     unlabeled = data.read_corpus([os.path.join(folder, "unlabeled.txt")])
-    for extra in plan.get("sentiment_extra_text", []):
+    for extra in plan.get("sentiment_extra_text", []):  # "stdlib", or a corpus file (text8)
         unlabeled += data.load_corpus([extra])[1]
     return {"unlabeled": unlabeled, "train": split["train"], "test": split[plan["evaluate_on"]]}
 
@@ -1405,8 +1418,11 @@ def checked_plan(plan_name, plan, seeds):
         raise InputError(f"--plan {plan_name} pre-trains a small encoder for about 10 minutes "
                          "of a GPU: hours on this machine, which has no CUDA GPU; on a CPU run "
                          "--plan real-text (the tiny encoder, ~22 minutes)")
-    if plan.get("needs_data") == "sentiment":
+    if plan.get("needs_data", "").startswith("sentiment"):
         refuse_unprepared()
+    if plan.get("needs_data", "").endswith("text8") and not os.path.isfile(TEXT8_CORPUS):
+        raise InputError(f"{TEXT8_CORPUS}: missing; prepare the data first: "
+                         "python ptft.py data text8")
     return plan
 
 

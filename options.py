@@ -465,6 +465,10 @@ class BenchOptions:
     peak_tflops: list[str] = setting(None, "the matmul peak to compute MFU with, e.g. bf16=989 "
                                            "fp32=67 (default: measured here)",
                                      nargs="+", metavar="PRECISION=TFLOPS")
+    serving: bool = setting(False, "C7 instead: a classifier of --config with random weights "
+                                   "and each remedy made from it (int8, half the layers, 50% of "
+                                   "feed-forward units, 50% of heads): bytes on disk, sentences/s "
+                                   "at batch 1 and 32, peak memory")
     json: str = setting(None, "write the rows to this JSON file")
     device: str = setting("auto", HELP["device"])
 
@@ -532,10 +536,15 @@ class TokenizeOptions:
 @dataclass
 class DataOptions:
     """`ptft.py data sentiment`: a real labeled task that is not topic, from a registry package
-    (data.prepare_sentiment)."""
-    archive: str = setting(None, "read this copy of vaderSentiment-3.3.2.tar.gz (fetched "
-                                 "elsewhere) instead of running pip download; its SHA-256 is "
-                                 "checked all the same", metavar="FILE")
+    (data.prepare_sentiment); `ptft.py data text8`: general English to pre-train on
+    (data.prepare_text8)."""
+    archive: str = setting(None, "read this copy of the package's file "
+                                 "(vaderSentiment-3.3.2.tar.gz or gensim-3.0.0.tar.gz, fetched "
+                                 "elsewhere) instead of "
+                                 "downloading it; its SHA-256 is checked all the same",
+                           metavar="FILE")
+    max_words: int = setting(None, "text8: keep only its first N words (default: all 17 M)",
+                             least=1, metavar="N")
     valid_fraction: float = setting(0.1, "share of each label's examples held out for "
                                          "validation", least=0.0)
     test_fraction: float = setting(0.1, "share of each label's examples held out for the final "

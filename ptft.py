@@ -343,8 +343,10 @@ def add_experiments(commands):
                    "real-text-gpu (the small encoder on real text, ~10 GPU minutes; refused "
                    "without a CUDA GPU), sentiment (C1 on human-rated movie-review sentences, "
                    "scored on validation; sentiment-final: on test; `ptft.py data sentiment` "
-                   "first), learning-rates (C4's two halves on the toy world), c8 (GPT's "
-                   "objective beside BERT's on the toy world; masked-patch images), "
+                   "first), sentiment-text8 (the same, pre-trained on text8's 17 M words of "
+                   "Wikipedia too; `ptft.py data text8` first), learning-rates (C4's two "
+                   "halves on the toy world), c8 (GPT's objective beside BERT's on the toy "
+                   "world; masked-patch images), "
                    "c8-real-text (the two objectives on the stdlib docstrings); docs/claims.md "
                    "gives each plan's time on a measured machine")
     add_run_flags(p, out_default="runs/experiments",
@@ -358,9 +360,12 @@ def add_data(commands):
                     "(label: the sign of the mean rating) as OUT/train.tsv, valid.tsv and test.tsv "
                     "(split per label, deterministic), with OUT/unlabeled.txt (its other snippets "
                     "and the train texts) and OUT/SOURCE.txt. `experiments --plan sentiment` reads "
-                    "it from runs/data/sentiment.")
-    p.add_argument("name", choices=["sentiment"], help="the data set")
-    p.add_argument("--out", default=experiments.SENTIMENT_FOLDER, help="the folder to write")
+                    "it from runs/data/sentiment. text8: general English to pre-train on -- 17 M "
+                    "words of Wikipedia in lower case (gensim 3.0.0's source distribution on PyPI, "
+                    "~60 MB; SHA-256 checked) as OUT/unlabeled.txt and OUT/SOURCE.txt; "
+                    "`pretrain --corpus runs/data/text8/unlabeled.txt` reads it.")
+    p.add_argument("name", choices=["sentiment", "text8"], help="the data set")
+    p.add_argument("--out", default=None, help="the folder to write (default: runs/data/NAME)")
     p.add_argument("--force", action="store_true", help="replace the files in --out")
     add_options(p, options.DataOptions)
 
@@ -368,10 +373,14 @@ def add_data(commands):
 def run_data(args):
     o = options_from(options.DataOptions, args)
     o.check()
-    counts = data.prepare_sentiment(args.out, o.archive, valid_fraction=o.valid_fraction,
-                                    test_fraction=o.test_fraction, seed=o.split_seed,
-                                    force=args.force)
-    print(f"wrote {args.out}/: " + ", ".join(f"{name} {n:,}" for name, n in counts.items())
+    out = args.out or os.path.join("runs", "data", args.name)
+    if args.name == "text8":
+        counts = data.prepare_text8(out, o.archive, o.max_words, force=args.force)
+    else:
+        counts = data.prepare_sentiment(out, o.archive, valid_fraction=o.valid_fraction,
+                                        test_fraction=o.test_fraction, seed=o.split_seed,
+                                        force=args.force)
+    print(f"wrote {out}/: " + ", ".join(f"{name} {n:,}" for name, n in counts.items())
           + " (SOURCE.txt: origin, licence, checksum)")
 
 
@@ -448,7 +457,8 @@ def add_bench(commands):
                     "size that saturates the device, or --peak-tflops). Rows: ptft explicit (the "
                     "reading path), ptft fast (fused attention + sparse MLM) in fp32 and in bf16 "
                     "where native, and with --compare-hf transformers' BertForMaskedLM in the same "
-                    "precision (compiled too with --compile).")
+                    "precision (compiled too with --compile). With --serving, C7's serving "
+                    "costs at --config's size instead (docs/claims.md, C7).")
     add_options(p, options.BenchOptions)
 
 
@@ -586,7 +596,8 @@ COMMANDS = {
     "experiments": lambda args: experiments.run(args.out, "quick" if args.quick else args.plan,
                                                 seeds=args.seeds, resume=args.resume,
                                                 force=args.force),
-    "bench": lambda args: bench.bench(options_from(options.BenchOptions, args)),
+    "bench": lambda args: (bench.serving if args.serving else bench.bench)(
+        options_from(options.BenchOptions, args)),
     "pretrain-images": lambda args: images.pretrain_images(
         args.out, options_from(images.ImagePretrainOptions, args), args.resume, args.force),
     "finetune-images": lambda args: images.finetune_images(

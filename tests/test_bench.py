@@ -78,3 +78,18 @@ def test_the_profile_splits_one_step_into_data_wait_forward_backward_and_optimiz
     assert 0.8 * step_seconds <= sum(split.values()) <= step_seconds * 1.001
     assert lines[0].startswith("profile of one step (fast, fp32): data wait ")
     assert "forward+backward" in lines[0] and "optimizer" in lines[0]
+
+
+def test_serving_costs_shrink_with_each_structured_remedy_and_int8_stores_a_quarter():
+    rows = {row["variant"]: row for row in bench.serving(BenchOptions(config="tiny", vocab_size=500,
+                                                                      device="cpu"),
+                                                         log=lambda *a: None, rows_count=8)}
+    full = rows["float32 (the model as trained)"]
+    for name in ("half the layers (distill's student)", "50% of feed-forward units removed",
+                 "50% of attention heads removed"):
+        assert rows[name]["parameters"] < full["parameters"] and rows[name]["bytes"] < full["bytes"], name
+        assert rows[name]["peak_memory"] < full["peak_memory"], name
+    int8 = rows["int8 weights, float32 arithmetic (quantize)"]
+    assert int8["parameters"] == full["parameters"] and int8["bytes"] < 0.35 * full["bytes"]
+    assert all(row["speed_1"]["median"] > 0 and row["speed_32"]["low"] <= row["speed_32"]["median"]
+               for row in rows.values())
