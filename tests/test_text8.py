@@ -61,8 +61,9 @@ def test_a_different_archive_or_text_is_refused_in_one_line_and_nothing_is_writt
 
 def test_the_text8_plan_refuses_in_one_line_until_text8_is_prepared_and_then_pretrains_on_it(tmp_path, cli,
                                                                                                monkeypatch):
-    import experiments
     from test_sentiment import fake_archive
+
+    import experiments
 
     monkeypatch.chdir(tmp_path)  # the plan reads runs/data/* from here
     sentiment, sentiment_sha = fake_archive(str(tmp_path))
