@@ -442,14 +442,15 @@ def print_table(rows, log):
 # ----------------------------------------------------------------------------------------
 
 
-def serving(o, log=print, rows_count=64):
+def serving(o, log=print, rows_count=64, seconds=1.0):
     """C7's serving costs at --config's size (bench --serving): a classifier with random weights
     -- speed, memory and bytes do not depend on what was learned; accuracy does, and only
     experiments' C7 table measures it -- and each remedy made from it: int8 (bytes of quantize's
     file; on the CPU also computed in int8), half the layers, 50% of the feed-forward units, 50%
     of the heads. rows_count random sentences of 8 to 128 tokens. Per row: parameters, bytes on
-    disk (torch.save), sentences/s at batch 1 and 32 (the median of 5, and their range), and the
-    peak memory of serving a batch of 32 (deploy.peak_memory). Returns the rows."""
+    disk (torch.save), sentences/s at batch 1 and 32 (the median of 5 repeats, about `seconds`
+    in all, and their range), and the peak memory of serving a batch of 32 (deploy.peak_memory).
+    Returns the rows."""
     import compress
     import deploy
     from model import Classifier, make_config
@@ -492,7 +493,7 @@ def serving(o, log=print, rows_count=64):
         cells = []
         for size in (1, 32):  # each of the 5 repeats runs every sentence at least once
             row[f"speed_{size}"] = speed = deploy.sentences_per_second(model, sentences, size,
-                                                                       seconds=1.0)
+                                                                       seconds=seconds)
             cells.append(f"{speed['median']:,.1f} "
                          f"({100 * (speed['high'] - speed['low']) / speed['median']:.0f}%)")
         results.append(row)

@@ -1575,9 +1575,10 @@ def markdown(results):
     return "\n".join(lines) + "\n"
 
 
-def draw(path, tables, draw_panel, width=6, height=4):
-    """A picture at `path`, one panel per table, each drawn by draw_panel(axis, table); nothing
-    when there is no table or matplotlib is not installed (optional: pip install matplotlib)."""
+def draw(path, tables, draw_panel, width=6, height=4, footer=None):
+    """A picture at `path`, one panel per table, each drawn by draw_panel(axis, table), and an
+    optional footer (text below them); nothing when there is no table or matplotlib is not
+    installed (optional: pip install matplotlib)."""
     if not tables:
         return
     try:
@@ -1591,7 +1592,9 @@ def draw(path, tables, draw_panel, width=6, height=4):
     for axis, table in zip(axes[0], tables):
         draw_panel(axis, table)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    if footer:  # a key below the panels, in a fixed-width font so that its columns line up
+        figure.text(0.01, 0.0, footer, fontsize=6, family="monospace", va="top")
+    figure.savefig(path, dpi=100, bbox_inches="tight" if footer else None)
 
 
 def finish_panel(axis, table, title, xlabel):
@@ -1644,22 +1647,49 @@ def plot_compute_curve(results, path):
          panel)
 
 
+C7_FAMILIES = [  # (what a remedy's setting starts with, its family in the picture, colour)
+    ("teacher: ", "teacher (full fine-tuning)", "black"),
+    (("head only", "LoRA"), "task file (head, LoRA)", "tab:blue"),
+    (("teacher, int8", "pruned 50%, then int8"), "int8", "tab:orange"),
+    (("teacher, ",), "pruning", "tab:green"),
+    (("distilled", "student", "the smaller"), "distillation", "tab:red"),
+    (("pre-trained with a quarter",), "smaller vocabulary", "tab:purple")]
+
+
+def c7_family(setting):
+    return next((name, colour) for prefix, name, colour in C7_FAMILIES
+                if setting.startswith(prefix))
+
+
 def plot_accuracy_against_size(results, path):
-    """C7: test accuracy against the bytes a task stores, one point per remedy."""
+    """C7: test accuracy against the bytes a task stores, one numbered point per remedy (the key
+    below the panels), coloured by family."""
+    tables = [t for t in results["tables"] if t["claim"] == "C7"]
+    names = list(dict.fromkeys(row["setting"] for table in tables for row in table["rows"]))
+
     def panel(axis, table):
+        seen = set()
         for row in table["rows"]:
-            cells = row["cells"]
-            if "task_bytes" in cells:
-                x, y = cells["task_bytes"]["mean"], 100 * cells["accuracy"]["mean"]
-                axis.errorbar([x], [y], yerr=[100 * (cells["accuracy"]["std"] or 0)], fmt="o",
-                              capsize=3)
-                axis.annotate(row["setting"].split(" (")[0], (x, y), fontsize=6,
-                              xytext=(4, 3), textcoords="offset points")
+            cells, number = row["cells"], names.index(row["setting"]) + 1
+            if "task_bytes" not in cells:
+                continue
+            family, colour = c7_family(row["setting"])
+            x, y = cells["task_bytes"]["mean"], 100 * cells["accuracy"]["mean"]
+            axis.errorbar([x], [y], yerr=[100 * (cells["accuracy"]["std"] or 0)], fmt="o",
+                          capsize=3, color=colour, label=None if family in seen else family)
+            seen.add(family)
+            axis.annotate(str(number), (x, y), fontsize=6, xytext=(3, 3 if number % 2 else -8),
+                          textcoords="offset points")
         axis.set_xscale("log")
         finish_panel(axis, table, CORPUS_NAMES[table["corpus"]],
                      "bytes stored per task (log scale)")
 
-    draw(path, [t for t in results["tables"] if t["claim"] == "C7"], panel, 7, 4.5)
+    key = [f"{number:2d} {re.sub(r' [(][^)]*[)]', '', name)[:78]}"
+           for number, name in enumerate(names, start=1)]
+    rows = math.ceil(len(key) / 3)
+    footer = "\n".join("  ".join(f"{entry:<81}" for entry in key[row::rows])
+                       for row in range(rows))
+    draw(path, tables, panel, 7, 4.5, footer=footer)
 
 
 if __name__ == "__main__":

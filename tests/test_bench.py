@@ -83,7 +83,7 @@ def test_the_profile_splits_one_step_into_data_wait_forward_backward_and_optimiz
 def test_serving_costs_shrink_with_each_structured_remedy_and_int8_stores_a_quarter():
     rows = {row["variant"]: row for row in bench.serving(BenchOptions(config="tiny", vocab_size=500,
                                                                       device="cpu"),
-                                                         log=lambda *a: None, rows_count=8)}
+                                                         log=lambda *a: None, rows_count=8, seconds=0.05)}
     full = rows["float32 (the model as trained)"]
     for name in ("half the layers (distill's student)", "50% of feed-forward units removed",
                  "50% of attention heads removed"):
