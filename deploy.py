@@ -336,7 +336,7 @@ def peak_memory(model, rows, batch_size=32, pad_id=0):
     {"model_bytes", "activation_bytes", "peak_bytes"}; the same model and batch give the same
     numbers every time (no timing is involved)."""
     model.eval()
-    device = next(model.parameters()).device if any(True for _ in model.parameters()) else "cpu"
+    device = next(model.parameters()).device
     ids, mask = (torch.from_numpy(array).to(device) for array in data.pad(rows[:batch_size],
                                                                           pad_id))
     if torch.device(device).type == "cuda":

@@ -1648,7 +1648,7 @@ def plot_compute_curve(results, path):
 
 
 C7_FAMILIES = [  # (what a remedy's setting starts with, its family in the picture, colour)
-    ("teacher: ", "teacher (full fine-tuning)", "black"),
+    (("teacher: ",), "teacher (full fine-tuning)", "black"),
     (("head only", "LoRA"), "task file (head, LoRA)", "tab:blue"),
     (("teacher, int8", "pruned 50%, then int8"), "int8", "tab:orange"),
     (("teacher, ",), "pruning", "tab:green"),
@@ -1657,6 +1657,7 @@ C7_FAMILIES = [  # (what a remedy's setting starts with, its family in the pictu
 
 
 def c7_family(setting):
+    """A C7 row's setting -> (its family, the family's colour) in the picture."""
     return next((name, colour) for prefix, name, colour in C7_FAMILIES
                 if setting.startswith(prefix))
 
