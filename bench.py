@@ -484,10 +484,10 @@ def serving(o, log=print, rows_count=64, seconds=1.0):
         if model is None:
             continue  # this torch has no int8 kernels
         model = model.to(device)
-        int8 = name.startswith("int8")
-        state = teacher.state_dict() if int8 else model.state_dict()
-        row = {"variant": name, "parameters": sum(p.numel() for p in (teacher if int8 else model)
-                                                  .parameters()),
+        int8 = name.startswith("int8")  # stored as quantize stores the float32 teacher
+        stored = teacher if int8 else model
+        state = stored.state_dict()
+        row = {"variant": name, "parameters": sum(p.numel() for p in stored.parameters()),
                "bytes": deploy.size_on_disk(compress.quantized_state(state) if int8 else state),
                "peak_memory": deploy.peak_memory(model, sentences, 32)["peak_bytes"]}
         cells = []

@@ -813,33 +813,42 @@ def download_package(requirement, folder):
     return os.path.join(folder, files[0])
 
 
-def sentiment_sources(archive, sha256=SENTIMENT_SHA256):
-    """The archive (vaderSentiment's source distribution), checked against its pinned SHA-256,
-    -> {member name: text} of the labeled file and the unlabeled ones. Read in memory, member by
-    member: nothing of the archive is written to disk (no path inside it is trusted)."""
+def check_archive(archive, sha256, what):
+    """A downloaded package file, refused in one line unless it exists and has its pinned
+    SHA-256 (`what`: the package it should be)."""
     if not os.path.isfile(archive):
         raise InputError(f"{archive}: no such file")
     found = sha256_of(archive)
     if found != sha256:
         raise InputError(f"{archive}: SHA-256 {found[:16]}..., expected {sha256[:16]}... "
-                         f"({SENTIMENT_REQUIREMENT}); a different or damaged file, refused")
+                         f"({what}); a different or damaged file, refused")
 
-    def member(tar, name, path):
-        try:
-            f = tar.extractfile(name)
-        except KeyError:
-            f = None
-        if f is None:
-            raise InputError(f"{path}: has no file {name}")
-        return f.read()
 
+def archive_member(tar, name, path):
+    """The bytes of member `name` of an open tar archive (read in memory: no path inside it is
+    trusted); its absence is one line naming `path` and the member."""
+    try:
+        f = tar.extractfile(name)
+    except KeyError:
+        f = None
+    if f is None:
+        raise InputError(f"{path}: has no file {name}")
+    return f.read()
+
+
+def sentiment_sources(archive, sha256=SENTIMENT_SHA256):
+    """The archive (vaderSentiment's source distribution), checked against its pinned SHA-256,
+    -> {member name: text} of the labeled file and the unlabeled ones. Read in memory, member by
+    member: nothing of the archive is written to disk (no path inside it is trusted)."""
+    check_archive(archive, sha256, SENTIMENT_REQUIREMENT)
     try:
         with tarfile.open(archive, "r:gz") as outer:
-            inner_bytes = member(outer, SENTIMENT_INNER, archive)
+            inner_bytes = archive_member(outer, SENTIMENT_INNER, archive)
         texts = {}
         with tarfile.open(fileobj=io.BytesIO(inner_bytes), mode="r:gz") as inner:
             for name in (SENTIMENT_LABELED, *SENTIMENT_UNLABELED):
-                texts[name] = member(inner, name, f"{archive}:{SENTIMENT_INNER}").decode("utf-8")
+                texts[name] = archive_member(inner, name,
+                                             f"{archive}:{SENTIMENT_INNER}").decode("utf-8")
     except (tarfile.TarError, OSError, EOFError, UnicodeDecodeError) as error:
         raise InputError(f"{archive}: not a readable archive of the expected files "
                          f"({type(error).__name__})") from None
@@ -976,20 +985,10 @@ def text8_text(archive, sha256s=(TEXT8_ARCHIVE_SHA256, TEXT8_SHA256)):
     """gensim 3.0.0's source distribution, its SHA-256 checked (sha256s: the archive's, the
     text's), -> text8 (the text's SHA-256 checked too). Read in memory: nothing of the archive
     is written to disk."""
-    if not os.path.isfile(archive):
-        raise InputError(f"{archive}: no such file")
-    found = sha256_of(archive)
-    if found != sha256s[0]:
-        raise InputError(f"{archive}: SHA-256 {found[:16]}..., expected {sha256s[0][:16]}... "
-                         f"(gensim 3.0.0's source distribution); a different or damaged file, "
-                         f"refused")
+    check_archive(archive, sha256s[0], "gensim 3.0.0's source distribution")
     try:
         with tarfile.open(archive, "r:gz") as outer:
-            names = set(outer.getnames())
-            member = outer.extractfile(TEXT8_MEMBER) if TEXT8_MEMBER in names else None
-            zipped = member.read() if member is not None else None
-        if zipped is None:
-            raise InputError(f"{archive}: has no file {TEXT8_MEMBER}")
+            zipped = archive_member(outer, TEXT8_MEMBER, archive)
         text = zipfile.ZipFile(io.BytesIO(zipped)).read("text8")
     except (tarfile.TarError, zipfile.BadZipFile, KeyError, OSError, EOFError) as error:
         raise InputError(f"{archive}: not a readable archive holding text8 "

@@ -339,7 +339,7 @@ def peak_memory(model, rows, batch_size=32, pad_id=0):
     device = next(model.parameters()).device
     ids, mask = (torch.from_numpy(array).to(device) for array in data.pad(rows[:batch_size],
                                                                           pad_id))
-    if torch.device(device).type == "cuda":
+    if device.type == "cuda":
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
@@ -351,15 +351,15 @@ def peak_memory(model, rows, batch_size=32, pad_id=0):
 
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as recorded:
             model(ids, None, mask)
-        allocations = sorted((event.start_time_ns, event.extra_fields) for event in
-                             all_events(recorded.profiler.kineto_results.experimental_event_tree())
-                             if event.tag == _EventType.Allocation)
+        events = all_events(recorded.profiler.kineto_results.experimental_event_tree())
+        allocations = [event.extra_fields for event in sorted(
+            (event for event in events if event.tag == _EventType.Allocation),
+            key=lambda event: event.start_time_ns)]
         if not allocations:
             activations = 0
         else:  # the running total before the first allocation of the pass is the baseline
-            first = allocations[0][1]
-            baseline = first.total_allocated - first.alloc_size
-            activations = max(fields.total_allocated for _, fields in allocations) - baseline
+            baseline = allocations[0].total_allocated - allocations[0].alloc_size
+            activations = max(fields.total_allocated for fields in allocations) - baseline
     model_bytes = tensor_bytes(model)
     return {"model_bytes": model_bytes, "activation_bytes": int(activations),
             "peak_bytes": model_bytes + int(activations)}

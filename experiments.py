@@ -448,12 +448,18 @@ TASK_CHOICES = {
 }
 
 
+def pretraining_vocab_size(corpus):
+    """The WordPiece vocabulary every plan pre-trains with: 2,048 on the toy world (its whole
+    vocabulary fits), 8,192 on real text."""
+    return 2048 if corpus == "toy" else 8192
+
+
 def pretraining_recipe(plan, corpus, unlabeled_path, steps, **choice):
     """Every plan's pre-training run on `corpus`, but for `choice` (C6's task variants, C7's half
     depth and smaller vocabulary, C8's objective): the plan's batch and model size, rate 1e-3,
     no dropout (at these budgets the model under-fits; dropout would only slow it down), one
     checkpoint at the end."""
-    return PretrainOptions(**{"vocab_size": 2048 if corpus == "toy" else 8192, **choice},
+    return PretrainOptions(**{"vocab_size": pretraining_vocab_size(corpus), **choice},
                            corpus=[unlabeled_path], steps=steps,
                            batch_size=plan["pretrain_batch_size"][corpus],
                            config=plan.get("pretrain_config", "tiny"),
@@ -479,8 +485,8 @@ def pretrain_encoders(out, corpus, task, plan, resume, log):
         runs["half-depth"] = (SMALL_PRETRAINED, steps, {"num_layers": half})
     if "C7" in plan["tables"][corpus] and "vocab-quarter" in plan["c7_remedies"]:
         # C7's smaller table: a quarter of the vocabulary, pre-trained as long on the same text
-        vocabulary = pretraining_recipe(plan, corpus, unlabeled_path, steps).vocab_size // 4
-        runs["quarter-vocabulary"] = (SMALL_VOCABULARY, steps, {"vocab_size": vocabulary})
+        runs["quarter-vocabulary"] = (SMALL_VOCABULARY, steps,
+                                      {"vocab_size": pretraining_vocab_size(corpus) // 4})
     encoders = {}
     for name, (run_folder, run_steps, choice) in runs.items():
         path = os.path.join(folder, run_folder)

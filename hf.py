@@ -368,10 +368,10 @@ def read_folder(folder, seed=0):
 
 def check_exportable(checkpoint):
     """What a Hugging Face BERT folder cannot say is refused before anything is written."""
-    if checkpoint.get("config", {}).get("causal"):  # C8: docs/huggingface.md says why
+    config = checkpoint.get("config", {})
+    if config.get("causal"):  # C8: docs/huggingface.md says why
         raise InputError("a causal (--objective causal) run cannot be exported: the BERT folders "
                          "written here attend both ways (docs/huggingface.md: causal runs)")
-    config = checkpoint.get("config", {})
     if config.get("head_size") is not None:  # C7's prune --unit heads
         raise InputError("a classifier with heads removed (prune --unit heads) cannot be "
                          "exported: a BERT folder's heads are hidden_size / num_attention_heads "

@@ -47,9 +47,7 @@ class Config:
     attention: str = "explicit"
     # C8: no position attends to a later one (GPT-style, `pretrain --objective causal`)
     causal: bool = False
-    # C7: d, each head's size; None: H / h. Removing whole heads (prune --unit heads) keeps d,
-    # so then h * d < H
-    head_size: int = None
+    head_size: int = None  # C7: d (None: H / h); prune --unit heads keeps d, so h * d < H
 
     def __post_init__(self):
         if self.head_size is None and self.hidden_size % self.num_heads != 0:

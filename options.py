@@ -540,9 +540,8 @@ class DataOptions:
     (data.prepare_text8)."""
     archive: str = setting(None, "read this copy of the package's file "
                                  "(vaderSentiment-3.3.2.tar.gz or gensim-3.0.0.tar.gz, fetched "
-                                 "elsewhere) instead of "
-                                 "downloading it; its SHA-256 is checked all the same",
-                           metavar="FILE")
+                                 "elsewhere) instead of downloading it; its SHA-256 is checked "
+                                 "all the same", metavar="FILE")
     max_words: int = setting(None, "text8: keep only its first N words (default: all 17 M)",
                              least=1, metavar="N")
     valid_fraction: float = setting(0.1, "share of each label's examples held out for "
