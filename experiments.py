@@ -141,6 +141,8 @@ PLANS["task-choices"] = {
 
 # Real text only, pre-trained twice as long as the full plan (40000 steps):
 # where on the budget curve, if anywhere, pre-training starts to beat scratch and counting words.
+# C1's compute curve: k = 16, 64 and every label, head only ([CLS] and mean), full and full after
+# task-adaptive MLM (500 steps on the labeled texts), from every snapshot.
 PLANS["real-text"] = {
     **PLANS["full"],
     "seeds": 3,
@@ -150,6 +152,8 @@ PLANS["real-text"] = {
     "task_choice_steps": {"toy": None, "stdlib": None},
     "tables": {"toy": [], "stdlib": ["C1", "C4", "C6"]},
     "c1_variants": {"toy": [], "stdlib": ["scratch", "head", "head-mean", "full"]},
+    "curve_labels_per_class": [16, 64, "all"],
+    "adapt_steps": 500,
 }
 
 # Real text at GPU scale: the `small` encoder on the stdlib docstrings plus the installed packages'
@@ -208,8 +212,8 @@ PLANS["sentiment"] = {
 }
 # The same task pre-trained on general English: text8's 17 M words of Wikipedia
 # (data.prepare_text8; `python ptft.py data text8` first) beside the task's own unlabeled
-# snippets, 20,000 steps of 32 pairs (~2 passes over text8), snapshots along the way: C6's
-# budget rows are the compute curve at k=16.
+# snippets, 20,000 steps of 32 pairs (~2 passes over text8), snapshots along the way, and C1's
+# compute curve from them as in the real-text plan.
 TEXT8_CORPUS = os.path.join("runs", "data", "text8", "unlabeled.txt")
 PLANS["sentiment-text8"] = {
     **PLANS["sentiment"],
@@ -218,10 +222,14 @@ PLANS["sentiment-text8"] = {
     "pretrain_steps": {"sentiment": 20000},
     "pretrain_batch_size": {"sentiment": 32},
     "snapshot_steps": {"sentiment": [2000, 5000, 10000]},
+    "curve_labels_per_class": [16, 64, "all"],
+    "adapt_steps": 500,
 }
-# The same plan scored once on the held-out test split, when the validation tables are final:
-# `--plan sentiment-final --out OUT --resume` in sentiment's OUT reuses its pre-training.
-PLANS["sentiment-final"] = {**PLANS["sentiment"], "evaluate_on": "test"}
+# C1 and C6 of the text8 plan scored once on the held-out test split, when the validation
+# tables are final: `--plan sentiment-final --out OUT --resume` in sentiment-text8's OUT reuses
+# its pre-training (each run's key names its split, so never its scores).
+PLANS["sentiment-final"] = {**PLANS["sentiment-text8"], "evaluate_on": "test",
+                            "curve_labels_per_class": []}
 
 # C4, both halves, on the toy world: pre-training at 1e-4 ... 3e-3 with and without gradient
 # clipping (the document's reason for a small rate is exploding gradients: the largest gradient
@@ -469,7 +477,7 @@ def pretraining_recipe(plan, corpus, unlabeled_path, steps, **choice):
 
 def pretrain_encoders(out, corpus, task, plan, resume, log):
     """Pre-train on the task's unlabeled text -> {encoder name: (checkpoint path, held-out MLM
-    loss at the end, seconds)}. Names: 'final', 'snapshot-N', and C6's task choices."""
+    metrics.json, None for a snapshot)}. Names: 'final', 'snapshot-N', and C6's task choices."""
     folder = os.path.join(out, corpus)
     os.makedirs(folder, exist_ok=True)
     unlabeled_path = os.path.join(folder, "unlabeled.txt")
@@ -498,14 +506,22 @@ def pretrain_encoders(out, corpus, task, plan, resume, log):
             train.pretrain(path, recipe, force=True, log=log, progress=False)
         with open(os.path.join(path, "metrics.json")) as f:
             metrics = json.load(f)
-        encoders[name] = (os.path.join(path, "checkpoint.pt"), metrics["held_out_mlm_loss"],
-                          metrics["seconds"])
+        encoders[name] = (os.path.join(path, "checkpoint.pt"), metrics)
         if name == "final":
             for step in snapshots:
                 if step < steps:
                     snapshot_path = os.path.join(path, f"snapshot-{step}.pt")
-                    encoders[f"snapshot-{step}"] = (snapshot_path, None, None)
+                    encoders[f"snapshot-{step}"] = (snapshot_path, None)
     return encoders
+
+
+def tokens_per_step(metrics):
+    """The real tokens (no padding) one pre-training step saw, on average: C1's compute curve
+    is drawn against steps times this. Runs before train.py recorded it: tokens/s times the
+    run's seconds over its steps."""
+    if "tokens_per_step" in metrics:
+        return metrics["tokens_per_step"]
+    return metrics["tokens_per_second"] * metrics["seconds"] / metrics["step"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -654,9 +670,10 @@ def finetune_run(spec, task, loaded, scratch_source, folder=None):
     labeled = draw_labeled(task["train"], spec["k"], spec["seed"])
     if spec["method"] == "c7":
         return c7_run(spec, task, loaded, folder)
-    # task-adaptive: continue MLM on these labeled texts first (one run per draw)
+    # task-adaptive: continue MLM on these labeled texts first (one run per encoder and draw)
     if spec.get("adapt_steps"):
-        draw_folder = os.path.join(folder, "adapted", f"k-{spec['k']}-seed-{spec['seed']}")
+        draw_folder = os.path.join(folder, "adapted",
+                                   f"{spec['encoder']}-k-{spec['k']}-seed-{spec['seed']}")
         loaded = adapted(loaded, [text for text, _ in labeled], spec, draw_folder)
     if spec["method"] == "tfidf":
         started = time.time()
@@ -897,6 +914,7 @@ def tables_for(corpus, plan, task, encoders, num_layers, num_classes):
     tables = []
     if "C1" in claims:
         tables.append(c1_table(corpus, plan, finetune_spec, baseline))
+        tables += curve_tables(corpus, plan, encoders, finetune_spec, baseline)
     if "C2" in claims:
         tables.append(c2_table(plan, k, scratch, head, full, baseline_row))
     if "C3" in claims:
@@ -912,25 +930,52 @@ def tables_for(corpus, plan, task, encoders, num_layers, num_classes):
     return tables
 
 
-def c1_table(corpus, plan, finetune_spec, baseline):
-    """C1: each variant of the plan (c1_variants) and the baseline, at each labels_per_class."""
+def c1_variants(plan):
+    """C1's variants: {name: (its words in a table, its changes to the full fine-tuning run)}."""
     head_only = dict(freeze="head", lr=HEAD_LR)
     adapt_steps = plan.get("adapt_steps")
-    variants = {"scratch": ("from scratch", dict(encoder="scratch")),
-                "head": ("pre-trained, head only", head_only),
-                "head-mean": ("pre-trained, head only, mean pooling",
-                              dict(head_only, pool="mean")),
-                "top-2": ("pre-trained, top-2 + head", dict(freeze="top-2", lr=HEAD_LR)),
-                "full": ("pre-trained, full", {}),
-                "adapt-head-mean": ("+ task-adaptive MLM, head only, mean pooling",
-                                    dict(head_only, pool="mean", adapt_steps=adapt_steps)),
-                "adapt-full": ("+ task-adaptive MLM, full", dict(adapt_steps=adapt_steps))}
-    rows = []
+    return {"scratch": ("from scratch", dict(encoder="scratch")),
+            "head": ("pre-trained, head only", head_only),
+            "head-mean": ("pre-trained, head only, mean pooling", dict(head_only, pool="mean")),
+            "top-2": ("pre-trained, top-2 + head", dict(freeze="top-2", lr=HEAD_LR)),
+            "full": ("pre-trained, full", {}),
+            "adapt-head-mean": ("+ task-adaptive MLM, head only, mean pooling",
+                                dict(head_only, pool="mean", adapt_steps=adapt_steps)),
+            "adapt-full": ("+ task-adaptive MLM, full", dict(adapt_steps=adapt_steps))}
+
+
+def c1_table(corpus, plan, finetune_spec, baseline):
+    """C1: each variant of the plan (c1_variants) and the baseline, at each labels_per_class."""
+    variants, rows = c1_variants(plan), []
     for k_value in plan["labels_per_class"]:
         rows += [(f"k={k_value}: {variants[v][0]}", finetune_spec(k=k_value, **variants[v][1]))
                  for v in plan["c1_variants"][corpus]]
         rows.append((f"k={k_value}: {TFIDF}", baseline(k_value)))
     return ("C1", "labels per class: pre-trained vs from scratch", rows)
+
+
+CURVE_TITLE = "compute curve: accuracy against pre-training"
+CURVE_ROW = re.compile(r"k=(\w+), (\d+) steps: (.*)")  # a curve row's k, budget and variant
+
+
+def curve_tables(corpus, plan, encoders, finetune_spec, baseline):
+    """C1's compute curve: per k of the plan's curve_labels_per_class (none by default), each
+    variant of curve_variants (by default head only, [CLS] and mean, full and task-adaptive
+    full) from each pre-training budget (the snapshots and the end), from scratch (0 steps) and
+    TF-IDF."""
+    variants, tables = c1_variants(plan), []
+    curve_variants = plan.get("curve_variants", ["head", "head-mean", "full", "adapt-full"])
+    budgets = sorted((int(name.split("-")[1]), name) for name in encoders
+                     if name.startswith("snapshot-"))
+    budgets.append((plan["pretrain_steps"][corpus], "final"))
+    for k in plan.get("curve_labels_per_class", []):
+        rows = [(f"k={k}, 0 steps: from scratch", finetune_spec(k=k, encoder="scratch"))]
+        rows += [(f"k={k}, {steps} steps: {variants[v][0]}",
+                  finetune_spec(k=k, **{"encoder": encoder, **variants[v][1]}))
+                 for steps, encoder in budgets for v in curve_variants]
+        rows.append((f"k={k}, no pre-training: {TFIDF}", baseline(k)))
+        tables.append(("C1", f"{CURVE_TITLE} (k={k})", rows))
+    return tables
 
 
 def c2_table(plan, k, scratch, head, full, baseline_row):
@@ -1154,12 +1199,13 @@ def comparisons_for(tables, plan):
         settings.setdefault(table["claim"], set()).update(row["setting"] for row in table["rows"])
     found = []
 
-    def add(table, claim, setting, what, a, b, metric, margin=0.0):
+    def add(table, claim, setting, what, a, b, metric, margin=0.0, **budget):
         if {a, b} <= settings.get(table, set()):
             found.append(dict(claim=claim, setting=setting, comparison=what, a=a, b=b,
-                              metric=metric, margin=margin))
+                              metric=metric, margin=margin, **budget))
 
     add_c1_to_c3(add, plan, settings)
+    add_curve(add, tables)
     add_c4(add, plan)
     add_c5_to_c7(add, settings)
     return found
@@ -1185,6 +1231,23 @@ def add_c1_to_c3(add, plan, settings):
             f"full fine-tuning at {few} epochs as good as at {most}, within 2 points (accuracy)",
             f"pre-trained, full, {few} epochs", f"pre-trained, full, {most} epochs", "accuracy",
             AS_GOOD_AS)
+
+
+def add_curve(add, tables):
+    """comparisons_for's comparisons along C1's compute curve: at each k and each pre-training
+    budget, full fine-tuning against scratch and against TF-IDF. Each carries its budget (steps):
+    gather_claims keeps them apart from C1's headline, in the claim's "curve"."""
+    for table in tables:
+        if table["title"].startswith(CURVE_TITLE):
+            for row in table["rows"]:
+                match = CURVE_ROW.fullmatch(row["setting"])
+                if match and match[3] == "pre-trained, full":
+                    k, steps = match[1], int(match[2])
+                    for what, other in (("from scratch", f"k={k}, 0 steps: from scratch"),
+                                        (TFIDF, f"k={k}, no pre-training: {TFIDF}")):
+                        add("C1", "C1", f"k={k} at {steps} steps",
+                            f"pre-trained full fine-tuning beats {what} (accuracy)",
+                            row["setting"], other, "accuracy", budget=steps)
 
 
 def add_c4(add, plan):
@@ -1296,9 +1359,12 @@ def gather_claims(folder):
                 plans[name] = json.load(f)
     claims = {}
     for claim, text in CLAIMS.items():
-        rows, seen = [], set()
+        rows, seen, curve = [], set(), []
         for name, results in plans.items():
-            for row in (row for row in results["verdicts"] if row["claim"] == claim):
+            curve += [{"plan": name, **point} for point in curve_summary(results["verdicts"])
+                      if point["claim"] == claim]
+            for row in (row for row in results["verdicts"]
+                        if row["claim"] == claim and "budget" not in row):
                 # the same comparison with the same outcome in two plans (quick's and
                 # learning-rates' fine-tuning rates: one encoder, the same seeds) counts once
                 same = json.dumps({key: value for key, value in row.items() if key != "setting"},
@@ -1318,7 +1384,43 @@ def gather_claims(folder):
         claims[claim] = {"claim": text, "verdict": verdict,
                          "plans": sorted({row["plan"] for row in rows}),
                          "pending_plans": pending, "rows": rows}
+        if curve:
+            claims[claim]["curve"] = curve
     return claims
+
+
+def curve_summary(decided):
+    """A plan's verdicts along C1's compute curve (add_curve), one entry per claim, corpus, k and
+    control: {claim, corpus, k, asks, verdicts: [[steps, verdict]], holds_from}. holds_from: the
+    smallest budget from which the claim holds at that budget and every larger one (None:
+    not at the last budget)."""
+    points = {}
+    for row in (row for row in decided if "budget" in row):
+        k = row["setting"].split("k=")[1].split()[0]
+        entry = points.setdefault((row["claim"], row["corpus"], k, row["comparison"]), {
+            "claim": row["claim"], "corpus": row["corpus"], "k": k, "asks": row["comparison"],
+            "verdicts": []})
+        entry["verdicts"].append([row["budget"], row["verdict"]])
+    for entry in points.values():
+        entry["verdicts"].sort()
+        entry["holds_from"] = None
+        for steps, verdict in reversed(entry["verdicts"]):
+            if verdict != verdicts.HOLDS:
+                break
+            entry["holds_from"] = steps
+    return list(points.values())
+
+
+def curve_lines(decided):
+    """curve_summary in words: one line per corpus, k and control."""
+    lines = []
+    for point in curve_summary(decided):
+        budgets = ", ".join(f"{steps}: {verdict}" for steps, verdict in point["verdicts"])
+        start = (f"holds from {point['holds_from']} steps on" if point["holds_from"] is not None
+                 else "does not hold at the last budget")
+        lines.append(f"- {CORPUS_SHORT[point['corpus']]} k={point['k']}, {point['asks']}: "
+                     f"{start} (by budget in steps: {budgets})")
+    return lines
 
 
 # ----------------------------------------------------------------------------------------
@@ -1456,11 +1558,12 @@ def run_corpus(out, corpus, plan, resume, finished, runs_path, results, log):
         f"{len(task['test'])} for testing, {num_classes} classes")
     encoders = pretrain_encoders(out, corpus, task, plan, resume, log)
     results["pretraining"][corpus] = {
-        name: {"held_out_mlm_loss_on_pairs": loss, "seconds": seconds}
-        for name, (_, loss, seconds) in encoders.items() if seconds is not None}
+        name: {"held_out_mlm_loss_on_pairs": metrics["held_out_mlm_loss"],
+               "seconds": metrics["seconds"], "tokens_per_step": tokens_per_step(metrics)}
+        for name, (_, metrics) in encoders.items() if metrics is not None}
     unlabeled = [os.path.join(out, corpus, "unlabeled.txt")]  # what pretrain_encoders wrote
     loaded = {name: Loaded(path, plan["forgetting_batches"], unlabeled)
-              for name, (path, _, _) in encoders.items()}
+              for name, (path, _) in encoders.items()}
     num_layers = loaded["final"].config.num_layers
     for claim, title, rows in tables_for(corpus, plan, task, encoders, num_layers, num_classes):
         table = {"claim": claim, "title": title, "corpus": corpus, "classes": num_classes,
@@ -1528,6 +1631,7 @@ def write_results(results, out, plan_name, results_folder):
     plot_labels_per_class(results, os.path.join(out, "labels_per_class.png"))
     plot_accuracy_against_size(results, os.path.join(out, "c7_accuracy_against_size.png"))
     plot_compute_curve(results, os.path.join(out, "c6_pretraining_compute.png"))
+    plot_c1_curve(results, os.path.join(out, "c1_compute_curve.png"))
     if results_folder:
         os.makedirs(results_folder, exist_ok=True)
         write_json(os.path.join(results_folder, f"{plan_name}.json"), results)
@@ -1578,6 +1682,11 @@ def markdown(results):
             difference = f"{v['difference']:+.4f}" if v["difference"] is not None else "—"
             lines.append(f"| {v['claim']} | {v['setting']} | {v['comparison']} | {difference} | "
                          f"{interval} | {v['n']} | {v['margin']:+g} | {v['verdict']} |")
+        if any("budget" in v for v in results["verdicts"]):
+            lines += ["", "### C1 along the compute curve", "",
+                      "Where C1 starts to hold: the smallest pre-training budget from which it "
+                      "holds at that budget and at every larger one.", ""]
+            lines += curve_lines(results["verdicts"])
     return "\n".join(lines) + "\n"
 
 
@@ -1625,7 +1734,36 @@ def plot_labels_per_class(results, path):
                           label=variant, capsize=3)
         finish_panel(axis, table, CORPUS_NAMES[table["corpus"]], "labels per class")
 
-    draw(path, [t for t in results["tables"] if t["claim"] == "C1"], panel)
+    draw(path, [t for t in results["tables"]
+                if t["claim"] == "C1" and not t["title"].startswith(CURVE_TITLE)], panel)
+
+
+def plot_c1_curve(results, path):
+    """C1's compute curve, one panel per k: each variant's accuracy against the pre-training
+    tokens its encoder had seen (steps times the run's real tokens per step), from scratch at 0
+    (where full fine-tuning's line starts), TF-IDF's level drawn across."""
+    def panel(axis, table):
+        per_step = results["pretraining"][table["corpus"]]["final"]["tokens_per_step"]
+        lines, level = {}, None
+        for row in table["rows"]:
+            match, cell = CURVE_ROW.fullmatch(row["setting"]), row["cells"]["accuracy"]
+            if match:
+                lines.setdefault(match[3], []).append((int(match[2]) * per_step / 1e6, cell))
+            elif row["setting"].endswith(TFIDF):
+                level = cell
+        scratch = lines.pop("from scratch")
+        lines["pre-trained, full (at 0: from scratch)"] = scratch + lines.pop("pre-trained, full", [])
+        for variant, points in lines.items():
+            axis.errorbar([x for x, _ in points], [100 * c["mean"] for _, c in points],
+                          yerr=[100 * (c["std"] or 0) for _, c in points], marker="o",
+                          capsize=3, label=variant)
+        if level:
+            axis.axhline(100 * level["mean"], color="grey", linestyle="--", linewidth=1,
+                         label=TFIDF)
+        finish_panel(axis, table, f"{CORPUS_NAMES[table['corpus']]}\n{table['title']}",
+                     "pre-training tokens seen, millions (0: from scratch)")
+
+    draw(path, [t for t in results["tables"] if t["title"].startswith(CURVE_TITLE)], panel)
 
 
 def budget_rows(table):

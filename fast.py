@@ -589,7 +589,8 @@ class Throughput:
         return seconds / self.elapsed()
 
     def metrics(self):
-        metrics = {"seconds": self.elapsed(), "tokens_per_second": self.rate()}
+        metrics = {"seconds": self.elapsed(), "tokens_per_second": self.rate(),
+                   "tokens_per_step": self.tokens / max(self.steps, 1)}  # C1's compute curve
         if self.steps > self.timing_warmup_steps:
             steady_seconds = max(self.seconds - self.timing_warmup_seconds, 1e-9)
             steady_tokens = self.tokens - self.timing_warmup_tokens

@@ -34,7 +34,8 @@ TINY_PLAN = {**experiments.PLANS["quick"], "seeds": 3, "toy_documents": 300, "to
              "c7_remedies": experiments.PLANS["c7"]["c7_remedies"], "c7_unlabeled": 50, "c7_recovery_epochs": 1, "c7_timing_seconds": 0.02, "adapt_steps": 3, "min_epochs": 1,
              "pretrain_lr_grid": [1e-4, 3e-3], "pretrain_lr_steps": 3, "pretrain_lr_batch_size": 4,
              "c1_variants": {"toy": ["scratch", "head", "head-mean", "top-2", "full", "adapt-full"],
-                             "stdlib": ["scratch", "head", "head-mean", "full"]}}
+                             "stdlib": ["scratch", "head", "head-mean", "full"]},
+             "curve_labels_per_class": [2], "curve_variants": ["head-mean", "full", "adapt-full"]}
 
 
 @pytest.fixture(scope="session")
@@ -69,7 +70,7 @@ def test_every_table_carries_the_tfidf_baseline_and_real_text_has_its_own_table(
         # C7 compares models of one task with each other, C4's pre-training rates pre-trainings: not with counting words
         if table["claim"] != "C7" and not table["title"].startswith("pre-training"):
             assert any(row["setting"].endswith("TF-IDF + logistic regression") for row in table["rows"]), table["title"]
-    assert [t["claim"] for t in results["tables"] if t["corpus"] == "stdlib"] == ["C1"]
+    assert [t["claim"] for t in results["tables"] if t["corpus"] == "stdlib"] == ["C1", "C1"]  # its table, its curve
 
 
 @pytest.mark.parametrize("name", sorted(experiments.PLANS))
@@ -296,11 +297,67 @@ def test_c7_measures_every_remedy_made_from_one_teacher(tiny_run):
 
 def test_c1_has_a_task_adaptive_row_whose_encoders_continued_mlm_on_each_draw(tiny_run):
     out, results, _ = tiny_run
-    (table,) = [t for t in results["tables"] if t["claim"] == "C1" and t["corpus"] == "toy"]
+    (table,) = [t for t in results["tables"] if t["claim"] == "C1" and t["corpus"] == "toy"
+                and not t["title"].startswith(experiments.CURVE_TITLE)]
     assert any(row["setting"].endswith("+ task-adaptive MLM, full") for row in table["rows"])
     for seed in range(3):  # one adapted encoder per draw of the labeled examples, 3 MLM steps on their texts
-        metrics = json.load(open(os.path.join(out, "toy", "adapted", f"k-2-seed-{seed}", "run", "metrics.json")))
+        metrics = json.load(open(os.path.join(out, "toy", "adapted", f"final-k-2-seed-{seed}", "run", "metrics.json")))
         assert metrics["step"] == 3
+
+
+def test_c1_compute_curve_fine_tunes_every_variant_from_every_snapshot_scratch_at_zero(tiny_run):
+    out, results, _ = tiny_run
+    (table,) = [t for t in results["tables"] if t["corpus"] == "toy" and t["title"].startswith(experiments.CURVE_TITLE)]
+    assert [row["setting"] for row in table["rows"]] == (
+        ["k=2, 0 steps: from scratch"]
+        + [f"k=2, {steps} steps: {variant}" for steps in (10, 20, 30) for variant in (
+            "pre-trained, head only, mean pooling", "pre-trained, full", "+ task-adaptive MLM, full")]
+        + ["k=2, no pre-training: TF-IDF + logistic regression"])
+    rows = {row["setting"]: row for t in results["tables"] for row in t["rows"] if t["corpus"] == "toy"}
+    # at the end of pre-training the curve's runs are C1's own (the same runs, remembered once)
+    for curve, c1 in (("k=2, 30 steps: pre-trained, full", "k=2: pre-trained, full"),
+                      ("k=2, 0 steps: from scratch", "k=2: from scratch")):
+        assert rows[curve]["cells"] == rows[c1]["cells"]
+    # a snapshot's rows differ from the end's: its own encoder, and its own task-adaptive runs
+    assert rows["k=2, 10 steps: pre-trained, full"]["cells"] != rows["k=2, 30 steps: pre-trained, full"]["cells"]
+    for seed in range(3):
+        metrics = json.load(open(os.path.join(out, "toy", "adapted", f"snapshot-10-k-2-seed-{seed}", "run", "metrics.json")))
+        assert metrics["step"] == 3
+    # the x axis: real tokens per pre-training step, recorded by the run
+    per_step = results["pretraining"]["toy"]["final"]["tokens_per_step"]
+    assert 0 < per_step <= TINY_PLAN["pretrain_batch_size"]["toy"] * experiments.MLM_MAX_LENGTH
+
+
+def test_c1_is_decided_at_every_budget_against_scratch_and_tfidf_apart_from_its_headline(tiny_run):
+    out, results, results_folder = tiny_run
+    budget = [v for v in results["verdicts"] if "budget" in v and v["corpus"] == "toy"]
+    assert [(v["budget"], v["b"]) for v in budget] == [
+        (steps, other) for steps in (10, 20, 30)
+        for other in ("k=2, 0 steps: from scratch", "k=2, no pre-training: TF-IDF + logistic regression")]
+    claims = json.load(open(os.path.join(results_folder, "claims.json")))
+    assert all("budget" not in row for row in claims["C1"]["rows"])  # the headline: C1's own table
+    assert {(point["corpus"], point["asks"]) for point in claims["C1"]["curve"]} == {
+        (corpus, f"pre-trained full fine-tuning beats {what} (accuracy)")
+        for corpus in ("toy", "stdlib") for what in ("from scratch", "TF-IDF + logistic regression")}
+    markdown = open(os.path.join(out, "results.md"), encoding="utf-8").read()
+    assert "### C1 along the compute curve" in markdown
+    if experiments.plot_c1_curve and os.path.exists(os.path.join(out, "labels_per_class.png")):  # matplotlib
+        with open(os.path.join(out, "c1_compute_curve.png"), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_c1_starts_to_hold_at_the_smallest_budget_from_which_it_holds_at_every_larger_one():
+    rng = np.random.default_rng(0)
+    outcomes = [verdicts.HOLDS, verdicts.DOES_NOT_HOLD, verdicts.NOT_SETTLED]
+    for _ in range(200):
+        budgets = sorted(rng.choice(np.arange(1, 100), size=rng.integers(1, 6), replace=False).tolist())
+        said = [outcomes[i] for i in rng.integers(0, 3, size=len(budgets))]
+        rows = [{"claim": "C1", "corpus": "toy", "setting": f"toy k=16 at {b} steps", "budget": b,
+                 "comparison": "beats", "verdict": v} for b, v in reversed(list(zip(budgets, said)))]
+        (point,) = experiments.curve_summary(rows)
+        assert point["verdicts"] == [[b, v] for b, v in zip(budgets, said)]
+        expected = next((b for i, b in enumerate(budgets) if all(v == verdicts.HOLDS for v in said[i:])), None)
+        assert point["holds_from"] == expected
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="refused only where there is no CUDA GPU")

@@ -260,6 +260,7 @@ def test_throughput_counts_the_steady_rate_after_the_first_steps_apart(monkeypat
     assert metrics["seconds"] == 55.0 and metrics["tokens_per_second"] == 8 * 500 / 55.0
     assert metrics["timing_warmup_seconds"] == 30.0 and metrics["steady_tokens_per_second"] == 500.0
     assert throughput.share(11.0) == 0.2
+    assert metrics["tokens_per_step"] == 500.0  # every step counted, warm-up included
     assert "steady_tokens_per_second" not in fast.Throughput(timing_warmup_steps=3).metrics()  # nothing after the warm-up yet
 
 
