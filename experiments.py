@@ -1751,8 +1751,8 @@ def plot_c1_curve(results, path):
                 lines.setdefault(match[3], []).append((int(match[2]) * per_step / 1e6, cell))
             elif row["setting"].endswith(TFIDF):
                 level = cell
-        scratch = lines.pop("from scratch")
-        lines["pre-trained, full (at 0: from scratch)"] = scratch + lines.pop("pre-trained, full", [])
+        full = lines.pop("from scratch") + lines.pop("pre-trained, full", [])
+        lines["pre-trained, full (at 0: from scratch)"] = full
         for variant, points in lines.items():
             axis.errorbar([x for x, _ in points], [100 * c["mean"] for _, c in points],
                           yerr=[100 * (c["std"] or 0) for _, c in points], marker="o",
