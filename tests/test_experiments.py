@@ -361,9 +361,10 @@ def test_c1_starts_to_hold_at_the_smallest_budget_from_which_it_holds_at_every_l
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="refused only where there is no CUDA GPU")
-def test_the_gpu_plan_refuses_to_start_on_a_machine_without_a_gpu(cli, tmp_path):
-    assert_clear_error(cli("experiments", "--plan", "real-text-gpu", "--out", tmp_path / "gpu"), "real-text-gpu",
-                       "no CUDA GPU", "--plan real-text")
+@pytest.mark.parametrize("name", ["real-text-gpu", "sentiment-text8-gpu"])
+def test_the_gpu_plans_refuse_to_start_on_a_machine_without_a_gpu_and_name_their_cpu_twin(cli, tmp_path, name):
+    assert_clear_error(cli("experiments", "--plan", name, "--out", tmp_path / "gpu"), name,
+                       "no CUDA GPU", f"--plan {name.removesuffix('-gpu')} ")
     assert not (tmp_path / "gpu").exists()
 
 
