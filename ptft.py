@@ -302,7 +302,8 @@ def add_prune(commands):
                     "Remove the least important part of a fine-tuned classifier -- --unit "
                     "weights: the smallest |w| of every weight matrix of the encoder's layers set "
                     "to 0 (exactly --sparsity of each); --unit ffn-units: that fraction of every "
-                    "layer's feed-forward units removed (a smaller dense model) -- then fine-tune "
+                    "layer's feed-forward units removed (a smaller dense model); --unit heads: "
+                    "that fraction of every layer's attention heads removed -- then fine-tune "
                     "--epochs on --train to recover, pruned weights held at 0. Writes a "
                     "classifier run folder.")
     add_run_flags(p)
