@@ -1225,10 +1225,13 @@ def comparisons_for(tables, plan):
         settings.setdefault(table["claim"], set()).update(row["setting"] for row in table["rows"])
     found = []
 
-    def add(table, claim, setting, what, a, b, metric, margin=0.0, **budget):
+    def add(table, claim, setting, what, a, b, metric, margin=0.0):
+        """The comparison, where the plan ran both rows: also returned (add_curve marks it)."""
         if {a, b} <= settings.get(table, set()):
             found.append(dict(claim=claim, setting=setting, comparison=what, a=a, b=b,
-                              metric=metric, margin=margin, **budget))
+                              metric=metric, margin=margin))
+            return found[-1]
+        return {}
 
     add_c1_to_c3(add, plan, settings)
     add_curve(add, tables)
@@ -1273,7 +1276,7 @@ def add_curve(add, tables):
                                         (TFIDF, f"k={k}, no pre-training: {TFIDF}")):
                         add("C1", "C1", f"k={k} at {steps} steps",
                             f"pre-trained full fine-tuning beats {what} (accuracy)",
-                            row["setting"], other, "accuracy", budget=steps)
+                            row["setting"], other, "accuracy").update(budget=steps)
             released = [RELEASED_ROW.fullmatch(row["setting"]) for row in table["rows"]]
             released = {match[3]: match for match in released if match}
             # the released encoder's full fine-tuning, or where not run, its frozen mean features
@@ -1285,7 +1288,7 @@ def add_curve(add, tables):
                                     (TFIDF, f"k={k}, no pre-training: {TFIDF}")):
                     add("C1", "C1", f"k={k} released {name}",
                         f"the released {name}, {variant}, beats {what} (accuracy)",
-                        match[0], other, "accuracy", released=name)
+                        match[0], other, "accuracy").update(released=name)
 
 
 def add_c4(add, plan):
