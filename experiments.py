@@ -1267,7 +1267,7 @@ def add_curve(add, tables):
     budget, full fine-tuning against scratch and against TF-IDF. Each carries its budget (steps):
     gather_claims keeps them apart from C1's headline, in the claim's "curve"."""
     for table in tables:
-        if table["title"].startswith(CURVE_TITLE):
+        if table.get("title", "").startswith(CURVE_TITLE):
             for row in table["rows"]:
                 match = CURVE_ROW.fullmatch(row["setting"])
                 if match and match[3] == "pre-trained, full":
@@ -1469,7 +1469,7 @@ def curve_sentence(claims):
         elif point["holds_from"] is not None:
             start = f"from {point['holds_from']:,} steps"
         else:
-            start = "never"
+            start = "from no budget"
         plans.setdefault(f"{point['plan']} {CORPUS_SHORT[point['corpus']]}", {}).setdefault(
             point["k"], []).append(f"{against} {start}")
     return " ".join(f"{plan}: " + "; ".join(f"k={k}: {', '.join(beats)}"
@@ -1487,7 +1487,7 @@ def curve_lines(decided):
             continue
         budgets = ", ".join(f"{steps}: {verdict}" for steps, verdict in point["verdicts"])
         start = (f"holds from {point['holds_from']} steps on" if point["holds_from"] is not None
-                 else "does not hold at the last budget")
+                 else f"holds from no budget on (at the last: {point['verdicts'][-1][1]})")
         lines.append(f"- {CORPUS_SHORT[point['corpus']]} k={point['k']}, {point['asks']}: "
                      f"{start} (by budget in steps: {budgets})")
     return lines
@@ -1786,7 +1786,7 @@ def draw(path, tables, draw_panel, width=6, height=4, footer=None):
     figure.tight_layout()
     if footer:  # a key below the panels, in a fixed-width font so that its columns line up
         figure.text(0.01, 0.0, footer, fontsize=6, family="monospace", va="top")
-    figure.savefig(path, dpi=100, bbox_inches="tight" if footer else None)
+    figure.savefig(path, dpi=100, bbox_inches="tight")  # a legend or footer below is kept
 
 
 def finish_panel(axis, table, title, xlabel):
@@ -1843,10 +1843,11 @@ def plot_c1_curve(results, path):
         for offset, (match, cell) in enumerate(released):  # the far end, off the scale
             axis.errorbar([end * (1 + 0.03 * offset)], [100 * cell["mean"]],
                           yerr=[100 * (cell["std"] or 0)], marker="D", capsize=3,
-                          linestyle="none", label=f"released {match[2]} (far more "
-                          f"pre-training, off the axis): {match[3].removeprefix('pre-trained, ')}")
+                          linestyle="none", label=f"released {match[2]} (off the axis): "
+                          f"{match[3].removeprefix('pre-trained, ')}")
         finish_panel(axis, table, f"{CORPUS_NAMES[table['corpus']]}\n{table['title']}",
                      "pre-training tokens seen, millions (0: from scratch)")
+        axis.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)  # below
 
     draw(path, [t for t in results["tables"] if t["title"].startswith(CURVE_TITLE)], panel)
 

@@ -169,7 +169,8 @@ def test_the_sentiment_plan_scores_on_validation_and_reads_test_only_when_final(
     assert final["test"] == read_split(experiments.SENTIMENT_FOLDER, "test")
     assert task["train"] == final["train"] == read_split(experiments.SENTIMENT_FOLDER, "train")
     assert experiments.PLANS["sentiment-final"] == {**experiments.PLANS["sentiment-text8"],
-                                                    "evaluate_on": "test", "curve_labels_per_class": []}
+                                                    "evaluate_on": "test", "curve_labels_per_class": [],
+                                                    "needs_data": "sentiment+text8"}  # no curve: no released encoder
 
 
 def test_a_tiny_sentiment_plan_runs_to_its_verdicts_and_resumes_without_running_again(
