@@ -979,6 +979,12 @@ CURVE_ROW = re.compile(r"k=(\w+), (\d+) steps: (.*)")  # a curve row's k, budget
 RELEASED_ROW = re.compile(r"k=(\w+), released ([^:]+): (.*)")  # k, encoder, variant
 
 
+def curve_controls(k):
+    """The curve's two controls at k: (what its verdicts call it, its row's setting)."""
+    return (("from scratch", f"k={k}, 0 steps: from scratch"),
+            (TFIDF, f"k={k}, no pre-training: {TFIDF}"))
+
+
 def curve_tables(corpus, plan, encoders, finetune_spec, baseline):
     """C1's compute curve: per k of the plan's curve_labels_per_class (none by default), each
     variant of curve_variants (by default head only, [CLS] and mean, full and task-adaptive
@@ -991,7 +997,8 @@ def curve_tables(corpus, plan, encoders, finetune_spec, baseline):
                      if name.startswith("snapshot-"))
     budgets.append((plan["pretrain_steps"][corpus], "final"))
     for k in plan.get("curve_labels_per_class", []):
-        rows = [(f"k={k}, 0 steps: from scratch", finetune_spec(k=k, encoder="scratch"))]
+        scratch, tfidf = (setting for _, setting in curve_controls(k))
+        rows = [(scratch, finetune_spec(k=k, encoder="scratch"))]
         rows += [(f"k={k}, {steps} steps: {variants[v][0]}",
                   finetune_spec(k=k, **{"encoder": encoder, **variants[v][1]}))
                  for steps, encoder in budgets for v in curve_variants]
@@ -999,7 +1006,7 @@ def curve_tables(corpus, plan, encoders, finetune_spec, baseline):
             rows += [(f"k={k}, released {released['name']}: {variants[v][0]}",
                       finetune_spec(k=k, **{"encoder": released["name"], **variants[v][1]}))
                      for v in plan["released_variants"].get(str(k), [])]
-        rows.append((f"k={k}, no pre-training: {TFIDF}", baseline(k)))
+        rows.append((tfidf, baseline(k)))
         tables.append(("C1", f"{CURVE_TITLE} (k={k})", rows))
     return tables
 
@@ -1272,8 +1279,7 @@ def add_curve(add, tables):
                 match = CURVE_ROW.fullmatch(row["setting"])
                 if match and match[3] == "pre-trained, full":
                     k, steps = match[1], int(match[2])
-                    for what, other in (("from scratch", f"k={k}, 0 steps: from scratch"),
-                                        (TFIDF, f"k={k}, no pre-training: {TFIDF}")):
+                    for what, other in curve_controls(k):
                         add("C1", "C1", f"k={k} at {steps} steps",
                             f"pre-trained full fine-tuning beats {what} (accuracy)",
                             row["setting"], other, "accuracy").update(budget=steps)
@@ -1284,8 +1290,7 @@ def add_curve(add, tables):
                 "pre-trained, head only, mean pooling")
             if match:
                 k, name, variant = match[1], match[2], match[3].removeprefix("pre-trained, ")
-                for what, other in (("from scratch", f"k={k}, 0 steps: from scratch"),
-                                    (TFIDF, f"k={k}, no pre-training: {TFIDF}")):
+                for what, other in curve_controls(k):
                     add("C1", "C1", f"k={k} released {name}",
                         f"the released {name}, {variant}, beats {what} (accuracy)",
                         match[0], other, "accuracy").update(released=name)
@@ -1436,17 +1441,17 @@ def curve_summary(decided):
     smallest budget from which the claim holds at that budget and every larger one (None:
     not at the last budget). A released encoder's comparison: {..., released, verdict}."""
     points = {}
-    for row in (row for row in decided if "budget" in row):
+    along = [row for row in decided if {"budget", "released"} & set(row)]
+    for row in sorted(along, key=lambda row: "released" in row):  # the curve, then its far end
         k = row["setting"].split("k=")[1].split()[0]
-        entry = points.setdefault((row["claim"], row["corpus"], k, row["comparison"]), {
-            "claim": row["claim"], "corpus": row["corpus"], "k": k, "asks": row["comparison"],
-            "verdicts": []})
-        entry["verdicts"].append([row["budget"], row["verdict"]])
-    for row in (row for row in decided if "released" in row):  # the far end, one verdict
-        k = row["setting"].split("k=")[1].split()[0]
-        points[(row["claim"], row["corpus"], k, row["comparison"])] = {
-            "claim": row["claim"], "corpus": row["corpus"], "k": k, "asks": row["comparison"],
-            "released": row["released"], "verdict": row["verdict"]}
+        point = {"claim": row["claim"], "corpus": row["corpus"], "k": k,
+                 "asks": row["comparison"]}
+        key = tuple(point.values())
+        if "released" in row:  # the far end: one verdict
+            points[key] = {**point, "released": row["released"], "verdict": row["verdict"]}
+        else:
+            points.setdefault(key, {**point, "verdicts": []})["verdicts"].append(
+                [row["budget"], row["verdict"]])
     for entry in (entry for entry in points.values() if "verdicts" in entry):
         entry["verdicts"].sort()
         entry["holds_from"] = None
@@ -1596,9 +1601,9 @@ def checked_plan(plan_name, plan, seeds):
         raise InputError(f"--plan {plan_name} pre-trains a small encoder for about 10 minutes "
                          "of a GPU: hours on this machine, which has no CUDA GPU; on a CPU run "
                          f"--plan {plan_name.removesuffix('-gpu')} (the tiny encoder)")
-    if plan.get("needs_data", "").startswith("sentiment"):
+    needs = plan.get("needs_data", "").split("+")  # e.g. "sentiment+text8+minilm"
+    if "sentiment" in needs:
         refuse_unprepared()
-    needs = plan.get("needs_data", "").split("+")
     if "text8" in needs and not os.path.isfile(TEXT8_CORPUS):
         raise InputError(f"{TEXT8_CORPUS}: missing; prepare the data first: "
                          "python ptft.py data text8")
@@ -1823,12 +1828,12 @@ def plot_c1_curve(results, path):
         per_step = results["pretraining"][table["corpus"]]["final"]["tokens_per_step"]
         lines, level, released = {}, None, []
         for row in table["rows"]:
-            match, cell = CURVE_ROW.fullmatch(row["setting"]), row["cells"]["accuracy"]
-            if match:
+            setting, cell = row["setting"], row["cells"]["accuracy"]
+            if match := CURVE_ROW.fullmatch(setting):
                 lines.setdefault(match[3], []).append((int(match[2]) * per_step / 1e6, cell))
-            elif RELEASED_ROW.fullmatch(row["setting"]):
-                released.append((RELEASED_ROW.fullmatch(row["setting"]), cell))
-            elif row["setting"].endswith(TFIDF):
+            elif match := RELEASED_ROW.fullmatch(setting):
+                released.append((match, cell))
+            elif setting.endswith(TFIDF):
                 level = cell
         full = lines.pop("from scratch") + lines.pop("pre-trained, full", [])
         lines["pre-trained, full (at 0: from scratch)"] = full
