@@ -469,6 +469,14 @@ def test_a_committed_results_file_was_made_by_the_plan_as_it_is_today(name):
     assert markdown.startswith(f"Written by `{written['stamp']['command']}` at commit {written['stamp']['commit']}")
 
 
+@pytest.mark.parametrize("name", COMMITTED)
+def test_a_committed_results_page_is_what_todays_code_renders_from_its_json(name):
+    # a page written before a wording changed would say what the numbers no longer carry
+    results = json.load(open(os.path.join(ROOT, "results", f"{name}.json"), encoding="utf-8"))
+    render = experiments.c8_markdown if results["settings"].get("runner") == "c8" else experiments.markdown
+    assert open(os.path.join(ROOT, "results", f"{name}.md"), encoding="utf-8").read() == render(results)
+
+
 def test_every_variant_of_a_comparison_gets_the_same_budget_and_a_floor_of_epochs():
     quick = experiments.PLANS["quick"]
     # every label of real text (221 steps an epoch): never a single pass
