@@ -374,10 +374,11 @@ def test_c1_starts_to_hold_at_the_smallest_budget_from_which_it_holds_at_every_l
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="refused only where there is no CUDA GPU")
-@pytest.mark.parametrize("name", ["real-text-gpu", "sentiment-text8-gpu"])
-def test_the_gpu_plans_refuse_to_start_on_a_machine_without_a_gpu_and_name_their_cpu_twin(cli, tmp_path, name):
+@pytest.mark.parametrize("name, twin", [("real-text-gpu", "real-text"), ("sentiment-text8-gpu", "sentiment-text8"),
+                                        ("sentiment-text8-gpu-base", "sentiment-text8")])
+def test_the_gpu_plans_refuse_to_start_on_a_machine_without_a_gpu_and_name_their_cpu_twin(cli, tmp_path, name, twin):
     assert_clear_error(cli("experiments", "--plan", name, "--out", tmp_path / "gpu"), name,
-                       "no CUDA GPU", f"--plan {name.removesuffix('-gpu')} ")
+                       "no CUDA GPU", f"--plan {twin} ")
     assert not (tmp_path / "gpu").exists()
 
 
