@@ -333,7 +333,7 @@ def bench_batch(o, device, generator):
         layouts={pack: layout for pack, layout in layouts.items() if layout is not None},
         batches=batches,
         speeds=speeds,  # as --packing auto would:
-        pretrain_packs=padded and device.type == "cuda" and fast.packing_pays(arrays, length))
+        pretrain_packs=padded and fast.packing_pays(arrays, length))
 
 
 def fast_row_precisions(precision, device):

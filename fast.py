@@ -270,10 +270,10 @@ def pack_pairs(batch, max_length, pad_id):
 
 
 def packing_pays(batch, max_length):
-    """--packing auto, on a GPU: pack where it pays -- where packing needs at most
-    PACKING_PAYS_BELOW of the batch's rows (short pairs, real text); where rows are nearly full
-    already (the toy world's) packing saves little and costs a (R, 1, T, T) mask. On the CPU auto
-    does not pack: it was not measured faster there (docs/performance.md)."""
+    """--packing auto: pack where it pays -- where packing needs at most PACKING_PAYS_BELOW of
+    the batch's rows (short pairs, real text); where rows are nearly full already (the toy
+    world's) packing saves little and costs a (R, 1, T, T) mask. The same rule on a GPU and on
+    the CPU, where packed steps were measured faster (docs/performance.md)."""
     real = np.asarray(batch["attention_mask"]).astype(bool)
     lower_bound = -(-int(real.sum()) // max_length)  # rows packing needs at least
     return lower_bound <= PACKING_PAYS_BELOW * real.shape[0]

@@ -188,7 +188,7 @@ def adapt_to_task(folder, init, texts, o, log=print):
     pretrain(os.path.join(folder, "run"), PretrainOptions(
         corpus=[corpus], init=str(init), steps=o.adapt_steps, nsp=False, batch_size=32,
         max_length=o.mlm_max_length, save_every=0, eval_every=o.adapt_steps, seed=o.seed,
-        device=o.device, deterministic=o.deterministic),
+        device=o.device, deterministic=o.deterministic, packing=o.packing),
         force=True, log=lambda *args: None, progress=False)
     return os.path.join(folder, "run")
 

@@ -71,6 +71,9 @@ HELP = {
                      "slower there)",  # deterministic_algorithms, below
     "device": "auto (cuda, then mps, then cpu), cpu, cuda or mps",
     "base": "with --init a task file (finetune --save delta): the run it was fine-tuned from",
+    "packing": "several short pairs per row (fast.pack_pairs; the same losses and gradients): "
+               "on, off, or auto: where the pairs fill at most half of the rows (short "
+               "documents, real text)",
     "collective_timeout": "under torchrun: seconds a process waits for the others at a gradient "
                           "sum or gather before every process stops with one line",
 }
@@ -131,10 +134,7 @@ class PretrainOptions:
                                   "update too), graphs (step, replayed as CUDA graphs on a GPU) "
                                   "or off (fast.compiled_model, fast.Update)",
                            choices=("off", "model", "step", "graphs"), nargs="?", const="model")
-    packing: str = setting("auto", "several short pairs per row (fast.pack_pairs; the same losses "
-                                   "and gradients): on, off, or auto: on a GPU, where the pairs "
-                                   "fill at most half of the rows (short documents, real text)",
-                           choices=("on", "off", "auto"))
+    packing: str = setting("auto", HELP["packing"], choices=("on", "off", "auto"))
     deterministic: bool = setting(False, HELP["deterministic"])
     deterministic_attention: str = setting(
         "math", "with --deterministic on a GPU, SDPA's backends: math (the written-out lines) or "
@@ -255,6 +255,8 @@ class FinetuneOptions:
     adapt_steps: int = setting(0, "task-adaptive pre-training: first N steps of MLM on the "
                                   "training texts without their labels, continuing the init's "
                                   "pre-training (0: none)", least=0, metavar="N")
+    packing: str = setting("auto", "--adapt-steps' MLM: " + HELP["packing"],
+                           choices=("on", "off", "auto"))
     unlabeled: list[str] = setting(None, "unlabeled text for --aux-mlm and forgetting (default: "
                                          "the init's pre-training corpus where that is stdlib "
                                          "or the toy world; a file is never opened on a "

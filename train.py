@@ -219,8 +219,7 @@ def step_batches(run, encoded, background=None):
                 for _ in range(o.accumulation)]
 
     def packed(batch):  # --packing: the same pairs, several per row where short (fast.pack_pairs)
-        pays = on_gpu and fast.packing_pays(batch, o.max_length)  # auto: on a GPU, short rows
-        pack = o.packing == "on" or (o.packing == "auto" and pays)
+        pack = o.packing == "on" or (o.packing == "auto" and fast.packing_pays(batch, o.max_length))
         return fast.pack_pairs(batch, o.max_length, run.tokenizer.pad_id) if pack else batch
 
     background = on_gpu if background is None else background

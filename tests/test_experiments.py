@@ -373,6 +373,20 @@ def test_c1_starts_to_hold_at_the_smallest_budget_from_which_it_holds_at_every_l
         assert point["holds_from"] == expected
 
 
+def test_curve_snapshot_variants_thin_the_snapshots_at_the_ks_it_names_and_the_end_keeps_every_variant():
+    plan = {**TINY_PLAN, "curve_labels_per_class": [2, "all"], "curve_snapshot_variants": {"all": ["full"]},
+            "curve_variants": ["head", "full", "adapt-full"]}
+    plan.pop("released_encoder", None)
+    tables = experiments.curve_tables("toy", plan, {"final": None, "snapshot-10": None, "snapshot-20": None},
+                                      lambda **spec: spec, lambda k: {"baseline": k})
+    rows = {title: [setting for setting, _ in table_rows] for _, title, table_rows in tables}
+    every = ["pre-trained, head only", "pre-trained, full", "+ task-adaptive MLM, full"]
+    assert rows[f"{experiments.CURVE_TITLE} (k=2)"][1:-1] == [f"k=2, {steps} steps: {v}" for steps in (10, 20, 30) for v in every]
+    assert rows[f"{experiments.CURVE_TITLE} (k=all)"][1:-1] == (
+        ["k=all, 10 steps: pre-trained, full", "k=all, 20 steps: pre-trained, full"]
+        + [f"k=all, 30 steps: {v}" for v in every])
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="refused only where there is no CUDA GPU")
 @pytest.mark.parametrize("name, twin", [("real-text-gpu", "real-text"), ("sentiment-text8-gpu", "sentiment-text8"),
                                         ("sentiment-text8-gpu-base", "sentiment-text8")])

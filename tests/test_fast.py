@@ -10,15 +10,17 @@ import pytest
 import torch
 
 import data
+import experiments
 import fast
 import ptft
 import schedule
+import toyworld
 import train
 from common import IGNORE_INDEX, InputError
 from conftest import pretraining_losses, quiet, random_batch, small_config
 from model import Encoder, Layer, PreTrainingModel, make_config
-from options import PretrainOptions
-from tokenizer import SPECIAL_TOKENS, Tokenizer
+from options import DemoOptions, PretrainOptions
+from tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer
 
 
 def test_explicit_and_fused_attention_agree_in_outputs_and_gradients(device):
@@ -381,6 +383,46 @@ def test_a_packed_step_computes_the_unpacked_steps_losses_and_gradients(attentio
         (losses, gradient), (packed_losses, packed_gradient) = results
         assert torch.allclose(losses, packed_losses, atol=1e-5, rtol=1e-5), trial
         assert torch.allclose(gradient, packed_gradient, atol=1e-5, rtol=1e-4), trial
+
+
+def test_packing_auto_packs_exactly_the_micro_batches_where_it_pays_on_the_cpu_too(tmp_path):
+    # --packing auto follows fast.packing_pays on every micro-batch, on the CPU as on a GPU. One-sentence
+    # documents (as task-adaptive MLM reads the labeled texts), ~20 tokens here: they fill a 16-token
+    # row (never packed), leave a 128-token row mostly empty (always packed), and at 44 each batch decides
+    world = toyworld.toy_world(seed=5, num_documents=200)
+    corpus = str(tmp_path / "sentences.txt")
+    data.write_corpus(corpus, [[sentence] for document in world["unlabeled"] for sentence in document])
+    decided = {}
+    for max_length in (16, 44, 128):
+        streams = {}
+        for packing in ("auto", "off"):
+            recipe = PretrainOptions(corpus=[corpus], batch_size=8, max_length=max_length, nsp=False,
+                                     vocab_size=300, device="cpu", steps=2, save_every=0, packing=packing)
+            run, _, encoded, _ = train.start_pretraining(str(tmp_path / f"{packing}-{max_length}"), recipe,
+                                                         False, False, quiet)
+            stream = train.step_batches(run, encoded, background=False)
+            streams[packing] = [micro for _ in range(40) for micro in stream.next()[1]]
+        decided[max_length] = [("cls_positions" in auto, fast.packing_pays(off, max_length))
+                               for auto, off in zip(streams["auto"], streams["off"])]
+        assert all(packed == pays for packed, pays in decided[max_length]), max_length
+    assert not any(packed for packed, _ in decided[16]) and all(packed for packed, _ in decided[128])
+    assert 0 < sum(packed for packed, _ in decided[44]) < len(decided[44])
+
+
+def test_the_main_job_and_the_plans_pretrain_unpacked_as_their_committed_numbers_were_made():
+    # demo's rows (48 tokens of the toy world's sentences, pairs spanning several) are nearly full:
+    # packing never pays there, so --packing auto leaves the main job's arithmetic as it was
+    world = toyworld.toy_world(seed=0, num_documents=2000)
+    tokenizer = train_tokenizer([s for d in world["unlabeled"] for s in d], vocab_size=1024)
+    encoded = data.encode_documents(tokenizer, world["unlabeled"])
+    recipe, rng = DemoOptions().pretraining(), np.random.default_rng(0)
+    for _ in range(200):
+        batch = data.pretraining_batch(encoded, tokenizer, rng, recipe.batch_size, recipe.max_length)
+        assert not fast.packing_pays(batch, recipe.max_length)
+    # the plans say "packing" where they pack (the GPU plans); the others pre-train and adapt unpacked
+    assert experiments.PLAN_PACKING == "off"
+    for name, plan in experiments.PLANS.items():
+        assert plan.get("packing", "off") == ("auto" if plan.get("needs_gpu") else "off"), name
 
 
 def test_packing_rearranges_the_data_stream_never_draws_from_it_and_resumes_bit_identical(small_world, tmp_path):
