@@ -223,7 +223,7 @@ PLANS["sentiment"] = {
 # (data.prepare_text8; `python ptft.py data text8` first) beside the task's own unlabeled
 # snippets, and C1's compute curve from the snapshots as in the real-text plan. Sized to the
 # issue's budget, the whole plan within 60 minutes of 2 CPU cores (docs/claims.md has the
-# measured time): 12,000 steps of 32 pairs (~1.2 passes over text8) take about a third of it;
+# measured time): 12,000 steps of 32 pairs (~1.1 passes over the corpus) take a quarter of it;
 # every label costs a minute a run, so along the curve every label gets full fine-tuning only
 # and k = 64 no task-adaptive MLM before the end.
 TEXT8_CORPUS = os.path.join("runs", "data", "text8", "unlabeled.txt")
@@ -326,9 +326,10 @@ for plan in PLANS.values():
 HEAD_LR, FULL_LR = options.DEFAULT_FINETUNE_LR["head"], options.DEFAULT_FINETUNE_LR["none"]
 CLASSIFIER_MAX_LENGTH = 64   # tokens per labeled text, [CLS] and [SEP] included
 MLM_MAX_LENGTH = 64          # tokens per pre-training / forgetting sequence
-# The plans pre-train (and adapt) unpacked unless a plan says "packing": packing draws the same
-# pairs but other dropout numbers for other row shapes, so a packed re-run would not reproduce the
-# committed results' arithmetic bit for bit. The GPU plans, never run yet, pack where it pays.
+# The plans pre-train unpacked unless a plan says "packing", and adapt (task-adaptive MLM)
+# unpacked: packing draws the same pairs but other dropout numbers for other row shapes, so a
+# packed re-run would not reproduce the committed results' arithmetic bit for bit. The GPU plans,
+# never run yet, pre-train packed where it pays.
 PLAN_PACKING = "off"
 AUX_BATCH_SIZE = 8           # unlabeled sequences per fine-tuning step with --aux-mlm
 

@@ -79,7 +79,7 @@ def test_the_profile_splits_one_step_into_data_wait_forward_backward_and_optimiz
     assert all(seconds > 0 for seconds in split.values())
     # each part's span lies inside the step; between them only the loop's own few instructions
     assert 0.8 * step_seconds <= sum(split.values()) <= step_seconds * 1.001
-    assert lines[0].startswith("profile of one step (fast, fp32): data wait ")
+    assert lines[0].startswith("profile of one step (fast, packed, fp32): data wait ")  # half real: pretrain packs
     assert "forward+backward" in lines[0] and "optimizer" in lines[0]
 
 
