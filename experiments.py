@@ -155,6 +155,9 @@ PLANS["real-text"] = {
     "tables": {"toy": [], "stdlib": ["C1", "C4", "C6"]},
     "c1_variants": {"toy": [], "stdlib": ["scratch", "head", "head-mean", "full"]},
     "curve_labels_per_class": [16, 64, "all"],
+    # within 60 minutes of 2 CPU cores: before the end, every label gets full fine-tuning only
+    # and k = 64 no task-adaptive MLM (as sentiment-text8's)
+    "curve_snapshot_variants": {"64": ["head", "head-mean", "full"], "all": ["full"]},
     "adapt_steps": 500,
     # the curve's far end: a released encoder (`python ptft.py data minilm`), fine-tuned the same
     # way at k = 16, frozen at k = 64; not with every label: its 22 M parameters, even frozen,
@@ -181,6 +184,7 @@ PLANS["real-text-gpu"] = {
     "c1_variants": {"toy": [], "stdlib": ["scratch", "head", "head-mean", "adapt-head-mean",
                                           "full", "adapt-full"]},
     "adapt_steps": 500,
+    "curve_snapshot_variants": {},  # the whole curve: a GPU has the time
     "packing": "auto",
 }
 
